@@ -1,0 +1,69 @@
+#pragma once
+
+// C++ entry points of the addnorm ops. Each call goes through the PyTorch dispatcher,
+// so it gets autograd, every backend (CPU, CUDA) and works under tracing.
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <addnorm/export.h>
+
+namespace addnorm {
+
+// F.layer_norm: normalizes the trailing normalized_shape dims of input.
+ADDNORM_API at::Tensor layer_norm(
+    const at::Tensor& input,                   // [..., *normalized_shape]
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight = std::nullopt,  // [*normalized_shape]
+    const std::optional<at::Tensor>& bias = std::nullopt,    // [*normalized_shape]
+    double eps = 1e-5);
+
+// F.rms_norm: eps = nullopt means torch.finfo(input.dtype).eps.
+ADDNORM_API at::Tensor rms_norm(
+    const at::Tensor& input,                   // [..., *normalized_shape]
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight = std::nullopt,  // [*normalized_shape]
+    std::optional<double> eps = std::nullopt);
+
+// h = input + residual (residual may be absent); returns (layer_norm(h), h).
+// h has the residual's dtype, or float32 with residual_in_fp32. With
+// return_residual=false h is not written and the second result is an empty tensor.
+ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_layer_norm(
+    const at::Tensor& input,                   // [..., *normalized_shape]
+    const std::optional<at::Tensor>& residual, // same shape as input
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight = std::nullopt,
+    const std::optional<at::Tensor>& bias = std::nullopt,
+    double eps = 1e-5,
+    bool return_residual = true,
+    bool residual_in_fp32 = false);
+
+// h = input + residual; returns (rms_norm(h), h). Same conventions as add_layer_norm.
+ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_rms_norm(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight = std::nullopt,
+    std::optional<double> eps = std::nullopt,
+    bool return_residual = true,
+    bool residual_in_fp32 = false);
+
+// Version string of the library, e.g. "0.1.0".
+ADDNORM_API const char* version();
+
+// The CPU instruction set the CPU kernels run with ("AVX2" or "DEFAULT").
+ADDNORM_API const char* cpu_kernel_capability();
+
+// True when libaddnorm was built with its CUDA kernels.
+ADDNORM_API bool built_with_cuda();
+
+namespace detail {
+// Referenced from every translation unit that includes addnorm.h, so that a linker
+// using --as-needed keeps libaddnorm (whose static initializers register the ops).
+ADDNORM_API int ensure_ops_registered();
+}  // namespace detail
+
+}  // namespace addnorm

@@ -1,0 +1,73 @@
+#pragma once
+
+// Argument checks and output allocation shared by the device kernels (ops/norm.cpp),
+// the Meta kernels (ops/norm_meta.cpp) and the C++ entry points. SymInt-aware, so the
+// same checks run under torch.compile with dynamic shapes.
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/SymIntArrayRef.h>
+
+namespace addnorm {
+
+// What the checks of a forward call decide.
+struct NormFwdPlan {
+  int64_t axis;                // first normalized dim; rows are input.sizes()[:axis]
+  c10::ScalarType h_dtype;     // dtype of h = input + residual
+  c10::ScalarType stat_dtype;  // dtype of mean and rstd
+};
+
+NormFwdPlan check_norm_fwd_inputs(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
+    c10::SymIntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps,
+    bool residual_in_fp32);
+
+// (out, residual_out, mean, rstd), all contiguous; residual_out is [0] unless
+// store_residual, mean is [0] for RMSNorm.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_fwd_outputs(
+    const at::Tensor& input,
+    const NormFwdPlan& plan,
+    bool is_rms,
+    bool store_residual);
+
+// Checks of a backward call; returns the first normalized dim.
+int64_t check_norm_bwd_inputs(
+    const at::Tensor& grad_out,
+    const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& h,
+    const at::Tensor& mean,
+    const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight,
+    bool is_rms);
+
+// (grad_h, grad_weight, grad_bias): grad_weight is [0] without weight, grad_bias [0]
+// without bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
+    const at::Tensor& h,
+    const std::optional<at::Tensor>& weight,
+    bool has_bias,
+    int64_t axis);
+
+// eps=None of rms_norm: the machine epsilon of the type torch computes in
+// (float32 for float16/bfloat16/float32, float64 for float64), as F.rms_norm does.
+double default_rms_eps(c10::ScalarType dtype);
+
+// Typed handles of the internal ops, for calls through the dispatcher.
+using NormFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool, bool);
+using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const std::optional<at::Tensor>&, bool, bool);
+
+c10::TypedOperatorHandle<NormFwdSig> norm_fwd_op();
+c10::TypedOperatorHandle<NormBwdSig> norm_bwd_op();
+
+}  // namespace addnorm

@@ -1,0 +1,38 @@
+// Meta kernels of the internal ops: the same checks and output shapes as the device
+// kernels, with symbolic sizes, so torch.compile and torch.export trace them. The public
+// ops reach these through their CompositeExplicitAutograd kernels.
+
+#include <torch/library.h>
+
+#include "ops/norm_common.h"
+
+namespace addnorm {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_meta(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool store_residual,
+    bool residual_in_fp32) {
+  const auto plan = check_norm_fwd_inputs(
+      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32);
+  return empty_norm_fwd_outputs(input, plan, is_rms, store_residual);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_meta(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms) {
+  const int64_t axis =
+      check_norm_bwd_inputs(grad_out, grad_residual_out, h, mean, rstd, weight, is_rms);
+  return empty_norm_bwd_outputs(h, weight, has_bias, axis);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(addnorm, Meta, m) {
+  m.impl("_norm_fwd", &norm_fwd_meta);
+  m.impl("_norm_bwd", &norm_bwd_meta);
+}
+
+}  // namespace addnorm

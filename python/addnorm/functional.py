@@ -1,0 +1,92 @@
+"""Functional forms of the addnorm ops, with the signatures of torch.nn.functional."""
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+_ShapeLike = Union[int, Sequence[int], torch.Size]
+
+
+def _as_shape(normalized_shape: _ShapeLike) -> List[int]:
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return list(normalized_shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: _ShapeLike,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Same as ``torch.nn.functional.layer_norm``; also takes bf16/fp16 input with fp32
+    weight and bias."""
+    return torch.ops.addnorm.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: _ShapeLike,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """Same as ``torch.nn.functional.rms_norm`` (eps=None: the epsilon of the float type
+    torch computes in, float32 for fp16/bf16/fp32 input)."""
+    return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
+
+
+def add_layer_norm(
+    input: Tensor,
+    residual: Optional[Tensor],
+    normalized_shape: _ShapeLike,
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    return_residual: bool = False,
+    residual_in_fp32: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """``h = input + residual; out = layer_norm(h)`` in one pass.
+
+    Returns ``out``, or ``(out, h)`` with ``return_residual=True`` (pre-LN models carry h
+    to the next layer). h has the residual's dtype, or float32 with ``residual_in_fp32``.
+    """
+    out, h = torch.ops.addnorm.add_layer_norm(
+        input,
+        residual,
+        _as_shape(normalized_shape),
+        weight,
+        bias,
+        eps,
+        return_residual=return_residual,
+        residual_in_fp32=residual_in_fp32,
+    )
+    return (out, h) if return_residual else out
+
+
+def add_rms_norm(
+    input: Tensor,
+    residual: Optional[Tensor],
+    normalized_shape: _ShapeLike,
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    return_residual: bool = False,
+    residual_in_fp32: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """``h = input + residual; out = rms_norm(h)`` in one pass; see ``add_layer_norm``."""
+    out, h = torch.ops.addnorm.add_rms_norm(
+        input,
+        residual,
+        _as_shape(normalized_shape),
+        weight,
+        eps,
+        return_residual=return_residual,
+        residual_in_fp32=residual_in_fp32,
+    )
+    return (out, h) if return_residual else out
+
+
+__all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]

@@ -1,0 +1,62 @@
+"""Thin driver: runs the CMake build and places libaddnorm and addnorm._C into the package.
+
+Environment knobs: ADDNORM_BUILD_DIR (persistent CMake build folder, default build/cmake),
+ADDNORM_BUILD_TESTS=1 (also build the GoogleTest suite), ADDNORM_CUDA=AUTO|ON|OFF,
+TORCH_CUDA_ARCH_LIST (CUDA architectures, default 9.0), MAX_JOBS (parallel compile jobs).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        import pybind11
+        import torch
+
+        ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out_dir = ext_path.parent
+        if getattr(self, "editable_mode", False) or self.inplace:
+            # Editable install: the package is imported from python/, so build into it.
+            out_dir = ROOT / "python" / "addnorm"
+        build_dir = Path(os.environ.get("ADDNORM_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
+            f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-DADDNORM_PYTHON_OUTPUT_DIR={out_dir}",
+            f"-DADDNORM_BUILD_TESTS={'ON' if os.environ.get('ADDNORM_BUILD_TESTS') == '1' else 'OFF'}",
+            f"-DADDNORM_CUDA={os.environ.get('ADDNORM_CUDA', 'AUTO')}",
+        ]
+        subprocess.check_call(configure)
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
+        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+        if out_dir != ext_path.parent:  # setuptools expects the module at ext_path too
+            ext_path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(out_dir / ext_path.name, ext_path)
+
+
+setup(
+    name="addnorm",
+    version="0.1.0",
+    packages=find_packages("python"),
+    package_dir={"": "python"},
+    ext_modules=[CMakeExtension("addnorm._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
+)

@@ -1,0 +1,152 @@
+// The addnorm ops called from C++: results against ATen's own ops, gradients through the
+// C++ autograd registration, and the error messages for bad input.
+
+#include <string>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <addnorm/addnorm.h>
+
+namespace {
+
+// Runs f and returns the c10::Error message it throws ("" if it does not throw).
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const c10::Error& e) {
+    return e.what_without_backtrace();
+  }
+  return "";
+}
+
+TEST(AddNormOps, LayerNormMatchesATen) {
+  torch::manual_seed(0);
+  for (int64_t n : {1, 7, 768, 1000}) {
+    auto x = torch::randn({5, 3, n}) * 3 + 2;
+    auto w = torch::randn({n});
+    auto b = torch::randn({n});
+    auto ours = addnorm::layer_norm(x, {n}, w, b, 1e-5);
+    auto ref = at::layer_norm(x, {n}, w, b, 1e-5);
+    EXPECT_TRUE(torch::allclose(ours, ref, 1e-5, 1e-5)) << "n=" << n;
+  }
+}
+
+TEST(AddNormOps, RmsNormMatchesATen) {
+  torch::manual_seed(1);
+  auto x = torch::randn({4, 96}, torch::kDouble);
+  auto w = torch::randn({96}, torch::kDouble);
+  auto ours = addnorm::rms_norm(x, {96}, w);
+  auto ref = at::rms_norm(x, {96}, w, std::nullopt);
+  EXPECT_TRUE(torch::allclose(ours, ref, 1e-12, 1e-12));
+}
+
+TEST(AddNormOps, AddLayerNormReturnsNormAndSum) {
+  torch::manual_seed(2);
+  auto x = torch::randn({8, 64}, torch::kBFloat16);
+  auto r = torch::randn({8, 64}, torch::kBFloat16);
+  auto w = torch::randn({64});  // float32 weight with bfloat16 input
+  auto [out, h] = addnorm::add_layer_norm(x, r, {64}, w, std::nullopt, 1e-5);
+  EXPECT_EQ(out.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(h, x + r));
+  auto ref = at::layer_norm((x + r).to(torch::kFloat), {64}, w, std::nullopt, 1e-5);
+  EXPECT_TRUE(torch::allclose(out.to(torch::kFloat), ref, 1e-2, 1e-2));
+
+  auto [out2, h2] = addnorm::add_layer_norm(
+      x, r, {64}, w, std::nullopt, 1e-5, /*return_residual=*/false);
+  EXPECT_EQ(h2.numel(), 0);
+  EXPECT_TRUE(torch::equal(out2, out));
+}
+
+TEST(AddNormOps, GradientsFromCpp) {
+  torch::manual_seed(3);
+  auto x = torch::randn({6, 32}, torch::requires_grad());
+  auto r = torch::randn({6, 32}, torch::requires_grad());
+  auto w = torch::randn({32}, torch::requires_grad());
+  auto b = torch::randn({32}, torch::requires_grad());
+  auto g = torch::randn({6, 32});
+  auto gh = torch::randn({6, 32});
+
+  auto [out, h] = addnorm::add_layer_norm(x, r, {32}, w, b, 1e-5);
+  auto grads = torch::autograd::grad({(out * g).sum() + (h * gh).sum()}, {x, r, w, b});
+
+  auto h_ref = x + r;
+  auto out_ref = at::layer_norm(h_ref, {32}, w, b, 1e-5);
+  auto ref = torch::autograd::grad({(out_ref * g).sum() + (h_ref * gh).sum()}, {x, r, w, b});
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(grads[i], ref[i], 1e-5, 1e-5)) << "gradient " << i;
+  }
+}
+
+TEST(AddNormOps, RmsGradientsFromCpp) {
+  torch::manual_seed(4);
+  auto x = torch::randn({3, 5, 16}, torch::dtype(torch::kDouble).requires_grad(true));
+  auto w = torch::randn({16}, torch::dtype(torch::kDouble).requires_grad(true));
+  auto out = addnorm::rms_norm(x, {16}, w, 1e-6);
+  auto grads = torch::autograd::grad({out.pow(2).sum()}, {x, w});
+  auto ref_out = at::rms_norm(x, {16}, w, 1e-6);
+  auto ref = torch::autograd::grad({ref_out.pow(2).sum()}, {x, w});
+  EXPECT_TRUE(torch::allclose(grads[0], ref[0], 1e-10, 1e-10));
+  EXPECT_TRUE(torch::allclose(grads[1], ref[1], 1e-10, 1e-10));
+}
+
+TEST(AddNormOps, EmptyInput) {
+  auto x = torch::randn({0, 16});
+  auto out = addnorm::layer_norm(x, {16});
+  EXPECT_EQ(out.sizes(), x.sizes());
+}
+
+TEST(AddNormErrors, ResidualShape) {
+  auto msg = error_of([] {
+    addnorm::add_layer_norm(torch::randn({4, 8}), torch::randn({4, 7}), {8});
+  });
+  EXPECT_NE(msg.find("residual must have the input's shape [4, 8], got [4, 7]"), std::string::npos)
+      << msg;
+}
+
+TEST(AddNormErrors, ResidualDtype) {
+  auto msg = error_of([] {
+    addnorm::add_layer_norm(
+        torch::randn({4, 8}, torch::kHalf), torch::randn({4, 8}, torch::kBFloat16), {8});
+  });
+  EXPECT_NE(msg.find("residual must have the input's dtype (Half)"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("got BFloat16"), std::string::npos) << msg;
+}
+
+TEST(AddNormErrors, WeightShape) {
+  auto msg = error_of([] { addnorm::layer_norm(torch::randn({4, 8}), {8}, torch::randn({9})); });
+  EXPECT_NE(msg.find("weight must have shape normalized_shape = [8], got [9]"), std::string::npos)
+      << msg;
+}
+
+TEST(AddNormErrors, BiasDtype) {
+  auto msg = error_of([] {
+    addnorm::layer_norm(torch::randn({4, 8}), {8}, std::nullopt, torch::randn({8}, torch::kDouble));
+  });
+  EXPECT_NE(msg.find("bias must have the input's dtype (Float)"), std::string::npos) << msg;
+}
+
+TEST(AddNormErrors, NormalizedShape) {
+  auto msg = error_of([] { addnorm::layer_norm(torch::randn({4, 8}), {4}); });
+  EXPECT_NE(msg.find("normalized_shape [4] must equal the trailing dims"), std::string::npos)
+      << msg;
+  msg = error_of([] { addnorm::layer_norm(torch::randn({8}), {2, 8}); });
+  EXPECT_NE(msg.find("has more dimensions than the input"), std::string::npos) << msg;
+}
+
+TEST(AddNormErrors, IntegerInput) {
+  auto msg = error_of([] { addnorm::layer_norm(torch::ones({4, 8}, torch::kInt), {8}); });
+  EXPECT_NE(msg.find("input must be a float32, float64, float16 or bfloat16 tensor, got Int"),
+            std::string::npos)
+      << msg;
+}
+
+TEST(AddNormErrors, NegativeOrNanEps) {
+  auto msg = error_of([] { addnorm::layer_norm(torch::randn({4, 8}), {8}, {}, {}, -1.0); });
+  EXPECT_NE(msg.find("eps must be a non-negative number"), std::string::npos) << msg;
+  msg = error_of([] { addnorm::rms_norm(torch::randn({4, 8}), {8}, {}, std::nan("")); });
+  EXPECT_NE(msg.find("eps must be a non-negative number"), std::string::npos) << msg;
+}
+
+}  // namespace

@@ -72,8 +72,20 @@ inline A to_acc(T v) {
 }
 
 // Rows are summed in blocks: lanes accumulate kBlock elements in the compute type, then
-// each block's total is added in double, so the error does not grow with N.
+// the blocks' totals are added in double with Kahan compensation, so the error does not
+// grow with N (float64 rows need the compensation: their lanes are double already).
 constexpr int64_t kBlock = 512;
+
+struct CompensatedSum {
+  double sum = 0.0;
+  double carry = 0.0;
+  void add(double v) {
+    const double y = v - carry;
+    const double t = sum + y;
+    carry = (t - sum) - y;
+    sum = t;
+  }
+};
 
 template <typename A>
 inline double reduce_lanes(const Vectorized<A>& a, const Vectorized<A>& b) {
@@ -87,7 +99,7 @@ template <typename A, typename FV, typename FS>
 double blocked_sum(int64_t n, const FV& fv, const FS& fs) {
   using V = Vectorized<A>;
   constexpr int64_t W = 2 * V::size();
-  double total = 0.0;
+  CompensatedSum total;
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = std::min(n, b0 + kBlock);
     V s0(A(0)), s1(A(0));
@@ -100,9 +112,29 @@ double blocked_sum(int64_t n, const FV& fv, const FS& fs) {
     }
     A tail = 0;
     for (; j < b1; ++j) tail += fs(j);
-    total += reduce_lanes<A>(s0, s1) + static_cast<double>(tail);
+    total.add(reduce_lanes<A>(s0, s1));
+    total.add(static_cast<double>(tail));
   }
-  return total;
+  return total.sum;
+}
+
+// (v - mean) * rstd. For float64 (where nothing wider is cheap) the difference is kept
+// exactly as a sum of two doubles (TwoSum), so only the final product rounds; float32
+// and narrower already compute in a type wider than their output's precision needs.
+template <typename S>
+inline S normalized(const S& v, const S& mean, const S& rstd) {
+  if constexpr (std::is_same_v<S, double> || std::is_same_v<S, Vectorized<double>>) {
+    const S hi = v - mean;
+    const S z = hi - v;
+    const S lo = (v - (hi - z)) - (mean + z);
+    if constexpr (std::is_same_v<S, double>) {
+      return std::fma(hi, rstd, lo * rstd);
+    } else {
+      return at::vec::fmadd(hi, rstd, lo * rstd);
+    }
+  } else {
+    return (v - mean) * rstd;
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -212,14 +244,14 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
       int64_t j = 0;
       for (; j + W <= N; j += W) {
         const V o0 = at::vec::fmadd(
-            (V::loadu(v + j) - mean_v) * rstd_v, V::loadu(gamma + j), V::loadu(beta + j));
+            normalized(V::loadu(v + j), mean_v, rstd_v), V::loadu(gamma + j), V::loadu(beta + j));
         const V o1 = at::vec::fmadd(
-            (V::loadu(v + j + V::size()) - mean_v) * rstd_v, V::loadu(gamma + j + V::size()),
-            V::loadu(beta + j + V::size()));
+            normalized(V::loadu(v + j + V::size()), mean_v, rstd_v),
+            V::loadu(gamma + j + V::size()), V::loadu(beta + j + V::size()));
         Pack<T>::store(y + j, o0, o1);
       }
       for (; j < N; ++j) {
-        y[j] = static_cast<T>((v[j] - mean_a) * rstd_a * gamma[j] + beta[j]);
+        y[j] = static_cast<T>(normalized(v[j], mean_a, rstd_a) * gamma[j] + beta[j]);
       }
     }
   });
@@ -274,7 +306,7 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& gamma_t, const at
         const V mean_v(mean_a), rstd_v(rstd_a);
 
         // Pass 1: xhat, g and their row sums; dgamma/dbeta partials.
-        double sum_g = 0.0, sum_gx = 0.0;
+        CompensatedSum sum_g, sum_gx;
         for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
           const int64_t b1 = std::min(N, b0 + kBlock);
           V sg0(A(0)), sg1(A(0)), sgx0(A(0)), sgx1(A(0));
@@ -316,11 +348,13 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& gamma_t, const at
               dbeta[j] += dyj;
             }
           }
-          sum_g += reduce_lanes<A>(sg0, sg1) + static_cast<double>(tg);
-          sum_gx += reduce_lanes<A>(sgx0, sgx1) + static_cast<double>(tgx);
+          sum_g.add(reduce_lanes<A>(sg0, sg1));
+          sum_g.add(static_cast<double>(tg));
+          sum_gx.add(reduce_lanes<A>(sgx0, sgx1));
+          sum_gx.add(static_cast<double>(tgx));
         }
-        const A c1 = rms ? A(0) : static_cast<A>(sum_g / N);
-        const A c2 = static_cast<A>(sum_gx / N);
+        const A c1 = rms ? A(0) : static_cast<A>(sum_g.sum / N);
+        const A c2 = static_cast<A>(sum_gx.sum / N);
 
         // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h).
         const V c1_v(c1), c2_v(c2);

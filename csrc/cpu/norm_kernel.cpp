@@ -82,7 +82,8 @@ struct CompensatedSum {
   void add(double v) {
     const double y = v - carry;
     const double t = sum + y;
-    carry = (t - sum) - y;
+    // Inf/NaN: no compensation (inf - inf would turn an infinite sum into NaN).
+    carry = std::isfinite(t) ? (t - sum) - y : 0.0;
     sum = t;
   }
 };
@@ -239,8 +240,18 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
       rstd_base[i] = rstd_a;
 
       // Pass 3: out = (v - mean) * rstd * gamma + beta.
-      const V rstd_v(rstd_a);
       T* y = y_base + i * N;
+      if constexpr (std::is_same_v<T, float>) {
+        // float32 output: compute in double with the unrounded mean and rstd, so the
+        // result is rounded once (GCC vectorizes this loop: no reduction, fma contracted).
+        for (int64_t j = 0; j < N; ++j) {
+          y[j] = static_cast<float>(
+              (static_cast<double>(v[j]) - mean) * rstd * static_cast<double>(gamma[j]) +
+              static_cast<double>(beta[j]));
+        }
+        continue;
+      }
+      const V rstd_v(rstd_a);
       int64_t j = 0;
       for (; j + W <= N; j += W) {
         const V o0 = at::vec::fmadd(

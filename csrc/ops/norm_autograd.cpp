@@ -39,8 +39,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     auto [out, h, mean, rstd] = norm_fwd_op().call(
         input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
         residual_in_fp32);
-    ctx->save_for_backward(
-        {residual.has_value() ? h : input, mean, rstd, weight.value_or(at::Tensor())});
+    // What was normalized: h when it was written (same dtype as h's gradient), else input.
+    ctx->save_for_backward({store_residual ? h : input, mean, rstd, weight.value_or(at::Tensor())});
     ctx->saved_data["input_dtype"] = input.scalar_type();
     ctx->saved_data["residual_dtype"] =
         residual.has_value() ? residual->scalar_type() : input.scalar_type();
@@ -68,6 +68,12 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool is_rms = ctx->saved_data["is_rms"].toBool();
+    // _norm_bwd has no derivative of its own: refuse instead of returning wrong values.
+    TORCH_CHECK(
+        !at::GradMode::is_enabled() ||
+            !(grad_outputs[0].requires_grad() || grad_outputs[1].requires_grad() ||
+              x.requires_grad() || weight.requires_grad()),
+        "addnorm: double backward (create_graph=True) is not supported");
 
     at::Tensor grad_out = grad_outputs[0];
     if (!grad_out.defined()) {
@@ -75,8 +81,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     }
     std::optional<at::Tensor> grad_h_out;
     if (ctx->saved_data["returned_h"].toBool() && grad_outputs[1].defined()) {
-      // Without a residual, x is the input and h was a copy in h's dtype.
-      grad_h_out = grad_outputs[1].to(x.scalar_type());
+      grad_h_out = grad_outputs[1];
     }
     std::optional<at::Tensor> w;
     if (weight.defined()) w = weight;

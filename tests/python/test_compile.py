@@ -1,0 +1,253 @@
+"""torch.compile(fullgraph=True) and torch.export of code using the addnorm ops: no graph
+breaks, the custom ops stay in the graph, forward and backward match eager, dynamic shapes
+compile once.
+
+Most cases use backend="aot_eager" (traces forward and backward through the fake/meta
+kernels and the autograd registration, runs fast on 2 cores); one case uses inductor."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import addnorm
+from conftest import DEVICES, assert_close, make_affine, make_data
+
+
+@pytest.fixture(autouse=True)
+def _reset_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class RecordingBackend:
+    """aot_eager backend that counts compiled frames and records the Dynamo graphs."""
+
+    def __init__(self):
+        self.counter = CompileCounterWithBackend("aot_eager")
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return self.counter(gm, example_inputs)
+
+    @property
+    def frame_count(self):
+        return self.counter.frame_count
+
+    def targets(self):
+        return {n.target for g in self.graphs for n in g.graph.nodes if n.op == "call_function"}
+
+    def has_op(self, op):
+        """op (an OpOverload) or its packet is called in one of the Dynamo graphs."""
+        return any(t is op or t is op.overloadpacket for t in self.targets())
+
+
+# Functions under test: f(x, r, w, b) -> tensor or tuple; the normalized size is read from x
+# so that it is symbolic under dynamic shapes.
+def f_add_layer_norm(x, r, w, b):
+    out, h = torch.ops.addnorm.add_layer_norm(x, r, [x.shape[-1]], w, b, 1e-5)
+    return torch.relu(out) * 2.0, h * 0.5
+
+
+def f_add_rms_norm(x, r, w, b):
+    out, h = torch.ops.addnorm.add_rms_norm(x, r, [x.shape[-1]], w, None)
+    return out.sin(), h
+
+
+def f_layer_norm(x, r, w, b):
+    return torch.ops.addnorm.layer_norm(x + r, [x.shape[-1]], w, b, 1e-5) * 3.0
+
+
+def f_rms_norm(x, r, w, b):
+    return torch.ops.addnorm.rms_norm(x - r, [x.shape[-1]], w, 1e-6).cos()
+
+
+def f_functional_prenorm(x, r, w, b):
+    out, h = addnorm.functional.add_layer_norm(x, r, x.shape[-1], w, b, return_residual=True)
+    return out + h.to(out.dtype)
+
+
+def f_functional_postnorm(x, r, w, b):
+    return addnorm.functional.add_rms_norm(x, r, x.shape[-1], w, 1e-6) * 2.0
+
+
+def f_functional_fp32_residual(x, r, w, b):
+    out, h = addnorm.functional.add_layer_norm(x, r, x.shape[-1], w, b, return_residual=True,
+                                               residual_in_fp32=True)
+    return out, h
+
+
+FUNCTIONS = {
+    "add_layer_norm": (f_add_layer_norm, torch.ops.addnorm.add_layer_norm.default),
+    "add_rms_norm": (f_add_rms_norm, torch.ops.addnorm.add_rms_norm.default),
+    "layer_norm": (f_layer_norm, torch.ops.addnorm.layer_norm.default),
+    "rms_norm": (f_rms_norm, torch.ops.addnorm.rms_norm.default),
+    "functional_prenorm": (f_functional_prenorm, torch.ops.addnorm.add_layer_norm.default),
+    "functional_postnorm": (f_functional_postnorm, torch.ops.addnorm.add_rms_norm.default),
+    "functional_fp32_residual": (f_functional_fp32_residual, torch.ops.addnorm.add_layer_norm.default),
+}
+
+
+def _inputs(shape, x_dtype, w_dtype, device):
+    n = shape[-1]
+    x = make_data(shape, x_dtype, device, requires_grad=True)
+    r = make_data(shape, x_dtype, device, scale=1.0, offset=0.0, requires_grad=True)
+    w, b = make_affine((n,), w_dtype, device, requires_grad=True)
+    return [x, r, w, b]
+
+
+def _as_tuple(y):
+    return y if isinstance(y, tuple) else (y,)
+
+
+def _run_with_grads(fn, args, seed=0):
+    """Forward, then backward with fixed random cotangents; returns (outputs, grads)."""
+    outs = _as_tuple(fn(*args))
+    g = torch.Generator().manual_seed(seed)
+    cot = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, args, cot, allow_unused=True)
+    return [o.detach() for o in outs], grads
+
+
+def _assert_same(eager, compiled, args):
+    (eo, eg), (co, cg) = eager, compiled
+    assert len(eo) == len(co)
+    for a, e in zip(co, eo):
+        assert a.dtype == e.dtype
+        assert_close(a, e.double(), name="output")
+    for t, a, e in zip(args, cg, eg):
+        assert (a is None) == (e is None)
+        if a is not None:
+            assert a.dtype == t.dtype
+            assert_close(a, e.double(), reduced=t.dim() == 1, name="grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16-fp32w"])
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_compile_fullgraph_aot_eager(name, dtypes, device):
+    """fullgraph=True (any graph break raises), the op appears in the Dynamo graph, forward
+    and backward match eager."""
+    fn, op = FUNCTIONS[name]
+    args = _inputs((4, 3, 40), *dtypes, device)
+    backend = RecordingBackend()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    _assert_same(_run_with_grads(fn, args), _run_with_grads(compiled, args), args)
+    assert backend.frame_count == 1
+    assert backend.has_op(op), f"{op} not in the Dynamo graph: {backend.targets()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm", "functional_prenorm"])
+def test_compile_dynamic_true_no_recompile(name, device):
+    """dynamic=True: a second shape (other rows and other hidden size) reuses the graph."""
+    fn, _ = FUNCTIONS[name]
+    backend = RecordingBackend()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=True)
+    for shape in [(4, 3, 32), (6, 5, 48), (2, 7, 24)]:
+        args = _inputs(shape, torch.float32, torch.float32, device)
+        _assert_same(_run_with_grads(fn, args), _run_with_grads(compiled, args), args)
+    assert backend.frame_count == 1, f"recompiled: {backend.frame_count} frames"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_mark_dynamic_no_recompile(device):
+    """torch._dynamo.mark_dynamic on the row dims: other row counts reuse the graph."""
+    fn, _ = FUNCTIONS["add_layer_norm"]
+    backend = RecordingBackend()
+    compiled = torch.compile(fn, backend=backend, fullgraph=True)
+    for rows in [5, 9, 33]:
+        args = _inputs((rows, 64), torch.bfloat16, torch.float32, device)
+        torch._dynamo.mark_dynamic(args[0], 0)
+        torch._dynamo.mark_dynamic(args[1], 0)
+        _assert_same(_run_with_grads(fn, args), _run_with_grads(compiled, args), args)
+    assert backend.frame_count == 1, f"recompiled: {backend.frame_count} frames"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_module(device):
+    """A model with addnorm modules (pre-LN residual stream) compiles with fullgraph=True."""
+
+    class Block(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.fc = nn.Linear(d, d)
+            self.add_norm = addnorm.AddLayerNorm(d, return_residual=True)
+            self.norm = addnorm.RMSNorm(d)
+
+        def forward(self, x, residual):
+            out, h = self.add_norm(self.fc(x), residual)
+            return self.norm(out) + h
+
+    model = Block(32).to(device)
+    x = make_data((3, 5, 32), torch.float32, device, requires_grad=True)
+    r = make_data((3, 5, 32), torch.float32, device, scale=1.0, offset=0.0, requires_grad=True)
+    backend = RecordingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    params = list(model.parameters())
+    eager_out = model(x, r)
+    eager_grads = torch.autograd.grad(eager_out.sum(), [x, r] + params)
+    comp_out = compiled(x, r)
+    comp_grads = torch.autograd.grad(comp_out.sum(), [x, r] + params)
+    assert_close(comp_out, eager_out.double(), name="out")
+    for a, e in zip(comp_grads, eager_grads):
+        assert_close(a, e.double(), reduced=a.shape != x.shape, name="grad")  # params: sums over rows
+    assert backend.has_op(torch.ops.addnorm.add_layer_norm.default), backend.targets()
+    assert backend.has_op(torch.ops.addnorm.rms_norm.default), backend.targets()
+
+
+def test_compile_inductor():
+    """One inductor case (slow on 2 cores): forward and backward of add_layer_norm with
+    surrounding pointwise ops that inductor fuses around the custom op."""
+    fn, _ = FUNCTIONS["add_layer_norm"]
+    args = _inputs((4, 64), torch.float32, torch.float32, "cpu")
+    compiled = torch.compile(fn, backend="inductor", fullgraph=True)
+    _assert_same(_run_with_grads(fn, args), _run_with_grads(compiled, args), args)
+
+
+# --------------------------------------------------------------------------- export
+
+
+class PreNormBlock(nn.Module):
+    def __init__(self, d, rms=False):
+        super().__init__()
+        self.rms = rms
+        self.fc = nn.Linear(d, d)
+        self.weight = nn.Parameter(1.0 + 0.5 * torch.randn(d))
+        self.bias = nn.Parameter(0.5 * torch.randn(d))
+
+    def forward(self, x, residual):
+        y = self.fc(x)
+        if self.rms:
+            out, h = torch.ops.addnorm.add_rms_norm(y, residual, [y.shape[-1]], self.weight, 1e-6)
+        else:
+            out, h = torch.ops.addnorm.add_layer_norm(y, residual, [y.shape[-1]], self.weight, self.bias, 1e-5)
+        return out, h
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_export_keeps_custom_op(rms, device):
+    """torch.export.export keeps addnorm.add_layer_norm / add_rms_norm as one node, with a
+    dynamic batch dim, and the exported program computes what eager does."""
+    mod = PreNormBlock(48, rms).to(device)
+    x = make_data((4, 6, 48), torch.float32, device)
+    r = make_data((4, 6, 48), torch.float32, device, scale=1.0, offset=0.0)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    ep = torch.export.export(mod, (x, r), dynamic_shapes={"x": {0: batch}, "residual": {0: batch}})
+    op = torch.ops.addnorm.add_rms_norm.default if rms else torch.ops.addnorm.add_layer_norm.default
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(op) == 1, targets
+    assert "addnorm" in str(ep.graph)
+    for bsz in (4, 9):
+        xi = make_data((bsz, 6, 48), torch.float32, device)
+        ri = make_data((bsz, 6, 48), torch.float32, device, scale=1.0, offset=0.0)
+        got = ep.module()(xi, ri)
+        exp = mod(xi, ri)
+        assert len(got) == 2
+        for a, e in zip(got, exp):
+            assert a.shape == (bsz, 6, 48)
+            assert_close(a, e.double(), name="exported vs eager")

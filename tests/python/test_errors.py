@@ -1,0 +1,269 @@
+"""Bad inputs raise RuntimeError naming the offending argument (one test per case of the
+spec); empty tensors give empty results; NaN/Inf propagate as in torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import addnorm
+from conftest import CUDA_SKIP, DEVICES, assert_close, make_affine, make_data
+
+F32 = torch.float32
+
+
+def _ln(x, r, ns, w=None, b=None, eps=1e-5):
+    return torch.ops.addnorm.layer_norm(x, ns, w, b, eps)
+
+
+def _rms(x, r, ns, w=None, b=None, eps=None):
+    return torch.ops.addnorm.rms_norm(x, ns, w, eps)
+
+
+def _add_ln(x, r, ns, w=None, b=None, eps=1e-5):
+    return torch.ops.addnorm.add_layer_norm(x, r, ns, w, b, eps)
+
+
+def _add_rms(x, r, ns, w=None, b=None, eps=None):
+    return torch.ops.addnorm.add_rms_norm(x, r, ns, w, eps)
+
+
+OPS = {"layer_norm": _ln, "rms_norm": _rms, "add_layer_norm": _add_ln, "add_rms_norm": _add_rms}
+ADD_OPS = ["add_layer_norm", "add_rms_norm"]
+LN_OPS = ["layer_norm", "add_layer_norm"]  # the ops with a bias
+
+
+def _match(arg):
+    """Messages start with 'addnorm:' and name the argument."""
+    return rf"(?s)addnorm:.*\b{arg}\b"
+
+
+def _x(shape=(3, 8), dtype=F32, device="cpu"):
+    return make_data(shape, dtype, device)
+
+
+# --------------------------------------------------------------------------- input
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+@pytest.mark.parametrize("op", list(OPS))
+def test_integer_input(op, dtype):
+    x = torch.ones(3, 8, dtype=dtype)
+    with pytest.raises(RuntimeError, match=_match("input")):
+        OPS[op](x, None, [8])
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+@pytest.mark.parametrize("op", list(OPS))
+def test_complex_input(op, dtype):
+    x = torch.randn(3, 8, dtype=dtype)
+    with pytest.raises(RuntimeError, match=_match("input")):
+        OPS[op](x, None, [8])
+
+
+# --------------------------------------------------------------------------- residual
+
+
+@pytest.mark.parametrize("r_shape", [(3, 9), (4, 8), (1, 8), (8,), (3, 1, 8), (24,)])
+@pytest.mark.parametrize("op", ADD_OPS)
+def test_residual_shape_mismatch(op, r_shape):
+    """residual must have the input's shape (no broadcasting, no reshaping)."""
+    with pytest.raises(RuntimeError, match=_match("residual")):
+        OPS[op](_x(), torch.randn(r_shape), [8])
+
+
+@pytest.mark.parametrize("x_dtype,r_dtype", [
+    (F32, torch.float64), (F32, torch.bfloat16), (F32, torch.float16),
+    (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float64),
+    (torch.float64, F32), (F32, torch.int64), (F32, torch.complex64),
+])
+@pytest.mark.parametrize("op", ADD_OPS)
+def test_residual_dtype_mismatch(op, x_dtype, r_dtype):
+    """residual dtype: the input's or float32 (float32 input: float32 only)."""
+    r = torch.ones(3, 8).to(r_dtype)
+    with pytest.raises(RuntimeError, match=_match("residual")):
+        OPS[op](_x(dtype=x_dtype), r, [8])
+
+
+@CUDA_SKIP
+@pytest.mark.parametrize("op", ADD_OPS)
+def test_residual_device_mismatch(op):
+    with pytest.raises(RuntimeError, match=_match("residual")):
+        OPS[op](_x(device="cuda"), torch.randn(3, 8), [8])
+    with pytest.raises(RuntimeError, match=_match("residual")):
+        OPS[op](_x(), torch.randn(3, 8, device="cuda"), [8])
+
+
+# --------------------------------------------------------------------------- weight / bias
+
+
+@pytest.mark.parametrize("x_shape,ns,w_shape", [
+    ((3, 8), [8], (9,)),
+    ((3, 8), [8], (7,)),
+    ((3, 8), [8], (1, 8)),
+    ((3, 8), [8], ()),
+    ((2, 3, 4), [3, 4], (12,)),  # same numel, different shape
+    ((2, 3, 4), [3, 4], (4, 3)),
+    ((2, 3, 4), [3, 4], (4,)),
+])
+@pytest.mark.parametrize("op", list(OPS))
+def test_weight_shape_mismatch(op, x_shape, ns, w_shape):
+    x = _x(x_shape)
+    with pytest.raises(RuntimeError, match=_match("weight")):
+        OPS[op](x, torch.zeros_like(x), ns, torch.ones(w_shape))
+
+
+@pytest.mark.parametrize("x_shape,ns,b_shape", [
+    ((3, 8), [8], (9,)),
+    ((3, 8), [8], (1, 8)),
+    ((2, 3, 4), [3, 4], (12,)),
+])
+@pytest.mark.parametrize("with_weight", [True, False])
+@pytest.mark.parametrize("op", LN_OPS)
+def test_bias_shape_mismatch(op, with_weight, x_shape, ns, b_shape):
+    x = _x(x_shape)
+    w = torch.ones(ns) if with_weight else None
+    with pytest.raises(RuntimeError, match=_match("bias")):
+        OPS[op](x, torch.zeros_like(x), ns, w, torch.zeros(b_shape))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [
+    (F32, torch.float64), (F32, torch.bfloat16), (torch.bfloat16, torch.float16),
+    (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float64), (F32, torch.int64),
+])
+@pytest.mark.parametrize("op", list(OPS))
+def test_weight_dtype_not_supported(op, x_dtype, w_dtype):
+    """weight dtype: the input's or float32 (spec, Dtypes)."""
+    x = _x(dtype=x_dtype)
+    with pytest.raises(RuntimeError, match=_match("weight")):
+        OPS[op](x, torch.zeros_like(x), [8], torch.ones(8, dtype=w_dtype))
+
+
+# --------------------------------------------------------------------------- normalized_shape
+
+
+@pytest.mark.parametrize("x_shape,ns", [
+    ((3, 8), [7]),
+    ((3, 8), [3]),
+    ((3, 8), [3, 9]),
+    ((2, 3, 4), [2, 4]),
+    ((8,), [2, 8]),       # more dims than the input
+    ((3, 8), [3, 8, 1]),
+    ((3, 8), []),         # empty
+])
+@pytest.mark.parametrize("op", list(OPS))
+def test_normalized_shape_mismatch(op, x_shape, ns):
+    x = _x(x_shape)
+    with pytest.raises(RuntimeError, match=_match("normalized_shape")):
+        OPS[op](x, torch.zeros_like(x), ns)
+
+
+def test_functional_normalized_shape_int_mismatch():
+    with pytest.raises(RuntimeError, match=_match("normalized_shape")):
+        addnorm.functional.add_layer_norm(_x(), _x(), 7)
+    with pytest.raises(RuntimeError, match=_match("normalized_shape")):
+        addnorm.functional.rms_norm(_x(), 9)
+
+
+# --------------------------------------------------------------------------- eps
+
+
+@pytest.mark.parametrize("eps", [-1e-5, -1.0, float("nan"), -float("inf")])
+@pytest.mark.parametrize("op", list(OPS))
+def test_bad_eps(op, eps):
+    x = _x()
+    with pytest.raises(RuntimeError, match=_match("eps")):
+        OPS[op](x, torch.zeros_like(x), [8], None, None, eps)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_eps_zero_allowed(op):
+    x = _x()
+    out = OPS[op](x, torch.zeros_like(x), [8], None, None, 0.0)
+    out = out[0] if isinstance(out, tuple) else out
+    assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- devices
+
+
+@CUDA_SKIP
+@pytest.mark.parametrize("op,which", [(op, "weight") for op in OPS] + [(op, "bias") for op in LN_OPS])
+def test_device_mismatch(op, which):
+    """weight/bias on another device than the input."""
+    for dx, dp in [("cuda", "cpu"), ("cpu", "cuda")]:
+        x = _x(device=dx)
+        w = torch.ones(8, device=dp if which == "weight" else dx)
+        b = torch.zeros(8, device=dp) if which == "bias" else None
+        with pytest.raises(RuntimeError, match=_match("device")):
+            OPS[op](x, torch.zeros_like(x), [8], w, b)
+
+
+# --------------------------------------------------------------------------- empty tensors
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize("shape,ns", [((0, 8), [8]), ((2, 0, 8), [8]), ((0, 3, 4), [3, 4])])
+@pytest.mark.parametrize("op", list(OPS))
+def test_empty_rows(op, shape, ns, dtype, device):
+    """M = 0 rows: empty results of the right shape/dtype; backward gives empty input grads
+    and zero weight/bias grads (as torch)."""
+    x = make_data(shape, dtype, device, requires_grad=True)
+    r = make_data(shape, dtype, device, requires_grad=True)
+    w, b = make_affine(ns, dtype, device, requires_grad=True)
+    res = OPS[op](x, r, ns, w, b if op in LN_OPS else None)
+    outs = res if isinstance(res, tuple) else (res,)
+    for o in outs:
+        assert o.shape == x.shape and o.numel() == 0
+    assert outs[0].dtype == dtype
+    torch.autograd.backward(outs[0], torch.zeros_like(outs[0]))
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert w.grad is not None and w.grad.shape == w.shape and torch.count_nonzero(w.grad) == 0
+    if op in LN_OPS:
+        assert b.grad is not None and torch.count_nonzero(b.grad) == 0
+    if op in ADD_OPS:
+        assert r.grad is not None and r.grad.shape == r.shape
+
+
+# --------------------------------------------------------------------------- NaN / Inf
+
+
+def _poison(x, r):
+    x = x.clone()
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3, 0] = -float("inf")
+    x[4, :] = float("inf")
+    x[5, 2] = float("inf")
+    x[5, 9] = -float("inf")
+    if r is not None:
+        r = r.clone()
+        r[6, 7] = float("nan")
+        r[7, 1] = float("inf")
+        r[5, 4] = float("nan")
+    return x, r
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("op", list(OPS))
+def test_nan_inf_propagate_like_torch(op, dtype, device):
+    """Rows with NaN / +-Inf: the NaN and Inf positions (and inf signs) of out and h equal
+    torch's (eager x + r, then F.layer_norm / F.rms_norm in the same dtype); finite rows and
+    finite values agree within the dtype tolerance."""
+    n = 16
+    x = make_data((9, n), dtype, device)
+    r = make_data((9, n), dtype, device, scale=1.0, offset=0.0) if op in ADD_OPS else None
+    x, r = _poison(x, r)
+    w, b = make_affine((n,), dtype, device)
+    rms = "rms" in op
+    h_t = x if r is None else x + r
+    out_t = F.rms_norm(h_t, [n], w, 1e-6) if rms else F.layer_norm(h_t, [n], w, b, 1e-5)
+    res = OPS[op](x, r, [n], w, None if rms else b, 1e-6 if rms else 1e-5)
+    out = res[0] if isinstance(res, tuple) else res
+    assert (~torch.isfinite(out_t)).any()  # the test is not vacuous
+    assert torch.equal(torch.isnan(out).cpu(), torch.isnan(out_t).cpu()), "NaN positions differ from torch"
+    assert_close(out, out_t.double(), name="out")
+    if isinstance(res, tuple):
+        assert torch.equal(torch.isnan(res[1]), torch.isnan(h_t))
+        assert torch.equal(res[1][~torch.isnan(h_t)], h_t[~torch.isnan(h_t)])

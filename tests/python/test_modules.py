@@ -1,0 +1,291 @@
+"""The Python package: functional API, drop-in modules (LayerNorm, RMSNorm, AddLayerNorm,
+AddRMSNorm) with torch's parameters / state_dict / extra_repr, and replace_modules."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import addnorm
+from conftest import DEVICES, assert_close, make_affine, make_data
+
+
+def _randomize(module, gen_seed=0):
+    """Non-trivial affine parameters, so that a wrong mapping would show."""
+    g = torch.Generator().manual_seed(gen_seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if name.endswith("weight") else 0.0
+            p.copy_(base + 0.3 * torch.randn(p.shape, generator=g).to(p.dtype))
+    return module
+
+
+def _ref64(torch_module, x):
+    """torch's own module run in float64 (the reference for any dtype)."""
+    return copy.deepcopy(torch_module).double()(x.double())
+
+
+# --------------------------------------------------------------------------- functional
+
+
+def test_top_level_reexports():
+    for name in ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]:
+        assert getattr(addnorm, name) is getattr(addnorm.functional, name)
+    for name in ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm", "replace_modules"]:
+        assert hasattr(addnorm, name)
+    assert isinstance(addnorm.__version__, str) and addnorm.__version__
+    assert addnorm.cpu_capability() in ("AVX2", "DEFAULT")
+    assert addnorm.cuda_available() in (True, False)
+    if not torch.cuda.is_available():
+        assert addnorm.cuda_available() is False
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ns", [8, (8,), [8], torch.Size([8])], ids=["int", "tuple", "list", "size"])
+def test_functional_matches_ops(ns, device):
+    """The functional forms call the ops (bitwise the same results), accept an int or a
+    sequence as normalized_shape, and have the documented defaults."""
+    x = make_data((3, 8), torch.float32, device)
+    r = make_data((3, 8), torch.float32, device, scale=1.0, offset=0.0)
+    w, b = make_affine((8,), torch.float32, device)
+    fn = addnorm.functional
+    assert torch.equal(fn.layer_norm(x, ns, w, b), torch.ops.addnorm.layer_norm(x, [8], w, b, 1e-5))
+    assert torch.equal(fn.layer_norm(x, ns, w, b, 0.1), torch.ops.addnorm.layer_norm(x, [8], w, b, 0.1))
+    assert torch.equal(fn.layer_norm(x, ns), torch.ops.addnorm.layer_norm(x, [8], None, None, 1e-5))
+    assert torch.equal(fn.rms_norm(x, ns, w), torch.ops.addnorm.rms_norm(x, [8], w, None))
+    out = fn.add_layer_norm(x, r, ns, w, b)  # return_residual=False by default: out only
+    assert isinstance(out, torch.Tensor)
+    assert torch.equal(out, torch.ops.addnorm.add_layer_norm(x, r, [8], w, b, 1e-5)[0])
+    out, h = fn.add_layer_norm(x, r, ns, w, b, 1e-3, return_residual=True)
+    eo, eh = torch.ops.addnorm.add_layer_norm(x, r, [8], w, b, 1e-3)
+    assert torch.equal(out, eo) and torch.equal(h, eh)
+    out = fn.add_rms_norm(x, r, ns, w)
+    assert isinstance(out, torch.Tensor)
+    assert torch.equal(out, torch.ops.addnorm.add_rms_norm(x, r, [8], w, None)[0])
+    out, h = fn.add_rms_norm(x.bfloat16(), r, ns, w, return_residual=True, residual_in_fp32=True)
+    assert out.dtype == torch.bfloat16 and h.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- LayerNorm / RMSNorm
+
+LN_CONFIGS = [
+    dict(normalized_shape=16),
+    dict(normalized_shape=(16,), eps=1e-3),
+    dict(normalized_shape=[4, 6]),
+    dict(normalized_shape=16, elementwise_affine=False),
+    dict(normalized_shape=16, bias=False),
+    dict(normalized_shape=(2, 8), bias=False, eps=0.1),
+]
+RMS_CONFIGS = [
+    dict(normalized_shape=16),
+    dict(normalized_shape=(16,), eps=1e-6),
+    dict(normalized_shape=[4, 6]),
+    dict(normalized_shape=16, elementwise_affine=False),
+    dict(normalized_shape=(2, 8), eps=0.1),
+]
+MODULE_CASES = [("LayerNorm", nn.LayerNorm, c) for c in LN_CONFIGS] + [
+    ("RMSNorm", nn.RMSNorm, c) for c in RMS_CONFIGS]
+
+
+def _cid(case):
+    name, _, cfg = case
+    return name + "-" + "-".join(f"{k}={v}" for k, v in cfg.items() if k != "normalized_shape") + \
+        f"-{cfg['normalized_shape']}"
+
+
+def _input_for(module, dtype, device, lead=(3, 5)):
+    return make_data(lead + tuple(module.normalized_shape), dtype, device, requires_grad=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", MODULE_CASES, ids=[_cid(c) for c in MODULE_CASES])
+def test_module_matches_torch_module(case, device):
+    """Same attributes, parameter names/shapes/initial values, state_dict keys and extra_repr
+    as torch's module; load_state_dict both ways; same forward and gradients."""
+    name, torch_cls, cfg = case
+    ours_cls = getattr(addnorm, name)
+    t = torch_cls(**cfg, device=device)
+    o = ours_cls(**cfg, device=device)
+    assert o.extra_repr() == t.extra_repr()
+    assert o.normalized_shape == t.normalized_shape
+    assert o.eps == t.eps and o.elementwise_affine == t.elementwise_affine
+    assert [n for n, _ in o.named_parameters()] == [n for n, _ in t.named_parameters()]
+    assert list(o.state_dict().keys()) == list(t.state_dict().keys())
+    for (_, po), (_, pt) in zip(o.named_parameters(), t.named_parameters()):
+        assert po.shape == pt.shape and po.device == pt.device and torch.equal(po, pt)  # reset_parameters
+    if hasattr(t, "bias"):
+        assert (getattr(o, "bias", None) is None) == (t.bias is None)
+
+    # torch -> addnorm
+    _randomize(t, 1)
+    o.load_state_dict(t.state_dict())
+    for k, v in t.state_dict().items():
+        assert torch.equal(o.state_dict()[k], v)
+    x = _input_for(t, torch.float32, device)
+    out_o = o(x)
+    ref = _ref64(t, x)
+    assert_close(out_o, ref, name="out")
+    cot = torch.randn(out_o.shape, device=device)
+    params_o = list(o.parameters())
+    grads_o = torch.autograd.grad(out_o, [x] + params_o, cot)
+    x64 = x.detach().double().requires_grad_()
+    t64 = copy.deepcopy(t).double()
+    grads_t = torch.autograd.grad(t64(x64), [x64] + list(t64.parameters()), cot.double())
+    for i, (a, e) in enumerate(zip(grads_o, grads_t)):
+        assert_close(a, e, reduced=i > 0, name=f"grad {i}")
+
+    # addnorm -> torch
+    _randomize(o, 2)
+    t2 = torch_cls(**cfg, device=device)
+    t2.load_state_dict(o.state_dict())
+    assert_close(o(x), _ref64(t2, x), name="out after load into torch")
+
+
+@pytest.mark.parametrize("cls", ["LayerNorm", "RMSNorm", "AddLayerNorm", "AddRMSNorm"])
+def test_module_factory_kwargs(cls):
+    m = getattr(addnorm, cls)(8, dtype=torch.float64, device="cpu")
+    assert m.weight.dtype == torch.float64 and m.weight.device.type == "cpu"
+    assert torch.equal(m.weight, torch.ones(8, dtype=torch.float64))
+    if "LayerNorm" in cls:
+        assert torch.equal(m.bias, torch.zeros(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,torch_cls", [("LayerNorm", nn.LayerNorm), ("RMSNorm", nn.RMSNorm)])
+def test_module_fp32_params_half_input(name, torch_cls, device):
+    """Mixed precision (what autocast / master weights give): fp32 module on bf16 input gives
+    bf16 output matching the float64 reference."""
+    t = _randomize(torch_cls(32, device=device))
+    o = getattr(addnorm, name)(32, device=device)
+    o.load_state_dict(t.state_dict())
+    x = make_data((4, 32), torch.bfloat16, device)
+    out = o(x)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, _ref64(t, x), name="out")
+
+
+# --------------------------------------------------------------------------- Add modules
+
+ADD_CASES = [("AddLayerNorm", nn.LayerNorm, dict(normalized_shape=24)),
+             ("AddLayerNorm", nn.LayerNorm, dict(normalized_shape=(2, 12), eps=1e-3, bias=False)),
+             ("AddLayerNorm", nn.LayerNorm, dict(normalized_shape=24, elementwise_affine=False)),
+             ("AddRMSNorm", nn.RMSNorm, dict(normalized_shape=24)),
+             ("AddRMSNorm", nn.RMSNorm, dict(normalized_shape=(2, 12), eps=1e-6, elementwise_affine=False))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("return_residual", [False, True])
+@pytest.mark.parametrize("case", ADD_CASES, ids=[_cid(c) for c in ADD_CASES])
+def test_add_modules(case, return_residual, device):
+    """AddLayerNorm / AddRMSNorm: torch's constructor + return_residual; forward(input,
+    residual) = norm(input + residual) [, input + residual]; state_dict as torch's norm."""
+    name, torch_cls, cfg = case
+    t = _randomize(torch_cls(**cfg, device=device))
+    o = getattr(addnorm, name)(**cfg, return_residual=return_residual, device=device)
+    assert o.extra_repr().startswith(t.extra_repr())
+    assert list(o.state_dict().keys()) == list(t.state_dict().keys())
+    o.load_state_dict(t.state_dict())
+    x = _input_for(t, torch.float32, device)
+    r = _input_for(t, torch.float32, device)
+    res = o(x, r)
+    h_ref = x + r
+    if return_residual:
+        out, h = res
+        assert torch.equal(h, h_ref)
+    else:
+        assert isinstance(res, torch.Tensor)
+        out = res
+    assert_close(out, _ref64(t, h_ref), name="out")
+    gx, gr = torch.autograd.grad(out.sum() + (h.sum() * 0.5 if return_residual else 0), [x, r])
+    assert torch.equal(gx, gr)
+
+
+@pytest.mark.parametrize("name", ["AddLayerNorm", "AddRMSNorm"])
+def test_add_module_residual_in_fp32(name):
+    o = getattr(addnorm, name)(16, return_residual=True, residual_in_fp32=True)
+    x = make_data((3, 16), torch.bfloat16, "cpu")
+    r = make_data((3, 16), torch.bfloat16, "cpu")
+    out, h = o(x, r)
+    assert out.dtype == torch.bfloat16 and h.dtype == torch.float32
+    assert torch.equal(h, x.float() + r.float())
+
+
+# --------------------------------------------------------------------------- replace_modules
+
+
+class TinyPreLN(nn.Module):
+    """A small pre-LN block using every flavor of nn.LayerNorm / nn.RMSNorm."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, d)
+        self.rms = nn.RMSNorm(d)  # eps=None
+        self.fc2 = nn.Linear(d, d)
+        self.head = nn.Sequential(
+            nn.LayerNorm(d, elementwise_affine=False),
+            nn.Linear(d, d),
+            nn.LayerNorm(d, bias=False, eps=1e-3),
+            nn.GELU(),
+            nn.RMSNorm(d, eps=1e-6, elementwise_affine=False),
+            nn.Unflatten(-1, (4, d // 4)),
+            nn.LayerNorm((4, d // 4)),
+            nn.Flatten(-2),
+            nn.RMSNorm(d, eps=1e-5),
+        )
+
+    def forward(self, x):
+        x = x + self.fc1(self.ln1(x))
+        x = x + self.fc2(self.rms(x))
+        return self.head(x)
+
+
+def _norm_modules(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.LayerNorm, nn.RMSNorm,
+                                                                     addnorm.LayerNorm, addnorm.RMSNorm))}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_replace_modules(dtype, device):
+    """Every nn.LayerNorm / nn.RMSNorm becomes addnorm's (in place, same object returned),
+    weights/dtype/device/eps kept, same outputs and gradients as before replacement."""
+    torch.manual_seed(0)
+    model = TinyPreLN()
+    for m in _norm_modules(model).values():
+        _randomize(m)
+    model = model.to(device=device, dtype=dtype)
+    original = copy.deepcopy(model)
+    before = {n: (type(m), m.extra_repr()) for n, m in _norm_modules(model).items()}
+    assert len(before) == 7
+
+    returned = addnorm.replace_modules(model)
+    assert returned is model
+    after = _norm_modules(model)
+    assert set(after) == set(before)
+    for n, m in after.items():
+        cls = addnorm.LayerNorm if before[n][0] is nn.LayerNorm else addnorm.RMSNorm
+        assert isinstance(m, cls), f"{n}: {type(m)}"
+        assert type(m) not in (nn.LayerNorm, nn.RMSNorm)
+        assert m.extra_repr() == before[n][1]
+    assert list(model.state_dict()) == list(original.state_dict())
+    for (k, v), (_, v0) in zip(model.state_dict().items(), original.state_dict().items()):
+        assert v.dtype == dtype and v.device.type == device and torch.equal(v, v0), k
+
+    x = make_data((2, 5, 32), dtype, device, requires_grad=True)
+    cot = torch.randn(2, 5, 32, device=device, dtype=dtype)
+    outs, grads = [], []
+    for m in (original, model):
+        out = m(x)
+        outs.append(out)
+        names = [n for n, _ in m.named_parameters()]
+        g = torch.autograd.grad(out, [x] + [p for _, p in m.named_parameters()], cot)
+        grads.append(dict(zip(["input"] + names, g)))
+    assert outs[1].dtype == dtype
+    assert_close(outs[1], outs[0].double(), name="out")
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert_close(grads[1][k], grads[0][k].double(), reduced=k != "input", name=f"grad {k}")
+    # The replaced model is really running addnorm's modules.
+    assert isinstance(model.head[2], addnorm.LayerNorm) and model.head[2].bias is None

@@ -1,0 +1,503 @@
+"""Parity of torch.ops.addnorm.* with torch (x + r, F.layer_norm, F.rms_norm), forward and
+every gradient (input, residual, weight, bias, and a gradient flowing into the returned h),
+over dtypes, sizes, layouts and argument combinations; the internal ops' contracts; opcheck.
+
+Shape coverage is deliberately not the full cross product (2 CPU cores): big N only with a
+few rows, many rows only with small N (see SHAPES).
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import (
+    DEVICES,
+    DTYPES,
+    HALF_DTYPES,
+    assert_close,
+    call_add_norm,
+    call_norm,
+    check_add_norm_against_reference,
+    grads_of,
+    h_dtype_for,
+    make_affine,
+    make_data,
+    reference_add_norm,
+)
+
+HIDDEN_SIZES = [1, 7, 64, 768, 1000, 4096, 65536, 100003]
+NUM_ROWS = [0, 1, 3, 4097]
+# Every (rows, hidden) pair from the two lists whose element count stays small enough
+# for a 2-core machine: N up to 100003 with at most 3 rows; 4097 rows only with N <= 64.
+MAX_NUMEL = 320_000
+SHAPES = [(m, n) for m in NUM_ROWS for n in HIDDEN_SIZES if m * n <= MAX_NUMEL]
+NORMS = ["layer_norm", "rms_norm"]
+RMS_EPS = 1e-6  # explicit: eps=None is exercised separately (test_rms_eps_none)
+
+
+def _rms(norm):
+    return norm == "rms_norm"
+
+
+# --------------------------------------------------------------------------- main parity
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows,hidden_size", SHAPES)
+def test_add_norm_parity(num_rows, hidden_size, dtype, norm, device):
+    """add_layer_norm / add_rms_norm with residual, weight and bias: h equals eager x + r
+    bitwise, out and all five gradients match the float64 reference."""
+    torch.manual_seed(num_rows * 7 + hidden_size)
+    rms = _rms(norm)
+    x = make_data((num_rows, hidden_size), dtype, device, requires_grad=True)
+    r = make_data((num_rows, hidden_size), dtype, device, scale=1.0, offset=0.0, requires_grad=True)
+    w, b = make_affine((hidden_size,), dtype, device, requires_grad=True)
+    check_add_norm_against_reference(
+        rms, x, r, (hidden_size,), w, None if rms else b, RMS_EPS if rms else 1e-5,
+        name=f"{norm} {dtype} {num_rows}x{hidden_size}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_rows,hidden_size", [(0, 64), (1, 1), (3, 7), (5, 1000), (2, 65536), (4097, 7)])
+def test_norm_parity(num_rows, hidden_size, dtype, norm, device):
+    """layer_norm / rms_norm ops against F.layer_norm / F.rms_norm (float64 reference)."""
+    torch.manual_seed(num_rows + hidden_size)
+    rms = _rms(norm)
+    x = make_data((num_rows, hidden_size), dtype, device, requires_grad=True)
+    w, b = make_affine((hidden_size,), dtype, device, requires_grad=True)
+    b = None if rms else b
+    eps = RMS_EPS if rms else 1e-5
+    out = call_norm(rms, x, (hidden_size,), w, b, eps)
+    assert out.dtype == dtype and out.shape == x.shape
+    gout = torch.randn(x.shape, device=device).to(dtype)
+    ref = reference_add_norm(rms, x, None, (hidden_size,), w, b, eps, grad_out=gout)
+    assert_close(out, ref["out"], name="out")
+    ours = grads_of([out], [gout], [("x", x), ("weight", w), ("bias", b)])
+    for key, g in ours.items():
+        assert_close(g, ref[key], reduced=key != "grad_x", name=key)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("eps", [0.0, 1e-5, 0.1])
+def test_layer_norm_eps(eps, dtype, device):
+    """eps enters as in F.layer_norm (inputs with small variance so eps matters)."""
+    x = make_data((6, 96), dtype, device, scale=0.05, offset=1.0)
+    out = torch.ops.addnorm.layer_norm(x, [96], None, None, eps)
+    ref = F.layer_norm(x.double(), [96], None, None, eps)
+    assert_close(out, ref, name="out")
+    if eps == 0.1:  # the check is sensitive to eps
+        assert (F.layer_norm(x.double(), [96], None, None, 1e-5) - ref).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", ["rms_norm", "add_rms_norm"])
+def test_rms_eps_none(op, dtype, device):
+    """eps=None behaves as in F.rms_norm: torch uses the machine epsilon of the type it
+    computes in (float32 for bf16/fp16 inputs, "opmath"), which for float32/float64 inputs is
+    torch.finfo(input.dtype).eps. Data with mean square ~ that eps, so a different eps
+    would be visible."""
+    n = 64
+    opmath = torch.float64 if dtype == torch.float64 else torch.float32
+    eps = torch.finfo(opmath).eps
+    x = make_data((5, n), dtype, device, scale=eps ** 0.5, offset=0.0)
+    w, _ = make_affine((n,), dtype, device)
+    if op == "rms_norm":
+        out = torch.ops.addnorm.rms_norm(x, [n], w, None)
+    else:
+        out, _ = torch.ops.addnorm.add_rms_norm(x, torch.zeros_like(x), [n], w, None)
+    ref = F.rms_norm(x.double(), [n], w.double(), eps=eps)
+    assert_close(out, ref, name="out")
+    if device == "cpu":  # torch eager (CPU) with eps=None agrees with that reference.
+        assert_close(F.rms_norm(x, [n], w), ref, name="torch eager")
+    # Sensitivity: without eps, or with finfo(input dtype).eps for half inputs, the result
+    # would differ by far more than the tolerance.
+    for other_eps in {0.0, torch.finfo(dtype).eps} - {eps}:
+        other = F.rms_norm(x.double(), [n], w.double(), eps=other_eps)
+        assert ((other - ref).abs() / ref.abs().clamp_min(1e-3)).max() > 0.05
+
+
+# --------------------------------------------------------------------------- argument combinations
+
+AFFINE_LN = [(False, False), (True, False), (False, True), (True, True)]  # (weight, bias)
+AFFINE_RMS = [(False, False), (True, False)]
+AFFINE_CASES = [("layer_norm", w, b) for w, b in AFFINE_LN] + [("rms_norm", w, b) for w, b in AFFINE_RMS]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("return_residual", [True, False])
+@pytest.mark.parametrize("has_residual", [True, False])
+@pytest.mark.parametrize("norm,has_weight,has_bias", AFFINE_CASES)
+def test_argument_combinations(norm, has_weight, has_bias, has_residual, return_residual, dtype, device):
+    """With/without residual, weight, bias; return_residual True/False."""
+    rms = _rms(norm)
+    shape = (5, 3, 160)
+    x = make_data(shape, dtype, device, requires_grad=True)
+    r = make_data(shape, dtype, device, scale=1.0, offset=-2.0, requires_grad=True) if has_residual else None
+    w, b = make_affine((160,), dtype, device, requires_grad=True)
+    check_add_norm_against_reference(
+        rms, x, r, (160,), w if has_weight else None, b if has_bias else None,
+        RMS_EPS if rms else 1e-5, return_residual=return_residual,
+        name=f"{norm} w={has_weight} b={has_bias} r={has_residual} rr={return_residual}")
+
+
+# --------------------------------------------------------------------------- mixed dtypes
+
+MIXED_CASES = [
+    # (input dtype, weight dtype, residual dtype or None, residual_in_fp32)
+    (x, w, r, f)
+    for x in HALF_DTYPES
+    for w in (x, torch.float32)
+    for r in (None, x, torch.float32)
+    for f in (False, True)
+] + [
+    (torch.float32, torch.float32, torch.float32, True),
+    (torch.float32, torch.float32, None, True),
+    (torch.float64, torch.float64, torch.float64, True),  # float64 keeps float64
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("x_dtype,w_dtype,r_dtype,residual_in_fp32", MIXED_CASES)
+def test_mixed_dtypes(x_dtype, w_dtype, r_dtype, residual_in_fp32, norm, device):
+    """bf16/fp16 input with fp32 weight/bias, fp32 residual with half input, residual_in_fp32.
+    out has the input's dtype, h the documented dtype, each gradient its tensor's dtype."""
+    rms = _rms(norm)
+    torch.manual_seed(1)
+    for m, n in [(7, 1000), (4097, 7)]:
+        x = make_data((m, n), x_dtype, device, requires_grad=True)
+        r = None
+        if r_dtype is not None:
+            r = make_data((m, n), r_dtype, device, scale=1.0, offset=0.0, requires_grad=True)
+        w, b = make_affine((n,), w_dtype, device, requires_grad=True)
+        out, h = check_add_norm_against_reference(
+            rms, x, r, (n,), w, None if rms else b, RMS_EPS if rms else 1e-5,
+            residual_in_fp32=residual_in_fp32, name=f"{norm} x={x_dtype} w={w_dtype} r={r_dtype}")
+        expected_h = h_dtype_for(x_dtype, r_dtype, residual_in_fp32)
+        assert h.dtype == expected_h
+        assert out.dtype == x_dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_fp32_residual_keeps_precision(dtype, device):
+    """With an fp32 residual stream the small increments are not lost to half rounding:
+    h = x + r is computed and kept in fp32 (what pre-LN mixed precision training relies on)."""
+    r = torch.full((4, 64), 1000.0, device=device)
+    x = torch.full((4, 64), 0.25, device=device, dtype=dtype)  # below half's ulp at 1000
+    _, h = torch.ops.addnorm.add_layer_norm(x, r, [64])
+    assert h.dtype == torch.float32
+    assert torch.all(h == 1000.25)
+    _, h_half = torch.ops.addnorm.add_layer_norm(x, r.to(dtype), [64])
+    assert h_half.dtype == dtype
+    assert torch.equal(h_half, x + r.to(dtype))
+
+
+# --------------------------------------------------------------------------- shapes
+
+ND_CASES = [
+    # (input shape, normalized_shape)
+    ((16,), (16,)),
+    ((3, 16), (16,)),
+    ((2, 3, 16), (16,)),
+    ((4, 5), (4, 5)),
+    ((6, 1, 7), (1, 7)),
+    ((2, 3, 4, 5), (4, 5)),
+    ((2, 3, 4, 5), (3, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape,normalized_shape", ND_CASES)
+def test_input_dims(shape, normalized_shape, norm, dtype, device):
+    """1-D/2-D/3-D/4-D inputs and multi-dim normalized_shape, for the add op and the plain op."""
+    rms = _rms(norm)
+    x = make_data(shape, dtype, device, requires_grad=True)
+    r = make_data(shape, dtype, device, scale=1.0, offset=0.0, requires_grad=True)
+    w, b = make_affine(normalized_shape, dtype, device, requires_grad=True)
+    b = None if rms else b
+    eps = RMS_EPS if rms else 1e-5
+    check_add_norm_against_reference(rms, x, r, normalized_shape, w, b, eps, name=f"{shape} {normalized_shape}")
+    out = call_norm(rms, x, normalized_shape, w, b, eps)
+    ref = reference_add_norm(rms, x, None, normalized_shape, w, b, eps)
+    assert_close(out, ref["out"], name="plain out")
+
+
+# --------------------------------------------------------------------------- layouts
+
+LAYOUTS = ["transposed", "sliced", "expanded", "permuted3d", "strided_weight"]
+
+
+_VIEWS = {
+    # layout: (base shape from (m, n), view function)
+    "transposed": (lambda m, n: (n, m), lambda t, m: t.t()),
+    "sliced": (lambda m, n: (m, n + 1), lambda t, m: t[..., 1:]),
+    "expanded": (lambda m, n: (1, n), lambda t, m: t.expand(m, t.shape[-1])),  # row stride 0
+    "permuted3d": (lambda m, n: (2, n, m), lambda t, m: t.permute(0, 2, 1)),
+    "strided_weight": (lambda m, n: (m, n), lambda t, m: t),  # contiguous input, strided weight
+}
+
+
+def _make_layout(layout, m, n, dtype, device, scale, offset):
+    """A leaf 'base' requiring grad and a non-contiguous view of it with rows of n elements."""
+    base_shape, view = _VIEWS[layout]
+    base = make_data(base_shape(m, n), dtype, device, scale=scale, offset=offset, requires_grad=True)
+    return base, view(base, m)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous(layout, norm, dtype, device):
+    """Non-contiguous input, residual (and weight) give the same results as contiguous copies,
+    and gradients reach the base tensors."""
+    rms = _rms(norm)
+    m, n = 6, 72
+    xb, x = _make_layout(layout, m, n, dtype, device, 3.0, 5.0)
+    rb, r = _make_layout(layout, m, n, dtype, device, 1.0, 0.0)
+    if layout == "strided_weight":
+        wb = (1.0 + 0.5 * torch.randn(2 * n)).to(device=device, dtype=dtype).requires_grad_()
+        w = wb[::2]
+        assert not w.is_contiguous()
+    else:
+        assert not x.is_contiguous() and not r.is_contiguous()
+        wb, _ = make_affine((n,), dtype, device, requires_grad=True)
+        w = wb
+    _, b = make_affine((n,), dtype, device, requires_grad=True)
+    b = None if rms else b
+    eps = RMS_EPS if rms else 1e-5
+    out, h = check_add_norm_against_reference(rms, x, r, (n,), w, b, eps, name=layout)
+    # Against the op on contiguous copies: identical math, identical results.
+    out_c, h_c = call_add_norm(rms, x.contiguous(), r.contiguous(), (n,), w.contiguous(),
+                               None if b is None else b.contiguous(), eps)
+    assert torch.equal(h, h_c)
+    assert_close(out, out_c.double(), name="out vs contiguous")
+    # Gradients reach the bases.
+    gout = torch.randn(out.shape, device=device).to(out.dtype)
+    gxb, grb, gwb = torch.autograd.grad([out], [xb, rb, wb], [gout])
+    assert gxb.shape == xb.shape and grb.shape == rb.shape and gwb.shape == wb.shape
+    ref = reference_add_norm(rms, x, r, (n,), w, b, eps, grad_out=gout)
+    if not (layout == "expanded" and dtype != torch.float32):
+        # (expanded half: the base gradient is torch's own half-precision sum over rows of the
+        # op's rounded gradients, not something the op controls; checked via the view above.)
+        xb64 = xb.detach().double().requires_grad_()
+        exp_gxb = torch.autograd.grad(_VIEWS[layout][1](xb64, m), xb64, ref["grad_x"])[0]
+        assert_close(gxb, exp_gxb, reduced=layout == "expanded", name="grad base x")
+    if layout == "strided_weight":
+        assert torch.all(gwb[1::2] == 0)
+        assert_close(gwb[::2], ref["grad_weight"], reduced=True, name="grad strided weight")
+    out_plain = call_norm(rms, x, (n,), w, b, eps)
+    assert_close(out_plain, reference_add_norm(rms, x, None, (n,), w, b, eps)["out"], name="plain out")
+
+
+# --------------------------------------------------------------------------- internal ops
+
+
+def _internal_fwd(x, residual, shape, w, b, eps, is_rms, store, in_fp32):
+    return torch.ops.addnorm._norm_fwd(x, residual, list(shape), w, b, eps, is_rms, store, in_fp32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_rms", [False, True])
+@pytest.mark.parametrize("store_residual", [True, False])
+def test_internal_norm_fwd_contract(store_residual, is_rms, dtype, device):
+    """_norm_fwd: out, residual_out ([0] when not stored), mean ([0] for RMS) and rstd with
+    shape input.shape[:-k] in float32 (float64 for float64)."""
+    shape, ns = (2, 3, 4, 5), (4, 5)
+    x = make_data(shape, dtype, device)
+    r = make_data(shape, dtype, device, scale=1.0, offset=0.0)
+    w, b = make_affine(ns, dtype, device)
+    b = None if is_rms else b
+    eps = 1e-5
+    out, res_out, mean, rstd = _internal_fwd(x, r, ns, w, b, eps, is_rms, store_residual, False)
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    h = x + r
+    assert out.dtype == dtype and out.shape == x.shape
+    if store_residual:
+        assert torch.equal(res_out, h)
+    else:
+        assert res_out.shape == (0,)
+    assert rstd.shape == (2, 3) and rstd.dtype == stat_dtype
+    h64 = h.double().flatten(-2)
+    if is_rms:
+        assert mean.shape == (0,)
+        exp_rstd = torch.rsqrt(h64.pow(2).mean(-1) + eps)
+    else:
+        assert mean.shape == (2, 3) and mean.dtype == stat_dtype
+        assert_close(mean, h64.mean(-1), name="mean")
+        exp_rstd = torch.rsqrt(h64.var(-1, unbiased=False) + eps)
+    assert_close(rstd, exp_rstd, name="rstd")
+    ref = reference_add_norm(is_rms, x, r, ns, w, b, eps)
+    assert_close(out, ref["out"], name="out")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_rms,has_weight,has_bias", [
+    (False, True, True), (False, True, False), (False, False, True), (False, False, False),
+    (True, True, False), (True, False, False)])
+@pytest.mark.parametrize("with_grad_residual", [True, False])
+def test_internal_norm_bwd_contract(with_grad_residual, is_rms, has_weight, has_bias, dtype, device):
+    """_norm_bwd: grad_h in h's dtype (including grad_residual_out), grad_weight/grad_bias
+    [0] when absent, values equal to the reference gradients."""
+    shape, ns = (3, 4, 40), (40,)
+    x = make_data(shape, dtype, device, requires_grad=True)
+    w, b = make_affine(ns, dtype, device, requires_grad=True)
+    w = w if has_weight else None
+    b = b if has_bias else None
+    eps = 1e-5
+    with torch.no_grad():
+        out, _, mean, rstd = _internal_fwd(x, None, ns, w, b, eps, is_rms, False, False)
+    gout = torch.randn(shape, device=device).to(dtype)
+    gres = torch.randn(shape, device=device).to(dtype) if with_grad_residual else None
+    grad_h, grad_w, grad_b = torch.ops.addnorm._norm_bwd(
+        gout, gres, x.detach(), mean, rstd, None if w is None else w.detach(), has_bias, is_rms)
+    assert grad_h.dtype == dtype and grad_h.shape == shape
+    if w is None:
+        assert grad_w.shape == (0,)
+    else:
+        assert grad_w.shape == ns and grad_w.dtype == w.dtype
+    if not has_bias:
+        assert grad_b.shape == (0,)
+    ref = reference_add_norm(is_rms, x, None, ns, w, b, eps, grad_out=gout, grad_h=gres)
+    assert_close(grad_h, ref["grad_x"], name="grad_h")
+    if w is not None:
+        assert_close(grad_w, ref["grad_weight"], reduced=True, name="grad_weight")
+    if has_bias:
+        assert_close(grad_b, ref["grad_bias"], reduced=True, name="grad_bias")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", NORMS)
+def test_return_residual_false_outputs(norm, device):
+    """return_residual=False: same out as True, second result empty."""
+    rms = _rms(norm)
+    x = make_data((9, 48), torch.float32, device)
+    r = make_data((9, 48), torch.float32, device, scale=1.0, offset=0.0)
+    w, b = make_affine((48,), torch.float32, device)
+    out1, h1 = call_add_norm(rms, x, r, (48,), w, b, None, return_residual=True)
+    out2, h2 = call_add_norm(rms, x, r, (48,), w, b, None, return_residual=False)
+    assert h2.numel() == 0
+    assert torch.equal(out1, out2)
+    assert torch.equal(h1, x + r)
+
+
+# --------------------------------------------------------------------------- opcheck
+
+
+def sample_inputs(device, *, requires_grad=False):
+    """(op name, args, kwargs) samples for opcheck, in the style of pytorch/extension-cpp.
+
+    requires_grad applies to the public ops only: the internal ops have no autograd kernel
+    of their own (autograd is registered on the public ops), so they get plain tensors."""
+
+    def t(*shape, dtype=torch.float32, scale=3.0, offset=5.0, grad=requires_grad):
+        return make_data(shape, dtype, device, scale=scale, offset=offset, requires_grad=grad)
+
+    def wb(*shape, dtype=torch.float32, grad=requires_grad):
+        return make_affine(shape, dtype, device, requires_grad=grad)
+
+    w, b = wb(16)
+    yield "layer_norm", (t(3, 16), [16], w, b, 1e-5), {}
+    yield "layer_norm", (t(2, 3, 4, 5), [4, 5], None, None, 1e-3), {}
+    w, _ = wb(16)
+    yield "rms_norm", (t(3, 16), [16], w, None), {}
+    yield "rms_norm", (t(2, 5, 16, dtype=torch.bfloat16), [16], wb(16)[0], 1e-6), {}
+    w, b = wb(16)
+    yield "add_layer_norm", (t(4, 16), t(4, 16, scale=1.0, offset=0.0), [16], w, b, 1e-5), {}
+    yield "add_layer_norm", (t(4, 16), None, [16], None, None, 1e-5), {"return_residual": False}
+    w, b = wb(16, dtype=torch.float32)
+    yield ("add_layer_norm", (t(2, 3, 16, dtype=torch.bfloat16), t(2, 3, 16, scale=1.0, offset=0.0), [16], w, b, 1e-5),
+           {"residual_in_fp32": True})
+    w, _ = wb(3, 16)
+    yield "add_rms_norm", (t(2, 3, 16), t(2, 3, 16, scale=1.0, offset=0.0), [3, 16], w, 1e-6), {}
+    yield ("add_rms_norm", (t(5, 16, dtype=torch.float16), t(5, 16, dtype=torch.float16), [16], None, None),
+           {"return_residual": False, "residual_in_fp32": True})
+    # internal ops
+    x = t(4, 16, grad=False)
+    r = t(4, 16, scale=1.0, offset=0.0, grad=False)
+    w, b = wb(16, grad=False)
+    yield "_norm_fwd", (x, r, [16], w, b, 1e-5, False, True, False), {}
+    yield "_norm_fwd", (x, None, [16], w, None, 1e-6, True, False, False), {}
+    xh = t(2, 3, 16, dtype=torch.bfloat16, grad=False)
+    rf = t(2, 3, 16, scale=1.0, offset=0.0, grad=False)
+    yield "_norm_fwd", (xh, rf, [16], w, b, 1e-5, False, True, True), {}
+    with torch.no_grad():
+        _, h, mean, rstd = torch.ops.addnorm._norm_fwd(x, r, [16], w, b, 1e-5, False, True, False)
+        _, _, mean_r, rstd_r = torch.ops.addnorm._norm_fwd(x, None, [16], w, None, 1e-6, True, False, False)
+    g = t(4, 16, scale=1.0, offset=0.0, grad=False)
+    yield "_norm_bwd", (g, g * 0.5, h, mean, rstd, w, True, False), {}
+    yield "_norm_bwd", (g, None, x, mean_r, rstd_r, w, False, True), {}
+    yield "_norm_bwd", (g, None, x, mean_r, rstd_r, None, False, True), {}
+
+
+# Static so that collection does not run any op.
+_SAMPLE_IDS = [
+    "layer_norm-1", "layer_norm-2", "rms_norm-1", "rms_norm-2",
+    "add_layer_norm-1", "add_layer_norm-2", "add_layer_norm-3", "add_rms_norm-1", "add_rms_norm-2",
+    "_norm_fwd-1", "_norm_fwd-2", "_norm_fwd-3", "_norm_bwd-1", "_norm_bwd-2", "_norm_bwd-3",
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(len(_SAMPLE_IDS)), ids=_SAMPLE_IDS)
+def test_opcheck(index, device):
+    """torch.library.opcheck (schema, autograd registration, fake tensor, aot dispatch with
+    dynamic shapes) on every op, internal ones included."""
+    torch.manual_seed(index)
+    name, args, kwargs = list(sample_inputs(device, requires_grad=True))[index]
+    op = getattr(torch.ops.addnorm, name).default
+    result = torch.library.opcheck(op, args, kwargs)
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+def test_all_ops_have_samples():
+    """Every op of the spec is opchecked, and the static test ids match the samples."""
+    samples = [n for n, _, _ in sample_inputs("cpu")]
+    assert [i.rsplit("-", 1)[0] for i in _SAMPLE_IDS] == samples
+    names = set(samples)
+    assert names == {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd", "_norm_bwd"}
+    for n in names:
+        assert hasattr(torch.ops.addnorm, n)
+
+
+def test_no_grad_and_inference_mode():
+    """Ops run under no_grad / inference_mode without building a graph, same values."""
+    x = make_data((4, 32), torch.float32, "cpu", requires_grad=True)
+    r = make_data((4, 32), torch.float32, "cpu", scale=1.0, offset=0.0)
+    w, b = make_affine((32,), torch.float32, "cpu", requires_grad=True)
+    out, h = torch.ops.addnorm.add_layer_norm(x, r, [32], w, b)
+    with torch.no_grad():
+        out2, h2 = torch.ops.addnorm.add_layer_norm(x, r, [32], w, b)
+    with torch.inference_mode():
+        out3, h3 = torch.ops.addnorm.add_layer_norm(x, r, [32], w, b)
+    assert out.requires_grad and not out2.requires_grad and not out3.requires_grad
+    assert torch.equal(out, out2) and torch.equal(out, out3)
+    assert torch.equal(h, h2) and torch.equal(h, h3)
+
+
+@pytest.mark.parametrize("rows,n", list(itertools.product([2, 64], [7, 4096])))
+def test_outputs_do_not_alias_inputs(rows, n):
+    """Results are fresh tensors: writing into them does not change the inputs."""
+    x = make_data((rows, n), torch.float32, "cpu")
+    r = make_data((rows, n), torch.float32, "cpu")
+    x0, r0 = x.clone(), r.clone()
+    out, h = torch.ops.addnorm.add_layer_norm(x, r, [n])
+    assert out.data_ptr() not in (x.data_ptr(), r.data_ptr())
+    assert h.data_ptr() not in (x.data_ptr(), r.data_ptr())
+    out.fill_(1.0)
+    h.fill_(2.0)
+    assert torch.equal(x, x0) and torch.equal(r, r0)

@@ -407,10 +407,85 @@ void norm_fwd_reduced(const NormFwdArgs& args, const at::Tensor& gamma, const at
   }
 }
 
+// Backward for float32 h (float32 input, or float16/bfloat16 input with a float32
+// residual stream): computed in double from the raw inputs, with double row sums and
+// double dgamma/dbeta partials, so float32 gradients are rounded once. Plain loops that
+// GCC vectorizes (omp simd for the reductions: a fixed, deterministic order).
+template <typename G>
+void norm_bwd_float_h(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& partials) {
+  const int64_t M = args.M;
+  const int64_t N = args.N;
+  const G* dy_base = args.grad_out.const_data_ptr<G>();
+  const float* dres_base =
+      args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<float>() : nullptr;
+  const float* h_base = args.h.const_data_ptr<float>();
+  const float* mean_base = args.mean.defined() ? args.mean.const_data_ptr<float>() : nullptr;
+  const float* rstd_base = args.rstd.const_data_ptr<float>();
+  const float* gamma = gamma_t.const_data_ptr<float>();
+  float* dx_base = args.grad_h.mutable_data_ptr<float>();
+  double* partial_base = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
+  const int64_t chunks = partials.defined() ? partials.size(0)
+                                            : std::max<int64_t>(1, at::get_num_threads());
+  const bool rms = args.rms;
+
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      double* dgamma = partial_base ? partial_base + c * 2 * N : nullptr;
+      double* dbeta = partial_base ? dgamma + N : nullptr;
+      if (dgamma) std::fill(dgamma, dgamma + 2 * N, 0.0);
+      const int64_t row_begin = M * c / chunks;
+      const int64_t row_end = M * (c + 1) / chunks;
+      for (int64_t i = row_begin; i < row_end; ++i) {
+        const G* dy = dy_base + i * N;
+        const float* h = h_base + i * N;
+        const double mean = mean_base ? mean_base[i] : 0.0;
+        const double rstd = rstd_base[i];
+        double sum_g = 0.0, sum_gx = 0.0;
+        if (dgamma) {
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+          for (int64_t j = 0; j < N; ++j) {
+            const double dyj = static_cast<float>(dy[j]);
+            const double xh = (h[j] - mean) * rstd;
+            const double gj = dyj * gamma[j];
+            sum_g += gj;
+            sum_gx += gj * xh;
+            dgamma[j] += dyj * xh;
+            dbeta[j] += dyj;
+          }
+        } else {
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+          for (int64_t j = 0; j < N; ++j) {
+            const double gj = static_cast<double>(static_cast<float>(dy[j])) * gamma[j];
+            sum_g += gj;
+            sum_gx += gj * ((h[j] - mean) * rstd);
+          }
+        }
+        const double c1 = rms ? 0.0 : sum_g / N;
+        const double c2 = sum_gx / N;
+        float* dx = dx_base + i * N;
+        const float* dres = dres_base ? dres_base + i * N : nullptr;
+        if (dres) {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) {
+            const double gj = static_cast<double>(static_cast<float>(dy[j])) * gamma[j];
+            dx[j] = static_cast<float>(rstd * (gj - c1 - (h[j] - mean) * rstd * c2) + dres[j]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < N; ++j) {
+            const double gj = static_cast<double>(static_cast<float>(dy[j])) * gamma[j];
+            dx[j] = static_cast<float>(rstd * (gj - c1 - (h[j] - mean) * rstd * c2));
+          }
+        }
+      }
+    }
+  });
+}
+
 template <typename G>
 void norm_bwd_reduced(const NormBwdArgs& args, const at::Tensor& gamma, const at::Tensor& partials) {
   if (args.h.scalar_type() == at::kFloat) {
-    norm_bwd_typed<G, float>(args, gamma, partials);
+    norm_bwd_float_h<G>(args, gamma, partials);
   } else {
     norm_bwd_typed<G, G>(args, gamma, partials);
   }
@@ -438,7 +513,7 @@ void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& gamma, const at:
     case at::kFloat:
       TORCH_CHECK(args.h.scalar_type() == at::kFloat, "addnorm: grad_out is float32 but h is ",
                   args.h.scalar_type());
-      return norm_bwd_typed<float, float>(args, gamma, partials);
+      return norm_bwd_float_h<float>(args, gamma, partials);
     case at::kDouble:
       TORCH_CHECK(args.h.scalar_type() == at::kDouble, "addnorm: grad_out is float64 but h is ",
                   args.h.scalar_type());

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -163,6 +164,12 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
   const bool rms = args.rms;
   const double eps = args.eps;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
+  // float32: gamma and beta in double once per call, for the double output pass.
+  std::vector<double> gamma_d, beta_d;
+  if constexpr (std::is_same_v<T, float>) {
+    gamma_d.assign(gamma, gamma + N);
+    beta_d.assign(beta, beta + N);
+  }
 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<A[]> scratch(new A[N]);
@@ -244,10 +251,11 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
       if constexpr (std::is_same_v<T, float>) {
         // float32 output: compute in double with the unrounded mean and rstd, so the
         // result is rounded once (GCC vectorizes this loop: no reduction, fma contracted).
+        const double* gd = gamma_d.data();
+        const double* bd = beta_d.data();
+#pragma omp simd
         for (int64_t j = 0; j < N; ++j) {
-          y[j] = static_cast<float>(
-              (static_cast<double>(v[j]) - mean) * rstd * static_cast<double>(gamma[j]) +
-              static_cast<double>(beta[j]));
+          y[j] = static_cast<float>((static_cast<double>(v[j]) - mean) * rstd * gd[j] + bd[j]);
         }
         continue;
       }

@@ -57,12 +57,17 @@ struct Pack {
       b.store(p + V::size());
     }
   }
-  // Round a and b to T and back (what storing h in T and reloading it would give).
-  static void round_trip(V& a, V& b) {
+  // Round a and b to T (what storing them in T and reloading gives); store them to p
+  // unless p is null. One conversion serves both.
+  static void round_store(T* p, V& a, V& b) {
     if constexpr (is_reduced_v<T>) {
-      auto r = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
+      const auto t = at::vec::convert_from_float<T>(a, b);
+      if (p) t.store(p);
+      auto r = at::vec::convert_to_float<T>(t);
       a = std::get<0>(r);
       b = std::get<1>(r);
+    } else {
+      if (p) store(p, a, b);
     }
   }
 };
@@ -192,8 +197,7 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
               Pack<R>::load(r + j, b0, b1);
               a0 = a0 + b0;
               a1 = a1 + b1;
-              Pack<H>::round_trip(a0, a1);
-              if (h) Pack<H>::store(h + j, a0, a1);
+              Pack<H>::round_store(h ? h + j : nullptr, a0, a1);
               a0.store(sv + j);
               a1.store(sv + j + V::size());
             },

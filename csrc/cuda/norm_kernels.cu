@@ -1,0 +1,1087 @@
+// CUDA kernels of the fused residual-add + LayerNorm / RMSNorm ops (see ops/norm_kernels.h).
+//
+// Forward, per row of N elements: h = x (+ residual) in fp32 (fp64 for fp64), rounded to h's
+// dtype (and stored when asked for); mean and rstd from the rounded h, two-pass in registers
+// or Welford when looping; out = (h - mean) * rstd * gamma + beta in x's dtype.
+// Backward, per row: grad_h = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma
+// (RMS drops mean(g)), plus grad_residual_out; grad_gamma / grad_beta from fp32 per-CTA
+// partials summed by a finalize kernel in a fixed order (bitwise reproducible, no atomics).
+//
+// Paths, chosen at run time per call:
+//   register path  the row lives in registers; threads per row (TPR) sized to N: several
+//                  rows per warp for tiny N, warp-per-row for small N, block-per-row up to
+//                  1024 threads; needs 16-byte vector access (every pointer aligned, N % VEC
+//                  == 0) and N <= 1024 * VPT * VEC.
+//   looping path   any larger N: statistics in a first sweep over the row, output in a
+//                  second; with 16-byte vectors when aligned, else one element at a time
+//                  (unaligned views, odd N).
+// Kernels are templated on the dtypes (T input/output, R residual, H h, W weight) and on
+// RMS; residual / weight / bias / h-store presence are run-time flags (uniform branches).
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <type_traits>
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "cuda/norm_utils.cuh"
+#include "ops/norm_kernels.h"
+
+// Turns a run-time bool into a constexpr bool NAME visible to the lambda body.
+#define ADDNORM_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                      \
+    if (COND) {                              \
+      constexpr bool NAME = true;            \
+      return __VA_ARGS__();                  \
+    } else {                                 \
+      constexpr bool NAME = false;           \
+      return __VA_ARGS__();                  \
+    }                                        \
+  }()
+
+namespace addnorm::cuda {
+namespace {
+
+using namespace detail;
+
+// Elements per 16-byte vector of the input dtype.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+// Bytes of fp32/fp64 values of `vectors` vectors of VEC elements.
+template <typename T>
+constexpr int vec_acc_bytes(int vectors) {
+  return vectors * kVec<T> * static_cast<int>(sizeof(at::opmath_type<T>));
+}
+
+// Vectors per thread in the register paths (1024 threads, 64 registers): the forward holds
+// 64 bytes of h per thread (16 elements; 8 for fp64); the backward holds dy, xhat and the
+// two weight-gradient accumulators, 8 elements each (2 for fp64, whose arithmetic needs
+// more temporaries).
+template <typename T>
+constexpr int kFwdVpt = std::max(1, 64 / vec_acc_bytes<T>(1));
+template <typename T>
+constexpr int kBwdVpt = std::is_same_v<T, double> ? 1 : std::max(1, 32 / vec_acc_bytes<T>(1));
+
+// Looping kernels: at most 512 threads per row (128 registers), each with up to 64 bytes
+// of values (U vectors of VEC elements, U <= 8) in flight per step.
+constexpr int kLoopMaxThreads = 512;
+template <typename A, int VEC>
+constexpr int kLoopUnroll = std::clamp(64 / (VEC * static_cast<int>(sizeof(A))), 1, 8);
+
+// Block shape of the column kernels (weight-gradient partials and finalize).
+constexpr int kColTile = 32;
+constexpr int kColRows = 16;
+
+template <typename T, typename R, typename H, typename W>
+struct FwdParams {
+  using A = at::opmath_type<T>;
+  const T* x;         // [M, N]
+  const R* residual;  // [M, N]; nullptr when absent
+  const W* gamma;     // [N]; nullptr when absent
+  const W* beta;      // [N]; nullptr when absent
+  T* out;             // [M, N]
+  H* h_out;           // [M, N]; nullptr when h is not stored
+  A* mean;            // [M]; nullptr for RMS
+  A* rstd;            // [M]
+  int64_t M;
+  int64_t N;
+  A eps;
+};
+
+template <typename T, typename H, typename W>
+struct BwdParams {
+  using A = at::opmath_type<T>;
+  const T* dy;       // [M, N] grad of out
+  const H* dres;     // [M, N] grad of h (residual_out); nullptr when absent
+  const H* h;        // [M, N]
+  const A* mean;     // [M]; nullptr for RMS
+  const A* rstd;     // [M]
+  const W* gamma;    // [N]; nullptr when absent
+  H* dh;             // [M, N] grad of h (output)
+  A* part_gamma;     // [P, N] per-CTA partial sums of dy * xhat; nullptr when not wanted
+  A* part_beta;      // [P, N] per-CTA partial sums of dy; nullptr when not wanted
+  int64_t M;
+  int64_t N;
+};
+
+// h = x (+ residual) for VEC elements at offset off, rounded to H when a residual is added
+// (x alone is exactly representable in H, which is T or wider).
+template <int VEC, typename H, typename T, typename R, typename A>
+__device__ __forceinline__ void load_h(const T* __restrict__ x, const R* __restrict__ residual,
+                                       int64_t off, A (&h)[VEC]) {
+  load_vec<VEC>(x + off, h);
+  if (residual != nullptr) {
+    A r[VEC];
+    load_vec<VEC>(residual + off, r);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      h[j] = static_cast<A>(static_cast<H>(h[j] + r[j]));
+    }
+  }
+}
+
+// out = (h - mean) * rstd * gamma + beta for the VEC elements at offset off (column col).
+template <int VEC, typename T, typename R, typename H, typename W, typename A>
+__device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, int64_t off,
+                                                int64_t col, const A (&h)[VEC], A mean, A rstd) {
+  A y[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    y[j] = (h[j] - mean) * rstd;
+  }
+  if (p.gamma != nullptr) {
+    A g[VEC];
+    load_vec<VEC>(p.gamma + col, g);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      y[j] *= g[j];
+    }
+  }
+  if (p.beta != nullptr) {
+    A b[VEC];
+    load_vec<VEC>(p.beta + col, b);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      y[j] += b[j];
+    }
+  }
+  store_vec<VEC>(p.out + off, y);
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward, register path: each thread holds VPT vectors of VEC elements of its row
+// (vector i*TPR + tid), so the row is read once and both statistics passes run on registers.
+template <typename T, typename R, typename H, typename W, bool RMS, int VEC, int VPT>
+__global__ void __launch_bounds__(kMaxThreads)
+    norm_fwd_register_kernel(const FwdParams<T, R, H, W> p) {
+  using A = at::opmath_type<T>;
+  __shared__ A red[kMaxWarps];
+  const int tpr = blockDim.x;
+  const int tid = threadIdx.x;
+  const int64_t nvec = p.N / VEC;
+  const A n = static_cast<A>(p.N);
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.M;
+       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = row0 + threadIdx.y;
+    const int64_t row_vecs = row < p.M ? nvec : 0;  // rows past M take part in reductions only
+    const int64_t row_off = row * p.N;
+    A h[VPT][VEC];
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+      if (vi < row_vecs) {
+        load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[i]);
+        if (p.h_out != nullptr) {
+          store_vec<VEC>(p.h_out + row_off + vi * VEC, h[i]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          h[i][j] = A(0);
+        }
+      }
+    }
+    A mean = A(0);
+    A sq[1] = {A(0)};
+    if constexpr (!RMS) {
+      A sum[1] = {A(0)};
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          sum[0] += h[i][j];
+        }
+      }
+      row_allreduce_sum(sum, red);
+      mean = sum[0] / n;
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const A d = h[i][j] - mean;
+            sq[0] += d * d;
+          }
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          sq[0] += h[i][j] * h[i][j];
+        }
+      }
+    }
+    row_allreduce_sum(sq, red);
+    const A rstd = inv_sqrt(sq[0] / n + p.eps);
+    if (row_vecs > 0 && tid == 0) {
+      if constexpr (!RMS) {
+        p.mean[row] = mean;
+      }
+      p.rstd[row] = rstd;
+    }
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+      if (vi < row_vecs) {
+        normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, h[i], mean, rstd);
+      }
+    }
+  }
+}
+
+// Forward, looping path (any N): Welford statistics (sum of squares for RMS) while sweeping
+// the row, then a second sweep that recomputes h and writes out (and h).
+template <typename T, typename R, typename H, typename W, bool RMS, int VEC>
+__global__ void __launch_bounds__(kLoopMaxThreads, 1)
+    norm_fwd_looping_kernel(const FwdParams<T, R, H, W> p) {
+  using A = at::opmath_type<T>;
+  constexpr int U = kLoopUnroll<A, VEC>;
+  __shared__ A red[kMaxWarps * 3];
+  const int64_t tpr = blockDim.x;
+  const int tid = threadIdx.x;
+  const int64_t nvec = p.N / VEC;
+  const A n = static_cast<A>(p.N);
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.M;
+       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = row0 + threadIdx.y;
+    const int64_t row_vecs = row < p.M ? nvec : 0;
+    const int64_t row_off = row * p.N;
+    A mean = A(0);
+    A rstd;
+    if constexpr (RMS) {
+      A sq[1] = {A(0)};
+      for (int64_t base = tid; base < row_vecs; base += tpr * U) {
+        A h[U][VEC];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t vi = base + u * tpr;
+          if (vi < row_vecs) {
+            load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[u]);
+          } else {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              h[u][j] = A(0);
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            sq[0] += h[u][j] * h[u][j];
+          }
+        }
+      }
+      row_allreduce_sum(sq, red);
+      rstd = inv_sqrt(sq[0] / n + p.eps);
+    } else {
+      // Each step merges the exact two-pass statistics of U * VEC elements into the running ones.
+      Welford<A> w{A(0), A(0), A(0)};
+      for (int64_t base = tid; base < row_vecs; base += tpr * U) {
+        A h[U][VEC];
+        A count = A(0);
+        A sum = A(0);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t vi = base + u * tpr;
+          if (vi < row_vecs) {
+            load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[u]);
+            count += A(VEC);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              sum += h[u][j];
+            }
+          }
+        }
+        const A chunk_mean = sum * reciprocal(count);  // count >= VEC: `base` is in range
+        A m2 = A(0);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          if (base + u * tpr < row_vecs) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              const A d = h[u][j] - chunk_mean;
+              m2 += d * d;
+            }
+          }
+        }
+        w = welford_merge(w, Welford<A>{count, chunk_mean, m2});
+      }
+      w = row_allreduce_welford(w, red);
+      mean = w.mean;
+      rstd = inv_sqrt(w.m2 / n + p.eps);
+    }
+    if (row_vecs > 0 && tid == 0) {
+      if constexpr (!RMS) {
+        p.mean[row] = mean;
+      }
+      p.rstd[row] = rstd;
+    }
+    for (int64_t base = tid; base < row_vecs; base += tpr * U) {
+      A h[U][VEC];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t vi = base + u * tpr;
+        if (vi < row_vecs) {
+          load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t vi = base + u * tpr;
+        if (vi < row_vecs) {
+          if (p.h_out != nullptr) {
+            store_vec<VEC>(p.h_out + row_off + vi * VEC, h[u]);
+          }
+          normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, h[u], mean, rstd);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward helpers.
+
+// dy and xhat = (h - mean) * rstd for VEC elements; adds g = dy * gamma to the row sums
+// (sums[K-1] += g * xhat, and sums[0] += g for LayerNorm).
+template <bool RMS, int VEC, typename T, typename H, typename W, typename A, int K>
+__device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
+                                         A mean, A rstd, A (&dy)[VEC], A (&xhat)[VEC],
+                                         A (&sums)[K]) {
+  load_vec<VEC>(p.dy + off, dy);
+  load_vec<VEC>(p.h + off, xhat);
+  A g[VEC];
+  if (p.gamma != nullptr) {
+    load_vec<VEC>(p.gamma + col, g);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      g[j] *= dy[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      g[j] = dy[j];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    xhat[j] = (xhat[j] - mean) * rstd;
+    sums[K - 1] += g[j] * xhat[j];
+    if constexpr (!RMS) {
+      sums[0] += g[j];
+    }
+  }
+}
+
+// grad_h = rstd * (g - c_g - xhat * c_gx) (+ grad_residual_out) for VEC elements.
+template <int VEC, typename T, typename H, typename W, typename A>
+__device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
+                                          A rstd, A c_g, A c_gx, const A (&dy)[VEC],
+                                          const A (&xhat)[VEC]) {
+  A dx[VEC];
+  if (p.gamma != nullptr) {
+    load_vec<VEC>(p.gamma + col, dx);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      dx[j] *= dy[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      dx[j] = dy[j];
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    dx[j] = rstd * (dx[j] - c_g - xhat[j] * c_gx);
+  }
+  if (p.dres != nullptr) {
+    A r[VEC];
+    load_vec<VEC>(p.dres + off, r);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      dx[j] += r[j];
+    }
+  }
+  store_vec<VEC>(p.dh + off, dx);
+}
+
+// Backward, register path: one pass over each row for grad_h; the thread's columns of
+// dy * xhat and dy accumulate in registers over all rows its row slot visits, then one
+// partial row per CTA is written (row slots summed in shared memory in a fixed order).
+// Dynamic shared memory: blockDim.y * blockDim.x * 2 * VPT * VEC elements when
+// blockDim.y > 1 and a weight gradient is wanted.
+template <typename T, typename H, typename W, bool RMS, int VEC, int VPT>
+__global__ void __launch_bounds__(kMaxThreads)
+    norm_bwd_register_kernel(const BwdParams<T, H, W> p) {
+  using A = at::opmath_type<T>;
+  constexpr int K = RMS ? 1 : 2;
+  constexpr int E = VPT * VEC;
+  __shared__ A red[kMaxWarps * K];
+  extern __shared__ __align__(16) unsigned char dyn_smem[];
+  const int tpr = blockDim.x;
+  const int tid = threadIdx.x;
+  const int64_t nvec = p.N / VEC;
+  const A n = static_cast<A>(p.N);
+  const bool want_gamma = p.part_gamma != nullptr;
+  const bool want_beta = p.part_beta != nullptr;
+  A acc_gamma[VPT][VEC];
+  A acc_beta[VPT][VEC];
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      acc_gamma[i][j] = A(0);
+      acc_beta[i][j] = A(0);
+    }
+  }
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.M;
+       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool valid = row < p.M;
+    const int64_t row_vecs = valid ? nvec : 0;
+    const int64_t row_off = row * p.N;
+    const A mean = (RMS || !valid) ? A(0) : p.mean[row];
+    const A rstd = valid ? p.rstd[row] : A(0);
+    A dy[VPT][VEC];
+    A xhat[VPT][VEC];
+    A sums[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      sums[k] = A(0);
+    }
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+      if (vi < row_vecs) {
+        bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[i], xhat[i], sums);
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          dy[i][j] = A(0);
+          xhat[i][j] = A(0);
+        }
+      }
+    }
+    row_allreduce_sum(sums, red);
+    const A c_gx = sums[K - 1] / n;
+    const A c_g = RMS ? A(0) : sums[0] / n;
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+      if (vi < row_vecs) {
+        bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, rstd, c_g, c_gx, dy[i], xhat[i]);
+      }
+    }
+    // Out-of-range slots hold zeros, so they add nothing.
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        acc_gamma[i][j] += dy[i][j] * xhat[i][j];
+        acc_beta[i][j] += dy[i][j];
+      }
+    }
+  }
+  if (!want_gamma && !want_beta) {
+    return;
+  }
+  const int64_t part_off = static_cast<int64_t>(blockIdx.x) * p.N;
+  if (blockDim.y == 1) {
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+      if (vi < nvec) {
+        if (want_gamma) {
+          store_vec<VEC>(p.part_gamma + part_off + vi * VEC, acc_gamma[i]);
+        }
+        if (want_beta) {
+          store_vec<VEC>(p.part_beta + part_off + vi * VEC, acc_beta[i]);
+        }
+      }
+    }
+    return;
+  }
+  // Several rows per CTA: sum the row slots' accumulators in shared memory, y = 0, 1, ...
+  // in order for each value, with all threads of the CTA sharing the values.
+  const int rows = blockDim.y;
+  A* buf = reinterpret_cast<A*>(dyn_smem);  // [rows][2 * E][tpr]
+#pragma unroll
+  for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      buf[(threadIdx.y * 2 * E + i * VEC + j) * tpr + tid] = acc_gamma[i][j];
+      buf[(threadIdx.y * 2 * E + E + i * VEC + j) * tpr + tid] = acc_beta[i][j];
+    }
+  }
+  __syncthreads();
+  for (int v = threadIdx.y * tpr + tid; v < 2 * E * tpr; v += rows * tpr) {
+    const int k = v / tpr;  // which accumulator: [0, E) gamma, [E, 2E) beta
+    const int t = v % tpr;  // of which thread of the row
+    const bool is_beta = k >= E;
+    A* part = is_beta ? p.part_beta : p.part_gamma;
+    if (part == nullptr) {
+      continue;
+    }
+    A sum = buf[k * tpr + t];
+    for (int y = 1; y < rows; ++y) {
+      sum += buf[(y * 2 * E + k) * tpr + t];
+    }
+    const int e = is_beta ? k - E : k;
+    const int64_t vi = static_cast<int64_t>(e / VEC) * tpr + t;
+    if (vi < nvec) {
+      part[part_off + vi * VEC + e % VEC] = sum;
+    }
+  }
+}
+
+// Backward, looping path (any N): row sums in a first sweep, grad_h in a second. The
+// weight gradients come from norm_bwd_weight_partials_kernel.
+template <typename T, typename H, typename W, bool RMS, int VEC>
+__global__ void __launch_bounds__(kLoopMaxThreads, 1)
+    norm_bwd_looping_kernel(const BwdParams<T, H, W> p) {
+  using A = at::opmath_type<T>;
+  constexpr int K = RMS ? 1 : 2;
+  constexpr int U = kLoopUnroll<A, VEC>;
+  __shared__ A red[kMaxWarps * K];
+  const int64_t tpr = blockDim.x;
+  const int tid = threadIdx.x;
+  const int64_t nvec = p.N / VEC;
+  const A n = static_cast<A>(p.N);
+  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.M;
+       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+    const int64_t row = row0 + threadIdx.y;
+    const bool valid = row < p.M;
+    const int64_t row_vecs = valid ? nvec : 0;
+    const int64_t row_off = row * p.N;
+    const A mean = (RMS || !valid) ? A(0) : p.mean[row];
+    const A rstd = valid ? p.rstd[row] : A(0);
+    A sums[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      sums[k] = A(0);
+    }
+    for (int64_t base = tid; base < row_vecs; base += tpr * U) {
+      A dy[U][VEC];
+      A xhat[U][VEC];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t vi = base + u * tpr;
+        if (vi < row_vecs) {
+          bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u], sums);
+        }
+      }
+    }
+    row_allreduce_sum(sums, red);
+    const A c_gx = sums[K - 1] / n;
+    const A c_g = RMS ? A(0) : sums[0] / n;
+    for (int64_t base = tid; base < row_vecs; base += tpr * U) {
+      A dy[U][VEC];
+      A xhat[U][VEC];
+      A unused[K] = {};
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t vi = base + u * tpr;
+        if (vi < row_vecs) {
+          bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u], unused);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t vi = base + u * tpr;
+        if (vi < row_vecs) {
+          bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, rstd, c_g, c_gx, dy[u], xhat[u]);
+        }
+      }
+    }
+  }
+}
+
+// Weight-gradient partials for the looping path: CTA (bx, by) sums dy * xhat and dy over
+// columns [32 bx, 32 bx + 32) and rows [by * rows_per_chunk, ...) into part[by, col].
+// Block (32, 16); the 16 row lanes are summed in a fixed order.
+template <typename T, typename H>
+__global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_kernel(
+    const T* __restrict__ dy,                         // [M, N]
+    const H* __restrict__ h,                          // [M, N]
+    const at::opmath_type<T>* __restrict__ mean,      // [M]; nullptr for RMS
+    const at::opmath_type<T>* __restrict__ rstd,      // [M]
+    at::opmath_type<T>* __restrict__ part_gamma,      // [P, N]; nullptr when not wanted
+    at::opmath_type<T>* __restrict__ part_beta,       // [P, N]; nullptr when not wanted
+    int64_t M, int64_t N, int64_t rows_per_chunk) {
+  using A = at::opmath_type<T>;
+  __shared__ A sg[kColRows][kColTile + 1];
+  __shared__ A sb[kColRows][kColTile + 1];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
+  const int64_t r_end = std::min(M, r_begin + rows_per_chunk);
+  A g = A(0);
+  A b = A(0);
+  if (col < N) {
+#pragma unroll 4
+    for (int64_t r = r_begin + ty; r < r_end; r += kColRows) {
+      const A d = static_cast<A>(dy[r * N + col]);
+      const A m = mean != nullptr ? mean[r] : A(0);
+      g += d * ((static_cast<A>(h[r * N + col]) - m) * rstd[r]);
+      b += d;
+    }
+  }
+  sg[ty][tx] = g;
+  sb[ty][tx] = b;
+  __syncthreads();
+  if (ty == 0 && col < N) {
+    for (int y = 1; y < kColRows; ++y) {
+      g += sg[y][tx];
+      b += sb[y][tx];
+    }
+    const int64_t off = static_cast<int64_t>(blockIdx.y) * N + col;
+    if (part_gamma != nullptr) {
+      part_gamma[off] = g;
+    }
+    if (part_beta != nullptr) {
+      part_beta[off] = b;
+    }
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ void store_as(void* ptr, c10::ScalarType dtype, int64_t i, A v) {
+  switch (dtype) {
+    case c10::ScalarType::Double:
+      static_cast<double*>(ptr)[i] = static_cast<double>(v);
+      break;
+    case c10::ScalarType::Half:
+      static_cast<c10::Half*>(ptr)[i] = static_cast<c10::Half>(static_cast<float>(v));
+      break;
+    case c10::ScalarType::BFloat16:
+      static_cast<c10::BFloat16*>(ptr)[i] = static_cast<c10::BFloat16>(static_cast<float>(v));
+      break;
+    default:
+      static_cast<float*>(ptr)[i] = static_cast<float>(v);
+      break;
+  }
+}
+
+struct WeightGradOutputs {
+  void* ptr[2];               // [N] each: grad_gamma and/or grad_beta
+  c10::ScalarType dtype[2];   // their dtypes
+};
+
+// out[which][col] = sum over p of part[which, p, col], p in increasing order per row lane,
+// then the 16 lanes in order. Block (32, 16), grid (ceil(N / 32), number of outputs).
+template <typename A>
+__global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_finalize_kernel(
+    const A* __restrict__ part,  // [outputs, P, N]
+    int64_t P, int64_t N, WeightGradOutputs out) {
+  __shared__ A s[kColRows][kColTile + 1];
+  const int tx = threadIdx.x;
+  const int ty = threadIdx.y;
+  const int which = blockIdx.y;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
+  const A* src = part + which * P * N;
+  A sum = A(0);
+  if (col < N) {
+#pragma unroll 4
+    for (int64_t r = ty; r < P; r += kColRows) {
+      sum += src[r * N + col];
+    }
+  }
+  s[ty][tx] = sum;
+  __syncthreads();
+  if (ty == 0 && col < N) {
+    for (int y = 1; y < kColRows; ++y) {
+      sum += s[y][tx];
+    }
+    // Selected without indexing the parameter struct dynamically (which would copy it to
+    // local memory).
+    if (which == 0) {
+      store_as(out.ptr[0], out.dtype[0], col, sum);
+    } else {
+      store_as(out.ptr[1], out.dtype[1], col, sum);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Host side.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool is_aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+template <typename U>
+const U* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<U>() : nullptr;
+}
+
+template <typename U>
+U* mutable_ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<U>() : nullptr;
+}
+
+// Threads per row (a power of two up to 32, else a multiple of 32 up to 1024) so that each
+// thread gets about per_thread vectors; rows per CTA so that a CTA has >= min_threads threads.
+struct RowLaunch {
+  int tpr;
+  int rows;
+};
+
+RowLaunch row_launch(int64_t nvec, int per_thread, int min_threads, int max_threads) {
+  const int64_t need = ceil_div(nvec, per_thread);
+  int tpr = 1;
+  if (need <= kWarpSize) {
+    while (tpr < need) {
+      tpr *= 2;
+    }
+  } else {
+    tpr = static_cast<int>(std::min<int64_t>(max_threads, ceil_div(need, kWarpSize) * kWarpSize));
+  }
+  return {tpr, std::max(1, min_threads / tpr)};
+}
+
+unsigned int row_grid(int64_t M, int rows) {
+  return static_cast<unsigned int>(
+      std::min<int64_t>(ceil_div(M, rows), std::numeric_limits<int32_t>::max()));
+}
+
+// Resident CTAs per SM of a kernel at a block shape, cached per device: repeated calls (and
+// calls under CUDA graph capture, after a warm-up) skip the occupancy query.
+int resident_ctas_per_sm(const void* kernel, int threads, size_t smem) {
+  using Key = std::tuple<int, const void*, int, size_t>;
+  static std::mutex mutex;
+  static std::map<Key, int> cache;
+  const Key key{static_cast<int>(c10::cuda::current_device()), kernel, threads, smem};
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = cache.find(key);
+  if (it != cache.end()) {
+    return it->second;
+  }
+  int ctas = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas, kernel, threads, smem));
+  cache.emplace(key, std::max(ctas, 1));
+  return std::max(ctas, 1);
+}
+
+at::Tensor cast_if_needed(const at::Tensor& t, c10::ScalarType dtype) {
+  return t.defined() && t.scalar_type() != dtype ? t.to(dtype) : t;
+}
+
+constexpr int kFwdMinThreads = 128;
+constexpr int kBwdMinThreads = 512;  // fewer, larger CTAs: fewer weight-gradient partial rows
+
+template <typename T, typename R, typename H, typename W, bool RMS, int VEC>
+void launch_fwd_looping(const FwdParams<T, R, H, W>& p, cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const RowLaunch cfg =
+      row_launch(p.N / VEC, kLoopUnroll<A, VEC>, kFwdMinThreads, kLoopMaxThreads);
+  norm_fwd_looping_kernel<T, R, H, W, RMS, VEC>
+      <<<row_grid(p.M, cfg.rows), dim3(cfg.tpr, cfg.rows), 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename R, typename H, typename W>
+void launch_norm_fwd(const NormFwdArgs& a, const at::Tensor& residual, const at::Tensor& gamma,
+                     const at::Tensor& beta) {
+  using A = at::opmath_type<T>;
+  constexpr int VEC = kVec<T>;
+  constexpr int VPT = kFwdVpt<T>;
+  FwdParams<T, R, H, W> p;
+  p.x = a.x.const_data_ptr<T>();
+  p.residual = ptr_or_null<R>(residual);
+  p.gamma = ptr_or_null<W>(gamma);
+  p.beta = ptr_or_null<W>(beta);
+  p.out = a.out.mutable_data_ptr<T>();
+  p.h_out = mutable_ptr_or_null<H>(a.residual_out);
+  p.mean = a.rms ? nullptr : a.mean.mutable_data_ptr<A>();
+  p.rstd = a.rstd.mutable_data_ptr<A>();
+  p.M = a.M;
+  p.N = a.N;
+  p.eps = static_cast<A>(a.eps);
+
+  const bool vectorized = a.N % VEC == 0 && is_aligned(p.x, sizeof(Vec<T, VEC>)) &&
+                          is_aligned(p.residual, sizeof(Vec<R, VEC>)) &&
+                          is_aligned(p.gamma, sizeof(Vec<W, VEC>)) &&
+                          is_aligned(p.beta, sizeof(Vec<W, VEC>)) &&
+                          is_aligned(p.out, sizeof(Vec<T, VEC>)) &&
+                          is_aligned(p.h_out, sizeof(Vec<H, VEC>));
+  const int64_t nvec = a.N / VEC;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  ADDNORM_BOOL_SWITCH(a.rms, RMS, [&] {
+    if (vectorized && nvec <= static_cast<int64_t>(kMaxThreads) * VPT) {
+      const RowLaunch cfg = row_launch(nvec, VPT, kFwdMinThreads, kMaxThreads);
+      norm_fwd_register_kernel<T, R, H, W, RMS, VEC, VPT>
+          <<<row_grid(a.M, cfg.rows), dim3(cfg.tpr, cfg.rows), 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (vectorized) {
+      launch_fwd_looping<T, R, H, W, RMS, VEC>(p, stream);
+    } else {
+      launch_fwd_looping<T, R, H, W, RMS, 1>(p, stream);
+    }
+  });
+}
+
+template <typename T, typename R, typename H>
+void dispatch_fwd_weight(const NormFwdArgs& a, const at::Tensor& residual, const at::Tensor& gamma,
+                         const at::Tensor& beta, c10::ScalarType w_dtype) {
+  if (w_dtype == at::kFloat) {
+    launch_norm_fwd<T, R, H, float>(a, residual, gamma, beta);
+  } else {
+    launch_norm_fwd<T, R, H, T>(a, residual, gamma, beta);
+  }
+}
+
+template <typename T>
+void dispatch_fwd(const NormFwdArgs& a, const at::Tensor& residual, const at::Tensor& gamma,
+                  const at::Tensor& beta, c10::ScalarType w_dtype) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    launch_norm_fwd<T, T, T, T>(a, residual, gamma, beta);
+  } else {
+    const bool h_fp32 = a.h_dtype == at::kFloat;
+    const bool r_fp32 = residual.defined() && residual.scalar_type() == at::kFloat;
+    if (!h_fp32) {
+      dispatch_fwd_weight<T, T, T>(a, residual, gamma, beta, w_dtype);
+    } else if (r_fp32) {
+      dispatch_fwd_weight<T, float, float>(a, residual, gamma, beta, w_dtype);
+    } else {
+      dispatch_fwd_weight<T, T, float>(a, residual, gamma, beta, w_dtype);
+    }
+  }
+}
+
+// Weight (and bias) dtype the kernels read: the input's dtype or float32 for bf16/fp16
+// input (float32 when the two differ); always the input's dtype for float32/float64 (a
+// float32 weight with float64 input is widened once, losslessly).
+c10::ScalarType kernel_weight_dtype(c10::ScalarType x_dtype, const at::Tensor& gamma,
+                                    const at::Tensor& beta) {
+  if (x_dtype == at::kFloat || x_dtype == at::kDouble) {
+    return x_dtype;
+  }
+  const auto g = gamma.defined() ? gamma.scalar_type() : x_dtype;
+  const auto b = beta.defined() ? beta.scalar_type() : g;
+  const auto w = gamma.defined() ? g : b;
+  return (g == b && (w == x_dtype || w == at::kFloat)) ? w : at::kFloat;
+}
+
+c10::ScalarType stat_dtype(c10::ScalarType x_dtype) {
+  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+template <typename T, typename H, typename W, bool RMS, int VEC>
+void launch_bwd_looping(const BwdParams<T, H, W>& p, cudaStream_t stream) {
+  using A = at::opmath_type<T>;
+  const RowLaunch cfg =
+      row_launch(p.N / VEC, kLoopUnroll<A, VEC>, kFwdMinThreads, kLoopMaxThreads);
+  norm_bwd_looping_kernel<T, H, W, RMS, VEC>
+      <<<row_grid(p.M, cfg.rows), dim3(cfg.tpr, cfg.rows), 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, typename H, typename W>
+void launch_norm_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Tensor& dres) {
+  using A = at::opmath_type<T>;
+  constexpr int VEC = kVec<T>;
+  constexpr int VPT = kBwdVpt<T>;
+  constexpr int E = VPT * VEC;
+  BwdParams<T, H, W> p;
+  p.dy = a.grad_out.const_data_ptr<T>();
+  p.dres = ptr_or_null<H>(dres);
+  p.h = a.h.const_data_ptr<H>();
+  p.mean = a.rms ? nullptr : a.mean.const_data_ptr<A>();
+  p.rstd = a.rstd.const_data_ptr<A>();
+  p.gamma = ptr_or_null<W>(gamma);
+  p.dh = a.grad_h.mutable_data_ptr<H>();
+  p.part_gamma = nullptr;
+  p.part_beta = nullptr;
+  p.M = a.M;
+  p.N = a.N;
+
+  const bool want_gamma = a.grad_gamma.defined();
+  const bool want_beta = a.grad_beta.defined();
+  const int outputs = static_cast<int>(want_gamma) + static_cast<int>(want_beta);
+  const auto acc_options = a.h.options().dtype(c10::CppTypeToScalarType<A>::value);
+  // Scratch for the per-CTA partials, [outputs, P, N]; from the caching allocator (stream-ordered).
+  at::Tensor partials;
+  int64_t P = 0;
+  auto alloc_partials = [&](int64_t rows) {
+    P = rows;
+    partials = at::empty({outputs, P, a.N}, acc_options);
+    A* base = partials.mutable_data_ptr<A>();
+    p.part_gamma = want_gamma ? base : nullptr;
+    p.part_beta = want_beta ? base + (want_gamma ? P * a.N : 0) : nullptr;
+  };
+
+  const bool vectorized = a.N % VEC == 0 && is_aligned(p.dy, sizeof(Vec<T, VEC>)) &&
+                          is_aligned(p.dres, sizeof(Vec<H, VEC>)) &&
+                          is_aligned(p.h, sizeof(Vec<H, VEC>)) &&
+                          is_aligned(p.gamma, sizeof(Vec<W, VEC>)) &&
+                          is_aligned(p.dh, sizeof(Vec<H, VEC>));
+  const int64_t nvec = a.N / VEC;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  ADDNORM_BOOL_SWITCH(a.rms, RMS, [&] {
+    if (vectorized && nvec <= static_cast<int64_t>(kMaxThreads) * VPT) {
+      const RowLaunch cfg = row_launch(nvec, VPT, kBwdMinThreads, kMaxThreads);
+      const int threads = cfg.tpr * cfg.rows;
+      const size_t smem =
+          (outputs > 0 && cfg.rows > 1) ? static_cast<size_t>(threads) * 2 * E * sizeof(A) : 0;
+      auto kernel = norm_bwd_register_kernel<T, H, W, RMS, VEC, VPT>;
+      // One wave of resident CTAs: each accumulates many rows, so there are few partial rows.
+      const int per_sm =
+          resident_ctas_per_sm(reinterpret_cast<const void*>(kernel), threads, smem);
+      const int64_t grid =
+          std::min<int64_t>(ceil_div(a.M, cfg.rows), static_cast<int64_t>(sms) * per_sm);
+      if (outputs > 0) {
+        alloc_partials(grid);
+      }
+      kernel<<<static_cast<unsigned int>(grid), dim3(cfg.tpr, cfg.rows), smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      if (vectorized) {
+        launch_bwd_looping<T, H, W, RMS, VEC>(p, stream);
+      } else {
+        launch_bwd_looping<T, H, W, RMS, 1>(p, stream);
+      }
+      if (outputs > 0) {
+        // Enough (column tile, row chunk) CTAs to fill the GPU; chunks of >= 16 rows.
+        const int64_t col_tiles = ceil_div(a.N, kColTile);
+        const int64_t target = static_cast<int64_t>(sms) * 4;
+        const int64_t max_chunks = std::min<int64_t>(ceil_div(a.M, kColRows), 1024);
+        const int64_t chunks = std::clamp<int64_t>(ceil_div(target, col_tiles), 1, max_chunks);
+        const int64_t rows_per_chunk = ceil_div(a.M, chunks);
+        alloc_partials(ceil_div(a.M, rows_per_chunk));
+        norm_bwd_weight_partials_kernel<T, H>
+            <<<dim3(static_cast<unsigned int>(col_tiles), static_cast<unsigned int>(P)),
+               dim3(kColTile, kColRows), 0, stream>>>(p.dy, p.h, p.mean, p.rstd, p.part_gamma,
+                                                      p.part_beta, a.M, a.N, rows_per_chunk);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  });
+
+  if (outputs > 0) {
+    WeightGradOutputs out{};
+    int i = 0;
+    if (want_gamma) {
+      out.ptr[i] = a.grad_gamma.mutable_data_ptr();
+      out.dtype[i++] = a.grad_gamma.scalar_type();
+    }
+    if (want_beta) {
+      out.ptr[i] = a.grad_beta.mutable_data_ptr();
+      out.dtype[i++] = a.grad_beta.scalar_type();
+    }
+    norm_bwd_weight_finalize_kernel<A>
+        <<<dim3(static_cast<unsigned int>(ceil_div(a.N, kColTile)), outputs),
+           dim3(kColTile, kColRows), 0, stream>>>(partials.const_data_ptr<A>(), P, a.N, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, typename H>
+void dispatch_bwd_weight(const NormBwdArgs& a, const at::Tensor& gamma, const at::Tensor& dres,
+                         c10::ScalarType w_dtype) {
+  if (w_dtype == at::kFloat) {
+    launch_norm_bwd<T, H, float>(a, gamma, dres);
+  } else {
+    launch_norm_bwd<T, H, T>(a, gamma, dres);
+  }
+}
+
+template <typename T>
+void dispatch_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Tensor& dres,
+                  c10::ScalarType w_dtype) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    launch_norm_bwd<T, T, T>(a, gamma, dres);
+  } else if (a.h.scalar_type() == at::kFloat) {
+    dispatch_bwd_weight<T, float>(a, gamma, dres, w_dtype);
+  } else {
+    dispatch_bwd_weight<T, T>(a, gamma, dres, w_dtype);
+  }
+}
+
+void check_h_dtype(c10::ScalarType x_dtype, c10::ScalarType h_dtype) {
+  const bool ok = (x_dtype == at::kFloat || x_dtype == at::kDouble)
+                      ? h_dtype == x_dtype
+                      : (h_dtype == x_dtype || h_dtype == at::kFloat);
+  TORCH_CHECK(ok, "addnorm: unsupported h dtype ", h_dtype, " for input dtype ", x_dtype);
+}
+
+}  // namespace
+
+void norm_fwd(const NormFwdArgs& args) {
+  if (args.M == 0 || args.N == 0) {
+    return;
+  }
+  TORCH_CHECK(args.x.is_cuda(), "addnorm: norm_fwd (CUDA) got a non-CUDA input");
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  const auto x_dtype = args.x.scalar_type();
+  check_h_dtype(x_dtype, args.h_dtype);
+  TORCH_CHECK(args.rstd.scalar_type() == stat_dtype(x_dtype) &&
+                  (args.rms || args.mean.scalar_type() == stat_dtype(x_dtype)),
+              "addnorm: mean/rstd must be ", stat_dtype(x_dtype), " for input dtype ", x_dtype);
+  TORCH_CHECK(!args.residual_out.defined() || args.residual_out.scalar_type() == args.h_dtype,
+              "addnorm: residual_out dtype must be the h dtype");
+  const auto w_dtype = kernel_weight_dtype(x_dtype, args.gamma, args.beta);
+  const at::Tensor gamma = cast_if_needed(args.gamma, w_dtype);
+  const at::Tensor beta = cast_if_needed(args.beta, w_dtype);
+  at::Tensor residual = args.residual;
+  if (residual.defined()) {
+    // Residual in x's dtype or float32 (float32 only with a float32 h); float64 input: float64.
+    const auto r = residual.scalar_type();
+    const bool ok = r == x_dtype || (r == at::kFloat && args.h_dtype == at::kFloat);
+    residual = ok ? residual : residual.to(args.h_dtype);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "addnorm_norm_fwd_cuda", [&] {
+    dispatch_fwd<scalar_t>(args, residual, gamma, beta, w_dtype);
+  });
+}
+
+void norm_bwd(const NormBwdArgs& args) {
+  if (args.N == 0) {
+    return;
+  }
+  if (args.M == 0) {
+    // Sums over zero rows.
+    if (args.grad_gamma.defined()) {
+      args.grad_gamma.zero_();
+    }
+    if (args.grad_beta.defined()) {
+      args.grad_beta.zero_();
+    }
+    return;
+  }
+  TORCH_CHECK(args.h.is_cuda(), "addnorm: norm_bwd (CUDA) got a non-CUDA input");
+  const c10::cuda::CUDAGuard guard(args.h.device());
+  const auto dtype = args.grad_out.scalar_type();  // the input (and out) dtype
+  const auto h_dtype = args.h.scalar_type();
+  check_h_dtype(dtype, h_dtype);
+  TORCH_CHECK(args.grad_h.scalar_type() == h_dtype, "addnorm: grad_h dtype must be h's dtype");
+  TORCH_CHECK(args.rstd.scalar_type() == stat_dtype(dtype) &&
+                  (args.rms || args.mean.scalar_type() == stat_dtype(dtype)),
+              "addnorm: mean/rstd must be ", stat_dtype(dtype), " for dtype ", dtype);
+  const auto w_dtype = kernel_weight_dtype(dtype, args.gamma, at::Tensor());
+  const at::Tensor gamma = cast_if_needed(args.gamma, w_dtype);
+  const at::Tensor dres = cast_if_needed(args.grad_residual_out, h_dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "addnorm_norm_bwd_cuda", [&] {
+    dispatch_bwd<scalar_t>(args, gamma, dres, w_dtype);
+  });
+}
+
+bool available() { return true; }
+
+}  // namespace addnorm::cuda

@@ -1,0 +1,430 @@
+"""CUDA-only tests of the addnorm kernels: agreement with the CPU kernels (and the float64
+reference) over dtypes and every size bucket of the CUDA kernels, unaligned views, CUDA
+graph capture and replay, non-default streams, a second device, tensors with more than
+2**31 elements, many rows (grid-stride loops) and bitwise-reproducible weight gradients.
+
+The size buckets (see csrc/cuda/norm_kernels.cu): the row lives in registers for
+N <= 16384 forward / 8192 backward (float32, bfloat16, float16; 8192 / 2048 for float64)
+when every pointer is 16-byte aligned and N a multiple of the vector width, with several
+rows per warp for tiny N, a warp per row for small N and a block per row above; larger N
+loop over the row with vector loads; odd N and unaligned pointers loop one element at a time.
+"""
+
+import pytest
+import torch
+
+from conftest import (
+    assert_close,
+    call_add_norm,
+    call_norm,
+    check_add_norm_against_reference,
+    grads_of,
+    make_affine,
+    make_data,
+    reference_add_norm,
+)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+NORMS = ["layer_norm", "rms_norm"]
+
+# One or more sizes per bucket and each bucket's edges (for every dtype's vector width).
+HIDDEN_SIZES = [
+    1, 7,                       # scalar path, tiny rows (N=2 is left out: its LayerNorm
+                                # gradient is pure cancellation, beyond any kernel's 1e-5)
+    16, 64, 256,                # several rows per warp
+    512, 768,                   # warp per row; 64 threads with 2 rows per CTA
+    1000, 1024, 2048, 2056,     # block per row (2056: fp64 backward loops)
+    4096, 4099,                 # 4099: odd, scalar looping path
+    8192, 8200,                 # backward register limit (fp32/bf16/fp16) and just above
+    12288, 16384, 16392,        # forward register limit and just above (vector looping)
+    32768, 65536, 100003,       # looping; 100003 odd
+    262144,                     # the largest N the issue names
+]
+
+
+def _rows_for(n):
+    """Rows per case: many for small N (several CTAs, partial CTAs), few for huge N."""
+    return max(3, min(67, (1 << 19) // n))
+
+
+def _rms(norm):
+    return norm == "rms_norm"
+
+
+def _eps(rms):
+    return 1e-6 if rms else 1e-5
+
+
+def _run_add_norm(rms, device, x, r, w, b, eps, gout, gh, *, residual_in_fp32=False):
+    """The add op and its gradients (into out and h) on device; returns a dict of results."""
+    def on(t):
+        return None if t is None else t.detach().to(device).requires_grad_(t.requires_grad)
+    xs, rs, ws, bs = on(x), on(r), on(w), on(b)
+    out, h = call_add_norm(rms, xs, rs, x.shape[-1:], ws, bs, eps,
+                           return_residual=True, residual_in_fp32=residual_in_fp32)
+    res = {"out": out, "h": h}
+    res.update(grads_of([out, h], [gout.to(device), gh.to(device)],
+                        [("x", xs), ("residual", rs), ("weight", ws), ("bias", bs)]))
+    return res
+
+
+def _assert_cpu_cuda_agree(cuda_res, cpu_res, name):
+    for key, ref in cpu_res.items():
+        got = cuda_res[key]
+        assert got.dtype == ref.dtype, f"{name} {key}: dtype {got.dtype} != {ref.dtype}"
+        if key == "h":  # an elementwise add rounded once: bitwise the same everywhere
+            assert torch.equal(got.cpu(), ref), f"{name}: h differs between CPU and CUDA"
+        else:
+            assert_close(got, ref.double(), dtype=got.dtype,
+                         reduced=key in ("grad_weight", "grad_bias"), name=f"{name} {key} vs CPU")
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden_size", HIDDEN_SIZES)
+def test_cpu_cuda_agreement(hidden_size, dtype, norm):
+    """add_layer_norm / add_rms_norm forward and all gradients: CUDA matches the float64
+    reference and the CPU kernels, h is bitwise equal on both, in every size bucket."""
+    rms = _rms(norm)
+    n, m = hidden_size, _rows_for(hidden_size)
+    torch.manual_seed(n)
+    x = make_data((m, n), dtype, "cpu", requires_grad=True)
+    r = make_data((m, n), dtype, "cpu", scale=1.0, offset=0.0, requires_grad=True)
+    w, b = make_affine((n,), dtype, "cpu", requires_grad=True)
+    b = None if rms else b
+    gout = torch.randn(m, n).to(dtype)
+    gh = torch.randn(m, n).to(dtype)
+    name = f"{norm} {dtype} {m}x{n}"
+    cpu = _run_add_norm(rms, "cpu", x, r, w, b, _eps(rms), gout, gh)
+    cuda = _run_add_norm(rms, "cuda", x, r, w, b, _eps(rms), gout, gh)
+    _assert_cpu_cuda_agree(cuda, cpu, name)
+    ref = reference_add_norm(rms, x, r, (n,), w, b, _eps(rms), grad_out=gout, grad_h=gh)
+    assert_close(cuda["out"], ref["out"], name=f"{name} out")
+    for key in ("grad_x", "grad_residual", "grad_weight", "grad_bias"):
+        if key in ref:
+            assert_close(cuda[key], ref[key], reduced=key in ("grad_weight", "grad_bias"),
+                         name=f"{name} {key}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden_size", [1, 7, 64, 768, 4096, 8200, 16392, 100003])
+@pytest.mark.parametrize("affine", [False, True])
+def test_plain_norm_and_stats_agreement(affine, hidden_size, dtype, norm):
+    """layer_norm / rms_norm without residual (with and without weight/bias), and the
+    internal op's mean/rstd, CPU vs CUDA."""
+    rms = _rms(norm)
+    n, m = hidden_size, _rows_for(hidden_size)
+    torch.manual_seed(n + 1)
+    x = make_data((m, n), dtype, "cpu")
+    w, b = make_affine((n,), dtype, "cpu") if affine else (None, None)
+    b = None if rms else b
+    eps = _eps(rms)
+    out_cpu = call_norm(rms, x, (n,), w, b, eps)
+    xc, wc, bc = (None if t is None else t.cuda() for t in (x, w, b))
+    out_cuda = call_norm(rms, xc, (n,), wc, bc, eps)
+    assert_close(out_cuda, out_cpu.double(), dtype=dtype, name="out vs CPU")
+    assert_close(out_cuda, reference_add_norm(rms, x, None, (n,), w, b, eps)["out"], name="out")
+    stats_cpu = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, eps, rms, False, False)
+    stats_cuda = torch.ops.addnorm._norm_fwd(xc, None, [n], wc, bc, eps, rms, False, False)
+    for name, i in (("mean", 2), ("rstd", 3)):
+        got, exp = stats_cuda[i], stats_cpu[i]
+        assert got.dtype == exp.dtype and got.shape == exp.shape, name
+        if got.numel():
+            assert_close(got, exp.double(), name=f"{name} vs CPU")
+
+
+MIXED = [
+    # (input dtype, residual dtype, weight dtype, residual_in_fp32)
+    (x, r, w, f)
+    for x in HALF_DTYPES
+    for r in (x, torch.float32)
+    for w in (x, torch.float32)
+    for f in (False, True)
+]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("x_dtype,r_dtype,w_dtype,residual_in_fp32", MIXED)
+@pytest.mark.parametrize("hidden_size", [64, 768, 4096, 8200, 16392, 4099])
+def test_mixed_dtypes_cuda(hidden_size, x_dtype, r_dtype, w_dtype, residual_in_fp32, norm):
+    """bf16/fp16 input with fp32 residual and/or fp32 weight/bias and residual_in_fp32, in
+    the register, vector-looping and scalar paths: CUDA vs reference and vs CPU."""
+    rms = _rms(norm)
+    n, m = hidden_size, _rows_for(hidden_size)
+    torch.manual_seed(n + 2)
+    x = make_data((m, n), x_dtype, "cpu", requires_grad=True)
+    r = make_data((m, n), r_dtype, "cpu", scale=1.0, offset=0.0, requires_grad=True)
+    w, b = make_affine((n,), w_dtype, "cpu", requires_grad=True)
+    b = None if rms else b
+    check_add_norm_against_reference(
+        rms, x.detach().cuda().requires_grad_(), r.detach().cuda().requires_grad_(), (n,),
+        w.detach().cuda().requires_grad_(), None if b is None else b.detach().cuda().requires_grad_(),
+        _eps(rms), residual_in_fp32=residual_in_fp32, name=f"{norm} mixed {m}x{n}")
+    h_dtype = torch.float32 if (residual_in_fp32 or r_dtype == torch.float32) else x_dtype
+    gout = torch.randn(m, n).to(x_dtype)
+    gh = torch.randn(m, n).to(h_dtype)
+    cpu = _run_add_norm(rms, "cpu", x, r, w, b, _eps(rms), gout, gh, residual_in_fp32=residual_in_fp32)
+    cuda = _run_add_norm(rms, "cuda", x, r, w, b, _eps(rms), gout, gh, residual_in_fp32=residual_in_fp32)
+    _assert_cpu_cuda_agree(cuda, cpu, f"{norm} mixed {m}x{n}")
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _unaligned(t):
+    """A contiguous tensor equal to t whose data pointer is one element off alignment."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = flat[1:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden_size", [64, 768, 4096, 16392])
+@pytest.mark.parametrize("layout", ["sliced", "unaligned_x", "unaligned_all"])
+def test_unaligned_views(layout, hidden_size, dtype, norm):
+    """x[..., 1:] views and contiguous tensors at odd addresses (input, residual, weight,
+    bias) take the scalar path and give the reference results."""
+    rms = _rms(norm)
+    n, m = hidden_size, 5
+    torch.manual_seed(n + 3)
+    if layout == "sliced":
+        xb = make_data((m, n + 1), dtype, "cuda")
+        rb = make_data((m, n + 1), dtype, "cuda", scale=1.0, offset=0.0)
+        x, r = xb[..., 1:], rb[..., 1:]
+        w, b = make_affine((n,), dtype, "cuda")
+    else:
+        x = make_data((m, n), dtype, "cuda")
+        r = make_data((m, n), dtype, "cuda", scale=1.0, offset=0.0)
+        w, b = make_affine((n,), dtype, "cuda")
+        x = _unaligned(x)
+        if layout == "unaligned_all":
+            r, w, b = _unaligned(r), _unaligned(w), _unaligned(b)
+    x, r, w, b = (t.requires_grad_() for t in (x, r, w, b))
+    check_add_norm_against_reference(rms, x, r, (n,), w, None if rms else b, _eps(rms),
+                                     name=f"{layout} {norm} {dtype} N={n}")
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden_size", [768, 4096, 8200])
+def test_internal_bwd_unaligned(hidden_size, dtype, rms):
+    """_norm_bwd with grad_out, grad_residual_out, h and weight at odd addresses equals the
+    aligned call (up to reduction order) and the CPU kernels."""
+    n, m = hidden_size, 7
+    torch.manual_seed(n + 4)
+    h = make_data((m, n), dtype, "cuda")
+    w, b = make_affine((n,), dtype, "cuda")
+    b = None if rms else b
+    _, _, mean, rstd = torch.ops.addnorm._norm_fwd(h, None, [n], w, b, 1e-5, rms, False, False)
+    gout = torch.randn(m, n, device="cuda").to(dtype)
+    gres = torch.randn(m, n, device="cuda").to(dtype)
+    aligned = torch.ops.addnorm._norm_bwd(gout, gres, h, mean, rstd, w, not rms, rms)
+    odd = torch.ops.addnorm._norm_bwd(_unaligned(gout), _unaligned(gres), _unaligned(h),
+                                      mean, rstd, _unaligned(w), not rms, rms)
+    cpu = torch.ops.addnorm._norm_bwd(gout.cpu(), gres.cpu(), h.cpu(), mean.cpu(), rstd.cpu(),
+                                      w.cpu(), not rms, rms)
+    for name, a, o, c in zip(("grad_h", "grad_weight", "grad_bias"), aligned, odd, cpu):
+        reduced = name != "grad_h"
+        assert_close(o, a.double(), dtype=dtype, reduced=reduced, name=f"{name} unaligned vs aligned")
+        assert_close(o, c.double(), dtype=dtype, reduced=reduced, name=f"{name} unaligned vs CPU")
+
+
+# --------------------------------------------------------------------------- many rows
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", [(300_001, 16), (70_001, 256), (9_001, 4096), (20_001, 7)])
+def test_many_rows(shape, norm):
+    """More rows than one wave of CTAs: the grid-stride loops and the per-CTA weight-gradient
+    partials over many rows each."""
+    rms = _rms(norm)
+    m, n = shape
+    torch.manual_seed(m)
+    x = make_data((m, n), torch.bfloat16, "cuda", requires_grad=True)
+    r = make_data((m, n), torch.bfloat16, "cuda", scale=1.0, offset=0.0, requires_grad=True)
+    w, b = make_affine((n,), torch.float32, "cuda", requires_grad=True)
+    check_add_norm_against_reference(rms, x, r, (n,), w, None if rms else b, _eps(rms),
+                                     name=f"many rows {norm} {m}x{n}")
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(8192, 1024), (4097, 64), (64, 20000), (4097, 7), (300, 100003)])
+def test_weight_grads_bitwise_reproducible(shape, dtype, rms):
+    """grad_weight / grad_bias (and grad_h) are bitwise identical from run to run (fixed
+    reduction order, no atomics), in the register, vector-looping and scalar paths."""
+    m, n = shape
+    torch.manual_seed(m + n)
+    h = make_data((m, n), dtype, "cuda")
+    w, b = make_affine((n,), torch.float32, "cuda")
+    b = None if rms else b
+    _, _, mean, rstd = torch.ops.addnorm._norm_fwd(h, None, [n], w, b, 1e-5, rms, False, False)
+    gout = torch.randn(m, n, device="cuda").to(dtype)
+    first = torch.ops.addnorm._norm_bwd(gout, None, h, mean, rstd, w, not rms, rms)
+    for _ in range(4):
+        again = torch.ops.addnorm._norm_bwd(gout, None, h, mean, rstd, w, not rms, rms)
+        for a, f in zip(again, first):
+            assert torch.equal(a, f)
+    # and the forward
+    out1 = torch.ops.addnorm._norm_fwd(h, None, [n], w, b, 1e-5, rms, False, False)
+    out2 = torch.ops.addnorm._norm_fwd(h, None, [n], w, b, 1e-5, rms, False, False)
+    for a, f in zip(out1, out2):
+        assert torch.equal(a, f)
+
+
+# --------------------------------------------------------------------------- graphs, streams
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("hidden_size", [1024, 20000, 1001])
+def test_cuda_graph_capture_and_replay(hidden_size, norm):
+    """Forward and backward (with weight-gradient scratch allocation) captured in a CUDA
+    graph; replays on new data equal eager calls bitwise."""
+    rms = _rms(norm)
+    m, n = 33, hidden_size
+    dtype = torch.bfloat16
+    torch.manual_seed(n)
+    x = make_data((m, n), dtype, "cuda", requires_grad=True)
+    r = make_data((m, n), dtype, "cuda", scale=1.0, offset=0.0, requires_grad=True)
+    w, b = make_affine((n,), torch.float32, "cuda", requires_grad=True)
+    b = None if rms else b
+    params = [t for t in (x, r, w, b) if t is not None]
+    gout = torch.randn(m, n, device="cuda").to(dtype)
+    gh = torch.randn(m, n, device="cuda").to(dtype)
+
+    def step():
+        out, h = call_add_norm(rms, x, r, (n,), w, b, _eps(rms))
+        grads = torch.autograd.grad([out, h], params, [gout, gh])
+        return (out, h, *grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm-up (lazy module loading, allocator) outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_results = step()
+    for trial in range(2):
+        with torch.no_grad():
+            for t in (x, r, w, b, gout, gh):
+                if t is not None:
+                    t.copy_(torch.randn_like(t, dtype=torch.float32).to(t.dtype) * (1 + trial))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for s, e in zip(static_results, eager):
+            assert torch.equal(s, e)
+
+
+@pytest.mark.parametrize("hidden_size", [1024, 20000, 1001])
+def test_non_default_stream(hidden_size):
+    """The kernels run on the current stream: inputs written on a side stream behind a long
+    sleep are seen by the op called on that stream (a kernel on another stream would read
+    the zeros)."""
+    m, n = 64, hidden_size
+    torch.manual_seed(n)
+    data = make_data((m, n), torch.float32, "cuda")
+    res = make_data((m, n), torch.float32, "cuda", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), torch.float32, "cuda")
+    gout = torch.randn(m, n, device="cuda")
+    expected = call_add_norm(False, data, res, (n,), w, b, 1e-5)
+    x = torch.zeros_like(data, requires_grad=True)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time on this stream only
+        with torch.no_grad():
+            x.copy_(data)
+        out, h = call_add_norm(False, x, res, (n,), w, b, 1e-5)
+        (gx,) = torch.autograd.grad([out], [x], [gout])
+    side.synchronize()
+    assert torch.equal(out, expected[0]) and torch.equal(h, expected[1])
+    ref = reference_add_norm(False, data.requires_grad_(), res, (n,), w, b, 1e-5, grad_out=gout)
+    assert_close(gx, ref["grad_x"], name="grad_x on a side stream")
+
+
+def test_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the device guard launches on cuda:1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    torch.manual_seed(0)
+    dev = torch.device("cuda", 1)
+    with torch.cuda.device(0):
+        for n in (768, 20000, 1001):
+            x = make_data((9, n), torch.bfloat16, dev, requires_grad=True)
+            r = make_data((9, n), torch.bfloat16, dev, scale=1.0, offset=0.0, requires_grad=True)
+            w, b = make_affine((n,), torch.bfloat16, dev, requires_grad=True)
+            out, h = check_add_norm_against_reference(False, x, r, (n,), w, b, 1e-5,
+                                                       name=f"cuda:1 N={n}")
+            assert out.device == dev and h.device == dev
+            assert torch.cuda.current_device() == 0
+
+
+# --------------------------------------------------------------------------- > 2**31 elements
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("shape", [((1 << 19) + 1, 4096), (8193, 262144)])
+def test_more_than_2_31_elements(shape, rms):
+    """bf16 tensors with more than 2**31 elements (64-bit indexing), register path and
+    looping path: rows before and after element 2**31 and the weight gradients."""
+    m, n = shape
+    assert m * n > 2**31
+    numel_bytes = m * n * 2
+    free, _ = torch.cuda.mem_get_info()
+    if free < 4 * numel_bytes + (4 << 30):
+        pytest.skip(f"needs ~{(4 * numel_bytes + (4 << 30)) / 2**30:.0f} GiB free GPU memory")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = (1 + 0.5 * torch.randn(n, device="cuda", generator=gen))
+    b = None if rms else 0.5 * torch.randn(n, device="cuda", generator=gen)
+    eps = 1e-5
+    out, _, mean, rstd = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, eps, rms, False, False)
+    rows = sorted({0, 1, (1 << 31) // n - 1, (1 << 31) // n, m - 2, m - 1})
+    xs = x[rows].double()
+    if rms:
+        exp = torch.nn.functional.rms_norm(xs, [n], w.double(), eps)
+    else:
+        exp = torch.nn.functional.layer_norm(xs, [n], w.double(), b.double(), eps)
+    assert_close(out[rows], exp, name="out rows around 2**31")
+    # Backward with grad_out = x (saves 4 GiB): grad_h rows and the weight gradients.
+    grad_h, grad_w, grad_b = torch.ops.addnorm._norm_bwd(x, None, x, mean, rstd, w, not rms, rms)
+    del out
+    xs_req = xs.clone().requires_grad_()
+    w64 = w.double().requires_grad_()
+    if rms:
+        o = torch.nn.functional.rms_norm(xs_req, [n], w64, eps)
+    else:
+        o = torch.nn.functional.layer_norm(xs_req, [n], w64, b.double(), eps)
+    (exp_gx,) = torch.autograd.grad(o, [xs_req], xs)
+    assert_close(grad_h[rows], exp_gx, name="grad_h rows around 2**31")
+    del grad_h
+    exp_gw = torch.zeros(n, dtype=torch.float64, device="cuda")
+    exp_gb = torch.zeros(n, dtype=torch.float64, device="cuda")
+    chunk = max(1, (1 << 26) // n)
+    for r0 in range(0, m, chunk):
+        hc = x[r0:r0 + chunk].double()
+        if rms:
+            xhat = hc * torch.rsqrt(hc.pow(2).mean(-1, keepdim=True) + eps)
+        else:
+            xhat = (hc - hc.mean(-1, keepdim=True)) * torch.rsqrt(hc.var(-1, unbiased=False, keepdim=True) + eps)
+        exp_gw += (hc * xhat).sum(0)
+        exp_gb += hc.sum(0)
+    assert_close(grad_w, exp_gw, reduced=True, name="grad_weight")
+    if not rms:
+        assert_close(grad_b, exp_gb, reduced=True, name="grad_bias")

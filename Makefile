@@ -32,9 +32,10 @@ build: $(BUILD_STAMP)
 
 # Editable install: setup.py runs CMake in $(BUILD_DIR) (kept between runs) and puts
 # libaddnorm and _C into python/addnorm; the GoogleTest suite is built alongside.
+# pip -v shows the build's progress ([n/m] lines) as it goes.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
 	ADDNORM_BUILD_TESTS=1 ADDNORM_BUILD_DIR=$(BUILD_DIR) \
-	  $(PY) -m pip install --disable-pip-version-check --no-build-isolation --no-deps -e .
+	  $(PY) -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e .
 	mkdir -p build && touch $@
 
 clean:

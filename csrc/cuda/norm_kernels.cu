@@ -354,17 +354,12 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
 // ------------------------------------------------------------------------------------------
 // Backward helpers.
 
-// dy and xhat = (h - mean) * rstd for VEC elements; adds g = dy * gamma to the row sums
-// (sums[K-1] += g * xhat, and sums[0] += g for LayerNorm).
-template <bool RMS, int VEC, typename T, typename H, typename W, typename A, int K>
-__device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
-                                         A mean, A rstd, A (&dy)[VEC], A (&xhat)[VEC],
-                                         A (&sums)[K]) {
-  load_vec<VEC>(p.dy + off, dy);
-  load_vec<VEC>(p.h + off, xhat);
-  A g[VEC];
-  if (p.gamma != nullptr) {
-    load_vec<VEC>(p.gamma + col, g);
+// g = dy * gamma for VEC elements (dy when there is no gamma).
+template <int VEC, typename W, typename A>
+__device__ __forceinline__ void times_gamma(const W* gamma, int64_t col, const A (&dy)[VEC],
+                                            A (&g)[VEC]) {
+  if (gamma != nullptr) {
+    load_vec<VEC>(gamma + col, g);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       g[j] *= dy[j];
@@ -375,6 +370,18 @@ __device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t of
       g[j] = dy[j];
     }
   }
+}
+
+// dy and xhat = (h - mean) * rstd for VEC elements; adds g = dy * gamma to the row sums
+// (sums[K-1] += g * xhat, and sums[0] += g for LayerNorm).
+template <bool RMS, int VEC, typename T, typename H, typename W, typename A, int K>
+__device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
+                                         A mean, A rstd, A (&dy)[VEC], A (&xhat)[VEC],
+                                         A (&sums)[K]) {
+  load_vec<VEC>(p.dy + off, dy);
+  load_vec<VEC>(p.h + off, xhat);
+  A g[VEC];
+  times_gamma<VEC>(p.gamma, col, dy, g);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     xhat[j] = (xhat[j] - mean) * rstd;
@@ -391,18 +398,7 @@ __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t o
                                           A rstd, A c_g, A c_gx, const A (&dy)[VEC],
                                           const A (&xhat)[VEC]) {
   A dx[VEC];
-  if (p.gamma != nullptr) {
-    load_vec<VEC>(p.gamma + col, dx);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      dx[j] *= dy[j];
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      dx[j] = dy[j];
-    }
-  }
+  times_gamma<VEC>(p.gamma, col, dy, dx);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     dx[j] = rstd * (dx[j] - c_g - xhat[j] * c_gx);

@@ -1,6 +1,7 @@
 // Every addnorm op schema, in one place. Kernels are registered next to their code:
 // ops/norm.cpp (CPU, CUDA, CompositeExplicitAutograd), ops/norm_meta.cpp (Meta),
-// ops/norm_autograd.cpp (Autograd).
+// ops/norm_autograd.cpp (Autograd), modules/transformer_encoder_layer.cpp
+// (CompositeImplicitAutograd).
 
 #include <torch/library.h>
 
@@ -23,6 +24,15 @@ TORCH_LIBRARY(addnorm, m) {
       "add_rms_norm(Tensor input, Tensor? residual, SymInt[] normalized_shape, "
       "Tensor? weight=None, float? eps=None, *, bool return_residual=True, "
       "bool residual_in_fp32=False) -> (Tensor, Tensor)");
+  // nn.TransformerEncoderLayer's forward (CompositeImplicitAutograd, in
+  // modules/transformer_encoder_layer.cpp); every Add & Norm through add_layer_norm.
+  m.def(
+      "transformer_encoder_layer(Tensor src, Tensor? src_mask, Tensor? src_key_padding_mask, "
+      "bool is_causal, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor out_proj_weight, "
+      "Tensor? out_proj_bias, Tensor linear1_weight, Tensor? linear1_bias, "
+      "Tensor linear2_weight, Tensor? linear2_bias, Tensor norm1_weight, Tensor? norm1_bias, "
+      "Tensor norm2_weight, Tensor? norm2_bias, int nhead, float dropout, str activation, "
+      "float layer_norm_eps, bool batch_first, bool norm_first, bool training) -> Tensor");
   // Internal forward: (out, residual_out, mean, rstd); what backward needs.
   m.def(
       "_norm_fwd(Tensor input, Tensor? residual, SymInt[] normalized_shape, Tensor? weight, "

@@ -1,9 +1,21 @@
 // addnorm._C: Python glue only. Importing it loads libaddnorm (RPATH $ORIGIN), whose
 // static initializers register the ops in torch.ops.addnorm.
 
+#include <map>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/python.h>
 
 #include <addnorm/addnorm.h>
+
+namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "addnorm native module: fused residual-add + LayerNorm/RMSNorm ops";
@@ -11,4 +23,61 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_capability", &addnorm::cpu_kernel_capability,
         "Instruction set the CPU kernels run with (AVX2 or DEFAULT)");
   m.def("built_with_cuda", &addnorm::built_with_cuda, "True when built with CUDA kernels");
+
+  // The C++ module addnorm::TransformerEncoderLayer, for tests comparing it with the
+  // Python module (addnorm.TransformerEncoderLayer).
+  using Layer = addnorm::TransformerEncoderLayerImpl;
+  py::class_<Layer, std::shared_ptr<Layer>>(m, "CppTransformerEncoderLayer")
+      .def(py::init([](int64_t d_model, int64_t nhead, int64_t dim_feedforward, double dropout,
+                       std::string activation, double layer_norm_eps, bool batch_first,
+                       bool norm_first, bool bias) {
+             return std::make_shared<Layer>(
+                 addnorm::TransformerEncoderLayerOptions(d_model, nhead)
+                     .dim_feedforward(dim_feedforward)
+                     .dropout(dropout)
+                     .activation(std::move(activation))
+                     .layer_norm_eps(layer_norm_eps)
+                     .batch_first(batch_first)
+                     .norm_first(norm_first)
+                     .bias(bias));
+           }),
+           py::arg("d_model"), py::arg("nhead"), py::arg("dim_feedforward") = 2048,
+           py::arg("dropout") = 0.1, py::arg("activation") = "relu",
+           py::arg("layer_norm_eps") = 1e-5, py::arg("batch_first") = false,
+           py::arg("norm_first") = false, py::arg("bias") = true)
+      .def("forward",
+           [](Layer& self, const at::Tensor& src, const std::optional<at::Tensor>& src_mask,
+              const std::optional<at::Tensor>& src_key_padding_mask, bool is_causal) {
+             return self.forward(
+                 src, src_mask.value_or(at::Tensor()),
+                 src_key_padding_mask.value_or(at::Tensor()), is_causal);
+           },
+           py::arg("src"), py::arg("src_mask") = py::none(),
+           py::arg("src_key_padding_mask") = py::none(), py::arg("is_causal") = false)
+      .def("named_parameters",
+           [](Layer& self) {
+             std::vector<std::pair<std::string, at::Tensor>> out;
+             for (const auto& p : self.named_parameters()) out.emplace_back(p.key(), p.value());
+             return out;
+           })
+      .def("load_state_dict",
+           [](Layer& self, const std::map<std::string, at::Tensor>& state) {
+             torch::NoGradGuard no_grad;
+             auto params = self.named_parameters();
+             TORCH_CHECK(
+                 state.size() == params.size(), "load_state_dict: expected ", params.size(),
+                 " tensors, got ", state.size());
+             for (auto& p : params) {
+               const auto it = state.find(p.key());
+               TORCH_CHECK(it != state.end(), "load_state_dict: missing ", p.key());
+               p.value().copy_(it->second);
+             }
+           })
+      .def("train", [](Layer& self, bool on) { self.train(on); }, py::arg("mode") = true)
+      .def_property_readonly("training", [](const Layer& self) { return self.is_training(); })
+      .def("__repr__", [](const Layer& self) {
+        std::ostringstream s;
+        self.pretty_print(s);
+        return s.str();
+      });
 }

@@ -8,6 +8,7 @@ import torch  # noqa: F401  (loads libtorch before libaddnorm)
 from . import _C  # noqa: F401  (registers torch.ops.addnorm.*)
 from .functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
+from .encoder import TransformerEncoderLayer
 from .convert import replace_modules
 
 __version__ = _C.version()
@@ -28,6 +29,7 @@ __all__ = [
     "AddRMSNorm",
     "LayerNorm",
     "RMSNorm",
+    "TransformerEncoderLayer",
     "add_layer_norm",
     "add_rms_norm",
     "cpu_capability",

@@ -1,9 +1,10 @@
 #pragma once
 
-// The public C++ API of addnorm: the fused Add & Norm ops.
+// The public C++ API of addnorm: the fused Add & Norm ops and the modules built on them.
 
 #include <addnorm/export.h>
 #include <addnorm/ops.h>
+#include <addnorm/transformer_encoder_layer.h>
 
 namespace addnorm::detail {
 [[maybe_unused]] inline const int ops_registered = ensure_ops_registered();

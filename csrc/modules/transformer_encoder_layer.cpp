@@ -1,0 +1,369 @@
+// The transformer_encoder_layer op (CompositeImplicitAutograd: autograd, every backend and
+// torch.compile come from the ops it is made of) and the C++ modules holding its
+// parameters. The math follows torch.nn.TransformerEncoderLayer.forward (its non-fast
+// path: _sa_block, _ff_block, norm_first) and F.multi_head_attention_forward with
+// need_weights=False op for op, so that results and dropout's RNG use match torch's;
+// only the Add & Norm steps run addnorm's fused kernels.
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/dropout.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/result_type.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/ScalarType.h>
+#include <torch/library.h>
+#include <torch/nn/init.h>
+
+#include <addnorm/ops.h>
+#include <addnorm/transformer_encoder_layer.h>
+
+namespace addnorm {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// F._canonical_mask: a bool mask becomes an additive float mask of src's dtype
+// (true -> -inf); a float mask is used as is.
+OptTensor canonical_mask(const OptTensor& mask, const char* name, c10::ScalarType target) {
+  if (!mask.has_value()) return std::nullopt;
+  const auto& m = *mask;
+  if (m.scalar_type() == at::kBool) {
+    return at::zeros_like(m, m.options().dtype(target))
+        .masked_fill(m, -std::numeric_limits<double>::infinity());
+  }
+  TORCH_CHECK(
+      c10::isFloatingType(m.scalar_type()), "addnorm: transformer_encoder_layer: ", name,
+      " must be a bool or floating-point tensor, got ", m.scalar_type());
+  return m;
+}
+
+void check_shape(const at::Tensor& t, c10::SymIntArrayRef expected, const char* name) {
+  TORCH_CHECK(
+      t.sym_sizes().equals(expected), "addnorm: transformer_encoder_layer: ", name,
+      " must have shape ", expected, ", got ", t.sym_sizes());
+}
+
+void check_opt_shape(const OptTensor& t, c10::SymIntArrayRef expected, const char* name) {
+  if (t.has_value()) check_shape(*t, expected, name);
+}
+
+// MultiheadAttention self-attention on seq-first x [S, N, E] (F.multi_head_attention_forward
+// with need_weights=False). attn_mask and key_padding_mask are canonical (float) masks.
+at::Tensor self_attention(
+    const at::Tensor& x, OptTensor attn_mask, OptTensor key_padding_mask, bool is_causal,
+    const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
+    const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias, int64_t nhead,
+    double dropout_p, bool training) {
+  const c10::SymInt S = x.sym_size(0);
+  const c10::SymInt N = x.sym_size(1);
+  const c10::SymInt E = x.sym_size(2);
+  const c10::SymInt head_dim = E / nhead;
+  const c10::SymInt NH = N * nhead;
+
+  TORCH_CHECK(
+      !is_causal || attn_mask.has_value(),
+      "addnorm: transformer_encoder_layer: is_causal=True needs src_mask (the causal mask); "
+      "nn.Transformer.generate_square_subsequent_mask makes one");
+  if (is_causal && !key_padding_mask.has_value()) {
+    attn_mask = std::nullopt;  // scaled_dot_product_attention applies the causal mask
+  } else if (key_padding_mask.has_value()) {
+    is_causal = false;
+  }
+
+  // In-projection as one linear, split into q, k, v (F._in_projection_packed).
+  auto proj = at::linear(x, in_proj_weight, in_proj_bias);
+  proj = proj.unflatten_symint(-1, {3, E}).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous();
+  auto q = proj.select(0, 0).view_symint({S, NH, head_dim}).transpose(0, 1);
+  auto k = proj.select(0, 1).view_symint({S, NH, head_dim}).transpose(0, 1);
+  auto v = proj.select(0, 2).view_symint({S, NH, head_dim}).transpose(0, 1);
+
+  if (attn_mask.has_value()) {
+    if (attn_mask->dim() == 2) {
+      check_shape(*attn_mask, {S, S}, "the 2-D src_mask");
+      attn_mask = attn_mask->unsqueeze(0);
+    } else {
+      TORCH_CHECK(
+          attn_mask->dim() == 3, "addnorm: transformer_encoder_layer: src_mask must have 2 or 3 "
+          "dimensions, got ", attn_mask->dim());
+      check_shape(*attn_mask, {NH, S, S}, "the 3-D src_mask");
+    }
+  }
+  if (key_padding_mask.has_value()) {
+    check_shape(*key_padding_mask, {N, S}, "src_key_padding_mask");
+    auto kpm = key_padding_mask->view_symint({N, 1, 1, S})
+                   .expand_symint({-1, nhead, -1, -1})
+                   .reshape_symint({NH, 1, S});
+    attn_mask = attn_mask.has_value() ? attn_mask->add(kpm) : kpm;
+  }
+  if (!training) dropout_p = 0.0;
+  if (attn_mask.has_value()) {
+    if (attn_mask->sym_size(0) == 1 && attn_mask->dim() == 3) {
+      attn_mask = attn_mask->unsqueeze(0);
+    } else {
+      attn_mask = attn_mask->view_symint({N, c10::SymInt(nhead), -1, S});
+    }
+  }
+  q = q.view_symint({N, nhead, S, head_dim});
+  k = k.view_symint({N, nhead, S, head_dim});
+  v = v.view_symint({N, nhead, S, head_dim});
+  auto out = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal);
+  out = out.permute({2, 0, 1, 3}).contiguous().view_symint({N * S, E});
+  out = at::linear(out, out_proj_weight, out_proj_bias);
+  return out.view_symint({S, N, E});
+}
+
+at::Tensor transformer_encoder_layer_impl(
+    const at::Tensor& src, const OptTensor& src_mask, const OptTensor& src_key_padding_mask,
+    bool is_causal, const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
+    const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
+    const at::Tensor& linear1_weight, const OptTensor& linear1_bias,
+    const at::Tensor& linear2_weight, const OptTensor& linear2_bias,
+    const at::Tensor& norm1_weight, const OptTensor& norm1_bias, const at::Tensor& norm2_weight,
+    const OptTensor& norm2_bias, int64_t nhead, double dropout, c10::string_view activation,
+    double layer_norm_eps, bool batch_first, bool norm_first, bool training) {
+  TORCH_CHECK(
+      src.dim() == 3 || src.dim() == 2,
+      "addnorm: transformer_encoder_layer: src must be 3-D ([S, N, E], or [N, S, E] with "
+      "batch_first) or unbatched 2-D [S, E], got shape ", src.sym_sizes());
+  if (src.dim() == 2) {
+    // Unbatched, as MultiheadAttention does it: batch_first does not apply.
+    OptTensor kpm;
+    if (src_key_padding_mask.has_value()) {
+      TORCH_CHECK(
+          src_key_padding_mask->dim() == 1, "addnorm: transformer_encoder_layer: for unbatched "
+          "src, src_key_padding_mask must be 1-D, got shape ", src_key_padding_mask->sym_sizes());
+      kpm = src_key_padding_mask->unsqueeze(0);
+    }
+    return transformer_encoder_layer_impl(
+               src.unsqueeze(1), src_mask, kpm, is_causal, in_proj_weight, in_proj_bias,
+               out_proj_weight, out_proj_bias, linear1_weight, linear1_bias, linear2_weight,
+               linear2_bias, norm1_weight, norm1_bias, norm2_weight, norm2_bias, nhead, dropout,
+               activation, layer_norm_eps, /*batch_first=*/false, norm_first, training)
+        .squeeze(1);
+  }
+  TORCH_CHECK(
+      c10::isFloatingType(src.scalar_type()),
+      "addnorm: transformer_encoder_layer: src must be a floating-point tensor, got ",
+      src.scalar_type());
+  TORCH_CHECK(
+      nhead > 0, "addnorm: transformer_encoder_layer: nhead must be positive, got ", nhead);
+  const c10::SymInt E = src.sym_size(2);
+  TORCH_CHECK(
+      E % nhead == 0, "addnorm: transformer_encoder_layer: d_model (", E,
+      ", src's last dim) must be divisible by nhead (", nhead, ")");
+  TORCH_CHECK(
+      dropout >= 0.0 && dropout <= 1.0,
+      "addnorm: transformer_encoder_layer: dropout must be in [0, 1], got ", dropout);
+  const bool gelu = activation == "gelu";
+  TORCH_CHECK(
+      gelu || activation == "relu",
+      "addnorm: transformer_encoder_layer: activation must be \"relu\" or \"gelu\", got \"",
+      std::string(activation), "\"");
+  TORCH_CHECK(
+      linear1_weight.dim() == 2, "addnorm: transformer_encoder_layer: linear1_weight must be "
+      "[dim_feedforward, d_model], got shape ", linear1_weight.sym_sizes());
+  const c10::SymInt FF = linear1_weight.sym_size(0);
+  const c10::SymInt E3 = E * 3;
+  check_shape(in_proj_weight, {E3, E}, "in_proj_weight");
+  check_opt_shape(in_proj_bias, {E3}, "in_proj_bias");
+  check_shape(out_proj_weight, {E, E}, "out_proj_weight");
+  check_opt_shape(out_proj_bias, {E}, "out_proj_bias");
+  check_shape(linear1_weight, {FF, E}, "linear1_weight");
+  check_opt_shape(linear1_bias, {FF}, "linear1_bias");
+  check_shape(linear2_weight, {E, FF}, "linear2_weight");
+  check_opt_shape(linear2_bias, {E}, "linear2_bias");
+  check_shape(norm1_weight, {E}, "norm1_weight");
+  check_opt_shape(norm1_bias, {E}, "norm1_bias");
+  check_shape(norm2_weight, {E}, "norm2_weight");
+  check_opt_shape(norm2_bias, {E}, "norm2_bias");
+
+  // TransformerEncoderLayer.forward's mask canonicalization.
+  const auto kpm = canonical_mask(src_key_padding_mask, "src_key_padding_mask", src.scalar_type());
+  const auto mask = canonical_mask(src_mask, "src_mask", src.scalar_type());
+
+  const std::vector<int64_t> d_model{E.guard_int(__FILE__, __LINE__)};
+  auto sa_block = [&](const at::Tensor& x) {
+    const auto x_sf = batch_first ? x.transpose(1, 0) : x;
+    auto out = self_attention(
+        x_sf, mask, kpm, is_causal, in_proj_weight, in_proj_bias, out_proj_weight,
+        out_proj_bias, nhead, dropout, training);
+    if (batch_first) out = out.transpose(1, 0);
+    return at::dropout(out, dropout, training);
+  };
+  auto ff_block = [&](const at::Tensor& x) {
+    auto h = at::linear(x, linear1_weight, linear1_bias);
+    h = gelu ? at::gelu(h) : at::relu(h);
+    h = at::linear(at::dropout(h, dropout, training), linear2_weight, linear2_bias);
+    return at::dropout(h, dropout, training);
+  };
+
+  // Both operands of a residual add in the dtype eager `x + y` gives (they differ under
+  // autocast, where the linears return float16/bfloat16): the fused op then computes
+  // exactly torch's h and returns its norm in that dtype, as eager LayerNorm does.
+  auto promoted = [](at::Tensor a, at::Tensor b) {
+    const auto t = at::result_type(a, b);
+    if (a.scalar_type() != t) a = a.to(t);
+    if (b.scalar_type() != t) b = b.to(t);
+    return std::make_pair(a, b);
+  };
+
+  if (norm_first) {
+    // x = x + sa(norm1(x)); x = x + ff(norm2(x)): the first residual add and norm2 fused.
+    const auto n1 = addnorm::layer_norm(src, d_model, norm1_weight, norm1_bias, layer_norm_eps);
+    const auto [sa, x] = promoted(sa_block(n1), src);
+    auto [n2, h] = addnorm::add_layer_norm(
+        sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true);
+    return h.add(ff_block(n2));
+  }
+  // x = norm1(x + sa(x)); x = norm2(x + ff(x)).
+  const auto [sa, x0] = promoted(sa_block(src), src);
+  const auto x1 = std::get<0>(addnorm::add_layer_norm(
+      sa, x0, d_model, norm1_weight, norm1_bias, layer_norm_eps, /*return_residual=*/false));
+  const auto [ff, x2] = promoted(ff_block(x1), x1);
+  return std::get<0>(addnorm::add_layer_norm(
+      ff, x2, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/false));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(addnorm, CompositeImplicitAutograd, m) {
+  m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
+}
+
+at::Tensor transformer_encoder_layer(
+    const at::Tensor& src, const OptTensor& src_mask, const OptTensor& src_key_padding_mask,
+    bool is_causal, const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
+    const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias,
+    const at::Tensor& linear1_weight, const OptTensor& linear1_bias,
+    const at::Tensor& linear2_weight, const OptTensor& linear2_bias,
+    const at::Tensor& norm1_weight, const OptTensor& norm1_bias, const at::Tensor& norm2_weight,
+    const OptTensor& norm2_bias, int64_t nhead, double dropout, c10::string_view activation,
+    double layer_norm_eps, bool batch_first, bool norm_first, bool training) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("addnorm::transformer_encoder_layer", "")
+          .typed<decltype(transformer_encoder_layer_impl)>();
+  return op.call(
+      src, src_mask, src_key_padding_mask, is_causal, in_proj_weight, in_proj_bias,
+      out_proj_weight, out_proj_bias, linear1_weight, linear1_bias, linear2_weight,
+      linear2_bias, norm1_weight, norm1_bias, norm2_weight, norm2_bias, nhead, dropout,
+      activation, layer_norm_eps, batch_first, norm_first, training);
+}
+
+// ---------------------------------------------------------------------------------------
+// Modules
+
+namespace {
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+}  // namespace
+
+LayerNormImpl::LayerNormImpl(LayerNormOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void LayerNormImpl::reset() {
+  if (options.elementwise_affine()) {
+    weight = register_parameter("weight", at::empty(options.normalized_shape()));
+    if (options.bias()) {
+      bias = register_parameter("bias", at::empty(options.normalized_shape()));
+    } else {
+      bias = at::Tensor();
+    }
+  } else {
+    weight = bias = at::Tensor();
+  }
+  reset_parameters();
+}
+
+void LayerNormImpl::reset_parameters() {
+  if (weight.defined()) torch::nn::init::ones_(weight);
+  if (bias.defined()) torch::nn::init::zeros_(bias);
+}
+
+void LayerNormImpl::pretty_print(std::ostream& stream) const {
+  stream << "addnorm::LayerNorm(" << at::IntArrayRef(options.normalized_shape())
+         << ", eps=" << options.eps() << ", elementwise_affine=" << std::boolalpha
+         << options.elementwise_affine() << ", bias=" << options.bias() << ")";
+}
+
+at::Tensor LayerNormImpl::forward(const at::Tensor& input) {
+  return addnorm::layer_norm(input, options.normalized_shape(), opt(weight), opt(bias), options.eps());
+}
+
+TransformerEncoderLayerImpl::TransformerEncoderLayerImpl(TransformerEncoderLayerOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void TransformerEncoderLayerImpl::reset() {
+  const auto& o = options;
+  TORCH_CHECK(
+      o.d_model() > 0 && o.nhead() > 0 && o.d_model() % o.nhead() == 0,
+      "addnorm::TransformerEncoderLayer: d_model (", o.d_model(),
+      ") must be a positive multiple of nhead (", o.nhead(), ")");
+  TORCH_CHECK(
+      o.activation() == "relu" || o.activation() == "gelu",
+      "addnorm::TransformerEncoderLayer: activation must be \"relu\" or \"gelu\", got \"",
+      o.activation(), "\"");
+  TORCH_CHECK(
+      o.dropout() >= 0.0 && o.dropout() <= 1.0,
+      "addnorm::TransformerEncoderLayer: dropout must be in [0, 1], got ", o.dropout());
+  // Registration order gives Python's parameter order.
+  self_attn = register_module(
+      "self_attn", torch::nn::MultiheadAttention(
+                       torch::nn::MultiheadAttentionOptions(o.d_model(), o.nhead())
+                           .dropout(o.dropout())
+                           .bias(o.bias())));
+  linear1 = register_module(
+      "linear1",
+      torch::nn::Linear(torch::nn::LinearOptions(o.d_model(), o.dim_feedforward()).bias(o.bias())));
+  linear2 = register_module(
+      "linear2",
+      torch::nn::Linear(torch::nn::LinearOptions(o.dim_feedforward(), o.d_model()).bias(o.bias())));
+  norm1 = register_module(
+      "norm1", LayerNorm(LayerNormOptions({o.d_model()}).eps(o.layer_norm_eps()).bias(o.bias())));
+  norm2 = register_module(
+      "norm2", LayerNorm(LayerNormOptions({o.d_model()}).eps(o.layer_norm_eps()).bias(o.bias())));
+}
+
+void TransformerEncoderLayerImpl::reset_parameters() {
+  // What the submodules' constructors do (as in Python): xavier_uniform_ in_proj_weight,
+  // zero attention biases, Linear's default init, LayerNorm ones/zeros.
+  self_attn->out_proj->reset_parameters();
+  self_attn->_reset_parameters();
+  linear1->reset_parameters();
+  linear2->reset_parameters();
+  norm1->reset_parameters();
+  norm2->reset_parameters();
+}
+
+void TransformerEncoderLayerImpl::pretty_print(std::ostream& stream) const {
+  const auto& o = options;
+  stream << "addnorm::TransformerEncoderLayer(d_model=" << o.d_model() << ", nhead=" << o.nhead()
+         << ", dim_feedforward=" << o.dim_feedforward() << ", dropout=" << o.dropout()
+         << ", activation=" << o.activation() << ", layer_norm_eps=" << o.layer_norm_eps()
+         << ", batch_first=" << std::boolalpha << o.batch_first()
+         << ", norm_first=" << o.norm_first() << ", bias=" << o.bias() << ")";
+}
+
+at::Tensor TransformerEncoderLayerImpl::forward(
+    const at::Tensor& src, const at::Tensor& src_mask, const at::Tensor& src_key_padding_mask,
+    bool is_causal) {
+  return transformer_encoder_layer(
+      src, opt(src_mask), opt(src_key_padding_mask), is_causal, self_attn->in_proj_weight,
+      opt(self_attn->in_proj_bias), self_attn->out_proj->weight, opt(self_attn->out_proj->bias),
+      linear1->weight, opt(linear1->bias), linear2->weight, opt(linear2->bias), norm1->weight,
+      opt(norm1->bias), norm2->weight, opt(norm2->bias), options.nhead(), options.dropout(),
+      options.activation(), options.layer_norm_eps(), options.batch_first(), options.norm_first(),
+      is_training());
+}
+
+}  // namespace addnorm

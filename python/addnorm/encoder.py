@@ -1,0 +1,108 @@
+"""addnorm.TransformerEncoderLayer: drop-in for torch.nn.TransformerEncoderLayer whose
+Add & Norm steps run addnorm's fused kernels.
+
+It subclasses torch's layer, so the constructor, submodules (self_attn, linear1, linear2,
+norm1, norm2, dropout*), parameters, state_dict keys and isinstance checks are torch's
+(nn.TransformerEncoder accepts it as is). forward runs the one op
+torch.ops.addnorm.transformer_encoder_layer, whose math is torch's layer op for op."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _activation_name(activation) -> Optional[str]:
+    """'relu' / 'gelu' for the activations the op runs, None for any other."""
+    if activation is F.relu or isinstance(activation, nn.ReLU):
+        return "relu"
+    if activation is F.gelu or (isinstance(activation, nn.GELU) and activation.approximate == "none"):
+        return "gelu"
+    return None
+
+
+def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
+    """Why the op cannot run this layer (None when it can)."""
+    if _activation_name(layer.activation) is None:
+        return f"activation must be relu or gelu, got {layer.activation!r}"
+    sa = layer.self_attn
+    if not sa._qkv_same_embed_dim or sa.bias_k is not None or sa.add_zero_attn:
+        return "self_attn must be plain self-attention (no kdim/vdim, add_bias_kv, add_zero_attn)"
+    p = layer.dropout.p
+    if not (sa.dropout == p and layer.dropout1.p == p and layer.dropout2.p == p):
+        return "every dropout probability of the layer must be equal"
+    if layer.norm1.eps != layer.norm2.eps or not (
+        layer.norm1.elementwise_affine and layer.norm2.elementwise_affine
+    ):
+        return "norm1 and norm2 must have the same eps and elementwise_affine=True"
+    return None
+
+
+class TransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor; activation
+    must be relu or gelu: ``"relu"``, ``"gelu"``, ``F.relu``, ``F.gelu``, ``nn.ReLU()`` or
+    ``nn.GELU()``)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation=F.relu,
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = False,
+        norm_first: bool = False,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(
+            d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+            batch_first, norm_first, bias, device, dtype,
+        )
+        reason = _unsupported_reason(self)
+        if reason is not None:
+            raise ValueError(f"addnorm.TransformerEncoderLayer: {reason}")
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        if src.is_nested:
+            # Only nn.TransformerEncoder's inference fast path passes nested tensors;
+            # torch's own fused kernel handles those.
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        sa = self.self_attn
+        return torch.ops.addnorm.transformer_encoder_layer(
+            src,
+            src_mask,
+            src_key_padding_mask,
+            bool(is_causal),
+            sa.in_proj_weight,
+            sa.in_proj_bias,
+            sa.out_proj.weight,
+            sa.out_proj.bias,
+            self.linear1.weight,
+            self.linear1.bias,
+            self.linear2.weight,
+            self.linear2.bias,
+            self.norm1.weight,
+            self.norm1.bias,
+            self.norm2.weight,
+            self.norm2.bias,
+            sa.num_heads,
+            self.dropout.p,
+            _activation_name(self.activation),
+            self.norm1.eps,
+            sa.batch_first,
+            self.norm_first,
+            self.training,
+        )
+
+
+__all__ = ["TransformerEncoderLayer"]

@@ -1,0 +1,141 @@
+// addnorm::TransformerEncoderLayer from C++: Python's parameter names, options, forward and
+// backward through the transformer_encoder_layer op.
+
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <addnorm/addnorm.h>
+
+namespace {
+
+std::vector<std::string> names_of(const torch::nn::Module& m) {
+  std::vector<std::string> names;
+  for (const auto& p : m.named_parameters()) names.push_back(p.key());
+  return names;
+}
+
+// The layer written out with ATen ops (post-LN, relu, no dropout, no mask).
+torch::Tensor reference_post_ln(addnorm::TransformerEncoderLayerImpl& l, const torch::Tensor& x) {
+  const auto E = l.options.d_model(), H = l.options.nhead();
+  const auto S = x.size(0), N = x.size(1);
+  auto qkv = torch::nn::functional::linear(x, l.self_attn->in_proj_weight, l.self_attn->in_proj_bias)
+                 .chunk(3, -1);
+  auto heads = [&](const torch::Tensor& t) { return t.reshape({S, N, H, E / H}).permute({1, 2, 0, 3}); };
+  auto a = at::scaled_dot_product_attention(heads(qkv[0]), heads(qkv[1]), heads(qkv[2]));
+  a = l.self_attn->out_proj(a.permute({2, 0, 1, 3}).reshape({S, N, E}));
+  auto h = at::layer_norm(x + a, {E}, l.norm1->weight, l.norm1->bias, l.options.layer_norm_eps());
+  auto f = l.linear2(torch::relu(l.linear1(h)));
+  return at::layer_norm(h + f, {E}, l.norm2->weight, l.norm2->bias, l.options.layer_norm_eps());
+}
+
+TEST(TransformerEncoderLayer, ParameterNamesArePythons) {
+  addnorm::TransformerEncoderLayer layer(addnorm::TransformerEncoderLayerOptions(16, 4));
+  const std::vector<std::string> expected{
+      "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
+      "self_attn.out_proj.bias",  "linear1.weight",         "linear1.bias",
+      "linear2.weight",           "linear2.bias",           "norm1.weight",
+      "norm1.bias",               "norm2.weight",           "norm2.bias"};
+  EXPECT_EQ(names_of(*layer), expected);
+
+  addnorm::TransformerEncoderLayer no_bias(
+      addnorm::TransformerEncoderLayerOptions(16, 4).bias(false));
+  const std::vector<std::string> expected_no_bias{
+      "self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight",
+      "linear2.weight", "norm1.weight", "norm2.weight"};
+  EXPECT_EQ(names_of(*no_bias), expected_no_bias);
+}
+
+TEST(TransformerEncoderLayer, OptionsAreRespected) {
+  auto opts = addnorm::TransformerEncoderLayerOptions(24, 3)
+                  .dim_feedforward(40)
+                  .dropout(0.0)
+                  .activation("gelu")
+                  .layer_norm_eps(1e-3)
+                  .batch_first(true)
+                  .norm_first(true);
+  addnorm::TransformerEncoderLayer layer(opts);
+  EXPECT_EQ(layer->linear1->weight.sizes(), (std::vector<int64_t>{40, 24}));
+  EXPECT_EQ(layer->linear2->weight.sizes(), (std::vector<int64_t>{24, 40}));
+  EXPECT_EQ(layer->self_attn->in_proj_weight.sizes(), (std::vector<int64_t>{72, 24}));
+  EXPECT_EQ(layer->norm1->options.eps(), 1e-3);
+  // Initialization as in Python: zero attention biases, LayerNorm ones/zeros.
+  EXPECT_TRUE(layer->self_attn->in_proj_bias.eq(0).all().item<bool>());
+  EXPECT_TRUE(layer->self_attn->out_proj->bias.eq(0).all().item<bool>());
+  EXPECT_TRUE(layer->norm2->weight.eq(1).all().item<bool>());
+
+  // batch_first: [N, S, E] in and out, equal to the seq-first layer on the transposed input.
+  auto x = torch::randn({2, 5, 24});
+  auto y = layer->forward(x);
+  EXPECT_EQ(y.sizes(), x.sizes());
+  auto seq_first = addnorm::TransformerEncoderLayer(opts.batch_first(false));
+  for (auto& p : seq_first->named_parameters()) {
+    torch::NoGradGuard g;
+    p.value().copy_(layer->named_parameters()[p.key()]);
+  }
+  auto y2 = seq_first->forward(x.transpose(0, 1)).transpose(0, 1);
+  EXPECT_TRUE(torch::allclose(y, y2, 1e-5, 1e-6));
+
+  // A bad activation names the argument.
+  try {
+    addnorm::TransformerEncoderLayer bad(addnorm::TransformerEncoderLayerOptions(8, 2).activation("tanh"));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("activation"), std::string::npos);
+  }
+}
+
+TEST(TransformerEncoderLayer, ForwardBackwardMatchReference) {
+  torch::manual_seed(0);
+  addnorm::TransformerEncoderLayer layer(
+      addnorm::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(0.0));
+  auto x = torch::randn({6, 3, 16}, torch::requires_grad());
+  auto y = layer->forward(x);
+  auto ref = reference_post_ln(*layer, x);
+  EXPECT_TRUE(torch::allclose(y, ref, 1e-4, 1e-5));
+
+  auto g = torch::randn_like(y);
+  auto params = layer->parameters();
+  std::vector<torch::Tensor> inputs(params.begin(), params.end());
+  inputs.push_back(x);
+  auto grads = torch::autograd::grad({y}, inputs, {g});
+  auto ref_grads = torch::autograd::grad({ref}, inputs, {g});
+  ASSERT_EQ(grads.size(), ref_grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(grads[i], ref_grads[i], 1e-4, 1e-5)) << "gradient " << i;
+  }
+
+  // eval() and train() with dropout: the op follows the module's mode.
+  addnorm::TransformerEncoderLayer drop(
+      addnorm::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(0.5));
+  drop->eval();
+  EXPECT_TRUE(torch::equal(drop->forward(x), drop->forward(x)));
+  drop->train();
+  EXPECT_FALSE(torch::equal(drop->forward(x), drop->forward(x)));
+}
+
+TEST(TransformerEncoderLayer, CloneAndMasks) {
+  torch::manual_seed(1);
+  addnorm::TransformerEncoderLayer layer(
+      addnorm::TransformerEncoderLayerOptions(16, 2).dim_feedforward(16).dropout(0.0));
+  auto copy = std::dynamic_pointer_cast<addnorm::TransformerEncoderLayerImpl>(layer->clone());
+  ASSERT_TRUE(copy);
+  EXPECT_EQ(names_of(*copy), names_of(*layer));
+  auto x = torch::randn({5, 2, 16});
+  EXPECT_TRUE(torch::equal(copy->forward(x), layer->forward(x)));
+
+  // A bool causal mask equals its float form and the is_causal hint.
+  auto causal = torch::ones({5, 5}, torch::kBool).triu(1);
+  auto float_mask = torch::zeros({5, 5}).masked_fill(causal, -INFINITY);
+  auto a = layer->forward(x, causal);
+  EXPECT_TRUE(torch::allclose(a, layer->forward(x, float_mask), 1e-6, 1e-6));
+  EXPECT_TRUE(torch::allclose(a, layer->forward(x, causal, {}, true), 1e-5, 1e-6));
+  // Padding mask: [N, S].
+  auto kpm = torch::zeros({2, 5}, torch::kBool);
+  kpm.index_put_({1, 4}, true);
+  EXPECT_EQ(layer->forward(x, {}, kpm).sizes(), x.sizes());
+}
+
+}  // namespace

@@ -1,0 +1,380 @@
+"""addnorm.TransformerEncoderLayer (and the transformer_encoder_layer op under it) against
+torch.nn.TransformerEncoderLayer with the same weights: outputs and every gradient for
+pre-/post-LN, batch_first, relu/gelu, bias, every mask kind, eval/train; dropout and its
+RNG; the C++ module (addnorm._C) against the Python one; gradcheck; nn.TransformerEncoder;
+replace_modules; torch.compile."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import addnorm
+
+E, H, FF, S, N = 16, 4, 32, 5, 3
+
+
+def _randomize(module, seed=0):
+    """Non-trivial parameters (biases and norm affine too), so a wrong mapping shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if name.startswith("norm") and name.endswith("weight") else 0.0
+            p.copy_(base + 0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return module
+
+
+def _pair(dtype=torch.float32, **kw):
+    """(torch's layer, addnorm's layer) with the same weights."""
+    kw.setdefault("dropout", 0.0)
+    ref = _randomize(nn.TransformerEncoderLayer(E, H, FF, dtype=dtype, **kw))
+    ours = addnorm.TransformerEncoderLayer(E, H, FF, dtype=dtype, **kw)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _src(batch_first, dtype=torch.float32, n=N, s=S):
+    shape = (n, s, E) if batch_first else (s, n, E)
+    return torch.randn(shape, dtype=dtype)
+
+
+def _masks(kind, dtype=torch.float32, n=N, s=S):
+    """(src_mask, src_key_padding_mask, is_causal) for a mask kind."""
+    causal = torch.ones(s, s, dtype=torch.bool).triu(1)
+    kpm = torch.zeros(n, s, dtype=torch.bool)
+    kpm[1, -2:] = True
+    kpm[2, -1] = True
+    rand_bool = torch.rand(s, s) < 0.3
+    rand_bool.fill_diagonal_(False)  # no fully masked row
+    if kind == "none":
+        return None, None, False
+    if kind == "bool":
+        return rand_bool, None, False
+    if kind == "float":
+        m = torch.randn(s, s, dtype=dtype).masked_fill(rand_bool, float("-inf"))
+        return m, None, False
+    if kind == "3d":
+        m = torch.randn(n * H, s, s, dtype=dtype)
+        return m, None, False
+    if kind == "padding":
+        return None, kpm, False
+    if kind == "padding_float":
+        return None, torch.zeros(n, s, dtype=dtype).masked_fill(kpm, float("-inf")), False
+    if kind == "both":
+        return rand_bool, kpm, False
+    if kind == "causal":
+        return causal, None, True
+    if kind == "causal_padding":
+        return causal, kpm, True
+    raise AssertionError(kind)
+
+
+MASK_KINDS = ["none", "bool", "float", "3d", "padding", "padding_float", "both", "causal",
+              "causal_padding"]
+
+
+def _close(actual, expected, name, rtol=1e-5):
+    atol = rtol * max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _check_parity(ref, ours, x, src_mask, kpm, is_causal, rtol=1e-5):
+    xr = x.clone().requires_grad_()
+    xo = x.clone().requires_grad_()
+    a = ref(xr, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal)
+    b = ours(xo, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal)
+    _close(b, a, "output", rtol)
+    g = torch.randn_like(a)
+    ref_params = dict(ref.named_parameters())
+    our_params = dict(ours.named_parameters())
+    assert list(ref_params) == list(our_params)
+    names = list(ref_params)
+    ga = torch.autograd.grad(a, [xr] + [ref_params[n] for n in names], g)
+    gb = torch.autograd.grad(b, [xo] + [our_params[n] for n in names], g)
+    for n, u, v in zip(["src"] + names, gb, ga):
+        _close(u, v, f"grad {n}", rtol)
+
+
+@pytest.mark.parametrize("mask", MASK_KINDS)
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_parity_masks_layouts(mask, norm_first, batch_first):
+    ref, ours = _pair(norm_first=norm_first, batch_first=batch_first)
+    _check_parity(ref, ours, _src(batch_first), *_masks(mask))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", F.relu, F.gelu])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_parity_activation_bias_mode(activation, bias, norm_first, training):
+    ref, ours = _pair(activation=activation, bias=bias, norm_first=norm_first, layer_norm_eps=1e-4)
+    ref.train(training)
+    ours.train(training)
+    _check_parity(ref, ours, _src(False), *_masks("both"))
+
+
+def test_parity_unbatched_and_float64():
+    ref, ours = _pair(norm_first=True)
+    x = torch.randn(S, E)
+    kpm = torch.zeros(S, dtype=torch.bool)
+    kpm[-1] = True
+    _check_parity(ref, ours, x, None, kpm, False)
+    ref, ours = _pair(dtype=torch.float64, batch_first=True)
+    _check_parity(ref, ours, _src(True, torch.float64), *_masks("both", torch.float64), rtol=1e-12)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_autocast_dtypes_and_values_match_torch(norm_first):
+    # Under autocast the linears return bfloat16 while the residual stream stays float32:
+    # the result has torch's dtype and (up to LayerNorm rounding) torch's values.
+    ref, ours = _pair(norm_first=norm_first)
+    x = _src(False)
+    src_mask, kpm, _ = _masks("both")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref(x, src_mask, kpm), ours(x, src_mask, kpm)
+    assert b.dtype == a.dtype == torch.float32
+    _close(b, a, "autocast output")
+
+
+def test_inference_no_grad_matches_torch_fast_path():
+    # Under no_grad in eval, torch's layer takes its fused fast path; same math.
+    ref, ours = _pair(batch_first=True)
+    ref.eval()
+    ours.eval()
+    x = _src(True)
+    _, kpm, _ = _masks("padding")
+    with torch.no_grad():
+        a, b = ref(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
+    valid = ~kpm
+    _close(b[valid], a[valid], "output", 1e-4)
+
+
+def test_submodules_state_dict_and_isinstance():
+    ref, ours = _pair(bias=False)
+    assert isinstance(ours, nn.TransformerEncoderLayer)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [
+        "self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight",
+        "linear2.weight", "norm1.weight", "norm2.weight"]
+    assert ours.activation_relu_or_gelu == 1 and ours.self_attn.batch_first is False
+    with pytest.raises(ValueError, match="activation"):
+        addnorm.TransformerEncoderLayer(E, H, activation=torch.tanh)
+    with pytest.raises(ValueError, match="activation"):
+        addnorm.TransformerEncoderLayer(E, H, activation=nn.GELU(approximate="tanh"))
+
+
+def test_op_errors():
+    ref, ours = _pair()
+    x = _src(False)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        ours(x, is_causal=True)
+    with pytest.raises(RuntimeError, match="src_key_padding_mask"):
+        ours(x, src_key_padding_mask=torch.zeros(N + 1, S, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="src_mask"):
+        ours(x, src_mask=torch.zeros(S, S + 1))
+    with pytest.raises(RuntimeError, match="src_mask"):
+        ours(x, src_mask=torch.zeros(S, S, dtype=torch.int32))
+    sa = ours.self_attn
+    args = [x, None, None, False, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight,
+            sa.out_proj.bias, ours.linear1.weight, ours.linear1.bias, ours.linear2.weight,
+            ours.linear2.bias, ours.norm1.weight, ours.norm1.bias, ours.norm2.weight,
+            ours.norm2.bias, H, 0.0, "relu", 1e-5, False, False, False]
+    op = torch.ops.addnorm.transformer_encoder_layer
+    bad = list(args)
+    bad[18] = "tanh"
+    with pytest.raises(RuntimeError, match="activation"):
+        op(*bad)
+    bad = list(args)
+    bad[16] = 3
+    with pytest.raises(RuntimeError, match="divisible by nhead"):
+        op(*bad)
+    bad = list(args)
+    bad[8] = torch.randn(FF, E + 1)
+    with pytest.raises(RuntimeError, match="linear1_weight"):
+        op(*bad)
+    bad = list(args)
+    bad[0] = torch.randn(2, 3, 4, 5)
+    with pytest.raises(RuntimeError, match="src must be 3-D"):
+        op(*bad)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_follows_seed_and_matches_torch():
+    ref, ours = _pair(dropout=0.3, norm_first=True)
+    ref.train()
+    ours.train()
+    x = _src(False)
+    src_mask, kpm, _ = _masks("both")
+    a, b = ours(x, src_mask, kpm), ours(x, src_mask, kpm)
+    assert not torch.equal(a, b), "dropout mask did not change between calls"
+    torch.manual_seed(123)
+    c = ours(x, src_mask, kpm)
+    torch.manual_seed(123)
+    d = ours(x, src_mask, kpm)
+    assert torch.equal(c, d), "dropout does not follow torch.manual_seed"
+    # Same RNG use as torch's layer: the same seed gives torch's result (hence its
+    # expected value too).
+    torch.manual_seed(123)
+    e = ref(x, src_mask, kpm)
+    _close(c, e, "dropout output")
+    ours.eval()
+    assert torch.equal(ours(x, src_mask, kpm), ours(x, src_mask, kpm))
+
+
+# --------------------------------------------------------------------------- C++ module
+
+
+@pytest.mark.parametrize("norm_first,batch_first,activation,bias",
+                         [(False, False, "relu", True), (True, True, "gelu", False)])
+def test_cpp_module_matches_python_module(norm_first, batch_first, activation, bias):
+    kw = dict(dim_feedforward=FF, dropout=0.2, activation=activation, layer_norm_eps=1e-5,
+              batch_first=batch_first, norm_first=norm_first, bias=bias)
+    py = _randomize(addnorm.TransformerEncoderLayer(E, H, **kw))
+    cpp = addnorm._C.CppTransformerEncoderLayer(E, H, **kw)
+    assert [n for n, _ in cpp.named_parameters()] == [n for n, _ in py.named_parameters()]
+    for (_, p), (_, q) in zip(cpp.named_parameters(), py.named_parameters()):
+        assert p.shape == q.shape
+    cpp.load_state_dict({k: v for k, v in py.state_dict().items()})
+    x = _src(batch_first)
+    src_mask, kpm, _ = _masks("both")
+    for training in (False, True):
+        py.train(training)
+        cpp.train(training)
+        assert cpp.training == training
+        torch.manual_seed(7)
+        a = py(x, src_mask, kpm)
+        torch.manual_seed(7)
+        b = cpp.forward(x, src_mask, kpm, False)
+        assert torch.equal(a, b)
+        g = torch.randn_like(a)
+        ga = torch.autograd.grad(a, [p for _, p in py.named_parameters()], g)
+        gb = torch.autograd.grad(b, [p for _, p in cpp.named_parameters()], g)
+        for u, v in zip(ga, gb):
+            assert torch.equal(u, v)
+
+
+# --------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_gradcheck_float64(norm_first):
+    e, h, ff, s, n = 8, 2, 8, 3, 2
+    layer = _randomize(nn.TransformerEncoderLayer(e, h, ff, dropout=0.0, dtype=torch.float64))
+    names = [k for k, _ in layer.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in layer.named_parameters()]
+    x = torch.randn(s, n, e, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(s, s, dtype=torch.float64)
+    kpm = torch.tensor([[False, False, False], [False, False, True]])
+
+    def f(x, *ps):
+        p = dict(zip(names, ps))
+        return torch.ops.addnorm.transformer_encoder_layer(
+            x, mask, kpm, False, p["self_attn.in_proj_weight"], p["self_attn.in_proj_bias"],
+            p["self_attn.out_proj.weight"], p["self_attn.out_proj.bias"], p["linear1.weight"],
+            p["linear1.bias"], p["linear2.weight"], p["linear2.bias"], p["norm1.weight"],
+            p["norm1.bias"], p["norm2.weight"], p["norm2.bias"], h, 0.0, "gelu", 1e-5, False,
+            norm_first, True)
+
+    assert torch.autograd.gradcheck(f, (x, *params))
+
+
+# --------------------------------------------------------------------------- in models
+
+
+def test_stacked_in_transformer_encoder():
+    ref_layer, our_layer = _pair(batch_first=True)
+    ref = nn.TransformerEncoder(ref_layer, 2, enable_nested_tensor=False)
+    ours = nn.TransformerEncoder(our_layer, 2, enable_nested_tensor=False)
+    assert all(type(m) is addnorm.TransformerEncoderLayer for m in ours.layers)
+    ours.load_state_dict(ref.state_dict())
+    x = _src(True)
+    src_mask, kpm, _ = _masks("both")
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = ref(xr, src_mask, kpm)
+    b = ours(xo, src_mask, kpm)
+    _close(b, a, "encoder output")
+    g = torch.randn_like(a)
+    _close(torch.autograd.grad(b, xo, g)[0], torch.autograd.grad(a, xr, g)[0], "encoder grad")
+    # A causal mask: nn.TransformerEncoder detects it and passes is_causal=True.
+    causal = nn.Transformer.generate_square_subsequent_mask(S)
+    _close(ours(x, causal), ref(x, causal), "encoder causal")
+
+
+def test_transformer_encoder_nested_fast_path():
+    # enable_nested_tensor=True, eval, no_grad, padding mask: nn.TransformerEncoder feeds
+    # nested tensors, which the layer hands to torch's own kernel.
+    ref_layer, our_layer = _pair(batch_first=True)
+    ref = nn.TransformerEncoder(ref_layer, 2).eval()
+    ours = nn.TransformerEncoder(our_layer, 2).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = _src(True)
+    _, kpm, _ = _masks("padding")
+    with torch.no_grad():
+        a, b = ref(x, src_key_padding_mask=kpm), ours(x, src_key_padding_mask=kpm)
+    torch.testing.assert_close(b, a)
+
+
+def test_replace_modules_swaps_encoder_layers():
+    model = nn.Sequential(
+        nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, dropout=0.0), 2,
+                              enable_nested_tensor=False),
+        nn.TransformerEncoderLayer(E, H, FF, dropout=0.0, activation=torch.tanh),
+        nn.LayerNorm(E),
+    ).double()
+    _randomize(model)
+    ref = copy.deepcopy(model)
+    params = [p for p in model.parameters()]
+    returned = addnorm.replace_modules(model)
+    assert returned is model
+    assert all(type(m) is addnorm.TransformerEncoderLayer for m in model[0].layers)
+    assert type(model[1]) is nn.TransformerEncoderLayer  # tanh: stays torch's
+    assert type(model[2]) is addnorm.LayerNorm
+    assert all(p is q for p, q in zip(params, model.parameters()))
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    x = torch.randn(S, N, E, dtype=torch.float64)
+    _close(model(x), ref(x), "replaced model", rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    ref, ours = _pair(norm_first=True, batch_first=True)
+    ours.train()
+    x = _src(True)
+    src_mask, kpm, _ = _masks("both")
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a = ours(xe, src_mask, kpm)
+    b = compiled(xc, src_mask, kpm)
+    _close(b, a, "compiled output")
+    g = torch.randn_like(a)
+    params = list(ours.parameters())
+    ga = torch.autograd.grad(a, [xe] + params, g)
+    gb = torch.autograd.grad(b, [xc] + params, g)
+    for u, v in zip(gb, ga):
+        _close(u, v, "compiled grad")
+    torch._dynamo.reset()
+
+
+def test_torch_compile_dynamic_shapes():
+    torch._dynamo.reset()
+    _, ours = _pair(batch_first=True)
+    cnt = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(ours, fullgraph=True, backend=cnt, dynamic=True)
+    frames = []
+    for n, s in ((2, 5), (3, 7)):
+        x = torch.randn(n, s, E)
+        kpm = torch.zeros(n, s, dtype=torch.bool)
+        kpm[0, -1] = True
+        _close(compiled(x, None, kpm), ours(x, None, kpm), f"dynamic n={n} s={s}")
+        frames.append(cnt.frame_count)
+    assert frames[1] == frames[0], "a second batch size / sequence length recompiled"
+    torch._dynamo.reset()

@@ -208,7 +208,11 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
             });
       } else {
         if (h) {
-          for (int64_t j = 0; j < N; ++j) h[j] = static_cast<H>(to_acc<A>(x[j]));
+          if constexpr (std::is_same_v<H, T>) {
+            std::copy(x, x + N, h);
+          } else {
+            for (int64_t j = 0; j < N; ++j) h[j] = static_cast<H>(to_acc<A>(x[j]));
+          }
         }
         if constexpr (std::is_same_v<T, A>) {
           v = x;

@@ -6,7 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/irange.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <addnorm/ops.h>
@@ -169,13 +169,17 @@ int64_t check_norm_bwd_inputs(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
-    const at::Tensor& h, const std::optional<at::Tensor>& weight, bool has_bias, int64_t axis) {
+    const at::Tensor& h, const std::optional<at::Tensor>& weight, bool has_bias, bool weight_grad,
+    int64_t axis) {
   const c10::SymInt zero(0);
   const c10::SymIntArrayRef empty_shape(&zero, 1);
   const auto param_shape = h.sym_sizes().slice(axis);
-  const auto param_opts = h.options().dtype(weight.has_value() ? weight->scalar_type() : h.scalar_type());
+  const auto stat_dtype = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto param_opts =
+      h.options().dtype(weight.has_value() ? weight->scalar_type() : stat_dtype);
   auto grad_h = at::empty_symint(h.sym_sizes(), h.options());
-  auto grad_weight = at::empty_symint(weight.has_value() ? param_shape : empty_shape, param_opts);
+  auto grad_weight = at::empty_symint(
+      weight.has_value() && weight_grad ? param_shape : empty_shape, param_opts);
   auto grad_bias = at::empty_symint(has_bias ? param_shape : empty_shape, param_opts);
   return {grad_h, grad_weight, grad_bias};
 }
@@ -199,12 +203,6 @@ c10::TypedOperatorHandle<NormBwdSig> norm_bwd_op() {
 
 namespace {
 
-int64_t product(c10::IntArrayRef dims) {
-  int64_t n = 1;
-  for (const auto d : dims) n *= d;
-  return n;
-}
-
 // _norm_fwd on a real device: checks, allocation, then the device's kernel.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_device(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
@@ -216,8 +214,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_device(
   auto [out, residual_out, mean, rstd] =
       empty_norm_fwd_outputs(input, plan, is_rms, store_residual);
   NormFwdArgs args;
-  args.N = product(input.sizes().slice(plan.axis));
-  args.M = product(input.sizes().slice(0, plan.axis));
+  args.N = c10::multiply_integers(input.sizes().slice(plan.axis));
+  args.M = c10::multiply_integers(input.sizes().slice(0, plan.axis));
   if (args.M == 0) {
     return {out, residual_out, mean, rstd};
   }
@@ -249,15 +247,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_device(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_device(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms) {
+    const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms, bool weight_grad) {
   const int64_t axis =
       check_norm_bwd_inputs(grad_out, grad_residual_out, h, mean, rstd, weight, is_rms);
-  auto [grad_h, grad_weight, grad_bias] = empty_norm_bwd_outputs(h, weight, has_bias, axis);
+  auto [grad_h, grad_weight, grad_bias] =
+      empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, axis);
   NormBwdArgs args;
-  args.N = product(h.sizes().slice(axis));
-  args.M = product(h.sizes().slice(0, axis));
+  args.N = c10::multiply_integers(h.sizes().slice(axis));
+  args.M = c10::multiply_integers(h.sizes().slice(0, axis));
   if (args.M == 0 || args.N == 0) {
-    if (weight.has_value()) grad_weight.zero_();
+    if (grad_weight.numel() > 0) grad_weight.zero_();
     if (has_bias) grad_bias.zero_();
     return {grad_h, grad_weight, grad_bias};
   }
@@ -271,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_device(
   args.rstd = rstd.contiguous().view({args.M});
   if (weight.has_value()) {
     args.gamma = weight->contiguous().view({args.N});
-    args.grad_gamma = grad_weight.view({args.N});
+    if (weight_grad) args.grad_gamma = grad_weight.view({args.N});
   }
   if (has_bias) args.grad_beta = grad_bias.view({args.N});
   args.grad_h = grad_h.view(shape2d);

@@ -20,7 +20,8 @@ bool requires_grad(const std::optional<at::Tensor>& t) {
 
 class NormFunction : public torch::autograd::Function<NormFunction> {
  public:
-  // Returns {out, h}; h is an empty tensor unless return_residual.
+  // Returns {out, h}; h is an empty tensor unless return_residual. Used only when a
+  // gradient can flow (see norm_autograd).
   static variable_list forward(
       AutogradContext* ctx,
       const at::Tensor& input,                    // [..., *normalized_shape]
@@ -31,11 +32,11 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       double eps,
       bool is_rms,
       bool return_residual,
-      bool residual_in_fp32,
-      bool needs_grad) {
+      bool residual_in_fp32) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->set_materialize_grads(false);  // an unused h gets no [M, N] zero gradient
     // Backward needs h; with a residual it exists only if we write it.
-    const bool store_residual = return_residual || (needs_grad && residual.has_value());
+    const bool store_residual = return_residual || residual.has_value();
     auto [out, h, mean, rstd] = norm_fwd_op().call(
         input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
         residual_in_fp32);
@@ -46,6 +47,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         residual.has_value() ? residual->scalar_type() : input.scalar_type();
     ctx->saved_data["has_residual"] = residual.has_value();
     ctx->saved_data["has_bias"] = bias.has_value() && !is_rms;
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : input.scalar_type();
     ctx->saved_data["weight_grad"] = requires_grad(weight);
     ctx->saved_data["bias_grad"] = requires_grad(bias);
     ctx->saved_data["is_rms"] = is_rms;
@@ -85,15 +87,16 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     }
     std::optional<at::Tensor> w;
     if (weight.defined()) w = weight;
+    const bool weight_grad = ctx->saved_data["weight_grad"].toBool();
+    const bool bias_grad = has_bias && ctx->saved_data["bias_grad"].toBool();
     auto [grad_h, grad_weight, grad_bias] = norm_bwd_op().call(
-        grad_out, grad_h_out, x, mean, rstd, w,
-        has_bias && ctx->saved_data["bias_grad"].toBool(), is_rms);
+        grad_out, grad_h_out, x, mean, rstd, w, bias_grad, is_rms, weight_grad);
 
-    variable_list grads(10);  // one per forward argument after ctx
+    variable_list grads(9);  // one per forward argument after ctx
     grads[0] = grad_h.to(input_dtype);
     if (has_residual) grads[1] = grad_h.to(residual_dtype);
-    if (ctx->saved_data["weight_grad"].toBool()) grads[3] = grad_weight;
-    if (has_bias && ctx->saved_data["bias_grad"].toBool()) grads[4] = grad_bias;
+    if (weight_grad) grads[3] = grad_weight;
+    if (bias_grad) grads[4] = grad_bias.to(ctx->saved_data["bias_dtype"].toScalarType());
     return grads;
   }
 };
@@ -106,21 +109,49 @@ bool any_requires_grad(
           requires_grad(bias));
 }
 
+// Without gradients: the forward below autograd, no graph node.
+std::tuple<at::Tensor, at::Tensor> forward_without_grad(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
+    bool residual_in_fp32) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  auto outs = norm_fwd_op().call(
+      input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
+      residual_in_fp32);
+  return {std::get<0>(outs), std::get<1>(outs)};
+}
+
+// The Autograd kernels: the graph node only when a gradient can flow.
+std::tuple<at::Tensor, at::Tensor> norm_autograd(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
+    bool residual_in_fp32) {
+  if (!any_requires_grad(input, residual, weight, bias)) {
+    return forward_without_grad(
+        input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
+        residual_in_fp32);
+  }
+  auto outs = NormFunction::apply(
+      input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
+      residual_in_fp32);
+  return {outs[0], outs[1]};
+}
+
 at::Tensor layer_norm_autograd(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
-  return NormFunction::apply(
-      input, std::nullopt, normalized_shape, weight, bias, eps, false, false, false,
-      any_requires_grad(input, std::nullopt, weight, bias))[0];
+  return std::get<0>(norm_autograd(
+      input, std::nullopt, normalized_shape, weight, bias, eps, false, false, false));
 }
 
 at::Tensor rms_norm_autograd(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, std::optional<double> eps) {
-  return NormFunction::apply(
+  return std::get<0>(norm_autograd(
       input, std::nullopt, normalized_shape, weight, std::nullopt,
-      eps.value_or(default_rms_eps(input.scalar_type())), true, false, false,
-      any_requires_grad(input, std::nullopt, weight, std::nullopt))[0];
+      eps.value_or(default_rms_eps(input.scalar_type())), true, false, false));
 }
 
 std::tuple<at::Tensor, at::Tensor> add_layer_norm_autograd(
@@ -128,21 +159,19 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm_autograd(
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool return_residual,
     bool residual_in_fp32) {
-  auto outs = NormFunction::apply(
+  return norm_autograd(
       input, residual, normalized_shape, weight, bias, eps, false, return_residual,
-      residual_in_fp32, any_requires_grad(input, residual, weight, bias));
-  return {outs[0], outs[1]};
+      residual_in_fp32);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     std::optional<double> eps, bool return_residual, bool residual_in_fp32) {
-  auto outs = NormFunction::apply(
+  return norm_autograd(
       input, residual, normalized_shape, weight, std::nullopt,
       eps.value_or(default_rms_eps(input.scalar_type())), true, return_residual,
-      residual_in_fp32, any_requires_grad(input, residual, weight, std::nullopt));
-  return {outs[0], outs[1]};
+      residual_in_fp32);
 }
 
 }  // namespace

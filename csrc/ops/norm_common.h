@@ -47,12 +47,14 @@ int64_t check_norm_bwd_inputs(
     const std::optional<at::Tensor>& weight,
     bool is_rms);
 
-// (grad_h, grad_weight, grad_bias): grad_weight is [0] without weight, grad_bias [0]
-// without bias.
+// (grad_h, grad_weight, grad_bias): grad_weight is [0] unless weight is given and
+// weight_grad, grad_bias [0] without bias. They have the weight's dtype, or without a
+// weight float32 (float64 for float64 h); the caller casts to the bias's dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
     const at::Tensor& h,
     const std::optional<at::Tensor>& weight,
     bool has_bias,
+    bool weight_grad,
     int64_t axis);
 
 // eps=None of rms_norm: the machine epsilon of the type torch computes in
@@ -65,7 +67,7 @@ using NormFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool, bool);
 using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const std::optional<at::Tensor>&, bool, bool);
+    const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, bool);
 
 c10::TypedOperatorHandle<NormFwdSig> norm_fwd_op();
 c10::TypedOperatorHandle<NormBwdSig> norm_bwd_op();

@@ -41,5 +41,6 @@ TORCH_LIBRARY(addnorm, m) {
   // Internal backward: (grad_h, grad_weight, grad_bias).
   m.def(
       "_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor h, Tensor mean, "
-      "Tensor rstd, Tensor? weight, bool has_bias, bool is_rms) -> (Tensor, Tensor, Tensor)");
+      "Tensor rstd, Tensor? weight, bool has_bias, bool is_rms, bool weight_grad=True) "
+      "-> (Tensor, Tensor, Tensor)");
 }

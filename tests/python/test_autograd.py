@@ -244,3 +244,46 @@ def test_double_backward_is_rejected_or_correct():
     (gxr,) = torch.autograd.grad(out_r.pow(2).sum(), [xr], create_graph=True)
     (ggw_r,) = torch.autograd.grad(gxr.pow(2).sum(), [wr])
     torch.testing.assert_close(ggw, ggw_r)
+
+
+def test_bias_grad_without_weight_is_not_rounded_to_input_dtype():
+    """bf16 input, no weight, fp32 bias: grad_bias is the fp32 sum of grad_out, not a
+    bf16-rounded one."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    g = torch.randn(64, 8).to(torch.bfloat16)
+    torch.ops.addnorm.layer_norm(x, [8], None, b, 1e-5).backward(g)
+    assert b.grad.dtype == torch.float32
+    torch.testing.assert_close(b.grad, g.float().sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_frozen_weight_gets_no_gradient_and_others_are_unchanged():
+    torch.manual_seed(1)
+    x = torch.randn(16, 32, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(32, dtype=torch.float64)  # frozen
+    b = torch.randn(32, dtype=torch.float64, requires_grad=True)
+    torch.ops.addnorm.layer_norm(x, [32], w, b, 1e-5).pow(2).sum().backward()
+    xr = x.detach().clone().requires_grad_()
+    br = b.detach().clone().requires_grad_()
+    torch.nn.functional.layer_norm(xr, [32], w, br, 1e-5).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(b.grad, br.grad)
+    assert w.grad is None
+    # The internal op computes no weight gradient when told not to.
+    out, _, mean, rstd = torch.ops.addnorm._norm_fwd(x.detach(), None, [32], w, b, 1e-5, False, False, False)
+    _, gw, gb = torch.ops.addnorm._norm_bwd(torch.ones_like(out), None, x.detach(), mean, rstd, w, True, False, False)
+    assert gw.numel() == 0 and gb.shape == (32,)
+
+
+def test_unused_h_gets_no_materialized_gradient():
+    """Only out feeds the loss: the gradients equal those of the post-LN form."""
+    torch.manual_seed(2)
+    x = torch.randn(8, 16, requires_grad=True)
+    r = torch.randn(8, 16, requires_grad=True)
+    out, h = torch.ops.addnorm.add_layer_norm(x, r, [16], None, None, 1e-5, return_residual=True)
+    gx, gr = torch.autograd.grad(out.sum() * 0 + (out * out).sum(), [x, r])
+    out2, _ = torch.ops.addnorm.add_layer_norm(x, r, [16], None, None, 1e-5, return_residual=False)
+    gx2, gr2 = torch.autograd.grad((out2 * out2).sum(), [x, r])
+    torch.testing.assert_close(gx, gx2, rtol=0, atol=0)
+    torch.testing.assert_close(gr, gr2, rtol=0, atol=0)

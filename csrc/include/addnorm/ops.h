@@ -21,7 +21,8 @@ ADDNORM_API at::Tensor layer_norm(
     const std::optional<at::Tensor>& bias = std::nullopt,    // [*normalized_shape]
     double eps = 1e-5);
 
-// F.rms_norm: eps = nullopt means torch.finfo(input.dtype).eps.
+// F.rms_norm: eps = nullopt means the machine epsilon of the type torch computes in
+// (float32 for float16/bfloat16/float32 input, float64 for float64), as F.rms_norm does.
 ADDNORM_API at::Tensor rms_norm(
     const at::Tensor& input,                   // [..., *normalized_shape]
     at::IntArrayRef normalized_shape,

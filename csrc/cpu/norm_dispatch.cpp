@@ -53,12 +53,10 @@ void norm_bwd(const NormBwdArgs& args) {
                                                 : at::ones({args.N}, opts);
   at::Tensor partials;
   if (args.grad_gamma.defined() || args.grad_beta.defined()) {
-    // One partial per chunk of rows; the chunk count depends only on M and the
+    // One partial (in the compute type) per chunk of rows; the chunk count depends only on M and the
     // thread count, so the summation order (and the result) repeats bitwise.
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), args.M));
-    // float32/float64 h: double partials (float32 gradients then round once).
-    const bool wide = args.h.scalar_type() == at::kFloat || args.h.scalar_type() == at::kDouble;
-    partials = at::empty({chunks, 2, args.N}, opts.dtype(wide ? at::kDouble : at::kFloat));
+    partials = at::empty({chunks, 2, args.N}, opts);
   }
   if (use_avx2()) {
     AVX2::norm_bwd_kernel(args, gamma, partials);

@@ -10,7 +10,6 @@
 #include <cmath>
 #include <memory>
 #include <type_traits>
-#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -125,22 +124,30 @@ double blocked_sum(int64_t n, const FV& fv, const FS& fs) {
   return total.sum;
 }
 
-// (v - mean) * rstd. For float64 (where nothing wider is cheap) the difference is kept
-// exactly as a sum of two doubles (TwoSum), so only the final product rounds; float32
-// and narrower already compute in a type wider than their output's precision needs.
+// (v - mean) * rstd, with mean = mean_hi + mean_lo and rstd = rstd_hi + rstd_lo given as
+// the compute type plus the rounding error of the double statistics, so that rounding
+// mean and rstd to float costs no accuracy. For float64 (nothing wider is cheap) the
+// difference is kept exactly as a sum of two doubles (TwoSum): only the product rounds.
 template <typename S>
-inline S normalized(const S& v, const S& mean, const S& rstd) {
-  if constexpr (std::is_same_v<S, double> || std::is_same_v<S, Vectorized<double>>) {
-    const S hi = v - mean;
-    const S z = hi - v;
-    const S lo = (v - (hi - z)) - (mean + z);
-    if constexpr (std::is_same_v<S, double>) {
-      return std::fma(hi, rstd, lo * rstd);
-    } else {
-      return at::vec::fmadd(hi, rstd, lo * rstd);
-    }
+inline S fma_of(const S& a, const S& b, const S& c) {
+  if constexpr (std::is_floating_point_v<S>) {
+    return std::fma(a, b, c);
   } else {
-    return (v - mean) * rstd;
+    return at::vec::fmadd(a, b, c);
+  }
+}
+
+template <typename S>
+inline S normalized(const S& v, const S& mean_hi, const S& mean_lo, const S& rstd_hi,
+                    const S& rstd_lo) {
+  if constexpr (std::is_same_v<S, double> || std::is_same_v<S, Vectorized<double>>) {
+    const S hi = v - mean_hi;
+    const S z = hi - v;
+    const S lo = (v - (hi - z)) - (mean_hi + z);
+    return fma_of(hi, rstd_hi, lo * rstd_hi);
+  } else {
+    const S d = (v - mean_hi) - mean_lo;
+    return fma_of(d, rstd_hi, d * rstd_lo);
   }
 }
 
@@ -169,12 +176,6 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
   const bool rms = args.rms;
   const double eps = args.eps;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
-  // float32: gamma and beta in double once per call, for the double output pass.
-  std::vector<double> gamma_d, beta_d;
-  if constexpr (std::is_same_v<T, float>) {
-    gamma_d.assign(gamma, gamma + N);
-    beta_d.assign(beta, beta + N);
-  }
 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<A[]> scratch(new A[N]);
@@ -256,29 +257,23 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
 
       // Pass 3: out = (v - mean) * rstd * gamma + beta.
       T* y = y_base + i * N;
-      if constexpr (std::is_same_v<T, float>) {
-        // float32 output: compute in double with the unrounded mean and rstd, so the
-        // result is rounded once (GCC vectorizes this loop: no reduction, fma contracted).
-        const double* gd = gamma_d.data();
-        const double* bd = beta_d.data();
-#pragma omp simd
-        for (int64_t j = 0; j < N; ++j) {
-          y[j] = static_cast<float>((static_cast<double>(v[j]) - mean) * rstd * gd[j] + bd[j]);
-        }
-        continue;
-      }
-      const V rstd_v(rstd_a);
+      // mean and rstd as the compute type plus their rounding error (see normalized).
+      const A mean_lo = static_cast<A>(mean - static_cast<double>(mean_a));
+      const A rstd_lo = static_cast<A>(rstd - static_cast<double>(rstd_a));
+      const V rstd_v(rstd_a), mean_lo_v(mean_lo), rstd_lo_v(rstd_lo);
       int64_t j = 0;
       for (; j + W <= N; j += W) {
         const V o0 = at::vec::fmadd(
-            normalized(V::loadu(v + j), mean_v, rstd_v), V::loadu(gamma + j), V::loadu(beta + j));
+            normalized(V::loadu(v + j), mean_v, mean_lo_v, rstd_v, rstd_lo_v),
+            V::loadu(gamma + j), V::loadu(beta + j));
         const V o1 = at::vec::fmadd(
-            normalized(V::loadu(v + j + V::size()), mean_v, rstd_v),
+            normalized(V::loadu(v + j + V::size()), mean_v, mean_lo_v, rstd_v, rstd_lo_v),
             V::loadu(gamma + j + V::size()), V::loadu(beta + j + V::size()));
         Pack<T>::store(y + j, o0, o1);
       }
       for (; j < N; ++j) {
-        y[j] = static_cast<T>(normalized(v[j], mean_a, rstd_a) * gamma[j] + beta[j]);
+        y[j] = static_cast<T>(
+            normalized(v[j], mean_a, mean_lo, rstd_a, rstd_lo) * gamma[j] + beta[j]);
       }
     }
   });
@@ -384,14 +379,16 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& gamma_t, const at
         const A c2 = static_cast<A>(sum_gx.sum / N);
 
         // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h).
-        const V c1_v(c1), c2_v(c2);
+        const V c1_v(c1), neg_c2_v(-c2);
         X* dx = dx_base + i * N;
         const X* dres = dres_base ? dres_base + i * N : nullptr;
         int64_t j = 0;
         for (; j + W <= N; j += W) {
-          V d0 = rstd_v * (V::loadu(g.get() + j) - c1_v - V::loadu(xhat.get() + j) * c2_v);
-          V d1 = rstd_v * (V::loadu(g.get() + j + V::size()) - c1_v -
-                           V::loadu(xhat.get() + j + V::size()) * c2_v);
+          // fma: xhat * c2 is not rounded before the subtraction.
+          V d0 = rstd_v * at::vec::fmadd(V::loadu(xhat.get() + j), neg_c2_v,
+                                         V::loadu(g.get() + j) - c1_v);
+          V d1 = rstd_v * at::vec::fmadd(V::loadu(xhat.get() + j + V::size()), neg_c2_v,
+                                         V::loadu(g.get() + j + V::size()) - c1_v);
           if (dres) {
             V r0, r1;
             Pack<X>::load(dres + j, r0, r1);
@@ -401,7 +398,7 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& gamma_t, const at
           Pack<X>::store(dx + j, d0, d1);
         }
         for (; j < N; ++j) {
-          A d = rstd_a * (g[j] - c1 - xhat[j] * c2);
+          A d = rstd_a * fma_of(xhat[j], -c2, g[j] - c1);
           if (dres) d += to_acc<A>(dres[j]);
           dx[j] = static_cast<X>(d);
         }
@@ -423,85 +420,10 @@ void norm_fwd_reduced(const NormFwdArgs& args, const at::Tensor& gamma, const at
   }
 }
 
-// Backward for float32 h (float32 input, or float16/bfloat16 input with a float32
-// residual stream): computed in double from the raw inputs, with double row sums and
-// double dgamma/dbeta partials, so float32 gradients are rounded once. Plain loops that
-// GCC vectorizes (omp simd for the reductions: a fixed, deterministic order).
-template <typename G>
-void norm_bwd_float_h(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& partials) {
-  const int64_t M = args.M;
-  const int64_t N = args.N;
-  const G* dy_base = args.grad_out.const_data_ptr<G>();
-  const float* dres_base =
-      args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<float>() : nullptr;
-  const float* h_base = args.h.const_data_ptr<float>();
-  const float* mean_base = args.mean.defined() ? args.mean.const_data_ptr<float>() : nullptr;
-  const float* rstd_base = args.rstd.const_data_ptr<float>();
-  const float* gamma = gamma_t.const_data_ptr<float>();
-  float* dx_base = args.grad_h.mutable_data_ptr<float>();
-  double* partial_base = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
-  const int64_t chunks = partials.defined() ? partials.size(0)
-                                            : std::max<int64_t>(1, at::get_num_threads());
-  const bool rms = args.rms;
-
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      double* dgamma = partial_base ? partial_base + c * 2 * N : nullptr;
-      double* dbeta = partial_base ? dgamma + N : nullptr;
-      if (dgamma) std::fill(dgamma, dgamma + 2 * N, 0.0);
-      const int64_t row_begin = M * c / chunks;
-      const int64_t row_end = M * (c + 1) / chunks;
-      for (int64_t i = row_begin; i < row_end; ++i) {
-        const G* dy = dy_base + i * N;
-        const float* h = h_base + i * N;
-        const double mean = mean_base ? mean_base[i] : 0.0;
-        const double rstd = rstd_base[i];
-        double sum_g = 0.0, sum_gx = 0.0;
-        if (dgamma) {
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-          for (int64_t j = 0; j < N; ++j) {
-            const double dyj = static_cast<float>(dy[j]);
-            const double xh = (h[j] - mean) * rstd;
-            const double gj = dyj * gamma[j];
-            sum_g += gj;
-            sum_gx += gj * xh;
-            dgamma[j] += dyj * xh;
-            dbeta[j] += dyj;
-          }
-        } else {
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-          for (int64_t j = 0; j < N; ++j) {
-            const double gj = static_cast<double>(static_cast<float>(dy[j])) * gamma[j];
-            sum_g += gj;
-            sum_gx += gj * ((h[j] - mean) * rstd);
-          }
-        }
-        const double c1 = rms ? 0.0 : sum_g / N;
-        const double c2 = sum_gx / N;
-        float* dx = dx_base + i * N;
-        const float* dres = dres_base ? dres_base + i * N : nullptr;
-        if (dres) {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) {
-            const double gj = static_cast<double>(static_cast<float>(dy[j])) * gamma[j];
-            dx[j] = static_cast<float>(rstd * (gj - c1 - (h[j] - mean) * rstd * c2) + dres[j]);
-          }
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) {
-            const double gj = static_cast<double>(static_cast<float>(dy[j])) * gamma[j];
-            dx[j] = static_cast<float>(rstd * (gj - c1 - (h[j] - mean) * rstd * c2));
-          }
-        }
-      }
-    }
-  });
-}
-
 template <typename G>
 void norm_bwd_reduced(const NormBwdArgs& args, const at::Tensor& gamma, const at::Tensor& partials) {
   if (args.h.scalar_type() == at::kFloat) {
-    norm_bwd_float_h<G>(args, gamma, partials);
+    norm_bwd_typed<G, float>(args, gamma, partials);
   } else {
     norm_bwd_typed<G, G>(args, gamma, partials);
   }
@@ -529,7 +451,7 @@ void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& gamma, const at:
     case at::kFloat:
       TORCH_CHECK(args.h.scalar_type() == at::kFloat, "addnorm: grad_out is float32 but h is ",
                   args.h.scalar_type());
-      return norm_bwd_float_h<float>(args, gamma, partials);
+      return norm_bwd_typed<float, float>(args, gamma, partials);
     case at::kDouble:
       TORCH_CHECK(args.h.scalar_type() == at::kDouble, "addnorm: grad_out is float64 but h is ",
                   args.h.scalar_type());

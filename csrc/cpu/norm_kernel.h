@@ -14,8 +14,8 @@ namespace addnorm::cpu {
   /* gamma, beta: [N] in the compute type (float32; float64 for float64 input). */        \
   void norm_fwd_kernel(const NormFwdArgs& args, const at::Tensor& gamma,                  \
                        const at::Tensor& beta);                                            \
-  /* partials: [chunks, 2, N] (dgamma, dbeta per chunk of rows; float64 for float32 */  \
-  /* and float64 h, else float32), or undefined when neither gradient is wanted. */      \
+  /* partials: [chunks, 2, N] compute type (dgamma, dbeta per chunk of rows), or      */  \
+  /* undefined when neither gradient is wanted.                                      */  \
   void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& gamma,                  \
                        const at::Tensor& partials);                                        \
   }

@@ -9,7 +9,13 @@ DEPS_STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := build/.built
 SOURCES := $(shell find csrc tests/cpp cmake -type f 2>/dev/null) CMakeLists.txt setup.py
 
-.PHONY: run test build deps bench clean
+EXAMPLE_DIR := build/example
+INSTALL_DIR := build/install
+EXAMPLE_STAMP := $(EXAMPLE_DIR)/.configured
+# The venv's cmake and ninja (pinned in requirements.txt).
+VENV_PATH = PATH="$(abspath $(VENV))/bin:$$PATH"
+
+.PHONY: run test build deps bench bench-encoder example install clean
 
 run: build
 	$(PY) -m addnorm
@@ -17,9 +23,32 @@ run: build
 test: build
 	$(PY) -m pytest tests/python -q
 	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure
+	$(MAKE) --no-print-directory example
+
+# The C++ example (examples/cpp) as an outside project: install the CMake package into
+# $(INSTALL_DIR), build the app against it in $(EXAMPLE_DIR) (configured once, then
+# incremental) and run it on the inputs make_inputs.py writes (rewritten only when
+# make_inputs.py changes).
+install: build
+	$(VENV_PATH) cmake --install $(BUILD_DIR) --prefix $(INSTALL_DIR)
+
+$(EXAMPLE_DIR)/inputs.pt: examples/cpp/make_inputs.py $(DEPS_STAMP)
+	$(PY) examples/cpp/make_inputs.py $@
+
+$(EXAMPLE_STAMP): examples/cpp/CMakeLists.txt $(DEPS_STAMP) | install
+	$(VENV_PATH) cmake -S examples/cpp -B $(EXAMPLE_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$(abspath $(INSTALL_DIR));$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	touch $@
+
+example: install $(EXAMPLE_STAMP) $(EXAMPLE_DIR)/inputs.pt
+	$(VENV_PATH) cmake --build $(EXAMPLE_DIR)
+	$(EXAMPLE_DIR)/app $(EXAMPLE_DIR)/inputs.pt
 
 bench: build
 	$(PY) benchmarks/bench_norm.py --json benchmarks/results/cpu.json --md benchmarks/results/cpu.md
+
+bench-encoder: build
+	$(PY) benchmarks/bench_encoder.py --json benchmarks/results/encoder_cpu.json --md benchmarks/results/encoder_cpu.md
 
 deps: $(DEPS_STAMP)
 

@@ -7,6 +7,9 @@
 #
 #   scripts/gpu_check.sh OUT_DIR
 #
+# On the lent GPU machine, where at most 8 files come back, pack the folder:
+#   scripts/gpu_check.sh /tmp/gpu_check; tar -czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
+#
 # OUT_DIR receives one log per step (<step>.log), pytest_cuda.xml (tests/python/test_cuda.py),
 # pytest.xml (the rest of the suite's CUDA tests), gpu.json and gpu.md (the benchmark) and
 # summary.txt, which is also printed at the end. Every step has a timeout
@@ -206,10 +209,19 @@ bench() {
     --json "$OUT_DIR/gpu.json" --md "$OUT_DIR/gpu.md"
 }
 
+# One encoder layer at the size the targets name (d_model 1024, nhead 16, seq 512,
+# batch 32, bf16): forward+backward vs nn.TransformerEncoderLayer, eval vs its fast path.
+encoder_bench() {
+  set -x
+  "$PY" benchmarks/bench_encoder.py --device cuda --shapes 1024x16x512x32 --dtypes bf16 \
+    --modes fwdbwd,eval --no-progress \
+    --json "$OUT_DIR/encoder_gpu.json" --md "$OUT_DIR/encoder_gpu.md"
+}
+
 # ------------------------------------------------------------------------------- run
 
 export PY ROOT OUT_DIR SANITIZER NPROC DEADLINE
-export -f env_info build test_cuda tests memcheck racecheck bench
+export -f env_info build test_cuda tests memcheck racecheck encoder_bench bench
 
 run_step env 60 env_info
 ENV_OK=$?
@@ -234,9 +246,12 @@ if [ $BUILD_OK -eq 0 ]; then
     skip_step racecheck "compute-sanitizer not found"
   fi
   run_step tests 150 tests
+  run_step encoder 120 encoder_bench
   run_step bench 600 bench
 else
-  for s in test_cuda memcheck racecheck tests bench; do skip_step "$s" "build failed"; done
+  for s in test_cuda memcheck racecheck tests encoder bench; do
+    skip_step "$s" "build failed"
+  done
 fi
 
 # ------------------------------------------------------------------------------- summary

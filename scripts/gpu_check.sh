@@ -7,8 +7,8 @@
 #
 #   scripts/gpu_check.sh OUT_DIR
 #
-# On the lent GPU machine, where at most 8 files come back, pack the folder:
-#   scripts/gpu_check.sh /tmp/gpu_check; tar -czf "$OUT/gpu_check.tgz" -C /tmp gpu_check
+# To carry the results off the GPU machine as one file, pack the folder:
+#   scripts/gpu_check.sh /tmp/gpu_check; tar -czf gpu_check.tgz -C /tmp gpu_check
 #
 # OUT_DIR receives one log per step (<step>.log), pytest_cuda.xml (tests/python/test_cuda.py),
 # pytest.xml (the rest of the suite's CUDA tests), gpu.json and gpu.md (the benchmark) and

@@ -177,8 +177,11 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
   const double eps = args.eps;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
 
+  // float32/float64 rows without a residual are normalized in place: no scratch row.
+  const bool needs_scratch = r_base != nullptr || !std::is_same_v<T, A>;
+
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<A[]> scratch(new A[N]);
+    std::unique_ptr<A[]> scratch(needs_scratch ? new A[N] : nullptr);
     for (int64_t i = begin; i < end; ++i) {
       const T* x = x_base + i * N;
       H* h = h_base ? h_base + i * N : nullptr;

@@ -15,7 +15,11 @@ inference), bwd (the ``.backward()`` call alone, on a fresh forward graph each r
 fwdbwd (both). Every repetition runs forward then backward with a clock mark between them,
 so the three modes come from the same runs. Implementations are interleaved round-robin;
 caches are flushed before every repetition (--no-flush to keep them warm); medians reported.
-CPU: time.perf_counter; CUDA: torch.cuda.Event.
+CPU: time.perf_counter; CUDA: torch.cuda.Event, with the flush (256 MiB) enqueued before the
+forward and again before the backward, so that the GPU is still busy while the host enqueues
+the timed work: the figures are GPU time as long as an implementation's host time per call
+stays under the flush's GPU time (~0.1 ms on an H100). For CUDA figures at every size, GPU
+time from CUDA-graph replays with host time as its own column, use benchmarks/bench_cuda.py.
 
 Bandwidth: the same run measures dst.copy_(src) on 256 MiB (bytes read + written / time,
 median); each addnorm result shows GB/s over the minimal bytes (each input read once, each

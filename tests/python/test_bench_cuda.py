@@ -1,0 +1,67 @@
+"""The plumbing of benchmarks/bench_cuda.py (the CUDA benchmark), run on the CPU with the
+GPU clocks replaced: every implementation's step for every mode computes what it should
+(outputs, and gradients for every input), a row per mode comes out with ratios and the
+bandwidth fraction, and the table formats. The timing itself needs a GPU."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_cuda", os.path.join(ROOT, "benchmarks", "bench_cuda.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "DEVICE", "cpu")
+    calls = []
+
+    def fake_time(step, flush, k, reps):
+        out = step()
+        calls.append(out)
+        return 1e-5 if len(calls) % 2 else 2e-5
+
+    monkeypatch.setattr(mod, "time_graph", fake_time)
+    monkeypatch.setattr(mod, "host_time", lambda step: (step(), 3e-6)[1])
+    mod.calls = calls
+    return mod
+
+
+class Args:
+    no_compile = True
+    no_liger = True
+    reps = 1
+
+
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_layer_norm_prenorm", "add_rms_norm"])
+def test_bench_case_rows(bench, op):
+    rows = bench.bench_case("small", op, "fp32", 8, 64, bench.MODES, Args(), lambda: None, 1000.0)
+    assert [r["mode"] for r in rows] == list(bench.MODES)
+    for r in rows:
+        assert set(r["impls"]) == {"addnorm", "eager"}, r["errors"]
+        assert r["method"] == {"addnorm": "graph", "eager": "graph"}
+        assert r["speedup"]["eager"] == pytest.approx(2.0)
+        assert r["frac_copy"] == pytest.approx(r["bytes"] / 1e-5 / 1e9 / 1000.0)
+        if r["mode"] in ("fwd", "fwd_train"):
+            assert r["impls"]["addnorm"]["host_s"] == 3e-6
+    header, lines = bench.table(rows)
+    assert len(lines) == len(rows) and all(len(line) == len(header) for line in lines)
+
+
+def test_steps_compute_gradients(bench):
+    """bwd and fwdbwd steps return a gradient for every input (x, residual, weight, bias),
+    equal for addnorm and eager; fwd returns the output without a graph."""
+    x, r, w, b, grads = bench.make_inputs("add_layer_norm", torch.float64, 4, 16)
+    fns = bench.impl_fns("add_layer_norm", 16, w, b, False, False)
+    fwd = {n: bench.steps_for(f, "fwd", x, r, w, b, grads)() for n, f in fns.items()}
+    assert not fwd["addnorm"][0].requires_grad
+    torch.testing.assert_close(fwd["addnorm"][0], fwd["eager"][0])
+    for mode in ("bwd", "fwdbwd"):
+        res = {n: bench.steps_for(f, mode, x, r, w, b, grads)() for n, f in fns.items()}
+        assert len(res["addnorm"]) == 4 and all(g is not None for g in res["addnorm"])
+        for a, e in zip(res["addnorm"], res["eager"]):
+            torch.testing.assert_close(a, e)

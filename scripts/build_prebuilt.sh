@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds libaddnorm.so and addnorm._C for another Python into build/prebuilt/, for
+# scripts/gpu_check.sh on a machine that should not spend its time compiling (the GPU
+# machine: Python 3.12 with torch 2.11.0+cu130; a Python 3.12 venv with torch==2.11.0 from
+# PyPI is the same build, so the result loads there).
+#
+#   PYTHON=/path/to/python3.12 scripts/build_prebuilt.sh
+#
+# PYTHON must have torch (the version requirements.txt pins), pybind11, cmake and ninja.
+# Default: .venv-py312/bin/python, created with python3.12 and requirements.txt when absent.
+# TORCH_CUDA_ARCH_LIST defaults to 9.0 (H100/H200).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-$ROOT/.venv-py312/bin/python}
+if [ ! -x "$PY" ]; then
+  echo "creating .venv-py312 (python3.12) with the pinned requirements"
+  python3.12 -m venv "$ROOT/.venv-py312"
+  "$ROOT/.venv-py312/bin/python" -m pip install --disable-pip-version-check -r requirements.txt
+  PY=$ROOT/.venv-py312/bin/python
+fi
+want=$(grep -E '^torch==' requirements.txt | cut -d= -f3)
+have=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])")
+if [ "$want" != "$have" ]; then
+  echo "error: $PY has torch $have; requirements.txt pins $want" >&2
+  exit 1
+fi
+prefix=$("$PY" -c "import torch, pybind11; print(torch.utils.cmake_prefix_path + ';' + pybind11.get_cmake_dir())")
+bin=$(dirname "$PY")
+export PATH="$bin:$PATH" TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+cmake -S "$ROOT" -B "$ROOT/build/prebuilt-cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  "-DCMAKE_PREFIX_PATH=$prefix" "-DPython_EXECUTABLE=$PY" \
+  "-DADDNORM_PYTHON_OUTPUT_DIR=$ROOT/build/prebuilt" -DADDNORM_CUDA=ON -DADDNORM_BUILD_TESTS=OFF
+cmake --build "$ROOT/build/prebuilt-cmake" -j "${MAX_JOBS:-$(nproc)}"
+"$PY" -c "import torch; print(torch.__version__)" >"$ROOT/build/prebuilt/torch_version.txt"
+ls -la "$ROOT/build/prebuilt"

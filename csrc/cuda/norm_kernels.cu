@@ -1,11 +1,15 @@
 // CUDA kernels of the fused residual-add + LayerNorm / RMSNorm ops (see ops/norm_kernels.h).
 //
 // Forward, per row of N elements: h = x (+ residual) in fp32 (fp64 for fp64), rounded to h's
-// dtype (and stored when asked for); mean and rstd from the rounded h, two-pass in registers
-// or Welford when looping; out = (h - mean) * rstd * gamma + beta in x's dtype.
+// dtype (and stored when asked for); mean and rstd of the rounded h with the row sums in
+// double (double-double for fp64): two-pass in registers, or sums of h - shift (shift = the
+// row's first h) in one sweep when looping; out = (h - mean) * rstd * gamma + beta in x's
+// dtype, with the float32 mean and rstd carrying the rounding error of their double values
+// (so the output is as accurate as if the statistics were exact).
 // Backward, per row: grad_h = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma
-// (RMS drops mean(g)), plus grad_residual_out; grad_gamma / grad_beta from fp32 per-CTA
-// partials summed by a finalize kernel in a fixed order (bitwise reproducible, no atomics).
+// rounded once (RMS drops mean(g)), plus grad_residual_out; the row sums in double
+// (double-double for fp64); grad_gamma / grad_beta from fp32 per-CTA partials summed in
+// double by a finalize kernel in a fixed order (bitwise reproducible, no atomics).
 //
 // Paths, chosen at run time per call:
 //   register path  the row lives in registers; threads per row (TPR) sized to N: several
@@ -94,7 +98,8 @@ struct FwdParams {
   A* rstd;            // [M]
   int64_t M;
   int64_t N;
-  A eps;
+  RowLength len;  // N and 1 / N
+  double eps;
 };
 
 template <typename T, typename H, typename W>
@@ -111,6 +116,7 @@ struct BwdParams {
   A* part_beta;      // [P, N] per-CTA partial sums of dy; nullptr when not wanted
   int64_t M;
   int64_t N;
+  RowLength len;     // N and 1 / N
 };
 
 // h = x (+ residual) for VEC elements at offset off, rounded to H when a residual is added
@@ -129,24 +135,73 @@ __device__ __forceinline__ void load_h(const T* __restrict__ x, const R* __restr
   }
 }
 
-// out = (h - mean) * rstd * gamma + beta for the VEC elements at offset off (column col).
+// (h - mean) * rstd from the double statistics. float: mean and rstd as float plus the
+// rounding error of their double values (the stored float32 statistics are the first parts),
+// as the CPU kernels do; double: h - mean kept exactly as a sum of two doubles (TwoSum)
+// before scaling.
+template <typename A>
+struct Normalizer;
+
+template <>
+struct Normalizer<float> {
+  float mean_hi, mean_lo, rstd_hi, rstd_lo;
+  __device__ __forceinline__ Normalizer(double mean, double rstd) {
+    mean_hi = static_cast<float>(mean);
+    mean_lo = isfinite(mean_hi) ? static_cast<float>(mean - static_cast<double>(mean_hi)) : 0.0f;
+    rstd_hi = static_cast<float>(rstd);
+    rstd_lo = isfinite(rstd_hi) ? static_cast<float>(rstd - static_cast<double>(rstd_hi)) : 0.0f;
+  }
+  __device__ __forceinline__ float stored_mean() const { return mean_hi; }
+  __device__ __forceinline__ float stored_rstd() const { return rstd_hi; }
+  __device__ __forceinline__ float operator()(float v) const {
+    const float d = sub_rn(sub_rn(v, mean_hi), mean_lo);
+    return fma_rn(d, rstd_hi, mul_rn(d, rstd_lo));
+  }
+};
+
+template <>
+struct Normalizer<double> {
+  double mean, rstd;
+  __device__ __forceinline__ Normalizer(double m, double r) : mean(m), rstd(r) {}
+  __device__ __forceinline__ double stored_mean() const { return mean; }
+  __device__ __forceinline__ double stored_rstd() const { return rstd; }
+  __device__ __forceinline__ double operator()(double v) const {
+    const double hi = sub_rn(v, mean);
+    const double z = sub_rn(hi, v);
+    const double lo = sub_rn(sub_rn(v, sub_rn(hi, z)), mean + z);
+    return fma_rn(hi, rstd, mul_rn(lo, rstd));
+  }
+};
+
+__device__ __forceinline__ double rstd_of(double var, double eps) { return rsqrt_of(var + eps); }
+
+// out = norm(h) * gamma + beta for the VEC elements at offset off (column col).
 template <int VEC, typename T, typename R, typename H, typename W, typename A>
 __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, int64_t off,
-                                                int64_t col, const A (&h)[VEC], A mean, A rstd) {
+                                                int64_t col, const A (&h)[VEC],
+                                                const Normalizer<A>& norm) {
   A y[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    y[j] = (h[j] - mean) * rstd;
+    y[j] = norm(h[j]);
   }
   if (p.gamma != nullptr) {
     A g[VEC];
     load_vec<VEC>(p.gamma + col, g);
+    if (p.beta != nullptr) {
+      A b[VEC];
+      load_vec<VEC>(p.beta + col, b);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      y[j] *= g[j];
+      for (int j = 0; j < VEC; ++j) {
+        y[j] = fma_rn(y[j], g[j], b[j]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        y[j] = mul_rn(y[j], g[j]);
+      }
     }
-  }
-  if (p.beta != nullptr) {
+  } else if (p.beta != nullptr) {
     A b[VEC];
     load_vec<VEC>(p.beta + col, b);
 #pragma unroll
@@ -159,16 +214,17 @@ __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, 
 
 // ------------------------------------------------------------------------------------------
 // Forward, register path: each thread holds VPT vectors of VEC elements of its row
-// (vector i*TPR + tid), so the row is read once and both statistics passes run on registers.
+// (vector i*TPR + tid), so the row is read once and both statistics passes (the sum, then the
+// squared deviations from the mean, both in double / double-double) run on registers.
 template <typename T, typename R, typename H, typename W, bool RMS, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxThreads)
     norm_fwd_register_kernel(const FwdParams<T, R, H, W> p) {
   using A = at::opmath_type<T>;
-  __shared__ A red[kMaxWarps];
+  using S = stat_t<A>;
+  __shared__ S red[kMaxWarps];
   const int tpr = blockDim.x;
   const int tid = threadIdx.x;
   const int64_t nvec = p.N / VEC;
-  const A n = static_cast<A>(p.N);
   for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.M;
        row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t row = row0 + threadIdx.y;
@@ -190,143 +246,119 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
       }
     }
-    A mean = A(0);
-    A sq[1] = {A(0)};
+    S s[1];
+    double mean = 0.0;  // RMSNorm: deviations from 0
     if constexpr (!RMS) {
-      A sum[1] = {A(0)};
+      stat_zero(s[0]);
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          sum[0] += h[i][j];
+          stat_add(s[0], static_cast<double>(h[i][j]));  // out-of-range slots hold zeros
         }
       }
-      row_allreduce_sum(sum, red);
-      mean = sum[0] / n;
+      row_allreduce(s, red);
+      mean = stat_mean(s[0], p.len);
+    }
+    stat_zero(s[0]);
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-        if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const A d = h[i][j] - mean;
-            sq[0] += d * d;
-          }
-        }
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) {
+    for (int i = 0; i < VPT; ++i) {
+      if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          sq[0] += h[i][j] * h[i][j];
+          const double d = static_cast<double>(h[i][j]) - mean;
+          stat_add_prod(s[0], d, d);
         }
       }
     }
-    row_allreduce_sum(sq, red);
-    const A rstd = inv_sqrt(sq[0] / n + p.eps);
+    row_allreduce(s, red);
+    const Normalizer<A> norm(mean, rstd_of(stat_mean(s[0], p.len), p.eps));
     if (row_vecs > 0 && tid == 0) {
       if constexpr (!RMS) {
-        p.mean[row] = mean;
+        p.mean[row] = norm.stored_mean();
       }
-      p.rstd[row] = rstd;
+      p.rstd[row] = norm.stored_rstd();
     }
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
       if (vi < row_vecs) {
-        normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, h[i], mean, rstd);
+        normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, h[i], norm);
       }
     }
   }
 }
 
-// Forward, looping path (any N): Welford statistics (sum of squares for RMS) while sweeping
-// the row, then a second sweep that recomputes h and writes out (and h).
+// Forward, looping path (any N): one sweep over the row sums d = h - shift and d * d in
+// double / double-double (shift = h of the row's first element, read by every thread; for
+// RMSNorm shift = 0), so the variance sum(d^2) / N - (sum(d) / N)^2 loses nothing to the
+// shift at float32 precision; a second sweep recomputes h and writes out (and h).
 template <typename T, typename R, typename H, typename W, bool RMS, int VEC>
 __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     norm_fwd_looping_kernel(const FwdParams<T, R, H, W> p) {
   using A = at::opmath_type<T>;
+  using S = stat_t<A>;
+  constexpr int K = RMS ? 1 : 2;
   constexpr int U = kLoopUnroll<A, VEC>;
-  __shared__ A red[kMaxWarps * 3];
+  __shared__ S red[kMaxWarps * K];
   const int64_t tpr = blockDim.x;
   const int tid = threadIdx.x;
   const int64_t nvec = p.N / VEC;
-  const A n = static_cast<A>(p.N);
   for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.M;
        row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t row = row0 + threadIdx.y;
     const int64_t row_vecs = row < p.M ? nvec : 0;
     const int64_t row_off = row * p.N;
-    A mean = A(0);
-    A rstd;
-    if constexpr (RMS) {
-      A sq[1] = {A(0)};
-      for (int64_t base = tid; base < row_vecs; base += tpr * U) {
-        A h[U][VEC];
+    double shift = 0.0;
+    if constexpr (!RMS) {
+      if (row_vecs > 0) {
+        A h0[1];
+        load_h<1, H>(p.x, p.residual, row_off, h0);
+        shift = static_cast<double>(h0[0]);
+      }
+    }
+    S sums[K];
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t vi = base + u * tpr;
-          if (vi < row_vecs) {
-            load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[u]);
-          } else {
+    for (int k = 0; k < K; ++k) {
+      stat_zero(sums[k]);
+    }
+    for (int64_t base = tid; base < row_vecs; base += tpr * U) {
+      A h[U][VEC];
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              h[u][j] = A(0);
-            }
-          }
+      for (int u = 0; u < U; ++u) {
+        const int64_t vi = base + u * tpr;
+        if (vi < row_vecs) {
+          load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[u]);
         }
+      }
 #pragma unroll
-        for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < U; ++u) {
+        if (base + u * tpr < row_vecs) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            sq[0] += h[u][j] * h[u][j];
+            const double d = static_cast<double>(h[u][j]) - shift;
+            if constexpr (!RMS) {
+              stat_add(sums[0], d);
+            }
+            stat_add_prod(sums[K - 1], d, d);
           }
         }
       }
-      row_allreduce_sum(sq, red);
-      rstd = inv_sqrt(sq[0] / n + p.eps);
-    } else {
-      // Each step merges the exact two-pass statistics of U * VEC elements into the running ones.
-      Welford<A> w{A(0), A(0), A(0)};
-      for (int64_t base = tid; base < row_vecs; base += tpr * U) {
-        A h[U][VEC];
-        A count = A(0);
-        A sum = A(0);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t vi = base + u * tpr;
-          if (vi < row_vecs) {
-            load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[u]);
-            count += A(VEC);
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              sum += h[u][j];
-            }
-          }
-        }
-        const A chunk_mean = sum * reciprocal(count);  // count >= VEC: `base` is in range
-        A m2 = A(0);
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          if (base + u * tpr < row_vecs) {
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              const A d = h[u][j] - chunk_mean;
-              m2 += d * d;
-            }
-          }
-        }
-        w = welford_merge(w, Welford<A>{count, chunk_mean, m2});
-      }
-      w = row_allreduce_welford(w, red);
-      mean = w.mean;
-      rstd = inv_sqrt(w.m2 / n + p.eps);
     }
+    row_allreduce(sums, red);
+    double mean = 0.0;
+    double var;
+    if constexpr (RMS) {
+      var = stat_mean(sums[0], p.len);
+    } else {
+      shifted_moments(sums[0], sums[1], p.len, shift, mean, var);
+    }
+    const Normalizer<A> norm(mean, rstd_of(var, p.eps));
     if (row_vecs > 0 && tid == 0) {
       if constexpr (!RMS) {
-        p.mean[row] = mean;
+        p.mean[row] = norm.stored_mean();
       }
-      p.rstd[row] = rstd;
+      p.rstd[row] = norm.stored_rstd();
     }
     for (int64_t base = tid; base < row_vecs; base += tpr * U) {
       A h[U][VEC];
@@ -344,7 +376,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
           if (p.h_out != nullptr) {
             store_vec<VEC>(p.h_out + row_off + vi * VEC, h[u]);
           }
-          normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, h[u], mean, rstd);
+          normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, h[u], norm);
         }
       }
     }
@@ -354,7 +386,10 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
 // ------------------------------------------------------------------------------------------
 // Backward helpers.
 
-// g = dy * gamma for VEC elements (dy when there is no gamma).
+// g = dy * gamma for VEC elements (dy when there is no gamma), each product rounded once:
+// the row sums and grad_h must see the same g (a product fused into g - mean(g) by the
+// compiler would leave its rounding error in grad_h, e.g. for one-element rows, where
+// g - mean(g) is exactly 0).
 template <int VEC, typename W, typename A>
 __device__ __forceinline__ void times_gamma(const W* gamma, int64_t col, const A (&dy)[VEC],
                                             A (&g)[VEC]) {
@@ -362,7 +397,7 @@ __device__ __forceinline__ void times_gamma(const W* gamma, int64_t col, const A
     load_vec<VEC>(gamma + col, g);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      g[j] *= dy[j];
+      g[j] = mul_rn(g[j], dy[j]);
     }
   } else {
 #pragma unroll
@@ -372,22 +407,23 @@ __device__ __forceinline__ void times_gamma(const W* gamma, int64_t col, const A
   }
 }
 
-// dy and xhat = (h - mean) * rstd for VEC elements; adds g = dy * gamma to the row sums
-// (sums[K-1] += g * xhat, and sums[0] += g for LayerNorm).
-template <bool RMS, int VEC, typename T, typename H, typename W, typename A, int K>
+// dy and xhat = (h - mean) * rstd for VEC elements; adds g = dy * gamma to the row sums in
+// double / double-double (sums[K-1] += g * xhat, exact in double for float data, and
+// sums[0] += g for LayerNorm).
+template <bool RMS, int VEC, typename T, typename H, typename W, typename A, int K, typename S>
 __device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
                                          A mean, A rstd, A (&dy)[VEC], A (&xhat)[VEC],
-                                         A (&sums)[K]) {
+                                         S (&sums)[K]) {
   load_vec<VEC>(p.dy + off, dy);
   load_vec<VEC>(p.h + off, xhat);
   A g[VEC];
   times_gamma<VEC>(p.gamma, col, dy, g);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    xhat[j] = (xhat[j] - mean) * rstd;
-    sums[K - 1] += g[j] * xhat[j];
+    xhat[j] = mul_rn(sub_rn(xhat[j], mean), rstd);
+    stat_add_prod(sums[K - 1], static_cast<double>(g[j]), static_cast<double>(xhat[j]));
     if constexpr (!RMS) {
-      sums[0] += g[j];
+      stat_add(sums[0], static_cast<double>(g[j]));
     }
   }
 }
@@ -401,7 +437,7 @@ __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t o
   times_gamma<VEC>(p.gamma, col, dy, dx);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    dx[j] = rstd * (dx[j] - c_g - xhat[j] * c_gx);
+    dx[j] = rstd * fma_rn(-xhat[j], c_gx, sub_rn(dx[j], c_g));
   }
   if (p.dres != nullptr) {
     A r[VEC];
@@ -423,14 +459,14 @@ template <typename T, typename H, typename W, bool RMS, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxThreads)
     norm_bwd_register_kernel(const BwdParams<T, H, W> p) {
   using A = at::opmath_type<T>;
+  using S = stat_t<A>;
   constexpr int K = RMS ? 1 : 2;
   constexpr int E = VPT * VEC;
-  __shared__ A red[kMaxWarps * K];
+  __shared__ S red[kMaxWarps * K];
   extern __shared__ __align__(16) unsigned char dyn_smem[];
   const int tpr = blockDim.x;
   const int tid = threadIdx.x;
   const int64_t nvec = p.N / VEC;
-  const A n = static_cast<A>(p.N);
   const bool want_gamma = p.part_gamma != nullptr;
   const bool want_beta = p.part_beta != nullptr;
   A acc_gamma[VPT][VEC];
@@ -453,10 +489,10 @@ __global__ void __launch_bounds__(kMaxThreads)
     const A rstd = valid ? p.rstd[row] : A(0);
     A dy[VPT][VEC];
     A xhat[VPT][VEC];
-    A sums[K];
+    S sums[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      sums[k] = A(0);
+      stat_zero(sums[k]);
     }
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
@@ -471,9 +507,9 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
       }
     }
-    row_allreduce_sum(sums, red);
-    const A c_gx = sums[K - 1] / n;
-    const A c_g = RMS ? A(0) : sums[0] / n;
+    row_allreduce(sums, red);
+    const A c_gx = static_cast<A>(stat_mean(sums[K - 1], p.len));
+    const A c_g = RMS ? A(0) : static_cast<A>(stat_mean(sums[0], p.len));
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
@@ -549,13 +585,13 @@ template <typename T, typename H, typename W, bool RMS, int VEC>
 __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     norm_bwd_looping_kernel(const BwdParams<T, H, W> p) {
   using A = at::opmath_type<T>;
+  using S = stat_t<A>;
   constexpr int K = RMS ? 1 : 2;
   constexpr int U = kLoopUnroll<A, VEC>;
-  __shared__ A red[kMaxWarps * K];
+  __shared__ S red[kMaxWarps * K];
   const int64_t tpr = blockDim.x;
   const int tid = threadIdx.x;
   const int64_t nvec = p.N / VEC;
-  const A n = static_cast<A>(p.N);
   for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.M;
        row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
     const int64_t row = row0 + threadIdx.y;
@@ -564,10 +600,10 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     const int64_t row_off = row * p.N;
     const A mean = (RMS || !valid) ? A(0) : p.mean[row];
     const A rstd = valid ? p.rstd[row] : A(0);
-    A sums[K];
+    S sums[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      sums[k] = A(0);
+      stat_zero(sums[k]);
     }
     for (int64_t base = tid; base < row_vecs; base += tpr * U) {
       A dy[U][VEC];
@@ -580,13 +616,17 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
         }
       }
     }
-    row_allreduce_sum(sums, red);
-    const A c_gx = sums[K - 1] / n;
-    const A c_g = RMS ? A(0) : sums[0] / n;
+    row_allreduce(sums, red);
+    const A c_gx = static_cast<A>(stat_mean(sums[K - 1], p.len));
+    const A c_g = RMS ? A(0) : static_cast<A>(stat_mean(sums[0], p.len));
     for (int64_t base = tid; base < row_vecs; base += tpr * U) {
       A dy[U][VEC];
       A xhat[U][VEC];
-      A unused[K] = {};
+      S unused[K];  // row sums of the first sweep; not needed again
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        stat_zero(unused[k]);
+      }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t vi = base + u * tpr;
@@ -654,17 +694,16 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
   }
 }
 
-template <typename A>
-__device__ __forceinline__ void store_as(void* ptr, c10::ScalarType dtype, int64_t i, A v) {
+__device__ __forceinline__ void store_as(void* ptr, c10::ScalarType dtype, int64_t i, double v) {
   switch (dtype) {
     case c10::ScalarType::Double:
-      static_cast<double*>(ptr)[i] = static_cast<double>(v);
+      static_cast<double*>(ptr)[i] = v;
       break;
-    case c10::ScalarType::Half:
-      static_cast<c10::Half*>(ptr)[i] = static_cast<c10::Half>(static_cast<float>(v));
+    case c10::ScalarType::Half:  // rounded once, from double
+      static_cast<c10::Half*>(ptr)[i] = c10::Half(__double2half(v));
       break;
     case c10::ScalarType::BFloat16:
-      static_cast<c10::BFloat16*>(ptr)[i] = static_cast<c10::BFloat16>(static_cast<float>(v));
+      static_cast<c10::BFloat16*>(ptr)[i] = c10::BFloat16(__double2bfloat16(v));
       break;
     default:
       static_cast<float*>(ptr)[i] = static_cast<float>(v);
@@ -677,37 +716,40 @@ struct WeightGradOutputs {
   c10::ScalarType dtype[2];   // their dtypes
 };
 
-// out[which][col] = sum over p of part[which, p, col], p in increasing order per row lane,
-// then the 16 lanes in order. Block (32, 16), grid (ceil(N / 32), number of outputs).
+// out[which][col] = sum over p of part[which, p, col] in double (double-double for fp64
+// partials), p in increasing order per row lane, then the 16 lanes in order. Block (32, 16),
+// grid (ceil(N / 32), number of outputs).
 template <typename A>
 __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_finalize_kernel(
     const A* __restrict__ part,  // [outputs, P, N]
     int64_t P, int64_t N, WeightGradOutputs out) {
-  __shared__ A s[kColRows][kColTile + 1];
+  using S = stat_t<A>;
+  __shared__ S s[kColRows][kColTile + 1];
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
   const int which = blockIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
   const A* src = part + which * P * N;
-  A sum = A(0);
+  S sum;
+  stat_zero(sum);
   if (col < N) {
 #pragma unroll 4
     for (int64_t r = ty; r < P; r += kColRows) {
-      sum += src[r * N + col];
+      stat_add(sum, static_cast<double>(src[r * N + col]));
     }
   }
   s[ty][tx] = sum;
   __syncthreads();
   if (ty == 0 && col < N) {
     for (int y = 1; y < kColRows; ++y) {
-      sum += s[y][tx];
+      stat_merge(sum, s[y][tx]);
     }
     // Selected without indexing the parameter struct dynamically (which would copy it to
     // local memory).
     if (which == 0) {
-      store_as(out.ptr[0], out.dtype[0], col, sum);
+      store_as(out.ptr[0], out.dtype[0], col, stat_value(sum));
     } else {
-      store_as(out.ptr[1], out.dtype[1], col, sum);
+      store_as(out.ptr[1], out.dtype[1], col, stat_value(sum));
     }
   }
 }
@@ -808,7 +850,8 @@ void launch_norm_fwd(const NormFwdArgs& a, const at::Tensor& residual, const at:
   p.rstd = a.rstd.mutable_data_ptr<A>();
   p.M = a.M;
   p.N = a.N;
-  p.eps = static_cast<A>(a.eps);
+  p.len = {static_cast<double>(a.N), 1.0 / static_cast<double>(a.N)};
+  p.eps = a.eps;
 
   const bool vectorized = a.N % VEC == 0 && is_aligned(p.x, sizeof(Vec<T, VEC>)) &&
                           is_aligned(p.residual, sizeof(Vec<R, VEC>)) &&
@@ -906,6 +949,7 @@ void launch_norm_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Te
   p.part_beta = nullptr;
   p.M = a.M;
   p.N = a.N;
+  p.len = {static_cast<double>(a.N), 1.0 / static_cast<double>(a.N)};
 
   const bool want_gamma = a.grad_gamma.defined();
   const bool want_beta = a.grad_beta.defined();

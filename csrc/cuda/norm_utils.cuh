@@ -1,7 +1,8 @@
 #pragma once
 
-// Device helpers shared by the addnorm CUDA kernels: vector loads/stores, row reductions
-// (warp shuffles, then shared memory across the warps of a row) and Welford merging.
+// Device helpers shared by the addnorm CUDA kernels: vector loads/stores, the statistics
+// accumulators (double, or double-double for float64 data) and row reductions (warp
+// shuffles, then shared memory across the warps of a row).
 //
 // Thread layout used by every row kernel: blockDim.x threads cooperate on one row
 // ("threads per row", TPR: a power of two up to 32, or a multiple of 32 up to 1024) and
@@ -25,10 +26,38 @@ struct alignas(sizeof(U) * VEC) Vec {
   U val[VEC];
 };
 
+// Loads a V at ptr (aligned to sizeof(V)) through the read-only data path (ld.global.nc):
+// the kernels' inputs are never written while a kernel runs.
+template <typename V>
+__device__ __forceinline__ V load_readonly(const V* ptr) {
+  V v;
+  if constexpr (sizeof(V) == 32) {
+    const uint4 a = __ldg(reinterpret_cast<const uint4*>(ptr));
+    const uint4 b = __ldg(reinterpret_cast<const uint4*>(ptr) + 1);
+    memcpy(&v, &a, 16);
+    memcpy(reinterpret_cast<char*>(&v) + 16, &b, 16);
+  } else if constexpr (sizeof(V) == 16) {
+    const uint4 a = __ldg(reinterpret_cast<const uint4*>(ptr));
+    memcpy(&v, &a, 16);
+  } else if constexpr (sizeof(V) == 8) {
+    const uint2 a = __ldg(reinterpret_cast<const uint2*>(ptr));
+    memcpy(&v, &a, 8);
+  } else if constexpr (sizeof(V) == 4) {
+    const unsigned int a = __ldg(reinterpret_cast<const unsigned int*>(ptr));
+    memcpy(&v, &a, 4);
+  } else if constexpr (sizeof(V) == 2) {
+    const unsigned short a = __ldg(reinterpret_cast<const unsigned short*>(ptr));
+    memcpy(&v, &a, 2);
+  } else {
+    v = *ptr;
+  }
+  return v;
+}
+
 // Loads VEC elements at ptr (aligned to sizeof(Vec<U, VEC>)) converted to A.
 template <int VEC, typename U, typename A>
 __device__ __forceinline__ void load_vec(const U* __restrict__ ptr, A (&dst)[VEC]) {
-  const Vec<U, VEC> v = *reinterpret_cast<const Vec<U, VEC>*>(ptr);
+  const Vec<U, VEC> v = load_readonly(reinterpret_cast<const Vec<U, VEC>*>(ptr));
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     dst[j] = static_cast<A>(v.val[j]);
@@ -46,23 +75,166 @@ __device__ __forceinline__ void store_vec(U* __restrict__ ptr, const A (&src)[VE
   *reinterpret_cast<Vec<U, VEC>*>(ptr) = v;
 }
 
-// 1 / sqrt(v), correctly rounded division and square root (rsqrtf is only ~2 ulp).
-__device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
-__device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
+// Rounded arithmetic that the compiler may not fuse into an FMA (nvcc contracts a * b + c
+// by default): where the same product feeds two expressions, both must see the same
+// rounded value (e.g. g = dy * gamma in backward, so that g - mean(g) is exactly 0 for
+// one-element rows).
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
-// Sums K values over the threads of a row; every thread of the row gets the same result
-// (xor butterflies are exact mirrors because addition is commutative, and the cross-warp
-// step reads the per-warp sums in a fixed order). smem: at least kMaxWarps * K elements.
+// ------------------------------------------------------------------------------------------
+// Statistics accumulators. Row sums (sum of h, of squared deviations, and backward's sums of
+// g and g * xhat) are accumulated per thread and across threads in double for float32 /
+// bfloat16 / float16 data (the product of two floats is exact in double, and a double sum
+// of a row's values loses nothing that float32 results can show), and in double-double for
+// float64 data (a compensated sum: the error does not grow with the row length).
+
+// value = hi + lo, with lo the accumulated rounding error of hi.
+struct DoubleDouble {
+  double hi;
+  double lo;
+};
+
+template <typename A>
+struct StatType {
+  using type = double;
+};
+template <>
+struct StatType<double> {
+  using type = DoubleDouble;
+};
+template <typename A>
+using stat_t = typename StatType<A>::type;
+
+__device__ __forceinline__ void stat_zero(double& s) { s = 0.0; }
+__device__ __forceinline__ void stat_zero(DoubleDouble& s) { s = {0.0, 0.0}; }
+
+// s + v and its exact rounding error (Knuth's TwoSum; symmetric in s and v).
+__device__ __forceinline__ void two_sum(double a, double b, double& s, double& e) {
+  s = a + b;
+  const double bb = s - a;
+  e = (a - (s - bb)) + (b - bb);
+}
+
+__device__ __forceinline__ void stat_add(double& s, double v) { s += v; }
+__device__ __forceinline__ void stat_add(DoubleDouble& s, double v) {
+  double t, e;
+  two_sum(s.hi, v, t, e);
+  // Inf/NaN: no compensation (inf - inf would turn an infinite sum into NaN).
+  s.lo = isfinite(t) ? s.lo + e : 0.0;
+  s.hi = t;
+}
+
+// a += b; symmetric (merge(a, b) and merge(b, a) are bitwise equal), so both partners of a
+// butterfly step hold the same value afterwards.
+__device__ __forceinline__ void stat_merge(double& a, double b) { a += b; }
+__device__ __forceinline__ void stat_merge(DoubleDouble& a, const DoubleDouble& b) {
+  double t, e;
+  two_sum(a.hi, b.hi, t, e);
+  a.lo = isfinite(t) ? (a.lo + b.lo) + e : 0.0;
+  a.hi = t;
+}
+
+// s += a * b: fused in double; with the product's rounding error (TwoProd) for double-double.
+__device__ __forceinline__ void stat_add_prod(double& s, double a, double b) { s = fma(a, b, s); }
+__device__ __forceinline__ void stat_add_prod(DoubleDouble& s, double a, double b) {
+  const double p = a * b;
+  const double e = fma(a, b, -p);
+  double t, f;
+  two_sum(s.hi, p, t, f);
+  s.lo = isfinite(t) ? s.lo + (f + e) : 0.0;
+  s.hi = t;
+}
+
+__device__ __forceinline__ double stat_value(double s) { return s; }
+__device__ __forceinline__ double stat_value(const DoubleDouble& s) { return s.hi + s.lo; }
+
+// A row's length n and 1 / n (computed once on the host): means without a division (a
+// division by a variable calls a slow-path subroutine, around which the compiler saves live
+// registers).
+struct RowLength {
+  double n;
+  double inv_n;
+};
+
+// s / n: s * (1 / n) and one correction step (about half an ulp); for double-double sums the
+// low part enters the correction, so a row of N copies of c has mean exactly c.
+__device__ __forceinline__ double stat_mean(double s, const RowLength& len) {
+  const double q = s * len.inv_n;
+  return isfinite(q) ? fma(fma(-q, len.n, s), len.inv_n, q) : q;
+}
+__device__ __forceinline__ double stat_mean(const DoubleDouble& s, const RowLength& len) {
+  const double q = s.hi * len.inv_n;
+  return isfinite(q) ? fma(fma(-q, len.n, s.hi) + s.lo, len.inv_n, q) : q;
+}
+
+// Mean and variance of a row from the sums of d = h - shift (s1) and of d * d (s2):
+// mean = shift + s1 / n, var = s2 / n - (s1 / n)^2. In double-double for double-double sums,
+// so that the subtraction loses nothing the data can show (its relative error is about
+// u * (1 + (shift - mean)^2 / var)). NaN stays NaN; a negative rounding result becomes 0.
+__device__ __forceinline__ void shifted_moments(double s1, double s2, const RowLength& len,
+                                                double shift, double& mean, double& var) {
+  const double m1 = stat_mean(s1, len);
+  var = fma(-m1, m1, stat_mean(s2, len));
+  var = var < 0.0 ? 0.0 : var;
+  mean = shift + m1;
+}
+__device__ __forceinline__ void shifted_moments(const DoubleDouble& s1, const DoubleDouble& s2,
+                                                const RowLength& len, double shift,
+                                                double& mean, double& var) {
+  const double q1 = s1.hi * len.inv_n;
+  const double q2 = s2.hi * len.inv_n;
+  if (!isfinite(q1) || !isfinite(q2)) {
+    var = q2 - q1 * q1;
+    mean = shift + q1;
+    return;
+  }
+  const double l1 = (fma(-q1, len.n, s1.hi) + s1.lo) * len.inv_n;  // s1 / n = q1 + l1
+  const double l2 = (fma(-q2, len.n, s2.hi) + s2.lo) * len.inv_n;  // s2 / n = q2 + l2
+  const double p = q1 * q1;
+  const double pl = fma(q1, q1, -p) + 2.0 * q1 * l1;  // (s1 / n)^2 = p + pl
+  var = (q2 - p) + (l2 - pl);
+  var = var < 0.0 ? 0.0 : var;
+  mean = shift + (q1 + l1);
+}
+
+// 1 / sqrt(v) in double, without a division or a square-root subroutine: the hardware
+// reciprocal square root refined by one Newton step (within about an ulp). v = 0 gives inf,
+// inf gives 0, NaN gives NaN.
+__device__ __forceinline__ double rsqrt_of(double v) {
+  const double y = rsqrt(v);
+  if (!isfinite(y) || y == 0.0) {
+    return y;
+  }
+  const double r = fma(-v * y, y, 1.0);
+  return fma(0.5 * y, r, y);
+}
+
+__device__ __forceinline__ double shfl_xor(double v, int off) {
+  return __shfl_xor_sync(0xffffffffu, v, off);
+}
+__device__ __forceinline__ DoubleDouble shfl_xor(const DoubleDouble& v, int off) {
+  return {__shfl_xor_sync(0xffffffffu, v.hi, off), __shfl_xor_sync(0xffffffffu, v.lo, off)};
+}
+
+// Sums K accumulators over the threads of a row; every thread of the row gets the same
+// result (xor butterflies merge symmetrically, and the cross-warp step merges the per-warp
+// values in warp order). smem: at least kMaxWarps * K elements (a row of TPR > 32 threads
+// fills a whole CTA's width, so the CTA's rows never need more warps than kMaxWarps).
 // Must be reached by every thread of the block (it may call __syncthreads).
-template <int K, typename A>
-__device__ __forceinline__ void row_allreduce_sum(A (&v)[K], A* smem) {
+template <int K, typename S>
+__device__ __forceinline__ void row_allreduce(S (&v)[K], S* smem) {
   const int tpr = blockDim.x;
 #pragma unroll
   for (int off = kWarpSize / 2; off > 0; off >>= 1) {
     if (off < tpr) {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+        stat_merge(v[k], shfl_xor(v[k], off));
       }
     }
   }
@@ -72,7 +244,7 @@ __device__ __forceinline__ void row_allreduce_sum(A (&v)[K], A* smem) {
   const int warps = tpr / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
-  A* row_smem = smem + threadIdx.y * warps * K;
+  S* row_smem = smem + threadIdx.y * warps * K;
   __syncthreads();  // the previous reduction's readers are done with smem
   if (lane == 0) {
 #pragma unroll
@@ -88,67 +260,9 @@ __device__ __forceinline__ void row_allreduce_sum(A (&v)[K], A* smem) {
   for (int w = 1; w < warps; ++w) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
-      v[k] += row_smem[w * K + k];
+      stat_merge(v[k], row_smem[w * K + k]);
     }
   }
-}
-
-// Correctly rounded reciprocal, inline (a division may call a slow-path subroutine whose
-// calling convention spills live registers in register-heavy loops).
-__device__ __forceinline__ float reciprocal(float v) { return __frcp_rn(v); }
-__device__ __forceinline__ double reciprocal(double v) { return __drcp_rn(v); }
-
-// Running statistics of a set of values: count, mean and sum of squared deviations (M2).
-template <typename A>
-struct Welford {
-  A count;
-  A mean;
-  A m2;
-};
-
-// Chan et al.'s merge of two disjoint sets' statistics.
-template <typename A>
-__device__ __forceinline__ Welford<A> welford_merge(const Welford<A>& a, const Welford<A>& b) {
-  const A count = a.count + b.count;
-  const A ratio = count > A(0) ? b.count * reciprocal(count) : A(0);
-  const A delta = b.mean - a.mean;
-  return {count, a.mean + delta * ratio, a.m2 + b.m2 + delta * delta * a.count * ratio};
-}
-
-// Merges the Welford statistics of the threads of a row; every thread gets the same
-// result (each butterfly pair merges in lane order, so both partners compute the same
-// value). smem: at least kMaxWarps * 3 elements. Reached by every thread of the block.
-template <typename A>
-__device__ __forceinline__ Welford<A> row_allreduce_welford(Welford<A> w, A* smem) {
-  const int tpr = blockDim.x;
-#pragma unroll
-  for (int off = kWarpSize / 2; off > 0; off >>= 1) {
-    if (off < tpr) {
-      const Welford<A> other{__shfl_xor_sync(0xffffffffu, w.count, off),
-                             __shfl_xor_sync(0xffffffffu, w.mean, off),
-                             __shfl_xor_sync(0xffffffffu, w.m2, off)};
-      w = (threadIdx.x & off) ? welford_merge(other, w) : welford_merge(w, other);
-    }
-  }
-  if (tpr <= kWarpSize) {
-    return w;
-  }
-  const int warps = tpr / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  A* row_smem = smem + threadIdx.y * warps * 3;
-  __syncthreads();
-  if (lane == 0) {
-    row_smem[warp * 3 + 0] = w.count;
-    row_smem[warp * 3 + 1] = w.mean;
-    row_smem[warp * 3 + 2] = w.m2;
-  }
-  __syncthreads();
-  w = {row_smem[0], row_smem[1], row_smem[2]};
-  for (int i = 1; i < warps; ++i) {
-    w = welford_merge(w, Welford<A>{row_smem[i * 3 + 0], row_smem[i * 3 + 1], row_smem[i * 3 + 2]});
-  }
-  return w;
 }
 
 }  // namespace addnorm::cuda::detail

@@ -84,6 +84,72 @@ def test_norm_parity(num_rows, hidden_size, dtype, norm, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("n", [768, 4096, 100003])
+def test_statistics_within_one_ulp(n, rms, dtype, device, request):
+    """The saved mean and rstd are the row statistics rounded once: within one unit in the
+    last place of their dtype (float32; float64 for float64 input) of the statistics of the
+    same h in extended precision, in the register path (768, 4096) and the looping path
+    (100003). Rows with mean 30 and standard deviation 1 lose digits when summed in float32
+    lanes (the variance is 1/900 of the mean square); the kernels sum in double
+    (double-double for float64)."""
+    import numpy as np
+
+    if device == "cpu" and dtype == torch.bfloat16:
+        # Known gap: the CPU variance pass sums squared deviations in float32 lanes (blocks
+        # of 512 elements, then double), which can miss by up to ~1.4 ulp on bfloat16 data.
+        request.applymarker(pytest.mark.xfail(reason="CPU variance pass in float32 lanes", strict=False))
+    torch.manual_seed(n + rms)
+    m = 3
+    x = (torch.randn(m, n, dtype=torch.float64) + 30).to(dtype).to(device)
+    eps = 1e-5
+    _, _, mean, rstd = torch.ops.addnorm._norm_fwd(x, None, [n], None, None, eps, rms, False, False)
+    h = x.cpu().double().numpy().astype(np.longdouble)
+    if rms:
+        ref_rstd = 1 / np.sqrt((h * h).mean(axis=1) + np.longdouble(eps))
+    else:
+        ref_mean = h.mean(axis=1)
+        ref_rstd = 1 / np.sqrt(((h - ref_mean[:, None]) ** 2).mean(axis=1) + np.longdouble(eps))
+    stat_eps = np.longdouble(torch.finfo(mean.dtype).eps)
+
+    def ulps(t, ref):
+        return float(np.max(np.abs(t.cpu().double().numpy().astype(np.longdouble) - ref) / (np.abs(ref) * stat_eps)))
+
+    assert ulps(rstd, ref_rstd) <= 1.0, f"rstd off by {ulps(rstd, ref_rstd):.2f} ulp"
+    if not rms:
+        assert ulps(mean, ref_mean) <= 1.0, f"mean off by {ulps(mean, ref_mean):.2f} ulp"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+def test_layer_norm_one_element_rows(with_residual, dtype, device):
+    """N = 1: h - mean is exactly 0, so the output is exactly beta and the norm passes no
+    gradient to h: grad_input is exactly zero (exactly the gradient of the returned h with a
+    residual), as torch's kernels return. Pins down that g = dy * gamma is rounded once in
+    backward: a fused multiply-add in one of its two uses left the rounding error of dy *
+    gamma in grad_input, scaled by rstd = 1/sqrt(eps)."""
+    m = 4097
+    x = make_data((m, 1), dtype, device, requires_grad=True)
+    w, b = make_affine((1,), dtype, device, requires_grad=True)
+    gout = torch.randn(m, 1, device=device).to(dtype)
+    if with_residual:
+        r = make_data((m, 1), dtype, device, scale=1.0, offset=0.0, requires_grad=True)
+        out, h = torch.ops.addnorm.add_layer_norm(x, r, [1], w, b, 1e-5)
+        gh = torch.randn(m, 1, device=device).to(dtype)
+        gx, gr = torch.autograd.grad([out, h], [x, r], [gout, gh])
+        assert torch.equal(gr, gh)
+        expected = gh
+    else:
+        out = torch.ops.addnorm.layer_norm(x, [1], w, b, 1e-5)
+        (gx,) = torch.autograd.grad(out, [x], gout)
+        expected = torch.zeros_like(gx)
+    assert torch.equal(out, b.detach().expand(m, 1))
+    assert torch.equal(gx, expected), f"max |grad_input - expected| = {(gx - expected).abs().max().item()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("eps", [0.0, 1e-5, 0.1])
 def test_layer_norm_eps(eps, dtype, device):

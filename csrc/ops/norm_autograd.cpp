@@ -1,9 +1,32 @@
 // Autograd of the public norm ops, in C++ so that LibTorch programs get gradients too.
-// Forward calls _norm_fwd below autograd and keeps (h, mean, rstd); backward calls
-// _norm_bwd. Under torch.compile both internal ops land in the traced graphs.
+//
+// One graph node per call (NormFunction) with three outputs: out; h, the returned residual
+// stream (empty and non-differentiable unless return_residual); and h kept for backward
+// when it exists but is not returned (post-LN with a residual; never handed to callers,
+// empty otherwise). The node saves the tensor that was normalized (h, an output of the
+// node, or the input when there is no residual), mean, rstd and the weight.
+//
+// - First order: backward calls _norm_bwd, which adds the gradient flowing into the
+//   returned h in the same pass.
+// - A gradient into h alone (out unused) passes straight to input and residual: no norm
+//   backward runs and weight and bias get no gradient. The saved tensors stay until the
+//   norm's backward has run, so backpropagating h and then out works, as with torch's
+//   separate add and layer_norm.
+// - Higher order: with create_graph (or forward-mode tangents in backward), backward
+//   computes the same gradients with differentiable ATen ops from the saved h; since h is
+//   an output of this node, second derivatives flow back through it to input and residual.
+// - Forward mode: the tangents of out and h follow from those of input, residual, weight
+//   and bias (set_tangents below).
+// Under torch.compile both internal ops land in the traced graphs.
 
-#include <ATen/ops/zeros_like.h>
+#include <vector>
+
+#include <ATen/FuncTorchTLS.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include "ops/norm_common.h"
@@ -12,16 +35,83 @@ namespace addnorm {
 namespace {
 
 using torch::autograd::AutogradContext;
+using torch::autograd::isFwGradDefined;
 using torch::autograd::variable_list;
 
 bool requires_grad(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->requires_grad();
 }
 
+c10::ScalarType compute_dtype(c10::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The reduction dims of the norm (the trailing ndim dims) and the leading (row) dims.
+std::vector<int64_t> norm_dims(int64_t ndim) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 1; d <= ndim; ++d) {
+    dims.push_back(-d);
+  }
+  return dims;
+}
+
+at::Tensor sum_rows(const at::Tensor& t, int64_t ndim) {
+  const int64_t lead = t.dim() - ndim;
+  if (lead == 0) {
+    return t;
+  }
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < lead; ++d) {
+    dims.push_back(d);
+  }
+  return t.sum(dims);
+}
+
+// xhat = (h - mean(h)) * rstd (RMSNorm: h * rstd) and rstd, recomputed from h with ATen ops
+// in the compute type, differentiable in h.
+std::pair<at::Tensor, at::Tensor> normalize_composite(const at::Tensor& hc, int64_t ndim,
+                                                      bool is_rms, double eps) {
+  const auto dims = norm_dims(ndim);
+  if (is_rms) {
+    const at::Tensor rstd = (hc * hc).mean(dims, /*keepdim=*/true).add(eps).rsqrt();
+    return {hc * rstd, rstd};
+  }
+  const at::Tensor d = hc - hc.mean(dims, /*keepdim=*/true);
+  const at::Tensor rstd = (d * d).mean(dims, /*keepdim=*/true).add(eps).rsqrt();
+  return {d * rstd, rstd};
+}
+
+// (grad_h, grad_weight, grad_bias) of out = norm(h) * weight + bias with differentiable ATen
+// ops in the compute type: the higher-order path. grad_weight / grad_bias are undefined
+// unless wanted.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& weight, bool weight_grad,
+    bool bias_grad, bool is_rms, double eps, int64_t ndim) {
+  const auto acc = compute_dtype(h.scalar_type());
+  const auto dims = norm_dims(ndim);
+  const at::Tensor hc = h.to(acc);
+  const at::Tensor dy = grad_out.to(acc);
+  const auto [xhat, rstd] = normalize_composite(hc, ndim, is_rms, eps);
+  const at::Tensor g = weight.defined() ? dy * weight.to(acc) : dy;
+  const at::Tensor c_gx = (g * xhat).mean(dims, /*keepdim=*/true);
+  at::Tensor dh = is_rms ? rstd * (g - xhat * c_gx)
+                         : rstd * (g - g.mean(dims, /*keepdim=*/true) - xhat * c_gx);
+  at::Tensor dw = weight_grad ? sum_rows(dy * xhat, ndim) : at::Tensor();
+  at::Tensor db = bias_grad ? sum_rows(dy, ndim) : at::Tensor();
+  return {std::move(dh), std::move(dw), std::move(db)};
+}
+
+at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) {
+    return b;
+  }
+  return b.defined() ? a + b : a;
+}
+
 class NormFunction : public torch::autograd::Function<NormFunction> {
  public:
-  // Returns {out, h}; h is an empty tensor unless return_residual. Used only when a
-  // gradient can flow (see norm_autograd).
+  // Returns {out, h, h_kept} (see the top of this file). Used only when a gradient can flow
+  // (see norm_autograd).
   static variable_list forward(
       AutogradContext* ctx,
       const at::Tensor& input,                    // [..., *normalized_shape]
@@ -34,72 +124,124 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       bool return_residual,
       bool residual_in_fp32) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->set_materialize_grads(false);  // an unused h gets no [M, N] zero gradient
+    ctx->set_materialize_grads(false);  // an unused output gets no [M, N] zero gradient
+    const bool has_residual = residual.has_value();
     // Backward needs h; with a residual it exists only if we write it.
-    const bool store_residual = return_residual || residual.has_value();
+    const bool store_residual = return_residual || has_residual;
     auto [out, h, mean, rstd] = norm_fwd_op().call(
         input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
         residual_in_fp32);
-    // What was normalized: h when it was written (same dtype as h's gradient), else input.
-    ctx->save_for_backward({store_residual ? h : input, mean, rstd, weight.value_or(at::Tensor())});
+    at::Tensor h_returned = return_residual ? h : at::empty({0}, h.options());
+    at::Tensor h_kept = (has_residual && !return_residual) ? h : at::empty({0}, h.options());
+    if (!return_residual) {
+      ctx->mark_non_differentiable({h_returned});
+    }
+    if (!(has_residual && !return_residual)) {
+      ctx->mark_non_differentiable({h_kept});
+    }
+    // What was normalized: h when it was written (an output of this node, so higher-order
+    // gradients reach input and residual through it), else the input.
+    const at::Tensor& normalized = !has_residual ? input : (return_residual ? h_returned : h_kept);
+    ctx->save_for_backward({normalized, mean, rstd, weight.value_or(at::Tensor())});
     ctx->saved_data["input_dtype"] = input.scalar_type();
-    ctx->saved_data["residual_dtype"] =
-        residual.has_value() ? residual->scalar_type() : input.scalar_type();
-    ctx->saved_data["has_residual"] = residual.has_value();
+    ctx->saved_data["residual_dtype"] = has_residual ? residual->scalar_type() : input.scalar_type();
+    ctx->saved_data["has_residual"] = has_residual;
     ctx->saved_data["has_bias"] = bias.has_value() && !is_rms;
     ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : input.scalar_type();
     ctx->saved_data["weight_grad"] = requires_grad(weight);
     ctx->saved_data["bias_grad"] = requires_grad(bias);
     ctx->saved_data["is_rms"] = is_rms;
-    ctx->saved_data["returned_h"] = return_residual;
-    if (!return_residual) {
-      h = at::empty({0}, h.options());
-      ctx->mark_non_differentiable({h});
-    }
-    return {out, h};
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["ndim"] = static_cast<int64_t>(normalized_shape.size());
+    ctx->saved_data["norm_backward_done"] = false;
+    return {out, h_returned, h_kept};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];  // the tensor that was normalized
-    const at::Tensor& mean = saved[1];
-    const at::Tensor& rstd = saved[2];
-    const at::Tensor& weight = saved[3];
     const auto input_dtype = ctx->saved_data["input_dtype"].toScalarType();
     const auto residual_dtype = ctx->saved_data["residual_dtype"].toScalarType();
     const bool has_residual = ctx->saved_data["has_residual"].toBool();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool is_rms = ctx->saved_data["is_rms"].toBool();
-    // _norm_bwd has no derivative of its own: refuse instead of returning wrong values.
-    TORCH_CHECK(
-        !at::GradMode::is_enabled() ||
-            !(grad_outputs[0].requires_grad() || grad_outputs[1].requires_grad() ||
-              x.requires_grad() || weight.requires_grad()),
-        "addnorm: double backward (create_graph=True) is not supported");
-
-    at::Tensor grad_out = grad_outputs[0];
-    if (!grad_out.defined()) {
-      grad_out = at::zeros_like(x, x.options().dtype(input_dtype));
-    }
-    std::optional<at::Tensor> grad_h_out;
-    if (ctx->saved_data["returned_h"].toBool() && grad_outputs[1].defined()) {
-      grad_h_out = grad_outputs[1];
-    }
-    std::optional<at::Tensor> w;
-    if (weight.defined()) w = weight;
-    const bool weight_grad = ctx->saved_data["weight_grad"].toBool();
-    const bool bias_grad = has_bias && ctx->saved_data["bias_grad"].toBool();
-    auto [grad_h, grad_weight, grad_bias] = norm_bwd_op().call(
-        grad_out, grad_h_out, x, mean, rstd, w, bias_grad, is_rms, weight_grad);
+    const at::Tensor& grad_out = grad_outputs[0];
+    // The gradient flowing into h: from its users (the returned h) and, in higher-order
+    // backward, into the kept h.
+    const at::Tensor grad_h_in = sum_defined(grad_outputs[1], grad_outputs[2]);
 
     variable_list grads(9);  // one per forward argument after ctx
-    grads[0] = grad_h.to(input_dtype);
-    if (has_residual) grads[1] = grad_h.to(residual_dtype);
+    auto set_input_grads = [&](const at::Tensor& grad_h) {
+      grads[0] = grad_h.to(input_dtype);
+      if (has_residual) {
+        grads[1] = grad_h.to(residual_dtype);
+      }
+    };
+    if (!grad_out.defined()) {
+      // out is unused: only h's gradient, straight through h = input + residual.
+      if (grad_h_in.defined()) {
+        set_input_grads(grad_h_in);
+      }
+      return grads;
+    }
+
+    ctx->saved_data["norm_backward_done"] = true;
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& h = saved[0];  // the tensor that was normalized
+    const at::Tensor& mean = saved[1];
+    const at::Tensor& rstd = saved[2];
+    const at::Tensor& weight = saved[3];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool weight_grad = ctx->saved_data["weight_grad"].toBool();
+    const bool bias_grad = has_bias && ctx->saved_data["bias_grad"].toBool();
+    const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
+
+    const bool higher_order = at::GradMode::is_enabled() || isFwGradDefined(grad_out) ||
+                              isFwGradDefined(grad_h_in) || isFwGradDefined(h) ||
+                              isFwGradDefined(weight);
+    if (higher_order) {
+      auto [dh, dw, db] = norm_backward_composite(
+          grad_out, h, weight, weight_grad, bias_grad, is_rms, ctx->saved_data["eps"].toDouble(),
+          ctx->saved_data["ndim"].toInt());
+      set_input_grads(sum_defined(dh.to(h.scalar_type()), grad_h_in));
+      if (weight_grad) grads[3] = dw.to(weight.scalar_type());
+      if (bias_grad) grads[4] = db.to(bias_dtype);
+      return grads;
+    }
+
+    std::optional<at::Tensor> grad_h_out;
+    if (grad_h_in.defined()) grad_h_out = grad_h_in;
+    std::optional<at::Tensor> w;
+    if (weight.defined()) w = weight;
+    auto [grad_h, grad_weight, grad_bias] = norm_bwd_op().call(
+        grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms, weight_grad);
+    set_input_grads(grad_h);
     if (weight_grad) grads[3] = grad_weight;
-    if (bias_grad) grads[4] = grad_bias.to(ctx->saved_data["bias_dtype"].toScalarType());
+    if (bias_grad) grads[4] = grad_bias.to(bias_dtype);
     return grads;
   }
 };
+
+}  // namespace
+}  // namespace addnorm
+
+namespace torch::autograd {
+
+// The saved tensors of a NormFunction node stay until its norm backward has run: a backward
+// that reaches the node through h alone needs none of them, and a later backward through
+// out must still find them (torch's separate add and layer_norm nodes behave so).
+template <>
+void CppNode<addnorm::NormFunction>::release_variables() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto done = ctx_.saved_data.find("norm_backward_done");
+  if (done != ctx_.saved_data.end() && !done->second.toBool()) {
+    return;
+  }
+  ctx_.saved_variables_.clear();
+  ctx_.has_freed_buffers_ = true;
+}
+
+}  // namespace torch::autograd
+
+namespace addnorm {
+namespace {
 
 bool any_requires_grad(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
@@ -109,34 +251,147 @@ bool any_requires_grad(
           requires_grad(bias));
 }
 
-// Without gradients: the forward below autograd, no graph node.
-std::tuple<at::Tensor, at::Tensor> forward_without_grad(
+bool any_tangent(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  return isFwGradDefined(input) || isFwGradDefined(residual) || isFwGradDefined(weight) ||
+         isFwGradDefined(bias);
+}
+
+at::Tensor tangent_or_undefined(const std::optional<at::Tensor>& t) {
+  return isFwGradDefined(t) ? t->_fw_grad(/*level=*/0) : at::Tensor();
+}
+
+// Forward-mode AD: sets the tangents of out (and of the returned h) from those of input,
+// residual, weight and bias. h is the tensor that was normalized.
+//   t_h = t_input + t_residual;  t_xhat = rstd * (t_h - mean(t_h) - xhat * mean(t_h * xhat))
+//   (RMSNorm: no mean(t_h));  t_out = t_xhat * weight + xhat * t_weight + t_bias
+void set_tangents(
+    const at::Tensor& out, const at::Tensor& h_returned, const at::Tensor& h,
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
+    bool is_rms, int64_t ndim) {
+  const at::Tensor t_input = tangent_or_undefined(input);
+  const at::Tensor t_residual = tangent_or_undefined(residual);
+  const at::Tensor t_weight = tangent_or_undefined(weight);
+  const at::Tensor t_bias = is_rms ? at::Tensor() : tangent_or_undefined(bias);
+  at::Tensor t_out, t_h;
+  {
+    // Plain values from here on: the primals' own tangents must not enter the tangents.
+    c10::AutoFwGradMode no_fw_grad(false);
+    const auto acc = compute_dtype(h.scalar_type());
+    const auto dims = norm_dims(ndim);
+    t_h = sum_defined(t_input.defined() ? t_input.to(acc) : t_input,
+                      t_residual.defined() ? t_residual.to(acc) : t_residual);
+    const auto [xhat, rstd] = normalize_composite(h.to(acc), ndim, is_rms, eps);
+    if (t_h.defined()) {
+      const at::Tensor c_hx = (t_h * xhat).mean(dims, /*keepdim=*/true);
+      at::Tensor t_xhat = is_rms ? rstd * (t_h - xhat * c_hx)
+                                 : rstd * (t_h - t_h.mean(dims, /*keepdim=*/true) - xhat * c_hx);
+      t_out = weight.has_value() ? t_xhat * weight->to(acc) : t_xhat;
+    }
+    if (t_weight.defined()) {
+      t_out = sum_defined(t_out, xhat * t_weight.to(acc));
+    }
+    if (t_bias.defined()) {
+      t_out = sum_defined(t_out, t_bias.to(acc).expand(out.sizes()));
+    }
+    if (t_out.defined()) {
+      t_out = t_out.to(out.scalar_type());
+    }
+    if (t_h.defined() && h_returned.defined()) {
+      t_h = t_h.to(h_returned.scalar_type());
+    }
+  }
+  if (t_out.defined()) {
+    out._set_fw_grad(t_out, /*level=*/0, /*is_inplace_op=*/false);
+  }
+  if (h_returned.defined() && t_h.defined()) {
+    h_returned._set_fw_grad(t_h, /*level=*/0, /*is_inplace_op=*/false);
+  }
+}
+
+// Inside functorch transforms (torch.func.grad, vjp, jacrev, vmap, ...), which cannot use a
+// C++ autograd Function: true when the Function would refuse to run.
+bool inside_functorch_transform() {
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) {
+    return false;
+  }
+  try {
+    tls->checkSupportsCppAutogradFunction();
+  } catch (const c10::Error&) {
+    return true;
+  }
+  return false;
+}
+
+// The same math with ATen ops (differentiable, batchable), for functorch transforms: h rounded
+// to its dtype as eager x + r is, the norm in the compute type, out in the input's dtype.
+std::tuple<at::Tensor, at::Tensor> norm_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
     bool residual_in_fp32) {
-  at::AutoDispatchBelowADInplaceOrView guard;
-  auto outs = norm_fwd_op().call(
-      input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
-      residual_in_fp32);
-  return {std::get<0>(outs), std::get<1>(outs)};
+  const NormFwdPlan plan = check_norm_fwd_inputs(
+      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32);
+  const auto acc = compute_dtype(input.scalar_type());
+  const at::Tensor h = residual.has_value()
+                           ? (input.to(acc) + residual->to(acc)).to(plan.h_dtype)
+                           : input.to(plan.h_dtype);
+  at::Tensor y = normalize_composite(h.to(acc), static_cast<int64_t>(normalized_shape.size()),
+                                     is_rms, eps).first;
+  if (weight.has_value()) {
+    y = y * weight->to(acc);
+  }
+  if (bias.has_value() && !is_rms) {
+    y = y + bias->to(acc);
+  }
+  return {y.to(input.scalar_type()), return_residual ? h : at::empty({0}, h.options())};
 }
 
-// The Autograd kernels: the graph node only when a gradient can flow.
+// The Autograd kernels: the graph node only when a gradient can flow; tangents when any
+// input carries one; the ATen composite inside functorch transforms.
 std::tuple<at::Tensor, at::Tensor> norm_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
     bool residual_in_fp32) {
-  if (!any_requires_grad(input, residual, weight, bias)) {
-    return forward_without_grad(
-        input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
-        residual_in_fp32);
+  if (inside_functorch_transform()) {
+    return norm_composite(input, residual, normalized_shape, weight, bias, eps, is_rms,
+                          return_residual, residual_in_fp32);
   }
-  auto outs = NormFunction::apply(
-      input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
-      residual_in_fp32);
-  return {outs[0], outs[1]};
+  const bool tangents = any_tangent(input, residual, weight, bias);
+  at::Tensor out, h_returned, normalized;
+  if (any_requires_grad(input, residual, weight, bias)) {
+    variable_list outs;
+    {
+      // The tangents are set below; a C++ Function would refuse inputs that carry them.
+      c10::AutoFwGradMode no_fw_grad(false);
+      outs = NormFunction::apply(
+          input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
+          residual_in_fp32);
+    }
+    out = outs[0];
+    h_returned = outs[1];
+    normalized = !residual.has_value() ? input : (return_residual ? outs[1] : outs[2]);
+  } else {
+    // No gradient can flow: the forward below autograd, no graph node (h is written when
+    // tangents need it).
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool store_residual = return_residual || (tangents && residual.has_value());
+    auto outs = norm_fwd_op().call(
+        input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
+        residual_in_fp32);
+    out = std::get<0>(outs);
+    normalized = !residual.has_value() ? input : std::get<1>(outs);
+    h_returned = return_residual ? std::get<1>(outs) : at::empty({0}, std::get<1>(outs).options());
+  }
+  if (tangents) {
+    set_tangents(out, return_residual ? h_returned : at::Tensor(), normalized, input, residual,
+                 weight, bias, eps, is_rms, static_cast<int64_t>(normalized_shape.size()));
+  }
+  return {out, h_returned};
 }
 
 at::Tensor layer_norm_autograd(

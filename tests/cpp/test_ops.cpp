@@ -4,6 +4,7 @@
 #include <string>
 
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/forward_grad.h>
 #include <torch/torch.h>
 
 #include <addnorm/addnorm.h>
@@ -57,6 +58,42 @@ TEST(AddNormOps, AddLayerNormReturnsNormAndSum) {
       x, r, {64}, w, std::nullopt, 1e-5, /*return_residual=*/false);
   EXPECT_EQ(h2.numel(), 0);
   EXPECT_TRUE(torch::equal(out2, out));
+}
+
+TEST(AddNormOps, SecondDerivativesAndTangentsFromCpp) {
+  torch::manual_seed(4);
+  const auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto x = torch::randn({3, 8}, opts).requires_grad_();
+  auto r = torch::randn({3, 8}, opts);
+  auto w = torch::randn({8}, opts).requires_grad_();
+  auto c = torch::randn({3, 8}, opts);
+
+  // A gradient penalty: d/dw of |d(out * c)/dx|^2, through the residual (only h is saved).
+  auto [out, h] = addnorm::add_rms_norm(x, r, {8}, w, 1e-5);
+  auto gx = torch::autograd::grad({(out * c).sum()}, {x}, {}, true, /*create_graph=*/true)[0];
+  auto gw = torch::autograd::grad({gx.pow(2).sum()}, {w})[0];
+  auto xr = x.detach().requires_grad_();
+  auto wr = w.detach().requires_grad_();
+  auto out_ref = at::rms_norm(xr + r, {8}, wr, 1e-5);
+  auto gxr = torch::autograd::grad({(out_ref * c).sum()}, {xr}, {}, true, true)[0];
+  auto gwr = torch::autograd::grad({gxr.pow(2).sum()}, {wr})[0];
+  EXPECT_GT(gwr.abs().max().item<double>(), 1e-3);
+  EXPECT_TRUE(torch::allclose(gw, gwr, 1e-10, 1e-12));
+
+  // Forward mode: the tangent of out from the tangent of x.
+  const uint64_t level = torch::autograd::ForwardADLevel::get_next_idx();
+  ASSERT_EQ(level, 0u);
+  auto t = torch::randn({3, 8}, opts);
+  auto xd = x.detach().clone();
+  xd._set_fw_grad(t, /*level=*/0, /*is_inplace_op=*/false);
+  auto y = addnorm::layer_norm(xd, {8}, w.detach(), std::nullopt, 1e-5);
+  auto yt = y._fw_grad(/*level=*/0);
+  ASSERT_TRUE(yt.defined());
+  auto xdr = x.detach().clone();
+  xdr._set_fw_grad(t, 0, false);
+  auto ytr = at::layer_norm(xdr, {8}, w.detach(), std::nullopt, 1e-5)._fw_grad(0);
+  EXPECT_TRUE(torch::allclose(yt, ytr, 1e-10, 1e-12));
+  torch::autograd::ForwardADLevel::release_idx(level);
 }
 
 TEST(AddNormOps, GradientsFromCpp) {

@@ -155,10 +155,17 @@ at::Tensor transformer_encoder_layer_impl(
       src.scalar_type());
   TORCH_CHECK(
       nhead > 0, "addnorm: transformer_encoder_layer: nhead must be positive, got ", nhead);
-  const c10::SymInt E = src.sym_size(2);
+  // The layer's d_model comes from its weights; src must match it.
+  TORCH_CHECK(
+      in_proj_weight.dim() == 2, "addnorm: transformer_encoder_layer: in_proj_weight must be "
+      "[3 * d_model, d_model], got shape ", in_proj_weight.sym_sizes());
+  const c10::SymInt E = in_proj_weight.sym_size(1);
+  TORCH_CHECK(
+      src.sym_size(2) == E, "addnorm: transformer_encoder_layer: was expecting embedding "
+      "dimension of ", E, " (the layer's d_model), but got src of shape ", src.sym_sizes());
   TORCH_CHECK(
       E % nhead == 0, "addnorm: transformer_encoder_layer: d_model (", E,
-      ", src's last dim) must be divisible by nhead (", nhead, ")");
+      ") must be divisible by nhead (", nhead, ")");
   TORCH_CHECK(
       dropout >= 0.0 && dropout <= 1.0,
       "addnorm: transformer_encoder_layer: dropout must be in [0, 1], got ", dropout);

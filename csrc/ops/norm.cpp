@@ -48,10 +48,15 @@ void check_param(
 
 }  // namespace
 
+void check_input_defined(const at::Tensor& input) {
+  TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");
+}
+
 NormFwdPlan check_norm_fwd_inputs(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool residual_in_fp32) {
+  check_input_defined(input);
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
       is_supported_float(dtype),
@@ -106,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_fwd_output
   const auto stat_opts = input.options().dtype(plan.stat_dtype);
   const c10::SymInt zero(0);
   const c10::SymIntArrayRef empty_shape(&zero, 1);
-  auto out = at::empty_symint(sizes, input.options());
+  const auto out_format = is_rms ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  auto out = at::empty_symint(sizes, input.options().memory_format(out_format));
   auto residual_out = at::empty_symint(
       store_residual ? sizes : empty_shape, input.options().dtype(plan.h_dtype));
   auto mean = at::empty_symint(is_rms ? empty_shape : rows, stat_opts);
@@ -229,7 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_device(
   if (residual.has_value()) args.residual = residual->contiguous().view(shape2d);
   if (weight.has_value()) args.gamma = weight->contiguous().view({args.N});
   if (bias.has_value() && !is_rms) args.beta = bias->contiguous().view({args.N});
-  args.out = out.view(shape2d);
+  // The kernels write contiguous rows; an output in another memory format gets them copied.
+  const at::Tensor out_rows = out.is_contiguous() ? out : at::empty(out.sizes(), out.options().memory_format(at::MemoryFormat::Contiguous));
+  args.out = out_rows.view(shape2d);
   if (store_residual) args.residual_out = residual_out.view(shape2d);
   if (!is_rms) args.mean = mean.view({args.M});
   args.rstd = rstd.view({args.M});
@@ -240,6 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_device(
     cuda::norm_fwd(args);
   } else {
     cpu::norm_fwd(args);
+  }
+  if (!out.is_same(out_rows)) {
+    out.copy_(out_rows);
   }
   return {out, residual_out, mean, rstd};
 }
@@ -288,6 +299,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_device(
 at::Tensor layer_norm_composite(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
+  check_input_defined(input);
   return std::get<0>(norm_fwd_op().call(
       input, std::nullopt, normalized_shape, weight, bias, eps, false, false, false));
 }
@@ -295,6 +307,7 @@ at::Tensor layer_norm_composite(
 at::Tensor rms_norm_composite(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, std::optional<double> eps) {
+  check_input_defined(input);
   return std::get<0>(norm_fwd_op().call(
       input, std::nullopt, normalized_shape, weight, std::nullopt,
       eps.value_or(default_rms_eps(input.scalar_type())), true, false, false));
@@ -305,6 +318,7 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm_composite(
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool return_residual,
     bool residual_in_fp32) {
+  check_input_defined(input);
   auto outs = norm_fwd_op().call(
       input, residual, normalized_shape, weight, bias, eps, false, return_residual,
       residual_in_fp32);
@@ -315,6 +329,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     std::optional<double> eps, bool return_residual, bool residual_in_fp32) {
+  check_input_defined(input);
   auto outs = norm_fwd_op().call(
       input, residual, normalized_shape, weight, std::nullopt,
       eps.value_or(default_rms_eps(input.scalar_type())), true, return_residual,

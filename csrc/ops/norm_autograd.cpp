@@ -141,7 +141,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     }
     // What was normalized: h when it was written (an output of this node, so higher-order
     // gradients reach input and residual through it), else the input.
-    const at::Tensor& normalized = !has_residual ? input : (return_residual ? h_returned : h_kept);
+    const at::Tensor& normalized = return_residual ? h_returned : (has_residual ? h_kept : input);
     ctx->save_for_backward({normalized, mean, rstd, weight.value_or(at::Tensor())});
     ctx->saved_data["input_dtype"] = input.scalar_type();
     ctx->saved_data["residual_dtype"] = has_residual ? residual->scalar_type() : input.scalar_type();
@@ -153,6 +153,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["is_rms"] = is_rms;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["ndim"] = static_cast<int64_t>(normalized_shape.size());
+    ctx->saved_data["returned_h"] = return_residual;
     ctx->saved_data["norm_backward_done"] = false;
     return {out, h_returned, h_kept};
   }
@@ -164,8 +165,12 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool is_rms = ctx->saved_data["is_rms"].toBool();
     const at::Tensor& grad_out = grad_outputs[0];
     // The gradient flowing into h: from its users (the returned h) and, in higher-order
-    // backward, into the kept h.
-    const at::Tensor grad_h_in = sum_defined(grad_outputs[1], grad_outputs[2]);
+    // backward, into the kept h. (The empty outputs' gradients, which a tracer may
+    // materialize, are not gradients of h.)
+    const bool returned_h = ctx->saved_data["returned_h"].toBool();
+    const at::Tensor grad_h_in =
+        sum_defined(returned_h ? grad_outputs[1] : at::Tensor(),
+                    (has_residual && !returned_h) ? grad_outputs[2] : at::Tensor());
 
     variable_list grads(9);  // one per forward argument after ctx
     auto set_input_grads = [&](const at::Tensor& grad_h) {
@@ -357,6 +362,7 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
     bool residual_in_fp32) {
+  check_input_defined(input);
   if (inside_functorch_transform()) {
     return norm_composite(input, residual, normalized_shape, weight, bias, eps, is_rms,
                           return_residual, residual_in_fp32);
@@ -374,7 +380,7 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     }
     out = outs[0];
     h_returned = outs[1];
-    normalized = !residual.has_value() ? input : (return_residual ? outs[1] : outs[2]);
+    normalized = return_residual ? outs[1] : (residual.has_value() ? outs[2] : input);
   } else {
     // No gradient can flow: the forward below autograd, no graph node (h is written when
     // tangents need it).
@@ -384,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
         input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
         residual_in_fp32);
     out = std::get<0>(outs);
-    normalized = !residual.has_value() ? input : std::get<1>(outs);
+    normalized = store_residual ? std::get<1>(outs) : input;
     h_returned = return_residual ? std::get<1>(outs) : at::empty({0}, std::get<1>(outs).options());
   }
   if (tangents) {
@@ -404,6 +410,7 @@ at::Tensor layer_norm_autograd(
 at::Tensor rms_norm_autograd(
     const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight, std::optional<double> eps) {
+  check_input_defined(input);
   return std::get<0>(norm_autograd(
       input, std::nullopt, normalized_shape, weight, std::nullopt,
       eps.value_or(default_rms_eps(input.scalar_type())), true, false, false));
@@ -423,6 +430,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     std::optional<double> eps, bool return_residual, bool residual_in_fp32) {
+  check_input_defined(input);
   return norm_autograd(
       input, residual, normalized_shape, weight, std::nullopt,
       eps.value_or(default_rms_eps(input.scalar_type())), true, return_residual,

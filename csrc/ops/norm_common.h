@@ -13,6 +13,10 @@
 
 namespace addnorm {
 
+// The public ops' first check: an input (None from Python is an undefined tensor, which
+// the dispatcher could not route).
+void check_input_defined(const at::Tensor& input);
+
 // What the checks of a forward call decide.
 struct NormFwdPlan {
   int64_t axis;                // first normalized dim; rows are input.sizes()[:axis]
@@ -29,8 +33,10 @@ NormFwdPlan check_norm_fwd_inputs(
     double eps,
     bool residual_in_fp32);
 
-// (out, residual_out, mean, rstd), all contiguous; residual_out is [0] unless
-// store_residual, mean is [0] for RMSNorm.
+// (out, residual_out, mean, rstd); residual_out is [0] unless store_residual, mean is [0]
+// for RMSNorm. All contiguous, except out of RMSNorm, which has the input's suggested memory
+// format (channels_last stays channels_last), as F.rms_norm's result has; F.layer_norm's
+// result is contiguous.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_fwd_outputs(
     const at::Tensor& input,
     const NormFwdPlan& plan,

@@ -202,6 +202,17 @@ def test_op_errors():
         op(*bad)
 
 
+def test_wrong_src_width_blames_src():
+    """src whose last dim is not the layer's d_model: the message names src and the width
+    expected, as torch's does (not the layer's weights or nhead)."""
+    layer = addnorm.TransformerEncoderLayer(12, 3, 24, dropout=0.0)
+    with pytest.raises(RuntimeError, match=r"expecting embedding dimension of 12.*src of shape \[2, 5, 16\]"):
+        layer(torch.randn(2, 5, 16))
+    layer = addnorm.TransformerEncoderLayer(16, 4, 24, dropout=0.0)
+    with pytest.raises(RuntimeError, match=r"expecting embedding dimension of 16.*src of shape \[2, 5, 12\]"):
+        layer(torch.randn(2, 5, 12))
+
+
 # --------------------------------------------------------------------------- dropout
 
 

@@ -44,6 +44,18 @@ def _x(shape=(3, 8), dtype=F32, device="cpu"):
 # --------------------------------------------------------------------------- input
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("op", list(OPS))
+def test_input_none(op, with_residual):
+    """None as input (a residual given or not, one requiring grad or not): a message about
+    the input, not the dispatcher's about missing kernels of an internal op."""
+    r = _x() if with_residual and op in ADD_OPS else None
+    for r_req in ([False, True] if r is not None else [False]):
+        rr = None if r is None else r.clone().requires_grad_(r_req)
+        with pytest.raises(RuntimeError, match=r"addnorm: input must be a tensor, got None"):
+            OPS[op](None, rr, [8])
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 @pytest.mark.parametrize("op", list(OPS))
 def test_integer_input(op, dtype):

@@ -84,6 +84,41 @@ def test_norm_parity(num_rows, hidden_size, dtype, norm, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+def test_output_memory_format(with_residual, norm, requires_grad, device):
+    """Memory format of the results, as torch's functions give it: RMSNorm's output keeps
+    the input's (channels_last stays channels_last, as with F.rms_norm), LayerNorm's is
+    contiguous (as F.layer_norm's), the returned h is contiguous; values equal torch's."""
+    rms = _rms(norm)
+    x = make_data((2, 3, 4, 8), torch.float32, device).to(memory_format=torch.channels_last)
+    r = (make_data((2, 3, 4, 8), torch.float32, device, scale=1.0, offset=0.0)
+         .to(memory_format=torch.channels_last) if with_residual else None)
+    w, b = make_affine((8,), torch.float32, device)
+    x.requires_grad_(requires_grad)
+    if with_residual:
+        out, h = call_add_norm(rms, x, r, (8,), w, None if rms else b, RMS_EPS if rms else 1e-5)
+        assert h.is_contiguous()
+        h_ref = x + r
+    else:
+        out = call_norm(rms, x, (8,), w, None if rms else b, RMS_EPS if rms else 1e-5)
+        h_ref = x
+    ref = F.rms_norm(h_ref, [8], w, RMS_EPS) if rms else F.layer_norm(h_ref, [8], w, b, 1e-5)
+    assert ref.is_contiguous(memory_format=torch.channels_last) == rms  # torch's choice, checked
+    if rms:
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    else:
+        assert out.is_contiguous()
+    assert out.stride() == ref.stride()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if requires_grad:
+        (gx,) = torch.autograd.grad(out.pow(2).sum(), [x])
+        (gx_ref,) = torch.autograd.grad(ref.pow(2).sum(), [x])
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("n", [768, 4096, 100003])

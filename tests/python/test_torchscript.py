@@ -19,6 +19,10 @@ from conftest import DEVICES
 
 E, H, FF, S, N = 16, 4, 32, 5, 3
 
+# torch 2.11 deprecates torch.jit.script (for torch.compile / torch.export) and warns on
+# every call; LibTorch applications still load TorchScript models.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 
 def _randomize(module, seed=0):
     """Non-trivial parameters (norm weights around 1), so a wrong mapping would show."""
@@ -47,7 +51,7 @@ def _run(module, inputs, cotangents, seed):
     return outs, grads
 
 
-def _assert_same(eager, scripted, inputs, cot_dtypes=None, seed=0):
+def _assert_same(eager, scripted, inputs, seed=0):
     """The scripted module gives bitwise the eager module's outputs and gradients (input and
     parameter gradients), in train and eval mode."""
     for training in (True, False):

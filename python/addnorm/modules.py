@@ -2,9 +2,8 @@
 parameters, state_dict keys, extra_repr and isinstance checks stay exactly torch's; only
 forward runs addnorm's kernels.
 
-Every forward calls the ops directly (not the functional forms, whose int-or-sequence
-normalized_shape and keyword-only arguments TorchScript cannot compile), so
-``torch.jit.script`` compiles the modules."""
+Every forward calls the ops directly, not the functional forms (TorchScript cannot compile
+add_layer_norm / add_rms_norm), so ``torch.jit.script`` compiles the modules."""
 
 from typing import Optional
 

@@ -27,12 +27,12 @@ test: build
 
 # The C++ example (examples/cpp) as an outside project: install the CMake package into
 # $(INSTALL_DIR), build the app against it in $(EXAMPLE_DIR) (configured once, then
-# incremental) and run it on the inputs make_inputs.py writes (rewritten only when
-# make_inputs.py changes).
+# incremental) and run it on the inputs make_inputs.py writes (rewritten when make_inputs.py
+# or the package changes: they include a TorchScript model scripted from addnorm's modules).
 install: build
 	$(VENV_PATH) cmake --install $(BUILD_DIR) --prefix $(INSTALL_DIR)
 
-$(EXAMPLE_DIR)/inputs.pt: examples/cpp/make_inputs.py $(DEPS_STAMP)
+$(EXAMPLE_DIR)/inputs.pt: examples/cpp/make_inputs.py $(BUILD_STAMP) $(wildcard python/addnorm/*.py)
 	$(PY) examples/cpp/make_inputs.py $@
 
 $(EXAMPLE_STAMP): examples/cpp/CMakeLists.txt $(DEPS_STAMP) | install

@@ -8,8 +8,12 @@
 //      loads torch's weights into it by their Python names, runs it in eval mode and
 //      checks the result against the output torch's nn.TransformerEncoderLayer gave in
 //      Python (exit status 1 on a mismatch);
-//   2. trains it (plus a linear head) with torch::optim::Adam on a small classification
-//      task and checks that the loss falls (exit status 1 otherwise).
+//   2. loads the TorchScript model saved next to INPUTS.pt (torch.jit.save of a torch model
+//      converted with addnorm.replace_modules, whose code calls addnorm's ops: linking
+//      libaddnorm registers them) with torch::jit::load, runs it and checks its output and
+//      input gradient against those of the unconverted torch model in Python;
+//   3. trains the stack (plus a linear head) with torch::optim::Adam on a small
+//      classification task and checks that the loss falls (exit status 1 otherwise).
 
 #include <cmath>
 #include <cstdio>
@@ -20,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include <torch/script.h>
 #include <torch/torch.h>
 
 #include <addnorm/addnorm.h>
@@ -109,6 +114,25 @@ void load_weights(Model& model, const Inputs& in) {
   std::printf("loaded %zu parameter tensors\n", loaded);
 }
 
+// Checks a result against the one Python wrote; prints the comparison.
+bool check_close(const char* what, const torch::Tensor& actual, const torch::Tensor& expected) {
+  const double atol = 1e-4, rtol = 1e-4;
+  const bool close =
+      actual.sizes() == expected.sizes() && torch::allclose(actual, expected, rtol, atol);
+  const double max_err = actual.sizes() == expected.sizes()
+                             ? (actual - expected).abs().max().item<double>()
+                             : std::nan("");
+  std::printf("%s: %s, max |addnorm - torch| = %.3g (atol %.0e, rtol %.0e): %s\n", what,
+              c10::str(actual.sizes()).c_str(), max_err, atol, rtol, close ? "OK" : "MISMATCH");
+  return close;
+}
+
+// The folder of a file path, with its trailing separator ("" for a bare file name).
+std::string folder_of(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  return slash == std::string::npos ? "" : path.substr(0, slash + 1);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -132,14 +156,29 @@ int main(int argc, char** argv) {
       torch::NoGradGuard no_grad;
       out = model->encode(src, in.tensor("src_key_padding_mask"));
     }
-    const double atol = 1e-4, rtol = 1e-4;
-    const double max_err = (out - expected).abs().max().item<double>();
-    const bool close = out.sizes() == expected.sizes() && torch::allclose(out, expected, rtol, atol);
-    std::printf("inference: output %s, max |addnorm - torch| = %.3g (atol %.0e, rtol %.0e): %s\n",
-                c10::str(out.sizes()).c_str(), max_err, atol, rtol, close ? "OK" : "MISMATCH");
-    if (!close) return 1;
+    if (!check_close("inference: output", out, expected)) return 1;
 
-    // 2. Training.
+    // 2. The TorchScript model saved from Python.
+    const std::string scripted_path = folder_of(argv[1]) + in.string("scripted_model");
+    torch::jit::Module scripted = torch::jit::load(scripted_path);
+    scripted.eval();
+    size_t addnorm_modules = 0;
+    for (const auto& sub : scripted.named_modules()) {
+      addnorm_modules += sub.value.type()->name()->qualifiedName().rfind("__torch__.addnorm.", 0) == 0;
+    }
+    std::printf("TorchScript model %s: %zu addnorm modules\n", scripted_path.c_str(), addnorm_modules);
+    TORCH_CHECK(addnorm_modules > 0, "the TorchScript model holds no addnorm module");
+    const auto scripted_src = src.clone().requires_grad_();
+    const auto scripted_out =
+        scripted.forward({scripted_src, in.tensor("src_key_padding_mask")}).toTensor();
+    scripted_out.backward(in.tensor("scripted_grad_output"));
+    const bool out_ok = check_close("TorchScript model: output", scripted_out.detach(),
+                                    in.tensor("scripted_expected"));
+    const bool grad_ok = check_close("TorchScript model: input gradient", scripted_src.grad(),
+                                     in.tensor("scripted_grad_input"));
+    if (!out_ok || !grad_ok) return 1;
+
+    // 3. Training.
     model->train();
     const auto x = in.tensor("train_x");
     const auto y = in.tensor("train_y");

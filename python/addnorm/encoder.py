@@ -4,9 +4,14 @@ Add & Norm steps run addnorm's fused kernels.
 It subclasses torch's layer, so the constructor, submodules (self_attn, linear1, linear2,
 norm1, norm2, dropout*), parameters, state_dict keys and isinstance checks are torch's
 (nn.TransformerEncoder accepts it as is). forward runs the one op
-torch.ops.addnorm.transformer_encoder_layer, whose math is torch's layer op for op."""
+torch.ops.addnorm.transformer_encoder_layer, whose math is torch's layer op for op.
 
-from typing import Optional
+torch.jit.script compiles it: the scripted forward takes the activation from torch's
+``activation_relu_or_gelu`` attribute (checked against ``activation`` when the layer is
+scripted) and runs nested tensors through torch's fused inference kernel itself, since
+TorchScript cannot call ``super().forward``."""
+
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,10 @@ def _activation_name(activation) -> Optional[str]:
     if activation is F.gelu or (isinstance(activation, nn.GELU) and activation.approximate == "none"):
         return "gelu"
     return None
+
+
+# torch's encoding of the activation in TransformerEncoderLayer.activation_relu_or_gelu.
+_ACTIVATION_CODES = {"relu": 1, "gelu": 2}
 
 
 def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
@@ -66,6 +75,23 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         if reason is not None:
             raise ValueError(f"addnorm.TransformerEncoderLayer: {reason}")
 
+    def __prepare_scriptable__(self) -> "TransformerEncoderLayer":
+        # Called by torch.jit.script before compiling. TorchScript cannot inspect the
+        # activation function, so the scripted forward reads activation_relu_or_gelu,
+        # which must still describe the activation the layer holds.
+        reason = _unsupported_reason(self)
+        if reason is None:
+            name = _activation_name(self.activation)
+            if getattr(self, "activation_relu_or_gelu", None) != _ACTIVATION_CODES[name]:
+                reason = (
+                    f"activation_relu_or_gelu must be {_ACTIVATION_CODES[name]} for "
+                    f"activation {name}, got {getattr(self, 'activation_relu_or_gelu', None)!r} "
+                    "(set it when replacing the activation)"
+                )
+        if reason is not None:
+            raise ValueError(f"addnorm.TransformerEncoderLayer cannot be scripted: {reason}")
+        return self
+
     def forward(
         self,
         src: Tensor,
@@ -76,7 +102,13 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         if src.is_nested:
             # Only nn.TransformerEncoder's inference fast path passes nested tensors;
             # torch's own fused kernel handles those.
-            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+            if not torch.jit.is_scripting():
+                return super().forward(src, src_mask, src_key_padding_mask, is_causal)
+            return self._nested_forward(src, src_mask, src_key_padding_mask)
+        if torch.jit.is_scripting():
+            activation = "gelu" if self.activation_relu_or_gelu == 2 else "relu"
+        else:
+            activation = _activation_name(self.activation)
         sa = self.self_attn
         return torch.ops.addnorm.transformer_encoder_layer(
             src,
@@ -97,11 +129,55 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             self.norm2.bias,
             sa.num_heads,
             self.dropout.p,
-            _activation_name(self.activation),
+            activation,
             self.norm1.eps,
             sa.batch_first,
             self.norm_first,
             self.training,
+        )
+
+    def _nested_forward(
+        self, src: Tensor, src_mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]
+    ) -> Tensor:
+        """The scripted forward's nested-tensor path: torch's fused inference kernel, called
+        as torch's layer calls it; raises where torch's layer refuses nested input."""
+        sa = self.self_attn
+        tensors: List[Optional[Tensor]] = [
+            sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+            self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
+            self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+        ]
+        needs_grad = False
+        if torch.is_grad_enabled():
+            for t in tensors:
+                if t is not None and t.requires_grad:
+                    needs_grad = True
+        if self.training or needs_grad or src_mask is not None or src_key_padding_mask is not None:
+            raise RuntimeError(
+                "addnorm.TransformerEncoderLayer: nested tensor input is supported only "
+                "for inference (eval mode, no gradient, no masks), as in torch's layer"
+            )
+        return torch._transformer_encoder_layer_fwd(
+            src,
+            sa.embed_dim,
+            sa.num_heads,
+            sa.in_proj_weight,
+            sa.in_proj_bias,
+            sa.out_proj.weight,
+            sa.out_proj.bias,
+            self.activation_relu_or_gelu == 2,
+            self.norm_first,
+            self.norm1.eps,
+            self.norm1.weight,
+            self.norm1.bias,
+            self.norm2.weight,
+            self.norm2.bias,
+            self.linear1.weight,
+            self.linear1.bias,
+            self.linear2.weight,
+            self.linear2.bias,
+            None,
+            None,
         )
 
 

@@ -1,4 +1,11 @@
-"""Functional forms of the addnorm ops, with the signatures of torch.nn.functional."""
+"""Functional forms of the addnorm ops, with the signatures of torch.nn.functional.
+
+TorchScript: ``layer_norm`` and ``rms_norm`` compile as their torch.nn.functional
+counterparts do (normalized_shape a list or tuple of ints). ``add_layer_norm`` and
+``add_rms_norm`` do not compile (keyword-only arguments, and a return type that depends on
+``return_residual``); scripted code uses ``AddLayerNorm`` / ``AddRMSNorm`` or the ops
+``torch.ops.addnorm.add_layer_norm`` / ``add_rms_norm``, which always return ``(out, h)``.
+"""
 
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -35,6 +42,32 @@ def rms_norm(
     """Same as ``torch.nn.functional.rms_norm`` (eps=None: the epsilon of the float type
     torch computes in, float32 for fp16/bf16/fp32 input)."""
     return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
+
+
+# What torch.jit.script compiles in place of layer_norm and rms_norm (through the
+# __prepare_scriptable__ hook it calls on functions): the same ops with TorchScript's
+# types, normalized_shape being a List[int] as in torch.nn.functional.
+def _layer_norm_scripted(
+    input: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    return torch.ops.addnorm.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def _rms_norm_scripted(
+    input: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    return torch.ops.addnorm.rms_norm(input, normalized_shape, weight, eps)
+
+
+layer_norm.__prepare_scriptable__ = lambda: _layer_norm_scripted
+rms_norm.__prepare_scriptable__ = lambda: _rms_norm_scripted
 
 
 def add_layer_norm(
@@ -87,6 +120,20 @@ def add_rms_norm(
         residual_in_fp32=residual_in_fp32,
     )
     return (out, h) if return_residual else out
+
+
+# torch.jit.script raises "TorchScript error: <message>" for functions carrying this.
+_NOT_SCRIPTABLE = (
+    "addnorm.{name} cannot be compiled by TorchScript (keyword-only arguments, and a "
+    "return type that depends on return_residual); in scripted code use addnorm.{module} "
+    "or torch.ops.addnorm.{name}, which returns (out, h)"
+)
+add_layer_norm.__script_unsupported = _NOT_SCRIPTABLE.format(
+    name="add_layer_norm", module="AddLayerNorm"
+)
+add_rms_norm.__script_unsupported = _NOT_SCRIPTABLE.format(
+    name="add_rms_norm", module="AddRMSNorm"
+)
 
 
 __all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]

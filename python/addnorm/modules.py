@@ -1,31 +1,41 @@
 """nn.Module drop-ins. LayerNorm and RMSNorm subclass torch's modules, so constructor,
 parameters, state_dict keys, extra_repr and isinstance checks stay exactly torch's; only
-forward runs addnorm's kernels."""
+forward runs addnorm's kernels.
 
-from typing import Optional, Tuple, Union
+Every forward calls the ops directly, not the functional forms (TorchScript cannot compile
+add_layer_norm / add_rms_norm), so ``torch.jit.script`` compiles the modules."""
 
+from typing import Optional
+
+import torch
 from torch import Tensor, nn
-
-from . import functional as F
 
 
 class LayerNorm(nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm``."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return torch.ops.addnorm.layer_norm(
+            input, self.normalized_shape, self.weight, self.bias, self.eps
+        )
 
 
 class RMSNorm(nn.RMSNorm):
     """Drop-in for ``torch.nn.RMSNorm``."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return torch.ops.addnorm.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
 class AddLayerNorm(nn.LayerNorm):
     """``LayerNorm(input + residual)``; ``forward(input, residual)`` returns what
-    ``addnorm.add_layer_norm`` returns (``(out, h)`` with ``return_residual=True``)."""
+    ``addnorm.add_layer_norm`` returns (``(out, h)`` with ``return_residual=True``).
+
+    ``return_residual`` and ``residual_in_fp32`` are TorchScript constants: a scripted
+    module's forward returns ``Tensor`` or ``Tuple[Tensor, Tensor]``, fixed by
+    ``return_residual`` at scripting time."""
+
+    __constants__ = nn.LayerNorm.__constants__ + ["return_residual", "residual_in_fp32"]
 
     def __init__(
         self,
@@ -43,10 +53,10 @@ class AddLayerNorm(nn.LayerNorm):
         self.return_residual = return_residual
         self.residual_in_fp32 = residual_in_fp32
 
-    def forward(
-        self, input: Tensor, residual: Optional[Tensor] = None
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        return F.add_layer_norm(
+    # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
+    # constant return_residual (an annotated Union would reach scripted callers as a Union).
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):
+        out, h = torch.ops.addnorm.add_layer_norm(
             input,
             residual,
             self.normalized_shape,
@@ -56,6 +66,9 @@ class AddLayerNorm(nn.LayerNorm):
             return_residual=self.return_residual,
             residual_in_fp32=self.residual_in_fp32,
         )
+        if self.return_residual:
+            return out, h
+        return out
 
     def extra_repr(self) -> str:
         return (
@@ -66,6 +79,8 @@ class AddLayerNorm(nn.LayerNorm):
 
 class AddRMSNorm(nn.RMSNorm):
     """``RMSNorm(input + residual)``; see ``AddLayerNorm``."""
+
+    __constants__ = nn.RMSNorm.__constants__ + ["return_residual", "residual_in_fp32"]
 
     def __init__(
         self,
@@ -82,10 +97,10 @@ class AddRMSNorm(nn.RMSNorm):
         self.return_residual = return_residual
         self.residual_in_fp32 = residual_in_fp32
 
-    def forward(
-        self, input: Tensor, residual: Optional[Tensor] = None
-    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-        return F.add_rms_norm(
+    # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
+    # constant return_residual (an annotated Union would reach scripted callers as a Union).
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):
+        out, h = torch.ops.addnorm.add_rms_norm(
             input,
             residual,
             self.normalized_shape,
@@ -94,6 +109,9 @@ class AddRMSNorm(nn.RMSNorm):
             return_residual=self.return_residual,
             residual_in_fp32=self.residual_in_fp32,
         )
+        if self.return_residual:
+            return out, h
+        return out
 
     def extra_repr(self) -> str:
         return (

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .functional import _check_unnamed
+
 
 def _activation_name(activation) -> Optional[str]:
     """'relu' / 'gelu' for the activations the op runs, None for any other."""
@@ -99,6 +101,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: bool = False,
     ) -> Tensor:
+        if not torch.jit.is_scripting():
+            _check_unnamed(src, src_mask, src_key_padding_mask)
         if src.is_nested:
             # Only nn.TransformerEncoder's inference fast path passes nested tensors;
             # torch's own fused kernel handles those.

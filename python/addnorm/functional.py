@@ -15,6 +15,16 @@ from torch import Tensor
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
+def _check_unnamed(*tensors: Optional[Tensor]) -> None:
+    """Named tensors get torch's answer for its own norms, not the TorchScript conversion's
+    message that torch.ops would give."""
+    for t in tensors:
+        if t is not None and t.has_names():
+            raise RuntimeError(
+                f"addnorm: named tensors are not supported (got names {t.names}); drop the "
+                "names with tensor.rename(None), call the op, and set names on the result")
+
+
 def _as_shape(normalized_shape: _ShapeLike) -> List[int]:
     if isinstance(normalized_shape, int):
         return [normalized_shape]
@@ -30,6 +40,7 @@ def layer_norm(
 ) -> Tensor:
     """Same as ``torch.nn.functional.layer_norm``; also takes bf16/fp16 input with fp32
     weight and bias."""
+    _check_unnamed(input, weight, bias)
     return torch.ops.addnorm.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
 
 
@@ -41,6 +52,7 @@ def rms_norm(
 ) -> Tensor:
     """Same as ``torch.nn.functional.rms_norm`` (eps=None: the epsilon of the float type
     torch computes in, float32 for fp16/bf16/fp32 input)."""
+    _check_unnamed(input, weight)
     return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
 
 
@@ -86,6 +98,7 @@ def add_layer_norm(
     Returns ``out``, or ``(out, h)`` with ``return_residual=True`` (pre-LN models carry h
     to the next layer). h has the residual's dtype, or float32 with ``residual_in_fp32``.
     """
+    _check_unnamed(input, residual, weight, bias)
     out, h = torch.ops.addnorm.add_layer_norm(
         input,
         residual,
@@ -110,6 +123,7 @@ def add_rms_norm(
     residual_in_fp32: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """``h = input + residual; out = rms_norm(h)`` in one pass; see ``add_layer_norm``."""
+    _check_unnamed(input, residual, weight)
     out, h = torch.ops.addnorm.add_rms_norm(
         input,
         residual,

@@ -10,11 +10,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import functional as F
+
 
 class LayerNorm(nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm``."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            F._check_unnamed(input)
         return torch.ops.addnorm.layer_norm(
             input, self.normalized_shape, self.weight, self.bias, self.eps
         )
@@ -24,6 +28,8 @@ class RMSNorm(nn.RMSNorm):
     """Drop-in for ``torch.nn.RMSNorm``."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            F._check_unnamed(input)
         return torch.ops.addnorm.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
@@ -56,6 +62,8 @@ class AddLayerNorm(nn.LayerNorm):
     # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
     # constant return_residual (an annotated Union would reach scripted callers as a Union).
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):
+        if not torch.jit.is_scripting():
+            F._check_unnamed(input, residual)
         out, h = torch.ops.addnorm.add_layer_norm(
             input,
             residual,
@@ -100,6 +108,8 @@ class AddRMSNorm(nn.RMSNorm):
     # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
     # constant return_residual (an annotated Union would reach scripted callers as a Union).
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):
+        if not torch.jit.is_scripting():
+            F._check_unnamed(input, residual)
         out, h = torch.ops.addnorm.add_rms_norm(
             input,
             residual,

@@ -56,6 +56,23 @@ def test_input_none(op, with_residual):
             OPS[op](None, rr, [8])
 
 
+def test_named_tensors():
+    """Named tensors: torch's answer for its norms (drop the names), from the functional
+    forms and the modules, not the TorchScript conversion's message of torch.ops."""
+    x = torch.randn(2, 8, names=("N", "C"))
+    r = torch.randn(2, 8)
+    calls = [
+        lambda: addnorm.layer_norm(x, 8), lambda: addnorm.rms_norm(x, [8]),
+        lambda: addnorm.add_layer_norm(x, r, 8), lambda: addnorm.add_rms_norm(r, x, 8),
+        lambda: addnorm.LayerNorm(8)(x), lambda: addnorm.RMSNorm(8)(x),
+        lambda: addnorm.AddLayerNorm(8)(x, r), lambda: addnorm.AddRMSNorm(8)(r, x),
+        lambda: addnorm.TransformerEncoderLayer(8, 2, 16)(torch.randn(3, 2, 8, names=("S", "N", "E"))),
+    ]
+    for call in calls:
+        with pytest.raises(RuntimeError, match=r"addnorm: named tensors are not supported .*rename\(None\)"):
+            call()
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 @pytest.mark.parametrize("op", list(OPS))
 def test_integer_input(op, dtype):

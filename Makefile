@@ -7,7 +7,9 @@ PY := $(VENV)/bin/python
 BUILD_DIR := build/cmake
 DEPS_STAMP := $(VENV)/.requirements-installed
 BUILD_STAMP := build/.built
-SOURCES := $(shell find csrc tests/cpp cmake -type f 2>/dev/null) CMakeLists.txt setup.py
+SOURCES := $(shell find csrc tests/cpp cmake -type f 2>/dev/null) CMakeLists.txt setup.py VERSION
+# torch's version file: a torch upgraded in .venv (by installing another package) rebuilds.
+TORCH_VERSION_FILE = $(wildcard $(VENV)/lib/python*/site-packages/torch/version.py)
 
 EXAMPLE_DIR := build/example
 INSTALL_DIR := build/install
@@ -62,7 +64,7 @@ build: $(BUILD_STAMP)
 # Editable install: setup.py runs CMake in $(BUILD_DIR) (kept between runs) and puts
 # libaddnorm and _C into python/addnorm; the GoogleTest suite is built alongside.
 # pip -v shows the build's progress ([n/m] lines) as it goes.
-$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) $(TORCH_VERSION_FILE)
 	ADDNORM_BUILD_TESTS=1 ADDNORM_BUILD_DIR=$(BUILD_DIR) \
 	  $(PY) -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e .
 	mkdir -p build && touch $@

@@ -49,11 +49,12 @@ class CMakeBuild(build_ext):
         if out_dir != ext_path.parent:  # setuptools expects the module at ext_path too
             ext_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(out_dir / ext_path.name, ext_path)
+            shutil.copy2(out_dir / "_build_info.py", ext_path.parent / "_build_info.py")
 
 
 setup(
     name="addnorm",
-    version="0.1.0",
+    version=(ROOT / "VERSION").read_text().strip(),
     packages=find_packages("python"),
     package_dir={"": "python"},
     ext_modules=[CMakeExtension("addnorm._C")],

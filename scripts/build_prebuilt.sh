@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds libaddnorm.so and addnorm._C for another Python into build/prebuilt/, for
+# Builds libaddnorm.so and addnorm._C (with _build_info.py, the torch version they were
+# built against) for another Python into build/prebuilt/, for
 # scripts/gpu_check.sh on a machine that should not spend its time compiling (the GPU
 # machine: Python 3.12 with torch 2.11.0+cu130; a Python 3.12 venv with torch==2.11.0 from
 # PyPI is the same build, so the result loads there).
@@ -32,5 +33,4 @@ cmake -S "$ROOT" -B "$ROOT/build/prebuilt-cmake" -G Ninja -DCMAKE_BUILD_TYPE=Rel
   "-DCMAKE_PREFIX_PATH=$prefix" "-DPython_EXECUTABLE=$PY" \
   "-DADDNORM_PYTHON_OUTPUT_DIR=$ROOT/build/prebuilt" -DADDNORM_CUDA=ON -DADDNORM_BUILD_TESTS=OFF
 cmake --build "$ROOT/build/prebuilt-cmake" -j "${MAX_JOBS:-$(nproc)}"
-"$PY" -c "import torch; print(torch.__version__)" >"$ROOT/build/prebuilt/torch_version.txt"
 ls -la "$ROOT/build/prebuilt"

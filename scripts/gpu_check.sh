@@ -11,7 +11,7 @@
 # Prebuilt library: building on the GPU machine costs minutes of its time. Build here for
 # the GPU machine's Python (3.12; a Python 3.12 venv with torch 2.11.0 from PyPI is the same
 # cu130 build) with scripts/build_prebuilt.sh, which leaves libaddnorm.so and
-# _C.cpython-312-*.so in build/prebuilt/; carry that folder. PREBUILT (default
+# _C.cpython-312-*.so (and _build_info.py) in build/prebuilt/; carry that folder. PREBUILT (default
 # build/prebuilt) is used when it holds a _C for this Python; else the script builds.
 #
 # To carry the results off the GPU machine as few files, pack the folder:
@@ -146,14 +146,15 @@ build() {
   so="$PREBUILT/_C$ext"
   local have_torch built_torch=""
   have_torch=$("$PY" -c "import torch; print(torch.__version__)") || return 1
-  [ -f "$PREBUILT/torch_version.txt" ] && built_torch=$(cat "$PREBUILT/torch_version.txt")
+  [ -f "$PREBUILT/_build_info.py" ] &&
+    built_torch=$(sed -n 's/^torch_version = "\(.*\)"$/\1/p' "$PREBUILT/_build_info.py")
   if [ -f "$so" ] && [ -n "$built_torch" ] && [ "$built_torch" != "$have_torch" ]; then
     echo "the prebuilt library was built against torch $built_torch, this is torch $have_torch: building"
     so=/nonexistent
   fi
   if [ -f "$so" ] && [ -f "$PREBUILT/libaddnorm.so" ]; then
     echo "using the prebuilt library in $PREBUILT (built against torch ${built_torch:-unknown})"
-    cp "$PREBUILT/libaddnorm.so" "$so" python/addnorm/ || return 1
+    cp "$PREBUILT/libaddnorm.so" "$so" "$PREBUILT/_build_info.py" python/addnorm/ || return 1
   else
     local arch=${TORCH_CUDA_ARCH_LIST:-}
     if [ -z "$arch" ]; then

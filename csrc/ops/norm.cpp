@@ -410,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(
       residual_in_fp32);
 }
 
-const char* version() { return "0.1.0"; }
+const char* version() { return ADDNORM_VERSION_STRING; }
 
 const char* cpu_kernel_capability() { return cpu::capability(); }
 

@@ -5,11 +5,33 @@ Importing the package loads libaddnorm, which registers the ops in ``torch.ops.a
 
 import torch  # noqa: F401  (loads libtorch before libaddnorm)
 
-from . import _C  # noqa: F401  (registers torch.ops.addnorm.*)
-from .functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm
-from .encoder import TransformerEncoderLayer
-from .convert import replace_modules
+from . import _build_info
+
+
+def _check_torch_version() -> None:
+    """libaddnorm links the torch it was built against; another one fails to load it with
+    undefined symbols. Say so, and how to rebuild, before loading it."""
+    def release(v: str) -> str:
+        return v.split("+")[0]
+
+    built, running = _build_info.torch_version, torch.__version__
+    if release(built) != release(running):
+        raise ImportError(
+            f"addnorm {_build_info.version} was built against torch {built}, but torch "
+            f"{running} is installed: rebuild addnorm against it (`make build` in the "
+            "source tree, or `pip install --no-build-isolation --no-deps --force-reinstall .`), "
+            f"or install torch {release(built)} (in the source tree, `pip install -c "
+            "requirements.txt ...` keeps the pinned torch when installing other packages)")
+
+
+_check_torch_version()
+
+# (after the check: these load the library)
+from . import _C  # noqa: E402,F401  (registers torch.ops.addnorm.*)
+from .functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
+from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm  # noqa: E402
+from .encoder import TransformerEncoderLayer  # noqa: E402
+from .convert import replace_modules  # noqa: E402
 
 __version__ = _C.version()
 

@@ -1,0 +1,59 @@
+"""The package itself: its version has one source, and importing it against another torch
+than the one its library was built against fails with a message that says what to do
+(before loading the library, which would fail with undefined symbols)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import addnorm
+from addnorm import _build_info
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_version_has_one_source():
+    with open(os.path.join(ROOT, "VERSION")) as f:
+        version = f.read().strip()
+    assert addnorm.__version__ == version  # from the library (CMake's PROJECT_VERSION)
+    assert _build_info.version == version
+
+
+def test_built_against_this_torch():
+    assert _build_info.torch_version == torch.__version__
+
+
+@pytest.mark.parametrize("built", ["2.12.1+cu130", "2.10.0"])
+def test_other_torch_is_refused_with_a_clear_message(monkeypatch, built):
+    monkeypatch.setattr(_build_info, "torch_version", built)
+    with pytest.raises(ImportError) as err:
+        addnorm._check_torch_version()
+    msg = str(err.value)
+    assert f"built against torch {built}" in msg and f"torch {torch.__version__} is installed" in msg
+    assert "make build" in msg and "pip install" in msg
+
+
+def test_same_release_other_build_is_accepted(monkeypatch):
+    """2.11.0+cpu vs 2.11.0+cu130: the same release's ABI."""
+    release = torch.__version__.split("+")[0]
+    monkeypatch.setattr(_build_info, "torch_version", release + "+other")
+    addnorm._check_torch_version()
+
+
+def test_import_fails_before_loading_the_library(tmp_path):
+    """A copy of the package whose _build_info names another torch: `import addnorm`
+    raises the ImportError, not an undefined-symbol error from loading _C."""
+    import shutil
+
+    pkg = tmp_path / "addnorm"
+    shutil.copytree(os.path.dirname(addnorm.__file__), pkg,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (pkg / "_build_info.py").write_text('version = "0"\ntorch_version = "1.0.0"\n')
+    code = "import addnorm"
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode != 0
+    assert "ImportError: addnorm 0 was built against torch 1.0.0" in res.stderr

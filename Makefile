@@ -20,7 +20,7 @@ VENV_PATH = PATH="$(abspath $(VENV))/bin:$$PATH"
 .PHONY: run test build deps bench bench-encoder example install clean
 
 run: build
-	$(PY) -m addnorm
+	$(PY) benchmarks/main.py
 
 test: build
 	$(PY) -m pytest tests/python -q

@@ -35,15 +35,12 @@ import statistics
 import sys
 import time
 
-try:
-    import addnorm  # noqa: F401
-except ImportError:  # running from a source tree without the package on sys.path
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-    import addnorm  # noqa: F401
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as sc  # noqa: E402  (also puts the source tree's package on the path when needed)
 
-import torch
+import addnorm  # noqa: E402,F401
+import torch  # noqa: E402
 
-from addnorm import _selfcheck as sc
 
 DEVICE = "cuda"  # (the test of this script's plumbing runs it on the CPU)
 MODES = ("fwd", "fwd_train", "bwd", "fwdbwd")

@@ -41,16 +41,13 @@ import statistics
 import sys
 import time
 
-try:
-    import addnorm
-except ImportError:  # running from a source tree without the package on sys.path
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-    import addnorm
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as sc  # noqa: E402  (also puts the source tree's package on the path when needed)
 
-import torch
+import addnorm  # noqa: E402,F401
+import torch  # noqa: E402
 from torch import nn
 
-from addnorm import _selfcheck as sc
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwdbwd", "eval")
@@ -64,17 +61,10 @@ EVAL_IMPLS = ("addnorm", "torch_fastpath", "torch_eager")
 
 
 def parse_shapes(text):
-    shapes = []
-    for item in text.replace(" ", "").split(","):
-        if not item:
-            continue
-        parts = item.lower().split("x")
-        if len(parts) != 4:
-            raise ValueError(f"bad shape {item!r}: expected DxHxSxB, e.g. 1024x16x512x8")
-        d, h, s, b = map(int, parts)
+    shapes = sc.parse_shapes(text, dims=4, example="1024x16x512x8")
+    for d, h, _, _ in shapes:
         if d % h:
-            raise ValueError(f"bad shape {item!r}: d_model must be divisible by nhead")
-        shapes.append((d, h, s, b))
+            raise ValueError(f"bad shape {d}x{h}x...: d_model must be divisible by nhead")
     return shapes
 
 
@@ -104,25 +94,6 @@ def parse_args(argv=None):
     p.add_argument("--md", default=None, help="write a Markdown report")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
-
-
-class Clock:
-    def __init__(self, cuda):
-        self.cuda = cuda
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def elapsed(self, a, b):
-        return a.elapsed_time(b) * 1e-3 if self.cuda else b - a
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 class _FastpathProbe:
@@ -163,7 +134,7 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
     d, h, s, b = shape
     dtype = DTYPES[dtype_name]
     cuda = device == "cuda"
-    clock = Clock(cuda)
+    clock = sc.Clock("cuda" if cuda else "cpu")
     ours, ref = make_layers(d, h, dtype, device, args)
     g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     x = torch.randn(b, s, d, generator=g).to(device=device, dtype=dtype)

@@ -115,29 +115,12 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             activation = _activation_name(self.activation)
         sa = self.self_attn
         return torch.ops.addnorm.transformer_encoder_layer(
-            src,
-            src_mask,
-            src_key_padding_mask,
-            bool(is_causal),
-            sa.in_proj_weight,
-            sa.in_proj_bias,
-            sa.out_proj.weight,
-            sa.out_proj.bias,
-            self.linear1.weight,
-            self.linear1.bias,
-            self.linear2.weight,
-            self.linear2.bias,
-            self.norm1.weight,
-            self.norm1.bias,
-            self.norm2.weight,
-            self.norm2.bias,
-            sa.num_heads,
-            self.dropout.p,
-            activation,
-            self.norm1.eps,
-            sa.batch_first,
-            self.norm_first,
-            self.training,
+            src, src_mask, src_key_padding_mask, bool(is_causal),
+            sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+            self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+            self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
+            sa.num_heads, self.dropout.p, activation, self.norm1.eps, sa.batch_first,
+            self.norm_first, self.training,
         )
 
     def _nested_forward(
@@ -162,26 +145,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 "for inference (eval mode, no gradient, no masks), as in torch's layer"
             )
         return torch._transformer_encoder_layer_fwd(
-            src,
-            sa.embed_dim,
-            sa.num_heads,
-            sa.in_proj_weight,
-            sa.in_proj_bias,
-            sa.out_proj.weight,
-            sa.out_proj.bias,
-            self.activation_relu_or_gelu == 2,
-            self.norm_first,
-            self.norm1.eps,
-            self.norm1.weight,
-            self.norm1.bias,
-            self.norm2.weight,
-            self.norm2.bias,
-            self.linear1.weight,
-            self.linear1.bias,
-            self.linear2.weight,
-            self.linear2.bias,
-            None,
-            None,
+            src, sa.embed_dim, sa.num_heads, sa.in_proj_weight, sa.in_proj_bias,
+            sa.out_proj.weight, sa.out_proj.bias, self.activation_relu_or_gelu == 2,
+            self.norm_first, self.norm1.eps, self.norm1.weight, self.norm1.bias,
+            self.norm2.weight, self.norm2.bias, self.linear1.weight, self.linear1.bias,
+            self.linear2.weight, self.linear2.bias, None, None,
         )
 
 

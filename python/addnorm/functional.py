@@ -102,15 +102,8 @@ def add_layer_norm(
     """
     _check_unnamed(input, residual, weight, bias)
     out, h = torch.ops.addnorm.add_layer_norm(
-        input,
-        residual,
-        _as_shape(normalized_shape),
-        weight,
-        bias,
-        eps,
-        return_residual=return_residual,
-        residual_in_fp32=residual_in_fp32,
-    )
+        input, residual, _as_shape(normalized_shape), weight, bias, eps,
+        return_residual=return_residual, residual_in_fp32=residual_in_fp32)
     return (out, h) if return_residual else out
 
 
@@ -127,14 +120,8 @@ def add_rms_norm(
     """``h = input + residual; out = rms_norm(h)`` in one pass; see ``add_layer_norm``."""
     _check_unnamed(input, residual, weight)
     out, h = torch.ops.addnorm.add_rms_norm(
-        input,
-        residual,
-        _as_shape(normalized_shape),
-        weight,
-        eps,
-        return_residual=return_residual,
-        residual_in_fp32=residual_in_fp32,
-    )
+        input, residual, _as_shape(normalized_shape), weight, eps,
+        return_residual=return_residual, residual_in_fp32=residual_in_fp32)
     return (out, h) if return_residual else out
 
 
@@ -144,12 +131,8 @@ _NOT_SCRIPTABLE = (
     "return type that depends on return_residual); in scripted code use addnorm.{module} "
     "or torch.ops.addnorm.{name}, which returns (out, h)"
 )
-add_layer_norm.__script_unsupported = _NOT_SCRIPTABLE.format(
-    name="add_layer_norm", module="AddLayerNorm"
-)
-add_rms_norm.__script_unsupported = _NOT_SCRIPTABLE.format(
-    name="add_rms_norm", module="AddRMSNorm"
-)
+add_layer_norm.__script_unsupported = _NOT_SCRIPTABLE.format(name="add_layer_norm", module="AddLayerNorm")
+add_rms_norm.__script_unsupported = _NOT_SCRIPTABLE.format(name="add_rms_norm", module="AddRMSNorm")
 
 
 __all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]

@@ -43,18 +43,9 @@ class AddLayerNorm(nn.LayerNorm):
 
     __constants__ = nn.LayerNorm.__constants__ + ["return_residual", "residual_in_fp32"]
 
-    def __init__(
-        self,
-        normalized_shape,
-        eps: float = 1e-5,
-        elementwise_affine: bool = True,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        return_residual: bool = False,
-        residual_in_fp32: bool = False,
-    ) -> None:
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True, device=None, dtype=None, *, return_residual: bool = False,
+                 residual_in_fp32: bool = False) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.return_residual = return_residual
         self.residual_in_fp32 = residual_in_fp32
@@ -65,15 +56,8 @@ class AddLayerNorm(nn.LayerNorm):
         if not torch.jit.is_scripting():
             F._check_unnamed(input, residual)
         out, h = torch.ops.addnorm.add_layer_norm(
-            input,
-            residual,
-            self.normalized_shape,
-            self.weight,
-            self.bias,
-            self.eps,
-            return_residual=self.return_residual,
-            residual_in_fp32=self.residual_in_fp32,
-        )
+            input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
+            return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32)
         if self.return_residual:
             return out, h
         return out
@@ -90,17 +74,9 @@ class AddRMSNorm(nn.RMSNorm):
 
     __constants__ = nn.RMSNorm.__constants__ + ["return_residual", "residual_in_fp32"]
 
-    def __init__(
-        self,
-        normalized_shape,
-        eps: Optional[float] = None,
-        elementwise_affine: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        return_residual: bool = False,
-        residual_in_fp32: bool = False,
-    ) -> None:
+    def __init__(self, normalized_shape, eps: Optional[float] = None,
+                 elementwise_affine: bool = True, device=None, dtype=None, *,
+                 return_residual: bool = False, residual_in_fp32: bool = False) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.return_residual = return_residual
         self.residual_in_fp32 = residual_in_fp32
@@ -111,14 +87,8 @@ class AddRMSNorm(nn.RMSNorm):
         if not torch.jit.is_scripting():
             F._check_unnamed(input, residual)
         out, h = torch.ops.addnorm.add_rms_norm(
-            input,
-            residual,
-            self.normalized_shape,
-            self.weight,
-            self.eps,
-            return_residual=self.return_residual,
-            residual_in_fp32=self.residual_in_fp32,
-        )
+            input, residual, self.normalized_shape, self.weight, self.eps,
+            return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32)
         if self.return_residual:
             return out, h
         return out

@@ -55,6 +55,10 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     if (!return_residual) {
       h = at::empty({0}, h.options());
       ctx->mark_non_differentiable({h});
+    } else if (!input.requires_grad() && !requires_grad(residual)) {
+      // h = input + residual depends on neither weight nor bias: like eager's x + r, it
+      // requires no grad when they are the only tensors that do.
+      ctx->mark_non_differentiable({h});
     }
     return {out, h};
   }

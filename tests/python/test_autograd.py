@@ -151,7 +151,10 @@ def test_partial_requires_grad(rms, which, device):
         if not req:
             assert not out.requires_grad and not h.requires_grad
             return None
-        torch.autograd.backward([out, h], [gout, gh])
+        # h = x + residual: it requires grad only through them, as in eager.
+        assert h.requires_grad == bool(req & {"x", "residual"})
+        outs = [(o, g) for o, g in ((out, gout), (h, gh)) if o.requires_grad]
+        torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
         return {k: v.grad for k, v in t.items()}
 
     keys = ["x", "residual", "weight"] + ([] if rms else ["bias"])
@@ -178,6 +181,25 @@ def test_only_h_used(rms, device):
     gx, gr, gw = torch.autograd.grad([h], [x, r, w], [gh], allow_unused=True)
     assert torch.equal(gx, gh) and torch.equal(gr, gh)
     assert gw is None or torch.count_nonzero(gw) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_h_requires_grad_only_through_input_or_residual(rms, device):
+    """h = x + residual requires grad exactly when x or residual does (weight and bias do not
+    reach it), as eager's x + r; out requires grad when any input does."""
+    names = ["x", "residual", "weight"] + ([] if rms else ["bias"])
+    x = make_data((3, 16), F64, device)
+    r = make_data((3, 16), F64, device, scale=1.0, offset=0.0)
+    w, b = make_affine((16,), F64, device)
+    for k in range(len(names) + 1):
+        for req in itertools.combinations(names, k):
+            t = {n: v.clone().requires_grad_(n in req) for n, v in
+                 zip(["x", "residual", "weight", "bias"], [x, r, w, b])}
+            out, h = (torch.ops.addnorm.add_rms_norm(t["x"], t["residual"], [16], t["weight"], 1e-5) if rms else
+                      torch.ops.addnorm.add_layer_norm(t["x"], t["residual"], [16], t["weight"], t["bias"], 1e-5))
+            assert out.requires_grad == bool(req), req
+            assert h.requires_grad == (t["x"] + t["residual"]).requires_grad, req
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,7 +2,6 @@
 // Forward calls _norm_fwd below autograd and keeps (h, mean, rstd); backward calls
 // _norm_bwd. Under torch.compile both internal ops land in the traced graphs.
 
-#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -81,9 +80,17 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
               x.requires_grad() || weight.requires_grad()),
         "addnorm: double backward (create_graph=True) is not supported");
 
-    at::Tensor grad_out = grad_outputs[0];
+    variable_list grads(9);  // one per forward argument after ctx
+    const at::Tensor& grad_out = grad_outputs[0];
     if (!grad_out.defined()) {
-      grad_out = at::zeros_like(x, x.options().dtype(input_dtype));
+      // Only h feeds the loss: the norm contributes nothing (not even where its own
+      // derivative is NaN, e.g. rstd = inf), and h's gradient reaches input and residual as is.
+      const at::Tensor& grad_h = grad_outputs[1];
+      if (ctx->saved_data["returned_h"].toBool() && grad_h.defined()) {
+        grads[0] = grad_h.to(input_dtype);
+        if (has_residual) grads[1] = grad_h.to(residual_dtype);
+      }
+      return grads;
     }
     std::optional<at::Tensor> grad_h_out;
     if (ctx->saved_data["returned_h"].toBool() && grad_outputs[1].defined()) {
@@ -96,7 +103,6 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     auto [grad_h, grad_weight, grad_bias] = norm_bwd_op().call(
         grad_out, grad_h_out, x, mean, rstd, w, bias_grad, is_rms, weight_grad);
 
-    variable_list grads(9);  // one per forward argument after ctx
     grads[0] = grad_h.to(input_dtype);
     if (has_residual) grads[1] = grad_h.to(residual_dtype);
     if (weight_grad) grads[3] = grad_weight;

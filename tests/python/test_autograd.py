@@ -171,7 +171,7 @@ def test_partial_requires_grad(rms, which, device):
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 def test_only_h_used(rms, device):
     """Only h feeds the loss (out unused): grad of input/residual is the gradient into h,
-    weight/bias get no gradient (None or zeros)."""
+    weight/bias get no gradient (None, as in eager)."""
     x = make_data((3, 16), F64, device, requires_grad=True)
     r = make_data((3, 16), F64, device, scale=1.0, offset=0.0, requires_grad=True)
     w, b = make_affine((16,), F64, device, requires_grad=True)
@@ -180,7 +180,31 @@ def test_only_h_used(rms, device):
     gh = torch.randn(3, 16, dtype=F64, device=device)
     gx, gr, gw = torch.autograd.grad([h], [x, r, w], [gh], allow_unused=True)
     assert torch.equal(gx, gh) and torch.equal(gr, gh)
-    assert gw is None or torch.count_nonzero(gw) == 0
+    assert gw is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_only_h_used_skips_the_norm(rms, dtype, device):
+    """Only h feeds the loss: h's gradient reaches input and residual unchanged even where the
+    norm's own derivative is NaN (an infinite element; LayerNorm of a one-element row with
+    eps = 0, whose rstd is infinite), as with eager's x + r."""
+    x = torch.tensor([[1.0, float("inf"), 2.0], [0.5, -1.0, 3.0]], device=device, dtype=dtype)
+    cases = [(x, [3], 1e-5)]
+    if not rms:
+        cases.append((x.reshape(6, 1), [1], 0.0))
+    for xv, ns, eps in cases:
+        xv = xv.clone().requires_grad_()
+        r = torch.ones_like(xv, requires_grad=True)
+        w = torch.ones(ns, device=device, dtype=dtype, requires_grad=True)
+        out, h = (torch.ops.addnorm.add_rms_norm(xv, r, ns, w, eps) if rms else
+                  torch.ops.addnorm.add_layer_norm(xv, r, ns, w, None, eps))
+        assert torch.isnan(out).any()  # the norm's values (and derivatives) hold NaN
+        gh = torch.randn(xv.shape, device=device).to(dtype)
+        gx, gr, gw = torch.autograd.grad([h], [xv, r, w], [gh], allow_unused=True)
+        assert torch.equal(gx, gh) and torch.equal(gr, gh)
+        assert gw is None
 
 
 @pytest.mark.parametrize("device", DEVICES)

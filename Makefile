@@ -17,7 +17,7 @@ EXAMPLE_STAMP := $(EXAMPLE_DIR)/.configured
 # The venv's cmake and ninja (pinned in requirements.txt).
 VENV_PATH = PATH="$(abspath $(VENV))/bin:$$PATH"
 
-.PHONY: run test build deps bench bench-encoder example install clean
+.PHONY: run test build deps bench bench-encoder example install sanitize clean
 
 run: build
 	$(PY) benchmarks/main.py
@@ -45,6 +45,48 @@ $(EXAMPLE_STAMP): examples/cpp/CMakeLists.txt $(DEPS_STAMP) | install
 example: install $(EXAMPLE_STAMP) $(EXAMPLE_DIR)/inputs.pt
 	$(VENV_PATH) cmake --build $(EXAMPLE_DIR)
 	$(EXAMPLE_DIR)/app $(EXAMPLE_DIR)/inputs.pt
+
+# AddressSanitizer + UndefinedBehaviorSanitizer (CPU): libaddnorm, _C and the GoogleTest
+# suite built with -DADDNORM_SANITIZE=ON in $(SAN_DIR) (CUDA off), then the GoogleTest suite
+# (leak checking on) and the pytest files $(SAN_PYTESTS) against the instrumented library
+# ($(SAN_DEFAULT_PYTESTS) a second time with the portable kernels).
+# python and libtorch are not instrumented: the ASan runtime is preloaded (with libstdc++, so
+# that it can intercept C++ exceptions), python allocates with malloc (so ASan sees its
+# buffers), and the package is python/addnorm's modules linked next to the instrumented _C and
+# libaddnorm in $(SAN_PKG). A report aborts the run. Before the tests, the recipe checks that
+# the library carries the checks and that python imports it.
+SAN_DIR := build/sanitize
+SAN_PKG := $(SAN_DIR)/python/addnorm
+SAN_CXX ?= g++
+SAN_PYTESTS ?= tests/python/test_properties.py tests/python/test_ops.py tests/python/test_autograd.py \
+  tests/python/test_errors.py tests/python/test_modules.py
+# Large rows and gradcheck repeat, at many times the cost, what the other tests run.
+SAN_PYTEST_ARGS ?= -k "not 65536 and not 100003 and not gradcheck"
+# Run again with the portable CPU kernels (ATEN_CPU_CAPABILITY=default).
+SAN_DEFAULT_PYTESTS ?= tests/python/test_properties.py
+SAN_ASAN_OPTIONS := halt_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1
+SAN_UBSAN_OPTIONS := halt_on_error=1:print_stacktrace=1
+SAN_PY_ENV = ASAN_OPTIONS=$(SAN_ASAN_OPTIONS):detect_leaks=0 UBSAN_OPTIONS=$(SAN_UBSAN_OPTIONS) \
+  LD_PRELOAD="$$($(SAN_CXX) -print-file-name=libasan.so) $$($(SAN_CXX) -print-file-name=libstdc++.so)" \
+  PYTHONMALLOC=malloc PYTHONPATH=$(abspath $(SAN_DIR)/python)$${PYTHONPATH:+:$$PYTHONPATH}
+
+$(SAN_DIR)/.configured: $(DEPS_STAMP)
+	$(VENV_PATH) cmake -S . -B $(SAN_DIR) -G Ninja -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_CXX_COMPILER=$(SAN_CXX) -DADDNORM_SANITIZE=ON -DADDNORM_CUDA=OFF -DADDNORM_BUILD_TESTS=ON \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -DADDNORM_PYTHON_OUTPUT_DIR=$(abspath $(SAN_PKG)) \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch, pybind11; print(torch.utils.cmake_prefix_path + ";" + pybind11.get_cmake_dir())')"
+	touch $@
+
+sanitize: $(SAN_DIR)/.configured
+	$(VENV_PATH) cmake --build $(SAN_DIR)
+	rm -f $(SAN_PKG)/*.py && ln -s $(abspath python/addnorm)/*.py $(SAN_PKG)/
+	nm -D $(SAN_PKG)/libaddnorm.so | grep -q __asan_report_load
+	nm -D $(SAN_PKG)/libaddnorm.so | grep -q __ubsan_handle
+	ASAN_OPTIONS=$(SAN_ASAN_OPTIONS) UBSAN_OPTIONS=$(SAN_UBSAN_OPTIONS) $(SAN_DIR)/addnorm_tests --gtest_brief=1
+	$(SAN_PY_ENV) $(PY) -c 'import addnorm; assert addnorm._C.__file__.startswith("$(abspath $(SAN_PKG))/"), addnorm._C.__file__'
+	$(SAN_PY_ENV) $(PY) -m pytest $(SAN_PYTESTS) $(SAN_PYTEST_ARGS) -q -p no:cacheprovider --capture=sys
+	ATEN_CPU_CAPABILITY=default $(SAN_PY_ENV) $(PY) -c 'import addnorm; assert addnorm.cpu_capability() == "DEFAULT"'
+	ATEN_CPU_CAPABILITY=default $(SAN_PY_ENV) $(PY) -m pytest $(SAN_DEFAULT_PYTESTS) -q -p no:cacheprovider --capture=sys
 
 bench: build
 	$(PY) benchmarks/bench_norm.py --json benchmarks/results/cpu.json --md benchmarks/results/cpu.md

@@ -133,12 +133,17 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         residual_in_fp32);
     at::Tensor h_returned = return_residual ? h : at::empty({0}, h.options());
     at::Tensor h_kept = (has_residual && !return_residual) ? h : at::empty({0}, h.options());
-    if (!return_residual) {
-      ctx->mark_non_differentiable({h_returned});
+    // (One call: each call of mark_non_differentiable replaces the previous set.)
+    variable_list non_differentiable;
+    if (!return_residual || (!input.requires_grad() && !requires_grad(residual))) {
+      // Also the returned h when neither input nor residual requires grad: h = input +
+      // residual depends on neither weight nor bias, so, like eager's x + r, it requires none.
+      non_differentiable.push_back(h_returned);
     }
     if (!(has_residual && !return_residual)) {
-      ctx->mark_non_differentiable({h_kept});
+      non_differentiable.push_back(h_kept);
     }
+    ctx->mark_non_differentiable(non_differentiable);
     // What was normalized: h when it was written (an output of this node, so higher-order
     // gradients reach input and residual through it), else the input.
     const at::Tensor& normalized = return_residual ? h_returned : (has_residual ? h_kept : input);

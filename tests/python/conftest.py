@@ -169,7 +169,8 @@ def reference_add_norm(rms, x, residual, normalized_shape, weight, bias, eps, *,
     """float64 reference. Returns dict(h=eager-rounded h in h's dtype, out=float64,
     and grad_<name> float64 for every given tensor with requires_grad).
 
-    eps=None (RMS only) means finfo(input dtype).eps, as documented for F.rms_norm.
+    eps=None (RMS only) means the machine epsilon of the type torch computes in, as
+    F.rms_norm does: float32's for float16/bfloat16/float32 input, float64's for float64.
     """
     normalized_shape = list(normalized_shape)
     hd = h_dtype_for(x.dtype, None if residual is None else residual.dtype, residual_in_fp32)
@@ -181,7 +182,8 @@ def reference_add_norm(rms, x, residual, normalized_shape, weight, bias, eps, *,
     # value: the rounded h; gradient: identity (as eager's add / dtype cast).
     h64 = s64 + (h_eager.to(torch.float64) - s64).detach()
     if rms:
-        e = torch.finfo(x.dtype).eps if eps is None else eps
+        opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+        e = torch.finfo(opmath).eps if eps is None else eps
         out64 = F.rms_norm(h64, normalized_shape, w64, e)
     else:
         # LayerNorm is shift invariant (values and derivatives), so centering h with a

@@ -160,7 +160,10 @@ def test_partial_requires_grad(rms, which, device):
         if not req:
             assert not out.requires_grad and not h.requires_grad
             return None
-        torch.autograd.backward([out, h], [gout, gh])
+        # h = x + residual: it requires grad only through them, as in eager.
+        assert h.requires_grad == bool(req & {"x", "residual"})
+        outs = [(o, g) for o, g in ((out, gout), (h, gh)) if o.requires_grad]
+        torch.autograd.backward([o for o, _ in outs], [g for _, g in outs])
         return {k: v.grad for k, v in t.items()}
 
     keys = ["x", "residual", "weight"] + ([] if rms else ["bias"])
@@ -177,7 +180,7 @@ def test_partial_requires_grad(rms, which, device):
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
 def test_only_h_used(rms, device):
     """Only h feeds the loss (out unused): grad of input/residual is the gradient into h,
-    weight/bias get no gradient (None), and no norm backward runs."""
+    weight/bias get no gradient (None, as in eager), and no norm backward runs."""
     x = make_data((3, 16), F64, device, requires_grad=True)
     r = make_data((3, 16), F64, device, scale=1.0, offset=0.0, requires_grad=True)
     w, b = make_affine((16,), F64, device, requires_grad=True)
@@ -189,6 +192,49 @@ def test_only_h_used(rms, device):
     assert gw is None  # not zeros: optimizers treat the two differently
     (h * gh).sum().backward()
     assert w.grad is None and (rms or b.grad is None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, F64])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_only_h_used_skips_the_norm(rms, dtype, device):
+    """Only h feeds the loss: h's gradient reaches input and residual unchanged even where the
+    norm's own derivative is NaN (an infinite element; LayerNorm of a one-element row with
+    eps = 0, whose rstd is infinite), as with eager's x + r."""
+    x = torch.tensor([[1.0, float("inf"), 2.0], [0.5, -1.0, 3.0]], device=device, dtype=dtype)
+    cases = [(x, [3], 1e-5)]
+    if not rms:
+        cases.append((x.reshape(6, 1), [1], 0.0))
+    for xv, ns, eps in cases:
+        xv = xv.clone().requires_grad_()
+        r = torch.ones_like(xv, requires_grad=True)
+        w = torch.ones(ns, device=device, dtype=dtype, requires_grad=True)
+        out, h = (torch.ops.addnorm.add_rms_norm(xv, r, ns, w, eps) if rms else
+                  torch.ops.addnorm.add_layer_norm(xv, r, ns, w, None, eps))
+        assert torch.isnan(out).any()  # the norm's values (and derivatives) hold NaN
+        gh = torch.randn(xv.shape, device=device).to(dtype)
+        gx, gr, gw = torch.autograd.grad([h], [xv, r, w], [gh], allow_unused=True)
+        assert torch.equal(gx, gh) and torch.equal(gr, gh)
+        assert gw is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_h_requires_grad_only_through_input_or_residual(rms, device):
+    """h = x + residual requires grad exactly when x or residual does (weight and bias do not
+    reach it), as eager's x + r; out requires grad when any input does."""
+    names = ["x", "residual", "weight"] + ([] if rms else ["bias"])
+    x = make_data((3, 16), F64, device)
+    r = make_data((3, 16), F64, device, scale=1.0, offset=0.0)
+    w, b = make_affine((16,), F64, device)
+    for k in range(len(names) + 1):
+        for req in itertools.combinations(names, k):
+            t = {n: v.clone().requires_grad_(n in req) for n, v in
+                 zip(["x", "residual", "weight", "bias"], [x, r, w, b])}
+            out, h = (torch.ops.addnorm.add_rms_norm(t["x"], t["residual"], [16], t["weight"], 1e-5) if rms else
+                      torch.ops.addnorm.add_layer_norm(t["x"], t["residual"], [16], t["weight"], t["bias"], 1e-5))
+            assert out.requires_grad == bool(req), req
+            assert h.requires_grad == (t["x"] + t["residual"]).requires_grad, req
 
 
 @pytest.mark.parametrize("device", DEVICES)

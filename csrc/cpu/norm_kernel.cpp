@@ -11,9 +11,10 @@
 // deviations) are summed in double lanes, the float lanes converted in registers; the sum
 // of squares of any finite float row fits a double. The forward output is computed in
 // float lanes with mean and rstd split into their float value plus the rounding error of
-// the double statistics, or, for rows whose statistics leave the range where that is exact
-// (|h| beyond ~1e37, or rstd beyond 2^100), in double lanes. The backward runs in double
-// lanes and rounds grad_h once.
+// the double statistics, or in double lanes for rows where that split is not exact or
+// h - mean could overflow float (rstd outside [2^-100, 2^100], N * var above 2^250). The
+// backward runs in double lanes, with the statistics of h itself when the forward's eps is
+// given (see Backward), and rounds grad_h once.
 // float64 data: double-double sums (TwoSum / TwoProd lanes), statistics and outputs to
 // about one rounding; rows whose sums overflow, or whose squares underflow with eps ~ 0,
 // are summed again scaled by a power of two.
@@ -111,6 +112,52 @@ inline void widen(const VF& v, VD& lo, VD& hi) {
 #endif
 }
 
+// The VF::size() floats at p as two double vectors (converted as they are loaded).
+inline void widen_load(const float* p, VD& lo, VD& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+  lo = VD(_mm256_cvtps_pd(_mm_loadu_ps(p)));
+  hi = VD(_mm256_cvtps_pd(_mm_loadu_ps(p + VD::size())));
+#else
+  widen(VF::loadu(p), lo, hi);
+#endif
+}
+
+// The 2 * VF::size() elements of T at p (one Pack) as four double vectors.
+template <typename T>
+inline void widen_pack(const T* p, VD& d0, VD& d1, VD& d2, VD& d3) {
+  if constexpr (std::is_same_v<T, float>) {
+    widen_load(p, d0, d1);
+    widen_load(p + VF::size(), d2, d3);
+  } else {
+    VF a, b;
+    Pack<T>::load(p, a, b);
+    widen(a, d0, d1);
+    widen(b, d2, d3);
+  }
+}
+
+// One Pack of T at p (2 * VF::size() elements), widened half by half: half(k) gives
+// elements [k * VF::size(), (k + 1) * VF::size()) as two double vectors (float: converted
+// as they are loaded; reduced types: converted to float once, then widened). p may be null
+// when half() is never called.
+template <typename T>
+struct WidePack {
+  const T* p;
+  VF a, b;
+  explicit WidePack(const T* ptr) : p(ptr) {
+    if constexpr (!std::is_same_v<T, float>) {
+      if (p) Pack<T>::load(p, a, b);
+    }
+  }
+  void half(int k, VD& lo, VD& hi) const {
+    if constexpr (std::is_same_v<T, float>) {
+      widen_load(p + k * VF::size(), lo, hi);
+    } else {
+      widen(k == 0 ? a : b, lo, hi);
+    }
+  }
+};
+
 inline VF narrow(const VD& lo, const VD& hi) {
 #if defined(CPU_CAPABILITY_AVX2)
   return VF(_mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)),
@@ -125,8 +172,14 @@ inline VF narrow(const VD& lo, const VD& hi) {
 #endif
 }
 
+// The sum of v's lanes, pairwise in lane order.
 inline double reduce_add(const VD& v) {
-  return at::vec::vec_reduce_all<double>([](auto x, auto y) { return x + y; }, v);
+  __at_align__ double t[VD::size()];
+  v.store(t);
+  for (int64_t w = VD::size() / 2; w > 0; w /= 2) {
+    for (int64_t k = 0; k < w; ++k) t[k] = t[2 * k] + t[2 * k + 1];
+  }
+  return t[0];
 }
 
 // a * b + c; fused where the instruction set has it (accuracy, not exactness).
@@ -212,10 +265,13 @@ struct DD {
   double value() const { return dd_value(hi, lo); }
 };
 
-// q + q_lo = s / n to about 2^-100 relative (n: a row length, exact in double).
+// q + q_lo = s / n to about 2^-100 relative (n: a row length, exact in double), q the
+// double nearest to it (s is normalized first: its parts may overlap, even cancel).
 inline void dd_div(const DD& s, double n, double& q, double& q_lo) {
-  q = s.hi / n;
-  q_lo = std::isfinite(q) ? (fma_exact(-q, n, s.hi) + s.lo) / n : 0.0;
+  double hi = s.hi, lo = s.lo;
+  if (std::isfinite(hi)) two_sum(s.hi, s.lo, hi, lo);
+  q = hi / n;
+  q_lo = std::isfinite(q) ? (fma_exact(-q, n, hi) + lo) / n : 0.0;
 }
 
 // r + r_lo = 1 / sqrt(a + b) (a + b a double-double, a >= 0) to about 2^-100 relative:
@@ -232,9 +288,10 @@ inline void dd_rsqrt(double a, double b, double& r, double& r_lo) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Row sums. Rows are summed in blocks of kBlock elements: lanes accumulate a block, the
-// blocks' totals are added as a double-double, so the error does not grow with N.
-constexpr int64_t kBlock = 512;
+// Row sums. Rows are summed in blocks of kBlock elements: double lanes accumulate a block
+// (512 values per lane: an error below 2^-43 of the block's magnitude), the blocks' totals
+// are added as a double-double, so the error does not grow with N.
+constexpr int64_t kBlock = 8192;
 
 // Lanes of a block's sum: double lanes for float vectors, double-double lanes for double
 // vectors. add(a0, a1) takes the two compute vectors of one step.
@@ -254,11 +311,19 @@ struct Lanes<float> {
     s2 = s2 + x2;
     s3 = s3 + x3;
   }
-  // Squared deviations from mean (in double).
-  void add_sq_dev(const VF& a0, const VF& a1, const VD& mean) {
+  // The 2 * VF::size() floats at p.
+  void add(const float* p) {
     VD x0, x1, x2, x3;
-    widen(a0, x0, x1);
-    widen(a1, x2, x3);
+    widen_pack(p, x0, x1, x2, x3);
+    s0 = s0 + x0;
+    s1 = s1 + x1;
+    s2 = s2 + x2;
+    s3 = s3 + x3;
+  }
+  // Squared deviations from mean (in double) of the 2 * VF::size() floats at p.
+  void add_sq_dev(const float* p, const VD& mean) {
+    VD x0, x1, x2, x3;
+    widen_pack(p, x0, x1, x2, x3);
     x0 = x0 - mean;
     x1 = x1 - mean;
     x2 = x2 - mean;
@@ -323,8 +388,9 @@ struct Lanes<double> {
 };
 
 // Sum over j < n of the values that fv(j) (two compute vectors at j, W = 2 * V::size()
-// elements) and fs(j) (one element at j) produce.
-template <typename A, typename FV, typename FS>
+// elements) and fs(j) (one element at j) produce. kSum = false: only calls fv and fs (for
+// what they store) and returns 0.
+template <typename A, bool kSum = true, typename FV, typename FS>
 DD blocked_sum(int64_t n, const FV& fv, const FS& fs) {
   using V = Vectorized<A>;
   constexpr int64_t W = 2 * V::size();
@@ -336,17 +402,20 @@ DD blocked_sum(int64_t n, const FV& fv, const FS& fs) {
     for (; j + W <= b1; j += W) {
       V a0, a1;
       fv(j, a0, a1);
-      acc.add(a0, a1);
+      if constexpr (kSum) acc.add(a0, a1);
     }
-    for (; j < b1; ++j) acc.add_scalar(static_cast<double>(fs(j)));
-    total.add(acc.total());
+    for (; j < b1; ++j) {
+      const double v = static_cast<double>(fs(j));
+      if constexpr (kSum) acc.add_scalar(v);
+    }
+    if constexpr (kSum) total.add(acc.total());
   }
   return total;
 }
 
-// Sum over j < n of (v_j - mean)^2, the float values v_j loaded as blocked_sum's.
-template <typename FV, typename FS>
-double blocked_sum_sq_dev(int64_t n, double mean, const FV& fv, const FS& fs) {
+// Sum over j < n of v_j (sq_dev = false) or of (v_j - mean)^2 (sq_dev = true), for floats.
+template <bool kSqDev>
+DD float_sum(const float* v, int64_t n, double mean) {
   constexpr int64_t W = 2 * VF::size();
   const VD mean_v(mean);
   DD total;
@@ -355,26 +424,19 @@ double blocked_sum_sq_dev(int64_t n, double mean, const FV& fv, const FS& fs) {
     Lanes<float> acc;
     int64_t j = b0;
     for (; j + W <= b1; j += W) {
-      VF a0, a1;
-      fv(j, a0, a1);
-      acc.add_sq_dev(a0, a1, mean_v);
+      if constexpr (kSqDev) {
+        acc.add_sq_dev(v + j, mean_v);
+      } else {
+        acc.add(v + j);
+      }
     }
     for (; j < b1; ++j) {
-      const double d = static_cast<double>(fs(j)) - mean;
-      acc.add_scalar(d * d);
+      const double d = static_cast<double>(v[j]) - mean;
+      acc.add_scalar(kSqDev ? d * d : d);
     }
     total.add(acc.total());
   }
-  return total.value();
-}
-
-// Mean and variance of a float row (LayerNorm: two-pass; RMSNorm: mean 0), from the sum
-// of its values (sum, as blocked_sum gives it) and its values again (fv, fs).
-template <typename FV, typename FS>
-void float_moments(int64_t n, bool rms, const DD& sum, const FV& fv, const FS& fs,
-                   double& mean, double& var) {
-  mean = rms ? 0.0 : sum.value() / static_cast<double>(n);
-  var = blocked_sum_sq_dev(n, mean, fv, fs) / static_cast<double>(n);
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -457,6 +519,13 @@ F64Stats f64_stats(const double* v, int64_t n, double eps, bool rms, const DD& s
 //   x, out: [M, N] T;  residual: [M, N] R;  residual_out: [M, N] H (h = x + residual)
 //   gamma, beta: [N] float;  mean, rstd: [M] float
 
+// Whether at::vec::fmadd is a fused multiply-add (the float-lane output relies on it).
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kFusedFma = true;
+#else
+constexpr bool kFusedFma = false;
+#endif
+
 // (v - mean) * rstd, with mean = mean_hi + mean_lo and rstd = rstd_hi + rstd_lo given as
 // float plus the rounding error of the double statistics, so that rounding mean and rstd
 // to float costs no accuracy.
@@ -512,12 +581,10 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
       // Pass 1: v = h = x (+ residual), rounded to H (written to residual_out if asked),
       // and its sum for the mean.
       A* sv = scratch.get();
-      DD sum;
+      DD sum;  // LayerNorm only
       if (r_base) {
         const R* r = r_base + i * N;
-        sum = blocked_sum<A>(
-            N,
-            [&](int64_t j, V& a0, V& a1) {
+        auto fv = [&](int64_t j, V& a0, V& a1) {
               V b0, b1;
               Pack<T>::load(x + j, a0, a1);
               Pack<R>::load(r + j, b0, b1);
@@ -526,12 +593,17 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
               Pack<H>::round_store(h ? h + j : nullptr, a0, a1);
               a0.store(sv + j);
               a1.store(sv + j + V::size());
-            },
-            [&](int64_t j) {
+            };
+        auto fs = [&](int64_t j) {
               const H hv = static_cast<H>(to_acc<A>(x[j]) + to_acc<A>(r[j]));
               if (h) h[j] = hv;
               return sv[j] = to_acc<A>(hv);
-            });
+            };
+        if (rms) {
+          blocked_sum<A, false>(N, fv, fs);
+        } else {
+          sum = blocked_sum<A>(N, fv, fs);
+        }
       } else {
         if (h) {
           if constexpr (std::is_same_v<H, T>) {
@@ -542,34 +614,25 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
         }
         if constexpr (std::is_same_v<T, A>) {
           v = x;
-          sum = blocked_sum<A>(
-              N,
-              [&](int64_t j, V& a0, V& a1) {
-                a0 = V::loadu(x + j);
-                a1 = V::loadu(x + j + V::size());
-              },
-              [&](int64_t j) { return x[j]; });
+          if (!rms) sum = float_sum<false>(x, N, 0.0);
         } else {
-          sum = blocked_sum<A>(
-              N,
-              [&](int64_t j, V& a0, V& a1) {
-                Pack<T>::load(x + j, a0, a1);
-                a0.store(sv + j);
-                a1.store(sv + j + V::size());
-              },
-              [&](int64_t j) { return sv[j] = to_acc<A>(x[j]); });
+          auto fv = [&](int64_t j, V& a0, V& a1) {
+            Pack<T>::load(x + j, a0, a1);
+            a0.store(sv + j);
+            a1.store(sv + j + V::size());
+          };
+          auto fs = [&](int64_t j) { return sv[j] = to_acc<A>(x[j]); };
+          if (rms) {
+            blocked_sum<A, false>(N, fv, fs);
+          } else {
+            sum = blocked_sum<A>(N, fv, fs);
+          }
         }
       }
 
       // Pass 2: variance as the mean of squared deviations (two-pass; RMSNorm: mean 0).
-      double mean, var;
-      float_moments(
-          N, rms, sum,
-          [&](int64_t j, V& a0, V& a1) {
-            a0 = V::loadu(v + j);
-            a1 = V::loadu(v + j + V::size());
-          },
-          [&](int64_t j) { return v[j]; }, mean, var);
+      const double mean = rms ? 0.0 : sum.value() / static_cast<double>(N);
+      const double var = float_sum<true>(v, N, mean).value() / static_cast<double>(N);
       const double rstd = 1.0 / std::sqrt(var + eps);
       const A mean_a = static_cast<A>(mean);
       const A rstd_a = static_cast<A>(rstd);
@@ -578,9 +641,9 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
 
       // Pass 3: out = (v - mean) * rstd * gamma + beta. In float lanes where the split
       // statistics are exact and h - mean cannot overflow (|h - mean| <= sqrt(N * var));
-      // else (and for NaN statistics) in double lanes.
+      // else (and for NaN statistics, and without fused multiply-add) in double lanes.
       T* y = y_base + i * N;
-      const bool float_lanes = rstd >= 0x1p-100 && rstd <= 0x1p100 &&
+      const bool float_lanes = kFusedFma && rstd >= 0x1p-100 && rstd <= 0x1p100 &&
                                var * static_cast<double>(N) <= 0x1p250;
       int64_t j = 0;
       if (float_lanes) {
@@ -733,197 +796,267 @@ void norm_fwd_f64(const NormFwdArgs& args, const at::Tensor& gamma_t, const at::
 //   grad_out: [M, N] G;  h, grad_h, grad_residual_out: [M, N] X;  mean, rstd: [M]
 //   gamma: [N] compute type;  partials: see norm_kernel.h
 //
-//   xhat = (h - mean) * rstd,  g = dy * gamma (rounded once: the row sums and grad_h use
-//   the same g, so a one-element row's LayerNorm passes exactly no gradient to h)
+//   xhat = (h - mean) * rstd,  g = dy * gamma
 //   dh = rstd * (g - mean(g) - xhat * mean(g * xhat))      (RMSNorm: no mean(g) term)
 //
-// Rows are processed in the chunks of bwd_chunk_rows, each chunk by one thread.
+// The row sums and grad_h use the same g (float data: the exact product in double; float64:
+// rounded once), so a one-element row's LayerNorm passes exactly no gradient to h.
+//
+// Pass 1 reads dy and h, keeps d = h - shift (shift: the saved mean; RMSNorm 0) in a scratch
+// row, and sums g and g * d, and, given the forward's eps, d and d * d (float64: only then):
+// then mean = shift + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2 are the statistics
+// of h itself, to double precision (the forward normalized with those; the saved float32
+// ones would carry their rounding error into every gradient), and sum(g * xhat) = rstd *
+// (sum(g * d) - (mean - shift) * sum(g)). Without eps, mean and rstd are the saved ones.
+// Pass 2 writes grad_h and adds dy * xhat to the chunk's dgamma partial (dy to its dbeta
+// partial: float data in pass 1, float64 in pass 2). Rows are processed in the chunks of
+// bwd_chunk_rows, each chunk by one thread.
 
-// Row statistics for the backward of a float row whose saved rstd is not finite: the
-// forward's double statistics of h again, with eps = 0. (A float rstd overflows only if
-// var + eps < 1 / FLT_MAX^2, so eps < 1e-77: eps = 0 in practice. Constant rows keep
-// rstd = inf, NaN rows NaN.)
-template <typename X>
-void float_bwd_stats(const X* h, int64_t N, bool rms, double& mean, double& rstd) {
-  auto fv = [&](int64_t j, VF& a0, VF& a1) { Pack<X>::load(h + j, a0, a1); };
-  auto fs = [&](int64_t j) { return to_acc<float>(h[j]); };
-  const DD sum = rms ? DD{} : blocked_sum<float>(N, fv, fs);
-  double var;
-  float_moments(N, rms, sum, fv, fs, mean, var);
-  rstd = 1.0 / std::sqrt(var);
+// The float-data backward's arguments, passed by value into the row loops (locals the
+// compiler keeps in registers: vector stores may alias any memory).
+template <typename G, typename X>
+struct FloatBwdArgs {
+  const G* dy;
+  const X* dres;  // nullptr when absent
+  const X* h;
+  const float* mean;  // nullptr for RMSNorm
+  const float* rstd;
+  const double* gamma;  // in double
+  X* dx;
+  double* partials;  // [chunks, 2, N]; nullptr when not wanted
+  int64_t M;
+  int64_t N;
+  int64_t rows_per_chunk;
+  bool own_stats;
+  double eps;
+};
+
+// Lanes of pass 1's sums over a block: g, g * d, d, d * d (RMSNorm: only g * d and d * d).
+// add: one float vector's worth of elements: dy and h as two double vectors each, gamma at
+// gm; d = h - shift goes to the row's scratch (ds), dy to the chunk's dbeta partial (pb).
+template <bool kRms>
+struct BwdSums {
+  VD g0{0.0}, g1{0.0}, gd0{0.0}, gd1{0.0}, d0{0.0}, d1{0.0}, dd0{0.0}, dd1{0.0};
+  void add(const VD& y0, const VD& y1, VD x0, VD x1, const double* gm, const VD& shift,
+           double* ds, double* pb) {
+    constexpr int64_t S = VD::size();
+    const VD e0 = y0 * VD::loadu(gm);
+    const VD e1 = y1 * VD::loadu(gm + S);
+    x0 = x0 - shift;
+    x1 = x1 - shift;
+    x0.store(ds);
+    x1.store(ds + S);
+    gd0 = fma_of(e0, x0, gd0);
+    gd1 = fma_of(e1, x1, gd1);
+    dd0 = fma_of(x0, x0, dd0);
+    dd1 = fma_of(x1, x1, dd1);
+    if constexpr (!kRms) {
+      g0 = g0 + e0;
+      g1 = g1 + e1;
+      d0 = d0 + x0;
+      d1 = d1 + x1;
+    }
+    if (pb) {
+      (VD::loadu(pb) + y0).store(pb);
+      (VD::loadu(pb + S) + y1).store(pb + S);
+    }
+  }
+};
+
+// A row's constants in pass 2: xhat = d * rstd + x_off (x_off = -(mean - shift) * rstd),
+// grad_h = (g - c1) * rstd + xhat * b (b = -rstd * c2).
+struct BwdRow {
+  VD rstd, x_off, c1, b;
+};
+
+// Pass 2 for one float vector's worth of elements: grad_h in double, rounded once; with pg,
+// the chunk's dgamma partial. y: dy, r: the grad of h, as double vectors.
+template <bool kResidual, bool kPartials>
+inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1,
+                  const VD& r0, const VD& r1, const BwdRow& row, double* pg) {
+  constexpr int64_t S = VD::size();
+  const VD x0 = fma_of(VD::loadu(ds), row.rstd, row.x_off);
+  const VD x1 = fma_of(VD::loadu(ds + S), row.rstd, row.x_off);
+  VD t0 = x0 * row.b;
+  VD t1 = x1 * row.b;
+  if constexpr (kResidual) {
+    t0 = t0 + r0;
+    t1 = t1 + r1;
+  }
+  const VD o0 = fma_of(y0 * VD::loadu(gm) - row.c1, row.rstd, t0);
+  const VD o1 = fma_of(y1 * VD::loadu(gm + S) - row.c1, row.rstd, t1);
+  if constexpr (kPartials) {
+    fma_of(y0, x0, VD::loadu(pg)).store(pg);
+    fma_of(y1, x1, VD::loadu(pg + S)).store(pg + S);
+  }
+  return narrow(o0, o1);
 }
 
-// One float vector of a row in pass 1: xhat in double, the row sums of g and g * xhat,
-// and (pg not null) the chunk's partials of dy * xhat and dy.
-inline void bwd_accumulate(const VF& dy, const VF& h, const VF& g, const VD& mean,
-                           const VD& rstd, VD& sg0, VD& sg1, VD& sgx0, VD& sgx1, double* pg,
-                           double* pb) {
-  VD h0, h1, g0, g1;
-  widen(h, h0, h1);
-  widen(g, g0, g1);
-  const VD x0 = (h0 - mean) * rstd;
-  const VD x1 = (h1 - mean) * rstd;
-  sg0 = sg0 + g0;
-  sg1 = sg1 + g1;
-  sgx0 = fma_of(g0, x0, sgx0);
-  sgx1 = fma_of(g1, x1, sgx1);
-  if (pg) {
-    VD d0, d1;
-    widen(dy, d0, d1);
-    fma_of(d0, x0, VD::loadu(pg)).store(pg);
-    fma_of(d1, x1, VD::loadu(pg + VD::size())).store(pg + VD::size());
-    (VD::loadu(pb) + d0).store(pb);
-    (VD::loadu(pb + VD::size()) + d1).store(pb + VD::size());
+// Pass 2 over a row.
+template <typename G, typename X, bool kResidual, bool kPartials>
+void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const double* gm,
+                 int64_t N, const BwdRow& row, double rstd, double x_off, double c1, double b,
+                 double* pg) {
+  using V = VF;
+  constexpr int64_t W = Pack<X>::kWidth;
+  int64_t j = 0;
+  for (; j + W <= N; j += W) {
+    const WidePack<G> dyp(dy + j);
+    const WidePack<X> rp(kResidual ? dres + j : nullptr);
+    V o[2];
+    for (int k = 0; k < 2; ++k) {
+      const int64_t jk = j + k * V::size();
+      VD y0, y1, r0, r1;
+      dyp.half(k, y0, y1);
+      if constexpr (kResidual) {
+        rp.half(k, r0, r1);
+      }
+      o[k] = bwd_out<kResidual, kPartials>(ds + jk, gm + jk, y0, y1, r0, r1, row, pg + jk);
+    }
+    Pack<X>::store(dx + j, o[0], o[1]);
+  }
+  for (; j < N; ++j) {
+    const double xh = fma_of(ds[j], rstd, x_off);
+    const double r = kResidual ? static_cast<double>(to_acc<float>(dres[j])) : 0.0;
+    const double y = static_cast<double>(to_acc<float>(dy[j]));
+    const double g = y * gm[j];
+    dx[j] = static_cast<X>(static_cast<float>(fma_of(g - c1, rstd, fma_of(xh, b, r))));
+    if constexpr (kPartials) {
+      pg[j] = fma_of(y, xh, pg[j]);
+    }
   }
 }
 
-// One float vector of grad_h: rstd * (g - c1 - xhat * c2) (+ r), in double, rounded once.
-inline VF bwd_dx(const VF& g, const VF& h, const VD& mean, const VD& rstd, const VD& c1,
-                 const VD& neg_c2) {
-  VD h0, h1, g0, g1;
-  widen(h, h0, h1);
-  widen(g, g0, g1);
-  const VD x0 = (h0 - mean) * rstd;
-  const VD x1 = (h1 - mean) * rstd;
-  return narrow(rstd * fma_of(x0, neg_c2, g0 - c1), rstd * fma_of(x1, neg_c2, g1 - c1));
-}
+// The rows of chunk c.
+template <typename G, typename X, bool kRms>
+void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds) {
+  using V = VF;
+  constexpr int64_t W = Pack<X>::kWidth;
+  static_assert(Pack<G>::kWidth == W, "mixed widths");
+  const int64_t N = a.N;
+  const double nd = static_cast<double>(N);
+  double* pg = a.partials ? a.partials + c * 2 * N : nullptr;
+  double* pb = pg ? pg + N : nullptr;
+  if (pg) {
+    std::fill(pg, pg + 2 * N, 0.0);
+  }
+  const int64_t row_begin = c * a.rows_per_chunk;
+  const int64_t row_end = std::min(a.M, row_begin + a.rows_per_chunk);
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const G* dy = a.dy + i * N;
+    const X* h = a.h + i * N;
+    const double shift = kRms ? 0.0 : static_cast<double>(a.mean[i]);
+    const VD shift_v(shift);
 
-inline VF bwd_dx(const VF& g, const VF& h, const VF& r, const VD& mean, const VD& rstd,
-                 const VD& c1, const VD& neg_c2) {
-  VD h0, h1, g0, g1, r0, r1;
-  widen(h, h0, h1);
-  widen(g, g0, g1);
-  widen(r, r0, r1);
-  const VD x0 = (h0 - mean) * rstd;
-  const VD x1 = (h1 - mean) * rstd;
-  return narrow(fma_of(rstd, fma_of(x0, neg_c2, g0 - c1), r0),
-                fma_of(rstd, fma_of(x1, neg_c2, g1 - c1), r1));
+    // Pass 1: d to the scratch, dy to the dbeta partial; the sums of g, g * d, d, d * d.
+    DD sum[4];  // g, g * d, d, d * d
+    for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
+      const int64_t b1 = std::min(N, b0 + kBlock);
+      BwdSums<kRms> s;
+      int64_t j = b0;
+      for (; j + W <= b1; j += W) {
+        const WidePack<G> dyp(dy + j);
+        const WidePack<X> hp(h + j);
+        for (int k = 0; k < 2; ++k) {
+          const int64_t jk = j + k * V::size();
+          VD y0, y1, x0, x1;
+          dyp.half(k, y0, y1);
+          hp.half(k, x0, x1);
+          s.add(y0, y1, x0, x1, a.gamma + jk, shift_v, ds + jk, pb ? pb + jk : nullptr);
+        }
+      }
+      double t[4] = {0.0, 0.0, 0.0, 0.0};
+      for (; j < b1; ++j) {
+        const double y = static_cast<double>(to_acc<float>(dy[j]));
+        const double g = y * a.gamma[j];
+        const double d = static_cast<double>(to_acc<float>(h[j])) - shift;
+        ds[j] = d;
+        t[0] += g;
+        t[1] = fma_of(g, d, t[1]);
+        t[2] += d;
+        t[3] = fma_of(d, d, t[3]);
+        if (pb) pb[j] += y;
+      }
+      sum[0].add(reduce_add(s.g0 + s.g1));
+      sum[1].add(reduce_add(s.gd0 + s.gd1));
+      sum[2].add(reduce_add(s.d0 + s.d1));
+      sum[3].add(reduce_add(s.dd0 + s.dd1));
+      for (int k = 0; k < 4; ++k) sum[k].add(t[k]);
+    }
+    // mean = shift + delta; rstd; c1 = mean(g), c2 = mean(g * xhat).
+    double delta = 0.0;
+    double rstd = static_cast<double>(a.rstd[i]);
+    if (a.own_stats) {
+      delta = kRms ? 0.0 : sum[2].value() / nd;
+      const double var = std::max(sum[3].value() / nd - delta * delta, 0.0);
+      rstd = 1.0 / std::sqrt(var + a.eps);
+    }
+    const double c1 = kRms ? 0.0 : sum[0].value() / nd;
+    const double c2 = rstd * ((sum[1].value() - delta * sum[0].value()) / nd);
+    const double x_off = -delta * rstd;
+    const double b = -rstd * c2;
+
+    // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); dgamma partial.
+    const BwdRow row{VD(rstd), VD(x_off), VD(c1), VD(b)};
+    const X* dres = a.dres ? a.dres + i * N : nullptr;
+    X* dx = a.dx + i * N;
+    if (dres && pg) {
+      bwd_row_out<G, X, true, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+    } else if (dres) {
+      bwd_row_out<G, X, true, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+    } else if (pg) {
+      bwd_row_out<G, X, false, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+    } else {
+      bwd_row_out<G, X, false, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b,
+                                      pg);
+    }
+  }
 }
 
 template <typename G, typename X>
 void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& partials) {
-  using V = VF;
-  constexpr int64_t W = Pack<X>::kWidth;
-  static_assert(Pack<G>::kWidth == W, "mixed widths");
   static_assert(std::is_same_v<acc_t<X>, float>, "float compute type");
-
-  const int64_t M = args.M;
   const int64_t N = args.N;
-  const G* dy_base = args.grad_out.const_data_ptr<G>();
-  const X* dres_base =
-      args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<X>() : nullptr;
-  const X* h_base = args.h.const_data_ptr<X>();
-  const float* mean_base = args.mean.defined() ? args.mean.const_data_ptr<float>() : nullptr;
-  const float* rstd_base = args.rstd.const_data_ptr<float>();
-  const float* gamma = gamma_t.const_data_ptr<float>();
-  X* dx_base = args.grad_h.mutable_data_ptr<X>();
-  double* partial_base = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
-  const int64_t rows_per_chunk = bwd_chunk_rows(M, N);
-  const int64_t chunks = bwd_chunks(M, N);
+  std::unique_ptr<double[]> gamma(new double[N]);
+  const float* gamma_f = gamma_t.const_data_ptr<float>();
+  for (int64_t j = 0; j < N; ++j) gamma[j] = gamma_f[j];
+  FloatBwdArgs<G, X> a;
+  a.dy = args.grad_out.const_data_ptr<G>();
+  a.dres = args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<X>() : nullptr;
+  a.h = args.h.const_data_ptr<X>();
+  a.mean = args.rms ? nullptr : args.mean.const_data_ptr<float>();
+  a.rstd = args.rstd.const_data_ptr<float>();
+  a.gamma = gamma.get();
+  a.dx = args.grad_h.mutable_data_ptr<X>();
+  a.partials = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
+  a.M = args.M;
+  a.N = N;
+  a.rows_per_chunk = bwd_chunk_rows(args.M, N);
+  a.own_stats = args.eps.has_value();
+  a.eps = args.eps.value_or(0.0);
+  const int64_t chunks = bwd_chunks(args.M, N);
   TORCH_CHECK(!partials.defined() || (partials.size(0) == chunks && partials.size(1) == 2),
               "addnorm: backward partials of shape ", partials.sizes(), ", expected [", chunks,
               ", 2, ", N, "]");
   const bool rms = args.rms;
-
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    std::unique_ptr<float[]> gs(new float[N]);  // g of the row
+    std::unique_ptr<double[]> scratch(new double[a.N]);  // d of the row
     for (int64_t c = c_begin; c < c_end; ++c) {
-      double* dgamma = partial_base ? partial_base + c * 2 * N : nullptr;
-      double* dbeta = partial_base ? dgamma + N : nullptr;
-      if (dgamma) {
-        std::fill(dgamma, dgamma + 2 * N, 0.0);
-      }
-      const int64_t row_begin = c * rows_per_chunk;
-      const int64_t row_end = std::min(M, row_begin + rows_per_chunk);
-      for (int64_t i = row_begin; i < row_end; ++i) {
-        const G* dy = dy_base + i * N;
-        const X* h = h_base + i * N;
-        double mean = mean_base ? static_cast<double>(mean_base[i]) : 0.0;
-        double rstd = static_cast<double>(rstd_base[i]);
-        if (!std::isfinite(rstd_base[i])) {
-          float_bwd_stats(h, N, rms, mean, rstd);
-        }
-        const VD mean_v(mean), rstd_v(rstd);
-
-        // Pass 1: g, and the row sums of g and g * xhat; dgamma/dbeta partials.
-        DD sum_g, sum_gx;
-        for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
-          const int64_t b1 = std::min(N, b0 + kBlock);
-          VD sg0(0.0), sg1(0.0), sgx0(0.0), sgx1(0.0);
-          int64_t j = b0;
-          for (; j + W <= b1; j += W) {
-            V dy0, dy1, h0, h1;
-            Pack<G>::load(dy + j, dy0, dy1);
-            Pack<X>::load(h + j, h0, h1);
-            const V g0 = dy0 * V::loadu(gamma + j);
-            const V g1 = dy1 * V::loadu(gamma + j + V::size());
-            g0.store(gs.get() + j);
-            g1.store(gs.get() + j + V::size());
-            bwd_accumulate(dy0, h0, g0, mean_v, rstd_v, sg0, sg1, sgx0, sgx1,
-                           dgamma ? dgamma + j : nullptr, dbeta ? dbeta + j : nullptr);
-            bwd_accumulate(dy1, h1, g1, mean_v, rstd_v, sg0, sg1, sgx0, sgx1,
-                           dgamma ? dgamma + j + V::size() : nullptr,
-                           dbeta ? dbeta + j + V::size() : nullptr);
-          }
-          double tg = 0.0, tgx = 0.0;
-          for (; j < b1; ++j) {
-            const float dyj = to_acc<float>(dy[j]);
-            const float gj = dyj * gamma[j];
-            gs[j] = gj;
-            const double xh = (static_cast<double>(to_acc<float>(h[j])) - mean) * rstd;
-            tg += gj;
-            tgx = fma_of(static_cast<double>(gj), xh, tgx);
-            if (dgamma) {
-              dgamma[j] = fma_of(static_cast<double>(dyj), xh, dgamma[j]);
-              dbeta[j] += dyj;
-            }
-          }
-          sum_g.add(reduce_add(sg0 + sg1));
-          sum_g.add(tg);
-          sum_gx.add(reduce_add(sgx0 + sgx1));
-          sum_gx.add(tgx);
-        }
-        const double c1 = rms ? 0.0 : sum_g.value() / static_cast<double>(N);
-        const double c2 = sum_gx.value() / static_cast<double>(N);
-
-        // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h), in double.
-        const VD c1_v(c1), neg_c2_v(-c2);
-        X* dx = dx_base + i * N;
-        const X* dres = dres_base ? dres_base + i * N : nullptr;
-        int64_t j = 0;
-        for (; j + W <= N; j += W) {
-          V h0, h1;
-          Pack<X>::load(h + j, h0, h1);
-          const V g0 = V::loadu(gs.get() + j);
-          const V g1 = V::loadu(gs.get() + j + V::size());
-          V d0, d1;
-          if (dres) {
-            V r0, r1;
-            Pack<X>::load(dres + j, r0, r1);
-            d0 = bwd_dx(g0, h0, r0, mean_v, rstd_v, c1_v, neg_c2_v);
-            d1 = bwd_dx(g1, h1, r1, mean_v, rstd_v, c1_v, neg_c2_v);
-          } else {
-            d0 = bwd_dx(g0, h0, mean_v, rstd_v, c1_v, neg_c2_v);
-            d1 = bwd_dx(g1, h1, mean_v, rstd_v, c1_v, neg_c2_v);
-          }
-          Pack<X>::store(dx + j, d0, d1);
-        }
-        for (; j < N; ++j) {
-          const double xh = (static_cast<double>(to_acc<float>(h[j])) - mean) * rstd;
-          const double r = dres ? static_cast<double>(to_acc<float>(dres[j])) : 0.0;
-          const double d = fma_of(rstd, fma_of(xh, -c2, static_cast<double>(gs[j]) - c1), r);
-          dx[j] = static_cast<X>(static_cast<float>(d));
-        }
+      if (rms) {
+        bwd_chunk<G, X, true>(a, c, scratch.get());
+      } else {
+        bwd_chunk<G, X, false>(a, c, scratch.get());
       }
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------
-// Backward, float64: xhat as a double-double, row sums and dgamma/dbeta partials as
-// double-doubles, grad_h to about one rounding.
+// Backward, float64: the same passes in double-double (d = h - shift kept exactly, sums,
+// statistics, xhat and the dgamma/dbeta partials as double-doubles), grad_h to about one
+// rounding. Rows whose sums leave the double range are taken at a power-of-two scale.
 
-// xhat = (h * scale - mean) * rstd as p + e (S = double or VD).
+// xhat = (h * scale - mean) * rstd as p + e (S = double or VD), mean and rstd double-doubles.
 template <typename S>
 inline void f64_xhat(const S& h, const S& scale, const S& neg_mean_hi, const S& mean_lo,
                      const S& rstd_hi, const S& rstd_lo, S& p, S& e) {
@@ -959,6 +1092,44 @@ inline S f64_dx(const S& g, const S& xp, const S& xe, const S& neg_c1, const S& 
   return fma_exact(rstd, b, fma_of(rstd, b_lo, fma_of(rstd_lo, b, r)));
 }
 
+// Lanes of the float64 pass 1 over one block: g, g * d, d, d * d as double-doubles, d =
+// h * scale - shift exactly (dh + dl).
+struct F64BwdLanes {
+  VD g{0.0}, g_lo{0.0}, gd{0.0}, gd_lo{0.0}, d{0.0}, d_lo{0.0}, dd{0.0}, dd_lo{0.0};
+  DD tg, tgd, td, tdd;  // the block's scalar tail
+  template <typename S>
+  static void add(S& g, S& g_lo, S& gd, S& gd_lo, S& d, S& d_lo, S& dd, S& dd_lo,
+                  const S& h, const S& gv, const S& scale, const S& neg_shift, bool moments) {
+    S dh, dl;
+    two_sum(h * scale, neg_shift, dh, dl);
+    dd_add(g, g_lo, gv);
+    dd_add_prod(gd, gd_lo, gv, dh, dl);
+    if (moments) {
+      dd_add(d, d_lo, dh);
+      d_lo = d_lo + dl;
+      S p, e;
+      two_prod(dh, dh, p, e);
+      dd_add(dd, dd_lo, p);
+      dd_lo = dd_lo + fma_of(dh + dh, dl, e);
+    }
+  }
+  static void total(DD& t, const VD& hi, const VD& lo, const DD& tail) {
+    __at_align__ double h[VD::size()];
+    hi.store(h);
+    for (double v : h) t.add(v);
+    t.lo += reduce_add(lo);
+    t.add(tail);
+  }
+};
+
+// a * b for double-doubles, to about 2^-100 relative.
+inline DD dd_mul(const DD& a, double b, double b_lo) {
+  DD r;
+  two_prod(a.hi, b, r.hi, r.lo);
+  r.lo += a.hi * b_lo + a.lo * b;
+  return r;
+}
+
 void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& partials) {
   using V = VD;
   const int64_t M = args.M;
@@ -978,6 +1149,9 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::
               "addnorm: backward partials of shape ", partials.sizes(), ", expected [", chunks,
               ", 4, ", N, "]");
   const bool rms = args.rms;
+  const bool own_stats = args.eps.has_value();
+  const double eps = args.eps.value_or(0.0);
+  const double nd = static_cast<double>(N);
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::unique_ptr<double[]> gs(new double[N]);  // g of the row
@@ -995,92 +1169,100 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::
       for (int64_t i = row_begin; i < row_end; ++i) {
         const double* dy = dy_base + i * N;
         const double* h = h_base + i * N;
-        // The statistics at a scale where h - mean and xhat cannot overflow.
+        // The shift (saved mean) and rstd, at a scale where h - mean cannot overflow (rows
+        // with |h| beyond ~1e270 have rstd below 2^-900).
         F64Stats st;
-        if (std::isfinite(rstd_base[i])) {
-          st.mean_hi = mean_base ? mean_base[i] : 0.0;
-          st.rstd_hi = rstd_base[i];
-          if (st.rstd_hi < 0x1p-900) {  // |h - mean| may exceed the double range
-            st.scale = 0x1p-600;
-            st.mean_hi *= st.scale;
-            st.rstd_hi /= st.scale;
-          }
-        } else {
-          // As the float rows' float_bwd_stats: the forward's statistics again, eps = 0.
-          const DD sum = rms ? DD{}
-                             : blocked_sum<double>(
-                                   N,
-                                   [&](int64_t j, V& a0, V& a1) {
-                                     a0 = V::loadu(h + j);
-                                     a1 = V::loadu(h + j + V::size());
-                                   },
-                                   [&](int64_t j) { return h[j]; });
-          st = f64_stats(h, N, 0.0, rms, sum);
+        st.mean_hi = mean_base ? mean_base[i] : 0.0;
+        st.rstd_hi = rstd_base[i];
+        if (st.rstd_hi < 0x1p-900) {
+          st.scale = 0x1p-600;
+          st.mean_hi *= st.scale;
+          st.rstd_hi /= st.scale;
         }
-        const double rstd = st.rstd_hi * st.scale;  // of h itself
-        const double rstd_lo = st.rstd_lo * st.scale;
-        const V scale_v(st.scale), neg_mean_v(-st.mean_hi), mean_lo_v(st.mean_lo),
-            rstd_s_v(st.rstd_hi), rstd_s_lo_v(st.rstd_lo);
+        const V shift_scale_v(st.scale), neg_shift_v(-st.mean_hi);
 
-        // Pass 1: g, the row sums of g and g * xhat; dgamma/dbeta partials.
-        DD sum_g, sum_gx;
+        // Pass 1: g, and the sums of g, g * d, d, d * d.
+        DD sum_g, sum_gd, sum_d, sum_dd;
         for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
           const int64_t b1 = std::min(N, b0 + kBlock);
-          V sg(0.0), sg_lo(0.0), sgx(0.0), sgx_lo(0.0);
+          F64BwdLanes acc;
           int64_t j = b0;
           for (; j + V::size() <= b1; j += V::size()) {
-            const V d = V::loadu(dy + j);
-            const V g = d * V::loadu(gamma + j);
+            const V g = V::loadu(dy + j) * V::loadu(gamma + j);
             g.store(gs.get() + j);
-            V xp, xe;
-            f64_xhat(V::loadu(h + j), scale_v, neg_mean_v, mean_lo_v, rstd_s_v, rstd_s_lo_v, xp,
-                     xe);
-            dd_add(sg, sg_lo, g);
-            dd_add_prod(sgx, sgx_lo, g, xp, xe);
-            if (pg) {
-              V gh = V::loadu(pg + j), gl = V::loadu(pg_lo + j);
-              dd_add_prod(gh, gl, d, xp, xe);
-              gh.store(pg + j);
-              gl.store(pg_lo + j);
-              V bh = V::loadu(pb + j), bl = V::loadu(pb_lo + j);
-              dd_add(bh, bl, d);
-              bh.store(pb + j);
-              bl.store(pb_lo + j);
-            }
+            F64BwdLanes::add(acc.g, acc.g_lo, acc.gd, acc.gd_lo, acc.d, acc.d_lo, acc.dd,
+                             acc.dd_lo, V::loadu(h + j), g, shift_scale_v, neg_shift_v,
+                             own_stats);
           }
-          DD tg, tgx;
           for (; j < b1; ++j) {
             const double g = dy[j] * gamma[j];
             gs[j] = g;
-            double xp, xe;
-            f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
-            tg.add(g);
-            dd_add_prod(tgx.hi, tgx.lo, g, xp, xe);
-            if (pg) {
-              dd_add_prod(pg[j], pg_lo[j], dy[j], xp, xe);
-              dd_add(pb[j], pb_lo[j], dy[j]);
-            }
+            F64BwdLanes::add(acc.tg.hi, acc.tg.lo, acc.tgd.hi, acc.tgd.lo, acc.td.hi,
+                             acc.td.lo, acc.tdd.hi, acc.tdd.lo, h[j], g, st.scale,
+                             -st.mean_hi, own_stats);
           }
-          __at_align__ double lanes[2][V::size()];
-          sg.store(lanes[0]);
-          sgx.store(lanes[1]);
-          for (int64_t k = 0; k < V::size(); ++k) {
-            sum_g.add(lanes[0][k]);
-            sum_gx.add(lanes[1][k]);
-          }
-          sum_g.lo += reduce_add(sg_lo);
-          sum_gx.lo += reduce_add(sgx_lo);
-          sum_g.add(tg);
-          sum_gx.add(tgx);
+          F64BwdLanes::total(sum_g, acc.g, acc.g_lo, acc.tg);
+          F64BwdLanes::total(sum_gd, acc.gd, acc.gd_lo, acc.tgd);
+          F64BwdLanes::total(sum_d, acc.d, acc.d_lo, acc.td);
+          F64BwdLanes::total(sum_dd, acc.dd, acc.dd_lo, acc.tdd);
         }
-        const double nd = static_cast<double>(N);
+        // mean = shift + delta and rstd (own statistics), and sum(g * xhat) / rstd at the
+        // row's scale.
+        DD sum_gx = sum_gd;  // sum(g * (h * scale - mean)), the sum of g * xhat / rstd
+        bool have_gx = true;
+        if (own_stats) {
+          const double eps_s = eps * st.scale * st.scale;
+          const bool fits =
+              std::isfinite(sum_d.hi) && std::isfinite(sum_dd.hi) &&
+              (eps_s >= std::numeric_limits<double>::min() || sum_dd.hi >= 0x1p-968);
+          if (fits) {
+            double delta = 0.0, delta_lo = 0.0;
+            if (!rms) dd_div(sum_d, nd, delta, delta_lo);
+            double var, var_lo;
+            dd_div(sum_dd, nd, var, var_lo);
+            DD v{var, var_lo};
+            double p, pe;
+            two_prod(delta, delta, p, pe);
+            v.add(-p);
+            v.lo -= pe + 2.0 * delta * delta_lo;
+            if (v.hi < 0.0 || (v.hi == 0.0 && v.lo < 0.0)) v = DD{};  // rounded below 0
+            double a, b;
+            two_sum(v.hi, eps_s, a, b);
+            dd_rsqrt(a, std::isfinite(a) ? b + v.lo : 0.0, st.rstd_hi, st.rstd_lo);
+            st.mean_lo = delta + delta_lo;
+            dd_add_prod(sum_gx.hi, sum_gx.lo, -delta, sum_g.hi, sum_g.lo);
+          } else {
+            // Sums beyond the double range, or squares underflowing with eps ~ 0: the
+            // forward's rescaled statistics, and sum(g * xhat) again (rare).
+            const DD sum_h = rms ? DD{}
+                                 : blocked_sum<double>(
+                                       N,
+                                       [&](int64_t j, V& a0, V& a1) {
+                                         a0 = V::loadu(h + j);
+                                         a1 = V::loadu(h + j + V::size());
+                                       },
+                                       [&](int64_t j) { return h[j]; });
+            st = f64_stats(h, N, eps, rms, sum_h);
+            sum_gx = DD{};
+            for (int64_t j = 0; j < N; ++j) {
+              double xp, xe;
+              f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
+              dd_add_prod(sum_gx.hi, sum_gx.lo, gs[j], xp, xe);
+            }
+            have_gx = false;  // sum_gx is already sum(g * xhat)
+          }
+        }
         double c1 = 0.0, c1_lo = 0.0, c2, c2_lo;
         if (!rms) dd_div(sum_g, nd, c1, c1_lo);
-        dd_div(sum_gx, nd, c2, c2_lo);
+        dd_div(have_gx ? dd_mul(sum_gx, st.rstd_hi, st.rstd_lo) : sum_gx, nd, c2, c2_lo);
+        const double rstd = st.rstd_hi * st.scale;  // of h itself
+        const double rstd_lo = st.rstd_lo * st.scale;
 
-        // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h).
-        const V neg_c1_v(-c1), c1_lo_v(c1_lo), c2_v(c2), c2_lo_v(c2_lo), rstd_v(rstd),
-            rstd_lo_v(rstd_lo);
+        // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); partials.
+        const V scale_v(st.scale), neg_mean_v(-st.mean_hi), mean_lo_v(st.mean_lo),
+            rstd_s_v(st.rstd_hi),
+            rstd_s_lo_v(st.rstd_lo), neg_c1_v(-c1), c1_lo_v(c1_lo), c2_v(c2), c2_lo_v(c2_lo),
+            rstd_v(rstd), rstd_lo_v(rstd_lo);
         double* dx = dx_base + i * N;
         const double* dres = dres_base ? dres_base + i * N : nullptr;
         int64_t j = 0;
@@ -1091,12 +1273,27 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::
           f64_dx(V::loadu(gs.get() + j), xp, xe, neg_c1_v, c1_lo_v, c2_v, c2_lo_v, rstd_v,
                  rstd_lo_v, dres ? V::loadu(dres + j) : V(0.0))
               .store(dx + j);
+          if (pg) {
+            const V d = V::loadu(dy + j);
+            V gh = V::loadu(pg + j), gl = V::loadu(pg_lo + j);
+            dd_add_prod(gh, gl, d, xp, xe);
+            gh.store(pg + j);
+            gl.store(pg_lo + j);
+            V bh = V::loadu(pb + j), bl = V::loadu(pb_lo + j);
+            dd_add(bh, bl, d);
+            bh.store(pb + j);
+            bl.store(pb_lo + j);
+          }
         }
         for (; j < N; ++j) {
           double xp, xe;
           f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
           dx[j] = f64_dx(gs[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd, rstd_lo,
                          dres ? dres[j] : 0.0);
+          if (pg) {
+            dd_add_prod(pg[j], pg_lo[j], dy[j], xp, xe);
+            dd_add(pb[j], pb_lo[j], dy[j]);
+          }
         }
       }
     }

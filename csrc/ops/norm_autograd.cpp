@@ -51,6 +51,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["weight_grad"] = requires_grad(weight);
     ctx->saved_data["bias_grad"] = requires_grad(bias);
     ctx->saved_data["is_rms"] = is_rms;
+    ctx->saved_data["eps"] = eps;
     ctx->saved_data["returned_h"] = return_residual;
     if (!return_residual) {
       h = at::empty({0}, h.options());
@@ -90,7 +91,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool weight_grad = ctx->saved_data["weight_grad"].toBool();
     const bool bias_grad = has_bias && ctx->saved_data["bias_grad"].toBool();
     auto [grad_h, grad_weight, grad_bias] = norm_bwd_op().call(
-        grad_out, grad_h_out, x, mean, rstd, w, bias_grad, is_rms, weight_grad);
+        grad_out, grad_h_out, x, mean, rstd, w, bias_grad, is_rms, weight_grad,
+        ctx->saved_data["eps"].toDouble());
 
     variable_list grads(9);  // one per forward argument after ctx
     grads[0] = grad_h.to(input_dtype);

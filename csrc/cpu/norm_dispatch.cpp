@@ -1,6 +1,6 @@
 // Picks the CPU kernels for this processor (ATen's choice, so ATEN_CPU_CAPABILITY=default
 // selects the portable build) and prepares what they share: gamma/beta in the compute
-// type, and the deterministic reduction of the per-chunk dgamma/dbeta partials.
+// type, and the per-chunk dgamma/dbeta partials with their fixed-order reduction.
 
 #include <algorithm>
 #include <string>
@@ -9,7 +9,6 @@
 #include <ATen/Version.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
-#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
 #include "cpu/norm_kernel.h"
@@ -53,10 +52,10 @@ void norm_bwd(const NormBwdArgs& args) {
                                                 : at::ones({args.N}, opts);
   at::Tensor partials;
   if (args.grad_gamma.defined() || args.grad_beta.defined()) {
-    // One partial (in the compute type) per chunk of rows; the chunk count depends only on M and the
-    // thread count, so the summation order (and the result) repeats bitwise.
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), args.M));
-    partials = at::empty({chunks, 2, args.N}, opts);
+    // One partial row per chunk of rows (bwd_chunk_rows: M and N decide the chunks, not the
+    // thread count), in float64: dgamma, dbeta (float64 h: each as a double-double).
+    const int64_t rows = args.h.scalar_type() == at::kDouble ? 4 : 2;
+    partials = at::empty({bwd_chunks(args.M, args.N), rows, args.N}, opts.dtype(at::kDouble));
   }
   if (use_avx2()) {
     AVX2::norm_bwd_kernel(args, gamma, partials);
@@ -64,7 +63,12 @@ void norm_bwd(const NormBwdArgs& args) {
     DEFAULT::norm_bwd_kernel(args, gamma, partials);
   }
   if (partials.defined()) {
-    const at::Tensor sums = partials.sum(0);  // [2, N], fixed order over chunks
+    const at::Tensor sums = at::empty({2, args.N}, partials.options());
+    if (use_avx2()) {
+      AVX2::norm_bwd_reduce_kernel(partials, sums);
+    } else {
+      DEFAULT::norm_bwd_reduce_kernel(partials, sums);
+    }
     if (args.grad_gamma.defined()) args.grad_gamma.copy_(sums[0]);
     if (args.grad_beta.defined()) args.grad_beta.copy_(sums[1]);
   }

@@ -1,13 +1,27 @@
 // CPU kernels of the fused Add & Norm ops: one template serves LayerNorm and RMSNorm,
-// with and without residual, for float32/float64/float16/bfloat16 and mixed dtypes.
+// with and without residual, for float32/float16/bfloat16 and mixed dtypes; float64 has
+// kernels of its own.
 //
 // Compiled once per instruction set: CPU_CAPABILITY names the namespace (DEFAULT, AVX2)
 // and selects at::vec's implementation. Rows are split across threads with
-// at::parallel_for; a row lives in an fp32 scratch buffer (L1/L2) between its passes, so
-// memory sees each input read once and each output written once.
+// at::parallel_for; a row lives in a scratch buffer (L1/L2) between its passes, so memory
+// sees each input read once and each output written once.
+//
+// Numerics. float32/float16/bfloat16 data: the row statistics (sum, then sum of squared
+// deviations) are summed in double lanes, the float lanes converted in registers; the sum
+// of squares of any finite float row fits a double. The forward output is computed in
+// float lanes with mean and rstd split into their float value plus the rounding error of
+// the double statistics, or in double lanes for rows where that split is not exact or
+// h - mean could overflow float (rstd outside [2^-100, 2^100], N * var above 2^250). The
+// backward runs in double lanes, with the statistics of h itself when the forward's eps is
+// given (see Backward), and rounds grad_h once.
+// float64 data: double-double sums (TwoSum / TwoProd lanes), statistics and outputs to
+// about one rounding; rows whose sums overflow, or whose squares underflow with eps ~ 0,
+// are summed again scaled by a power of two.
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <memory>
 #include <type_traits>
 
@@ -24,8 +38,11 @@ namespace CPU_CAPABILITY {
 namespace {
 
 using at::vec::Vectorized;
+using VF = Vectorized<float>;
+using VD = Vectorized<double>;
+static_assert(VF::size() == 2 * VD::size(), "a float vector widens to two double vectors");
 
-// Compute type: float for float/half/bfloat16, double for double.
+// Compute type of the memory passes: float for float/half/bfloat16, double for double.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -76,58 +93,96 @@ inline A to_acc(T v) {
   return static_cast<A>(v);
 }
 
-// Rows are summed in blocks: lanes accumulate kBlock elements in the compute type, then
-// the blocks' totals are added in double with Kahan compensation, so the error does not
-// grow with N (float64 rows need the compensation: their lanes are double already).
-constexpr int64_t kBlock = 512;
+// ---------------------------------------------------------------------------------------
+// Double lanes.
 
-struct CompensatedSum {
-  double sum = 0.0;
-  double carry = 0.0;
-  void add(double v) {
-    const double y = v - carry;
-    const double t = sum + y;
-    // Inf/NaN: no compensation (inf - inf would turn an infinite sum into NaN).
-    carry = std::isfinite(t) ? (t - sum) - y : 0.0;
-    sum = t;
+// A float vector as two double vectors (its lower and upper halves), and back (rounded).
+inline void widen(const VF& v, VD& lo, VD& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const __m256 f = v;
+  lo = VD(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+  hi = VD(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+#else
+  __at_align__ float f[VF::size()];
+  __at_align__ double d[VF::size()];
+  v.store(f);
+  for (int64_t k = 0; k < VF::size(); ++k) d[k] = f[k];
+  lo = VD::loadu(d);
+  hi = VD::loadu(d + VD::size());
+#endif
+}
+
+// The VF::size() floats at p as two double vectors (converted as they are loaded).
+inline void widen_load(const float* p, VD& lo, VD& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+  lo = VD(_mm256_cvtps_pd(_mm_loadu_ps(p)));
+  hi = VD(_mm256_cvtps_pd(_mm_loadu_ps(p + VD::size())));
+#else
+  widen(VF::loadu(p), lo, hi);
+#endif
+}
+
+// The 2 * VF::size() elements of T at p (one Pack) as four double vectors.
+template <typename T>
+inline void widen_pack(const T* p, VD& d0, VD& d1, VD& d2, VD& d3) {
+  if constexpr (std::is_same_v<T, float>) {
+    widen_load(p, d0, d1);
+    widen_load(p + VF::size(), d2, d3);
+  } else {
+    VF a, b;
+    Pack<T>::load(p, a, b);
+    widen(a, d0, d1);
+    widen(b, d2, d3);
+  }
+}
+
+// One Pack of T at p (2 * VF::size() elements), widened half by half: half(k) gives
+// elements [k * VF::size(), (k + 1) * VF::size()) as two double vectors (float: converted
+// as they are loaded; reduced types: converted to float once, then widened). p may be null
+// when half() is never called.
+template <typename T>
+struct WidePack {
+  const T* p;
+  VF a, b;
+  explicit WidePack(const T* ptr) : p(ptr) {
+    if constexpr (!std::is_same_v<T, float>) {
+      if (p) Pack<T>::load(p, a, b);
+    }
+  }
+  void half(int k, VD& lo, VD& hi) const {
+    if constexpr (std::is_same_v<T, float>) {
+      widen_load(p + k * VF::size(), lo, hi);
+    } else {
+      widen(k == 0 ? a : b, lo, hi);
+    }
   }
 };
 
-template <typename A>
-inline double reduce_lanes(const Vectorized<A>& a, const Vectorized<A>& b) {
-  return static_cast<double>(
-      at::vec::vec_reduce_all<A>([](auto x, auto y) { return x + y; }, a + b));
+inline VF narrow(const VD& lo, const VD& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return VF(_mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)),
+                                 _mm256_cvtpd_ps(hi), 1));
+#else
+  __at_align__ double d[VF::size()];
+  __at_align__ float f[VF::size()];
+  lo.store(d);
+  hi.store(d + VD::size());
+  for (int64_t k = 0; k < VF::size(); ++k) f[k] = static_cast<float>(d[k]);
+  return VF::loadu(f);
+#endif
 }
 
-// Sum over j < n of the values that fv(j) (two vectors at j, W = 2 * V::size() elements)
-// and fs(j) (one element at j) produce, in blocks of kBlock.
-template <typename A, typename FV, typename FS>
-double blocked_sum(int64_t n, const FV& fv, const FS& fs) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = 2 * V::size();
-  CompensatedSum total;
-  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
-    const int64_t b1 = std::min(n, b0 + kBlock);
-    V s0(A(0)), s1(A(0));
-    int64_t j = b0;
-    for (; j + W <= b1; j += W) {
-      V a0, a1;
-      fv(j, a0, a1);
-      s0 = s0 + a0;
-      s1 = s1 + a1;
-    }
-    A tail = 0;
-    for (; j < b1; ++j) tail += fs(j);
-    total.add(reduce_lanes<A>(s0, s1));
-    total.add(static_cast<double>(tail));
+// The sum of v's lanes, pairwise in lane order.
+inline double reduce_add(const VD& v) {
+  __at_align__ double t[VD::size()];
+  v.store(t);
+  for (int64_t w = VD::size() / 2; w > 0; w /= 2) {
+    for (int64_t k = 0; k < w; ++k) t[k] = t[2 * k] + t[2 * k + 1];
   }
-  return total.sum;
+  return t[0];
 }
 
-// (v - mean) * rstd, with mean = mean_hi + mean_lo and rstd = rstd_hi + rstd_lo given as
-// the compute type plus the rounding error of the double statistics, so that rounding
-// mean and rstd to float costs no accuracy. For float64 (nothing wider is cheap) the
-// difference is kept exactly as a sum of two doubles (TwoSum): only the product rounds.
+// a * b + c; fused where the instruction set has it (accuracy, not exactness).
 template <typename S>
 inline S fma_of(const S& a, const S& b, const S& c) {
   if constexpr (std::is_floating_point_v<S>) {
@@ -137,31 +192,367 @@ inline S fma_of(const S& a, const S& b, const S& c) {
   }
 }
 
+// a * b - c with one rounding, always (the error-free transformations need it).
+inline double fms_exact(double a, double b, double c) { return std::fma(a, b, -c); }
+inline VD fms_exact(const VD& a, const VD& b, const VD& c) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmsub(a, b, c);
+#else
+  __at_align__ double x[VD::size()], y[VD::size()], z[VD::size()];
+  a.store(x);
+  b.store(y);
+  c.store(z);
+  for (int64_t k = 0; k < VD::size(); ++k) x[k] = std::fma(x[k], y[k], -z[k]);
+  return VD::loadu(x);
+#endif
+}
+
+// a * b + c with one rounding, always.
+inline double fma_exact(double a, double b, double c) { return std::fma(a, b, c); }
+inline VD fma_exact(const VD& a, const VD& b, const VD& c) {
+#if defined(CPU_CAPABILITY_AVX2)
+  return at::vec::fmadd(a, b, c);
+#else
+  __at_align__ double x[VD::size()], y[VD::size()], z[VD::size()];
+  a.store(x);
+  b.store(y);
+  c.store(z);
+  for (int64_t k = 0; k < VD::size(); ++k) x[k] = std::fma(x[k], y[k], z[k]);
+  return VD::loadu(x);
+#endif
+}
+
+// Error-free transformations (S = double or VD): s + e = a + b (Knuth's TwoSum) and
+// p + e = a * b (TwoProd), exactly, for finite values.
 template <typename S>
-inline S normalized(const S& v, const S& mean_hi, const S& mean_lo, const S& rstd_hi,
-                    const S& rstd_lo) {
-  if constexpr (std::is_same_v<S, double> || std::is_same_v<S, Vectorized<double>>) {
-    const S hi = v - mean_hi;
-    const S z = hi - v;
-    const S lo = (v - (hi - z)) - (mean_hi + z);
-    return fma_of(hi, rstd_hi, lo * rstd_hi);
-  } else {
-    const S d = (v - mean_hi) - mean_lo;
-    return fma_of(d, rstd_hi, d * rstd_lo);
+inline void two_sum(const S& a, const S& b, S& s, S& e) {
+  s = a + b;
+  const S bb = s - a;
+  e = (a - (s - bb)) + (b - bb);
+}
+
+template <typename S>
+inline void two_prod(const S& a, const S& b, S& p, S& e) {
+  p = a * b;
+  e = fms_exact(a, b, p);
+}
+
+// hi + lo += v (double-double accumulation; lo collects the rounding errors of hi).
+template <typename S>
+inline void dd_add(S& hi, S& lo, const S& v) {
+  S s, e;
+  two_sum(hi, v, s, e);
+  hi = s;
+  lo = lo + e;
+}
+
+// hi + lo, or hi alone where hi is not finite (an infinite sum leaves NaN error terms).
+inline double dd_value(double hi, double lo) { return std::isfinite(hi) ? hi + lo : hi; }
+inline VD dd_value(const VD& hi, const VD& lo) {
+  const VD z = hi - hi;  // 0 where hi is finite, NaN elsewhere
+  return VD::blendv(hi + lo, hi, z != z);
+}
+
+// A double-double scalar: value hi + lo.
+struct DD {
+  double hi = 0.0;
+  double lo = 0.0;
+  void add(double v) { dd_add(hi, lo, v); }
+  void add(const DD& v) {
+    add(v.hi);
+    lo += v.lo;
   }
+  double value() const { return dd_value(hi, lo); }
+};
+
+// q + q_lo = s / n to about 2^-100 relative (n: a row length, exact in double), q the
+// double nearest to it (s is normalized first: its parts may overlap, even cancel).
+inline void dd_div(const DD& s, double n, double& q, double& q_lo) {
+  double hi = s.hi, lo = s.lo;
+  if (std::isfinite(hi)) two_sum(s.hi, s.lo, hi, lo);
+  q = hi / n;
+  q_lo = std::isfinite(q) ? (fma_exact(-q, n, hi) + lo) / n : 0.0;
+}
+
+// r + r_lo = 1 / sqrt(a + b) (a + b a double-double, a >= 0) to about 2^-100 relative:
+// the double result refined by one Newton step evaluated in double-double. Zero gives
+// inf, inf gives 0, NaN gives NaN (r_lo = 0 in all three).
+inline void dd_rsqrt(double a, double b, double& r, double& r_lo) {
+  r = 1.0 / std::sqrt(a);
+  r_lo = 0.0;
+  if (!std::isfinite(r) || r == 0.0) return;
+  double q, qe;
+  two_prod(r, r, q, qe);  // r^2 = q + qe
+  const double t = fma_exact(-a, q, 1.0) - (a * qe + b * q);  // 1 - (a + b) r^2
+  r_lo = 0.5 * r * t;
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward
+// Row sums. Rows are summed in blocks of kBlock elements: double lanes accumulate a block
+// (512 values per lane: an error below 2^-43 of the block's magnitude), the blocks' totals
+// are added as a double-double, so the error does not grow with N.
+constexpr int64_t kBlock = 8192;
+
+// Lanes of a block's sum: double lanes for float vectors, double-double lanes for double
+// vectors. add(a0, a1) takes the two compute vectors of one step.
+template <typename A>
+struct Lanes;
+
+template <>
+struct Lanes<float> {
+  VD s0{0.0}, s1{0.0}, s2{0.0}, s3{0.0};
+  double tail = 0.0;
+  void add(const VF& a0, const VF& a1) {
+    VD x0, x1, x2, x3;
+    widen(a0, x0, x1);
+    widen(a1, x2, x3);
+    s0 = s0 + x0;
+    s1 = s1 + x1;
+    s2 = s2 + x2;
+    s3 = s3 + x3;
+  }
+  // The 2 * VF::size() floats at p.
+  void add(const float* p) {
+    VD x0, x1, x2, x3;
+    widen_pack(p, x0, x1, x2, x3);
+    s0 = s0 + x0;
+    s1 = s1 + x1;
+    s2 = s2 + x2;
+    s3 = s3 + x3;
+  }
+  // Squared deviations from mean (in double) of the 2 * VF::size() floats at p.
+  void add_sq_dev(const float* p, const VD& mean) {
+    VD x0, x1, x2, x3;
+    widen_pack(p, x0, x1, x2, x3);
+    x0 = x0 - mean;
+    x1 = x1 - mean;
+    x2 = x2 - mean;
+    x3 = x3 - mean;
+    s0 = fma_of(x0, x0, s0);
+    s1 = fma_of(x1, x1, s1);
+    s2 = fma_of(x2, x2, s2);
+    s3 = fma_of(x3, x3, s3);
+  }
+  void add_scalar(double v) { tail += v; }
+  DD total() const {
+    DD t;
+    t.add(reduce_add((s0 + s1) + (s2 + s3)));
+    t.add(tail);
+    return t;
+  }
+};
+
+// (v - mean_hi - mean_lo)^2 as p + e (the square of the exact difference to about 2^-104).
+template <typename S>
+inline void sq_dev(const S& v, const S& neg_mean_hi, const S& mean_lo, S& p, S& e) {
+  S dh, dl;
+  two_sum(v, neg_mean_hi, dh, dl);
+  dl = dl - mean_lo;
+  two_prod(dh, dh, p, e);
+  e = fma_of(dh + dh, dl, e);
+}
+
+template <>
+struct Lanes<double> {
+  VD hi0{0.0}, lo0{0.0}, hi1{0.0}, lo1{0.0};
+  DD tail;
+  void add(const VD& a0, const VD& a1) {
+    dd_add(hi0, lo0, a0);
+    dd_add(hi1, lo1, a1);
+  }
+  void add_sq_dev(const VD& a0, const VD& a1, const VD& neg_mean_hi, const VD& mean_lo) {
+    VD p, e;
+    sq_dev(a0, neg_mean_hi, mean_lo, p, e);
+    dd_add(hi0, lo0, p);
+    lo0 = lo0 + e;
+    sq_dev(a1, neg_mean_hi, mean_lo, p, e);
+    dd_add(hi1, lo1, p);
+    lo1 = lo1 + e;
+  }
+  void add_scalar(double v) { tail.add(v); }
+  void add_scalar_sq_dev(double v, double neg_mean_hi, double mean_lo) {
+    double p, e;
+    sq_dev(v, neg_mean_hi, mean_lo, p, e);
+    tail.add(p);
+    tail.lo += e;
+  }
+  DD total() const {
+    __at_align__ double h[2 * VD::size()];
+    hi0.store(h);
+    hi1.store(h + VD::size());
+    DD t = tail;
+    for (double v : h) t.add(v);
+    t.lo += reduce_add(lo0 + lo1);
+    return t;
+  }
+};
+
+// Sum over j < n of the values that fv(j) (two compute vectors at j, W = 2 * V::size()
+// elements) and fs(j) (one element at j) produce. kSum = false: only calls fv and fs (for
+// what they store) and returns 0.
+template <typename A, bool kSum = true, typename FV, typename FS>
+DD blocked_sum(int64_t n, const FV& fv, const FS& fs) {
+  using V = Vectorized<A>;
+  constexpr int64_t W = 2 * V::size();
+  DD total;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    Lanes<A> acc;
+    int64_t j = b0;
+    for (; j + W <= b1; j += W) {
+      V a0, a1;
+      fv(j, a0, a1);
+      if constexpr (kSum) acc.add(a0, a1);
+    }
+    for (; j < b1; ++j) {
+      const double v = static_cast<double>(fs(j));
+      if constexpr (kSum) acc.add_scalar(v);
+    }
+    if constexpr (kSum) total.add(acc.total());
+  }
+  return total;
+}
+
+// Sum over j < n of v_j (sq_dev = false) or of (v_j - mean)^2 (sq_dev = true), for floats.
+template <bool kSqDev>
+DD float_sum(const float* v, int64_t n, double mean) {
+  constexpr int64_t W = 2 * VF::size();
+  const VD mean_v(mean);
+  DD total;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    Lanes<float> acc;
+    int64_t j = b0;
+    for (; j + W <= b1; j += W) {
+      if constexpr (kSqDev) {
+        acc.add_sq_dev(v + j, mean_v);
+      } else {
+        acc.add(v + j);
+      }
+    }
+    for (; j < b1; ++j) {
+      const double d = static_cast<double>(v[j]) - mean;
+      acc.add_scalar(kSqDev ? d * d : d);
+    }
+    total.add(acc.total());
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------
+// float64 statistics.
+
+// Mean (LayerNorm) and rstd of the row v * scale as double-doubles; scale is a power of two
+// (1 but for rows beyond the range of the squares): mean(v) = (mean_hi + mean_lo) / scale,
+// rstd(v) = (rstd_hi + rstd_lo) * scale.
+struct F64Stats {
+  double mean_hi = 0.0, mean_lo = 0.0;
+  double rstd_hi = 0.0, rstd_lo = 0.0;
+  double scale = 1.0;
+  double sum_sq = 0.0;  // sum of squared deviations at that scale (its leading part)
+};
+
+// Statistics of v * scale, given its sum (LayerNorm).
+F64Stats f64_stats_at(const double* v, int64_t n, double eps, bool rms, double scale,
+                      const DD& sum) {
+  F64Stats st;
+  st.scale = scale;
+  const double nd = static_cast<double>(n);
+  if (!rms) dd_div(sum, nd, st.mean_hi, st.mean_lo);
+  constexpr int64_t W = 2 * VD::size();
+  const VD scale_v(scale), neg_mean_v(-st.mean_hi), mean_lo_v(st.mean_lo);
+  DD sq;
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    Lanes<double> acc;
+    int64_t j = b0;
+    for (; j + W <= b1; j += W) {
+      acc.add_sq_dev(VD::loadu(v + j) * scale_v, VD::loadu(v + j + VD::size()) * scale_v,
+                     neg_mean_v, mean_lo_v);
+    }
+    for (; j < b1; ++j) acc.add_scalar_sq_dev(v[j] * scale, -st.mean_hi, st.mean_lo);
+    sq.add(acc.total());
+  }
+  st.sum_sq = sq.hi;
+  double var, var_lo;
+  dd_div(sq, nd, var, var_lo);
+  double a, b;
+  two_sum(var, eps * scale * scale, a, b);  // var + eps, both at the row's scale
+  dd_rsqrt(a, std::isfinite(a) ? b + var_lo : 0.0, st.rstd_hi, st.rstd_lo);
+  return st;
+}
+
+// Statistics of a float64 row v given its sum. Rows whose sums overflow, or whose squared
+// deviations underflow while eps is below the normal range (eps = 0), are summed again
+// scaled by a power of two that brings max |v| near 1. Rows holding infinities or NaN keep
+// the IEEE results of the plain sums.
+F64Stats f64_stats(const double* v, int64_t n, double eps, bool rms, const DD& sum) {
+  F64Stats st = f64_stats_at(v, n, eps, rms, 1.0, sum);
+  const bool fits = std::isfinite(sum.hi) && std::isfinite(st.sum_sq) &&
+                    (eps >= std::numeric_limits<double>::min() || st.sum_sq >= 0x1p-968);
+  if (fits) return st;
+  double max_abs = 0.0;
+  bool finite = true;
+  for (int64_t j = 0; j < n; ++j) {
+    finite = finite && std::isfinite(v[j]);
+    max_abs = std::max(max_abs, std::abs(v[j]));
+  }
+  if (!finite || max_abs == 0.0) return st;
+  int e = 0;
+  std::frexp(max_abs, &e);  // max_abs = f * 2^e, f in [0.5, 1)
+  const double scale = std::ldexp(1.0, std::clamp(-e, -1000, 1000));
+  const VD scale_v(scale);
+  const DD scaled_sum =
+      rms ? DD{}
+          : blocked_sum<double>(
+                n,
+                [&](int64_t j, VD& a0, VD& a1) {
+                  a0 = VD::loadu(v + j) * scale_v;
+                  a1 = VD::loadu(v + j + VD::size()) * scale_v;
+                },
+                [&](int64_t j) { return v[j] * scale; });
+  return f64_stats_at(v, n, eps, rms, scale, scaled_sum);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, float32 / float16 / bfloat16
 //   x, out: [M, N] T;  residual: [M, N] R;  residual_out: [M, N] H (h = x + residual)
-//   gamma, beta: [N] A;  mean, rstd: [M] A
+//   gamma, beta: [N] float;  mean, rstd: [M] float
+
+// Whether at::vec::fmadd is a fused multiply-add (the float-lane output relies on it).
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kFusedFma = true;
+#else
+constexpr bool kFusedFma = false;
+#endif
+
+// (v - mean) * rstd, with mean = mean_hi + mean_lo and rstd = rstd_hi + rstd_lo given as
+// float plus the rounding error of the double statistics, so that rounding mean and rstd
+// to float costs no accuracy.
+template <typename S>
+inline S normalized(const S& v, const S& mean_hi, const S& mean_lo, const S& rstd_hi,
+                    const S& rstd_lo) {
+  const S d = (v - mean_hi) - mean_lo;
+  return fma_of(d, rstd_hi, d * rstd_lo);
+}
+
+// out = ((v - mean) * rstd) * gamma + beta in double for one float vector of v.
+inline VF normalized_wide(const VF& v, const VF& gamma, const VF& beta, const VD& mean,
+                          const VD& rstd) {
+  VD v0, v1, g0, g1, b0, b1;
+  widen(v, v0, v1);
+  widen(gamma, g0, g1);
+  widen(beta, b0, b1);
+  return narrow(fma_of((v0 - mean) * rstd, g0, b0), fma_of((v1 - mean) * rstd, g1, b1));
+}
 
 template <typename T, typename R, typename H>
 void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& beta_t) {
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
+  using A = float;
+  using V = VF;
   constexpr int64_t W = Pack<T>::kWidth;
   static_assert(Pack<R>::kWidth == W && Pack<H>::kWidth == W, "mixed widths");
+  static_assert(std::is_same_v<acc_t<T>, float>, "float compute type");
 
   const int64_t M = args.M;
   const int64_t N = args.N;
@@ -177,7 +568,7 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
   const double eps = args.eps;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
 
-  // float32/float64 rows without a residual are normalized in place: no scratch row.
+  // float32 rows without a residual are normalized in place: no scratch row.
   const bool needs_scratch = r_base != nullptr || !std::is_same_v<T, A>;
 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
@@ -185,17 +576,15 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
     for (int64_t i = begin; i < end; ++i) {
       const T* x = x_base + i * N;
       H* h = h_base ? h_base + i * N : nullptr;
-      const A* v = scratch.get();  // the row being normalized, in the compute type
+      const A* v = scratch.get();  // the row being normalized, in float
 
       // Pass 1: v = h = x (+ residual), rounded to H (written to residual_out if asked),
       // and its sum for the mean.
       A* sv = scratch.get();
-      double sum = 0.0;
+      DD sum;  // LayerNorm only
       if (r_base) {
         const R* r = r_base + i * N;
-        sum = blocked_sum<A>(
-            N,
-            [&](int64_t j, V& a0, V& a1) {
+        auto fv = [&](int64_t j, V& a0, V& a1) {
               V b0, b1;
               Pack<T>::load(x + j, a0, a1);
               Pack<R>::load(r + j, b0, b1);
@@ -204,12 +593,17 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
               Pack<H>::round_store(h ? h + j : nullptr, a0, a1);
               a0.store(sv + j);
               a1.store(sv + j + V::size());
-            },
-            [&](int64_t j) {
+            };
+        auto fs = [&](int64_t j) {
               const H hv = static_cast<H>(to_acc<A>(x[j]) + to_acc<A>(r[j]));
               if (h) h[j] = hv;
               return sv[j] = to_acc<A>(hv);
-            });
+            };
+        if (rms) {
+          blocked_sum<A, false>(N, fv, fs);
+        } else {
+          sum = blocked_sum<A>(N, fv, fs);
+        }
       } else {
         if (h) {
           if constexpr (std::is_same_v<H, T>) {
@@ -220,63 +614,178 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
         }
         if constexpr (std::is_same_v<T, A>) {
           v = x;
-          sum = blocked_sum<A>(
+          if (!rms) sum = float_sum<false>(x, N, 0.0);
+        } else {
+          auto fv = [&](int64_t j, V& a0, V& a1) {
+            Pack<T>::load(x + j, a0, a1);
+            a0.store(sv + j);
+            a1.store(sv + j + V::size());
+          };
+          auto fs = [&](int64_t j) { return sv[j] = to_acc<A>(x[j]); };
+          if (rms) {
+            blocked_sum<A, false>(N, fv, fs);
+          } else {
+            sum = blocked_sum<A>(N, fv, fs);
+          }
+        }
+      }
+
+      // Pass 2: variance as the mean of squared deviations (two-pass; RMSNorm: mean 0).
+      const double mean = rms ? 0.0 : sum.value() / static_cast<double>(N);
+      const double var = float_sum<true>(v, N, mean).value() / static_cast<double>(N);
+      const double rstd = 1.0 / std::sqrt(var + eps);
+      const A mean_a = static_cast<A>(mean);
+      const A rstd_a = static_cast<A>(rstd);
+      if (mean_base) mean_base[i] = mean_a;
+      rstd_base[i] = rstd_a;
+
+      // Pass 3: out = (v - mean) * rstd * gamma + beta. In float lanes where the split
+      // statistics are exact and h - mean cannot overflow (|h - mean| <= sqrt(N * var));
+      // else (and for NaN statistics, and without fused multiply-add) in double lanes.
+      T* y = y_base + i * N;
+      const bool float_lanes = kFusedFma && rstd >= 0x1p-100 && rstd <= 0x1p100 &&
+                               var * static_cast<double>(N) <= 0x1p250;
+      int64_t j = 0;
+      if (float_lanes) {
+        // mean and rstd as float plus their rounding error (see normalized).
+        const A mean_lo = static_cast<A>(mean - static_cast<double>(mean_a));
+        const A rstd_lo = static_cast<A>(rstd - static_cast<double>(rstd_a));
+        const V mean_v(mean_a), rstd_v(rstd_a), mean_lo_v(mean_lo), rstd_lo_v(rstd_lo);
+        for (; j + W <= N; j += W) {
+          const V o0 = at::vec::fmadd(
+              normalized(V::loadu(v + j), mean_v, mean_lo_v, rstd_v, rstd_lo_v),
+              V::loadu(gamma + j), V::loadu(beta + j));
+          const V o1 = at::vec::fmadd(
+              normalized(V::loadu(v + j + V::size()), mean_v, mean_lo_v, rstd_v, rstd_lo_v),
+              V::loadu(gamma + j + V::size()), V::loadu(beta + j + V::size()));
+          Pack<T>::store(y + j, o0, o1);
+        }
+        for (; j < N; ++j) {
+          y[j] = static_cast<T>(
+              normalized(v[j], mean_a, mean_lo, rstd_a, rstd_lo) * gamma[j] + beta[j]);
+        }
+      } else {
+        const VD mean_v(mean), rstd_v(rstd);
+        for (; j + W <= N; j += W) {
+          Pack<T>::store(
+              y + j,
+              normalized_wide(V::loadu(v + j), V::loadu(gamma + j), V::loadu(beta + j),
+                              mean_v, rstd_v),
+              normalized_wide(V::loadu(v + j + V::size()), V::loadu(gamma + j + V::size()),
+                              V::loadu(beta + j + V::size()), mean_v, rstd_v));
+        }
+        for (; j < N; ++j) {
+          y[j] = static_cast<T>(static_cast<float>(
+              fma_of((static_cast<double>(v[j]) - mean) * rstd, static_cast<double>(gamma[j]),
+                     static_cast<double>(beta[j]))));
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward, float64: statistics as double-doubles (f64_stats), out to about one rounding.
+
+// ((v * scale - mean) * rstd) * gamma + beta, with mean and rstd double-doubles (S =
+// double or VD): h - mean is kept exactly (TwoSum), its product with rstd as a
+// double-double (TwoProd), and the affine step rounds once.
+template <typename S>
+inline S f64_normalized(const S& v, const S& neg_mean_hi, const S& mean_lo, const S& rstd_hi,
+                        const S& rstd_lo, const S& gamma, const S& beta) {
+  S dh, dl;
+  two_sum(v, neg_mean_hi, dh, dl);
+  dl = dl - mean_lo;
+  S p, pe;
+  two_prod(dh, rstd_hi, p, pe);
+  const S y_lo = pe + fma_of(dh, rstd_lo, dl * rstd_hi);  // xhat = p + y_lo
+  S q, qe;
+  two_prod(p, gamma, q, qe);
+  S s, se;
+  two_sum(q, beta, s, se);
+  const S out = s + fma_of(y_lo, gamma, se + qe);
+  if constexpr (std::is_floating_point_v<S>) {
+    return std::isinf(s) ? s : out;
+  } else {
+    return S::blendv(out, s, s.abs() == S(std::numeric_limits<double>::infinity()));
+  }
+}
+
+void norm_fwd_f64(const NormFwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& beta_t) {
+  using V = VD;
+  constexpr int64_t W = 2 * V::size();
+  const int64_t M = args.M;
+  const int64_t N = args.N;
+  const double* x_base = args.x.const_data_ptr<double>();
+  const double* r_base = args.residual.defined() ? args.residual.const_data_ptr<double>() : nullptr;
+  double* h_base = args.residual_out.defined() ? args.residual_out.mutable_data_ptr<double>() : nullptr;
+  double* y_base = args.out.mutable_data_ptr<double>();
+  double* mean_base = args.mean.defined() ? args.mean.mutable_data_ptr<double>() : nullptr;
+  double* rstd_base = args.rstd.mutable_data_ptr<double>();
+  const double* gamma = gamma_t.const_data_ptr<double>();
+  const double* beta = beta_t.const_data_ptr<double>();
+  const bool rms = args.rms;
+  const double eps = args.eps;
+  const int64_t grain = std::max<int64_t>(1, 16384 / N);
+
+  at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<double[]> scratch(r_base ? new double[N] : nullptr);
+    for (int64_t i = begin; i < end; ++i) {
+      const double* x = x_base + i * N;
+      double* h = h_base ? h_base + i * N : nullptr;
+
+      // Pass 1: v = h = x (+ residual) (written to residual_out if asked) and its sum.
+      const double* v = x;
+      DD sum;
+      if (r_base) {
+        const double* r = r_base + i * N;
+        double* sv = scratch.get();
+        v = sv;
+        sum = blocked_sum<double>(
+            N,
+            [&](int64_t j, V& a0, V& a1) {
+              a0 = V::loadu(x + j) + V::loadu(r + j);
+              a1 = V::loadu(x + j + V::size()) + V::loadu(r + j + V::size());
+              a0.store(sv + j);
+              a1.store(sv + j + V::size());
+            },
+            [&](int64_t j) { return sv[j] = x[j] + r[j]; });
+        if (h) std::copy(sv, sv + N, h);
+      } else {
+        if (h) std::copy(x, x + N, h);
+        if (!rms) {
+          sum = blocked_sum<double>(
               N,
               [&](int64_t j, V& a0, V& a1) {
                 a0 = V::loadu(x + j);
                 a1 = V::loadu(x + j + V::size());
               },
               [&](int64_t j) { return x[j]; });
-        } else {
-          sum = blocked_sum<A>(
-              N,
-              [&](int64_t j, V& a0, V& a1) {
-                Pack<T>::load(x + j, a0, a1);
-                a0.store(sv + j);
-                a1.store(sv + j + V::size());
-              },
-              [&](int64_t j) { return sv[j] = to_acc<A>(x[j]); });
         }
       }
 
-      // Pass 2: variance as the mean of squared deviations (two-pass; RMSNorm: mean 0).
-      const double mean = rms ? 0.0 : sum / N;
-      const A mean_a = static_cast<A>(mean);
-      const V mean_v(mean_a);
-      const double var =
-          blocked_sum<A>(
-              N,
-              [&](int64_t j, V& a0, V& a1) {
-                a0 = V::loadu(v + j) - mean_v;
-                a1 = V::loadu(v + j + V::size()) - mean_v;
-                a0 = a0 * a0;
-                a1 = a1 * a1;
-              },
-              [&](int64_t j) { const A d = v[j] - mean_a; return d * d; }) / N;
-      const double rstd = 1.0 / std::sqrt(var + eps);
-      const A rstd_a = static_cast<A>(rstd);
-      if (mean_base) mean_base[i] = mean_a;
-      rstd_base[i] = rstd_a;
+      // Pass 2: statistics (double-double, rescaled where the plain sums fail).
+      const F64Stats st = f64_stats(v, N, eps, rms, sum);
+      if (mean_base) mean_base[i] = (st.mean_hi + st.mean_lo) / st.scale;
+      rstd_base[i] = (st.rstd_hi + st.rstd_lo) * st.scale;
 
-      // Pass 3: out = (v - mean) * rstd * gamma + beta.
-      T* y = y_base + i * N;
-      // mean and rstd as the compute type plus their rounding error (see normalized).
-      const A mean_lo = static_cast<A>(mean - static_cast<double>(mean_a));
-      const A rstd_lo = static_cast<A>(rstd - static_cast<double>(rstd_a));
-      const V rstd_v(rstd_a), mean_lo_v(mean_lo), rstd_lo_v(rstd_lo);
+      // Pass 3: out = (v - mean) * rstd * gamma + beta, at the statistics' scale.
+      double* y = y_base + i * N;
+      const V scale_v(st.scale), neg_mean_v(-st.mean_hi), mean_lo_v(st.mean_lo),
+          rstd_v(st.rstd_hi), rstd_lo_v(st.rstd_lo);
       int64_t j = 0;
       for (; j + W <= N; j += W) {
-        const V o0 = at::vec::fmadd(
-            normalized(V::loadu(v + j), mean_v, mean_lo_v, rstd_v, rstd_lo_v),
-            V::loadu(gamma + j), V::loadu(beta + j));
-        const V o1 = at::vec::fmadd(
-            normalized(V::loadu(v + j + V::size()), mean_v, mean_lo_v, rstd_v, rstd_lo_v),
-            V::loadu(gamma + j + V::size()), V::loadu(beta + j + V::size()));
-        Pack<T>::store(y + j, o0, o1);
+        f64_normalized(V::loadu(v + j) * scale_v, neg_mean_v, mean_lo_v, rstd_v, rstd_lo_v,
+                       V::loadu(gamma + j), V::loadu(beta + j))
+            .store(y + j);
+        f64_normalized(V::loadu(v + j + V::size()) * scale_v, neg_mean_v, mean_lo_v, rstd_v,
+                       rstd_lo_v, V::loadu(gamma + j + V::size()),
+                       V::loadu(beta + j + V::size()))
+            .store(y + j + V::size());
       }
       for (; j < N; ++j) {
-        y[j] = static_cast<T>(
-            normalized(v[j], mean_a, mean_lo, rstd_a, rstd_lo) * gamma[j] + beta[j]);
+        y[j] = f64_normalized(v[j] * st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo,
+                              gamma[j], beta[j]);
       }
     }
   });
@@ -284,126 +793,507 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
 
 // ---------------------------------------------------------------------------------------
 // Backward
-//   grad_out: [M, N] G;  h, grad_h, grad_residual_out: [M, N] X;  mean, rstd: [M] A
-//   gamma: [N] A;  partials: [chunks, 2, N] A (dgamma, dbeta of each chunk of rows)
+//   grad_out: [M, N] G;  h, grad_h, grad_residual_out: [M, N] X;  mean, rstd: [M]
+//   gamma: [N] compute type;  partials: see norm_kernel.h
 //
 //   xhat = (h - mean) * rstd,  g = dy * gamma
 //   dh = rstd * (g - mean(g) - xhat * mean(g * xhat))      (RMSNorm: no mean(g) term)
+//
+// The row sums and grad_h use the same g (float data: the exact product in double; float64:
+// rounded once), so a one-element row's LayerNorm passes exactly no gradient to h.
+//
+// Pass 1 reads dy and h, keeps d = h - shift (shift: the saved mean; RMSNorm 0) in a scratch
+// row, and sums g and g * d, and, given the forward's eps, d and d * d (float64: only then):
+// then mean = shift + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2 are the statistics
+// of h itself, to double precision (the forward normalized with those; the saved float32
+// ones would carry their rounding error into every gradient), and sum(g * xhat) = rstd *
+// (sum(g * d) - (mean - shift) * sum(g)). Without eps, mean and rstd are the saved ones.
+// Pass 2 writes grad_h and adds dy * xhat to the chunk's dgamma partial (dy to its dbeta
+// partial: float data in pass 1, float64 in pass 2). Rows are processed in the chunks of
+// bwd_chunk_rows, each chunk by one thread.
+
+// The float-data backward's arguments, passed by value into the row loops (locals the
+// compiler keeps in registers: vector stores may alias any memory).
+template <typename G, typename X>
+struct FloatBwdArgs {
+  const G* dy;
+  const X* dres;  // nullptr when absent
+  const X* h;
+  const float* mean;  // nullptr for RMSNorm
+  const float* rstd;
+  const double* gamma;  // in double
+  X* dx;
+  double* partials;  // [chunks, 2, N]; nullptr when not wanted
+  int64_t M;
+  int64_t N;
+  int64_t rows_per_chunk;
+  bool own_stats;
+  double eps;
+};
+
+// Lanes of pass 1's sums over a block: g, g * d, d, d * d (RMSNorm: only g * d and d * d).
+// add: one float vector's worth of elements: dy and h as two double vectors each, gamma at
+// gm; d = h - shift goes to the row's scratch (ds), dy to the chunk's dbeta partial (pb).
+template <bool kRms>
+struct BwdSums {
+  VD g0{0.0}, g1{0.0}, gd0{0.0}, gd1{0.0}, d0{0.0}, d1{0.0}, dd0{0.0}, dd1{0.0};
+  void add(const VD& y0, const VD& y1, VD x0, VD x1, const double* gm, const VD& shift,
+           double* ds, double* pb) {
+    constexpr int64_t S = VD::size();
+    const VD e0 = y0 * VD::loadu(gm);
+    const VD e1 = y1 * VD::loadu(gm + S);
+    x0 = x0 - shift;
+    x1 = x1 - shift;
+    x0.store(ds);
+    x1.store(ds + S);
+    gd0 = fma_of(e0, x0, gd0);
+    gd1 = fma_of(e1, x1, gd1);
+    dd0 = fma_of(x0, x0, dd0);
+    dd1 = fma_of(x1, x1, dd1);
+    if constexpr (!kRms) {
+      g0 = g0 + e0;
+      g1 = g1 + e1;
+      d0 = d0 + x0;
+      d1 = d1 + x1;
+    }
+    if (pb) {
+      (VD::loadu(pb) + y0).store(pb);
+      (VD::loadu(pb + S) + y1).store(pb + S);
+    }
+  }
+};
+
+// A row's constants in pass 2: xhat = d * rstd + x_off (x_off = -(mean - shift) * rstd),
+// grad_h = (g - c1) * rstd + xhat * b (b = -rstd * c2).
+struct BwdRow {
+  VD rstd, x_off, c1, b;
+};
+
+// Pass 2 for one float vector's worth of elements: grad_h in double, rounded once; with pg,
+// the chunk's dgamma partial. y: dy, r: the grad of h, as double vectors.
+template <bool kResidual, bool kPartials>
+inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1,
+                  const VD& r0, const VD& r1, const BwdRow& row, double* pg) {
+  constexpr int64_t S = VD::size();
+  const VD x0 = fma_of(VD::loadu(ds), row.rstd, row.x_off);
+  const VD x1 = fma_of(VD::loadu(ds + S), row.rstd, row.x_off);
+  VD t0 = x0 * row.b;
+  VD t1 = x1 * row.b;
+  if constexpr (kResidual) {
+    t0 = t0 + r0;
+    t1 = t1 + r1;
+  }
+  const VD o0 = fma_of(y0 * VD::loadu(gm) - row.c1, row.rstd, t0);
+  const VD o1 = fma_of(y1 * VD::loadu(gm + S) - row.c1, row.rstd, t1);
+  if constexpr (kPartials) {
+    fma_of(y0, x0, VD::loadu(pg)).store(pg);
+    fma_of(y1, x1, VD::loadu(pg + S)).store(pg + S);
+  }
+  return narrow(o0, o1);
+}
+
+// Pass 2 over a row.
+template <typename G, typename X, bool kResidual, bool kPartials>
+void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const double* gm,
+                 int64_t N, const BwdRow& row, double rstd, double x_off, double c1, double b,
+                 double* pg) {
+  using V = VF;
+  constexpr int64_t W = Pack<X>::kWidth;
+  int64_t j = 0;
+  for (; j + W <= N; j += W) {
+    const WidePack<G> dyp(dy + j);
+    const WidePack<X> rp(kResidual ? dres + j : nullptr);
+    V o[2];
+    for (int k = 0; k < 2; ++k) {
+      const int64_t jk = j + k * V::size();
+      VD y0, y1, r0, r1;
+      dyp.half(k, y0, y1);
+      if constexpr (kResidual) {
+        rp.half(k, r0, r1);
+      }
+      o[k] = bwd_out<kResidual, kPartials>(ds + jk, gm + jk, y0, y1, r0, r1, row, pg + jk);
+    }
+    Pack<X>::store(dx + j, o[0], o[1]);
+  }
+  for (; j < N; ++j) {
+    const double xh = fma_of(ds[j], rstd, x_off);
+    const double r = kResidual ? static_cast<double>(to_acc<float>(dres[j])) : 0.0;
+    const double y = static_cast<double>(to_acc<float>(dy[j]));
+    const double g = y * gm[j];
+    dx[j] = static_cast<X>(static_cast<float>(fma_of(g - c1, rstd, fma_of(xh, b, r))));
+    if constexpr (kPartials) {
+      pg[j] = fma_of(y, xh, pg[j]);
+    }
+  }
+}
+
+// The rows of chunk c.
+template <typename G, typename X, bool kRms>
+void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds) {
+  using V = VF;
+  constexpr int64_t W = Pack<X>::kWidth;
+  static_assert(Pack<G>::kWidth == W, "mixed widths");
+  const int64_t N = a.N;
+  const double nd = static_cast<double>(N);
+  double* pg = a.partials ? a.partials + c * 2 * N : nullptr;
+  double* pb = pg ? pg + N : nullptr;
+  if (pg) {
+    std::fill(pg, pg + 2 * N, 0.0);
+  }
+  const int64_t row_begin = c * a.rows_per_chunk;
+  const int64_t row_end = std::min(a.M, row_begin + a.rows_per_chunk);
+  for (int64_t i = row_begin; i < row_end; ++i) {
+    const G* dy = a.dy + i * N;
+    const X* h = a.h + i * N;
+    const double shift = kRms ? 0.0 : static_cast<double>(a.mean[i]);
+    const VD shift_v(shift);
+
+    // Pass 1: d to the scratch, dy to the dbeta partial; the sums of g, g * d, d, d * d.
+    DD sum[4];  // g, g * d, d, d * d
+    for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
+      const int64_t b1 = std::min(N, b0 + kBlock);
+      BwdSums<kRms> s;
+      int64_t j = b0;
+      for (; j + W <= b1; j += W) {
+        const WidePack<G> dyp(dy + j);
+        const WidePack<X> hp(h + j);
+        for (int k = 0; k < 2; ++k) {
+          const int64_t jk = j + k * V::size();
+          VD y0, y1, x0, x1;
+          dyp.half(k, y0, y1);
+          hp.half(k, x0, x1);
+          s.add(y0, y1, x0, x1, a.gamma + jk, shift_v, ds + jk, pb ? pb + jk : nullptr);
+        }
+      }
+      double t[4] = {0.0, 0.0, 0.0, 0.0};
+      for (; j < b1; ++j) {
+        const double y = static_cast<double>(to_acc<float>(dy[j]));
+        const double g = y * a.gamma[j];
+        const double d = static_cast<double>(to_acc<float>(h[j])) - shift;
+        ds[j] = d;
+        t[0] += g;
+        t[1] = fma_of(g, d, t[1]);
+        t[2] += d;
+        t[3] = fma_of(d, d, t[3]);
+        if (pb) pb[j] += y;
+      }
+      sum[0].add(reduce_add(s.g0 + s.g1));
+      sum[1].add(reduce_add(s.gd0 + s.gd1));
+      sum[2].add(reduce_add(s.d0 + s.d1));
+      sum[3].add(reduce_add(s.dd0 + s.dd1));
+      for (int k = 0; k < 4; ++k) sum[k].add(t[k]);
+    }
+    // mean = shift + delta; rstd; c1 = mean(g), c2 = mean(g * xhat).
+    double delta = 0.0;
+    double rstd = static_cast<double>(a.rstd[i]);
+    if (a.own_stats) {
+      delta = kRms ? 0.0 : sum[2].value() / nd;
+      const double var = std::max(sum[3].value() / nd - delta * delta, 0.0);
+      rstd = 1.0 / std::sqrt(var + a.eps);
+    }
+    const double c1 = kRms ? 0.0 : sum[0].value() / nd;
+    const double c2 = rstd * ((sum[1].value() - delta * sum[0].value()) / nd);
+    const double x_off = -delta * rstd;
+    const double b = -rstd * c2;
+
+    // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); dgamma partial.
+    const BwdRow row{VD(rstd), VD(x_off), VD(c1), VD(b)};
+    const X* dres = a.dres ? a.dres + i * N : nullptr;
+    X* dx = a.dx + i * N;
+    if (dres && pg) {
+      bwd_row_out<G, X, true, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+    } else if (dres) {
+      bwd_row_out<G, X, true, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+    } else if (pg) {
+      bwd_row_out<G, X, false, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+    } else {
+      bwd_row_out<G, X, false, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b,
+                                      pg);
+    }
+  }
+}
 
 template <typename G, typename X>
 void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& partials) {
-  using A = acc_t<X>;
-  using V = Vectorized<A>;
-  constexpr int64_t W = Pack<X>::kWidth;
-  static_assert(Pack<G>::kWidth == W, "mixed widths");
+  static_assert(std::is_same_v<acc_t<X>, float>, "float compute type");
+  const int64_t N = args.N;
+  std::unique_ptr<double[]> gamma(new double[N]);
+  const float* gamma_f = gamma_t.const_data_ptr<float>();
+  for (int64_t j = 0; j < N; ++j) gamma[j] = gamma_f[j];
+  FloatBwdArgs<G, X> a;
+  a.dy = args.grad_out.const_data_ptr<G>();
+  a.dres = args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<X>() : nullptr;
+  a.h = args.h.const_data_ptr<X>();
+  a.mean = args.rms ? nullptr : args.mean.const_data_ptr<float>();
+  a.rstd = args.rstd.const_data_ptr<float>();
+  a.gamma = gamma.get();
+  a.dx = args.grad_h.mutable_data_ptr<X>();
+  a.partials = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
+  a.M = args.M;
+  a.N = N;
+  a.rows_per_chunk = bwd_chunk_rows(args.M, N);
+  a.own_stats = args.eps.has_value();
+  a.eps = args.eps.value_or(0.0);
+  const int64_t chunks = bwd_chunks(args.M, N);
+  TORCH_CHECK(!partials.defined() || (partials.size(0) == chunks && partials.size(1) == 2),
+              "addnorm: backward partials of shape ", partials.sizes(), ", expected [", chunks,
+              ", 2, ", N, "]");
+  const bool rms = args.rms;
+  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    std::unique_ptr<double[]> scratch(new double[a.N]);  // d of the row
+    for (int64_t c = c_begin; c < c_end; ++c) {
+      if (rms) {
+        bwd_chunk<G, X, true>(a, c, scratch.get());
+      } else {
+        bwd_chunk<G, X, false>(a, c, scratch.get());
+      }
+    }
+  });
+}
 
+// ---------------------------------------------------------------------------------------
+// Backward, float64: the same passes in double-double (d = h - shift kept exactly, sums,
+// statistics, xhat and the dgamma/dbeta partials as double-doubles), grad_h to about one
+// rounding. Rows whose sums leave the double range are taken at a power-of-two scale.
+
+// xhat = (h * scale - mean) * rstd as p + e (S = double or VD), mean and rstd double-doubles.
+template <typename S>
+inline void f64_xhat(const S& h, const S& scale, const S& neg_mean_hi, const S& mean_lo,
+                     const S& rstd_hi, const S& rstd_lo, S& p, S& e) {
+  S dh, dl;
+  two_sum(h * scale, neg_mean_hi, dh, dl);
+  dl = dl - mean_lo;
+  two_prod(dh, rstd_hi, p, e);
+  e = e + fma_of(dh, rstd_lo, dl * rstd_hi);
+}
+
+// hi + lo += a * (p + e).
+template <typename S>
+inline void dd_add_prod(S& hi, S& lo, const S& a, const S& p, const S& e) {
+  S q, qe;
+  two_prod(a, p, q, qe);
+  dd_add(hi, lo, q);
+  lo = lo + fma_of(a, e, qe);
+}
+
+// rstd * (g - c1 - xhat * c2) + r, with c1, c2, rstd and xhat double-doubles, rounded once.
+template <typename S>
+inline S f64_dx(const S& g, const S& xp, const S& xe, const S& neg_c1, const S& c1_lo,
+                const S& c2, const S& c2_lo, const S& rstd, const S& rstd_lo, const S& r) {
+  S a, ae;
+  two_sum(g, neg_c1, a, ae);
+  ae = ae - c1_lo;
+  S m, me;
+  two_prod(xp, c2, m, me);
+  me = me + fma_of(xp, c2_lo, xe * c2);
+  S b, be;
+  two_sum(a, S(0.0) - m, b, be);
+  const S b_lo = be + (ae - me);
+  return fma_exact(rstd, b, fma_of(rstd, b_lo, fma_of(rstd_lo, b, r)));
+}
+
+// Lanes of the float64 pass 1 over one block: g, g * d, d, d * d as double-doubles, d =
+// h * scale - shift exactly (dh + dl).
+struct F64BwdLanes {
+  VD g{0.0}, g_lo{0.0}, gd{0.0}, gd_lo{0.0}, d{0.0}, d_lo{0.0}, dd{0.0}, dd_lo{0.0};
+  DD tg, tgd, td, tdd;  // the block's scalar tail
+  template <typename S>
+  static void add(S& g, S& g_lo, S& gd, S& gd_lo, S& d, S& d_lo, S& dd, S& dd_lo,
+                  const S& h, const S& gv, const S& scale, const S& neg_shift, bool moments) {
+    S dh, dl;
+    two_sum(h * scale, neg_shift, dh, dl);
+    dd_add(g, g_lo, gv);
+    dd_add_prod(gd, gd_lo, gv, dh, dl);
+    if (moments) {
+      dd_add(d, d_lo, dh);
+      d_lo = d_lo + dl;
+      S p, e;
+      two_prod(dh, dh, p, e);
+      dd_add(dd, dd_lo, p);
+      dd_lo = dd_lo + fma_of(dh + dh, dl, e);
+    }
+  }
+  static void total(DD& t, const VD& hi, const VD& lo, const DD& tail) {
+    __at_align__ double h[VD::size()];
+    hi.store(h);
+    for (double v : h) t.add(v);
+    t.lo += reduce_add(lo);
+    t.add(tail);
+  }
+};
+
+// a * b for double-doubles, to about 2^-100 relative.
+inline DD dd_mul(const DD& a, double b, double b_lo) {
+  DD r;
+  two_prod(a.hi, b, r.hi, r.lo);
+  r.lo += a.hi * b_lo + a.lo * b;
+  return r;
+}
+
+void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& partials) {
+  using V = VD;
   const int64_t M = args.M;
   const int64_t N = args.N;
-  const G* dy_base = args.grad_out.const_data_ptr<G>();
-  const X* dres_base =
-      args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<X>() : nullptr;
-  const X* h_base = args.h.const_data_ptr<X>();
-  const A* mean_base = args.mean.defined() ? args.mean.const_data_ptr<A>() : nullptr;
-  const A* rstd_base = args.rstd.const_data_ptr<A>();
-  const A* gamma = gamma_t.const_data_ptr<A>();
-  X* dx_base = args.grad_h.mutable_data_ptr<X>();
-  A* partial_base = partials.defined() ? partials.mutable_data_ptr<A>() : nullptr;
-  const int64_t chunks = partials.defined() ? partials.size(0)
-                                            : std::max<int64_t>(1, at::get_num_threads());
+  const double* dy_base = args.grad_out.const_data_ptr<double>();
+  const double* dres_base =
+      args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<double>() : nullptr;
+  const double* h_base = args.h.const_data_ptr<double>();
+  const double* mean_base = args.mean.defined() ? args.mean.const_data_ptr<double>() : nullptr;
+  const double* rstd_base = args.rstd.const_data_ptr<double>();
+  const double* gamma = gamma_t.const_data_ptr<double>();
+  double* dx_base = args.grad_h.mutable_data_ptr<double>();
+  double* partial_base = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
+  const int64_t rows_per_chunk = bwd_chunk_rows(M, N);
+  const int64_t chunks = bwd_chunks(M, N);
+  TORCH_CHECK(!partials.defined() || (partials.size(0) == chunks && partials.size(1) == 4),
+              "addnorm: backward partials of shape ", partials.sizes(), ", expected [", chunks,
+              ", 4, ", N, "]");
   const bool rms = args.rms;
+  const bool own_stats = args.eps.has_value();
+  const double eps = args.eps.value_or(0.0);
+  const double nd = static_cast<double>(N);
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    std::unique_ptr<A[]> xhat(new A[N]);
-    std::unique_ptr<A[]> g(new A[N]);
+    std::unique_ptr<double[]> gs(new double[N]);  // g of the row
     for (int64_t c = c_begin; c < c_end; ++c) {
-      A* dgamma = partial_base ? partial_base + c * 2 * N : nullptr;
-      A* dbeta = partial_base ? dgamma + N : nullptr;
-      if (dgamma) {
-        std::fill(dgamma, dgamma + 2 * N, A(0));
+      // dgamma (hi, lo), dbeta (hi, lo)
+      double* pg = partial_base ? partial_base + c * 4 * N : nullptr;
+      double* pg_lo = pg ? pg + N : nullptr;
+      double* pb = pg ? pg + 2 * N : nullptr;
+      double* pb_lo = pg ? pg + 3 * N : nullptr;
+      if (pg) {
+        std::fill(pg, pg + 4 * N, 0.0);
       }
-      const int64_t row_begin = M * c / chunks;
-      const int64_t row_end = M * (c + 1) / chunks;
+      const int64_t row_begin = c * rows_per_chunk;
+      const int64_t row_end = std::min(M, row_begin + rows_per_chunk);
       for (int64_t i = row_begin; i < row_end; ++i) {
-        const G* dy = dy_base + i * N;
-        const X* h = h_base + i * N;
-        const A mean_a = mean_base ? mean_base[i] : A(0);
-        const A rstd_a = rstd_base[i];
-        const V mean_v(mean_a), rstd_v(rstd_a);
+        const double* dy = dy_base + i * N;
+        const double* h = h_base + i * N;
+        // The shift (saved mean) and rstd, at a scale where h - mean cannot overflow (rows
+        // with |h| beyond ~1e270 have rstd below 2^-900).
+        F64Stats st;
+        st.mean_hi = mean_base ? mean_base[i] : 0.0;
+        st.rstd_hi = rstd_base[i];
+        if (st.rstd_hi < 0x1p-900) {
+          st.scale = 0x1p-600;
+          st.mean_hi *= st.scale;
+          st.rstd_hi /= st.scale;
+        }
+        const V shift_scale_v(st.scale), neg_shift_v(-st.mean_hi);
 
-        // Pass 1: xhat, g and their row sums; dgamma/dbeta partials.
-        CompensatedSum sum_g, sum_gx;
+        // Pass 1: g, and the sums of g, g * d, d, d * d.
+        DD sum_g, sum_gd, sum_d, sum_dd;
         for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
           const int64_t b1 = std::min(N, b0 + kBlock);
-          V sg0(A(0)), sg1(A(0)), sgx0(A(0)), sgx1(A(0));
+          F64BwdLanes acc;
           int64_t j = b0;
-          for (; j + W <= b1; j += W) {
-            V dy0, dy1, h0, h1;
-            Pack<G>::load(dy + j, dy0, dy1);
-            Pack<X>::load(h + j, h0, h1);
-            const V xh0 = (h0 - mean_v) * rstd_v;
-            const V xh1 = (h1 - mean_v) * rstd_v;
-            const V g0 = dy0 * V::loadu(gamma + j);
-            const V g1 = dy1 * V::loadu(gamma + j + V::size());
-            xh0.store(xhat.get() + j);
-            xh1.store(xhat.get() + j + V::size());
-            g0.store(g.get() + j);
-            g1.store(g.get() + j + V::size());
-            sg0 = sg0 + g0;
-            sg1 = sg1 + g1;
-            sgx0 = at::vec::fmadd(g0, xh0, sgx0);
-            sgx1 = at::vec::fmadd(g1, xh1, sgx1);
-            if (dgamma) {
-              at::vec::fmadd(dy0, xh0, V::loadu(dgamma + j)).store(dgamma + j);
-              at::vec::fmadd(dy1, xh1, V::loadu(dgamma + j + V::size())).store(dgamma + j + V::size());
-              (V::loadu(dbeta + j) + dy0).store(dbeta + j);
-              (V::loadu(dbeta + j + V::size()) + dy1).store(dbeta + j + V::size());
-            }
+          for (; j + V::size() <= b1; j += V::size()) {
+            const V g = V::loadu(dy + j) * V::loadu(gamma + j);
+            g.store(gs.get() + j);
+            F64BwdLanes::add(acc.g, acc.g_lo, acc.gd, acc.gd_lo, acc.d, acc.d_lo, acc.dd,
+                             acc.dd_lo, V::loadu(h + j), g, shift_scale_v, neg_shift_v,
+                             own_stats);
           }
-          A tg = 0, tgx = 0;
           for (; j < b1; ++j) {
-            const A dyj = to_acc<A>(dy[j]);
-            const A xh = (to_acc<A>(h[j]) - mean_a) * rstd_a;
-            const A gj = dyj * gamma[j];
-            xhat[j] = xh;
-            g[j] = gj;
-            tg += gj;
-            tgx += gj * xh;
-            if (dgamma) {
-              dgamma[j] += dyj * xh;
-              dbeta[j] += dyj;
-            }
+            const double g = dy[j] * gamma[j];
+            gs[j] = g;
+            F64BwdLanes::add(acc.tg.hi, acc.tg.lo, acc.tgd.hi, acc.tgd.lo, acc.td.hi,
+                             acc.td.lo, acc.tdd.hi, acc.tdd.lo, h[j], g, st.scale,
+                             -st.mean_hi, own_stats);
           }
-          sum_g.add(reduce_lanes<A>(sg0, sg1));
-          sum_g.add(static_cast<double>(tg));
-          sum_gx.add(reduce_lanes<A>(sgx0, sgx1));
-          sum_gx.add(static_cast<double>(tgx));
+          F64BwdLanes::total(sum_g, acc.g, acc.g_lo, acc.tg);
+          F64BwdLanes::total(sum_gd, acc.gd, acc.gd_lo, acc.tgd);
+          F64BwdLanes::total(sum_d, acc.d, acc.d_lo, acc.td);
+          F64BwdLanes::total(sum_dd, acc.dd, acc.dd_lo, acc.tdd);
         }
-        const A c1 = rms ? A(0) : static_cast<A>(sum_g.sum / N);
-        const A c2 = static_cast<A>(sum_gx.sum / N);
-
-        // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h).
-        const V c1_v(c1), neg_c2_v(-c2);
-        X* dx = dx_base + i * N;
-        const X* dres = dres_base ? dres_base + i * N : nullptr;
-        int64_t j = 0;
-        for (; j + W <= N; j += W) {
-          // fma: xhat * c2 is not rounded before the subtraction.
-          V d0 = rstd_v * at::vec::fmadd(V::loadu(xhat.get() + j), neg_c2_v,
-                                         V::loadu(g.get() + j) - c1_v);
-          V d1 = rstd_v * at::vec::fmadd(V::loadu(xhat.get() + j + V::size()), neg_c2_v,
-                                         V::loadu(g.get() + j + V::size()) - c1_v);
-          if (dres) {
-            V r0, r1;
-            Pack<X>::load(dres + j, r0, r1);
-            d0 = d0 + r0;
-            d1 = d1 + r1;
+        // mean = shift + delta and rstd (own statistics), and sum(g * xhat) / rstd at the
+        // row's scale.
+        DD sum_gx = sum_gd;  // sum(g * (h * scale - mean)), the sum of g * xhat / rstd
+        bool have_gx = true;
+        if (own_stats) {
+          const double eps_s = eps * st.scale * st.scale;
+          const bool fits =
+              std::isfinite(sum_d.hi) && std::isfinite(sum_dd.hi) &&
+              (eps_s >= std::numeric_limits<double>::min() || sum_dd.hi >= 0x1p-968);
+          if (fits) {
+            double delta = 0.0, delta_lo = 0.0;
+            if (!rms) dd_div(sum_d, nd, delta, delta_lo);
+            double var, var_lo;
+            dd_div(sum_dd, nd, var, var_lo);
+            DD v{var, var_lo};
+            double p, pe;
+            two_prod(delta, delta, p, pe);
+            v.add(-p);
+            v.lo -= pe + 2.0 * delta * delta_lo;
+            if (v.hi < 0.0 || (v.hi == 0.0 && v.lo < 0.0)) v = DD{};  // rounded below 0
+            double a, b;
+            two_sum(v.hi, eps_s, a, b);
+            dd_rsqrt(a, std::isfinite(a) ? b + v.lo : 0.0, st.rstd_hi, st.rstd_lo);
+            st.mean_lo = delta + delta_lo;
+            dd_add_prod(sum_gx.hi, sum_gx.lo, -delta, sum_g.hi, sum_g.lo);
+          } else {
+            // Sums beyond the double range, or squares underflowing with eps ~ 0: the
+            // forward's rescaled statistics, and sum(g * xhat) again (rare).
+            const DD sum_h = rms ? DD{}
+                                 : blocked_sum<double>(
+                                       N,
+                                       [&](int64_t j, V& a0, V& a1) {
+                                         a0 = V::loadu(h + j);
+                                         a1 = V::loadu(h + j + V::size());
+                                       },
+                                       [&](int64_t j) { return h[j]; });
+            st = f64_stats(h, N, eps, rms, sum_h);
+            sum_gx = DD{};
+            for (int64_t j = 0; j < N; ++j) {
+              double xp, xe;
+              f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
+              dd_add_prod(sum_gx.hi, sum_gx.lo, gs[j], xp, xe);
+            }
+            have_gx = false;  // sum_gx is already sum(g * xhat)
           }
-          Pack<X>::store(dx + j, d0, d1);
+        }
+        double c1 = 0.0, c1_lo = 0.0, c2, c2_lo;
+        if (!rms) dd_div(sum_g, nd, c1, c1_lo);
+        dd_div(have_gx ? dd_mul(sum_gx, st.rstd_hi, st.rstd_lo) : sum_gx, nd, c2, c2_lo);
+        const double rstd = st.rstd_hi * st.scale;  // of h itself
+        const double rstd_lo = st.rstd_lo * st.scale;
+
+        // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); partials.
+        const V scale_v(st.scale), neg_mean_v(-st.mean_hi), mean_lo_v(st.mean_lo),
+            rstd_s_v(st.rstd_hi),
+            rstd_s_lo_v(st.rstd_lo), neg_c1_v(-c1), c1_lo_v(c1_lo), c2_v(c2), c2_lo_v(c2_lo),
+            rstd_v(rstd), rstd_lo_v(rstd_lo);
+        double* dx = dx_base + i * N;
+        const double* dres = dres_base ? dres_base + i * N : nullptr;
+        int64_t j = 0;
+        for (; j + V::size() <= N; j += V::size()) {
+          V xp, xe;
+          f64_xhat(V::loadu(h + j), scale_v, neg_mean_v, mean_lo_v, rstd_s_v, rstd_s_lo_v, xp,
+                   xe);
+          f64_dx(V::loadu(gs.get() + j), xp, xe, neg_c1_v, c1_lo_v, c2_v, c2_lo_v, rstd_v,
+                 rstd_lo_v, dres ? V::loadu(dres + j) : V(0.0))
+              .store(dx + j);
+          if (pg) {
+            const V d = V::loadu(dy + j);
+            V gh = V::loadu(pg + j), gl = V::loadu(pg_lo + j);
+            dd_add_prod(gh, gl, d, xp, xe);
+            gh.store(pg + j);
+            gl.store(pg_lo + j);
+            V bh = V::loadu(pb + j), bl = V::loadu(pb_lo + j);
+            dd_add(bh, bl, d);
+            bh.store(pb + j);
+            bl.store(pb_lo + j);
+          }
         }
         for (; j < N; ++j) {
-          A d = rstd_a * fma_of(xhat[j], -c2, g[j] - c1);
-          if (dres) d += to_acc<A>(dres[j]);
-          dx[j] = static_cast<X>(d);
+          double xp, xe;
+          f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
+          dx[j] = f64_dx(gs[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd, rstd_lo,
+                         dres ? dres[j] : 0.0);
+          if (pg) {
+            dd_add_prod(pg[j], pg_lo[j], dy[j], xp, xe);
+            dd_add(pb[j], pb_lo[j], dy[j]);
+          }
         }
       }
     }
@@ -439,7 +1329,7 @@ void norm_fwd_kernel(const NormFwdArgs& args, const at::Tensor& gamma, const at:
     case at::kFloat:
       return norm_fwd_typed<float, float, float>(args, gamma, beta);
     case at::kDouble:
-      return norm_fwd_typed<double, double, double>(args, gamma, beta);
+      return norm_fwd_f64(args, gamma, beta);
     case at::kBFloat16:
       return norm_fwd_reduced<c10::BFloat16>(args, gamma, beta);
     case at::kHalf:
@@ -458,7 +1348,7 @@ void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& gamma, const at:
     case at::kDouble:
       TORCH_CHECK(args.h.scalar_type() == at::kDouble, "addnorm: grad_out is float64 but h is ",
                   args.h.scalar_type());
-      return norm_bwd_typed<double, double>(args, gamma, partials);
+      return norm_bwd_f64(args, gamma, partials);
     case at::kBFloat16:
       return norm_bwd_reduced<c10::BFloat16>(args, gamma, partials);
     case at::kHalf:
@@ -466,6 +1356,49 @@ void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& gamma, const at:
     default:
       TORCH_CHECK(false, "addnorm: unsupported grad_out dtype ", args.grad_out.scalar_type());
   }
+}
+
+void norm_bwd_reduce_kernel(const at::Tensor& partials, const at::Tensor& sums) {
+  const int64_t chunks = partials.size(0);
+  const int64_t K = partials.size(1);  // 2: double partials; 4: double-double partials
+  const int64_t N = partials.size(2);
+  TORCH_CHECK(K == 2 || K == 4, "addnorm: backward partials with ", K, " rows per chunk");
+  const double* p = partials.const_data_ptr<double>();
+  double* out = sums.mutable_data_ptr<double>();
+  // Columns are independent: each is summed over the chunks in chunk order, whichever
+  // thread takes it.
+  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t q = 0; q < 2; ++q) {
+      const int64_t row = K == 2 ? q : 2 * q;  // the row of output q in each chunk
+      int64_t j = begin;
+      for (; j + VD::size() <= end; j += VD::size()) {
+        VD hi(0.0), lo(0.0);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const double* src = p + (c * K + row) * N + j;
+          if (K == 2) {
+            hi = hi + VD::loadu(src);
+          } else {
+            dd_add(hi, lo, VD::loadu(src));
+            lo = lo + VD::loadu(src + N);
+          }
+        }
+        dd_value(hi, lo).store(out + q * N + j);
+      }
+      for (; j < end; ++j) {
+        double hi = 0.0, lo = 0.0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const double* src = p + (c * K + row) * N + j;
+          if (K == 2) {
+            hi += *src;
+          } else {
+            dd_add(hi, lo, *src);
+            lo += src[N];
+          }
+        }
+        out[q * N + j] = dd_value(hi, lo);
+      }
+    }
+  });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -8,8 +8,9 @@
 // (so the output is as accurate as if the statistics were exact).
 // Backward, per row: grad_h = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma
 // rounded once (RMS drops mean(g)), plus grad_residual_out; the row sums in double
-// (double-double for fp64); grad_gamma / grad_beta from fp32 per-CTA partials summed in
-// double by a finalize kernel in a fixed order (bitwise reproducible, no atomics).
+// (double-double for fp64); grad_gamma / grad_beta from fp32 per-chunk partials summed in
+// double by a finalize kernel in a fixed order, the chunks fixed by M and N (bitwise
+// reproducible, also across GPUs and grid sizes; no atomics).
 //
 // Paths, chosen at run time per call:
 //   register path  the row lives in registers; threads per row (TPR) sized to N: several
@@ -24,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -112,11 +114,14 @@ struct BwdParams {
   const A* rstd;     // [M]
   const W* gamma;    // [N]; nullptr when absent
   H* dh;             // [M, N] grad of h (output)
-  A* part_gamma;     // [P, N] per-CTA partial sums of dy * xhat; nullptr when not wanted
-  A* part_beta;      // [P, N] per-CTA partial sums of dy; nullptr when not wanted
+  A* part_gamma;     // [P, N] per-chunk partial sums of dy * xhat; nullptr when not wanted
+  A* part_beta;      // [P, N] per-chunk partial sums of dy; nullptr when not wanted
   int64_t M;
   int64_t N;
   RowLength len;     // N and 1 / N
+  // Register path: rows per weight-gradient chunk (a multiple of the CTA's rows); partial
+  // row c sums rows [c * chunk_rows, (c + 1) * chunk_rows).
+  int64_t chunk_rows;
 };
 
 // h = x (+ residual) for VEC elements at offset off, rounded to H when a residual is added
@@ -451,8 +456,9 @@ __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t o
 }
 
 // Backward, register path: one pass over each row for grad_h; the thread's columns of
-// dy * xhat and dy accumulate in registers over all rows its row slot visits, then one
-// partial row per CTA is written (row slots summed in shared memory in a fixed order).
+// dy * xhat and dy accumulate in registers over the rows its row slot visits in a chunk,
+// then one partial row per chunk is written (row slots summed in shared memory in a fixed
+// order).
 // Dynamic shared memory: blockDim.y * blockDim.x * 2 * VPT * VEC elements when
 // blockDim.y > 1 and a weight gradient is wanted.
 template <typename T, typename H, typename W, bool RMS, int VEC, int VPT>
@@ -469,6 +475,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t nvec = p.N / VEC;
   const bool want_gamma = p.part_gamma != nullptr;
   const bool want_beta = p.part_beta != nullptr;
+  // Chunks of p.chunk_rows rows (a multiple of blockDim.y), each CTA taking whole chunks
+  // (blockIdx.x, blockIdx.x + gridDim.x, ...): a chunk's partial row sums its rows in the
+  // same order whichever CTA takes it, so the weight gradients do not depend on the grid
+  // size (nor on the GPU).
   A acc_gamma[VPT][VEC];
   A acc_beta[VPT][VEC];
 #pragma unroll
@@ -479,8 +489,8 @@ __global__ void __launch_bounds__(kMaxThreads)
       acc_beta[i][j] = A(0);
     }
   }
-  for (int64_t row0 = static_cast<int64_t>(blockIdx.x) * blockDim.y; row0 < p.M;
-       row0 += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  int chunk = blockIdx.x;
+  for (int64_t row0 = static_cast<int64_t>(chunk) * p.chunk_rows; row0 < p.M;) {
     const int64_t row = row0 + threadIdx.y;
     const bool valid = row < p.M;
     const int64_t row_vecs = valid ? nvec : 0;
@@ -526,55 +536,71 @@ __global__ void __launch_bounds__(kMaxThreads)
         acc_beta[i][j] += dy[i][j];
       }
     }
-  }
-  if (!want_gamma && !want_beta) {
-    return;
-  }
-  const int64_t part_off = static_cast<int64_t>(blockIdx.x) * p.N;
-  if (blockDim.y == 1) {
+    row0 += blockDim.y;
+    if (row0 < p.M && row0 < static_cast<int64_t>(chunk + 1) * p.chunk_rows) {
+      continue;
+    }
+    // The chunk is done: its partial row, then the CTA's next chunk.
+    const int64_t part_off = static_cast<int64_t>(chunk) * p.N;
+    chunk += gridDim.x;
+    row0 = static_cast<int64_t>(chunk) * p.chunk_rows;
+    if (!want_gamma && !want_beta) {
+      continue;
+    }
+    if (blockDim.y == 1) {
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
-      if (vi < nvec) {
-        if (want_gamma) {
-          store_vec<VEC>(p.part_gamma + part_off + vi * VEC, acc_gamma[i]);
+      for (int i = 0; i < VPT; ++i) {
+        const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+        if (vi < nvec) {
+          if (want_gamma) {
+            store_vec<VEC>(p.part_gamma + part_off + vi * VEC, acc_gamma[i]);
+          }
+          if (want_beta) {
+            store_vec<VEC>(p.part_beta + part_off + vi * VEC, acc_beta[i]);
+          }
         }
-        if (want_beta) {
-          store_vec<VEC>(p.part_beta + part_off + vi * VEC, acc_beta[i]);
+      }
+    } else {
+      // Several rows per CTA: sum the row slots' accumulators in shared memory, y = 0, 1,
+      // ... in order for each value, with all threads of the CTA sharing the values.
+      const int rows = blockDim.y;
+      A* buf = reinterpret_cast<A*>(dyn_smem);  // [rows][2 * E][tpr]
+      __syncthreads();  // the previous chunk's readers are done with buf
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          buf[(threadIdx.y * 2 * E + i * VEC + j) * tpr + tid] = acc_gamma[i][j];
+          buf[(threadIdx.y * 2 * E + E + i * VEC + j) * tpr + tid] = acc_beta[i][j];
+        }
+      }
+      __syncthreads();
+      for (int v = threadIdx.y * tpr + tid; v < 2 * E * tpr; v += rows * tpr) {
+        const int k = v / tpr;  // which accumulator: [0, E) gamma, [E, 2E) beta
+        const int t = v % tpr;  // of which thread of the row
+        const bool is_beta = k >= E;
+        A* part = is_beta ? p.part_beta : p.part_gamma;
+        if (part == nullptr) {
+          continue;
+        }
+        A sum = buf[k * tpr + t];
+        for (int y = 1; y < rows; ++y) {
+          sum += buf[(y * 2 * E + k) * tpr + t];
+        }
+        const int e = is_beta ? k - E : k;
+        const int64_t vi = static_cast<int64_t>(e / VEC) * tpr + t;
+        if (vi < nvec) {
+          part[part_off + vi * VEC + e % VEC] = sum;
         }
       }
     }
-    return;
-  }
-  // Several rows per CTA: sum the row slots' accumulators in shared memory, y = 0, 1, ...
-  // in order for each value, with all threads of the CTA sharing the values.
-  const int rows = blockDim.y;
-  A* buf = reinterpret_cast<A*>(dyn_smem);  // [rows][2 * E][tpr]
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
+    for (int i = 0; i < VPT; ++i) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      buf[(threadIdx.y * 2 * E + i * VEC + j) * tpr + tid] = acc_gamma[i][j];
-      buf[(threadIdx.y * 2 * E + E + i * VEC + j) * tpr + tid] = acc_beta[i][j];
-    }
-  }
-  __syncthreads();
-  for (int v = threadIdx.y * tpr + tid; v < 2 * E * tpr; v += rows * tpr) {
-    const int k = v / tpr;  // which accumulator: [0, E) gamma, [E, 2E) beta
-    const int t = v % tpr;  // of which thread of the row
-    const bool is_beta = k >= E;
-    A* part = is_beta ? p.part_beta : p.part_gamma;
-    if (part == nullptr) {
-      continue;
-    }
-    A sum = buf[k * tpr + t];
-    for (int y = 1; y < rows; ++y) {
-      sum += buf[(y * 2 * E + k) * tpr + t];
-    }
-    const int e = is_beta ? k - E : k;
-    const int64_t vi = static_cast<int64_t>(e / VEC) * tpr + t;
-    if (vi < nvec) {
-      part[part_off + vi * VEC + e % VEC] = sum;
+      for (int j = 0; j < VEC; ++j) {
+        acc_gamma[i][j] = A(0);
+        acc_beta[i][j] = A(0);
+      }
     }
   }
 }
@@ -793,9 +819,20 @@ RowLaunch row_launch(int64_t nvec, int per_thread, int min_threads, int max_thre
   return {tpr, std::max(1, min_threads / tpr)};
 }
 
+// ADDNORM_CUDA_MAX_GRID (read once; unset or <= 0: no cap) caps the grid of the row
+// kernels, a debug knob for checking that no result depends on the grid size.
+int64_t max_grid() {
+  static const int64_t cap = [] {
+    const char* s = std::getenv("ADDNORM_CUDA_MAX_GRID");
+    const long long v = s != nullptr ? std::atoll(s) : 0;
+    return v > 0 ? static_cast<int64_t>(v) : static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+  }();
+  return cap;
+}
+
 unsigned int row_grid(int64_t M, int rows) {
-  return static_cast<unsigned int>(
-      std::min<int64_t>(ceil_div(M, rows), std::numeric_limits<int32_t>::max()));
+  return static_cast<unsigned int>(std::min<int64_t>(
+      std::min<int64_t>(ceil_div(M, rows), std::numeric_limits<int32_t>::max()), max_grid()));
 }
 
 // Resident CTAs per SM of a kernel at a block shape, cached per device: repeated calls (and
@@ -822,6 +859,11 @@ at::Tensor cast_if_needed(const at::Tensor& t, c10::ScalarType dtype) {
 
 constexpr int kFwdMinThreads = 128;
 constexpr int kBwdMinThreads = 512;  // fewer, larger CTAs: fewer weight-gradient partial rows
+// Weight-gradient partial rows, from M and N alone (never from the GPU): register path, at
+// most kBwdChunks chunks of whole CTA row groups (about one wave of CTAs on a 132-SM GPU);
+// looping path, (column tile, row chunk) CTAs for about kPartialCtas CTAs.
+constexpr int64_t kBwdChunks = 256;
+constexpr int64_t kPartialCtas = 512;
 
 template <typename T, typename R, typename H, typename W, bool RMS, int VEC>
 void launch_fwd_looping(const FwdParams<T, R, H, W>& p, cudaStream_t stream) {
@@ -950,12 +992,13 @@ void launch_norm_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Te
   p.M = a.M;
   p.N = a.N;
   p.len = {static_cast<double>(a.N), 1.0 / static_cast<double>(a.N)};
+  p.chunk_rows = 0;  // register path: set below
 
   const bool want_gamma = a.grad_gamma.defined();
   const bool want_beta = a.grad_beta.defined();
   const int outputs = static_cast<int>(want_gamma) + static_cast<int>(want_beta);
   const auto acc_options = a.h.options().dtype(c10::CppTypeToScalarType<A>::value);
-  // Scratch for the per-CTA partials, [outputs, P, N]; from the caching allocator (stream-ordered).
+  // Scratch for the per-chunk partials, [outputs, P, N]; from the caching allocator (stream-ordered).
   at::Tensor partials;
   int64_t P = 0;
   auto alloc_partials = [&](int64_t rows) {
@@ -981,13 +1024,16 @@ void launch_norm_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Te
       const size_t smem =
           (outputs > 0 && cfg.rows > 1) ? static_cast<size_t>(threads) * 2 * E * sizeof(A) : 0;
       auto kernel = norm_bwd_register_kernel<T, H, W, RMS, VEC, VPT>;
-      // One wave of resident CTAs: each accumulates many rows, so there are few partial rows.
+      // Chunks of whole row groups, each summing many rows, so there are few partial rows;
+      // at most one wave of resident CTAs takes them.
+      p.chunk_rows = ceil_div(ceil_div(a.M, cfg.rows), kBwdChunks) * cfg.rows;
+      const int64_t chunks = ceil_div(a.M, p.chunk_rows);  // <= kBwdChunks
       const int per_sm =
           resident_ctas_per_sm(reinterpret_cast<const void*>(kernel), threads, smem);
       const int64_t grid =
-          std::min<int64_t>(ceil_div(a.M, cfg.rows), static_cast<int64_t>(sms) * per_sm);
+          std::min({chunks, static_cast<int64_t>(sms) * per_sm, max_grid()});
       if (outputs > 0) {
-        alloc_partials(grid);
+        alloc_partials(chunks);
       }
       kernel<<<static_cast<unsigned int>(grid), dim3(cfg.tpr, cfg.rows), smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -998,11 +1044,11 @@ void launch_norm_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Te
         launch_bwd_looping<T, H, W, RMS, 1>(p, stream);
       }
       if (outputs > 0) {
-        // Enough (column tile, row chunk) CTAs to fill the GPU; chunks of >= 16 rows.
+        // About kPartialCtas (column tile, row chunk) CTAs; chunks of >= 16 rows.
         const int64_t col_tiles = ceil_div(a.N, kColTile);
-        const int64_t target = static_cast<int64_t>(sms) * 4;
         const int64_t max_chunks = std::min<int64_t>(ceil_div(a.M, kColRows), 1024);
-        const int64_t chunks = std::clamp<int64_t>(ceil_div(target, col_tiles), 1, max_chunks);
+        const int64_t chunks =
+            std::clamp<int64_t>(ceil_div(kPartialCtas, col_tiles), 1, max_chunks);
         const int64_t rows_per_chunk = ceil_div(a.M, chunks);
         alloc_partials(ceil_div(a.M, rows_per_chunk));
         norm_bwd_weight_partials_kernel<T, H>

@@ -123,7 +123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_fwd_output
 int64_t check_norm_bwd_inputs(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight, bool is_rms) {
+    const std::optional<at::Tensor>& weight, bool is_rms, std::optional<double> eps) {
+  TORCH_CHECK(
+      !eps.has_value() || *eps >= 0.0, "addnorm: eps must be a non-negative number, got ",
+      eps.value_or(0.0));
   TORCH_CHECK(
       is_supported_float(h.scalar_type()),
       "addnorm: h must be a float32, float64, float16 or bfloat16 tensor, got ", h.scalar_type());
@@ -258,9 +261,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_device(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_device(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms, bool weight_grad) {
+    const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms, bool weight_grad,
+    std::optional<double> eps) {
   const int64_t axis =
-      check_norm_bwd_inputs(grad_out, grad_residual_out, h, mean, rstd, weight, is_rms);
+      check_norm_bwd_inputs(grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps);
   auto [grad_h, grad_weight, grad_bias] =
       empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, axis);
   NormBwdArgs args;
@@ -286,6 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_device(
   if (has_bias) args.grad_beta = grad_bias.view({args.N});
   args.grad_h = grad_h.view(shape2d);
   args.rms = is_rms;
+  args.eps = eps;
   if (h.is_cuda()) {
     cuda::norm_bwd(args);
   } else {

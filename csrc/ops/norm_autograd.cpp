@@ -221,7 +221,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     std::optional<at::Tensor> w;
     if (weight.defined()) w = weight;
     auto [grad_h, grad_weight, grad_bias] = norm_bwd_op().call(
-        grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms, weight_grad);
+        grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms, weight_grad,
+        ctx->saved_data["eps"].toDouble());
     set_input_grads(grad_h);
     if (weight_grad) grads[3] = grad_weight;
     if (bias_grad) grads[4] = grad_bias.to(bias_dtype);

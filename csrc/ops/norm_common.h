@@ -51,7 +51,8 @@ int64_t check_norm_bwd_inputs(
     const at::Tensor& mean,
     const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight,
-    bool is_rms);
+    bool is_rms,
+    std::optional<double> eps);
 
 // (grad_h, grad_weight, grad_bias): grad_weight is [0] unless weight is given and
 // weight_grad, grad_bias [0] without bias. They have the weight's dtype, or without a
@@ -73,7 +74,8 @@ using NormFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool, bool);
 using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, bool);
+    const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, bool,
+    std::optional<double>);
 
 c10::TypedOperatorHandle<NormFwdSig> norm_fwd_op();
 c10::TypedOperatorHandle<NormBwdSig> norm_bwd_op();

@@ -3,6 +3,8 @@
 // The boundary between the device-independent host code (checks, allocation) in
 // ops/norm.cpp and the per-device kernels (cpu/, cuda/). All tensors are contiguous.
 
+#include <optional>
+
 #include <ATen/core/Tensor.h>
 
 namespace addnorm {
@@ -38,6 +40,9 @@ struct NormBwdArgs {
   int64_t M = 0;
   int64_t N = 0;
   bool rms = false;
+  // The forward's eps: the CPU kernels then take the row statistics from h (in double);
+  // absent, they use mean and rstd as given.
+  std::optional<double> eps;
 };
 
 namespace cpu {

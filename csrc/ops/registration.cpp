@@ -38,9 +38,12 @@ TORCH_LIBRARY(addnorm, m) {
       "_norm_fwd(Tensor input, Tensor? residual, SymInt[] normalized_shape, Tensor? weight, "
       "Tensor? bias, float eps, bool is_rms, bool store_residual, bool residual_in_fp32) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Internal backward: (grad_h, grad_weight, grad_bias).
+  // Internal backward: (grad_h, grad_weight, grad_bias). eps: the forward's; with it the
+  // CPU kernels take the row statistics from h itself, in double (mean as the saved mean
+  // plus a correction, rstd = 1 / sqrt(var + eps)), without it mean and rstd as given.
+  // (The CUDA kernels use mean and rstd as given.)
   m.def(
       "_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor h, Tensor mean, "
-      "Tensor rstd, Tensor? weight, bool has_bias, bool is_rms, bool weight_grad=True) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor rstd, Tensor? weight, bool has_bias, bool is_rms, bool weight_grad=True, "
+      "float? eps=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -30,16 +30,17 @@ EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 # (one bf16 ulp is ~4e-3 relative, one fp16 ulp ~5e-4).
 HALF_SLACK = 1e-6
 
-# Where the bar is not met yet (README, "Numerics and accuracy"): float64 forward and
-# backward, and float32 backward, land within 1-2 ulps of torch's error but not always
-# under it (max ratio seen: 1.72). Those cases must stay within KNOWN_GAP of torch, which
-# still catches any real accuracy bug (that shows as orders of magnitude), and print
-# their ratio.
+# The CPU kernels meet the bar for every dtype. The CUDA kernels do not yet for float64
+# (forward and backward) and the float32 backward, which use the saved float32/float64
+# statistics and land within 1-2 ulps of torch's error but not always under it (max ratio
+# seen on the CPU with that method: 1.72). Those CUDA cases must stay within KNOWN_GAP of
+# torch, which still catches any real accuracy bug (that shows as orders of magnitude),
+# and print their ratio.
 KNOWN_GAP = 2.0
 
 
-def _bar(dtype, quantity):
-    if dtype == torch.float64 or (dtype == torch.float32 and quantity != "out"):
+def _bar(dtype, quantity, device):
+    if device == "cuda" and (dtype == torch.float64 or (dtype == torch.float32 and quantity != "out")):
         return KNOWN_GAP
     return 1.0
 
@@ -134,7 +135,7 @@ def _run(norm, dtype, device, shape, dist, with_residual, w_dtype=None):
     return res
 
 
-def _check(res, dtype, label, quantities):
+def _check(res, dtype, label, quantities, device):
     failures = []
     for q in quantities:
         ours, theirs, ref_max = res[q]
@@ -145,7 +146,7 @@ def _check(res, dtype, label, quantities):
             with open(os.environ["ADDNORM_ACCURACY_LOG"], "a") as f:
                 f.write(line + "\n")
         if dtype in (torch.float32, torch.float64):
-            ok = ratio <= _bar(dtype, q)
+            ok = ratio <= _bar(dtype, q, device)
         else:
             ok = ours <= theirs + HALF_SLACK * ref_max
         if not ok:
@@ -162,7 +163,8 @@ def _check(res, dtype, label, quantities):
 def test_forward_accuracy_vs_torch(shape, dtype, norm, dist, with_residual, device):
     torch.manual_seed(shape[1] + 17 * with_residual)
     res = _run(norm, dtype, device, shape, dist, with_residual)
-    _check(res, dtype, f"{device} {norm} {dtype} {shape} {dist} residual={with_residual}", ["out"])
+    _check(res, dtype, f"{device} {norm} {dtype} {shape} {dist} residual={with_residual}", ["out"],
+           device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,7 +177,8 @@ def test_backward_accuracy_vs_torch(shape, dtype, norm, dist, with_residual, dev
     torch.manual_seed(shape[1] + 17 * with_residual)
     res = _run(norm, dtype, device, shape, dist, with_residual)
     quantities = [q for q in res if q != "out"]
-    _check(res, dtype, f"{device} {norm} {dtype} {shape} {dist} residual={with_residual}", quantities)
+    _check(res, dtype, f"{device} {norm} {dtype} {shape} {dist} residual={with_residual}", quantities,
+           device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -186,7 +189,23 @@ def test_long_row_mixed_precision_accuracy(norm, device):
     lose the accuracy torch's kernel has (they did, in float32 lanes)."""
     torch.manual_seed(7)
     res = _run(norm, torch.bfloat16, device, (1, 1048579), "offset", True, w_dtype=torch.float32)
-    _check(res, torch.bfloat16, f"{device} {norm} bf16+fp32 weight 1x1048579", list(res))
+    _check(res, torch.bfloat16, f"{device} {norm} bf16+fp32 weight 1x1048579", list(res), device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize("dist", list(DISTRIBUTIONS))
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32),
+                                           (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16_fp32w"])
+def test_rms_norm_many_rows_weight_grad_accuracy(dtype, w_dtype, dist, with_residual, device):
+    """RMSNorm over 2730 rows of 768: grad_weight sums 2730 products per element, so the
+    way the rows are summed shows (float32 partials summed over many rows each reached
+    2.2x torch's error here); float32, and bfloat16 input with float32 weight."""
+    torch.manual_seed(768 + 17 * with_residual)
+    res = _run("rms_norm", dtype, device, (2730, 768), dist, with_residual, w_dtype=w_dtype)
+    _check(res, dtype, f"{device} rms_norm {dtype} w={w_dtype} 2730x768 {dist} residual={with_residual}",
+           list(res), device)
 
 
 def test_reference_is_more_precise_than_float64():

@@ -10,8 +10,14 @@ rows per warp for tiny N, a warp per row for small N and a block per row above; 
 loop over the row with vector loads; odd N and unaligned pointers loop one element at a time.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+
+import addnorm
 
 from conftest import (
     assert_close,
@@ -283,6 +289,53 @@ def test_weight_grads_bitwise_reproducible(shape, dtype, rms):
     out2 = torch.ops.addnorm._norm_fwd(h, None, [n], w, b, 1e-5, rms, False, False)
     for a, f in zip(out1, out2):
         assert torch.equal(a, f)
+
+
+
+# Runs in a fresh process (ADDNORM_CUDA_MAX_GRID is read once per process): the forward's
+# statistics and the backward's gradients of fixed inputs, saved to argv[1].
+_GRID_CAP_SCRIPT = """
+import sys
+import torch
+import addnorm  # noqa: F401
+
+results = {}
+for m, n in [(8192, 1024), (4097, 64), (3000, 768), (4097, 7), (300, 100003)]:
+    for dtype in (torch.float32, torch.bfloat16):
+        for rms in (False, True):
+            torch.manual_seed(m + n)
+            h = (torch.randn(m, n) * 3 + 5).to("cuda", dtype)
+            w = (1 + 0.5 * torch.randn(n)).cuda()
+            b = None if rms else (0.5 * torch.randn(n)).cuda()
+            gout = torch.randn(m, n).to("cuda", dtype)
+            fwd = torch.ops.addnorm._norm_fwd(h, None, [n], w, b, 1e-5, rms, False, False)
+            _, _, mean, rstd = fwd
+            bwd = torch.ops.addnorm._norm_bwd(gout, None, h, mean, rstd, w, not rms, rms)
+            results[(m, n, str(dtype), rms)] = [t.cpu() for t in fwd + bwd]
+torch.save(results, sys.argv[1])
+"""
+
+
+def test_weight_grads_independent_of_grid_size(tmp_path):
+    """grad_weight / grad_bias (and every other result) are bitwise the same whatever grid
+    the row kernels run on: the weight-gradient partials come from row chunks fixed by M and
+    N, each summed in the same order whichever CTA takes it. ADDNORM_CUDA_MAX_GRID caps the
+    grid (1: one CTA does every chunk; 7: CTAs with different numbers of chunks)."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(addnorm.__file__)))
+    results = {}
+    for cap in ["", "1", "7", "100"]:
+        env = dict(os.environ, ADDNORM_CUDA_MAX_GRID=cap)
+        env["PYTHONPATH"] = os.pathsep.join([package_root, env.get("PYTHONPATH", "")])
+        out = tmp_path / f"cap{cap or 'none'}.pt"
+        subprocess.run([sys.executable, "-c", _GRID_CAP_SCRIPT, str(out)], env=env, check=True)
+        results[cap] = torch.load(out)
+    for cap in ["1", "7", "100"]:
+        for key, ref in results[""].items():
+            for i, (a, e) in enumerate(zip(results[cap][key], ref)):
+                assert torch.equal(a, e), f"cap {cap}, {key}: result {i} differs from the uncapped grid"
+    for key, ref in results[""].items():
+        grad_w = ref[5]
+        assert torch.count_nonzero(grad_w) > 0, f"{key}: weight gradient is zero"
 
 
 # --------------------------------------------------------------------------- graphs, streams

@@ -122,7 +122,7 @@ def test_output_memory_format(with_residual, norm, requires_grad, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
 @pytest.mark.parametrize("n", [768, 4096, 100003])
-def test_statistics_within_one_ulp(n, rms, dtype, device, request):
+def test_statistics_within_one_ulp(n, rms, dtype, device):
     """The saved mean and rstd are the row statistics rounded once: within one unit in the
     last place of their dtype (float32; float64 for float64 input) of the statistics of the
     same h in extended precision, in the register path (768, 4096) and the looping path
@@ -131,10 +131,6 @@ def test_statistics_within_one_ulp(n, rms, dtype, device, request):
     (double-double for float64)."""
     import numpy as np
 
-    if device == "cpu" and dtype == torch.bfloat16:
-        # Known gap: the CPU variance pass sums squared deviations in float32 lanes (blocks
-        # of 512 elements, then double), which can miss by up to ~1.4 ulp on bfloat16 data.
-        request.applymarker(pytest.mark.xfail(reason="CPU variance pass in float32 lanes", strict=False))
     torch.manual_seed(n + rms)
     m = 3
     x = (torch.randn(m, n, dtype=torch.float64) + 30).to(dtype).to(device)
@@ -187,15 +183,10 @@ def test_layer_norm_one_element_rows(with_residual, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [7, 100, 513, 4096])
-def test_layer_norm_constant_rows(n, dtype, device, request):
+def test_layer_norm_constant_rows(n, dtype, device):
     """Rows of N equal values: their mean is that value, so h - mean is exactly 0 and the
     output exactly beta (torch's kernels return exactly that); the gradients match the
     reference, where rstd = 1/sqrt(eps) scales every rounding error of the statistics."""
-    if device == "cpu" and dtype in (torch.float32, torch.float64):
-        # The lanes that sum float32 (float64) rows round N * value: the saved mean misses the
-        # value by ulps, which rstd = 1/sqrt(eps) scales into out (float32) and grad_weight.
-        request.applymarker(pytest.mark.xfail(
-            reason="CPU row sums of float32/float64 rows in lanes of their own precision", strict=True))
     m = 3
     x = torch.tensor([1.2345678, -4.75, 0.1], dtype=torch.float64).to(dtype)[:, None].expand(m, n)
     x = x.to(device).contiguous().requires_grad_()
@@ -473,9 +464,12 @@ def test_internal_norm_fwd_contract(store_residual, is_rms, dtype, device):
     (False, True, True), (False, True, False), (False, False, True), (False, False, False),
     (True, True, False), (True, False, False)])
 @pytest.mark.parametrize("with_grad_residual", [True, False])
-def test_internal_norm_bwd_contract(with_grad_residual, is_rms, has_weight, has_bias, dtype, device):
+@pytest.mark.parametrize("with_eps", [False, True], ids=["saved_stats", "eps"])
+def test_internal_norm_bwd_contract(with_eps, with_grad_residual, is_rms, has_weight, has_bias, dtype,
+                                    device):
     """_norm_bwd: grad_h in h's dtype (including grad_residual_out), grad_weight/grad_bias
-    [0] when absent, values equal to the reference gradients."""
+    [0] when absent, values equal to the reference gradients; with the forward's eps (the
+    CPU kernels then take the statistics from h) and without (mean and rstd as given)."""
     shape, ns = (3, 4, 40), (40,)
     x = make_data(shape, dtype, device, requires_grad=True)
     w, b = make_affine(ns, dtype, device, requires_grad=True)
@@ -487,7 +481,8 @@ def test_internal_norm_bwd_contract(with_grad_residual, is_rms, has_weight, has_
     gout = torch.randn(shape, device=device).to(dtype)
     gres = torch.randn(shape, device=device).to(dtype) if with_grad_residual else None
     grad_h, grad_w, grad_b = torch.ops.addnorm._norm_bwd(
-        gout, gres, x.detach(), mean, rstd, None if w is None else w.detach(), has_bias, is_rms)
+        gout, gres, x.detach(), mean, rstd, None if w is None else w.detach(), has_bias, is_rms,
+        **({"eps": eps} if with_eps else {}))
     assert grad_h.dtype == dtype and grad_h.shape == shape
     if w is None:
         assert grad_w.shape == (0,)
@@ -565,6 +560,7 @@ def sample_inputs(device, *, requires_grad=False):
     yield "_norm_bwd", (g, g * 0.5, h, mean, rstd, w, True, False), {}
     yield "_norm_bwd", (g, None, x, mean_r, rstd_r, w, False, True), {}
     yield "_norm_bwd", (g, None, x, mean_r, rstd_r, None, False, True), {}
+    yield "_norm_bwd", (g, g * 0.5, h, mean, rstd, w, True, False), {"eps": 1e-5}
 
 
 # Static so that collection does not run any op.
@@ -572,6 +568,7 @@ _SAMPLE_IDS = [
     "layer_norm-1", "layer_norm-2", "rms_norm-1", "rms_norm-2",
     "add_layer_norm-1", "add_layer_norm-2", "add_layer_norm-3", "add_rms_norm-1", "add_rms_norm-2",
     "_norm_fwd-1", "_norm_fwd-2", "_norm_fwd-3", "_norm_bwd-1", "_norm_bwd-2", "_norm_bwd-3",
+    "_norm_bwd-4",
 ]
 
 

@@ -1,0 +1,233 @@
+"""Finite inputs of any magnitude: forward and every gradient stay right where the squares of
+the inputs leave the range of their dtype (|h| from ~1e18 for float32, whose squares overflow
+float lanes, and ~1e154 for float64), and with eps = 0 where the variance underflows (float32
+|h| below ~1e-23, float64 below ~1e-154): no infinities, no NaN, no zero rows.
+
+References: float32/bfloat16 inputs against torch's float64 kernels on the input scaled by a
+power of two (exact), with eps scaled accordingly (LayerNorm/RMSNorm(x; eps) = norm(x / s;
+eps / s^2), so the reference sees moderate values); float64 inputs against the long double
+reference of test_accuracy (x86 extended precision has the exponent range for their squares).
+Gradients of the input scale like 1 / s and are compared after multiplying both by s (exact).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close
+from test_accuracy import reference_ld
+
+NORMS = ["layer_norm", "rms_norm"]
+SHAPES = [(4, 768), (2, 4099)]  # register-width rows, and an odd length (scalar tails)
+F32_MAX = torch.finfo(torch.float32).max
+F64_MAX = torch.finfo(torch.float64).max
+
+
+def _data(shape, scale, dtype, seed):
+    """Uniform in [-scale, scale) (so that a scale near the dtype's max stays finite)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    return (u * scale).to(dtype)
+
+
+def _affine(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    w = (1 + 0.5 * torch.randn(n, generator=g)).to(dtype)
+    b = (0.5 * torch.randn(n, generator=g)).to(dtype)
+    gout = torch.randn(2, n, generator=g)  # rows repeated below
+    return w, b, gout
+
+
+def _ours(norm, x, w, b, gout, eps, with_residual):
+    """out and the gradients of x, w (and b for LayerNorm) from the addnorm op."""
+    rms = norm == "rms_norm"
+    xs = x.clone().requires_grad_()
+    ws = w.clone().requires_grad_()
+    bs = None if rms else b.clone().requires_grad_()
+    if with_residual:  # h = x + 0: the add path (and its scratch row) with the same h
+        r = torch.zeros_like(x)
+        out, _ = (torch.ops.addnorm.add_rms_norm(xs, r, [x.shape[-1]], ws, eps) if rms else
+                  torch.ops.addnorm.add_layer_norm(xs, r, [x.shape[-1]], ws, bs, eps))
+    else:
+        out = (torch.ops.addnorm.rms_norm(xs, [x.shape[-1]], ws, eps) if rms else
+               torch.ops.addnorm.layer_norm(xs, [x.shape[-1]], ws, bs, eps))
+    grads = torch.autograd.grad(out, [t for t in (xs, ws, bs) if t is not None], gout)
+    return out, grads
+
+
+def _reference_scaled(norm, x, w, b, gout, eps, k):
+    """float64 out and gradients of norm(x) computed on x * 2^-k (exact) with eps * 2^-2k;
+    the input's gradient is returned multiplied by 2^k."""
+    rms = norm == "rms_norm"
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    b64 = None if rms else b.double().requires_grad_()
+    y = x64 * 2.0 ** -k
+    e = eps * 2.0 ** (-2 * k)
+    n = x.shape[-1]
+    out = F.rms_norm(y, [n], w64, e) if rms else F.layer_norm(y, [n], w64, b64, e)
+    grads = torch.autograd.grad(out, [t for t in (x64, w64, b64) if t is not None], gout.double())
+    return out.detach(), [grads[0] * 2.0 ** k] + list(grads[1:])
+
+
+def _assert_grad_input(dx, ref_scaled, k, name):
+    """dx (in its dtype) against the true gradient times 2^k (float64): elements in the
+    dtype's normal range within its usual tolerance after scaling; elements whose true
+    value is subnormal in the dtype (bfloat16 keeps a couple of bits there) within one step
+    of its subnormal grid."""
+    fi = torch.finfo(dx.dtype)
+    got = dx.double() * 2.0 ** k
+    normal = ref_scaled.abs() >= fi.tiny * 2.0 ** k
+    assert_close(got[normal], ref_scaled[normal], dtype=dx.dtype, name=f"{name} grad_input * 2^{k}")
+    step = fi.tiny * fi.eps * 2.0 ** k
+    err = (got[~normal] - ref_scaled[~normal]).abs()
+    assert err.numel() == 0 or err.max().item() <= step, (
+        f"{name} grad_input (subnormal range): error {err.max().item():.3e} > {step:.3e}")
+
+
+def _check(norm, x, w, b, gout, eps, k, with_residual, name):
+    gout = gout.to(x.dtype)
+    out, grads = _ours(norm, x, w, b, gout, eps, with_residual)
+    ref_out, ref_grads = _reference_scaled(norm, x, w, b, gout, eps, k)
+    for t, what in [(out, "out")] + list(zip(grads, ["grad_input", "grad_weight", "grad_bias"])):
+        assert torch.isfinite(t).all(), f"{name} {what}: not finite"
+    assert_close(out, ref_out, name=f"{name} out")
+    _assert_grad_input(grads[0], ref_grads[0], k, name)
+    for g, rg, what in zip(grads[1:], ref_grads[1:], ["grad_weight", "grad_bias"]):
+        assert_close(g, rg, reduced=True, name=f"{name} {what}")
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("scale", [1e18, 4e18, 1e30, F32_MAX / 2, F32_MAX * 0.99],
+                         ids=["1e18", "4e18", "1e30", "max_half", "max"])
+def test_large_float32_inputs(scale, norm, shape, with_residual):
+    """float32 rows up to the largest finite values: the sums of squares are taken in double
+    lanes, and the output of rows whose |h - mean| could overflow float is computed in
+    double. (Float lanes of 32 squares each overflow from |h| ~ 3e18.)"""
+    k = math.frexp(scale)[1]
+    x = _data(shape, scale, torch.float32, seed=shape[1])
+    w, b, gout = _affine(shape[1], torch.float32, seed=shape[1])
+    gout = gout.repeat(shape[0] // 2, 1)
+    _check(norm, x, w, b, gout, 1e-5, k, with_residual, f"{norm} float32 scale={scale:g}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("scale", [1e30, F32_MAX / 2], ids=["1e30", "max_half"])
+def test_large_bfloat16_inputs(scale, norm):
+    """bfloat16 input (float32 weight) at float32-sized magnitudes."""
+    k = math.frexp(scale)[1]
+    shape = (4, 768)
+    x = _data(shape, scale, torch.bfloat16, seed=3)
+    assert torch.isfinite(x).all()
+    w, b, gout = _affine(shape[1], torch.float32, seed=3)
+    _check(norm, x, w, b, gout.repeat(2, 1), 1e-5, k, False, f"{norm} bfloat16 scale={scale:g}")
+
+
+def _ld(t):
+    return t.detach().double().numpy().astype(np.longdouble)
+
+
+def _check_f64_ld(norm, x, w, b, gout, eps, k, name):
+    """float64 results against the long double reference; the input's gradient compared
+    after multiplying by 2^k."""
+    rms = norm == "rms_norm"
+    gout = gout.to(x.dtype)
+    out, grads = _ours(norm, x, w, b, gout, eps, False)
+    ref_out, ref_dh, ref_dw, ref_db = reference_ld(x, w, b, gout, eps, rms)
+    for t, what in [(out, "out")] + list(zip(grads, ["grad_input", "grad_weight", "grad_bias"])):
+        assert torch.isfinite(t).all(), f"{name} {what}: not finite"
+
+    def f64(a):
+        return torch.from_numpy(np.asarray(a, dtype=np.float64))
+
+    assert_close(out, f64(ref_out), name=f"{name} out")
+    scaled = torch.from_numpy((_ld(grads[0]) * np.ldexp(np.longdouble(1), k)).astype(np.float64))
+    assert_close(scaled, f64(ref_dh * np.ldexp(np.longdouble(1), k)), dtype=torch.float64,
+                 name=f"{name} grad_input * 2^{k}")
+    assert_close(grads[1], f64(ref_dw), reduced=True, name=f"{name} grad_weight")
+    if not rms:
+        assert_close(grads[2], f64(ref_db), reduced=True, name=f"{name} grad_bias")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("scale", [1e155, 1e300, F64_MAX / 2, F64_MAX * 0.99],
+                         ids=["1e155", "1e300", "max_half", "max"])
+def test_large_float64_inputs(scale, norm):
+    """float64 rows whose squares overflow double: the statistics are summed again at a
+    power-of-two scale (rare path), the output is computed at that scale, and the backward
+    takes h - mean at a scale where it cannot overflow."""
+    k = math.frexp(scale)[1]
+    x = _data((4, 768), scale, torch.float64, seed=11)
+    w, b, gout = _affine(768, torch.float64, seed=11)
+    _check_f64_ld(norm, x, w, b, gout.double().repeat(2, 1), 1e-5, k, f"{norm} float64 scale={scale:g}")
+
+
+# --------------------------------------------------------------------------- eps = 0
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("scale", [1e-20, 1e-24, 1e-30, 1e-37])
+def test_eps_zero_tiny_float32_inputs(scale, norm, with_residual):
+    """eps = 0 with rows whose variance underflows float32 (|h| below ~1e-23): the
+    statistics are summed in double, so the result is finite and right, as the math says
+    (torch's float32 kernels give +-inf; addnorm gave NaN)."""
+    k = math.frexp(scale)[1]
+    x = _data((4, 768), scale, torch.float32, seed=5)
+    w, b, gout = _affine(768, torch.float32, seed=5)
+    _check(norm, x, w, b, gout.repeat(2, 1), 0.0, k, with_residual,
+           f"{norm} float32 eps=0 scale={scale:g}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_eps_zero_tiny_bfloat16_inputs(norm):
+    """eps = 0, bfloat16 input with float32 weight, |h| ~ 1e-30."""
+    k = math.frexp(1e-30)[1]
+    x = _data((4, 768), 1e-30, torch.bfloat16, seed=6)
+    w, b, gout = _affine(768, torch.float32, seed=6)
+    _check(norm, x, w, b, gout.repeat(2, 1), 0.0, k, False, f"{norm} bfloat16 eps=0")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("scale", [1e-160, 1e-300])
+def test_eps_zero_tiny_float64_inputs(scale, norm):
+    """eps = 0 with float64 rows whose squares underflow (1e-160: subnormal squares; 1e-300:
+    squares below the smallest subnormal): the statistics are summed again at a
+    power-of-two scale."""
+    k = math.frexp(scale)[1]
+    x = _data((4, 768), scale, torch.float64, seed=7)
+    w, b, gout = _affine(768, torch.float64, seed=7)
+    _check_f64_ld(norm, x, w, b, gout.double().repeat(2, 1), 0.0, k, f"{norm} float64 eps=0")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_eps_zero_subnormal_float32_rows(norm):
+    """eps = 0, float32 rows of subnormal numbers: rstd exceeds float32's range and is saved
+    as inf, yet the output is right (normalized in double), and so are the gradients (the
+    backward takes the statistics from h, with eps); grad_input itself is +-inf where its
+    true value exceeds float32's range, and right elsewhere."""
+    k = math.frexp(1e-40)[1]
+    x = _data((4, 768), 1e-40, torch.float32, seed=8)
+    w, b, gout = _affine(768, torch.float32, seed=8)
+    gout = gout.repeat(2, 1).to(x.dtype)
+    rms = norm == "rms_norm"
+    _, _, _, rstd = torch.ops.addnorm._norm_fwd(x, None, [768], w, None if rms else b, 0.0, rms,
+                                                False, False)
+    assert torch.isinf(rstd).all()
+    out, grads = _ours(norm, x, w, b, gout, 0.0, False)
+    ref_out, ref_grads = _reference_scaled(norm, x, w, b, gout, 0.0, k)
+    assert_close(out, ref_out, name="out")
+    for g, rg, what in zip(grads[1:], ref_grads[1:], ["grad_weight", "grad_bias"]):
+        assert_close(g, rg, reduced=True, name=what)
+    ref_dx = ref_grads[0] * 2.0 ** -k  # the true grad_input, in float64
+    fits = ref_dx.abs() < F32_MAX
+    assert (~fits).any() and fits.any()  # both kinds of element occur
+    dx = grads[0].double()
+    assert torch.equal(torch.isinf(dx), ~fits)
+    assert torch.equal(torch.sign(dx[~fits]), torch.sign(ref_dx[~fits]))
+    assert_close(dx[fits] * 2.0 ** k, ref_grads[0][fits], dtype=torch.float32, name="grad_input")

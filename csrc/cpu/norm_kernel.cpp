@@ -138,15 +138,14 @@ inline void widen_pack(const T* p, VD& d0, VD& d1, VD& d2, VD& d3) {
 
 // One Pack of T at p (2 * VF::size() elements), widened half by half: half(k) gives
 // elements [k * VF::size(), (k + 1) * VF::size()) as two double vectors (float: converted
-// as they are loaded; reduced types: converted to float once, then widened). p may be null
-// when half() is never called.
+// as they are loaded; reduced types: converted to float once, then widened).
 template <typename T>
 struct WidePack {
   const T* p;
   VF a, b;
   explicit WidePack(const T* ptr) : p(ptr) {
     if constexpr (!std::is_same_v<T, float>) {
-      if (p) Pack<T>::load(p, a, b);
+      Pack<T>::load(p, a, b);
     }
   }
   void half(int k, VD& lo, VD& hi) const {
@@ -834,7 +833,7 @@ struct FloatBwdArgs {
 // Lanes of pass 1's sums over a block: g, g * d, d, d * d (RMSNorm: only g * d and d * d).
 // add: one float vector's worth of elements: dy and h as two double vectors each, gamma at
 // gm; d = h - shift goes to the row's scratch (ds), dy to the chunk's dbeta partial (pb).
-template <bool kRms>
+template <bool kRms, bool kPartials>
 struct BwdSums {
   VD g0{0.0}, g1{0.0}, gd0{0.0}, gd1{0.0}, d0{0.0}, d1{0.0}, dd0{0.0}, dd1{0.0};
   void add(const VD& y0, const VD& y1, VD x0, VD x1, const double* gm, const VD& shift,
@@ -856,7 +855,7 @@ struct BwdSums {
       d0 = d0 + x0;
       d1 = d1 + x1;
     }
-    if (pb) {
+    if constexpr (kPartials) {
       (VD::loadu(pb) + y0).store(pb);
       (VD::loadu(pb + S) + y1).store(pb + S);
     }
@@ -902,16 +901,25 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const doub
   int64_t j = 0;
   for (; j + W <= N; j += W) {
     const WidePack<G> dyp(dy + j);
-    const WidePack<X> rp(kResidual ? dres + j : nullptr);
     V o[2];
-    for (int k = 0; k < 2; ++k) {
-      const int64_t jk = j + k * V::size();
-      VD y0, y1, r0, r1;
-      dyp.half(k, y0, y1);
-      if constexpr (kResidual) {
+    if constexpr (kResidual) {
+      const WidePack<X> rp(dres + j);
+      for (int k = 0; k < 2; ++k) {
+        const int64_t jk = j + k * V::size();
+        VD y0, y1, r0, r1;
+        dyp.half(k, y0, y1);
         rp.half(k, r0, r1);
+        o[k] = bwd_out<true, kPartials>(ds + jk, gm + jk, y0, y1, r0, r1, row,
+                                        kPartials ? pg + jk : nullptr);
       }
-      o[k] = bwd_out<kResidual, kPartials>(ds + jk, gm + jk, y0, y1, r0, r1, row, pg + jk);
+    } else {
+      for (int k = 0; k < 2; ++k) {
+        const int64_t jk = j + k * V::size();
+        VD y0, y1;
+        dyp.half(k, y0, y1);
+        o[k] = bwd_out<false, kPartials>(ds + jk, gm + jk, y0, y1, y0, y1, row,
+                                         kPartials ? pg + jk : nullptr);
+      }
     }
     Pack<X>::store(dx + j, o[0], o[1]);
   }
@@ -924,6 +932,48 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const doub
     if constexpr (kPartials) {
       pg[j] = fma_of(y, xh, pg[j]);
     }
+  }
+}
+
+// Pass 1 over a row (see BwdSums): sum[0..3] += the sums of g, g * d, d, d * d.
+template <typename G, typename X, bool kRms, bool kPartials>
+void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift, double* ds,
+              double* pb, DD (&sum)[4]) {
+  constexpr int64_t W = Pack<X>::kWidth;
+  static_assert(Pack<G>::kWidth == W, "mixed widths");
+  const VD shift_v(shift);
+  for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
+    const int64_t b1 = std::min(N, b0 + kBlock);
+    BwdSums<kRms, kPartials> s;
+    int64_t j = b0;
+    for (; j + W <= b1; j += W) {
+      const WidePack<G> dyp(dy + j);
+      const WidePack<X> hp(h + j);
+      for (int k = 0; k < 2; ++k) {
+        const int64_t jk = j + k * VF::size();
+        VD y0, y1, x0, x1;
+        dyp.half(k, y0, y1);
+        hp.half(k, x0, x1);
+        s.add(y0, y1, x0, x1, gm + jk, shift_v, ds + jk, kPartials ? pb + jk : nullptr);
+      }
+    }
+    double t[4] = {0.0, 0.0, 0.0, 0.0};
+    for (; j < b1; ++j) {
+      const double y = static_cast<double>(to_acc<float>(dy[j]));
+      const double g = y * gm[j];
+      const double d = static_cast<double>(to_acc<float>(h[j])) - shift;
+      ds[j] = d;
+      t[0] += g;
+      t[1] = fma_of(g, d, t[1]);
+      t[2] += d;
+      t[3] = fma_of(d, d, t[3]);
+      if constexpr (kPartials) pb[j] += y;
+    }
+    sum[0].add(reduce_add(s.g0 + s.g1));
+    sum[1].add(reduce_add(s.gd0 + s.gd1));
+    sum[2].add(reduce_add(s.d0 + s.d1));
+    sum[3].add(reduce_add(s.dd0 + s.dd1));
+    for (int k = 0; k < 4; ++k) sum[k].add(t[k]);
   }
 }
 
@@ -946,42 +996,13 @@ void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds) {
     const G* dy = a.dy + i * N;
     const X* h = a.h + i * N;
     const double shift = kRms ? 0.0 : static_cast<double>(a.mean[i]);
-    const VD shift_v(shift);
 
     // Pass 1: d to the scratch, dy to the dbeta partial; the sums of g, g * d, d, d * d.
     DD sum[4];  // g, g * d, d, d * d
-    for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
-      const int64_t b1 = std::min(N, b0 + kBlock);
-      BwdSums<kRms> s;
-      int64_t j = b0;
-      for (; j + W <= b1; j += W) {
-        const WidePack<G> dyp(dy + j);
-        const WidePack<X> hp(h + j);
-        for (int k = 0; k < 2; ++k) {
-          const int64_t jk = j + k * V::size();
-          VD y0, y1, x0, x1;
-          dyp.half(k, y0, y1);
-          hp.half(k, x0, x1);
-          s.add(y0, y1, x0, x1, a.gamma + jk, shift_v, ds + jk, pb ? pb + jk : nullptr);
-        }
-      }
-      double t[4] = {0.0, 0.0, 0.0, 0.0};
-      for (; j < b1; ++j) {
-        const double y = static_cast<double>(to_acc<float>(dy[j]));
-        const double g = y * a.gamma[j];
-        const double d = static_cast<double>(to_acc<float>(h[j])) - shift;
-        ds[j] = d;
-        t[0] += g;
-        t[1] = fma_of(g, d, t[1]);
-        t[2] += d;
-        t[3] = fma_of(d, d, t[3]);
-        if (pb) pb[j] += y;
-      }
-      sum[0].add(reduce_add(s.g0 + s.g1));
-      sum[1].add(reduce_add(s.gd0 + s.gd1));
-      sum[2].add(reduce_add(s.d0 + s.d1));
-      sum[3].add(reduce_add(s.dd0 + s.dd1));
-      for (int k = 0; k < 4; ++k) sum[k].add(t[k]);
+    if (pb) {
+      bwd_sums<G, X, kRms, true>(dy, h, a.gamma, N, shift, ds, pb, sum);
+    } else {
+      bwd_sums<G, X, kRms, false>(dy, h, a.gamma, N, shift, ds, pb, sum);
     }
     // mean = shift + delta; rstd; c1 = mean(g), c2 = mean(g * xhat).
     double delta = 0.0;

@@ -545,8 +545,44 @@ inline VF normalized_wide(const VF& v, const VF& gamma, const VF& beta, const VD
   return narrow(fma_of((v0 - mean) * rstd, g0, b0), fma_of((v1 - mean) * rstd, g1, b1));
 }
 
+// A parameter row (weight or bias, [N]) in the compute type A: the tensor's own data when it
+// already has that type, else converted once per call; an absent parameter reads as fill
+// (weight 1, bias 0).
+template <typename A>
+class ParamRow {
+ public:
+  ParamRow(const at::Tensor& t, int64_t N, A fill) {
+    if (t.defined() && t.scalar_type() == c10::CppTypeToScalarType<A>::value) {
+      ptr_ = t.const_data_ptr<A>();
+      return;
+    }
+    buf_.reset(new A[N]);
+    if (!t.defined()) {
+      std::fill_n(buf_.get(), N, fill);
+    } else {
+      switch (t.scalar_type()) {
+        case at::kFloat: convert(t.const_data_ptr<float>(), N); break;
+        case at::kDouble: convert(t.const_data_ptr<double>(), N); break;
+        case at::kBFloat16: convert(t.const_data_ptr<c10::BFloat16>(), N); break;
+        case at::kHalf: convert(t.const_data_ptr<c10::Half>(), N); break;
+        default: TORCH_CHECK(false, "addnorm: unsupported parameter dtype ", t.scalar_type());
+      }
+    }
+    ptr_ = buf_.get();
+  }
+  const A* get() const { return ptr_; }
+
+ private:
+  template <typename P>
+  void convert(const P* p, int64_t N) {
+    for (int64_t j = 0; j < N; ++j) buf_[j] = static_cast<A>(static_cast<acc_t<P>>(p[j]));
+  }
+  std::unique_ptr<A[]> buf_;
+  const A* ptr_ = nullptr;
+};
+
 template <typename T, typename R, typename H>
-void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& beta_t) {
+void norm_fwd_typed(const NormFwdArgs& args) {
   using A = float;
   using V = VF;
   constexpr int64_t W = Pack<T>::kWidth;
@@ -561,8 +597,10 @@ void norm_fwd_typed(const NormFwdArgs& args, const at::Tensor& gamma_t, const at
   T* y_base = args.out.mutable_data_ptr<T>();
   A* mean_base = args.mean.defined() ? args.mean.mutable_data_ptr<A>() : nullptr;
   A* rstd_base = args.rstd.mutable_data_ptr<A>();
-  const A* gamma = gamma_t.const_data_ptr<A>();
-  const A* beta = beta_t.const_data_ptr<A>();
+  const ParamRow<A> gamma_row(args.gamma, N, A(1));
+  const ParamRow<A> beta_row(args.beta, N, A(0));
+  const A* gamma = gamma_row.get();
+  const A* beta = beta_row.get();
   const bool rms = args.rms;
   const double eps = args.eps;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
@@ -710,7 +748,7 @@ inline S f64_normalized(const S& v, const S& neg_mean_hi, const S& mean_lo, cons
   }
 }
 
-void norm_fwd_f64(const NormFwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& beta_t) {
+void norm_fwd_f64(const NormFwdArgs& args) {
   using V = VD;
   constexpr int64_t W = 2 * V::size();
   const int64_t M = args.M;
@@ -721,8 +759,10 @@ void norm_fwd_f64(const NormFwdArgs& args, const at::Tensor& gamma_t, const at::
   double* y_base = args.out.mutable_data_ptr<double>();
   double* mean_base = args.mean.defined() ? args.mean.mutable_data_ptr<double>() : nullptr;
   double* rstd_base = args.rstd.mutable_data_ptr<double>();
-  const double* gamma = gamma_t.const_data_ptr<double>();
-  const double* beta = beta_t.const_data_ptr<double>();
+  const ParamRow<double> gamma_row(args.gamma, N, 1.0);
+  const ParamRow<double> beta_row(args.beta, N, 0.0);
+  const double* gamma = gamma_row.get();
+  const double* beta = beta_row.get();
   const bool rms = args.rms;
   const double eps = args.eps;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
@@ -1035,12 +1075,10 @@ void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds) {
 }
 
 template <typename G, typename X>
-void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& partials) {
+void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   static_assert(std::is_same_v<acc_t<X>, float>, "float compute type");
   const int64_t N = args.N;
-  std::unique_ptr<double[]> gamma(new double[N]);
-  const float* gamma_f = gamma_t.const_data_ptr<float>();
-  for (int64_t j = 0; j < N; ++j) gamma[j] = gamma_f[j];
+  const ParamRow<double> gamma(args.gamma, N, 1.0);
   FloatBwdArgs<G, X> a;
   a.dy = args.grad_out.const_data_ptr<G>();
   a.dres = args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<X>() : nullptr;
@@ -1151,7 +1189,7 @@ inline DD dd_mul(const DD& a, double b, double b_lo) {
   return r;
 }
 
-void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::Tensor& partials) {
+void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
   using V = VD;
   const int64_t M = args.M;
   const int64_t N = args.N;
@@ -1161,7 +1199,8 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::
   const double* h_base = args.h.const_data_ptr<double>();
   const double* mean_base = args.mean.defined() ? args.mean.const_data_ptr<double>() : nullptr;
   const double* rstd_base = args.rstd.const_data_ptr<double>();
-  const double* gamma = gamma_t.const_data_ptr<double>();
+  const ParamRow<double> gamma_row(args.gamma, N, 1.0);
+  const double* gamma = gamma_row.get();
   double* dx_base = args.grad_h.mutable_data_ptr<double>();
   double* partial_base = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
   const int64_t rows_per_chunk = bwd_chunk_rows(M, N);
@@ -1322,60 +1361,55 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& gamma_t, const at::
 }
 
 template <typename T>
-void norm_fwd_reduced(const NormFwdArgs& args, const at::Tensor& gamma, const at::Tensor& beta) {
-  const bool float_residual =
-      args.residual.defined() && args.residual.scalar_type() == at::kFloat;
-  if (float_residual) {
-    norm_fwd_typed<T, float, float>(args, gamma, beta);
-  } else if (args.h_dtype == at::kFloat) {
-    norm_fwd_typed<T, T, float>(args, gamma, beta);
+void norm_fwd_reduced(const NormFwdArgs& args) {
+  if (args.residual.defined() && args.dtypes.residual == at::kFloat) {
+    norm_fwd_typed<T, float, float>(args);
+  } else if (args.dtypes.h == at::kFloat) {
+    norm_fwd_typed<T, T, float>(args);
   } else {
-    norm_fwd_typed<T, T, T>(args, gamma, beta);
+    norm_fwd_typed<T, T, T>(args);
   }
 }
 
 template <typename G>
-void norm_bwd_reduced(const NormBwdArgs& args, const at::Tensor& gamma, const at::Tensor& partials) {
-  if (args.h.scalar_type() == at::kFloat) {
-    norm_bwd_typed<G, float>(args, gamma, partials);
+void norm_bwd_reduced(const NormBwdArgs& args, const at::Tensor& partials) {
+  if (args.dtypes.h == at::kFloat) {
+    norm_bwd_typed<G, float>(args, partials);
   } else {
-    norm_bwd_typed<G, G>(args, gamma, partials);
+    norm_bwd_typed<G, G>(args, partials);
   }
 }
 
 }  // namespace
 
-void norm_fwd_kernel(const NormFwdArgs& args, const at::Tensor& gamma, const at::Tensor& beta) {
-  switch (args.x.scalar_type()) {
+void norm_fwd_kernel(const NormFwdArgs& args) {
+  switch (args.dtypes.x) {
     case at::kFloat:
-      return norm_fwd_typed<float, float, float>(args, gamma, beta);
+      return norm_fwd_typed<float, float, float>(args);
     case at::kDouble:
-      return norm_fwd_f64(args, gamma, beta);
+      return norm_fwd_f64(args);
     case at::kBFloat16:
-      return norm_fwd_reduced<c10::BFloat16>(args, gamma, beta);
+      return norm_fwd_reduced<c10::BFloat16>(args);
     case at::kHalf:
-      return norm_fwd_reduced<c10::Half>(args, gamma, beta);
+      return norm_fwd_reduced<c10::Half>(args);
     default:
-      TORCH_CHECK(false, "addnorm: unsupported input dtype ", args.x.scalar_type());
+      TORCH_CHECK(false, "addnorm: unsupported input dtype ", args.dtypes.x);
   }
 }
 
-void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& gamma, const at::Tensor& partials) {
-  switch (args.grad_out.scalar_type()) {
+// float32 and float64 grad_out come with an h of their own dtype (ops/norm_checks.cpp).
+void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& partials) {
+  switch (args.dtypes.x) {
     case at::kFloat:
-      TORCH_CHECK(args.h.scalar_type() == at::kFloat, "addnorm: grad_out is float32 but h is ",
-                  args.h.scalar_type());
-      return norm_bwd_typed<float, float>(args, gamma, partials);
+      return norm_bwd_typed<float, float>(args, partials);
     case at::kDouble:
-      TORCH_CHECK(args.h.scalar_type() == at::kDouble, "addnorm: grad_out is float64 but h is ",
-                  args.h.scalar_type());
-      return norm_bwd_f64(args, gamma, partials);
+      return norm_bwd_f64(args, partials);
     case at::kBFloat16:
-      return norm_bwd_reduced<c10::BFloat16>(args, gamma, partials);
+      return norm_bwd_reduced<c10::BFloat16>(args, partials);
     case at::kHalf:
-      return norm_bwd_reduced<c10::Half>(args, gamma, partials);
+      return norm_bwd_reduced<c10::Half>(args, partials);
     default:
-      TORCH_CHECK(false, "addnorm: unsupported grad_out dtype ", args.grad_out.scalar_type());
+      TORCH_CHECK(false, "addnorm: unsupported grad_out dtype ", args.dtypes.x);
   }
 }
 

@@ -1,14 +1,14 @@
 #pragma once
 
 // CPU kernels, compiled once per instruction set (namespaces DEFAULT and AVX2, see
-// CMakeLists.txt) and chosen at run time in cpu/norm_dispatch.cpp.
+// CMakeLists.txt) and chosen at run time in cpu/norm_cpu.cpp.
 
 #include <algorithm>
 #include <cstdint>
 
 #include <ATen/core/Tensor.h>
 
-#include "ops/norm_kernels.h"
+#include "ops/norm_args.h"
 
 namespace addnorm::cpu {
 
@@ -34,14 +34,11 @@ inline int64_t bwd_chunks(int64_t M, int64_t N) {
 
 #define ADDNORM_DECLARE_CPU_KERNELS(CAP)                                                  \
   namespace CAP {                                                                          \
-  /* gamma, beta: [N] in the compute type (float32; float64 for float64 input). */        \
-  void norm_fwd_kernel(const NormFwdArgs& args, const at::Tensor& gamma,                  \
-                       const at::Tensor& beta);                                            \
+  void norm_fwd_kernel(const NormFwdArgs& args);                                          \
   /* partials: [bwd_chunks(M, N), K, N] float64 per chunk of rows: K = 2 (dgamma,      */  \
   /* dbeta) for float32/float16/bfloat16 h, K = 4 (dgamma and dbeta as double-double  */  \
   /* hi, lo pairs) for float64 h; undefined when neither gradient is wanted.          */  \
-  void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& gamma,                  \
-                       const at::Tensor& partials);                                        \
+  void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& partials);              \
   /* sums: [2, N] float64, the chunks' partials added in chunk order.                  */ \
   void norm_bwd_reduce_kernel(const at::Tensor& partials, const at::Tensor& sums);       \
   }

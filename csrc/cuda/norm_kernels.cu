@@ -1,4 +1,5 @@
-// CUDA kernels of the fused residual-add + LayerNorm / RMSNorm ops (see ops/norm_kernels.h).
+// CUDA kernels of the fused residual-add + LayerNorm / RMSNorm ops, registered at the end of
+// this file as the CUDA kernels of _norm_fwd / _norm_bwd (see ops/norm_launch.h).
 //
 // Forward, per row of N elements: h = x (+ residual) in fp32 (fp64 for fp64), rounded to h's
 // dtype (and stored when asked for); mean and rstd of the rounded h with the row sums in
@@ -39,7 +40,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/norm_utils.cuh"
-#include "ops/norm_kernels.h"
+#include "ops/norm_launch.h"
 
 // Turns a run-time bool into a constexpr bool NAME visible to the lambda body.
 #define ADDNORM_BOOL_SWITCH(COND, NAME, ...) \
@@ -853,10 +854,6 @@ int resident_ctas_per_sm(const void* kernel, int threads, size_t smem) {
   return std::max(ctas, 1);
 }
 
-at::Tensor cast_if_needed(const at::Tensor& t, c10::ScalarType dtype) {
-  return t.defined() && t.scalar_type() != dtype ? t.to(dtype) : t;
-}
-
 constexpr int kFwdMinThreads = 128;
 constexpr int kBwdMinThreads = 512;  // fewer, larger CTAs: fewer weight-gradient partial rows
 // Weight-gradient partial rows, from M and N alone (never from the GPU): register path, at
@@ -876,16 +873,15 @@ void launch_fwd_looping(const FwdParams<T, R, H, W>& p, cudaStream_t stream) {
 }
 
 template <typename T, typename R, typename H, typename W>
-void launch_norm_fwd(const NormFwdArgs& a, const at::Tensor& residual, const at::Tensor& gamma,
-                     const at::Tensor& beta) {
+void launch_norm_fwd(const NormFwdArgs& a) {
   using A = at::opmath_type<T>;
   constexpr int VEC = kVec<T>;
   constexpr int VPT = kFwdVpt<T>;
   FwdParams<T, R, H, W> p;
   p.x = a.x.const_data_ptr<T>();
-  p.residual = ptr_or_null<R>(residual);
-  p.gamma = ptr_or_null<W>(gamma);
-  p.beta = ptr_or_null<W>(beta);
+  p.residual = ptr_or_null<R>(a.residual);
+  p.gamma = ptr_or_null<W>(a.gamma);
+  p.beta = ptr_or_null<W>(a.beta);
   p.out = a.out.mutable_data_ptr<T>();
   p.h_out = mutable_ptr_or_null<H>(a.residual_out);
   p.mean = a.rms ? nullptr : a.mean.mutable_data_ptr<A>();
@@ -917,50 +913,28 @@ void launch_norm_fwd(const NormFwdArgs& a, const at::Tensor& residual, const at:
   });
 }
 
+// The kernels' template dtypes from the call's (ops/norm_args.h): T input, R residual, H h,
+// W weight and bias. float32 and float64 input have one combination each.
 template <typename T, typename R, typename H>
-void dispatch_fwd_weight(const NormFwdArgs& a, const at::Tensor& residual, const at::Tensor& gamma,
-                         const at::Tensor& beta, c10::ScalarType w_dtype) {
-  if (w_dtype == at::kFloat) {
-    launch_norm_fwd<T, R, H, float>(a, residual, gamma, beta);
+void dispatch_fwd_param(const NormFwdArgs& a) {
+  if (a.dtypes.param == at::kFloat) {
+    launch_norm_fwd<T, R, H, float>(a);
   } else {
-    launch_norm_fwd<T, R, H, T>(a, residual, gamma, beta);
+    launch_norm_fwd<T, R, H, T>(a);
   }
 }
 
 template <typename T>
-void dispatch_fwd(const NormFwdArgs& a, const at::Tensor& residual, const at::Tensor& gamma,
-                  const at::Tensor& beta, c10::ScalarType w_dtype) {
+void dispatch_fwd(const NormFwdArgs& a) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    launch_norm_fwd<T, T, T, T>(a, residual, gamma, beta);
+    launch_norm_fwd<T, T, T, T>(a);
+  } else if (a.dtypes.h != at::kFloat) {
+    dispatch_fwd_param<T, T, T>(a);
+  } else if (a.residual.defined() && a.dtypes.residual == at::kFloat) {
+    dispatch_fwd_param<T, float, float>(a);
   } else {
-    const bool h_fp32 = a.h_dtype == at::kFloat;
-    const bool r_fp32 = residual.defined() && residual.scalar_type() == at::kFloat;
-    if (!h_fp32) {
-      dispatch_fwd_weight<T, T, T>(a, residual, gamma, beta, w_dtype);
-    } else if (r_fp32) {
-      dispatch_fwd_weight<T, float, float>(a, residual, gamma, beta, w_dtype);
-    } else {
-      dispatch_fwd_weight<T, T, float>(a, residual, gamma, beta, w_dtype);
-    }
+    dispatch_fwd_param<T, T, float>(a);
   }
-}
-
-// Weight (and bias) dtype the kernels read: the input's dtype or float32 for bf16/fp16
-// input (float32 when the two differ); always the input's dtype for float32/float64 (a
-// float32 weight with float64 input is widened once, losslessly).
-c10::ScalarType kernel_weight_dtype(c10::ScalarType x_dtype, const at::Tensor& gamma,
-                                    const at::Tensor& beta) {
-  if (x_dtype == at::kFloat || x_dtype == at::kDouble) {
-    return x_dtype;
-  }
-  const auto g = gamma.defined() ? gamma.scalar_type() : x_dtype;
-  const auto b = beta.defined() ? beta.scalar_type() : g;
-  const auto w = gamma.defined() ? g : b;
-  return (g == b && (w == x_dtype || w == at::kFloat)) ? w : at::kFloat;
-}
-
-c10::ScalarType stat_dtype(c10::ScalarType x_dtype) {
-  return x_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 template <typename T, typename H, typename W, bool RMS, int VEC>
@@ -974,18 +948,18 @@ void launch_bwd_looping(const BwdParams<T, H, W>& p, cudaStream_t stream) {
 }
 
 template <typename T, typename H, typename W>
-void launch_norm_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Tensor& dres) {
+void launch_norm_bwd(const NormBwdArgs& a) {
   using A = at::opmath_type<T>;
   constexpr int VEC = kVec<T>;
   constexpr int VPT = kBwdVpt<T>;
   constexpr int E = VPT * VEC;
   BwdParams<T, H, W> p;
   p.dy = a.grad_out.const_data_ptr<T>();
-  p.dres = ptr_or_null<H>(dres);
+  p.dres = ptr_or_null<H>(a.grad_residual_out);
   p.h = a.h.const_data_ptr<H>();
   p.mean = a.rms ? nullptr : a.mean.const_data_ptr<A>();
   p.rstd = a.rstd.const_data_ptr<A>();
-  p.gamma = ptr_or_null<W>(gamma);
+  p.gamma = ptr_or_null<W>(a.gamma);
   p.dh = a.grad_h.mutable_data_ptr<H>();
   p.part_gamma = nullptr;
   p.part_beta = nullptr;
@@ -1079,95 +1053,41 @@ void launch_norm_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Te
 }
 
 template <typename T, typename H>
-void dispatch_bwd_weight(const NormBwdArgs& a, const at::Tensor& gamma, const at::Tensor& dres,
-                         c10::ScalarType w_dtype) {
-  if (w_dtype == at::kFloat) {
-    launch_norm_bwd<T, H, float>(a, gamma, dres);
+void dispatch_bwd_param(const NormBwdArgs& a) {
+  if (a.dtypes.param == at::kFloat) {
+    launch_norm_bwd<T, H, float>(a);
   } else {
-    launch_norm_bwd<T, H, T>(a, gamma, dres);
+    launch_norm_bwd<T, H, T>(a);
   }
 }
 
 template <typename T>
-void dispatch_bwd(const NormBwdArgs& a, const at::Tensor& gamma, const at::Tensor& dres,
-                  c10::ScalarType w_dtype) {
+void dispatch_bwd(const NormBwdArgs& a) {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-    launch_norm_bwd<T, T, T>(a, gamma, dres);
-  } else if (a.h.scalar_type() == at::kFloat) {
-    dispatch_bwd_weight<T, float>(a, gamma, dres, w_dtype);
+    launch_norm_bwd<T, T, T>(a);
+  } else if (a.dtypes.h == at::kFloat) {
+    dispatch_bwd_param<T, float>(a);
   } else {
-    dispatch_bwd_weight<T, T>(a, gamma, dres, w_dtype);
+    dispatch_bwd_param<T, T>(a);
   }
 }
 
-void check_h_dtype(c10::ScalarType x_dtype, c10::ScalarType h_dtype) {
-  const bool ok = (x_dtype == at::kFloat || x_dtype == at::kDouble)
-                      ? h_dtype == x_dtype
-                      : (h_dtype == x_dtype || h_dtype == at::kFloat);
-  TORCH_CHECK(ok, "addnorm: unsupported h dtype ", h_dtype, " for input dtype ", x_dtype);
+void norm_fwd(const NormFwdArgs& args) {
+  const c10::cuda::CUDAGuard guard(args.x.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtypes.x, "addnorm_norm_fwd_cuda",
+                                  [&] { dispatch_fwd<scalar_t>(args); });
+}
+
+void norm_bwd(const NormBwdArgs& args) {
+  const c10::cuda::CUDAGuard guard(args.h.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtypes.x, "addnorm_norm_bwd_cuda",
+                                  [&] { dispatch_bwd<scalar_t>(args); });
 }
 
 }  // namespace
 
-void norm_fwd(const NormFwdArgs& args) {
-  if (args.M == 0 || args.N == 0) {
-    return;
-  }
-  TORCH_CHECK(args.x.is_cuda(), "addnorm: norm_fwd (CUDA) got a non-CUDA input");
-  const c10::cuda::CUDAGuard guard(args.x.device());
-  const auto x_dtype = args.x.scalar_type();
-  check_h_dtype(x_dtype, args.h_dtype);
-  TORCH_CHECK(args.rstd.scalar_type() == stat_dtype(x_dtype) &&
-                  (args.rms || args.mean.scalar_type() == stat_dtype(x_dtype)),
-              "addnorm: mean/rstd must be ", stat_dtype(x_dtype), " for input dtype ", x_dtype);
-  TORCH_CHECK(!args.residual_out.defined() || args.residual_out.scalar_type() == args.h_dtype,
-              "addnorm: residual_out dtype must be the h dtype");
-  const auto w_dtype = kernel_weight_dtype(x_dtype, args.gamma, args.beta);
-  const at::Tensor gamma = cast_if_needed(args.gamma, w_dtype);
-  const at::Tensor beta = cast_if_needed(args.beta, w_dtype);
-  at::Tensor residual = args.residual;
-  if (residual.defined()) {
-    // Residual in x's dtype or float32 (float32 only with a float32 h); float64 input: float64.
-    const auto r = residual.scalar_type();
-    const bool ok = r == x_dtype || (r == at::kFloat && args.h_dtype == at::kFloat);
-    residual = ok ? residual : residual.to(args.h_dtype);
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_dtype, "addnorm_norm_fwd_cuda", [&] {
-    dispatch_fwd<scalar_t>(args, residual, gamma, beta, w_dtype);
-  });
+TORCH_LIBRARY_IMPL(addnorm, CUDA, m) {
+  register_norm_kernels<&norm_fwd, &norm_bwd>(m);
 }
-
-void norm_bwd(const NormBwdArgs& args) {
-  if (args.N == 0) {
-    return;
-  }
-  if (args.M == 0) {
-    // Sums over zero rows.
-    if (args.grad_gamma.defined()) {
-      args.grad_gamma.zero_();
-    }
-    if (args.grad_beta.defined()) {
-      args.grad_beta.zero_();
-    }
-    return;
-  }
-  TORCH_CHECK(args.h.is_cuda(), "addnorm: norm_bwd (CUDA) got a non-CUDA input");
-  const c10::cuda::CUDAGuard guard(args.h.device());
-  const auto dtype = args.grad_out.scalar_type();  // the input (and out) dtype
-  const auto h_dtype = args.h.scalar_type();
-  check_h_dtype(dtype, h_dtype);
-  TORCH_CHECK(args.grad_h.scalar_type() == h_dtype, "addnorm: grad_h dtype must be h's dtype");
-  TORCH_CHECK(args.rstd.scalar_type() == stat_dtype(dtype) &&
-                  (args.rms || args.mean.scalar_type() == stat_dtype(dtype)),
-              "addnorm: mean/rstd must be ", stat_dtype(dtype), " for dtype ", dtype);
-  const auto w_dtype = kernel_weight_dtype(dtype, args.gamma, at::Tensor());
-  const at::Tensor gamma = cast_if_needed(args.gamma, w_dtype);
-  const at::Tensor dres = cast_if_needed(args.grad_residual_out, h_dtype);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "addnorm_norm_bwd_cuda", [&] {
-    dispatch_bwd<scalar_t>(args, gamma, dres, w_dtype);
-  });
-}
-
-bool available() { return true; }
 
 }  // namespace addnorm::cuda

@@ -29,7 +29,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
-#include "ops/norm_common.h"
+#include "ops/norm_public.h"
 
 namespace addnorm {
 namespace {
@@ -344,12 +344,12 @@ std::tuple<at::Tensor, at::Tensor> norm_composite(
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
     bool residual_in_fp32) {
-  const NormFwdPlan plan = check_norm_fwd_inputs(
+  const NormPlan plan = check_norm_fwd_inputs(
       input, residual, normalized_shape, weight, bias, eps, residual_in_fp32);
   const auto acc = compute_dtype(input.scalar_type());
   const at::Tensor h = residual.has_value()
-                           ? (input.to(acc) + residual->to(acc)).to(plan.h_dtype)
-                           : input.to(plan.h_dtype);
+                           ? (input.to(acc) + residual->to(acc)).to(plan.dtypes.h)
+                           : input.to(plan.dtypes.h);
   at::Tensor y = normalize_composite(h.to(acc), static_cast<int64_t>(normalized_shape.size()),
                                      is_rms, eps).first;
   if (weight.has_value()) {
@@ -406,50 +406,10 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
   return {out, h_returned};
 }
 
-at::Tensor layer_norm_autograd(
-    const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps) {
-  return std::get<0>(norm_autograd(
-      input, std::nullopt, normalized_shape, weight, bias, eps, false, false, false));
-}
-
-at::Tensor rms_norm_autograd(
-    const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
-    const std::optional<at::Tensor>& weight, std::optional<double> eps) {
-  check_input_defined(input);
-  return std::get<0>(norm_autograd(
-      input, std::nullopt, normalized_shape, weight, std::nullopt,
-      eps.value_or(default_rms_eps(input.scalar_type())), true, false, false));
-}
-
-std::tuple<at::Tensor, at::Tensor> add_layer_norm_autograd(
-    const at::Tensor& input, const std::optional<at::Tensor>& residual,
-    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool return_residual,
-    bool residual_in_fp32) {
-  return norm_autograd(
-      input, residual, normalized_shape, weight, bias, eps, false, return_residual,
-      residual_in_fp32);
-}
-
-std::tuple<at::Tensor, at::Tensor> add_rms_norm_autograd(
-    const at::Tensor& input, const std::optional<at::Tensor>& residual,
-    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    std::optional<double> eps, bool return_residual, bool residual_in_fp32) {
-  check_input_defined(input);
-  return norm_autograd(
-      input, residual, normalized_shape, weight, std::nullopt,
-      eps.value_or(default_rms_eps(input.scalar_type())), true, return_residual,
-      residual_in_fp32);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(addnorm, Autograd, m) {
-  m.impl("layer_norm", &layer_norm_autograd);
-  m.impl("rms_norm", &rms_norm_autograd);
-  m.impl("add_layer_norm", &add_layer_norm_autograd);
-  m.impl("add_rms_norm", &add_rms_norm_autograd);
+  register_public_norm_ops<&norm_autograd>(m);
 }
 
 }  // namespace addnorm

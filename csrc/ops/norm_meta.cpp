@@ -4,7 +4,7 @@
 
 #include <torch/library.h>
 
-#include "ops/norm_common.h"
+#include "ops/norm_checks.h"
 
 namespace addnorm {
 namespace {
@@ -24,9 +24,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_meta(
     const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms, bool weight_grad,
     std::optional<double> eps) {
-  const int64_t axis =
+  const NormPlan plan =
       check_norm_bwd_inputs(grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps);
-  return empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, axis);
+  return empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan.axis);
 }
 
 }  // namespace

@@ -57,3 +57,22 @@ def test_import_fails_before_loading_the_library(tmp_path):
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert res.returncode != 0
     assert "ImportError: addnorm 0 was built against torch 1.0.0" in res.stderr
+
+
+def _has_kernel(op, key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"addnorm::{op}", key)
+
+
+def test_backends_are_chosen_by_registration():
+    """The dispatcher picks the backend (docs/architecture.md): the internal ops have a CPU
+    kernel, a CUDA kernel exactly when the library was built with its CUDA sources, and a
+    Meta kernel; the public ops have no per-device kernel, only the composite over the
+    internal op and their autograd."""
+    for op in ("_norm_fwd", "_norm_bwd"):
+        assert _has_kernel(op, "CPU")
+        assert _has_kernel(op, "Meta")
+        assert _has_kernel(op, "CUDA") == addnorm._C.built_with_cuda()
+    for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
+        assert not _has_kernel(op, "CPU") and not _has_kernel(op, "CUDA")
+        assert _has_kernel(op, "CompositeExplicitAutograd")
+        assert _has_kernel(op, "Autograd")

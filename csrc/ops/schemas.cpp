@@ -1,7 +1,9 @@
 // Every addnorm op schema, in one place. Kernels are registered next to their code:
-// ops/norm.cpp (CPU, CUDA, CompositeExplicitAutograd), ops/norm_meta.cpp (Meta),
-// ops/norm_autograd.cpp (Autograd), modules/transformer_encoder_layer.cpp
-// (CompositeImplicitAutograd).
+// cpu/norm_cpu.cpp (CPU) and cuda/norm_kernels.cu (CUDA) for the internal ops,
+// ops/norm_meta.cpp (Meta) for the internal ops, ops/norm_composite.cpp
+// (CompositeExplicitAutograd) and ops/norm_autograd.cpp (Autograd) for the public ones,
+// modules/transformer_encoder_layer.cpp (CompositeImplicitAutograd). See
+// docs/architecture.md.
 
 #include <torch/library.h>
 

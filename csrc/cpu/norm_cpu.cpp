@@ -1,0 +1,69 @@
+// The CPU backend: registers the CPU kernels of _norm_fwd and _norm_bwd, runs the build for
+// this processor's instruction set (ATen's choice, so ATEN_CPU_CAPABILITY=default selects the
+// portable build), and owns the backward's per-chunk dgamma/dbeta partials with their
+// fixed-order reduction.
+
+#include <string>
+
+#include <ATen/Version.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "cpu/norm_cpu.h"
+#include "cpu/norm_kernel.h"
+#include "ops/norm_launch.h"
+
+namespace addnorm::cpu {
+namespace {
+
+bool use_avx2() {
+  static const bool avx2 = [] {
+    const std::string cap = at::get_cpu_capability();
+    return cap == "AVX2" || cap == "AVX512";
+  }();
+  return avx2;
+}
+
+void norm_fwd(const NormFwdArgs& args) {
+  if (use_avx2()) {
+    AVX2::norm_fwd_kernel(args);
+  } else {
+    DEFAULT::norm_fwd_kernel(args);
+  }
+}
+
+void norm_bwd(const NormBwdArgs& args) {
+  at::Tensor partials;
+  if (args.grad_gamma.defined() || args.grad_beta.defined()) {
+    // One partial row per chunk of rows (bwd_chunk_rows: M and N decide the chunks, not the
+    // thread count), in float64: dgamma, dbeta (float64 h: each as a double-double).
+    const int64_t rows = args.dtypes.stat == at::kDouble ? 4 : 2;
+    partials = at::empty({bwd_chunks(args.M, args.N), rows, args.N},
+                         args.h.options().dtype(at::kDouble));
+  }
+  if (use_avx2()) {
+    AVX2::norm_bwd_kernel(args, partials);
+  } else {
+    DEFAULT::norm_bwd_kernel(args, partials);
+  }
+  if (partials.defined()) {
+    const at::Tensor sums = at::empty({2, args.N}, partials.options());
+    if (use_avx2()) {
+      AVX2::norm_bwd_reduce_kernel(partials, sums);
+    } else {
+      DEFAULT::norm_bwd_reduce_kernel(partials, sums);
+    }
+    if (args.grad_gamma.defined()) args.grad_gamma.copy_(sums[0]);
+    if (args.grad_beta.defined()) args.grad_beta.copy_(sums[1]);
+  }
+}
+
+}  // namespace
+
+const char* capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+
+TORCH_LIBRARY_IMPL(addnorm, CPU, m) {
+  register_norm_kernels<&norm_fwd, &norm_bwd>(m);
+}
+
+}  // namespace addnorm::cpu

@@ -1,0 +1,220 @@
+// Argument checks, the dtype policy and output allocation of the internal ops (declared in
+// ops/norm_checks.h).
+
+#include <cmath>
+#include <limits>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "ops/norm_checks.h"
+
+namespace addnorm {
+namespace {
+
+bool is_supported_float(c10::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// weight/bias/residual have the input's dtype or, for mixed precision with float16 or
+// bfloat16 input, float32.
+bool is_allowed_companion_dtype(c10::ScalarType t, c10::ScalarType input) {
+  return t == input || (t == at::kFloat && (input == at::kHalf || input == at::kBFloat16));
+}
+
+c10::ScalarType stat_dtype_of(c10::ScalarType x) {
+  return x == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The dtype the kernels read weight and bias in: the input's for float32/float64 input (a
+// float32 weight of float64 input is widened once, losslessly); for float16/bfloat16 input,
+// the parameters' own dtype when both have the same one (the input's or float32), else
+// float32.
+c10::ScalarType param_dtype_of(
+    c10::ScalarType x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias) {
+  if (x == at::kFloat || x == at::kDouble) {
+    return x;
+  }
+  const auto w = weight.has_value() ? weight->scalar_type() : x;
+  const auto b = bias.has_value() ? bias->scalar_type() : w;
+  const auto p = weight.has_value() ? w : b;
+  return (w == b && (p == x || p == at::kFloat)) ? p : at::kFloat;
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(
+      t.device() == input.device(), "addnorm: ", name, " must be on the input's device ",
+      input.device(), ", got device ", t.device());
+}
+
+void check_param(
+    const at::Tensor& t, const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+    const char* name) {
+  check_same_device(t, input, name);
+  TORCH_CHECK(
+      t.sym_sizes().equals(normalized_shape), "addnorm: ", name,
+      " must have shape normalized_shape = ", normalized_shape, ", got ", t.sym_sizes());
+  TORCH_CHECK(
+      is_allowed_companion_dtype(t.scalar_type(), input.scalar_type()), "addnorm: ", name,
+      " must have the input's dtype (", input.scalar_type(),
+      ") or, for float16/bfloat16 input, float32; got ", t.scalar_type());
+}
+
+}  // namespace
+
+void check_input_defined(const at::Tensor& input) {
+  TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");
+}
+
+NormPlan check_norm_fwd_inputs(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool residual_in_fp32) {
+  check_input_defined(input);
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(
+      is_supported_float(dtype),
+      "addnorm: input must be a float32, float64, float16 or bfloat16 tensor, got ", dtype);
+  const int64_t ndim = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(
+      ndim >= 1, "addnorm: normalized_shape must have at least one dimension, got ",
+      normalized_shape);
+  TORCH_CHECK(
+      input.dim() >= ndim, "addnorm: normalized_shape ", normalized_shape,
+      " has more dimensions than the input of shape ", input.sym_sizes());
+  const int64_t axis = input.dim() - ndim;
+  TORCH_CHECK(
+      input.sym_sizes().slice(axis).equals(normalized_shape), "addnorm: normalized_shape ",
+      normalized_shape, " must equal the trailing dims of the input, got input of shape ",
+      input.sym_sizes());
+  TORCH_CHECK(
+      eps >= 0.0, "addnorm: eps must be a non-negative number, got ", eps);
+  if (weight.has_value()) {
+    check_param(*weight, input, normalized_shape, "weight");
+  }
+  if (bias.has_value()) {
+    check_param(*bias, input, normalized_shape, "bias");
+    TORCH_CHECK(
+        !weight.has_value() || weight->scalar_type() == bias->scalar_type(),
+        "addnorm: bias must have the weight's dtype (", weight->scalar_type(), "), got ",
+        bias->scalar_type());
+  }
+  c10::ScalarType h_dtype = dtype;
+  if (residual.has_value()) {
+    const auto& r = *residual;
+    check_same_device(r, input, "residual");
+    TORCH_CHECK(
+        r.sym_sizes().equals(input.sym_sizes()), "addnorm: residual must have the input's shape ",
+        input.sym_sizes(), ", got ", r.sym_sizes());
+    TORCH_CHECK(
+        is_allowed_companion_dtype(r.scalar_type(), dtype),
+        "addnorm: residual must have the input's dtype (", dtype,
+        ") or, for float16/bfloat16 input, float32; got ", r.scalar_type());
+    h_dtype = r.scalar_type();
+  }
+  if (residual_in_fp32 && dtype != at::kDouble) {
+    h_dtype = at::kFloat;
+  }
+  // residual_in_fp32 (h float32) reads a float16/bfloat16 residual as it is.
+  const auto residual_dtype = residual.has_value() ? residual->scalar_type() : dtype;
+  return {axis, NormDtypes{dtype, residual_dtype, h_dtype, param_dtype_of(dtype, weight, bias),
+                           stat_dtype_of(dtype)}};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_fwd_outputs(
+    const at::Tensor& input, const NormPlan& plan, bool is_rms, bool store_residual) {
+  const auto sizes = input.sym_sizes();
+  const auto rows = sizes.slice(0, plan.axis);
+  const auto stat_opts = input.options().dtype(plan.dtypes.stat);
+  const c10::SymInt zero(0);
+  const c10::SymIntArrayRef empty_shape(&zero, 1);
+  const auto out_format = is_rms ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+  auto out = at::empty_symint(sizes, input.options().memory_format(out_format));
+  auto residual_out = at::empty_symint(
+      store_residual ? sizes : empty_shape, input.options().dtype(plan.dtypes.h));
+  auto mean = at::empty_symint(is_rms ? empty_shape : rows, stat_opts);
+  auto rstd = at::empty_symint(rows, stat_opts);
+  return {out, residual_out, mean, rstd};
+}
+
+NormPlan check_norm_bwd_inputs(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
+    const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, bool is_rms, std::optional<double> eps) {
+  TORCH_CHECK(
+      !eps.has_value() || *eps >= 0.0, "addnorm: eps must be a non-negative number, got ",
+      eps.value_or(0.0));
+  TORCH_CHECK(
+      is_supported_float(h.scalar_type()),
+      "addnorm: h must be a float32, float64, float16 or bfloat16 tensor, got ", h.scalar_type());
+  TORCH_CHECK(
+      rstd.dim() < h.dim(), "addnorm: rstd must have fewer dims than h, got rstd of shape ",
+      rstd.sym_sizes(), " and h of shape ", h.sym_sizes());
+  const int64_t axis = rstd.dim();
+  TORCH_CHECK(
+      rstd.sym_sizes().equals(h.sym_sizes().slice(0, axis)),
+      "addnorm: rstd must have the leading shape of h ", h.sym_sizes().slice(0, axis), ", got ",
+      rstd.sym_sizes());
+  const auto stat_dtype = stat_dtype_of(h.scalar_type());
+  TORCH_CHECK(
+      rstd.scalar_type() == stat_dtype, "addnorm: rstd must be ", stat_dtype, ", got ",
+      rstd.scalar_type());
+  if (!is_rms) {
+    TORCH_CHECK(
+        mean.sym_sizes().equals(rstd.sym_sizes()) && mean.scalar_type() == stat_dtype,
+        "addnorm: mean must match rstd (", stat_dtype, ", shape ", rstd.sym_sizes(), "), got ",
+        mean.scalar_type(), " of shape ", mean.sym_sizes());
+    check_same_device(mean, h, "mean");
+  }
+  check_same_device(rstd, h, "rstd");
+  check_same_device(grad_out, h, "grad_out");
+  TORCH_CHECK(
+      grad_out.sym_sizes().equals(h.sym_sizes()), "addnorm: grad_out must have h's shape ",
+      h.sym_sizes(), ", got ", grad_out.sym_sizes());
+  TORCH_CHECK(
+      grad_out.scalar_type() == h.scalar_type() ||
+          is_allowed_companion_dtype(h.scalar_type(), grad_out.scalar_type()),
+      "addnorm: grad_out must have h's dtype (", h.scalar_type(),
+      ") or, for float32 h, float16/bfloat16; got ", grad_out.scalar_type());
+  if (grad_residual_out.has_value()) {
+    check_same_device(*grad_residual_out, h, "grad_residual_out");
+    TORCH_CHECK(
+        grad_residual_out->sym_sizes().equals(h.sym_sizes()) &&
+            grad_residual_out->scalar_type() == h.scalar_type(),
+        "addnorm: grad_residual_out must match h (", h.scalar_type(), ", shape ", h.sym_sizes(),
+        "), got ", grad_residual_out->scalar_type(), " of shape ", grad_residual_out->sym_sizes());
+  }
+  if (weight.has_value()) {
+    check_same_device(*weight, h, "weight");
+    TORCH_CHECK(
+        weight->sym_sizes().equals(h.sym_sizes().slice(axis)),
+        "addnorm: weight must have shape ", h.sym_sizes().slice(axis), ", got ",
+        weight->sym_sizes());
+  }
+  const auto x = grad_out.scalar_type();
+  return {axis, NormDtypes{x, h.scalar_type(), h.scalar_type(),
+                           param_dtype_of(x, weight, std::nullopt), stat_dtype}};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
+    const at::Tensor& h, const std::optional<at::Tensor>& weight, bool has_bias, bool weight_grad,
+    int64_t axis) {
+  const c10::SymInt zero(0);
+  const c10::SymIntArrayRef empty_shape(&zero, 1);
+  const auto param_shape = h.sym_sizes().slice(axis);
+  const auto param_opts =
+      h.options().dtype(weight.has_value() ? weight->scalar_type() : stat_dtype_of(h.scalar_type()));
+  auto grad_h = at::empty_symint(h.sym_sizes(), h.options());
+  auto grad_weight = at::empty_symint(
+      weight.has_value() && weight_grad ? param_shape : empty_shape, param_opts);
+  auto grad_bias = at::empty_symint(has_bias ? param_shape : empty_shape, param_opts);
+  return {grad_h, grad_weight, grad_bias};
+}
+
+double default_rms_eps(c10::ScalarType dtype) {
+  return dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
+                              : static_cast<double>(std::numeric_limits<float>::epsilon());
+}
+
+}  // namespace addnorm

@@ -1,0 +1,112 @@
+// launch_norm_fwd / launch_norm_bwd (ops/norm_launch.h): from the internal ops' arguments
+// to a backend kernel's args struct and back.
+
+#include <limits>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/accumulate.h>
+
+#include "ops/norm_checks.h"
+#include "ops/norm_launch.h"
+
+namespace addnorm {
+namespace {
+
+at::Tensor in_dtype(const at::Tensor& t, c10::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
+    NormFwdKernel kernel, const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool store_residual,
+    bool residual_in_fp32) {
+  const auto plan = check_norm_fwd_inputs(
+      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32);
+  auto [out, residual_out, mean, rstd] =
+      empty_norm_fwd_outputs(input, plan, is_rms, store_residual);
+  NormFwdArgs args;
+  args.N = c10::multiply_integers(input.sizes().slice(plan.axis));
+  args.M = c10::multiply_integers(input.sizes().slice(0, plan.axis));
+  if (args.M == 0) {
+    return {out, residual_out, mean, rstd};
+  }
+  if (args.N == 0) {  // rows of nothing: statistics of an empty row, like torch
+    if (!is_rms) mean.fill_(std::numeric_limits<double>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<double>::quiet_NaN());
+    return {out, residual_out, mean, rstd};
+  }
+  const std::vector<int64_t> shape2d{args.M, args.N};
+  args.x = input.contiguous().view(shape2d);
+  args.dtypes = plan.dtypes;
+  if (residual.has_value()) {
+    args.residual = in_dtype(*residual, plan.dtypes.residual).contiguous().view(shape2d);
+  }
+  if (weight.has_value()) {
+    args.gamma = in_dtype(*weight, plan.dtypes.param).contiguous().view({args.N});
+  }
+  if (bias.has_value() && !is_rms) {
+    args.beta = in_dtype(*bias, plan.dtypes.param).contiguous().view({args.N});
+  }
+  // The kernels write contiguous rows; an output in another memory format gets them copied.
+  const at::Tensor out_rows =
+      out.is_contiguous()
+          ? out
+          : at::empty(out.sizes(), out.options().memory_format(at::MemoryFormat::Contiguous));
+  args.out = out_rows.view(shape2d);
+  if (store_residual) args.residual_out = residual_out.view(shape2d);
+  if (!is_rms) args.mean = mean.view({args.M});
+  args.rstd = rstd.view({args.M});
+  args.eps = eps;
+  args.rms = is_rms;
+  kernel(args);
+  if (!out.is_same(out_rows)) {
+    out.copy_(out_rows);
+  }
+  return {out, residual_out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
+    NormBwdKernel kernel, const at::Tensor& grad_out,
+    const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& h,
+    const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+    bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps) {
+  const NormPlan plan =
+      check_norm_bwd_inputs(grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps);
+  const int64_t axis = plan.axis;
+  auto [grad_h, grad_weight, grad_bias] =
+      empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, axis);
+  NormBwdArgs args;
+  args.N = c10::multiply_integers(h.sizes().slice(axis));
+  args.M = c10::multiply_integers(h.sizes().slice(0, axis));
+  if (args.M == 0 || args.N == 0) {
+    if (grad_weight.numel() > 0) grad_weight.zero_();
+    if (has_bias) grad_bias.zero_();
+    return {grad_h, grad_weight, grad_bias};
+  }
+  const std::vector<int64_t> shape2d{args.M, args.N};
+  args.dtypes = plan.dtypes;
+  args.grad_out = grad_out.contiguous().view(shape2d);
+  if (grad_residual_out.has_value()) {
+    args.grad_residual_out = grad_residual_out->contiguous().view(shape2d);
+  }
+  args.h = h.contiguous().view(shape2d);
+  if (!is_rms) args.mean = mean.contiguous().view({args.M});
+  args.rstd = rstd.contiguous().view({args.M});
+  if (weight.has_value()) {
+    args.gamma = in_dtype(*weight, plan.dtypes.param).contiguous().view({args.N});
+    if (weight_grad) args.grad_gamma = grad_weight.view({args.N});
+  }
+  if (has_bias) args.grad_beta = grad_bias.view({args.N});
+  args.grad_h = grad_h.view(shape2d);
+  args.rms = is_rms;
+  args.eps = eps;
+  kernel(args);
+  return {grad_h, grad_weight, grad_bias};
+}
+
+}  // namespace addnorm

@@ -1,0 +1,85 @@
+#pragma once
+
+// The four public ops (layer_norm, rms_norm, add_layer_norm, add_rms_norm) are one
+// computation, (input, residual, normalized_shape, weight, bias, eps, is_rms,
+// return_residual, residual_in_fp32) -> (out, h), over the internal ops _norm_fwd and
+// _norm_bwd. register_public_norm_ops<impl>(m) registers the four for one dispatch key,
+// mapped onto impl: the CompositeExplicitAutograd kernels (ops/norm_composite.cpp) and the
+// Autograd kernels (ops/norm_autograd.cpp) share the mapping.
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/SymIntArrayRef.h>
+#include <torch/library.h>
+
+#include "ops/norm_checks.h"
+
+namespace addnorm {
+
+using NormImpl = std::tuple<at::Tensor, at::Tensor> (*)(
+    const at::Tensor& input, const std::optional<at::Tensor>& residual,
+    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
+    bool residual_in_fp32);
+
+template <NormImpl impl>
+void register_public_norm_ops(torch::Library& m) {
+  m.impl("layer_norm",
+         [](const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+            double eps) {
+           return std::get<0>(impl(input, std::nullopt, normalized_shape, weight, bias, eps,
+                                   /*is_rms=*/false, false, false));
+         });
+  m.impl("rms_norm",
+         [](const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+            const std::optional<at::Tensor>& weight, std::optional<double> eps) {
+           check_input_defined(input);
+           return std::get<0>(impl(input, std::nullopt, normalized_shape, weight, std::nullopt,
+                                   eps.value_or(default_rms_eps(input.scalar_type())),
+                                   /*is_rms=*/true, false, false));
+         });
+  m.impl("add_layer_norm",
+         [](const at::Tensor& input, const std::optional<at::Tensor>& residual,
+            c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+            const std::optional<at::Tensor>& bias, double eps, bool return_residual,
+            bool residual_in_fp32) {
+           return impl(input, residual, normalized_shape, weight, bias, eps, /*is_rms=*/false,
+                       return_residual, residual_in_fp32);
+         });
+  m.impl("add_rms_norm",
+         [](const at::Tensor& input, const std::optional<at::Tensor>& residual,
+            c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+            std::optional<double> eps, bool return_residual, bool residual_in_fp32) {
+           check_input_defined(input);
+           return impl(input, residual, normalized_shape, weight, std::nullopt,
+                       eps.value_or(default_rms_eps(input.scalar_type())), /*is_rms=*/true,
+                       return_residual, residual_in_fp32);
+         });
+}
+
+// Typed handles of the internal ops, for calls through the dispatcher.
+using NormFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool, bool);
+using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, bool,
+    std::optional<double>);
+
+inline c10::TypedOperatorHandle<NormFwdSig> norm_fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("addnorm::_norm_fwd", "").typed<NormFwdSig>();
+  return op;
+}
+
+inline c10::TypedOperatorHandle<NormBwdSig> norm_bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("addnorm::_norm_bwd", "").typed<NormBwdSig>();
+  return op;
+}
+
+}  // namespace addnorm

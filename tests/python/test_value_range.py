@@ -6,7 +6,7 @@ float lanes, and ~1e154 for float64), and with eps = 0 where the variance underf
 References: float32/bfloat16 inputs against torch's float64 kernels on the input scaled by a
 power of two (exact), with eps scaled accordingly (LayerNorm/RMSNorm(x; eps) = norm(x / s;
 eps / s^2), so the reference sees moderate values); float64 inputs against the long double
-reference of test_accuracy (x86 extended precision has the exponent range for their squares).
+reference of reference.py (x86 extended precision has the exponent range for their squares).
 Gradients of the input scale like 1 / s and are compared after multiplying both by s (exact).
 """
 
@@ -15,10 +15,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import assert_close
-from test_accuracy import reference_ld
+from reference import reference_add_norm, reference_ld, to_ld
 
 NORMS = ["layer_norm", "rms_norm"]
 SHAPES = [(4, 768), (2, 4099)]  # register-width rows, and an odd length (scalar tails)
@@ -59,18 +58,14 @@ def _ours(norm, x, w, b, gout, eps, with_residual):
 
 
 def _reference_scaled(norm, x, w, b, gout, eps, k):
-    """float64 out and gradients of norm(x) computed on x * 2^-k (exact) with eps * 2^-2k;
-    the input's gradient is returned multiplied by 2^k."""
+    """float64 out and gradients (reference_add_norm) of norm(y) for y = x * 2^-k (exact) with
+    eps * 2^-2k; the input's gradient is that of y, i.e. the true one multiplied by 2^k."""
     rms = norm == "rms_norm"
-    x64 = x.double().requires_grad_()
+    y = (x.double() * 2.0 ** -k).requires_grad_()
     w64 = w.double().requires_grad_()
     b64 = None if rms else b.double().requires_grad_()
-    y = x64 * 2.0 ** -k
-    e = eps * 2.0 ** (-2 * k)
-    n = x.shape[-1]
-    out = F.rms_norm(y, [n], w64, e) if rms else F.layer_norm(y, [n], w64, b64, e)
-    grads = torch.autograd.grad(out, [t for t in (x64, w64, b64) if t is not None], gout.double())
-    return out.detach(), [grads[0] * 2.0 ** k] + list(grads[1:])
+    ref = reference_add_norm(rms, y, None, [x.shape[-1]], w64, b64, eps * 2.0 ** (-2 * k), grad_out=gout)
+    return ref["out"], [ref["grad_x"], ref["grad_weight"]] + ([] if rms else [ref["grad_bias"]])
 
 
 def _assert_grad_input(dx, ref_scaled, k, name):
@@ -128,10 +123,6 @@ def test_large_bfloat16_inputs(scale, norm):
     _check(norm, x, w, b, gout.repeat(2, 1), 1e-5, k, False, f"{norm} bfloat16 scale={scale:g}")
 
 
-def _ld(t):
-    return t.detach().double().numpy().astype(np.longdouble)
-
-
 def _check_f64_ld(norm, x, w, b, gout, eps, k, name):
     """float64 results against the long double reference; the input's gradient compared
     after multiplying by 2^k."""
@@ -146,7 +137,7 @@ def _check_f64_ld(norm, x, w, b, gout, eps, k, name):
         return torch.from_numpy(np.asarray(a, dtype=np.float64))
 
     assert_close(out, f64(ref_out), name=f"{name} out")
-    scaled = torch.from_numpy((_ld(grads[0]) * np.ldexp(np.longdouble(1), k)).astype(np.float64))
+    scaled = torch.from_numpy((to_ld(grads[0]) * np.ldexp(np.longdouble(1), k)).astype(np.float64))
     assert_close(scaled, f64(ref_dh * np.ldexp(np.longdouble(1), k)), dtype=torch.float64,
                  name=f"{name} grad_input * 2^{k}")
     assert_close(grads[1], f64(ref_dw), reduced=True, name=f"{name} grad_weight")

@@ -63,7 +63,7 @@ void norm_bwd(const NormBwdArgs& args) {
 const char* capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
 
 TORCH_LIBRARY_IMPL(addnorm, CPU, m) {
-  register_norm_kernels<&norm_fwd, &norm_bwd>(m);
+  register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply_kernel>(m);
 }
 
 }  // namespace addnorm::cpu

@@ -32,6 +32,7 @@
 #include <c10/util/Half.h>
 
 #include "cpu/norm_kernel.h"
+#include "ops/dropout_mask.h"
 
 namespace addnorm::cpu {
 namespace CPU_CAPABILITY {
@@ -545,6 +546,12 @@ inline VF normalized_wide(const VF& v, const VF& gamma, const VF& beta, const VD
   return narrow(fma_of((v0 - mean) * rstd, g0, b0), fma_of((v1 - mean) * rstd, g1, b1));
 }
 
+// The dropout key of a forward call (the seed tensor is on the CPU).
+inline DropoutKey fwd_dropout_key(const NormFwdArgs& args) {
+  const int64_t* s = args.dropout_seed.const_data_ptr<int64_t>();
+  return dropout_key(s[0], s[1], args.dropout_p);
+}
+
 // A parameter row (weight or bias, [N]) in the compute type A: the tensor's own data when it
 // already has that type, else converted once per call; an absent parameter reads as fill
 // (weight 1, bias 0).
@@ -601,41 +608,61 @@ void norm_fwd_typed(const NormFwdArgs& args) {
   const ParamRow<A> beta_row(args.beta, N, A(0));
   const A* gamma = gamma_row.get();
   const A* beta = beta_row.get();
+  // float32 output is computed in double lanes (pass 3), with the parameters widened once.
+  constexpr bool kFloatOut = std::is_same_v<T, float>;
+  const ParamRow<double> gamma_d(kFloatOut ? args.gamma : at::Tensor(), kFloatOut ? N : 0, 1.0);
+  const ParamRow<double> beta_d(kFloatOut ? args.beta : at::Tensor(), kFloatOut ? N : 0, 0.0);
   const bool rms = args.rms;
   const double eps = args.eps;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
 
-  // float32 rows without a residual are normalized in place: no scratch row.
-  const bool needs_scratch = r_base != nullptr || !std::is_same_v<T, A>;
+  const bool drop = args.dropout_p > 0.0;
+  const DropoutKey drop_key = drop ? fwd_dropout_key(args) : DropoutKey{};
+  const A drop_scale = static_cast<A>(dropout_scale(args.dropout_p));
+  // float32 rows without a residual or dropout are normalized in place: no scratch row.
+  const bool needs_scratch = r_base != nullptr || !std::is_same_v<T, A> || drop;
 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<A[]> scratch(needs_scratch ? new A[N] : nullptr);
+    std::unique_ptr<A[]> fac(drop ? new A[N] : nullptr);
     for (int64_t i = begin; i < end; ++i) {
       const T* x = x_base + i * N;
       H* h = h_base ? h_base + i * N : nullptr;
       const A* v = scratch.get();  // the row being normalized, in float
 
-      // Pass 1: v = h = x (+ residual), rounded to H (written to residual_out if asked),
-      // and its sum for the mean.
+      // Pass 1: v = h = dropout(x) (+ residual), rounded to H (written to residual_out if
+      // asked), and its sum for the mean. The dropped x is x * factor in float (not rounded
+      // to T first).
       A* sv = scratch.get();
       DD sum;  // LayerNorm only
-      if (r_base) {
-        const R* r = r_base + i * N;
+      if (drop || r_base) {
+        // h = x * factor (dropout) + r (residual); either may be absent.
+        const R* r = r_base ? r_base + i * N : nullptr;
+        const A* f = fac.get();
+        if (drop) dropout_factors(drop_key, drop_scale, i * N, N, fac.get());
         auto fv = [&](int64_t j, V& a0, V& a1) {
-              V b0, b1;
-              Pack<T>::load(x + j, a0, a1);
-              Pack<R>::load(r + j, b0, b1);
-              a0 = a0 + b0;
-              a1 = a1 + b1;
-              Pack<H>::round_store(h ? h + j : nullptr, a0, a1);
-              a0.store(sv + j);
-              a1.store(sv + j + V::size());
-            };
+          Pack<T>::load(x + j, a0, a1);
+          if (f) {
+            a0 = a0 * V::loadu(f + j);
+            a1 = a1 * V::loadu(f + j + V::size());
+          }
+          if (r) {
+            V b0, b1;
+            Pack<R>::load(r + j, b0, b1);
+            a0 = a0 + b0;
+            a1 = a1 + b1;
+          }
+          Pack<H>::round_store(h ? h + j : nullptr, a0, a1);
+          a0.store(sv + j);
+          a1.store(sv + j + V::size());
+        };
         auto fs = [&](int64_t j) {
-              const H hv = static_cast<H>(to_acc<A>(x[j]) + to_acc<A>(r[j]));
-              if (h) h[j] = hv;
-              return sv[j] = to_acc<A>(hv);
-            };
+          A t = f ? to_acc<A>(x[j]) * f[j] : to_acc<A>(x[j]);
+          if (r) t += to_acc<A>(r[j]);
+          const H hv = static_cast<H>(t);
+          if (h) h[j] = hv;
+          return sv[j] = to_acc<A>(hv);
+        };
         if (rms) {
           blocked_sum<A, false>(N, fv, fs);
         } else {
@@ -676,12 +703,14 @@ void norm_fwd_typed(const NormFwdArgs& args) {
       if (mean_base) mean_base[i] = mean_a;
       rstd_base[i] = rstd_a;
 
-      // Pass 3: out = (v - mean) * rstd * gamma + beta. In float lanes where the split
-      // statistics are exact and h - mean cannot overflow (|h - mean| <= sqrt(N * var));
+      // Pass 3: out = (v - mean) * rstd * gamma + beta. float32 output: in double lanes,
+      // rounded once (a float-lane result is within about an ulp, torch's is too, and
+      // either can be the larger). float16/bfloat16 output: in float lanes where the split
+      // statistics are exact and h - mean cannot overflow (|h - mean| <= sqrt(N * var)),
       // else (and for NaN statistics, and without fused multiply-add) in double lanes.
       T* y = y_base + i * N;
-      const bool float_lanes = kFusedFma && rstd >= 0x1p-100 && rstd <= 0x1p100 &&
-                               var * static_cast<double>(N) <= 0x1p250;
+      const bool float_lanes = !std::is_same_v<T, float> && kFusedFma && rstd >= 0x1p-100 &&
+                               rstd <= 0x1p100 && var * static_cast<double>(N) <= 0x1p250;
       int64_t j = 0;
       if (float_lanes) {
         // mean and rstd as float plus their rounding error (see normalized).
@@ -700,6 +729,26 @@ void norm_fwd_typed(const NormFwdArgs& args) {
         for (; j < N; ++j) {
           y[j] = static_cast<T>(
               normalized(v[j], mean_a, mean_lo, rstd_a, rstd_lo) * gamma[j] + beta[j]);
+        }
+      } else if constexpr (std::is_same_v<T, float>) {
+        // float32 data: v widened as loaded, gamma and beta already in double.
+        const VD mean_v(mean), rstd_v(rstd);
+        const double* gd = gamma_d.get();
+        const double* bd = beta_d.get();
+        for (; j + W <= N; j += W) {
+          VD o[4];
+          for (int k = 0; k < 2; ++k) {
+            const int64_t jk = j + k * V::size();
+            VD lo, hi;
+            widen_load(v + jk, lo, hi);
+            o[2 * k] = fma_of((lo - mean_v) * rstd_v, VD::loadu(gd + jk), VD::loadu(bd + jk));
+            o[2 * k + 1] = fma_of((hi - mean_v) * rstd_v, VD::loadu(gd + jk + VD::size()),
+                                  VD::loadu(bd + jk + VD::size()));
+          }
+          Pack<T>::store(y + j, narrow(o[0], o[1]), narrow(o[2], o[3]));
+        }
+        for (; j < N; ++j) {
+          y[j] = static_cast<float>(fma_of((static_cast<double>(v[j]) - mean) * rstd, gd[j], bd[j]));
         }
       } else {
         const VD mean_v(mean), rstd_v(rstd);
@@ -767,28 +816,48 @@ void norm_fwd_f64(const NormFwdArgs& args) {
   const double eps = args.eps;
   const int64_t grain = std::max<int64_t>(1, 16384 / N);
 
+  const bool drop = args.dropout_p > 0.0;
+  const DropoutKey drop_key = drop ? fwd_dropout_key(args) : DropoutKey{};
+  const double drop_scale = dropout_scale(args.dropout_p);
+
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<double[]> scratch(r_base ? new double[N] : nullptr);
+    std::unique_ptr<double[]> scratch(r_base || drop ? new double[N] : nullptr);
+    std::unique_ptr<double[]> fac(drop ? new double[N] : nullptr);
     for (int64_t i = begin; i < end; ++i) {
       const double* x = x_base + i * N;
       double* h = h_base ? h_base + i * N : nullptr;
 
-      // Pass 1: v = h = x (+ residual) (written to residual_out if asked) and its sum.
+      // Pass 1: v = h = dropout(x) (+ residual) (written to residual_out if asked) and its
+      // sum.
       const double* v = x;
       DD sum;
-      if (r_base) {
-        const double* r = r_base + i * N;
+      if (drop || r_base) {
+        // h = x * factor (dropout) + r (residual); either may be absent.
+        const double* r = r_base ? r_base + i * N : nullptr;
+        const double* f = fac.get();
+        if (drop) dropout_factors(drop_key, drop_scale, i * N, N, fac.get());
         double* sv = scratch.get();
         v = sv;
         sum = blocked_sum<double>(
             N,
             [&](int64_t j, V& a0, V& a1) {
-              a0 = V::loadu(x + j) + V::loadu(r + j);
-              a1 = V::loadu(x + j + V::size()) + V::loadu(r + j + V::size());
+              a0 = V::loadu(x + j);
+              a1 = V::loadu(x + j + V::size());
+              if (f) {
+                a0 = a0 * V::loadu(f + j);
+                a1 = a1 * V::loadu(f + j + V::size());
+              }
+              if (r) {
+                a0 = a0 + V::loadu(r + j);
+                a1 = a1 + V::loadu(r + j + V::size());
+              }
               a0.store(sv + j);
               a1.store(sv + j + V::size());
             },
-            [&](int64_t j) { return sv[j] = x[j] + r[j]; });
+            [&](int64_t j) {
+              const double t = f ? x[j] * f[j] : x[j];
+              return sv[j] = r ? t + r[j] : t;
+            });
         if (h) std::copy(sv, sv + N, h);
       } else {
         if (h) std::copy(x, x + N, h);

@@ -32,6 +32,9 @@ inline int64_t bwd_chunks(int64_t M, int64_t N) {
   return (M + rows - 1) / rows;
 }
 
+// _dropout_apply (cpu/dropout_kernel.cpp, compiled once: its work is the Philox rounds).
+void dropout_apply_kernel(const DropoutApplyArgs& args);
+
 #define ADDNORM_DECLARE_CPU_KERNELS(CAP)                                                  \
   namespace CAP {                                                                          \
   void norm_fwd_kernel(const NormFwdArgs& args);                                          \

@@ -40,6 +40,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "cuda/norm_utils.cuh"
+#include "ops/dropout_mask.h"
 #include "ops/norm_launch.h"
 
 // Turns a run-time bool into a constexpr bool NAME visible to the lambda body.
@@ -103,6 +104,11 @@ struct FwdParams {
   int64_t N;
   RowLength len;  // N and 1 / N
   double eps;
+  // Fused dropout of x: the seed tensor's data ([2] int64 on the device, read by the kernel
+  // so that a CUDA graph replays with the seed of each replay), nullptr without dropout.
+  const int64_t* drop_seed;
+  uint64_t drop_threshold;
+  A drop_scale;
 };
 
 template <typename T, typename H, typename W>
@@ -125,18 +131,47 @@ struct BwdParams {
   int64_t chunk_rows;
 };
 
-// h = x (+ residual) for VEC elements at offset off, rounded to H when a residual is added
-// (x alone is exactly representable in H, which is T or wider).
-template <int VEC, typename H, typename T, typename R, typename A>
-__device__ __forceinline__ void load_h(const T* __restrict__ x, const R* __restrict__ residual,
-                                       int64_t off, A (&h)[VEC]) {
-  load_vec<VEC>(x + off, h);
-  if (residual != nullptr) {
+// The fused dropout of VEC elements of x at element offset off (ops/dropout_mask.h): kept
+// ones times the scale, dropped ones 0; the same values as the CPU kernels'.
+template <int VEC, typename A>
+__device__ __forceinline__ void apply_dropout(const int64_t* __restrict__ seed,
+                                              uint64_t threshold, A scale, int64_t off,
+                                              A (&v)[VEC]) {
+  const DropoutKey k{static_cast<uint64_t>(__ldg(seed)), static_cast<uint64_t>(__ldg(seed + 1)),
+                     threshold};
+  at::detail::UINT4 bits{};
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const int64_t e = off + j;
+    const int q = static_cast<int>(e & 3);
+    if (j == 0 || q == 0) {
+      bits = dropout_bits(k, static_cast<uint64_t>(e) >> 2);
+    }
+    const uint32_t b = q == 0 ? bits[0] : q == 1 ? bits[1] : q == 2 ? bits[2] : bits[3];
+    v[j] = dropout_keep(k, b) ? v[j] * scale : A(0);
+  }
+}
+
+// h = dropout(x) (+ residual) for VEC elements at offset off, rounded to H when a residual
+// is added or dropout scales x (x alone is exactly representable in H, which is T or wider).
+template <int VEC, typename T, typename R, typename H, typename W, typename A>
+__device__ __forceinline__ void load_h(const FwdParams<T, R, H, W>& p, int64_t off,
+                                       A (&h)[VEC]) {
+  load_vec<VEC>(p.x + off, h);
+  if (p.drop_seed != nullptr) {
+    apply_dropout<VEC>(p.drop_seed, p.drop_threshold, p.drop_scale, off, h);
+  }
+  if (p.residual != nullptr) {
     A r[VEC];
-    load_vec<VEC>(residual + off, r);
+    load_vec<VEC>(p.residual + off, r);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       h[j] = static_cast<A>(static_cast<H>(h[j] + r[j]));
+    }
+  } else if (p.drop_seed != nullptr) {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      h[j] = static_cast<A>(static_cast<H>(h[j]));
     }
   }
 }
@@ -151,7 +186,8 @@ struct Normalizer;
 template <>
 struct Normalizer<float> {
   float mean_hi, mean_lo, rstd_hi, rstd_lo;
-  __device__ __forceinline__ Normalizer(double mean, double rstd) {
+  double mean, rstd;  // for float32 output (see normalize_store)
+  __device__ __forceinline__ Normalizer(double m, double r) : mean(m), rstd(r) {
     mean_hi = static_cast<float>(mean);
     mean_lo = isfinite(mean_hi) ? static_cast<float>(mean - static_cast<double>(mean_hi)) : 0.0f;
     rstd_hi = static_cast<float>(rstd);
@@ -186,6 +222,38 @@ template <int VEC, typename T, typename R, typename H, typename W, typename A>
 __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, int64_t off,
                                                 int64_t col, const A (&h)[VEC],
                                                 const Normalizer<A>& norm) {
+  if constexpr (std::is_same_v<T, float>) {
+    // float32 output: (h - mean) * rstd * gamma + beta in double, rounded once (in float
+    // lanes the result is within about an ulp, as torch's, and either can be the larger).
+    double y[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      y[j] = (static_cast<double>(h[j]) - norm.mean) * norm.rstd;
+    }
+    if (p.gamma != nullptr) {
+      A g[VEC];
+      load_vec<VEC>(p.gamma + col, g);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        y[j] *= static_cast<double>(g[j]);
+      }
+    }
+    if (p.beta != nullptr) {
+      A b[VEC];
+      load_vec<VEC>(p.beta + col, b);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        y[j] += static_cast<double>(b[j]);
+      }
+    }
+    A yf[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      yf[j] = static_cast<A>(y[j]);
+    }
+    store_vec<VEC>(p.out + off, yf);
+    return;
+  }
   A y[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
@@ -241,7 +309,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int i = 0; i < VPT; ++i) {
       const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
       if (vi < row_vecs) {
-        load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[i]);
+        load_h<VEC>(p, row_off + vi * VEC, h[i]);
         if (p.h_out != nullptr) {
           store_vec<VEC>(p.h_out + row_off + vi * VEC, h[i]);
         }
@@ -319,7 +387,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     if constexpr (!RMS) {
       if (row_vecs > 0) {
         A h0[1];
-        load_h<1, H>(p.x, p.residual, row_off, h0);
+        load_h<1>(p, row_off, h0);
         shift = static_cast<double>(h0[0]);
       }
     }
@@ -334,7 +402,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
       for (int u = 0; u < U; ++u) {
         const int64_t vi = base + u * tpr;
         if (vi < row_vecs) {
-          load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[u]);
+          load_h<VEC>(p, row_off + vi * VEC, h[u]);
         }
       }
 #pragma unroll
@@ -372,7 +440,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
       for (int u = 0; u < U; ++u) {
         const int64_t vi = base + u * tpr;
         if (vi < row_vecs) {
-          load_h<VEC, H>(p.x, p.residual, row_off + vi * VEC, h[u]);
+          load_h<VEC>(p, row_off + vi * VEC, h[u]);
         }
       }
 #pragma unroll
@@ -890,6 +958,9 @@ void launch_norm_fwd(const NormFwdArgs& a) {
   p.N = a.N;
   p.len = {static_cast<double>(a.N), 1.0 / static_cast<double>(a.N)};
   p.eps = a.eps;
+  p.drop_seed = a.dropout_p > 0.0 ? a.dropout_seed.const_data_ptr<int64_t>() : nullptr;
+  p.drop_threshold = dropout_threshold(a.dropout_p);
+  p.drop_scale = static_cast<A>(dropout_scale(a.dropout_p));
 
   const bool vectorized = a.N % VEC == 0 && is_aligned(p.x, sizeof(Vec<T, VEC>)) &&
                           is_aligned(p.residual, sizeof(Vec<R, VEC>)) &&
@@ -1086,8 +1157,11 @@ void norm_bwd(const NormBwdArgs& args) {
 
 }  // namespace
 
+// _dropout_apply's kernel (cuda/dropout_kernel.cu).
+void dropout_apply(const DropoutApplyArgs& args);
+
 TORCH_LIBRARY_IMPL(addnorm, CUDA, m) {
-  register_norm_kernels<&norm_fwd, &norm_bwd>(m);
+  register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply>(m);
 }
 
 }  // namespace addnorm::cuda

@@ -1,8 +1,13 @@
 // The C++ API (include/addnorm/ops.h): each entry calls its op through the dispatcher, so
 // callers get autograd and every backend; and what the library says about itself.
 
+#include <limits>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/rand_like.h>
 
 #include <addnorm/ops.h>
 
@@ -35,30 +40,59 @@ at::Tensor rms_norm(
   return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, eps);
 }
 
+at::Tensor dropout_seed(c10::Device device, std::optional<at::Generator> generator) {
+  // Two float64 uniforms times 2^53, as addnorm.dropout_seed draws them (so the same
+  // generator state gives the same seed from Python and from C++).
+  const at::Tensor u = at::rand_like(
+      at::empty({2}, at::TensorOptions().dtype(at::kDouble).device(device)), generator);
+  return u.mul(9007199254740992.0).to(at::kLong);
+}
+
+at::Tensor dropout_mask(const at::Tensor& seed, at::IntArrayRef size, double dropout_p) {
+  static const auto op = public_op<at::Tensor(
+      const at::Tensor&, const at::Tensor&, double, std::optional<c10::ScalarType>)>(
+      "addnorm::_dropout_apply");
+  const at::Tensor ones = at::ones(size, seed.options().dtype(at::kFloat));
+  return op.call(ones, seed, dropout_p, std::nullopt).ne(0);
+}
+
+namespace {
+// The seed tensor of a call with dropout, none without.
+std::optional<at::Tensor> seed_for(
+    const at::Tensor& input, double dropout_p, const std::optional<at::Generator>& generator) {
+  if (dropout_p == 0.0 || !input.defined()) {
+    return std::nullopt;
+  }
+  return dropout_seed(input.device(), generator);
+}
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> add_layer_norm(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool return_residual,
-    bool residual_in_fp32) {
+    bool residual_in_fp32, double dropout_p, std::optional<at::Generator> generator) {
   static const auto op = public_op<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
-      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool)>(
-      "addnorm::add_layer_norm");
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool,
+      double, const std::optional<at::Tensor>&)>("addnorm::add_layer_norm");
   return op.call(
       input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, eps,
-      return_residual, residual_in_fp32);
+      return_residual, residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator));
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    std::optional<double> eps, bool return_residual, bool residual_in_fp32) {
+    std::optional<double> eps, bool return_residual, bool residual_in_fp32, double dropout_p,
+    std::optional<at::Generator> generator) {
   static const auto op = public_op<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
-      const std::optional<at::Tensor>&, std::optional<double>, bool, bool)>("addnorm::add_rms_norm");
+      const std::optional<at::Tensor>&, std::optional<double>, bool, bool, double,
+      const std::optional<at::Tensor>&)>("addnorm::add_rms_norm");
   return op.call(
       input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, eps, return_residual,
-      residual_in_fp32);
+      residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator));
 }
 
 const char* version() { return ADDNORM_VERSION_STRING; }

@@ -37,6 +37,18 @@ struct NormFwdArgs {
   int64_t N = 0;
   double eps = 0.0;
   bool rms = false;
+  // Fused dropout of x (h = dropout(x) + residual) when dropout_p > 0: the int64 [2] seed
+  // tensor on x's device (ops/dropout_mask.h); undefined without dropout.
+  double dropout_p = 0.0;
+  at::Tensor dropout_seed;
+};
+
+// input * keep-mask / (1 - p) (see ops/dropout_mask.h), rounded to out's dtype.
+struct DropoutApplyArgs {
+  at::Tensor input;  // contiguous
+  at::Tensor seed;   // int64 [2] on input's device
+  at::Tensor out;    // contiguous, input's shape
+  double p = 0.0;
 };
 
 // Backward of out = norm(h) * gamma + beta with respect to h, gamma, beta.

@@ -17,6 +17,9 @@
 //   an output of this node, second derivatives flow back through it to input and residual.
 // - Forward mode: the tangents of out and h follow from those of input, residual, weight
 //   and bias (set_tangents below).
+// - Fused dropout (h = dropout(input) + residual): the node keeps the seed tensor, never a
+//   mask; input's gradient (and tangent) is h's times the mask regenerated from the seed
+//   (_dropout_apply). h is written whenever dropout runs, since the input no longer is h.
 // Under torch.compile both internal ops land in the traced graphs.
 
 #include <vector>
@@ -25,6 +28,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -108,6 +112,25 @@ at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
   return b.defined() ? a + b : a;
 }
 
+// The fused dropout's keep-mask scaled by 1 / (1 - p), as a tensor like t (in t's dtype):
+// a constant for differentiable formulas (higher-order backward, tangents).
+at::Tensor dropout_scale_like(const at::Tensor& t, const at::Tensor& seed, double p) {
+  return dropout_apply_op().call(at::ones_like(t), seed, p, std::nullopt);
+}
+
+// The gradient of input in h = dropout(input) + residual, in dtype: grad_h times the
+// regenerated mask and scale, one pass (differentiably when a higher-order graph is built).
+at::Tensor dropout_input_grad(const at::Tensor& grad_h, const at::Tensor& seed, double p,
+                              c10::ScalarType dtype) {
+  if (p == 0.0) {
+    return grad_h.to(dtype);
+  }
+  if (at::GradMode::is_enabled() || isFwGradDefined(grad_h)) {
+    return (grad_h * dropout_scale_like(grad_h, seed, p)).to(dtype);
+  }
+  return dropout_apply_op().call(grad_h, seed, p, dtype);
+}
+
 class NormFunction : public torch::autograd::Function<NormFunction> {
  public:
   // Returns {out, h, h_kept} (see the top of this file). Used only when a gradient can flow
@@ -122,17 +145,21 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       double eps,
       bool is_rms,
       bool return_residual,
-      bool residual_in_fp32) {
+      bool residual_in_fp32,
+      double dropout_p,
+      const std::optional<at::Tensor>& dropout_seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);  // an unused output gets no [M, N] zero gradient
     const bool has_residual = residual.has_value();
-    // Backward needs h; with a residual it exists only if we write it.
-    const bool store_residual = return_residual || has_residual;
+    const bool drop = dropout_p > 0.0;
+    // Backward needs h; with a residual or dropout it exists only if we write it.
+    const bool kept = (has_residual || drop) && !return_residual;
+    const bool store_residual = return_residual || kept;
     auto [out, h, mean, rstd] = norm_fwd_op().call(
         input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
-        residual_in_fp32);
+        residual_in_fp32, dropout_p, dropout_seed);
     at::Tensor h_returned = return_residual ? h : at::empty({0}, h.options());
-    at::Tensor h_kept = (has_residual && !return_residual) ? h : at::empty({0}, h.options());
+    at::Tensor h_kept = kept ? h : at::empty({0}, h.options());
     // (One call: each call of mark_non_differentiable replaces the previous set.)
     variable_list non_differentiable;
     if (!return_residual || (!input.requires_grad() && !requires_grad(residual))) {
@@ -140,14 +167,19 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       // residual depends on neither weight nor bias, so, like eager's x + r, it requires none.
       non_differentiable.push_back(h_returned);
     }
-    if (!(has_residual && !return_residual)) {
+    if (!kept) {
       non_differentiable.push_back(h_kept);
     }
     ctx->mark_non_differentiable(non_differentiable);
     // What was normalized: h when it was written (an output of this node, so higher-order
     // gradients reach input and residual through it), else the input.
-    const at::Tensor& normalized = return_residual ? h_returned : (has_residual ? h_kept : input);
+    const at::Tensor& normalized = return_residual ? h_returned : (kept ? h_kept : input);
     ctx->save_for_backward({normalized, mean, rstd, weight.value_or(at::Tensor())});
+    // The seed (int64 [2], never differentiated) is kept as data, not as a saved variable:
+    // its 16 bytes need no saved-tensor hooks, and backward reads it whichever path it takes.
+    ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
+    ctx->saved_data["dropout_seed"] = drop ? *dropout_seed : at::Tensor();
+    ctx->saved_data["kept"] = kept;
     ctx->saved_data["input_dtype"] = input.scalar_type();
     ctx->saved_data["residual_dtype"] = has_residual ? residual->scalar_type() : input.scalar_type();
     ctx->saved_data["has_residual"] = has_residual;
@@ -175,17 +207,19 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool returned_h = ctx->saved_data["returned_h"].toBool();
     const at::Tensor grad_h_in =
         sum_defined(returned_h ? grad_outputs[1] : at::Tensor(),
-                    (has_residual && !returned_h) ? grad_outputs[2] : at::Tensor());
+                    ctx->saved_data["kept"].toBool() ? grad_outputs[2] : at::Tensor());
+    const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
+    const at::Tensor dropout_seed = ctx->saved_data["dropout_seed"].toTensor();
 
-    variable_list grads(9);  // one per forward argument after ctx
+    variable_list grads(11);  // one per forward argument after ctx
     auto set_input_grads = [&](const at::Tensor& grad_h) {
-      grads[0] = grad_h.to(input_dtype);
+      grads[0] = dropout_input_grad(grad_h, dropout_seed, dropout_p, input_dtype);
       if (has_residual) {
         grads[1] = grad_h.to(residual_dtype);
       }
     };
     if (!grad_out.defined()) {
-      // out is unused: only h's gradient, straight through h = input + residual.
+      // out is unused: only h's gradient, straight through h = dropout(input) + residual.
       if (grad_h_in.defined()) {
         set_input_grads(grad_h_in);
       }
@@ -281,7 +315,7 @@ void set_tangents(
     const at::Tensor& out, const at::Tensor& h_returned, const at::Tensor& h,
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, double eps,
-    bool is_rms, int64_t ndim) {
+    bool is_rms, int64_t ndim, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const at::Tensor t_input = tangent_or_undefined(input);
   const at::Tensor t_residual = tangent_or_undefined(residual);
   const at::Tensor t_weight = tangent_or_undefined(weight);
@@ -292,8 +326,11 @@ void set_tangents(
     c10::AutoFwGradMode no_fw_grad(false);
     const auto acc = compute_dtype(h.scalar_type());
     const auto dims = norm_dims(ndim);
-    t_h = sum_defined(t_input.defined() ? t_input.to(acc) : t_input,
-                      t_residual.defined() ? t_residual.to(acc) : t_residual);
+    at::Tensor t_dropped = t_input.defined() ? t_input.to(acc) : t_input;
+    if (t_dropped.defined() && dropout_p > 0.0) {
+      t_dropped = t_dropped * dropout_scale_like(t_dropped, *dropout_seed, dropout_p);
+    }
+    t_h = sum_defined(t_dropped, t_residual.defined() ? t_residual.to(acc) : t_residual);
     const auto [xhat, rstd] = normalize_composite(h.to(acc), ndim, is_rms, eps);
     if (t_h.defined()) {
       const at::Tensor c_hx = (t_h * xhat).mean(dims, /*keepdim=*/true);
@@ -343,9 +380,14 @@ std::tuple<at::Tensor, at::Tensor> norm_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
-    bool residual_in_fp32) {
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const NormPlan plan = check_norm_fwd_inputs(
-      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32);
+      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p,
+      dropout_seed);
+  TORCH_CHECK(dropout_p == 0.0,
+              "addnorm: the fused dropout (dropout_p > 0) is not supported inside torch.func "
+              "transforms (grad, vmap, jacrev, ...); apply torch.nn.functional.dropout to the "
+              "input and call addnorm with dropout_p=0 there");
   const auto acc = compute_dtype(input.scalar_type());
   const at::Tensor h = residual.has_value()
                            ? (input.to(acc) + residual->to(acc)).to(plan.dtypes.h)
@@ -367,11 +409,11 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
-    bool residual_in_fp32) {
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   check_input_defined(input);
   if (inside_functorch_transform()) {
     return norm_composite(input, residual, normalized_shape, weight, bias, eps, is_rms,
-                          return_residual, residual_in_fp32);
+                          return_residual, residual_in_fp32, dropout_p, dropout_seed);
   }
   const bool tangents = any_tangent(input, residual, weight, bias);
   at::Tensor out, h_returned, normalized;
@@ -382,26 +424,30 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
       c10::AutoFwGradMode no_fw_grad(false);
       outs = NormFunction::apply(
           input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
-          residual_in_fp32);
+          residual_in_fp32, dropout_p, dropout_seed);
     }
     out = outs[0];
     h_returned = outs[1];
-    normalized = return_residual ? outs[1] : (residual.has_value() ? outs[2] : input);
+    normalized = return_residual ? outs[1]
+                 : (residual.has_value() || dropout_p > 0.0) ? outs[2]
+                                                             : input;
   } else {
     // No gradient can flow: the forward below autograd, no graph node (h is written when
     // tangents need it).
     at::AutoDispatchBelowADInplaceOrView guard;
-    const bool store_residual = return_residual || (tangents && residual.has_value());
+    const bool store_residual =
+        return_residual || (tangents && (residual.has_value() || dropout_p > 0.0));
     auto outs = norm_fwd_op().call(
         input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
-        residual_in_fp32);
+        residual_in_fp32, dropout_p, dropout_seed);
     out = std::get<0>(outs);
     normalized = store_residual ? std::get<1>(outs) : input;
     h_returned = return_residual ? std::get<1>(outs) : at::empty({0}, std::get<1>(outs).options());
   }
   if (tangents) {
     set_tangents(out, return_residual ? h_returned : at::Tensor(), normalized, input, residual,
-                 weight, bias, eps, is_rms, static_cast<int64_t>(normalized_shape.size()));
+                 weight, bias, eps, is_rms, static_cast<int64_t>(normalized_shape.size()),
+                 dropout_p, dropout_seed);
   }
   return {out, h_returned};
 }

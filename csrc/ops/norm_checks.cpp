@@ -67,10 +67,47 @@ void check_input_defined(const at::Tensor& input) {
   TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");
 }
 
+void check_dropout_args(
+    const at::Tensor& input, double p, const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(
+      p >= 0.0 && p <= 1.0, "addnorm: dropout_p must be a probability in [0, 1], got ", p);
+  if (p == 0.0) {
+    return;
+  }
+  TORCH_CHECK(
+      seed.has_value(), "addnorm: dropout_p = ", p,
+      " needs dropout_seed, an int64 tensor of 2 elements on the input's device (the "
+      "functional forms and modules draw it from torch's generator)");
+  check_same_device(*seed, input, "dropout_seed");
+  TORCH_CHECK(
+      seed->scalar_type() == at::kLong && seed->sym_numel() == 2,
+      "addnorm: dropout_seed must be an int64 tensor of 2 elements, got ",
+      seed->scalar_type(), " of shape ", seed->sym_sizes());
+}
+
+c10::ScalarType check_dropout_apply_inputs(
+    const at::Tensor& input, const at::Tensor& seed, double p,
+    std::optional<c10::ScalarType> dtype) {
+  check_input_defined(input);
+  TORCH_CHECK(
+      is_supported_float(input.scalar_type()),
+      "addnorm: input must be a float32, float64, float16 or bfloat16 tensor, got ",
+      input.scalar_type());
+  const auto out = dtype.value_or(input.scalar_type());
+  TORCH_CHECK(
+      out == input.scalar_type() ||
+          (input.scalar_type() == at::kFloat && (out == at::kHalf || out == at::kBFloat16)),
+      "addnorm: dtype must be the input's (", input.scalar_type(),
+      ") or, for float32 input, float16/bfloat16; got ", out);
+  check_dropout_args(input, p, seed);
+  return out;
+}
+
 NormPlan check_norm_fwd_inputs(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool residual_in_fp32) {
+    const std::optional<at::Tensor>& bias, double eps, bool residual_in_fp32, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   check_input_defined(input);
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
@@ -90,6 +127,7 @@ NormPlan check_norm_fwd_inputs(
       input.sym_sizes());
   TORCH_CHECK(
       eps >= 0.0, "addnorm: eps must be a non-negative number, got ", eps);
+  check_dropout_args(input, dropout_p, dropout_seed);
   if (weight.has_value()) {
     check_param(*weight, input, normalized_shape, "weight");
   }

@@ -18,6 +18,12 @@ namespace addnorm {
 // dispatcher's.
 void check_input_defined(const at::Tensor& input);
 
+// Checks of _dropout_apply; the output dtype: dtype, or the input's (float32 input may
+// round to float16/bfloat16, as h's gradient of float16/bfloat16 input does).
+c10::ScalarType check_dropout_apply_inputs(
+    const at::Tensor& input, const at::Tensor& seed, double p,
+    std::optional<c10::ScalarType> dtype);
+
 // A call after its checks: the first normalized dim and the call's dtypes.
 struct NormPlan {
   int64_t axis;       // input.dim() - len(normalized_shape)
@@ -35,7 +41,14 @@ NormPlan check_norm_fwd_inputs(
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
     double eps,
-    bool residual_in_fp32);
+    bool residual_in_fp32,
+    double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed);
+
+// Checks of the fused dropout's arguments: 0 <= p <= 1; for p > 0 a seed, an int64 tensor
+// of 2 elements on the input's device.
+void check_dropout_args(
+    const at::Tensor& input, double p, const std::optional<at::Tensor>& seed);
 
 // (out, residual_out, mean, rstd): residual_out is [0] unless store_residual, mean is [0]
 // for RMSNorm. All contiguous, except out of RMSNorm, which has the input's suggested memory

@@ -13,11 +13,11 @@ std::tuple<at::Tensor, at::Tensor> norm_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
-    bool residual_in_fp32) {
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   check_input_defined(input);
   auto outs = norm_fwd_op().call(
       input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
-      residual_in_fp32);
+      residual_in_fp32, dropout_p, dropout_seed);
   return {std::get<0>(outs), std::get<1>(outs)};
 }
 

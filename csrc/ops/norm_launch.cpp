@@ -24,9 +24,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
     NormFwdKernel kernel, const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool store_residual,
-    bool residual_in_fp32) {
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const auto plan = check_norm_fwd_inputs(
-      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32);
+      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p,
+      dropout_seed);
   auto [out, residual_out, mean, rstd] =
       empty_norm_fwd_outputs(input, plan, is_rms, store_residual);
   NormFwdArgs args;
@@ -63,6 +64,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
   args.rstd = rstd.view({args.M});
   args.eps = eps;
   args.rms = is_rms;
+  if (dropout_p > 0.0) {
+    args.dropout_p = dropout_p;
+    args.dropout_seed = dropout_seed->contiguous();
+  }
   kernel(args);
   if (!out.is_same(out_rows)) {
     out.copy_(out_rows);
@@ -107,6 +112,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
   args.eps = eps;
   kernel(args);
   return {grad_h, grad_weight, grad_bias};
+}
+
+at::Tensor launch_dropout_apply(
+    DropoutApplyKernel kernel, const at::Tensor& input, const at::Tensor& seed, double p,
+    std::optional<c10::ScalarType> dtype) {
+  const auto plan = check_dropout_apply_inputs(input, seed, p, dtype);
+  DropoutApplyArgs args;
+  args.input = input.contiguous();
+  args.seed = seed.contiguous();
+  args.out = at::empty(input.sizes(), input.options().dtype(plan));
+  args.p = p;
+  if (input.numel() > 0) {
+    kernel(args);
+  }
+  return args.out;
 }
 
 }  // namespace addnorm

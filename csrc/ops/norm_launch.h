@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
     NormFwdKernel kernel, const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool store_residual,
-    bool residual_in_fp32);
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed);
 
 // _norm_bwd with the given kernel: (grad_h, grad_weight, grad_bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
@@ -35,17 +35,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps);
 
-// Registers _norm_fwd and _norm_bwd for the library's dispatch key (inside
-// TORCH_LIBRARY_IMPL(addnorm, <key>, m)) with the kernels kFwd and kBwd.
-template <NormFwdKernel kFwd, NormBwdKernel kBwd>
+using DropoutApplyKernel = void (*)(const DropoutApplyArgs&);
+
+// _dropout_apply with the given kernel.
+at::Tensor launch_dropout_apply(
+    DropoutApplyKernel kernel, const at::Tensor& input, const at::Tensor& seed, double p,
+    std::optional<c10::ScalarType> dtype);
+
+// Registers _norm_fwd, _norm_bwd and _dropout_apply for the library's dispatch key (inside
+// TORCH_LIBRARY_IMPL(addnorm, <key>, m)) with the kernels kFwd, kBwd and kDropout.
+template <NormFwdKernel kFwd, NormBwdKernel kBwd, DropoutApplyKernel kDropout>
 void register_norm_kernels(torch::Library& m) {
+  m.impl("_dropout_apply",
+         [](const at::Tensor& input, const at::Tensor& seed, double p,
+            std::optional<c10::ScalarType> dtype) {
+           return launch_dropout_apply(kDropout, input, seed, p, dtype);
+         });
   m.impl("_norm_fwd",
          [](const at::Tensor& input, const std::optional<at::Tensor>& residual,
             c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
             const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool store_residual,
-            bool residual_in_fp32) {
+            bool residual_in_fp32, double dropout_p,
+            const std::optional<at::Tensor>& dropout_seed) {
            return launch_norm_fwd(kFwd, input, residual, normalized_shape, weight, bias, eps,
-                                  is_rms, store_residual, residual_in_fp32);
+                                  is_rms, store_residual, residual_in_fp32, dropout_p,
+                                  dropout_seed);
          });
   m.impl("_norm_bwd",
          [](const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,

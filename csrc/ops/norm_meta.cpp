@@ -2,6 +2,7 @@
 // kernels, with symbolic sizes, so torch.compile and torch.export trace them. The public
 // ops reach these through their CompositeExplicitAutograd kernels.
 
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "ops/norm_checks.h"
@@ -13,9 +14,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_meta(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool store_residual,
-    bool residual_in_fp32) {
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
   const auto plan = check_norm_fwd_inputs(
-      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32);
+      input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p,
+      dropout_seed);
   return empty_norm_fwd_outputs(input, plan, is_rms, store_residual);
 }
 
@@ -29,11 +31,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_meta(
   return empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan.axis);
 }
 
+at::Tensor dropout_apply_meta(
+    const at::Tensor& input, const at::Tensor& seed, double p,
+    std::optional<c10::ScalarType> dtype) {
+  const auto out = check_dropout_apply_inputs(input, seed, p, dtype);
+  return at::empty_symint(input.sym_sizes(), input.options().dtype(out));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(addnorm, Meta, m) {
   m.impl("_norm_fwd", &norm_fwd_meta);
   m.impl("_norm_bwd", &norm_bwd_meta);
+  m.impl("_dropout_apply", &dropout_apply_meta);
 }
 
 }  // namespace addnorm

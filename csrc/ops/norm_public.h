@@ -23,7 +23,7 @@ using NormImpl = std::tuple<at::Tensor, at::Tensor> (*)(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
-    bool residual_in_fp32);
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed);
 
 template <NormImpl impl>
 void register_public_norm_ops(torch::Library& m) {
@@ -32,7 +32,7 @@ void register_public_norm_ops(torch::Library& m) {
             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
             double eps) {
            return std::get<0>(impl(input, std::nullopt, normalized_shape, weight, bias, eps,
-                                   /*is_rms=*/false, false, false));
+                                   /*is_rms=*/false, false, false, 0.0, std::nullopt));
          });
   m.impl("rms_norm",
          [](const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
@@ -40,31 +40,36 @@ void register_public_norm_ops(torch::Library& m) {
            check_input_defined(input);
            return std::get<0>(impl(input, std::nullopt, normalized_shape, weight, std::nullopt,
                                    eps.value_or(default_rms_eps(input.scalar_type())),
-                                   /*is_rms=*/true, false, false));
+                                   /*is_rms=*/true, false, false, 0.0, std::nullopt));
          });
   m.impl("add_layer_norm",
          [](const at::Tensor& input, const std::optional<at::Tensor>& residual,
             c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
             const std::optional<at::Tensor>& bias, double eps, bool return_residual,
-            bool residual_in_fp32) {
+            bool residual_in_fp32, double dropout_p,
+            const std::optional<at::Tensor>& dropout_seed) {
            return impl(input, residual, normalized_shape, weight, bias, eps, /*is_rms=*/false,
-                       return_residual, residual_in_fp32);
+                       return_residual, residual_in_fp32, dropout_p, dropout_seed);
          });
   m.impl("add_rms_norm",
          [](const at::Tensor& input, const std::optional<at::Tensor>& residual,
             c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-            std::optional<double> eps, bool return_residual, bool residual_in_fp32) {
+            std::optional<double> eps, bool return_residual, bool residual_in_fp32,
+            double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
            check_input_defined(input);
            return impl(input, residual, normalized_shape, weight, std::nullopt,
                        eps.value_or(default_rms_eps(input.scalar_type())), /*is_rms=*/true,
-                       return_residual, residual_in_fp32);
+                       return_residual, residual_in_fp32, dropout_p, dropout_seed);
          });
 }
 
 // Typed handles of the internal ops, for calls through the dispatcher.
 using NormFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
-    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool, bool);
+    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool, bool,
+    double, const std::optional<at::Tensor>&);
+using DropoutApplySig = at::Tensor(const at::Tensor&, const at::Tensor&, double,
+                                   std::optional<c10::ScalarType>);
 using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, bool,
@@ -73,6 +78,13 @@ using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 inline c10::TypedOperatorHandle<NormFwdSig> norm_fwd_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("addnorm::_norm_fwd", "").typed<NormFwdSig>();
+  return op;
+}
+
+inline c10::TypedOperatorHandle<DropoutApplySig> dropout_apply_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("addnorm::_dropout_apply", "")
+                             .typed<DropoutApplySig>();
   return op;
 }
 

@@ -16,16 +16,20 @@ TORCH_LIBRARY(addnorm, m) {
   m.def(
       "rms_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
       "float? eps=None) -> Tensor");
-  // Fused residual add + LayerNorm: h = input + residual; returns (layer_norm(h), h).
+  // Fused residual add + LayerNorm: h = dropout(input) + residual; returns
+  // (layer_norm(h), h). dropout_p > 0 needs dropout_seed, an int64 tensor [2] on the
+  // input's device (see ops/dropout_mask.h): the keep-mask is a function of it.
   m.def(
       "add_layer_norm(Tensor input, Tensor? residual, SymInt[] normalized_shape, "
       "Tensor? weight=None, Tensor? bias=None, float eps=1e-05, *, "
-      "bool return_residual=True, bool residual_in_fp32=False) -> (Tensor, Tensor)");
-  // Fused residual add + RMSNorm: h = input + residual; returns (rms_norm(h), h).
+      "bool return_residual=True, bool residual_in_fp32=False, float dropout_p=0., "
+      "Tensor? dropout_seed=None) -> (Tensor, Tensor)");
+  // Fused residual add + RMSNorm: h = dropout(input) + residual; returns (rms_norm(h), h).
   m.def(
       "add_rms_norm(Tensor input, Tensor? residual, SymInt[] normalized_shape, "
       "Tensor? weight=None, float? eps=None, *, bool return_residual=True, "
-      "bool residual_in_fp32=False) -> (Tensor, Tensor)");
+      "bool residual_in_fp32=False, float dropout_p=0., Tensor? dropout_seed=None) "
+      "-> (Tensor, Tensor)");
   // nn.TransformerEncoderLayer's forward (CompositeImplicitAutograd, in
   // modules/transformer_encoder_layer.cpp); every Add & Norm through add_layer_norm.
   m.def(
@@ -38,8 +42,13 @@ TORCH_LIBRARY(addnorm, m) {
   // Internal forward: (out, residual_out, mean, rstd); what backward needs.
   m.def(
       "_norm_fwd(Tensor input, Tensor? residual, SymInt[] normalized_shape, Tensor? weight, "
-      "Tensor? bias, float eps, bool is_rms, bool store_residual, bool residual_in_fp32) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? bias, float eps, bool is_rms, bool store_residual, bool residual_in_fp32, "
+      "float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Internal: input * keep-mask / (1 - p) in dtype (default: the input's), the mask of
+  // dropout_seed over input's elements; the input gradient of the fused dropout, and the
+  // mask itself (of ones).
+  m.def("_dropout_apply(Tensor input, Tensor dropout_seed, float p, ScalarType? dtype=None) "
+        "-> Tensor");
   // Internal backward: (grad_h, grad_weight, grad_bias). eps: the forward's; with it the
   // CPU kernels take the row statistics from h itself, in double (mean as the saved mean
   // plus a correction, rstd = 1 / sqrt(var + eps)), without it mean and rstd as given.

@@ -28,7 +28,8 @@ _check_torch_version()
 
 # (after the check: these load the library)
 from . import _C  # noqa: E402,F401  (registers torch.ops.addnorm.*)
-from .functional import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
+from .functional import (  # noqa: E402
+    add_layer_norm, add_rms_norm, dropout_mask, dropout_seed, layer_norm, rms_norm)
 from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm  # noqa: E402
 from .encoder import TransformerEncoderLayer  # noqa: E402
 from .convert import replace_modules  # noqa: E402
@@ -56,6 +57,8 @@ __all__ = [
     "add_rms_norm",
     "cpu_capability",
     "cuda_available",
+    "dropout_mask",
+    "dropout_seed",
     "layer_norm",
     "replace_modules",
     "rms_norm",

@@ -84,6 +84,74 @@ layer_norm.__prepare_scriptable__ = lambda: _layer_norm_scripted
 rms_norm.__prepare_scriptable__ = lambda: _rms_norm_scripted
 
 
+def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
+    """The seed of one fused-dropout call: an int64 tensor ``[2]`` on ``device`` drawn from
+    ``generator`` (default: the device's default generator, so it follows
+    ``torch.manual_seed``, and a CUDA graph replay draws a fresh one). The keep-mask is a
+    function of it, so backward, activation checkpointing and any recompute regenerate the
+    forward's mask. (Two float64 uniforms times 2^53: the same draw as the C++
+    ``addnorm::dropout_seed``.)
+
+    Under ``torch.compile`` with ``torch._functorch.config.activation_memory_budget < 1``
+    this raises: that partitioner may recompute any random draw of the graph in backward
+    with fresh randomness (torch's own dropout is hit too), which would give backward
+    another mask than the forward's. Draw the seed outside the compiled function and pass
+    it to ``torch.ops.addnorm.add_layer_norm(..., dropout_seed=seed)``: a graph input is
+    never recomputed."""
+    if not torch.jit.is_scripting():
+        _check_seed_not_recomputed()
+    u = torch.rand_like(torch.empty([2], dtype=torch.float64, device=device),
+                        generator=generator)
+    return (u * 9007199254740992.0).to(torch.int64)  # 2^53
+
+
+def _check_seed_not_recomputed() -> None:
+    if torch.compiler.is_compiling():
+        import torch._functorch.config as functorch_config
+
+        budget = functorch_config.activation_memory_budget
+        if budget < 1.0:
+            raise RuntimeError(
+                f"addnorm: the fused dropout's seed cannot be drawn inside a graph compiled "
+                f"with activation_memory_budget = {budget} < 1: torch.compile may recompute "
+                "the draw in backward with fresh randomness, and the gradients would belong "
+                "to another mask. Draw it outside the compiled function "
+                "(seed = addnorm.dropout_seed(device)) and pass it to "
+                "torch.ops.addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)")
+
+
+def dropout_mask(seed: Tensor, size: List[int], p: float) -> Tensor:
+    """The keep-mask (bool, shape ``size``, on the seed's device) of ``seed`` and ``p``: the
+    elements ``add_layer_norm(..., dropout_p=p)`` keeps. For tests and debugging."""
+    ones = torch.ones(size, dtype=torch.float32, device=seed.device)
+    return torch.ops.addnorm._dropout_apply(ones, seed, p) != 0
+
+
+def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_shape: List[int],
+              weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
+              return_residual: bool, residual_in_fp32: bool, dropout_p: Optional[float],
+              generator: Optional[torch.Generator], return_dropout_mask: bool):
+    # dropout_p defaults to None, not 0.0: under torch.compile(dynamic=True) a float default
+    # is traced as a symbolic input, and comparing it restarts the trace.
+    if dropout_p is None:
+        dropout_p = 0.0
+    seed = dropout_seed(input.device, generator) if dropout_p > 0 else None
+    if rms:
+        out, h = torch.ops.addnorm.add_rms_norm(
+            input, residual, normalized_shape, weight, eps, return_residual=return_residual,
+            residual_in_fp32=residual_in_fp32, dropout_p=dropout_p, dropout_seed=seed)
+    else:
+        out, h = torch.ops.addnorm.add_layer_norm(
+            input, residual, normalized_shape, weight, bias, eps,
+            return_residual=return_residual, residual_in_fp32=residual_in_fp32,
+            dropout_p=dropout_p, dropout_seed=seed)
+    if not return_dropout_mask:
+        return (out, h) if return_residual else out
+    mask = (dropout_mask(seed, list(input.shape), dropout_p) if seed is not None
+            else torch.ones(input.shape, dtype=torch.bool, device=input.device))
+    return (out, h, mask) if return_residual else (out, mask)
+
+
 def add_layer_norm(
     input: Tensor,
     residual: Optional[Tensor],
@@ -94,17 +162,25 @@ def add_layer_norm(
     *,
     return_residual: bool = False,
     residual_in_fp32: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """``h = input + residual; out = layer_norm(h)`` in one pass.
+    dropout_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    return_dropout_mask: bool = False,
+) -> Union[Tensor, Tuple[Tensor, ...]]:
+    """``h = dropout(input, dropout_p) + residual; out = layer_norm(h)`` in one pass.
 
     Returns ``out``, or ``(out, h)`` with ``return_residual=True`` (pre-LN models carry h
     to the next layer). h has the residual's dtype, or float32 with ``residual_in_fp32``.
+
+    ``dropout_p > 0`` drops input elements (always: pass 0 or None in eval, as with
+    ``F.dropout(training=False)``). The keep-mask comes from a seed drawn from ``generator``
+    (``dropout_seed``) and is never stored: backward regenerates it. The same seed gives the
+    same mask on the CPU and on CUDA. ``return_dropout_mask=True`` appends the mask (bool)
+    to the result, for tests and debugging.
     """
     _check_unnamed(input, residual, weight, bias)
-    out, h = torch.ops.addnorm.add_layer_norm(
-        input, residual, _as_shape(normalized_shape), weight, bias, eps,
-        return_residual=return_residual, residual_in_fp32=residual_in_fp32)
-    return (out, h) if return_residual else out
+    return _add_norm(False, input, residual, _as_shape(normalized_shape), weight, bias, eps,
+                     return_residual, residual_in_fp32, dropout_p, generator,
+                     return_dropout_mask)
 
 
 def add_rms_norm(
@@ -116,13 +192,16 @@ def add_rms_norm(
     *,
     return_residual: bool = False,
     residual_in_fp32: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """``h = input + residual; out = rms_norm(h)`` in one pass; see ``add_layer_norm``."""
+    dropout_p: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    return_dropout_mask: bool = False,
+) -> Union[Tensor, Tuple[Tensor, ...]]:
+    """``h = dropout(input, dropout_p) + residual; out = rms_norm(h)`` in one pass; see
+    ``add_layer_norm``."""
     _check_unnamed(input, residual, weight)
-    out, h = torch.ops.addnorm.add_rms_norm(
-        input, residual, _as_shape(normalized_shape), weight, eps,
-        return_residual=return_residual, residual_in_fp32=residual_in_fp32)
-    return (out, h) if return_residual else out
+    return _add_norm(True, input, residual, _as_shape(normalized_shape), weight, None, eps,
+                     return_residual, residual_in_fp32, dropout_p, generator,
+                     return_dropout_mask)
 
 
 # torch.jit.script raises "TorchScript error: <message>" for functions carrying this.
@@ -135,4 +214,4 @@ add_layer_norm.__script_unsupported = _NOT_SCRIPTABLE.format(name="add_layer_nor
 add_rms_norm.__script_unsupported = _NOT_SCRIPTABLE.format(name="add_rms_norm", module="AddRMSNorm")
 
 
-__all__ = ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"]
+__all__ = ["add_layer_norm", "add_rms_norm", "dropout_mask", "dropout_seed", "layer_norm", "rms_norm"]

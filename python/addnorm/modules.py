@@ -13,6 +13,19 @@ from torch import Tensor, nn
 from . import functional as F
 
 
+def _check_p(p: float) -> float:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    return float(p)
+
+
+def _seed(input: Tensor, p: float) -> Optional[Tensor]:
+    """The fused dropout's seed for a call with probability p, None for 0."""
+    if p > 0.0:
+        return F.dropout_seed(input.device)
+    return None
+
+
 class LayerNorm(nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm``."""
 
@@ -34,30 +47,36 @@ class RMSNorm(nn.RMSNorm):
 
 
 class AddLayerNorm(nn.LayerNorm):
-    """``LayerNorm(input + residual)``; ``forward(input, residual)`` returns what
+    """``LayerNorm(dropout(input) + residual)``; ``forward(input, residual)`` returns what
     ``addnorm.add_layer_norm`` returns (``(out, h)`` with ``return_residual=True``).
+    ``dropout`` (default 0) applies in training mode only, as ``nn.Dropout``, with the
+    fused, regenerated mask of ``add_layer_norm(dropout_p=...)``.
 
     ``return_residual`` and ``residual_in_fp32`` are TorchScript constants: a scripted
     module's forward returns ``Tensor`` or ``Tuple[Tensor, Tensor]``, fixed by
     ``return_residual`` at scripting time."""
 
-    __constants__ = nn.LayerNorm.__constants__ + ["return_residual", "residual_in_fp32"]
+    __constants__ = nn.LayerNorm.__constants__ + ["return_residual", "residual_in_fp32",
+                                                  "dropout"]
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, return_residual: bool = False,
-                 residual_in_fp32: bool = False) -> None:
+                 residual_in_fp32: bool = False, dropout: float = 0.0) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.return_residual = return_residual
         self.residual_in_fp32 = residual_in_fp32
+        self.dropout = _check_p(dropout)
 
     # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
     # constant return_residual (an annotated Union would reach scripted callers as a Union).
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):
         if not torch.jit.is_scripting():
             F._check_unnamed(input, residual)
+        p = self.dropout if self.training else 0.0
         out, h = torch.ops.addnorm.add_layer_norm(
             input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
-            return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32)
+            return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
+            dropout_p=p, dropout_seed=_seed(input, p))
         if self.return_residual:
             return out, h
         return out
@@ -65,30 +84,35 @@ class AddLayerNorm(nn.LayerNorm):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, return_residual={self.return_residual}, "
-            f"residual_in_fp32={self.residual_in_fp32}"
+            f"residual_in_fp32={self.residual_in_fp32}, dropout={self.dropout}"
         )
 
 
 class AddRMSNorm(nn.RMSNorm):
-    """``RMSNorm(input + residual)``; see ``AddLayerNorm``."""
+    """``RMSNorm(dropout(input) + residual)``; see ``AddLayerNorm``."""
 
-    __constants__ = nn.RMSNorm.__constants__ + ["return_residual", "residual_in_fp32"]
+    __constants__ = nn.RMSNorm.__constants__ + ["return_residual", "residual_in_fp32",
+                                                "dropout"]
 
     def __init__(self, normalized_shape, eps: Optional[float] = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
-                 return_residual: bool = False, residual_in_fp32: bool = False) -> None:
+                 return_residual: bool = False, residual_in_fp32: bool = False,
+                 dropout: float = 0.0) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.return_residual = return_residual
         self.residual_in_fp32 = residual_in_fp32
+        self.dropout = _check_p(dropout)
 
     # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
     # constant return_residual (an annotated Union would reach scripted callers as a Union).
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):
         if not torch.jit.is_scripting():
             F._check_unnamed(input, residual)
+        p = self.dropout if self.training else 0.0
         out, h = torch.ops.addnorm.add_rms_norm(
             input, residual, self.normalized_shape, self.weight, self.eps,
-            return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32)
+            return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
+            dropout_p=p, dropout_seed=_seed(input, p))
         if self.return_residual:
             return out, h
         return out
@@ -96,7 +120,7 @@ class AddRMSNorm(nn.RMSNorm):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, return_residual={self.return_residual}, "
-            f"residual_in_fp32={self.residual_in_fp32}"
+            f"residual_in_fp32={self.residual_in_fp32}, dropout={self.dropout}"
         )
 
 

@@ -3,6 +3,7 @@
 
 #include <string>
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/forward_grad.h>
 #include <torch/torch.h>
@@ -126,6 +127,35 @@ TEST(AddNormOps, RmsGradientsFromCpp) {
   auto ref = torch::autograd::grad({ref_out.pow(2).sum()}, {x, w});
   EXPECT_TRUE(torch::allclose(grads[0], ref[0], 1e-10, 1e-10));
   EXPECT_TRUE(torch::allclose(grads[1], ref[1], 1e-10, 1e-10));
+}
+
+TEST(AddNormOps, FusedDropoutFromCpp) {
+  // h = dropout(x) + r with the mask of the seed the generator gave; the same generator
+  // state gives the same result; x's gradient is h's times the mask and scale.
+  const double p = 0.25;
+  auto x = torch::randn({6, 40}, torch::kDouble).requires_grad_();
+  auto r = torch::randn({6, 40}, torch::kDouble);
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(17);
+  auto [out, h] = addnorm::add_layer_norm(x, r, {40}, std::nullopt, std::nullopt, 1e-5, true,
+                                          false, p, gen);
+  auto gen2 = at::make_generator<at::CPUGeneratorImpl>(17);
+  const auto seed = addnorm::dropout_seed(torch::kCPU, gen2);
+  const auto mask = addnorm::dropout_mask(seed, {6, 40}, p);
+  EXPECT_EQ(mask.scalar_type(), torch::kBool);
+  const auto scale = 1.0 / (1.0 - p);
+  EXPECT_TRUE(torch::allclose(h, x.detach() * mask * scale + r, 1e-14, 1e-14));
+  auto gen3 = at::make_generator<at::CPUGeneratorImpl>(17);
+  auto again = std::get<0>(addnorm::add_layer_norm(x.detach(), r, {40}, std::nullopt,
+                                                   std::nullopt, 1e-5, true, false, p, gen3));
+  EXPECT_TRUE(torch::equal(out.detach(), again));
+  auto g = torch::randn_like(h);
+  auto gx = torch::autograd::grad({h}, {x}, {g})[0];
+  EXPECT_TRUE(torch::allclose(gx, g * mask * scale, 1e-14, 1e-14));
+  const auto msg = error_of([&] {
+    addnorm::add_layer_norm(x, r, {40}, std::nullopt, std::nullopt, 1e-5, true, false, 1.5);
+  });
+  EXPECT_NE(msg.find("dropout_p must be a probability in [0, 1], got 1.5"), std::string::npos)
+      << msg;
 }
 
 TEST(AddNormOps, EmptyInput) {

@@ -26,6 +26,7 @@ from conftest import (
     make_data,
     reference_add_norm,
 )
+from reference import row_stats_ld, to_ld
 
 HIDDEN_SIZES = [1, 7, 64, 768, 1000, 4096, 65536, 100003]
 NUM_ROWS = [0, 1, 3, 4097]
@@ -136,16 +137,11 @@ def test_statistics_within_one_ulp(n, rms, dtype, device):
     x = (torch.randn(m, n, dtype=torch.float64) + 30).to(dtype).to(device)
     eps = 1e-5
     _, _, mean, rstd = torch.ops.addnorm._norm_fwd(x, None, [n], None, None, eps, rms, False, False)
-    h = x.cpu().double().numpy().astype(np.longdouble)
-    if rms:
-        ref_rstd = 1 / np.sqrt((h * h).mean(axis=1) + np.longdouble(eps))
-    else:
-        ref_mean = h.mean(axis=1)
-        ref_rstd = 1 / np.sqrt(((h - ref_mean[:, None]) ** 2).mean(axis=1) + np.longdouble(eps))
+    ref_mean, ref_rstd = row_stats_ld(x, eps, rms)
     stat_eps = np.longdouble(torch.finfo(mean.dtype).eps)
 
     def ulps(t, ref):
-        return float(np.max(np.abs(t.cpu().double().numpy().astype(np.longdouble) - ref) / (np.abs(ref) * stat_eps)))
+        return float(np.max(np.abs(to_ld(t) - ref) / (np.abs(ref) * stat_eps)))
 
     assert ulps(rstd, ref_rstd) <= 1.0, f"rstd off by {ulps(rstd, ref_rstd):.2f} ulp"
     if not rms:
@@ -544,6 +540,12 @@ def sample_inputs(device, *, requires_grad=False):
     yield "add_rms_norm", (t(2, 3, 16), t(2, 3, 16, scale=1.0, offset=0.0), [3, 16], w, 1e-6), {}
     yield ("add_rms_norm", (t(5, 16, dtype=torch.float16), t(5, 16, dtype=torch.float16), [16], None, None),
            {"return_residual": False, "residual_in_fp32": True})
+    seed = torch.tensor([123456789, -987654321], dtype=torch.int64, device=device)
+    w, b = wb(16)
+    yield ("add_layer_norm", (t(4, 16), t(4, 16, scale=1.0, offset=0.0), [16], w, b, 1e-5),
+           {"dropout_p": 0.3, "dropout_seed": seed})
+    yield ("add_rms_norm", (t(4, 16), None, [16], wb(16)[0], 1e-6),
+           {"return_residual": False, "dropout_p": 0.5, "dropout_seed": seed})
     # internal ops
     x = t(4, 16, grad=False)
     r = t(4, 16, scale=1.0, offset=0.0, grad=False)
@@ -561,14 +563,18 @@ def sample_inputs(device, *, requires_grad=False):
     yield "_norm_bwd", (g, None, x, mean_r, rstd_r, w, False, True), {}
     yield "_norm_bwd", (g, None, x, mean_r, rstd_r, None, False, True), {}
     yield "_norm_bwd", (g, g * 0.5, h, mean, rstd, w, True, False), {"eps": 1e-5}
+    yield "_norm_fwd", (x, r, [16], w, b, 1e-5, False, True, False, 0.25, seed), {}
+    yield "_dropout_apply", (g, seed, 0.25), {}
+    yield "_dropout_apply", (g, seed, 0.5), {"dtype": torch.bfloat16}
 
 
 # Static so that collection does not run any op.
 _SAMPLE_IDS = [
     "layer_norm-1", "layer_norm-2", "rms_norm-1", "rms_norm-2",
     "add_layer_norm-1", "add_layer_norm-2", "add_layer_norm-3", "add_rms_norm-1", "add_rms_norm-2",
+    "add_layer_norm-4", "add_rms_norm-3",
     "_norm_fwd-1", "_norm_fwd-2", "_norm_fwd-3", "_norm_bwd-1", "_norm_bwd-2", "_norm_bwd-3",
-    "_norm_bwd-4",
+    "_norm_bwd-4", "_norm_fwd-4", "_dropout_apply-1", "_dropout_apply-2",
 ]
 
 
@@ -589,7 +595,8 @@ def test_all_ops_have_samples():
     samples = [n for n, _, _ in sample_inputs("cpu")]
     assert [i.rsplit("-", 1)[0] for i in _SAMPLE_IDS] == samples
     names = set(samples)
-    assert names == {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd", "_norm_bwd"}
+    assert names == {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd", "_norm_bwd",
+                     "_dropout_apply"}
     for n in names:
         assert hasattr(torch.ops.addnorm, n)
 

@@ -6,6 +6,7 @@
 #include <optional>
 #include <tuple>
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 
@@ -29,9 +30,13 @@ ADDNORM_API at::Tensor rms_norm(
     const std::optional<at::Tensor>& weight = std::nullopt,  // [*normalized_shape]
     std::optional<double> eps = std::nullopt);
 
-// h = input + residual (residual may be absent); returns (layer_norm(h), h).
-// h has the residual's dtype, or float32 with residual_in_fp32. With
+// h = dropout(input, dropout_p) + residual (residual may be absent); returns
+// (layer_norm(h), h). h has the residual's dtype, or float32 with residual_in_fp32. With
 // return_residual=false h is not written and the second result is an empty tensor.
+// dropout_p > 0 drops elements of input with a keep-mask drawn from generator (default:
+// the device's default generator) through dropout_seed(), never stored: backward
+// regenerates it. (Apply it in training only, as torch::nn::functional::dropout's caller
+// does.)
 ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_layer_norm(
     const at::Tensor& input,                   // [..., *normalized_shape]
     const std::optional<at::Tensor>& residual, // same shape as input
@@ -40,9 +45,12 @@ ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_layer_norm(
     const std::optional<at::Tensor>& bias = std::nullopt,
     double eps = 1e-5,
     bool return_residual = true,
-    bool residual_in_fp32 = false);
+    bool residual_in_fp32 = false,
+    double dropout_p = 0.0,
+    std::optional<at::Generator> generator = std::nullopt);
 
-// h = input + residual; returns (rms_norm(h), h). Same conventions as add_layer_norm.
+// h = dropout(input, dropout_p) + residual; returns (rms_norm(h), h). Same conventions as
+// add_layer_norm.
 ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_rms_norm(
     const at::Tensor& input,
     const std::optional<at::Tensor>& residual,
@@ -50,7 +58,19 @@ ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_rms_norm(
     const std::optional<at::Tensor>& weight = std::nullopt,
     std::optional<double> eps = std::nullopt,
     bool return_residual = true,
-    bool residual_in_fp32 = false);
+    bool residual_in_fp32 = false,
+    double dropout_p = 0.0,
+    std::optional<at::Generator> generator = std::nullopt);
+
+// The seed of one fused-dropout call: an int64 tensor [2] on device (two float64 uniforms
+// times 2^53), drawn from generator (default: the device's default generator, so it follows
+// torch::manual_seed and CUDA graph replays draw a fresh one). The ops' dropout_seed
+// argument; the mask is a function of it.
+ADDNORM_API at::Tensor dropout_seed(
+    c10::Device device, std::optional<at::Generator> generator = std::nullopt);
+
+// The keep-mask (bool, shape size) that dropout_p and seed give (for tests and debugging).
+ADDNORM_API at::Tensor dropout_mask(const at::Tensor& seed, at::IntArrayRef size, double dropout_p);
 
 // Version string of the library, e.g. "0.1.0".
 ADDNORM_API const char* version();

@@ -1,0 +1,386 @@
+"""The fused dropout of add_layer_norm / add_rms_norm: h = dropout(input, p) + residual.
+
+The keep-mask is a function of a seed tensor the functional forms draw from torch's
+generator and pass to the op (ops/dropout_mask.h); it is never stored, and backward
+regenerates it. These tests pin the statistics of the mask, the exact forward and backward
+against h = x * mask / (1 - p) + r built from the returned mask, the edge probabilities,
+the errors, and that every way torch re-runs a forward (seeds, generators, activation
+checkpointing, torch.compile and its memory-budget partitioner, CUDA graphs) sees the
+forward's mask.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import addnorm
+from conftest import CUDA_SKIP, DEVICES, make_affine, make_data
+
+OPS = ["layer_norm", "rms_norm"]
+
+
+def _fused(norm, x, r, n, w, b, p, **kw):
+    if norm == "layer_norm":
+        return addnorm.add_layer_norm(x, r, n, w, b, 1e-5, dropout_p=p, **kw)
+    return addnorm.add_rms_norm(x, r, n, w, 1e-6, dropout_p=p, **kw)
+
+
+def _eager(norm, h, n, w, b):
+    if norm == "layer_norm":
+        return F.layer_norm(h, [n], w, b, 1e-5)
+    return F.rms_norm(h, [n], w, 1e-6)
+
+
+# --------------------------------------------------------------------------- the mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_kept_fraction_and_independence(p, device):
+    """Kept fraction within 5 sigma of 1 - p; rows, columns and successive calls
+    uncorrelated (each correlation within 5 sigma of 0 for independent masks)."""
+    m, n = 512, 1024
+    x = torch.randn(m, n, device=device)
+    masks = [_fused("layer_norm", x, None, n, None, None, p, return_dropout_mask=True)[1]
+             for _ in range(2)]
+    q = 1.0 - p
+    for mask in masks:
+        kept = mask.double().mean().item()
+        sigma = math.sqrt(q * p / mask.numel())
+        assert abs(kept - q) < 5 * sigma, f"kept fraction {kept} vs {q}"
+
+    def corr(a, b):
+        a = a.double().flatten() - q
+        b = b.double().flatten() - q
+        return (a * b).mean().item() / (q * p)
+
+    bound = 5 / math.sqrt(m * n / 2)
+    mask = masks[0]
+    assert abs(corr(mask[0::2], mask[1::2])) < bound, "neighbouring rows correlated"
+    assert abs(corr(mask[:, 0::2], mask[:, 1::2])) < bound, "neighbouring columns correlated"
+    assert abs(corr(mask[:, :-4], mask[:, 4:])) < 5 / math.sqrt(m * (n - 4)), \
+        "columns 4 apart (the next Philox group) correlated"
+    assert abs(corr(masks[0], masks[1])) < 5 / math.sqrt(m * n), "successive calls correlated"
+    assert not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_mask_and_generators(device):
+    """torch.manual_seed reproduces the masks; an explicit generator drives them and leaves
+    the default generator alone."""
+    x = torch.randn(64, 256, device=device)
+
+    def run(**kw):
+        return _fused("layer_norm", x, None, 256, None, None, 0.5, return_dropout_mask=True,
+                      **kw)[1]
+
+    torch.manual_seed(7)
+    a = run()
+    torch.manual_seed(7)
+    b = run()
+    assert torch.equal(a, b)
+    g1 = torch.Generator(device=device).manual_seed(3)
+    g2 = torch.Generator(device=device).manual_seed(3)
+    torch.manual_seed(7)
+    c = run(generator=g1)
+    d = run()  # the default generator did not advance for c
+    assert torch.equal(c, run(generator=g2))
+    assert torch.equal(d, a)
+    assert not torch.equal(c, a)
+
+
+@CUDA_SKIP
+def test_same_seed_same_mask_on_cpu_and_cuda():
+    """One Philox function on both devices: the same seed gives the same mask and h."""
+    seed = addnorm.dropout_seed("cpu")
+    cpu = addnorm.dropout_mask(seed, [37, 1029], 0.3)
+    gpu = addnorm.dropout_mask(seed.cuda(), [37, 1029], 0.3)
+    assert torch.equal(cpu, gpu.cpu())
+    x = torch.randn(37, 1029)
+    r = torch.randn(37, 1029)
+    h_cpu = torch.ops.addnorm.add_layer_norm(x, r, [1029], dropout_p=0.3, dropout_seed=seed)[1]
+    h_gpu = torch.ops.addnorm.add_layer_norm(x.cuda(), r.cuda(), [1029], dropout_p=0.3,
+                                             dropout_seed=seed.cuda())[1]
+    assert torch.equal(h_cpu, h_gpu.cpu())
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", OPS)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_forward_and_backward_equal_the_mask_reference(dtype, residual, norm, device):
+    """out, h and every gradient equal those of h = x * mask / (1 - p) + r with the returned
+    mask (float64: to rounding; lower precisions: computed from the same rounded h)."""
+    p, m, n = 0.25, 33, 260
+    x = make_data((m, n), dtype, device, requires_grad=True)
+    r = make_data((m, n), dtype, device, requires_grad=True) if residual else None
+    w, b = make_affine((n,), dtype, device, requires_grad=True)
+    out, h, mask = _fused(norm, x, r, n, w, b if norm == "layer_norm" else None, p,
+                          return_residual=True, return_dropout_mask=True)
+    scale = 1.0 / (1.0 - p)
+    h_ref = x.double() * mask * scale + (r.double() if residual else 0)
+    tol = {torch.float64: 1e-13, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(h.double(), h_ref, rtol=tol, atol=tol)
+    # The norm of the h addnorm produced, in float64, is what out must match.
+    out_ref = _eager(norm, h.detach().double(), n, w.double(),
+                     b.double() if norm == "layer_norm" else None)
+    torch.testing.assert_close(out.double(), out_ref, rtol=tol, atol=tol * 10)
+    g = torch.randn_like(out)
+    inputs = [x, w] + ([r] if residual else []) + ([b] if norm == "layer_norm" else [])
+    grads = torch.autograd.grad((out * g).sum() + h.sum(), inputs)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rd = r.detach().double().requires_grad_() if residual else None
+    bd = b.detach().double().requires_grad_()
+    hd = xd * mask * scale + (rd if residual else 0)
+    od = _eager(norm, hd, n, wd, bd if norm == "layer_norm" else None)
+    ref_inputs = [xd, wd] + ([rd] if residual else []) + ([bd] if norm == "layer_norm" else [])
+    ref = torch.autograd.grad((od * g.double()).sum() + hd.sum(), ref_inputs)
+    gtol = {torch.float64: 1e-11, torch.float32: 1e-4, torch.bfloat16: 1e-1}[dtype]
+    for name, a, e in zip(["x", "w", "r", "b"], grads, ref):
+        torch.testing.assert_close(a.double(), e, rtol=gtol, atol=gtol, msg=lambda s: f"{name}: {s}")
+    # Dropped elements pass exactly no gradient.
+    assert torch.all(grads[0][~mask] == 0)
+
+
+@pytest.mark.parametrize("norm", OPS)
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
+@pytest.mark.parametrize("return_residual", [True, False], ids=["h", "no_h"])
+def test_gradcheck_and_gradgradcheck(return_residual, residual, norm):
+    """float64 first and second derivatives with dropout, through out and h."""
+    seed = addnorm.dropout_seed("cpu")
+    n = 8
+    x = make_data((3, n), torch.float64, "cpu", requires_grad=True)
+    r = make_data((3, n), torch.float64, "cpu", requires_grad=True)
+    w, b = make_affine((n,), torch.float64, "cpu", requires_grad=True)
+
+    def fn(x, r, w, b):
+        rr = r if residual else None
+        if norm == "layer_norm":
+            return torch.ops.addnorm.add_layer_norm(x, rr, [n], w, b, 1e-5, return_residual=return_residual,
+                                                    dropout_p=0.5, dropout_seed=seed)
+        return torch.ops.addnorm.add_rms_norm(x, rr, [n], w, 1e-6, return_residual=return_residual,
+                                              dropout_p=0.5, dropout_seed=seed)
+
+    assert gradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6)
+    assert gradgradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_forward_mode_tangent_matches_the_mask_reference():
+    seed = addnorm.dropout_seed("cpu")
+    x = make_data((4, 16), torch.float64, "cpu")
+    r = make_data((4, 16), torch.float64, "cpu")
+    t = torch.randn_like(x)
+    mask = addnorm.dropout_mask(seed, [4, 16], 0.4)
+
+    def fused(x):
+        return torch.ops.addnorm.add_layer_norm(x, r, [16], dropout_p=0.4, dropout_seed=seed)[0]
+
+    def ref(x):
+        return F.layer_norm(x * mask / 0.6 + r, [16])
+
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        out = fused(fwAD.make_dual(x, t))
+        tangent = fwAD.unpack_dual(out).tangent
+    _, expected = torch.func.jvp(ref, (x,), (t,))
+    torch.testing.assert_close(tangent, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_p0_is_the_no_dropout_path_and_p1_gives_the_residual(dtype, device):
+    x = make_data((16, 96), dtype, device, requires_grad=True)
+    r = make_data((16, 96), dtype, device, requires_grad=True)
+    w, b = make_affine((96,), dtype, device)
+    plain = torch.ops.addnorm.add_layer_norm(x, r, [96], w, b, 1e-5)
+    zero = torch.ops.addnorm.add_layer_norm(x, r, [96], w, b, 1e-5, dropout_p=0.0,
+                                            dropout_seed=addnorm.dropout_seed(device))
+    for a, e in zip(zero, plain):
+        assert torch.equal(a, e)
+    out, h = addnorm.add_layer_norm(x, r, 96, w, b, dropout_p=1.0, return_residual=True)
+    assert torch.equal(h, r.detach())
+    assert torch.equal(out, torch.ops.addnorm.add_layer_norm(r, None, [96], w, b, 1e-5)[0])
+    gx, gr = torch.autograd.grad(out.sum() + h.sum(), [x, r])
+    assert torch.equal(gx, torch.zeros_like(gx))
+    assert torch.count_nonzero(gr) > 0
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_bad_probability_is_refused(p):
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
+        torch.ops.addnorm.add_layer_norm(x, None, [8], dropout_p=p,
+                                         dropout_seed=addnorm.dropout_seed("cpu"))
+    with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
+        addnorm.add_rms_norm(x, None, 8, dropout_p=p)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
+        addnorm.AddLayerNorm(8, dropout=p)
+
+
+def test_seed_is_required_and_checked():
+    x = torch.randn(2, 8)
+    with pytest.raises(RuntimeError, match="needs dropout_seed"):
+        torch.ops.addnorm.add_layer_norm(x, None, [8], dropout_p=0.5)
+    with pytest.raises(RuntimeError, match=r"dropout_seed must be an int64 tensor of 2 elements, got Float"):
+        torch.ops.addnorm.add_layer_norm(x, None, [8], dropout_p=0.5, dropout_seed=torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"got Long of shape \[3\]"):
+        torch.ops.addnorm.add_layer_norm(x, None, [8], dropout_p=0.5,
+                                         dropout_seed=torch.zeros(3, dtype=torch.long))
+
+
+def test_functorch_transforms_refuse_dropout_clearly():
+    x = torch.randn(2, 8)
+    seed = addnorm.dropout_seed("cpu")
+    with pytest.raises(RuntimeError, match="not supported inside torch.func transforms"):
+        torch.func.grad(lambda x: torch.ops.addnorm.add_layer_norm(
+            x, None, [8], dropout_p=0.5, dropout_seed=seed)[0].sum())(x)
+
+
+# --------------------------------------------------------------------------- re-running
+
+
+def _step(layer_fn, x):
+    out = layer_fn(x)
+    (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+
+
+def test_activation_checkpointing_recompute_reproduces_the_mask():
+    """torch.utils.checkpoint re-runs the forward (seed draw included) with the saved RNG
+    state: the gradients equal those of the run without checkpointing."""
+    n = 64
+    lin = torch.nn.Linear(n, n).double()
+    norm = addnorm.AddLayerNorm(n, dropout=0.5).double()
+
+    def block(x):
+        return norm(lin(x), x)
+
+    grads = []
+    for ckpt in (False, True):
+        x = torch.randn(8, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        x.requires_grad_()
+        lin.zero_grad()
+        torch.manual_seed(5)
+        fn = (lambda x: torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)) if ckpt else block
+        _step(fn, x)
+        grads.append((x.grad.clone(), lin.weight.grad.clone()))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def _compile_case(n=32):
+    x0 = torch.randn(8, n, dtype=torch.float64)
+    r0 = torch.randn(8, n, dtype=torch.float64)
+
+    def fn(x, r, seed):
+        out, h = torch.ops.addnorm.add_layer_norm(x.sin(), r, [n], return_residual=True,
+                                                  dropout_p=0.5, dropout_seed=seed)
+        return (out * 3).cos().sum() + h.sum()
+
+    def check(x, r, seed):
+        """x.grad and r.grad equal eager's for the same seed (the forward's mask)."""
+        xe = x0.clone().requires_grad_()
+        re = r0.clone().requires_grad_()
+        fn(xe, re, seed).backward()
+        torch.testing.assert_close(x.grad, xe.grad)
+        torch.testing.assert_close(r.grad, re.grad)
+
+    return x0, r0, fn, check
+
+
+def test_torch_compile_fullgraph_traces_the_seed_draw_and_keeps_the_mask():
+    """torch.compile(fullgraph=True) traces the seed draw and the op without a graph break,
+    and the compiled backward uses the forward's mask."""
+    x0, r0, fn, check = _compile_case()
+
+    def seeded(x, r):
+        seed = addnorm.dropout_seed(x.device)
+        return fn(x, r, seed), seed
+
+    torch._dynamo.reset()
+    compiled = torch.compile(seeded, fullgraph=True, backend="aot_eager_decomp_partition")
+    x = x0.clone().requires_grad_()
+    r = r0.clone().requires_grad_()
+    loss, seed = compiled(x, r)
+    loss.backward()
+    check(x, r, seed)
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.0])
+def test_memory_budget_partitioner(budget):
+    """With activation_memory_budget < 1 torch.compile's partitioner recomputes random draws
+    in backward with fresh randomness (it does so for torch's own dropout too). A seed drawn
+    inside the graph is refused with a clear error; a seed passed in as a graph input is
+    never recomputed, and the gradients belong to the forward's mask at any budget."""
+    import torch._functorch.config as fconfig
+    x0, r0, fn, check = _compile_case()
+
+    def seeded(x, r):
+        return fn(x, r, addnorm.dropout_seed(x.device))
+
+    with fconfig.patch(activation_memory_budget=budget):
+        torch._dynamo.reset()
+        compiled = torch.compile(seeded, fullgraph=True, backend="aot_eager_decomp_partition")
+        with pytest.raises(Exception, match="activation_memory_budget"):
+            compiled(x0.clone().requires_grad_(), r0.clone().requires_grad_())
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager_decomp_partition")
+        seed = addnorm.dropout_seed("cpu")
+        x = x0.clone().requires_grad_()
+        r = r0.clone().requires_grad_()
+        compiled(x, r, seed).backward()
+    check(x, r, seed)
+
+
+@CUDA_SKIP
+def test_cuda_graph_replay_draws_a_fresh_mask():
+    """A captured call reads its seed on the device: each replay gets a new mask, and the
+    replayed h matches the mask of that replay's seed."""
+    n = 256
+    x = torch.randn(64, n, device="cuda")
+    r = torch.randn(64, n, device="cuda")
+    static = {}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            addnorm.add_layer_norm(x, r, n, dropout_p=0.5)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        seed = addnorm.dropout_seed(x.device)
+        static["h"] = torch.ops.addnorm.add_layer_norm(x, r, [n], dropout_p=0.5,
+                                                       dropout_seed=seed)[1]
+        static["seed"] = seed
+    hs, seeds = [], []
+    for _ in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        hs.append(static["h"].clone())
+        seeds.append(static["seed"].clone())
+    assert not torch.equal(hs[0], hs[1]) and not torch.equal(hs[1], hs[2])
+    for h, seed in zip(hs, seeds):
+        mask = addnorm.dropout_mask(seed, [64, n], 0.5)
+        torch.testing.assert_close(h, x * mask * 2.0 + r)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def test_module_dropout_only_in_training():
+    m = addnorm.AddLayerNorm(16, dropout=0.5, return_residual=True)
+    x, r = torch.randn(4, 16), torch.randn(4, 16)
+    h_train = m(x, r)[1]
+    assert torch.count_nonzero(h_train - r) < x.numel()  # some elements dropped
+    m.eval()
+    assert torch.equal(m(x, r)[1], x + r)
+    assert "dropout=0.5" in repr(m)
+    rms = addnorm.AddRMSNorm(16, dropout=0.25).train()
+    torch.manual_seed(3)
+    a = rms(x, r)
+    torch.manual_seed(3)
+    assert torch.equal(a, rms(x, r))

@@ -7,6 +7,8 @@ Ops (--ops):
   layer_norm              out = LN(x)
   add_rms_norm            out = RMSNorm(x + r)
   add_rms_norm_prenorm, rms_norm   (not in the default set)
+  dropout_add_layer_norm  out = LN(dropout(x, 0.1) + r): eager F.dropout (mask stored) vs
+                          addnorm's fused dropout (mask regenerated); not in the default set
 The torch baseline is the eager code a user writes (``h = x + r; F.layer_norm(h, ...)``,
 ``F.rms_norm``); "compile" is torch.compile of exactly that function, compiled per shape.
 

@@ -63,7 +63,11 @@ OPS: Dict[str, Tuple[str, bool, bool]] = {
     "add_rms_norm": ("rms", True, False),
     "add_rms_norm_prenorm": ("rms", True, True),
     "rms_norm": ("rms", False, False),
+    "dropout_add_layer_norm": ("ln", True, False),  # post-LN with dropout on the input
 }
+# Ops whose input goes through dropout first: eager F.dropout(x, p) + r, addnorm's fused
+# dropout_p (mask regenerated in backward, never stored).
+DROPOUT_P: Dict[str, float] = {"dropout_add_layer_norm": 0.1}
 DEFAULT_OPS = ("add_layer_norm", "add_layer_norm_prenorm", "layer_norm", "add_rms_norm")
 
 IMPL_ORDER = ("addnorm", "eager", "compile", "liger")
@@ -275,6 +279,12 @@ class Impl:
 def _eager_fn(op: str, N: int, eps):
     kind, has_res, prenorm = OPS[op]
     shape = (N,)
+    if op in DROPOUT_P:
+        p = DROPOUT_P[op]
+
+        def f(x, r, w, b):
+            return F.layer_norm(F.dropout(x, p) + r, shape, w, b, eps)
+        return f
     if kind == "ln":
         if has_res and prenorm:
             def f(x, r, w, b):
@@ -314,6 +324,9 @@ def _addnorm_fn(op: str, N: int, eps):
 
     kind, has_res, prenorm = OPS[op]
     shape = (N,)
+    if op in DROPOUT_P:
+        p = DROPOUT_P[op]
+        return lambda x, r, w, b: (addnorm.add_layer_norm(x, r, shape, w, b, eps, dropout_p=p),)
     if kind == "ln":
         if has_res:
             if prenorm:
@@ -339,6 +352,8 @@ def _liger_impl(op: str, N: int, eps, w, b) -> Optional[Impl]:
     """Liger-Kernel's modules (CUDA/Triton only); the residual add is eager unless Liger has
     a fused add (LigerFusedAddRMSNorm)."""
     kind, has_res, prenorm = OPS[op]
+    if op in DROPOUT_P:
+        return None  # no fused dropout in Liger-Kernel
     dev, dt = w.device, w.dtype
     try:
         if kind == "ln":

@@ -47,19 +47,6 @@ def cuda_available() -> bool:
     return _C.built_with_cuda() and torch.cuda.is_available()
 
 
-__all__ = [
-    "AddLayerNorm",
-    "AddRMSNorm",
-    "LayerNorm",
-    "RMSNorm",
-    "TransformerEncoderLayer",
-    "add_layer_norm",
-    "add_rms_norm",
-    "cpu_capability",
-    "cuda_available",
-    "dropout_mask",
-    "dropout_seed",
-    "layer_norm",
-    "replace_modules",
-    "rms_norm",
-]
+__all__ = ["AddLayerNorm", "AddRMSNorm", "LayerNorm", "RMSNorm", "TransformerEncoderLayer",
+           "add_layer_norm", "add_rms_norm", "cpu_capability", "cuda_available", "dropout_mask",
+           "dropout_seed", "layer_norm", "replace_modules", "rms_norm"]

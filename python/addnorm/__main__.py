@@ -1,9 +1,6 @@
-"""``python -m addnorm``: a short install check. Prints the versions (addnorm, the torch it
-was built against and the one running), the instruction set of the CPU kernels and whether
-CUDA kernels are present and usable, then checks each op once on each available device
-against torch's own function (forward; and the input's gradient). Exit status 1 when a
-check fails. The main job (self-check and benchmarks) is ``make run`` in the source tree.
-"""
+"""``python -m addnorm``: a short install check: versions, CPU kernels' instruction set, CUDA
+kernels present and usable, one parity check per op and device against torch (output and
+input gradient; exit status 1 on a failure). The main job is ``make run`` in the source tree."""
 
 import argparse
 import sys
@@ -27,29 +24,22 @@ def _parity(op: str, device: str):
     """Max |addnorm - torch| of the output and of the input's gradient (float32), and the
     tolerance."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 256, generator=gen).mul(3).add(1).to(device).requires_grad_()
-    r = torch.randn(8, 256, generator=gen).to(device)
-    w = torch.randn(256, generator=gen).to(device)
-    b = torch.randn(256, generator=gen).to(device)
-    ln, rms = op.endswith("layer_norm"), op.endswith("rms_norm")
+    x, r, g = (torch.randn(8, 256, generator=gen).to(device) for _ in range(3))
+    x = (x * 3 + 1).requires_grad_()
+    w, b = (torch.randn(256, generator=gen).to(device) for _ in range(2))
+    ln = op.endswith("layer_norm")
     h = (lambda x: x + r) if op.startswith("add_") else (lambda x: x)
     theirs = ((lambda x: F.layer_norm(h(x), [256], w, b)) if ln
               else (lambda x: F.rms_norm(h(x), [256], w, 1e-6)))
-    if op.startswith("add_"):
-        ours = ((lambda x: addnorm.add_layer_norm(x, r, 256, w, b)) if ln
-                else (lambda x: addnorm.add_rms_norm(x, r, 256, w, 1e-6)))
-    else:
-        ours = ((lambda x: addnorm.layer_norm(x, 256, w, b)) if ln
-                else (lambda x: addnorm.rms_norm(x, [256], w, 1e-6)))
-    assert ln != rms
-    g = torch.randn(8, 256, generator=gen).to(device)
-    errs = []
+    ours = {"layer_norm": lambda x: addnorm.layer_norm(x, 256, w, b),
+            "rms_norm": lambda x: addnorm.rms_norm(x, [256], w, 1e-6),
+            "add_layer_norm": lambda x: addnorm.add_layer_norm(x, r, 256, w, b),
+            "add_rms_norm": lambda x: addnorm.add_rms_norm(x, r, 256, w, 1e-6)}[op]
+    results = []
     for f in (ours, theirs):
         out = f(x)
-        (gx,) = torch.autograd.grad(out, [x], g)
-        errs.append((out.detach(), gx))
-    err = max((a - e).abs().max().item() for a, e in zip(errs[0], errs[1]))
-    return err, 1e-4
+        results.append((out.detach(), torch.autograd.grad(out, [x], g)[0]))
+    return max((a - e).abs().max().item() for a, e in zip(*results)), 1e-4
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,6 @@
 """Functional forms of the addnorm ops, with the signatures of torch.nn.functional.
-
-TorchScript: ``layer_norm`` and ``rms_norm`` compile as their torch.nn.functional
-counterparts do (normalized_shape a list or tuple of ints). ``add_layer_norm`` and
-``add_rms_norm`` do not compile (keyword-only arguments, and a return type that depends on
-``return_residual``); scripted code uses ``AddLayerNorm`` / ``AddRMSNorm`` or the ops
-``torch.ops.addnorm.add_layer_norm`` / ``add_rms_norm``, which always return ``(out, h)``.
-"""
+TorchScript compiles ``layer_norm`` and ``rms_norm``, not ``add_layer_norm`` /
+``add_rms_norm`` (their return type depends on ``return_residual``; see README)."""
 
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -16,8 +11,7 @@ _ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
 def _check_unnamed(*tensors: Optional[Tensor]) -> None:
-    """Named tensors get torch's answer for its own norms, not the TorchScript conversion's
-    message that torch.ops would give. (Not under torch.compile, which traces no names.)"""
+    """Named tensors get torch's answer for its norms (not under torch.compile: no names)."""
     if torch.compiler.is_compiling():
         return
     for t in tensors:
@@ -33,27 +27,18 @@ def _as_shape(normalized_shape: _ShapeLike) -> List[int]:
     return list(normalized_shape)
 
 
-def layer_norm(
-    input: Tensor,
-    normalized_shape: _ShapeLike,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    eps: float = 1e-5,
-) -> Tensor:
+def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Same as ``torch.nn.functional.layer_norm``; also takes bf16/fp16 input with fp32
     weight and bias."""
     _check_unnamed(input, weight, bias)
     return torch.ops.addnorm.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
 
 
-def rms_norm(
-    input: Tensor,
-    normalized_shape: _ShapeLike,
-    weight: Optional[Tensor] = None,
-    eps: Optional[float] = None,
-) -> Tensor:
-    """Same as ``torch.nn.functional.rms_norm`` (eps=None: the epsilon of the float type
-    torch computes in, float32 for fp16/bf16/fp32 input)."""
+def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """Same as ``torch.nn.functional.rms_norm`` (eps=None: float32's epsilon, float64's for
+    float64 input)."""
     _check_unnamed(input, weight)
     return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
 
@@ -61,22 +46,14 @@ def rms_norm(
 # What torch.jit.script compiles in place of layer_norm and rms_norm (through the
 # __prepare_scriptable__ hook it calls on functions): the same ops with TorchScript's
 # types, normalized_shape being a List[int] as in torch.nn.functional.
-def _layer_norm_scripted(
-    input: Tensor,
-    normalized_shape: List[int],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    eps: float = 1e-5,
-) -> Tensor:
+def _layer_norm_scripted(input: Tensor, normalized_shape: List[int],
+                         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                         eps: float = 1e-5) -> Tensor:
     return torch.ops.addnorm.layer_norm(input, normalized_shape, weight, bias, eps)
 
 
-def _rms_norm_scripted(
-    input: Tensor,
-    normalized_shape: List[int],
-    weight: Optional[Tensor] = None,
-    eps: Optional[float] = None,
-) -> Tensor:
+def _rms_norm_scripted(input: Tensor, normalized_shape: List[int],
+                       weight: Optional[Tensor] = None, eps: Optional[float] = None) -> Tensor:
     return torch.ops.addnorm.rms_norm(input, normalized_shape, weight, eps)
 
 
@@ -85,19 +62,9 @@ rms_norm.__prepare_scriptable__ = lambda: _rms_norm_scripted
 
 
 def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
-    """The seed of one fused-dropout call: an int64 tensor ``[2]`` on ``device`` drawn from
-    ``generator`` (default: the device's default generator, so it follows
-    ``torch.manual_seed``, and a CUDA graph replay draws a fresh one). The keep-mask is a
-    function of it, so backward, activation checkpointing and any recompute regenerate the
-    forward's mask. (Two float64 uniforms times 2^53: the same draw as the C++
-    ``addnorm::dropout_seed``.)
-
-    Under ``torch.compile`` with ``torch._functorch.config.activation_memory_budget < 1``
-    this raises: that partitioner may recompute any random draw of the graph in backward
-    with fresh randomness (torch's own dropout is hit too), which would give backward
-    another mask than the forward's. Draw the seed outside the compiled function and pass
-    it to ``torch.ops.addnorm.add_layer_norm(..., dropout_seed=seed)``: a graph input is
-    never recomputed."""
+    """The seed of one fused-dropout call (int64 ``[2]`` on ``device``), drawn from
+    ``generator`` (default: the device's); the keep-mask is a function of it. See the
+    README's "Fused dropout" (why it raises under an activation memory budget < 1)."""
     if not torch.jit.is_scripting():
         _check_seed_not_recomputed()
     u = torch.rand_like(torch.empty([2], dtype=torch.float64, device=device),
@@ -112,12 +79,11 @@ def _check_seed_not_recomputed() -> None:
         budget = functorch_config.activation_memory_budget
         if budget < 1.0:
             raise RuntimeError(
-                f"addnorm: the fused dropout's seed cannot be drawn inside a graph compiled "
-                f"with activation_memory_budget = {budget} < 1: torch.compile may recompute "
-                "the draw in backward with fresh randomness, and the gradients would belong "
-                "to another mask. Draw it outside the compiled function "
-                "(seed = addnorm.dropout_seed(device)) and pass it to "
-                "torch.ops.addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)")
+                f"addnorm: the fused dropout's seed cannot be drawn inside a graph compiled with "
+                f"activation_memory_budget = {budget} < 1 (torch.compile may recompute the draw in "
+                "backward with fresh randomness: gradients of another mask). Draw it outside "
+                "(seed = addnorm.dropout_seed(device)) and pass it to torch.ops.addnorm."
+                "add_layer_norm / add_rms_norm(..., dropout_seed=seed)")
 
 
 def dropout_mask(seed: Tensor, size: List[int], p: float) -> Tensor:
@@ -147,35 +113,25 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
             dropout_p=dropout_p, dropout_seed=seed)
     if not return_dropout_mask:
         return (out, h) if return_residual else out
-    mask = (dropout_mask(seed, list(input.shape), dropout_p) if seed is not None
-            else torch.ones(input.shape, dtype=torch.bool, device=input.device))
+    mask = dropout_mask(seed, list(input.shape), dropout_p) if seed is not None else (
+        torch.ones(input.shape, dtype=torch.bool, device=input.device))
     return (out, h, mask) if return_residual else (out, mask)
 
 
-def add_layer_norm(
-    input: Tensor,
-    residual: Optional[Tensor],
-    normalized_shape: _ShapeLike,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    eps: float = 1e-5,
-    *,
-    return_residual: bool = False,
-    residual_in_fp32: bool = False,
-    dropout_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-    return_dropout_mask: bool = False,
-) -> Union[Tensor, Tuple[Tensor, ...]]:
+def add_layer_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _ShapeLike,
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5, *, return_residual: bool = False,
+                   residual_in_fp32: bool = False, dropout_p: Optional[float] = None,
+                   generator: Optional[torch.Generator] = None,
+                   return_dropout_mask: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``h = dropout(input, dropout_p) + residual; out = layer_norm(h)`` in one pass.
 
     Returns ``out``, or ``(out, h)`` with ``return_residual=True`` (pre-LN models carry h
     to the next layer). h has the residual's dtype, or float32 with ``residual_in_fp32``.
 
-    ``dropout_p > 0`` drops input elements (always: pass 0 or None in eval, as with
-    ``F.dropout(training=False)``). The keep-mask comes from a seed drawn from ``generator``
-    (``dropout_seed``) and is never stored: backward regenerates it. The same seed gives the
-    same mask on the CPU and on CUDA. ``return_dropout_mask=True`` appends the mask (bool)
-    to the result, for tests and debugging.
+    ``dropout_p > 0`` drops input elements (always: pass 0 or None in eval), with a mask
+    drawn from ``generator``, never stored (backward regenerates it);
+    ``return_dropout_mask=True`` appends it to the result.
     """
     _check_unnamed(input, residual, weight, bias)
     return _add_norm(False, input, residual, _as_shape(normalized_shape), weight, bias, eps,
@@ -183,19 +139,11 @@ def add_layer_norm(
                      return_dropout_mask)
 
 
-def add_rms_norm(
-    input: Tensor,
-    residual: Optional[Tensor],
-    normalized_shape: _ShapeLike,
-    weight: Optional[Tensor] = None,
-    eps: Optional[float] = None,
-    *,
-    return_residual: bool = False,
-    residual_in_fp32: bool = False,
-    dropout_p: Optional[float] = None,
-    generator: Optional[torch.Generator] = None,
-    return_dropout_mask: bool = False,
-) -> Union[Tensor, Tuple[Tensor, ...]]:
+def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _ShapeLike,
+                 weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
+                 return_residual: bool = False, residual_in_fp32: bool = False,
+                 dropout_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 return_dropout_mask: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``h = dropout(input, dropout_p) + residual; out = rms_norm(h)`` in one pass; see
     ``add_layer_norm``."""
     _check_unnamed(input, residual, weight)

@@ -1,9 +1,6 @@
-"""nn.Module drop-ins. LayerNorm and RMSNorm subclass torch's modules, so constructor,
-parameters, state_dict keys, extra_repr and isinstance checks stay exactly torch's; only
-forward runs addnorm's kernels.
-
-Every forward calls the ops directly, not the functional forms (TorchScript cannot compile
-add_layer_norm / add_rms_norm), so ``torch.jit.script`` compiles the modules."""
+"""nn.Module drop-ins: subclasses of torch's modules (constructor, parameters, state_dict
+keys, extra_repr, isinstance stay torch's) whose forward calls the ops directly (so that
+``torch.jit.script`` compiles them)."""
 
 from typing import Optional
 
@@ -21,9 +18,12 @@ def _check_p(p: float) -> float:
 
 def _seed(input: Tensor, p: float) -> Optional[Tensor]:
     """The fused dropout's seed for a call with probability p, None for 0."""
-    if p > 0.0:
-        return F.dropout_seed(input.device)
-    return None
+    return F.dropout_seed(input.device) if p > 0.0 else None
+
+
+def _extra(m) -> str:
+    return (f"return_residual={m.return_residual}, residual_in_fp32={m.residual_in_fp32}, "
+            f"dropout={m.dropout}")
 
 
 class LayerNorm(nn.LayerNorm):
@@ -47,14 +47,9 @@ class RMSNorm(nn.RMSNorm):
 
 
 class AddLayerNorm(nn.LayerNorm):
-    """``LayerNorm(dropout(input) + residual)``; ``forward(input, residual)`` returns what
-    ``addnorm.add_layer_norm`` returns (``(out, h)`` with ``return_residual=True``).
-    ``dropout`` (default 0) applies in training mode only, as ``nn.Dropout``, with the
-    fused, regenerated mask of ``add_layer_norm(dropout_p=...)``.
-
-    ``return_residual`` and ``residual_in_fp32`` are TorchScript constants: a scripted
-    module's forward returns ``Tensor`` or ``Tuple[Tensor, Tensor]``, fixed by
-    ``return_residual`` at scripting time."""
+    """``LayerNorm(dropout(input) + residual)``: ``forward(input, residual)`` returns what
+    ``addnorm.add_layer_norm`` returns; ``dropout`` applies in training mode only.
+    ``return_residual`` is a TorchScript constant (it fixes the scripted return type)."""
 
     __constants__ = nn.LayerNorm.__constants__ + ["return_residual", "residual_in_fp32",
                                                   "dropout"]
@@ -77,15 +72,10 @@ class AddLayerNorm(nn.LayerNorm):
             input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
             dropout_p=p, dropout_seed=_seed(input, p))
-        if self.return_residual:
-            return out, h
-        return out
+        return (out, h) if self.return_residual else out
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, return_residual={self.return_residual}, "
-            f"residual_in_fp32={self.residual_in_fp32}, dropout={self.dropout}"
-        )
+        return f"{super().extra_repr()}, {_extra(self)}"
 
 
 class AddRMSNorm(nn.RMSNorm):
@@ -103,9 +93,7 @@ class AddRMSNorm(nn.RMSNorm):
         self.residual_in_fp32 = residual_in_fp32
         self.dropout = _check_p(dropout)
 
-    # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
-    # constant return_residual (an annotated Union would reach scripted callers as a Union).
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None):
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # (see AddLayerNorm)
         if not torch.jit.is_scripting():
             F._check_unnamed(input, residual)
         p = self.dropout if self.training else 0.0
@@ -113,15 +101,10 @@ class AddRMSNorm(nn.RMSNorm):
             input, residual, self.normalized_shape, self.weight, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
             dropout_p=p, dropout_seed=_seed(input, p))
-        if self.return_residual:
-            return out, h
-        return out
+        return (out, h) if self.return_residual else out
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, return_residual={self.return_residual}, "
-            f"residual_in_fp32={self.residual_in_fp32}, dropout={self.dropout}"
-        )
+        return f"{super().extra_repr()}, {_extra(self)}"
 
 
 __all__ = ["AddLayerNorm", "AddRMSNorm", "LayerNorm", "RMSNorm"]

@@ -2,8 +2,19 @@
 // torch.compile come from the ops it is made of) and the C++ modules holding its
 // parameters. The math follows torch.nn.TransformerEncoderLayer.forward (its non-fast
 // path: _sa_block, _ff_block, norm_first) and F.multi_head_attention_forward with
-// need_weights=False op for op, so that results and dropout's RNG use match torch's;
-// only the Add & Norm steps run addnorm's fused kernels.
+// need_weights=False op for op; the Add & Norm steps run addnorm's fused kernels.
+//
+// Dropout. In eval mode (and with dropout = 0) nothing is dropped and nothing is drawn:
+// results match torch's. In training, the attention-probability dropout (inside
+// scaled_dot_product_attention) and the dropout between linear1 and linear2 are torch's
+// own, called as torch's layer calls them. The residual-branch dropouts that an
+// Add & Norm follows (post-LN: both, x + dropout(sa(x)) and x + dropout(ff(x)); pre-LN: the
+// first) are fused into it: add_layer_norm's dropout, whose keep-mask is a function of a
+// seed drawn from torch's default generator (addnorm::dropout_seed) where torch's layer
+// would draw dropout1's / dropout2's mask. Each element is still kept with probability
+// 1 - p and scaled by 1 / (1 - p), but for the same torch::manual_seed these masks differ
+// from torch's, and so does the generator state after them (the seed draw takes other
+// numbers from the generator than torch's dropout): later torch-side masks differ too.
 
 #include <cmath>
 #include <limits>
@@ -203,14 +214,18 @@ at::Tensor transformer_encoder_layer_impl(
         x_sf, mask, kpm, is_causal, in_proj_weight, in_proj_bias, out_proj_weight,
         out_proj_bias, nhead, dropout, training);
     if (batch_first) out = out.transpose(1, 0);
-    return at::dropout(out, dropout, training);
+    return out;  // its dropout (dropout1) is fused into the Add & Norm after it
   };
+  // linear2(dropout(activation(linear1(x)))), without the residual-branch dropout
+  // (dropout2), which the caller applies.
   auto ff_block = [&](const at::Tensor& x) {
     auto h = at::linear(x, linear1_weight, linear1_bias);
     h = gelu ? at::gelu(h) : at::relu(h);
-    h = at::linear(at::dropout(h, dropout, training), linear2_weight, linear2_bias);
-    return at::dropout(h, dropout, training);
+    return at::linear(at::dropout(h, dropout, training), linear2_weight, linear2_bias);
   };
+  // The residual-branch dropouts fused into add_layer_norm: only in training (0 draws no
+  // seed and drops nothing, the eval path).
+  const double residual_p = training ? dropout : 0.0;
 
   // Both operands of a residual add in the dtype eager `x + y` gives (they differ under
   // autocast, where the linears return float16/bfloat16): the fused op then computes
@@ -223,20 +238,26 @@ at::Tensor transformer_encoder_layer_impl(
   };
 
   if (norm_first) {
-    // x = x + sa(norm1(x)); x = x + ff(norm2(x)): the first residual add and norm2 fused.
+    // x = x + dropout(sa(norm1(x))); x = x + dropout(ff(norm2(x))): the first residual add,
+    // its dropout and norm2 fused.
     const auto n1 = addnorm::layer_norm(src, d_model, norm1_weight, norm1_bias, layer_norm_eps);
     const auto [sa, x] = promoted(sa_block(n1), src);
     auto [n2, h] = addnorm::add_layer_norm(
-        sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true);
-    return h.add(ff_block(n2));
+        sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true,
+        /*residual_in_fp32=*/false, residual_p);
+    // No norm follows the second residual add inside the layer: nothing to fuse its
+    // dropout with, so it stays torch's.
+    return h.add(at::dropout(ff_block(n2), dropout, training));
   }
-  // x = norm1(x + sa(x)); x = norm2(x + ff(x)).
+  // x = norm1(x + dropout(sa(x))); x = norm2(x + dropout(ff(x))).
   const auto [sa, x0] = promoted(sa_block(src), src);
   const auto x1 = std::get<0>(addnorm::add_layer_norm(
-      sa, x0, d_model, norm1_weight, norm1_bias, layer_norm_eps, /*return_residual=*/false));
+      sa, x0, d_model, norm1_weight, norm1_bias, layer_norm_eps, /*return_residual=*/false,
+      /*residual_in_fp32=*/false, residual_p));
   const auto [ff, x2] = promoted(ff_block(x1), x1);
   return std::get<0>(addnorm::add_layer_norm(
-      ff, x2, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/false));
+      ff, x2, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/false,
+      /*residual_in_fp32=*/false, residual_p));
 }
 
 }  // namespace

@@ -5,10 +5,11 @@ torch's nn.TransformerEncoderLayer and once with addnorm's.
 
 Each image is a sequence of 8 tokens (its rows, 8 pixels each). The addnorm model is a
 deepcopy of the torch model passed through addnorm.replace_modules, so both start from
-the same weights; both runs reseed torch identically (same batches, same dropout masks:
-addnorm's layer draws its dropout like torch's), so the two loss curves should coincide
-up to float rounding. Prints per-epoch loss, test accuracy and time per epoch of each,
-and plots both loss curves.
+the same weights; both runs reseed torch identically (same batches). The dropout masks
+differ: addnorm's layer fuses its residual-branch dropouts into the Add & Norm with masks
+of its own (seeds drawn from torch's generator), so the two loss curves agree
+statistically, not to float rounding. Prints per-epoch loss, test accuracy and time per
+epoch of each, and plots both loss curves.
 
     python examples/python/train_encoder.py [--epochs 15] [--plot examples/python/train_encoder.png]
 """

@@ -17,18 +17,46 @@ std::vector<std::string> names_of(const torch::nn::Module& m) {
   return names;
 }
 
-// The layer written out with ATen ops (post-LN, relu, no dropout, no mask).
-torch::Tensor reference_post_ln(addnorm::TransformerEncoderLayerImpl& l, const torch::Tensor& x) {
+// The layer written out with ATen ops (post-LN, relu, no mask). With dropout p > 0 it draws
+// from the default generator in the layer's order: attention dropout (torch's), the seed of
+// the first residual dropout (addnorm's fused dropout: the mask of addnorm::dropout_seed),
+// the dropout after the activation (torch's), the seed of the second residual dropout.
+torch::Tensor reference_post_ln(
+    addnorm::TransformerEncoderLayerImpl& l, const torch::Tensor& x, double p = 0.0) {
   const auto E = l.options.d_model(), H = l.options.nhead();
   const auto S = x.size(0), N = x.size(1);
   auto qkv = torch::nn::functional::linear(x, l.self_attn->in_proj_weight, l.self_attn->in_proj_bias)
                  .chunk(3, -1);
   auto heads = [&](const torch::Tensor& t) { return t.reshape({S, N, H, E / H}).permute({1, 2, 0, 3}); };
-  auto a = at::scaled_dot_product_attention(heads(qkv[0]), heads(qkv[1]), heads(qkv[2]));
+  auto a = at::scaled_dot_product_attention(heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), {}, p);
   a = l.self_attn->out_proj(a.permute({2, 0, 1, 3}).reshape({S, N, E}));
-  auto h = at::layer_norm(x + a, {E}, l.norm1->weight, l.norm1->bias, l.options.layer_norm_eps());
-  auto f = l.linear2(torch::relu(l.linear1(h)));
-  return at::layer_norm(h + f, {E}, l.norm2->weight, l.norm2->bias, l.options.layer_norm_eps());
+  auto residual_dropout = [p](const torch::Tensor& t) {
+    if (p == 0.0) return t;
+    const auto mask = addnorm::dropout_mask(addnorm::dropout_seed(t.device()), t.sizes(), p);
+    return t * mask / (1.0 - p);
+  };
+  auto h = at::layer_norm(
+      x + residual_dropout(a), {E}, l.norm1->weight, l.norm1->bias, l.options.layer_norm_eps());
+  auto f = l.linear2(at::dropout(torch::relu(l.linear1(h)), p, /*train=*/true));
+  return at::layer_norm(
+      h + residual_dropout(f), {E}, l.norm2->weight, l.norm2->bias, l.options.layer_norm_eps());
+}
+
+// The gradients of y and ref for the same cotangent, with respect to the layer's
+// parameters and x, agree.
+void expect_gradients_close(
+    const torch::Tensor& y, const torch::Tensor& ref, const torch::nn::Module& layer,
+    const torch::Tensor& x) {
+  auto g = torch::randn_like(y);
+  auto params = layer.parameters();
+  std::vector<torch::Tensor> inputs(params.begin(), params.end());
+  inputs.push_back(x);
+  auto grads = torch::autograd::grad({y}, inputs, {g});
+  auto ref_grads = torch::autograd::grad({ref}, inputs, {g});
+  ASSERT_EQ(grads.size(), ref_grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(grads[i], ref_grads[i], 1e-4, 1e-5)) << "gradient " << i;
+  }
 }
 
 TEST(TransformerEncoderLayer, ParameterNamesArePythons) {
@@ -96,16 +124,7 @@ TEST(TransformerEncoderLayer, ForwardBackwardMatchReference) {
   auto ref = reference_post_ln(*layer, x);
   EXPECT_TRUE(torch::allclose(y, ref, 1e-4, 1e-5));
 
-  auto g = torch::randn_like(y);
-  auto params = layer->parameters();
-  std::vector<torch::Tensor> inputs(params.begin(), params.end());
-  inputs.push_back(x);
-  auto grads = torch::autograd::grad({y}, inputs, {g});
-  auto ref_grads = torch::autograd::grad({ref}, inputs, {g});
-  ASSERT_EQ(grads.size(), ref_grads.size());
-  for (size_t i = 0; i < grads.size(); ++i) {
-    EXPECT_TRUE(torch::allclose(grads[i], ref_grads[i], 1e-4, 1e-5)) << "gradient " << i;
-  }
+  expect_gradients_close(y, ref, *layer, x);
 
   // eval() and train() with dropout: the op follows the module's mode.
   addnorm::TransformerEncoderLayer drop(
@@ -114,6 +133,28 @@ TEST(TransformerEncoderLayer, ForwardBackwardMatchReference) {
   EXPECT_TRUE(torch::equal(drop->forward(x), drop->forward(x)));
   drop->train();
   EXPECT_FALSE(torch::equal(drop->forward(x), drop->forward(x)));
+}
+
+TEST(TransformerEncoderLayer, TrainingDropoutMatchesReferenceFromItsMasks) {
+  // The residual dropouts are fused (masks of seeds the layer draws from torch's generator),
+  // so torch's layer does not give the same masks for the same seed; the reference that
+  // replays the generator in the layer's order and applies those seeds' masks does.
+  torch::manual_seed(3);
+  const double p = 0.3;
+  addnorm::TransformerEncoderLayer layer(
+      addnorm::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(p));
+  layer->train();
+  auto x = torch::randn({6, 3, 16}, torch::requires_grad());
+  torch::manual_seed(11);
+  auto y = layer->forward(x);
+  torch::manual_seed(11);
+  auto ref = reference_post_ln(*layer, x, p);
+  EXPECT_TRUE(torch::allclose(y, ref, 1e-4, 1e-5));
+  torch::manual_seed(11);
+  EXPECT_TRUE(torch::equal(layer->forward(x), y));  // the seed reproduces the output
+
+  // Backward regenerates the masks of the forward's seeds.
+  expect_gradients_close(y, ref, *layer, x);
 }
 
 TEST(TransformerEncoderLayer, CloneAndMasks) {

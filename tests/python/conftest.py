@@ -125,3 +125,40 @@ def check_add_norm_against_reference(rms, x, residual, normalized_shape, weight,
             assert g.dtype == t.dtype, f"{name}: {key} dtype {g.dtype} != {t.dtype}"
             assert_close(g, ref[key], reduced=key in ("grad_weight", "grad_bias"), name=f"{name} {key}")
     return out, h
+
+
+# --------------------------------------------------------------------------- encoder layers
+
+
+class ResidualDropoutFromSeed(torch.nn.Module):
+    """Stands in for torch's dropout1 / dropout2 in a reference nn.TransformerEncoderLayer:
+    in training draws a seed from the default generator (addnorm.dropout_seed, the draw of
+    addnorm's fused residual dropout) and applies its mask (addnorm.dropout_mask),
+    x * mask / (1 - p); the masks it used are kept in .masks."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+        self.masks = []
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        seed = addnorm.dropout_seed(x.device)
+        mask = addnorm.dropout_mask(seed, list(x.shape), self.p)
+        self.masks.append(mask)
+        return x * mask / (1 - self.p)
+
+
+def with_fused_residual_dropouts(model):
+    """model's torch nn.TransformerEncoderLayers (in place) with the residual dropouts that
+    addnorm.TransformerEncoderLayer fuses into its Add & Norm (dropout1, and dropout2 for
+    post-LN) replaced by ResidualDropoutFromSeed: from the same torch.manual_seed the model
+    then draws what the addnorm model draws, in the same order, and applies the same masks.
+    Returns model."""
+    for m in model.modules():
+        if type(m) is torch.nn.TransformerEncoderLayer:
+            m.dropout1 = ResidualDropoutFromSeed(m.dropout1.p)
+            if not m.norm_first:
+                m.dropout2 = ResidualDropoutFromSeed(m.dropout2.p)
+    return model

@@ -1,7 +1,8 @@
 """addnorm.TransformerEncoderLayer (and the transformer_encoder_layer op under it) against
 torch.nn.TransformerEncoderLayer with the same weights: outputs and every gradient for
-pre-/post-LN, batch_first, relu/gelu, bias, every mask kind, eval/train; dropout and its
-RNG; the C++ module (addnorm._C) against the Python one; gradcheck; nn.TransformerEncoder;
+pre-/post-LN, batch_first, relu/gelu, bias, every mask kind, eval/train (dropout 0); the
+fused residual dropouts (statistics, RNG, a reference built from the layer's masks); the
+C++ module (addnorm._C) against the Python one; gradcheck; nn.TransformerEncoder;
 replace_modules; torch.compile."""
 
 import copy
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import addnorm
+from conftest import with_fused_residual_dropouts
 
 E, H, FF, S, N = 16, 4, 32, 5, 3
 
@@ -28,7 +30,8 @@ def _randomize(module, seed=0):
 
 
 def _pair(dtype=torch.float32, **kw):
-    """(torch's layer, addnorm's layer) with the same weights."""
+    """(torch's layer, addnorm's layer) with the same weights, in training mode (as built);
+    dropout 0 unless given, so the parity tests compare training-mode results with torch's."""
     kw.setdefault("dropout", 0.0)
     ref = _randomize(nn.TransformerEncoderLayer(E, H, FF, dtype=dtype, **kw))
     ours = addnorm.TransformerEncoderLayer(E, H, FF, dtype=dtype, **kw)
@@ -81,10 +84,16 @@ def _close(actual, expected, name, rtol=1e-5):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-def _check_parity(ref, ours, x, src_mask, kpm, is_causal, rtol=1e-5):
+def _check_parity(ref, ours, x, src_mask, kpm, is_causal, rtol=1e-5, seed=None):
+    """Outputs and every gradient of the two layers; with seed, torch.manual_seed(seed)
+    before each forward."""
     xr = x.clone().requires_grad_()
     xo = x.clone().requires_grad_()
+    if seed is not None:
+        torch.manual_seed(seed)
     a = ref(xr, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal)
+    if seed is not None:
+        torch.manual_seed(seed)
     b = ours(xo, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal)
     _close(b, a, "output", rtol)
     g = torch.randn_like(a)
@@ -214,28 +223,134 @@ def test_wrong_src_width_blames_src():
 
 
 # --------------------------------------------------------------------------- dropout
+#
+# In training the residual-branch dropouts that an Add & Norm follows (post-LN: both;
+# pre-LN: the first) run fused in add_layer_norm, with a keep-mask from a seed the layer
+# draws from torch's generator: for the same torch.manual_seed their masks differ from
+# torch's, so training with dropout is compared three ways. (1) With dropout 0 every parity
+# test above runs in training mode (modules start in it) against torch's layer, results and
+# gradients. (2) Statistics of the dropped residual contributions and the RNG behaviour.
+# (3) Against torch's layer whose residual dropouts apply the masks of the seeds the layer
+# drew, found by replaying the default generator.
 
 
-def test_dropout_follows_seed_and_matches_torch():
-    ref, ours = _pair(dropout=0.3, norm_first=True)
-    ref.train()
-    ours.train()
+def test_eval_and_zero_dropout_take_the_no_dropout_path():
+    """Eval with dropout > 0 and training with dropout 0 give bitwise the results of eval
+    with dropout 0 (gradients too) and leave torch's generator untouched; eval with
+    dropout > 0 also matches torch's layer."""
+    for norm_first in (False, True):
+        ref, ours = _pair(dropout=0.3, norm_first=norm_first)
+        x = _src(False)
+        src_mask, kpm, _ = _masks("both")
+
+        def run(layer, p, training):
+            layer.dropout.p = layer.dropout1.p = layer.dropout2.p = layer.self_attn.dropout = p
+            layer.train(training)
+            xg = x.clone().requires_grad_()
+            state = torch.get_rng_state()
+            y = layer(xg, src_mask, kpm)
+            assert torch.equal(torch.get_rng_state(), state), "the layer drew from the generator"
+            return [y] + list(torch.autograd.grad(y.sum(), [xg] + list(layer.parameters())))
+
+        base = run(ours, 0.0, False)
+        for p, training in ((0.0, True), (0.3, False)):
+            for u, v in zip(run(ours, p, training), base):
+                assert torch.equal(u, v), (p, training)
+        assert not ours.training and ours.dropout.p == ref.dropout.p == 0.3
+        ref.eval()
+        _check_parity(ref, ours, x, src_mask, kpm, False)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_dropout_changes_per_call_and_follows_manual_seed(norm_first):
+    """Training with dropout: successive calls differ; torch.manual_seed reproduces the
+    output and every gradient exactly."""
+    _, ours = _pair(dropout=0.3, norm_first=norm_first)
     x = _src(False)
     src_mask, kpm, _ = _masks("both")
     a, b = ours(x, src_mask, kpm), ours(x, src_mask, kpm)
     assert not torch.equal(a, b), "dropout mask did not change between calls"
-    torch.manual_seed(123)
-    c = ours(x, src_mask, kpm)
-    torch.manual_seed(123)
-    d = ours(x, src_mask, kpm)
-    assert torch.equal(c, d), "dropout does not follow torch.manual_seed"
-    # Same RNG use as torch's layer: the same seed gives torch's result (hence its
-    # expected value too).
-    torch.manual_seed(123)
-    e = ref(x, src_mask, kpm)
-    _close(c, e, "dropout output")
-    ours.eval()
-    assert torch.equal(ours(x, src_mask, kpm), ours(x, src_mask, kpm))
+    outs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        xg = x.clone().requires_grad_()
+        y = ours(xg, src_mask, kpm)
+        outs.append([y] + list(torch.autograd.grad(y.sum(), [xg] + list(ours.parameters()))))
+    for u, v in zip(*outs):
+        assert torch.equal(u, v), "dropout does not follow torch.manual_seed"
+
+
+def _branch_layer(norm_first, branch, p, e=64, h=4, ff=32):
+    """A layer whose residual branch `branch` ("sa": attention, "ff": feed-forward) is the
+    constant 1 in every element and whose other branch is exactly 0: v's projection and
+    linear2's weight are zero, so out_proj.bias and linear2.bias are the branches (whatever
+    the attention and linear1 dropouts drop)."""
+    layer = addnorm.TransformerEncoderLayer(e, h, ff, dropout=p, norm_first=norm_first)
+    with torch.no_grad():
+        layer.self_attn.in_proj_weight[2 * e:].zero_()
+        layer.self_attn.in_proj_bias.zero_()
+        layer.self_attn.out_proj.bias.fill_(1.0 if branch == "sa" else 0.0)
+        layer.linear2.weight.zero_()
+        layer.linear2.bias.fill_(1.0 if branch == "ff" else 0.0)
+    return layer.train()
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5])
+@pytest.mark.parametrize("branch", ["sa", "ff"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_residual_dropout_statistics(norm_first, branch, p):
+    """Over 64K elements the fraction of the residual branch's contribution that is dropped
+    is within 5 sigma of p, and the output is exactly what that keep-mask gives (kept
+    elements scaled by 1 / (1 - p)). The branch is the constant 1 (_branch_layer), so the
+    mask shows in the output: pre-LN, out = src + mask / (1 - p) (its "ff" branch is torch's
+    dropout, not fused, checked the same way); post-LN, with src = 0, out =
+    LN2(LN1(mask / (1 - p))) or LN2(mask / (1 - p)), negative where dropped (positive where
+    kept)."""
+    s, n, e = 32, 32, 64
+    layer = _branch_layer(norm_first, branch, p, e)
+    src = torch.randn(s, n, e) if norm_first else torch.zeros(s, n, e)
+    with torch.no_grad():
+        out = layer(src)
+    if norm_first:
+        dropped = out == src
+        expected = src + (~dropped).float() / (1 - p)
+    else:
+        assert (out != 0).all(), "a row with no element dropped or none kept"
+        dropped = out < 0
+        expected = F.layer_norm((~dropped).float() / (1 - p), [e])
+        if branch == "sa":
+            expected = F.layer_norm(expected, [e])
+    _close(out, expected, "output from the inferred mask")
+    frac = dropped.double().mean().item()
+    sigma = (p * (1 - p) / dropped.numel()) ** 0.5
+    assert abs(frac - p) < 5 * sigma, f"dropped fraction {frac} vs p = {p}"
+
+
+@pytest.mark.parametrize("variant", ["relu_bias_float32", "gelu_no_bias_float64"])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_dropout_matches_torch_with_the_layers_masks(batch_first, norm_first, variant):
+    """Training with dropout 0.3 against a reference built from the masks the layer used.
+    The reference is torch's nn.TransformerEncoderLayer (same weights) whose fused residual
+    dropouts (dropout1 and, post-LN, dropout2) are replaced by ResidualDropoutFromSeed
+    (conftest.with_fused_residual_dropouts); its attention and linear1 dropouts stay torch's. Both runs start from the same
+    torch.manual_seed and consume the default generator in the same order (attention
+    dropout, residual seed, linear1 dropout, residual seed (post-LN) or torch's dropout2
+    (pre-LN)), so the reference draws the same torch masks and the same seeds: outputs and
+    every gradient (backward regenerates the layer's masks from its seeds) must agree as in
+    the dropout-free parity tests."""
+    act, bias, dtype = {"relu_bias_float32": ("relu", True, torch.float32),
+                        "gelu_no_bias_float64": ("gelu", False, torch.float64)}[variant]
+    p = 0.3
+    ref, ours = _pair(dtype=dtype, dropout=p, activation=act, bias=bias, norm_first=norm_first,
+                      batch_first=batch_first)
+    with_fused_residual_dropouts(ref)
+    _check_parity(ref, ours, _src(batch_first, dtype), *_masks("both", dtype),
+                  rtol=1e-5 if dtype == torch.float32 else 1e-12, seed=2024)
+    masks = ref.dropout1.masks + (ref.dropout2.masks if not norm_first else [])
+    assert len(masks) == (1 if norm_first else 2)
+    for mask in masks:
+        assert not mask.all() and mask.any(), "a residual mask kept or dropped everything"
 
 
 # --------------------------------------------------------------------------- C++ module
@@ -355,15 +470,23 @@ def test_replace_modules_swaps_encoder_layers():
 # --------------------------------------------------------------------------- compile
 
 
-def test_torch_compile_fullgraph_forward_backward():
+@pytest.mark.parametrize("dropout,norm_first", [(0.0, True), (0.3, False), (0.3, True)])
+def test_torch_compile_fullgraph_forward_backward(dropout, norm_first):
+    """The layer compiled with fullgraph (training mode) gives eager's output and gradients.
+    With dropout the residual dropouts' seeds are drawn inside the traced op in eager's
+    order, so the same torch.manual_seed gives eager's masks (and the compiled backward
+    regenerates the forward's)."""
     torch._dynamo.reset()
-    ref, ours = _pair(norm_first=True, batch_first=True)
+    _, ours = _pair(dropout=dropout, norm_first=norm_first, batch_first=True)
     ours.train()
     x = _src(True)
     src_mask, kpm, _ = _masks("both")
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    compiled(x, src_mask, kpm)  # compile outside the seeded runs
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(31)
     a = ours(xe, src_mask, kpm)
+    torch.manual_seed(31)
     b = compiled(xc, src_mask, kpm)
     _close(b, a, "compiled output")
     g = torch.randn_like(a)

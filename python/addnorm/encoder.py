@@ -1,12 +1,9 @@
 """addnorm.TransformerEncoderLayer: drop-in for torch.nn.TransformerEncoderLayer whose
-Add & Norm steps run addnorm's fused kernels.
-
-It subclasses torch's layer, so the constructor, submodules (self_attn, linear1, linear2,
-norm1, norm2, dropout*), parameters, state_dict keys and isinstance checks are torch's
-(nn.TransformerEncoder accepts it as is). forward runs the one op
-torch.ops.addnorm.transformer_encoder_layer, whose math is torch's layer op for op (but
-in training the residual dropouts before a norm are fused into it, with masks of addnorm's
-seeds: not torch's masks for the same torch.manual_seed; see the README).
+Add & Norm steps run addnorm's fused kernels. It subclasses torch's layer (constructor,
+submodules, parameters, state_dict keys, isinstance are torch's); forward runs the op
+torch.ops.addnorm.transformer_encoder_layer, torch's layer op for op, except that in
+training the residual dropouts before a norm are fused into it, with masks of addnorm's
+seeds (not torch's masks for the same torch.manual_seed; see the README).
 
 torch.jit.script compiles it: the scripted forward takes the activation from torch's
 ``activation_relu_or_gelu`` attribute (checked against ``activation`` when the layer is

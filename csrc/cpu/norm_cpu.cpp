@@ -58,12 +58,20 @@ void norm_bwd(const NormBwdArgs& args) {
   }
 }
 
+void dropout_apply(const DropoutApplyArgs& args) {
+  if (use_avx2()) {
+    AVX2::dropout_apply_kernel(args);
+  } else {
+    DEFAULT::dropout_apply_kernel(args);
+  }
+}
+
 }  // namespace
 
 const char* capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
 
 TORCH_LIBRARY_IMPL(addnorm, CPU, m) {
-  register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply_kernel>(m);
+  register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply>(m);
 }
 
 }  // namespace addnorm::cpu

@@ -546,6 +546,73 @@ inline VF normalized_wide(const VF& v, const VF& gamma, const VF& beta, const VD
   return narrow(fma_of((v0 - mean) * rstd, g0, b0), fma_of((v1 - mean) * rstd, g1, b1));
 }
 
+// The fused dropout's factors of elements [e0, e0 + n) (ops/dropout_mask.h: the same
+// values as dropout_factors). AVX2: eight Philox counters per round in 32-bit lanes
+// (products through _mm256_mul_epu32), the scalar function for the ends.
+template <typename A>
+void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A* fac) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const int64_t head = std::min<int64_t>(n, (4 - (e0 & 3)) & 3);
+  dropout_factors(k, scale, e0, head, fac);
+  int64_t e = e0 + head;
+  const int64_t end = e0 + n;
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  // threshold < 2^32 (p > 0): the signed compare of sign-flipped words is unsigned.
+  const __m256i thr = _mm256_xor_si256(
+      _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(k.threshold))), sign);
+  const __m256i sa = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i sb = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  auto mulhilo = [](__m256i a, __m256i x, __m256i& hi) {
+    const __m256i even = _mm256_mul_epu32(a, x);
+    const __m256i odd = _mm256_mul_epu32(a, _mm256_srli_epi64(x, 32));
+    hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    return _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  };
+  auto word = [](uint64_t v) { return _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(v))); };
+  for (; e + 32 <= end; e += 32) {
+    const uint64_t g = static_cast<uint64_t>(e) >> 2;
+    __m256i c0 = word(k.offset);
+    __m256i c1 = word(k.offset >> 32);
+    __m256i c2 = _mm256_add_epi32(word(g), lane);
+    __m256i c3 = word(g >> 32);
+    if (static_cast<uint32_t>(g) > 0xFFFFFFF8u) {  // the low word wraps inside the 8 groups
+      alignas(32) uint32_t hi_words[8];
+      for (int i = 0; i < 8; ++i) hi_words[i] = static_cast<uint32_t>((g + i) >> 32);
+      c3 = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi_words));
+    }
+    __m256i k0 = word(k.seed);
+    __m256i k1 = word(k.seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      if (round > 0) {
+        k0 = _mm256_add_epi32(k0, word(0x9E3779B9u));
+        k1 = _mm256_add_epi32(k1, word(0xBB67AE85u));
+      }
+      __m256i hi0, hi1;
+      const __m256i lo0 = mulhilo(sa, c0, hi0);
+      const __m256i lo1 = mulhilo(sb, c2, hi1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), k0);
+      c1 = lo1;
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
+      c3 = lo0;
+    }
+    alignas(32) int32_t keep[4][8];
+    const __m256i words[4] = {c0, c1, c2, c3};
+    for (int q = 0; q < 4; ++q) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(keep[q]),
+                         _mm256_cmpgt_epi32(thr, _mm256_xor_si256(words[q], sign)));
+    }
+    A* f = fac + (e - e0);
+    for (int i = 0; i < 8; ++i) {
+      for (int q = 0; q < 4; ++q) f[4 * i + q] = keep[q][i] ? scale : A(0);
+    }
+  }
+  dropout_factors(k, scale, e, end - e, fac + (e - e0));
+#else
+  dropout_factors(k, scale, e0, n, fac);
+#endif
+}
+
 // The dropout key of a forward call (the seed tensor is on the CPU).
 inline DropoutKey fwd_dropout_key(const NormFwdArgs& args) {
   const int64_t* s = args.dropout_seed.const_data_ptr<int64_t>();
@@ -639,7 +706,7 @@ void norm_fwd_typed(const NormFwdArgs& args) {
         // h = x * factor (dropout) + r (residual); either may be absent.
         const R* r = r_base ? r_base + i * N : nullptr;
         const A* f = fac.get();
-        if (drop) dropout_factors(drop_key, drop_scale, i * N, N, fac.get());
+        if (drop) dropout_factors_fast(drop_key, drop_scale, i * N, N, fac.get());
         auto fv = [&](int64_t j, V& a0, V& a1) {
           Pack<T>::load(x + j, a0, a1);
           if (f) {
@@ -835,7 +902,7 @@ void norm_fwd_f64(const NormFwdArgs& args) {
         // h = x * factor (dropout) + r (residual); either may be absent.
         const double* r = r_base ? r_base + i * N : nullptr;
         const double* f = fac.get();
-        if (drop) dropout_factors(drop_key, drop_scale, i * N, N, fac.get());
+        if (drop) dropout_factors_fast(drop_key, drop_scale, i * N, N, fac.get());
         double* sv = scratch.get();
         v = sv;
         sum = blocked_sum<double>(
@@ -1480,6 +1547,41 @@ void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& partials) {
     default:
       TORCH_CHECK(false, "addnorm: unsupported grad_out dtype ", args.dtypes.x);
   }
+}
+
+void dropout_apply_kernel(const DropoutApplyArgs& args) {
+  const int64_t* s = args.seed.const_data_ptr<int64_t>();
+  const DropoutKey key = dropout_key(s[0], s[1], args.p);
+  const int64_t n = args.input.numel();
+  constexpr int64_t kGrain = 16384;  // a multiple of 32: chunks start on whole Philox groups
+  auto run = [&](auto in_tag, auto out_tag) {
+    using In = decltype(in_tag);
+    using Out = decltype(out_tag);
+    using Acc = acc_t<In>;
+    const In* in = args.input.const_data_ptr<In>();
+    Out* out = args.out.mutable_data_ptr<Out>();
+    const Acc scale = static_cast<Acc>(dropout_scale(args.p));
+    at::parallel_for(0, (n + kGrain - 1) / kGrain, 1, [&](int64_t c0, int64_t c1) {
+      std::unique_ptr<Acc[]> fac(new Acc[kGrain]);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t e0 = c * kGrain;
+        const int64_t len = std::min(kGrain, n - e0);
+        dropout_factors_fast(key, scale, e0, len, fac.get());
+        for (int64_t j = 0; j < len; ++j) {
+          out[e0 + j] = static_cast<Out>(static_cast<Acc>(in[e0 + j]) * fac[j]);
+        }
+      }
+    });
+  };
+  // The dtypes the checks allow: the input's, or float16/bfloat16 out of float32.
+  const auto in_dtype = args.input.scalar_type();
+  const auto out_dtype = args.out.scalar_type();
+  if (in_dtype == at::kDouble) return run(double{}, double{});
+  if (in_dtype == at::kBFloat16) return run(c10::BFloat16{}, c10::BFloat16{});
+  if (in_dtype == at::kHalf) return run(c10::Half{}, c10::Half{});
+  if (out_dtype == at::kBFloat16) return run(float{}, c10::BFloat16{});
+  if (out_dtype == at::kHalf) return run(float{}, c10::Half{});
+  return run(float{}, float{});
 }
 
 void norm_bwd_reduce_kernel(const at::Tensor& partials, const at::Tensor& sums) {

@@ -32,9 +32,6 @@ inline int64_t bwd_chunks(int64_t M, int64_t N) {
   return (M + rows - 1) / rows;
 }
 
-// _dropout_apply (cpu/dropout_kernel.cpp, compiled once: its work is the Philox rounds).
-void dropout_apply_kernel(const DropoutApplyArgs& args);
-
 #define ADDNORM_DECLARE_CPU_KERNELS(CAP)                                                  \
   namespace CAP {                                                                          \
   void norm_fwd_kernel(const NormFwdArgs& args);                                          \
@@ -44,6 +41,8 @@ void dropout_apply_kernel(const DropoutApplyArgs& args);
   void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& partials);              \
   /* sums: [2, N] float64, the chunks' partials added in chunk order.                  */ \
   void norm_bwd_reduce_kernel(const at::Tensor& partials, const at::Tensor& sums);       \
+  /* _dropout_apply: input times the fused dropout's mask and scale, in out's dtype.   */ \
+  void dropout_apply_kernel(const DropoutApplyArgs& args);                                \
   }
 
 ADDNORM_DECLARE_CPU_KERNELS(DEFAULT)

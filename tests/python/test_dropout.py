@@ -384,3 +384,41 @@ def test_module_dropout_only_in_training():
     a = rms(x, r)
     torch.manual_seed(3)
     assert torch.equal(a, rms(x, r))
+
+
+def _philox4x32_10(key, counter):
+    """Philox4x32-10 (Salmon et al., the Random123 paper), plain Python integers."""
+    m = 0xFFFFFFFF
+    c = list(counter)
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+        p0 = 0xD2511F53 * c[0]
+        p1 = 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & m, p1 & m, ((p0 >> 32) ^ c[3] ^ k1) & m, p0 & m]
+    return c
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_is_the_documented_philox_function(device):
+    """Element e is kept when word e % 4 of Philox4x32-10(key = seed[0], counter =
+    (seed[1], e / 4)) is below (1 - p) * 2^32: checked element by element against an
+    independent implementation, across vector-width boundaries and odd lengths."""
+    seed = torch.tensor([0x0123456789ABCDEF, -0x0FEDCBA987654321], dtype=torch.int64)
+    p = 0.37
+    n = 203
+    mask = addnorm.dropout_mask(seed.to(device), [n], p).cpu()
+    s0, s1 = (int(v) & 0xFFFFFFFFFFFFFFFF for v in seed)
+    threshold = int(math.ldexp(1.0 - p, 32))
+    expected = []
+    for e in range(n):
+        g = e // 4
+        words = _philox4x32_10((s0 & 0xFFFFFFFF, s0 >> 32),
+                               (s1 & 0xFFFFFFFF, s1 >> 32, g & 0xFFFFFFFF, g >> 32))
+        expected.append(words[e % 4] < threshold)
+    assert mask.tolist() == expected
+    # The fused forward uses the same mask, rows split at any length (one row of n).
+    x = torch.rand(3, n, dtype=torch.float64, device=device) + 1.0
+    h = torch.ops.addnorm.add_layer_norm(x, None, [n], dropout_p=p, dropout_seed=seed.to(device))[1]
+    assert torch.equal((h != 0).cpu(), addnorm.dropout_mask(seed, [3, n], p))

@@ -11,7 +11,7 @@
 
 #include "cpu/norm_cpu.h"
 #include "cpu/norm_kernel.h"
-#include "ops/norm_launch.h"
+#include "ops/norm_register.h"
 
 namespace addnorm::cpu {
 namespace {

@@ -12,14 +12,6 @@
 #include "ops/norm_launch.h"
 
 namespace addnorm {
-namespace {
-
-at::Tensor in_dtype(const at::Tensor& t, c10::ScalarType dtype) {
-  return t.scalar_type() == dtype ? t : t.to(dtype);
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
     NormFwdKernel kernel, const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
@@ -45,13 +37,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
   args.x = input.contiguous().view(shape2d);
   args.dtypes = plan.dtypes;
   if (residual.has_value()) {
-    args.residual = in_dtype(*residual, plan.dtypes.residual).contiguous().view(shape2d);
+    args.residual = residual->to(plan.dtypes.residual).contiguous().view(shape2d);
   }
   if (weight.has_value()) {
-    args.gamma = in_dtype(*weight, plan.dtypes.param).contiguous().view({args.N});
+    args.gamma = weight->to(plan.dtypes.param).contiguous().view({args.N});
   }
   if (bias.has_value() && !is_rms) {
-    args.beta = in_dtype(*bias, plan.dtypes.param).contiguous().view({args.N});
+    args.beta = bias->to(plan.dtypes.param).contiguous().view({args.N});
   }
   // The kernels write contiguous rows; an output in another memory format gets them copied.
   const at::Tensor out_rows =
@@ -103,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
   if (!is_rms) args.mean = mean.contiguous().view({args.M});
   args.rstd = rstd.contiguous().view({args.M});
   if (weight.has_value()) {
-    args.gamma = in_dtype(*weight, plan.dtypes.param).contiguous().view({args.N});
+    args.gamma = weight->to(plan.dtypes.param).contiguous().view({args.N});
     if (weight_grad) args.grad_gamma = grad_weight.view({args.N});
   }
   if (has_bias) args.grad_beta = grad_bias.view({args.N});

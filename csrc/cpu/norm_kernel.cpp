@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <type_traits>
 
 #include <ATen/Parallel.h>
@@ -655,6 +656,19 @@ class ParamRow {
   const A* ptr_ = nullptr;
 };
 
+// 1 / gamma in A (gamma in double), for the backward from the output; a zero in gamma
+// leaves the normalized values unrecoverable (autograd keeps h for such a weight).
+template <typename A>
+std::unique_ptr<A[]> inverse_weight(const double* gamma, int64_t N) {
+  std::unique_ptr<A[]> inv(new A[N]);
+  for (int64_t j = 0; j < N; ++j) {
+    TORCH_CHECK(gamma[j] != 0.0, "addnorm: the backward from the output (from_output=True) "
+                "needs a weight without zeros; weight[", j, "] = 0");
+    inv[j] = static_cast<A>(1.0 / gamma[j]);
+  }
+  return inv;
+}
+
 template <typename T, typename R, typename H>
 void norm_fwd_typed(const NormFwdArgs& args) {
   using A = float;
@@ -986,6 +1000,11 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // Pass 2 writes grad_h and adds dy * xhat to the chunk's dgamma partial (dy to its dbeta
 // partial: float data in pass 1, float64 in pass 2). Rows are processed in the chunks of
 // bwd_chunk_rows, each chunk by one thread.
+//
+// From the output (memory_efficient): xhat = (y - beta) / gamma of each row is written to
+// a scratch row first (float data: in float lanes, times 1 / gamma; float64: divided), and
+// the passes run on it as on h with shift 0 and xhat's own scale 1 (rstd, the saved one,
+// still scales grad_h).
 
 // The float-data backward's arguments, passed by value into the row loops (locals the
 // compiler keeps in registers: vector stores may alias any memory).
@@ -993,7 +1012,10 @@ template <typename G, typename X>
 struct FloatBwdArgs {
   const G* dy;
   const X* dres;  // nullptr when absent
-  const X* h;
+  const X* h;     // nullptr from the output
+  const G* y;     // from the output: y; else nullptr
+  const float* beta;       // from the output: beta (0 when absent)
+  const float* inv_gamma;  // from the output: 1 / gamma
   const float* mean;  // nullptr for RMSNorm
   const float* rstd;
   const double* gamma;  // in double
@@ -1038,10 +1060,11 @@ struct BwdSums {
   }
 };
 
-// A row's constants in pass 2: xhat = d * rstd + x_off (x_off = -(mean - shift) * rstd),
-// grad_h = (g - c1) * rstd + xhat * b (b = -rstd * c2).
+// A row's constants in pass 2: xhat = d * xs + x_off (xs = rstd, x_off = -(mean - shift) *
+// rstd; from the output xs = 1, x_off = 0), grad_h = (g - c1) * rstd + xhat * b (b = -rstd *
+// c2).
 struct BwdRow {
-  VD rstd, x_off, c1, b;
+  VD rstd, xs, x_off, c1, b;
 };
 
 // Pass 2 for one float vector's worth of elements: grad_h in double, rounded once; with pg,
@@ -1050,8 +1073,8 @@ template <bool kResidual, bool kPartials>
 inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1,
                   const VD& r0, const VD& r1, const BwdRow& row, double* pg) {
   constexpr int64_t S = VD::size();
-  const VD x0 = fma_of(VD::loadu(ds), row.rstd, row.x_off);
-  const VD x1 = fma_of(VD::loadu(ds + S), row.rstd, row.x_off);
+  const VD x0 = fma_of(VD::loadu(ds), row.xs, row.x_off);
+  const VD x1 = fma_of(VD::loadu(ds + S), row.xs, row.x_off);
   VD t0 = x0 * row.b;
   VD t1 = x1 * row.b;
   if constexpr (kResidual) {
@@ -1070,8 +1093,8 @@ inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1
 // Pass 2 over a row.
 template <typename G, typename X, bool kResidual, bool kPartials>
 void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const double* gm,
-                 int64_t N, const BwdRow& row, double rstd, double x_off, double c1, double b,
-                 double* pg) {
+                 int64_t N, const BwdRow& row, double rstd, double xs, double x_off, double c1,
+                 double b, double* pg) {
   using V = VF;
   constexpr int64_t W = Pack<X>::kWidth;
   int64_t j = 0;
@@ -1100,7 +1123,7 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const doub
     Pack<X>::store(dx + j, o[0], o[1]);
   }
   for (; j < N; ++j) {
-    const double xh = fma_of(ds[j], rstd, x_off);
+    const double xh = fma_of(ds[j], xs, x_off);
     const double r = kResidual ? static_cast<double>(to_acc<float>(dres[j])) : 0.0;
     const double y = static_cast<double>(to_acc<float>(dy[j]));
     const double g = y * gm[j];
@@ -1153,9 +1176,27 @@ void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift
   }
 }
 
-// The rows of chunk c.
+// xr = (y - beta) * inv_gamma over a row, in float lanes.
+template <typename G>
+void xhat_from_output(const G* y, const float* beta, const float* inv_gamma, int64_t N,
+                      float* xr) {
+  constexpr int64_t W = Pack<G>::kWidth;
+  constexpr int64_t S = VF::size();
+  int64_t j = 0;
+  for (; j + W <= N; j += W) {
+    VF a0, a1;
+    Pack<G>::load(y + j, a0, a1);
+    ((a0 - VF::loadu(beta + j)) * VF::loadu(inv_gamma + j)).store(xr + j);
+    ((a1 - VF::loadu(beta + j + S)) * VF::loadu(inv_gamma + j + S)).store(xr + j + S);
+  }
+  for (; j < N; ++j) {
+    xr[j] = (to_acc<float>(y[j]) - beta[j]) * inv_gamma[j];
+  }
+}
+
+// The rows of chunk c (xr: a float scratch row, used from the output).
 template <typename G, typename X, bool kRms>
-void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds) {
+void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* xr) {
   using V = VF;
   constexpr int64_t W = Pack<X>::kWidth;
   static_assert(Pack<G>::kWidth == W, "mixed widths");
@@ -1170,17 +1211,25 @@ void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds) {
   const int64_t row_end = std::min(a.M, row_begin + a.rows_per_chunk);
   for (int64_t i = row_begin; i < row_end; ++i) {
     const G* dy = a.dy + i * N;
-    const X* h = a.h + i * N;
-    const double shift = kRms ? 0.0 : static_cast<double>(a.mean[i]);
+    const bool from_output = a.y != nullptr;
+    const double shift = (kRms || from_output) ? 0.0 : static_cast<double>(a.mean[i]);
 
     // Pass 1: d to the scratch, dy to the dbeta partial; the sums of g, g * d, d, d * d.
     DD sum[4];  // g, g * d, d, d * d
-    if (pb) {
-      bwd_sums<G, X, kRms, true>(dy, h, a.gamma, N, shift, ds, pb, sum);
+    if (from_output) {
+      xhat_from_output(a.y + i * N, a.beta, a.inv_gamma, N, xr);
+      if (pb) {
+        bwd_sums<G, float, kRms, true>(dy, xr, a.gamma, N, 0.0, ds, pb, sum);
+      } else {
+        bwd_sums<G, float, kRms, false>(dy, xr, a.gamma, N, 0.0, ds, pb, sum);
+      }
+    } else if (pb) {
+      bwd_sums<G, X, kRms, true>(dy, a.h + i * N, a.gamma, N, shift, ds, pb, sum);
     } else {
-      bwd_sums<G, X, kRms, false>(dy, h, a.gamma, N, shift, ds, pb, sum);
+      bwd_sums<G, X, kRms, false>(dy, a.h + i * N, a.gamma, N, shift, ds, pb, sum);
     }
-    // mean = shift + delta; rstd; c1 = mean(g), c2 = mean(g * xhat).
+    // mean = shift + delta; rstd; xs, the scale from d to xhat; c1 = mean(g), c2 =
+    // mean(g * xhat).
     double delta = 0.0;
     double rstd = static_cast<double>(a.rstd[i]);
     if (a.own_stats) {
@@ -1188,24 +1237,28 @@ void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds) {
       const double var = std::max(sum[3].value() / nd - delta * delta, 0.0);
       rstd = 1.0 / std::sqrt(var + a.eps);
     }
+    const double xs = from_output ? 1.0 : rstd;
     const double c1 = kRms ? 0.0 : sum[0].value() / nd;
-    const double c2 = rstd * ((sum[1].value() - delta * sum[0].value()) / nd);
-    const double x_off = -delta * rstd;
+    const double c2 = xs * ((sum[1].value() - delta * sum[0].value()) / nd);
+    const double x_off = -delta * xs;
     const double b = -rstd * c2;
 
     // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); dgamma partial.
-    const BwdRow row{VD(rstd), VD(x_off), VD(c1), VD(b)};
+    const BwdRow row{VD(rstd), VD(xs), VD(x_off), VD(c1), VD(b)};
     const X* dres = a.dres ? a.dres + i * N : nullptr;
     X* dx = a.dx + i * N;
     if (dres && pg) {
-      bwd_row_out<G, X, true, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+      bwd_row_out<G, X, true, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
+                                    pg);
     } else if (dres) {
-      bwd_row_out<G, X, true, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+      bwd_row_out<G, X, true, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
+                                     pg);
     } else if (pg) {
-      bwd_row_out<G, X, false, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b, pg);
+      bwd_row_out<G, X, false, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
+                                     pg);
     } else {
-      bwd_row_out<G, X, false, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, x_off, c1, b,
-                                      pg);
+      bwd_row_out<G, X, false, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1,
+                                      b, pg);
     }
   }
 }
@@ -1218,8 +1271,21 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   FloatBwdArgs<G, X> a;
   a.dy = args.grad_out.const_data_ptr<G>();
   a.dres = args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<X>() : nullptr;
-  a.h = args.h.const_data_ptr<X>();
-  a.mean = args.rms ? nullptr : args.mean.const_data_ptr<float>();
+  std::unique_ptr<float[]> inv_gamma;
+  std::optional<ParamRow<float>> beta;
+  if (args.from_output) {
+    a.h = nullptr;
+    a.y = args.h.const_data_ptr<G>();
+    inv_gamma = inverse_weight<float>(gamma.get(), N);
+    a.inv_gamma = inv_gamma.get();
+    beta.emplace(args.beta, N, 0.0f);
+    a.beta = beta->get();
+  } else {
+    a.h = args.h.const_data_ptr<X>();
+    a.y = nullptr;
+    a.beta = a.inv_gamma = nullptr;
+  }
+  a.mean = (args.rms || args.from_output) ? nullptr : args.mean.const_data_ptr<float>();
   a.rstd = args.rstd.const_data_ptr<float>();
   a.gamma = gamma.get();
   a.dx = args.grad_h.mutable_data_ptr<X>();
@@ -1236,11 +1302,12 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   const bool rms = args.rms;
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::unique_ptr<double[]> scratch(new double[a.N]);  // d of the row
+    std::unique_ptr<float[]> xr(a.y ? new float[a.N] : nullptr);  // xhat from the output
     for (int64_t c = c_begin; c < c_end; ++c) {
       if (rms) {
-        bwd_chunk<G, X, true>(a, c, scratch.get());
+        bwd_chunk<G, X, true>(a, c, scratch.get(), xr.get());
       } else {
-        bwd_chunk<G, X, false>(a, c, scratch.get());
+        bwd_chunk<G, X, false>(a, c, scratch.get(), xr.get());
       }
     }
   });
@@ -1332,11 +1399,14 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
   const double* dy_base = args.grad_out.const_data_ptr<double>();
   const double* dres_base =
       args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<double>() : nullptr;
-  const double* h_base = args.h.const_data_ptr<double>();
+  const double* h_base = args.h.const_data_ptr<double>();  // from the output: y
   const double* mean_base = args.mean.defined() ? args.mean.const_data_ptr<double>() : nullptr;
   const double* rstd_base = args.rstd.const_data_ptr<double>();
   const ParamRow<double> gamma_row(args.gamma, N, 1.0);
   const double* gamma = gamma_row.get();
+  const bool from_output = args.from_output;
+  const ParamRow<double> beta_row(args.beta, N, 0.0);
+  if (from_output) inverse_weight<double>(gamma, N);  // checks for zeros
   double* dx_base = args.grad_h.mutable_data_ptr<double>();
   double* partial_base = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
   const int64_t rows_per_chunk = bwd_chunk_rows(M, N);
@@ -1351,6 +1421,7 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::unique_ptr<double[]> gs(new double[N]);  // g of the row
+    std::unique_ptr<double[]> xr(from_output ? new double[N] : nullptr);  // xhat from y
     for (int64_t c = c_begin; c < c_end; ++c) {
       // dgamma (hi, lo), dbeta (hi, lo)
       double* pg = partial_base ? partial_base + c * 4 * N : nullptr;
@@ -1366,11 +1437,21 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
         const double* dy = dy_base + i * N;
         const double* h = h_base + i * N;
         // The shift (saved mean) and rstd, at a scale where h - mean cannot overflow (rows
-        // with |h| beyond ~1e270 have rstd below 2^-900).
+        // with |h| beyond ~1e270 have rstd below 2^-900). From the output: h is xhat itself
+        // (shift 0, scale 1, its rstd 1).
         F64Stats st;
         st.mean_hi = mean_base ? mean_base[i] : 0.0;
         st.rstd_hi = rstd_base[i];
-        if (st.rstd_hi < 0x1p-900) {
+        if (from_output) {
+          const double* beta = beta_row.get();
+          int64_t j = 0;
+          for (; j + V::size() <= N; j += V::size()) {
+            ((V::loadu(h + j) - V::loadu(beta + j)) / V::loadu(gamma + j)).store(xr.get() + j);
+          }
+          for (; j < N; ++j) xr[j] = (h[j] - beta[j]) / gamma[j];
+          h = xr.get();
+          st.rstd_hi = 1.0;
+        } else if (st.rstd_hi < 0x1p-900) {
           st.scale = 0x1p-600;
           st.mean_hi *= st.scale;
           st.rstd_hi /= st.scale;
@@ -1451,8 +1532,8 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
         double c1 = 0.0, c1_lo = 0.0, c2, c2_lo;
         if (!rms) dd_div(sum_g, nd, c1, c1_lo);
         dd_div(have_gx ? dd_mul(sum_gx, st.rstd_hi, st.rstd_lo) : sum_gx, nd, c2, c2_lo);
-        const double rstd = st.rstd_hi * st.scale;  // of h itself
-        const double rstd_lo = st.rstd_lo * st.scale;
+        const double rstd = from_output ? rstd_base[i] : st.rstd_hi * st.scale;  // of h itself
+        const double rstd_lo = from_output ? 0.0 : st.rstd_lo * st.scale;
 
         // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); partials.
         const V scale_v(st.scale), neg_mean_v(-st.mean_hi), mean_lo_v(st.mean_lo),

@@ -11,7 +11,8 @@
 // rounded once (RMS drops mean(g)), plus grad_residual_out; the row sums in double
 // (double-double for fp64); grad_gamma / grad_beta from fp32 per-chunk partials summed in
 // double by a finalize kernel in a fixed order, the chunks fixed by M and N (bitwise
-// reproducible, also across GPUs and grid sizes; no atomics).
+// reproducible, also across GPUs and grid sizes; no atomics). From the output
+// (memory_efficient): xhat = (y - beta) / gamma, read from the forward's output y.
 //
 // Paths, chosen at run time per call:
 //   register path  the row lives in registers; threads per row (TPR) sized to N: several
@@ -116,10 +117,12 @@ struct BwdParams {
   using A = at::opmath_type<T>;
   const T* dy;       // [M, N] grad of out
   const H* dres;     // [M, N] grad of h (residual_out); nullptr when absent
-  const H* h;        // [M, N]
-  const A* mean;     // [M]; nullptr for RMS
+  const H* h;        // [M, N]; nullptr from the output
+  const T* y;        // [M, N] the forward's output (memory_efficient); else nullptr
+  const A* mean;     // [M]; nullptr for RMS and from the output
   const A* rstd;     // [M]
   const W* gamma;    // [N]; nullptr when absent
+  const W* beta;     // [N]; from the output only; nullptr when absent
   H* dh;             // [M, N] grad of h (output)
   A* part_gamma;     // [P, N] per-chunk partial sums of dy * xhat; nullptr when not wanted
   A* part_beta;      // [P, N] per-chunk partial sums of dy; nullptr when not wanted
@@ -481,20 +484,46 @@ __device__ __forceinline__ void times_gamma(const W* gamma, int64_t col, const A
   }
 }
 
-// dy and xhat = (h - mean) * rstd for VEC elements; adds g = dy * gamma to the row sums in
-// double / double-double (sums[K-1] += g * xhat, exact in double for float data, and
-// sums[0] += g for LayerNorm).
+// xhat = (y - beta) / gamma for VEC elements of the output y (the backward from the
+// output; gamma has no zeros).
+template <int VEC, typename T, typename W, typename A>
+__device__ __forceinline__ void xhat_from_output(const T* y, const W* gamma, const W* beta,
+                                                 int64_t col, A (&xhat)[VEC]) {
+  load_vec<VEC>(y, xhat);
+  A b[VEC];
+  A gm[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    b[j] = A(0);
+    gm[j] = A(1);
+  }
+  if (beta != nullptr) load_vec<VEC>(beta + col, b);
+  if (gamma != nullptr) load_vec<VEC>(gamma + col, gm);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    xhat[j] = div_rn(sub_rn(xhat[j], b[j]), gm[j]);
+  }
+}
+
+// dy and xhat = (h - mean) * rstd (from the output: (y - beta) / gamma) for VEC elements;
+// adds g = dy * gamma to the row sums in double / double-double (sums[K-1] += g * xhat,
+// exact in double for float data, and sums[0] += g for LayerNorm).
 template <bool RMS, int VEC, typename T, typename H, typename W, typename A, int K, typename S>
 __device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
                                          A mean, A rstd, A (&dy)[VEC], A (&xhat)[VEC],
                                          S (&sums)[K]) {
   load_vec<VEC>(p.dy + off, dy);
-  load_vec<VEC>(p.h + off, xhat);
+  const bool from_output = p.y != nullptr;
+  if (from_output) {
+    xhat_from_output<VEC>(p.y + off, p.gamma, p.beta, col, xhat);
+  } else {
+    load_vec<VEC>(p.h + off, xhat);
+  }
   A g[VEC];
   times_gamma<VEC>(p.gamma, col, dy, g);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    xhat[j] = mul_rn(sub_rn(xhat[j], mean), rstd);
+    if (!from_output) xhat[j] = mul_rn(sub_rn(xhat[j], mean), rstd);
     stat_add_prod(sums[K - 1], static_cast<double>(g[j]), static_cast<double>(xhat[j]));
     if constexpr (!RMS) {
       stat_add(sums[0], static_cast<double>(g[j]));
@@ -564,7 +593,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const bool valid = row < p.M;
     const int64_t row_vecs = valid ? nvec : 0;
     const int64_t row_off = row * p.N;
-    const A mean = (RMS || !valid) ? A(0) : p.mean[row];
+    const A mean = (RMS || !valid || p.mean == nullptr) ? A(0) : p.mean[row];
     const A rstd = valid ? p.rstd[row] : A(0);
     A dy[VPT][VEC];
     A xhat[VPT][VEC];
@@ -693,7 +722,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     const bool valid = row < p.M;
     const int64_t row_vecs = valid ? nvec : 0;
     const int64_t row_off = row * p.N;
-    const A mean = (RMS || !valid) ? A(0) : p.mean[row];
+    const A mean = (RMS || !valid || p.mean == nullptr) ? A(0) : p.mean[row];
     const A rstd = valid ? p.rstd[row] : A(0);
     S sums[K];
 #pragma unroll
@@ -743,10 +772,13 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
 // Weight-gradient partials for the looping path: CTA (bx, by) sums dy * xhat and dy over
 // columns [32 bx, 32 bx + 32) and rows [by * rows_per_chunk, ...) into part[by, col].
 // Block (32, 16); the 16 row lanes are summed in a fixed order.
-template <typename T, typename H>
+template <typename T, typename H, typename W>
 __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_kernel(
     const T* __restrict__ dy,                         // [M, N]
-    const H* __restrict__ h,                          // [M, N]
+    const H* __restrict__ h,                          // [M, N]; nullptr from the output
+    const T* __restrict__ y,                          // [M, N] from the output; else nullptr
+    const W* __restrict__ gamma,                      // [N] from the output; nullptr: 1
+    const W* __restrict__ beta,                       // [N] from the output; nullptr: 0
     const at::opmath_type<T>* __restrict__ mean,      // [M]; nullptr for RMS
     const at::opmath_type<T>* __restrict__ rstd,      // [M]
     at::opmath_type<T>* __restrict__ part_gamma,      // [P, N]; nullptr when not wanted
@@ -763,11 +795,19 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
   A g = A(0);
   A b = A(0);
   if (col < N) {
+    const A y_shift = (y != nullptr && beta != nullptr) ? static_cast<A>(beta[col]) : A(0);
+    const A y_scale = (y != nullptr && gamma != nullptr) ? static_cast<A>(gamma[col]) : A(1);
 #pragma unroll 4
     for (int64_t r = r_begin + ty; r < r_end; r += kColRows) {
       const A d = static_cast<A>(dy[r * N + col]);
-      const A m = mean != nullptr ? mean[r] : A(0);
-      g += d * ((static_cast<A>(h[r * N + col]) - m) * rstd[r]);
+      A xhat;
+      if (y != nullptr) {
+        xhat = div_rn(sub_rn(static_cast<A>(y[r * N + col]), y_shift), y_scale);
+      } else {
+        const A m = mean != nullptr ? mean[r] : A(0);
+        xhat = (static_cast<A>(h[r * N + col]) - m) * rstd[r];
+      }
+      g += d * xhat;
       b += d;
     }
   }
@@ -1027,10 +1067,12 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   BwdParams<T, H, W> p;
   p.dy = a.grad_out.const_data_ptr<T>();
   p.dres = ptr_or_null<H>(a.grad_residual_out);
-  p.h = a.h.const_data_ptr<H>();
-  p.mean = a.rms ? nullptr : a.mean.const_data_ptr<A>();
+  p.h = a.from_output ? nullptr : a.h.const_data_ptr<H>();
+  p.y = a.from_output ? a.h.const_data_ptr<T>() : nullptr;
+  p.mean = (a.rms || a.from_output) ? nullptr : a.mean.const_data_ptr<A>();
   p.rstd = a.rstd.const_data_ptr<A>();
   p.gamma = ptr_or_null<W>(a.gamma);
+  p.beta = ptr_or_null<W>(a.beta);
   p.dh = a.grad_h.mutable_data_ptr<H>();
   p.part_gamma = nullptr;
   p.part_beta = nullptr;
@@ -1057,7 +1099,9 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   const bool vectorized = a.N % VEC == 0 && is_aligned(p.dy, sizeof(Vec<T, VEC>)) &&
                           is_aligned(p.dres, sizeof(Vec<H, VEC>)) &&
                           is_aligned(p.h, sizeof(Vec<H, VEC>)) &&
+                          is_aligned(p.y, sizeof(Vec<T, VEC>)) &&
                           is_aligned(p.gamma, sizeof(Vec<W, VEC>)) &&
+                          is_aligned(p.beta, sizeof(Vec<W, VEC>)) &&
                           is_aligned(p.dh, sizeof(Vec<H, VEC>));
   const int64_t nvec = a.N / VEC;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -1096,10 +1140,11 @@ void launch_norm_bwd(const NormBwdArgs& a) {
             std::clamp<int64_t>(ceil_div(kPartialCtas, col_tiles), 1, max_chunks);
         const int64_t rows_per_chunk = ceil_div(a.M, chunks);
         alloc_partials(ceil_div(a.M, rows_per_chunk));
-        norm_bwd_weight_partials_kernel<T, H>
+        norm_bwd_weight_partials_kernel<T, H, W>
             <<<dim3(static_cast<unsigned int>(col_tiles), static_cast<unsigned int>(P)),
-               dim3(kColTile, kColRows), 0, stream>>>(p.dy, p.h, p.mean, p.rstd, p.part_gamma,
-                                                      p.part_beta, a.M, a.N, rows_per_chunk);
+               dim3(kColTile, kColRows), 0, stream>>>(
+                p.dy, p.h, p.y, p.gamma, p.beta, p.mean, p.rstd, p.part_gamma, p.part_beta, a.M,
+                a.N, rows_per_chunk);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

@@ -71,28 +71,30 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool return_residual,
-    bool residual_in_fp32, double dropout_p, std::optional<at::Generator> generator) {
+    bool residual_in_fp32, double dropout_p, std::optional<at::Generator> generator,
+    bool memory_efficient) {
   static const auto op = public_op<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool,
-      double, const std::optional<at::Tensor>&)>("addnorm::add_layer_norm");
+      double, const std::optional<at::Tensor>&, bool)>("addnorm::add_layer_norm");
   return op.call(
       input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, eps,
-      return_residual, residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator));
+      return_residual, residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator),
+      memory_efficient);
 }
 
 std::tuple<at::Tensor, at::Tensor> add_rms_norm(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     std::optional<double> eps, bool return_residual, bool residual_in_fp32, double dropout_p,
-    std::optional<at::Generator> generator) {
+    std::optional<at::Generator> generator, bool memory_efficient) {
   static const auto op = public_op<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
       const std::optional<at::Tensor>&, std::optional<double>, bool, bool, double,
-      const std::optional<at::Tensor>&)>("addnorm::add_rms_norm");
+      const std::optional<at::Tensor>&, bool)>("addnorm::add_rms_norm");
   return op.call(
       input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, eps, return_residual,
-      residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator));
+      residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator), memory_efficient);
 }
 
 const char* version() { return ADDNORM_VERSION_STRING; }

@@ -52,13 +52,17 @@ struct DropoutApplyArgs {
 };
 
 // Backward of out = norm(h) * gamma + beta with respect to h, gamma, beta.
+// from_output: h holds the forward's output y instead, and the normalized values are
+// xhat = (y - beta) / gamma (RMS: y / gamma); gamma has no zeros, mean and eps are unused.
 struct NormBwdArgs {
   at::Tensor grad_out;           // [M, N] dtypes.x
   at::Tensor grad_residual_out;  // [M, N] dtypes.h; added into grad_h; undefined when absent
-  at::Tensor h;                  // [M, N] dtypes.h
-  at::Tensor mean;               // [M] dtypes.stat; undefined for RMS
+  at::Tensor h;                  // [M, N] dtypes.h (from_output: y, dtypes.x)
+  at::Tensor mean;               // [M] dtypes.stat; undefined for RMS and from_output
   at::Tensor rstd;               // [M] dtypes.stat
   at::Tensor gamma;              // [N] dtypes.param; undefined when absent (1)
+  at::Tensor beta;               // [N] dtypes.param; from_output only, undefined when absent
+  bool from_output = false;
   at::Tensor grad_h;             // [M, N] dtypes.h (output)
   at::Tensor grad_gamma;         // [N] the weight's dtype (output); undefined when not wanted
   at::Tensor grad_beta;          // [N] the bias's dtype (output); undefined when not wanted

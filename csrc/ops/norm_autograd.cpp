@@ -20,6 +20,16 @@
 // - Fused dropout (h = dropout(input) + residual): the node keeps the seed tensor, never a
 //   mask; input's gradient (and tangent) is h's times the mask regenerated from the seed
 //   (_dropout_apply). h is written whenever dropout runs, since the input no longer is h.
+// - memory_efficient: the node keeps the output (which the next layer usually keeps anyway)
+//   instead of h, and backward recovers the normalized values from it, xhat = (out - bias) /
+//   weight (_norm_bwd's from_output). A weight with a zero makes that impossible (the
+//   output holds nothing of h there). Where the weight can be read for free (a CPU tensor,
+//   in eager mode) the node then keeps h as without the flag; elsewhere it is not read
+//   (no device synchronization, nothing data-dependent in traced graphs) and backward
+//   meets the zero: the CPU kernel raises an error, the CUDA kernels give NaN gradients
+//   for the rows (see the README). Second derivatives need h and are refused;
+//   forward-mode tangents are computed from h in the forward, which then runs as without
+//   the flag.
 // Under torch.compile both internal ops land in the traced graphs.
 
 #include <vector>
@@ -105,6 +115,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(
   return {std::move(dh), std::move(dw), std::move(db)};
 }
 
+// Whether backward is to recover xhat from the output: false for a weight with a zero that
+// can be seen for free (a CPU tensor holding data: not a fake or functional tensor of a
+// trace).
+bool output_invertible(const std::optional<at::Tensor>& weight) {
+  if (!weight.has_value()) return true;
+  const auto keys = weight->key_set();
+  const bool readable = weight->device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
+                        !keys.has(c10::DispatchKey::Functionalize);
+  return !readable || !weight->eq(0).any().item<bool>();
+}
+
 at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
   if (!a.defined()) {
     return b;
@@ -147,13 +168,16 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       bool return_residual,
       bool residual_in_fp32,
       double dropout_p,
-      const std::optional<at::Tensor>& dropout_seed) {
+      const std::optional<at::Tensor>& dropout_seed,
+      bool memory_efficient) {
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->set_materialize_grads(false);  // an unused output gets no [M, N] zero gradient
     const bool has_residual = residual.has_value();
     const bool drop = dropout_p > 0.0;
-    // Backward needs h; with a residual or dropout it exists only if we write it.
-    const bool kept = (has_residual || drop) && !return_residual;
+    const bool from_output = memory_efficient && output_invertible(weight);
+    // Backward needs h (unless from_output); with a residual or dropout it exists only if
+    // we write it.
+    const bool kept = (has_residual || drop) && !return_residual && !from_output;
     const bool store_residual = return_residual || kept;
     auto [out, h, mean, rstd] = norm_fwd_op().call(
         input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
@@ -172,9 +196,13 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     }
     ctx->mark_non_differentiable(non_differentiable);
     // What was normalized: h when it was written (an output of this node, so higher-order
-    // gradients reach input and residual through it), else the input.
-    const at::Tensor& normalized = return_residual ? h_returned : (kept ? h_kept : input);
-    ctx->save_for_backward({normalized, mean, rstd, weight.value_or(at::Tensor())});
+    // gradients reach input and residual through it), else the input; from_output: out.
+    const at::Tensor& normalized =
+        from_output ? out : return_residual ? h_returned : (kept ? h_kept : input);
+    const at::Tensor bias_kept = from_output && !is_rms ? bias.value_or(at::Tensor()) : at::Tensor();
+    ctx->save_for_backward({normalized, mean, rstd, weight.value_or(at::Tensor()), bias_kept});
+    ctx->saved_data["from_output"] = from_output;
+    ctx->saved_data["h_dtype"] = h.scalar_type();
     // The seed (int64 [2], never differentiated) is kept as data, not as a saved variable:
     // its 16 bytes need no saved-tensor hooks, and backward reads it whichever path it takes.
     ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
@@ -211,7 +239,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     const at::Tensor dropout_seed = ctx->saved_data["dropout_seed"].toTensor();
 
-    variable_list grads(11);  // one per forward argument after ctx
+    variable_list grads(12);  // one per forward argument after ctx
     auto set_input_grads = [&](const at::Tensor& grad_h) {
       grads[0] = dropout_input_grad(grad_h, dropout_seed, dropout_p, input_dtype);
       if (has_residual) {
@@ -240,6 +268,11 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool higher_order = at::GradMode::is_enabled() || isFwGradDefined(grad_out) ||
                               isFwGradDefined(grad_h_in) || isFwGradDefined(h) ||
                               isFwGradDefined(weight);
+    const bool from_output = ctx->saved_data["from_output"].toBool();
+    TORCH_CHECK(
+        !(higher_order && from_output),
+        "addnorm: memory_efficient=True keeps no h, which second derivatives (create_graph=True, "
+        "or forward-mode tangents in backward) need; call with memory_efficient=False");
     if (higher_order) {
       auto [dh, dw, db] = norm_backward_composite(
           grad_out, h, weight, weight_grad, bias_grad, is_rms, ctx->saved_data["eps"].toDouble(),
@@ -254,9 +287,16 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     if (grad_h_in.defined()) grad_h_out = grad_h_in;
     std::optional<at::Tensor> w;
     if (weight.defined()) w = weight;
-    auto [grad_h, grad_weight, grad_bias] = norm_bwd_op().call(
-        grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms, weight_grad,
-        ctx->saved_data["eps"].toDouble());
+    std::optional<at::Tensor> b;
+    if (saved[4].defined()) b = saved[4];
+    auto [grad_h, grad_weight, grad_bias] =
+        from_output
+            ? norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
+                                 weight_grad, std::nullopt, /*from_output=*/true, b,
+                                 ctx->saved_data["h_dtype"].toScalarType())
+            : norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
+                                 weight_grad, ctx->saved_data["eps"].toDouble(), false,
+                                 std::nullopt, std::nullopt);
     set_input_grads(grad_h);
     if (weight_grad) grads[3] = grad_weight;
     if (bias_grad) grads[4] = grad_bias.to(bias_dtype);
@@ -380,7 +420,8 @@ std::tuple<at::Tensor, at::Tensor> norm_composite(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
-    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+    bool /*memory_efficient: what autograd keeps*/) {
   const NormPlan plan = check_norm_fwd_inputs(
       input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p,
       dropout_seed);
@@ -409,11 +450,13 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
-    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+    bool memory_efficient) {
   check_input_defined(input);
   if (inside_functorch_transform()) {
     return norm_composite(input, residual, normalized_shape, weight, bias, eps, is_rms,
-                          return_residual, residual_in_fp32, dropout_p, dropout_seed);
+                          return_residual, residual_in_fp32, dropout_p, dropout_seed,
+                          memory_efficient);
   }
   const bool tangents = any_tangent(input, residual, weight, bias);
   at::Tensor out, h_returned, normalized;
@@ -422,9 +465,10 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     {
       // The tangents are set below; a C++ Function would refuse inputs that carry them.
       c10::AutoFwGradMode no_fw_grad(false);
+      // Tangents are computed from h: the node then keeps it (memory_efficient off).
       outs = NormFunction::apply(
           input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,
-          residual_in_fp32, dropout_p, dropout_seed);
+          residual_in_fp32, dropout_p, dropout_seed, memory_efficient && !tangents);
     }
     out = outs[0];
     h_returned = outs[1];

@@ -179,26 +179,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_fwd_output
 NormPlan check_norm_bwd_inputs(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
-    const std::optional<at::Tensor>& weight, bool is_rms, std::optional<double> eps) {
+    const std::optional<at::Tensor>& weight, bool is_rms, std::optional<double> eps,
+    bool from_output, const std::optional<at::Tensor>& bias,
+    std::optional<c10::ScalarType> h_dtype) {
   TORCH_CHECK(
       !eps.has_value() || *eps >= 0.0, "addnorm: eps must be a non-negative number, got ",
       eps.value_or(0.0));
+  const char* h_name = from_output ? "the output (h with from_output)" : "h";
   TORCH_CHECK(
-      is_supported_float(h.scalar_type()),
-      "addnorm: h must be a float32, float64, float16 or bfloat16 tensor, got ", h.scalar_type());
+      is_supported_float(h.scalar_type()), "addnorm: ", h_name,
+      " must be a float32, float64, float16 or bfloat16 tensor, got ", h.scalar_type());
   TORCH_CHECK(
-      rstd.dim() < h.dim(), "addnorm: rstd must have fewer dims than h, got rstd of shape ",
-      rstd.sym_sizes(), " and h of shape ", h.sym_sizes());
+      rstd.dim() < h.dim(), "addnorm: rstd must have fewer dims than ", h_name,
+      ", got rstd of shape ", rstd.sym_sizes(), " and ", h_name, " of shape ", h.sym_sizes());
   const int64_t axis = rstd.dim();
   TORCH_CHECK(
-      rstd.sym_sizes().equals(h.sym_sizes().slice(0, axis)),
-      "addnorm: rstd must have the leading shape of h ", h.sym_sizes().slice(0, axis), ", got ",
-      rstd.sym_sizes());
+      rstd.sym_sizes().equals(h.sym_sizes().slice(0, axis)), "addnorm: rstd must have the "
+      "leading shape of ", h_name, " ", h.sym_sizes().slice(0, axis), ", got ", rstd.sym_sizes());
   const auto stat_dtype = stat_dtype_of(h.scalar_type());
   TORCH_CHECK(
       rstd.scalar_type() == stat_dtype, "addnorm: rstd must be ", stat_dtype, ", got ",
       rstd.scalar_type());
-  if (!is_rms) {
+  if (!is_rms && !from_output) {
     TORCH_CHECK(
         mean.sym_sizes().equals(rstd.sym_sizes()) && mean.scalar_type() == stat_dtype,
         "addnorm: mean must match rstd (", stat_dtype, ", shape ", rstd.sym_sizes(), "), got ",
@@ -208,42 +210,66 @@ NormPlan check_norm_bwd_inputs(
   check_same_device(rstd, h, "rstd");
   check_same_device(grad_out, h, "grad_out");
   TORCH_CHECK(
-      grad_out.sym_sizes().equals(h.sym_sizes()), "addnorm: grad_out must have h's shape ",
-      h.sym_sizes(), ", got ", grad_out.sym_sizes());
-  TORCH_CHECK(
-      grad_out.scalar_type() == h.scalar_type() ||
-          is_allowed_companion_dtype(h.scalar_type(), grad_out.scalar_type()),
-      "addnorm: grad_out must have h's dtype (", h.scalar_type(),
-      ") or, for float32 h, float16/bfloat16; got ", grad_out.scalar_type());
+      grad_out.sym_sizes().equals(h.sym_sizes()), "addnorm: grad_out must have the shape of ",
+      h_name, " ", h.sym_sizes(), ", got ", grad_out.sym_sizes());
+  const auto x = grad_out.scalar_type();
+  c10::ScalarType grad_h_dtype = h.scalar_type();
+  if (from_output) {
+    TORCH_CHECK(
+        x == h.scalar_type(), "addnorm: grad_out must have the output's dtype (",
+        h.scalar_type(), "), got ", x);
+    grad_h_dtype = h_dtype.value_or(x);
+    TORCH_CHECK(
+        is_allowed_companion_dtype(grad_h_dtype, x), "addnorm: h_dtype must be the output's "
+        "dtype (", x, ") or, for a float16/bfloat16 output, float32; got ", grad_h_dtype);
+  } else {
+    TORCH_CHECK(
+        x == h.scalar_type() || is_allowed_companion_dtype(h.scalar_type(), x),
+        "addnorm: grad_out must have h's dtype (", h.scalar_type(),
+        ") or, for float32 h, float16/bfloat16; got ", x);
+    TORCH_CHECK(
+        !h_dtype.has_value() || *h_dtype == grad_h_dtype, "addnorm: h_dtype (", *h_dtype,
+        ") is for from_output; grad_h has h's dtype ", grad_h_dtype);
+    TORCH_CHECK(!bias.has_value(), "addnorm: bias is read only with from_output=True");
+  }
   if (grad_residual_out.has_value()) {
     check_same_device(*grad_residual_out, h, "grad_residual_out");
     TORCH_CHECK(
         grad_residual_out->sym_sizes().equals(h.sym_sizes()) &&
-            grad_residual_out->scalar_type() == h.scalar_type(),
-        "addnorm: grad_residual_out must match h (", h.scalar_type(), ", shape ", h.sym_sizes(),
+            grad_residual_out->scalar_type() == grad_h_dtype,
+        "addnorm: grad_residual_out must match h (", grad_h_dtype, ", shape ", h.sym_sizes(),
         "), got ", grad_residual_out->scalar_type(), " of shape ", grad_residual_out->sym_sizes());
   }
+  const auto param_shape = h.sym_sizes().slice(axis);
   if (weight.has_value()) {
     check_same_device(*weight, h, "weight");
     TORCH_CHECK(
-        weight->sym_sizes().equals(h.sym_sizes().slice(axis)),
-        "addnorm: weight must have shape ", h.sym_sizes().slice(axis), ", got ",
-        weight->sym_sizes());
+        weight->sym_sizes().equals(param_shape), "addnorm: weight must have shape ",
+        param_shape, ", got ", weight->sym_sizes());
   }
-  const auto x = grad_out.scalar_type();
-  return {axis, NormDtypes{x, h.scalar_type(), h.scalar_type(),
-                           param_dtype_of(x, weight, std::nullopt), stat_dtype}};
+  if (bias.has_value()) {
+    check_same_device(*bias, h, "bias");
+    TORCH_CHECK(
+        bias->sym_sizes().equals(param_shape), "addnorm: bias must have shape ", param_shape,
+        ", got ", bias->sym_sizes());
+    TORCH_CHECK(
+        !weight.has_value() || weight->scalar_type() == bias->scalar_type(),
+        "addnorm: bias must have the weight's dtype (", weight->scalar_type(), "), got ",
+        bias->scalar_type());
+  }
+  return {axis, NormDtypes{x, grad_h_dtype, grad_h_dtype, param_dtype_of(x, weight, bias),
+                           stat_dtype}};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
     const at::Tensor& h, const std::optional<at::Tensor>& weight, bool has_bias, bool weight_grad,
-    int64_t axis) {
+    const NormPlan& plan) {
   const c10::SymInt zero(0);
   const c10::SymIntArrayRef empty_shape(&zero, 1);
-  const auto param_shape = h.sym_sizes().slice(axis);
+  const auto param_shape = h.sym_sizes().slice(plan.axis);
   const auto param_opts =
-      h.options().dtype(weight.has_value() ? weight->scalar_type() : stat_dtype_of(h.scalar_type()));
-  auto grad_h = at::empty_symint(h.sym_sizes(), h.options());
+      h.options().dtype(weight.has_value() ? weight->scalar_type() : plan.dtypes.stat);
+  auto grad_h = at::empty_symint(h.sym_sizes(), h.options().dtype(plan.dtypes.h));
   auto grad_weight = at::empty_symint(
       weight.has_value() && weight_grad ? param_shape : empty_shape, param_opts);
   auto grad_bias = at::empty_symint(has_bias ? param_shape : empty_shape, param_opts);

@@ -61,7 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_fwd_output
     bool store_residual);
 
 // Checks of a backward call; the first normalized dim and the call's dtypes (x: grad_out's,
-// h: h's, param: how the weight is read).
+// h: h's (from_output: h_dtype, default y's), param: how weight and bias are read). With
+// from_output, h is the forward's output y (grad_out's dtype) and mean is not read.
 NormPlan check_norm_bwd_inputs(
     const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_residual_out,
@@ -70,17 +71,21 @@ NormPlan check_norm_bwd_inputs(
     const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight,
     bool is_rms,
-    std::optional<double> eps);
+    std::optional<double> eps,
+    bool from_output,
+    const std::optional<at::Tensor>& bias,
+    std::optional<c10::ScalarType> h_dtype);
 
-// (grad_h, grad_weight, grad_bias): grad_weight is [0] unless weight is given and
-// weight_grad, grad_bias [0] without bias. They have the weight's dtype, or without a
-// weight float32 (float64 for float64 h); the caller casts to the bias's dtype.
+// (grad_h, grad_weight, grad_bias): grad_h like h in plan.dtypes.h; grad_weight is [0]
+// unless weight is given and weight_grad, grad_bias [0] without bias. They have the
+// weight's dtype, or without a weight float32 (float64 for float64 h); the caller casts to
+// the bias's dtype.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
     const at::Tensor& h,
     const std::optional<at::Tensor>& weight,
     bool has_bias,
     bool weight_grad,
-    int64_t axis);
+    const NormPlan& plan);
 
 // eps=None of rms_norm: the machine epsilon of the type torch computes in
 // (float32 for float16/bfloat16/float32, float64 for float64), as F.rms_norm does.

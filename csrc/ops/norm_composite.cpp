@@ -13,7 +13,8 @@ std::tuple<at::Tensor, at::Tensor> norm_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
-    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+    bool /*memory_efficient: what autograd keeps*/) {
   check_input_defined(input);
   auto outs = norm_fwd_op().call(
       input, residual, normalized_shape, weight, bias, eps, is_rms, return_residual,

@@ -71,12 +71,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     NormBwdKernel kernel, const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& h,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps) {
-  const NormPlan plan =
-      check_norm_bwd_inputs(grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps);
+    bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps, bool from_output,
+    const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype) {
+  const NormPlan plan = check_norm_bwd_inputs(
+      grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps, from_output, bias,
+      h_dtype);
   const int64_t axis = plan.axis;
   auto [grad_h, grad_weight, grad_bias] =
-      empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, axis);
+      empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan);
   NormBwdArgs args;
   args.N = c10::multiply_integers(h.sizes().slice(axis));
   args.M = c10::multiply_integers(h.sizes().slice(0, axis));
@@ -92,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     args.grad_residual_out = grad_residual_out->contiguous().view(shape2d);
   }
   args.h = h.contiguous().view(shape2d);
-  if (!is_rms) args.mean = mean.contiguous().view({args.M});
+  if (!is_rms && !from_output) args.mean = mean.contiguous().view({args.M});
   args.rstd = rstd.contiguous().view({args.M});
   if (weight.has_value()) {
     args.gamma = weight->to(plan.dtypes.param).contiguous().view({args.N});
@@ -101,7 +103,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
   if (has_bias) args.grad_beta = grad_bias.view({args.N});
   args.grad_h = grad_h.view(shape2d);
   args.rms = is_rms;
-  args.eps = eps;
+  args.from_output = from_output;
+  if (from_output) {
+    if (bias.has_value() && !is_rms) {
+      args.beta = bias->to(plan.dtypes.param).contiguous().view({args.N});
+    }
+  } else {
+    args.eps = eps;
+  }
   kernel(args);
   return {grad_h, grad_weight, grad_bias};
 }

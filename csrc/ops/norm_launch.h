@@ -30,7 +30,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     NormBwdKernel kernel, const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& h,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
-    bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps);
+    bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps, bool from_output,
+    const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype);
 
 using DropoutApplyKernel = void (*)(const DropoutApplyArgs&);
 

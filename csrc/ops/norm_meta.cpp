@@ -25,10 +25,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_meta(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms, bool weight_grad,
-    std::optional<double> eps) {
-  const NormPlan plan =
-      check_norm_bwd_inputs(grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps);
-  return empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan.axis);
+    std::optional<double> eps, bool from_output, const std::optional<at::Tensor>& bias,
+    std::optional<c10::ScalarType> h_dtype) {
+  const NormPlan plan = check_norm_bwd_inputs(
+      grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps, from_output, bias,
+      h_dtype);
+  return empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan);
 }
 
 at::Tensor dropout_apply_meta(

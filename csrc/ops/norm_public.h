@@ -2,7 +2,8 @@
 
 // The four public ops (layer_norm, rms_norm, add_layer_norm, add_rms_norm) are one
 // computation, (input, residual, normalized_shape, weight, bias, eps, is_rms,
-// return_residual, residual_in_fp32) -> (out, h), over the internal ops _norm_fwd and
+// return_residual, residual_in_fp32, dropout_p, dropout_seed, memory_efficient) -> (out, h),
+// over the internal ops _norm_fwd and
 // _norm_bwd. register_public_norm_ops<impl>(m) registers the four for one dispatch key,
 // mapped onto impl: the CompositeExplicitAutograd kernels (ops/norm_composite.cpp) and the
 // Autograd kernels (ops/norm_autograd.cpp) share the mapping.
@@ -23,7 +24,8 @@ using NormImpl = std::tuple<at::Tensor, at::Tensor> (*)(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
-    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed);
+    bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+    bool memory_efficient);
 
 template <NormImpl impl>
 void register_public_norm_ops(torch::Library& m) {
@@ -32,7 +34,7 @@ void register_public_norm_ops(torch::Library& m) {
             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
             double eps) {
            return std::get<0>(impl(input, std::nullopt, normalized_shape, weight, bias, eps,
-                                   /*is_rms=*/false, false, false, 0.0, std::nullopt));
+                                   /*is_rms=*/false, false, false, 0.0, std::nullopt, false));
          });
   m.impl("rms_norm",
          [](const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
@@ -40,26 +42,29 @@ void register_public_norm_ops(torch::Library& m) {
            check_input_defined(input);
            return std::get<0>(impl(input, std::nullopt, normalized_shape, weight, std::nullopt,
                                    eps.value_or(default_rms_eps(input.scalar_type())),
-                                   /*is_rms=*/true, false, false, 0.0, std::nullopt));
+                                   /*is_rms=*/true, false, false, 0.0, std::nullopt, false));
          });
   m.impl("add_layer_norm",
          [](const at::Tensor& input, const std::optional<at::Tensor>& residual,
             c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
             const std::optional<at::Tensor>& bias, double eps, bool return_residual,
             bool residual_in_fp32, double dropout_p,
-            const std::optional<at::Tensor>& dropout_seed) {
+            const std::optional<at::Tensor>& dropout_seed, bool memory_efficient) {
            return impl(input, residual, normalized_shape, weight, bias, eps, /*is_rms=*/false,
-                       return_residual, residual_in_fp32, dropout_p, dropout_seed);
+                       return_residual, residual_in_fp32, dropout_p, dropout_seed,
+                       memory_efficient);
          });
   m.impl("add_rms_norm",
          [](const at::Tensor& input, const std::optional<at::Tensor>& residual,
             c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
             std::optional<double> eps, bool return_residual, bool residual_in_fp32,
-            double dropout_p, const std::optional<at::Tensor>& dropout_seed) {
+            double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+            bool memory_efficient) {
            check_input_defined(input);
            return impl(input, residual, normalized_shape, weight, std::nullopt,
                        eps.value_or(default_rms_eps(input.scalar_type())), /*is_rms=*/true,
-                       return_residual, residual_in_fp32, dropout_p, dropout_seed);
+                       return_residual, residual_in_fp32, dropout_p, dropout_seed,
+                       memory_efficient);
          });
 }
 
@@ -73,7 +78,8 @@ using DropoutApplySig = at::Tensor(const at::Tensor&, const at::Tensor&, double,
 using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, bool,
-    std::optional<double>);
+    std::optional<double>, bool, const std::optional<at::Tensor>&,
+    std::optional<c10::ScalarType>);
 
 inline c10::TypedOperatorHandle<NormFwdSig> norm_fwd_op() {
   static const auto op =

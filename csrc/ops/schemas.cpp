@@ -19,17 +19,19 @@ TORCH_LIBRARY(addnorm, m) {
   // Fused residual add + LayerNorm: h = dropout(input) + residual; returns
   // (layer_norm(h), h). dropout_p > 0 needs dropout_seed, an int64 tensor [2] on the
   // input's device (see ops/dropout_mask.h): the keep-mask is a function of it.
+  // memory_efficient: autograd keeps the output instead of h, and backward recovers the
+  // normalized values from it (see ops/norm_autograd.cpp).
   m.def(
       "add_layer_norm(Tensor input, Tensor? residual, SymInt[] normalized_shape, "
       "Tensor? weight=None, Tensor? bias=None, float eps=1e-05, *, "
       "bool return_residual=True, bool residual_in_fp32=False, float dropout_p=0., "
-      "Tensor? dropout_seed=None) -> (Tensor, Tensor)");
+      "Tensor? dropout_seed=None, bool memory_efficient=False) -> (Tensor, Tensor)");
   // Fused residual add + RMSNorm: h = dropout(input) + residual; returns (rms_norm(h), h).
   m.def(
       "add_rms_norm(Tensor input, Tensor? residual, SymInt[] normalized_shape, "
       "Tensor? weight=None, float? eps=None, *, bool return_residual=True, "
-      "bool residual_in_fp32=False, float dropout_p=0., Tensor? dropout_seed=None) "
-      "-> (Tensor, Tensor)");
+      "bool residual_in_fp32=False, float dropout_p=0., Tensor? dropout_seed=None, "
+      "bool memory_efficient=False) -> (Tensor, Tensor)");
   // nn.TransformerEncoderLayer's forward (CompositeImplicitAutograd, in
   // modules/transformer_encoder_layer.cpp); every Add & Norm through add_layer_norm.
   m.def(
@@ -53,8 +55,12 @@ TORCH_LIBRARY(addnorm, m) {
   // CPU kernels take the row statistics from h itself, in double (mean as the saved mean
   // plus a correction, rstd = 1 / sqrt(var + eps)), without it mean and rstd as given.
   // (The CUDA kernels use mean and rstd as given.)
+  // from_output: h is the forward's output y instead (grad_out's dtype), the normalized
+  // values are (y - bias) / weight (RMSNorm: y / weight), mean and eps are not used, and
+  // grad_h has dtype h_dtype (default: y's); weight must have no zeros.
   m.def(
       "_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor h, Tensor mean, "
       "Tensor rstd, Tensor? weight, bool has_bias, bool is_rms, bool weight_grad=True, "
-      "float? eps=None) -> (Tensor, Tensor, Tensor)");
+      "float? eps=None, *, bool from_output=False, Tensor? bias=None, "
+      "ScalarType? h_dtype=None) -> (Tensor, Tensor, Tensor)");
 }

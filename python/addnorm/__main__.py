@@ -15,9 +15,8 @@ from addnorm import _build_info
 def cuda_status() -> str:
     if not addnorm._C.built_with_cuda():
         return "addnorm was built without CUDA kernels"
-    if not torch.cuda.is_available():
-        return "built with CUDA kernels; torch sees no CUDA device"
-    return f"CUDA kernels on {torch.cuda.get_device_name(0)}"
+    return (f"CUDA kernels on {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+            else "built with CUDA kernels; torch sees no CUDA device")
 
 
 def _parity(op: str, device: str):

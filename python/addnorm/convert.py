@@ -25,20 +25,14 @@ def _convertible(module: nn.Module) -> bool:
     return True
 
 
-def _convert(module: nn.Module) -> nn.Module:
-    new_cls = _REPLACEMENTS[type(module)]
-    # Same object, new class: parameters, buffers, hooks, device and dtype are kept as-is.
-    module.__class__ = new_cls
-    return module
-
-
 def replace_modules(model: nn.Module) -> nn.Module:
     """Swap every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.TransformerEncoderLayer`` (with
     relu or gelu activation) in ``model`` (including ``model`` itself) for addnorm's
     drop-in, in place, keeping weights, device and dtype. Returns ``model``."""
     for module in list(model.modules()):
         if _convertible(module):
-            _convert(module)
+            # Same object, new class: parameters, buffers, hooks, device, dtype kept as-is.
+            module.__class__ = _REPLACEMENTS[type(module)]
     return model
 
 

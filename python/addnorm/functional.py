@@ -96,7 +96,8 @@ def dropout_mask(seed: Tensor, size: List[int], p: float) -> Tensor:
 def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_shape: List[int],
               weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
               return_residual: bool, residual_in_fp32: bool, dropout_p: Optional[float],
-              generator: Optional[torch.Generator], return_dropout_mask: bool):
+              generator: Optional[torch.Generator], return_dropout_mask: bool,
+              memory_efficient: bool):
     # dropout_p defaults to None, not 0.0: under torch.compile(dynamic=True) a float default
     # is traced as a symbolic input, and comparing it restarts the trace.
     if dropout_p is None:
@@ -105,12 +106,13 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
     if rms:
         out, h = torch.ops.addnorm.add_rms_norm(
             input, residual, normalized_shape, weight, eps, return_residual=return_residual,
-            residual_in_fp32=residual_in_fp32, dropout_p=dropout_p, dropout_seed=seed)
+            residual_in_fp32=residual_in_fp32, dropout_p=dropout_p, dropout_seed=seed,
+            memory_efficient=memory_efficient)
     else:
         out, h = torch.ops.addnorm.add_layer_norm(
             input, residual, normalized_shape, weight, bias, eps,
             return_residual=return_residual, residual_in_fp32=residual_in_fp32,
-            dropout_p=dropout_p, dropout_seed=seed)
+            dropout_p=dropout_p, dropout_seed=seed, memory_efficient=memory_efficient)
     if not return_dropout_mask:
         return (out, h) if return_residual else out
     mask = dropout_mask(seed, list(input.shape), dropout_p) if seed is not None else (
@@ -122,8 +124,8 @@ def add_layer_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: 
                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-5, *, return_residual: bool = False,
                    residual_in_fp32: bool = False, dropout_p: Optional[float] = None,
-                   generator: Optional[torch.Generator] = None,
-                   return_dropout_mask: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
+                   generator: Optional[torch.Generator] = None, return_dropout_mask: bool = False,
+                   memory_efficient: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``h = dropout(input, dropout_p) + residual; out = layer_norm(h)`` in one pass.
 
     Returns ``out``, or ``(out, h)`` with ``return_residual=True`` (pre-LN models carry h
@@ -132,24 +134,28 @@ def add_layer_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: 
     ``dropout_p > 0`` drops input elements (always: pass 0 or None in eval), with a mask
     drawn from ``generator``, never stored (backward regenerates it);
     ``return_dropout_mask=True`` appends it to the result.
+
+    ``memory_efficient=True``: autograd keeps ``out`` instead of h and backward recovers the
+    normalized values from it (README, "Memory-efficient backward").
     """
     _check_unnamed(input, residual, weight, bias)
     return _add_norm(False, input, residual, _as_shape(normalized_shape), weight, bias, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
-                     return_dropout_mask)
+                     return_dropout_mask, memory_efficient)
 
 
 def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _ShapeLike,
                  weight: Optional[Tensor] = None, eps: Optional[float] = None, *,
                  return_residual: bool = False, residual_in_fp32: bool = False,
                  dropout_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
-                 return_dropout_mask: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
+                 return_dropout_mask: bool = False,
+                 memory_efficient: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``h = dropout(input, dropout_p) + residual; out = rms_norm(h)`` in one pass; see
     ``add_layer_norm``."""
     _check_unnamed(input, residual, weight)
     return _add_norm(True, input, residual, _as_shape(normalized_shape), weight, None, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
-                     return_dropout_mask)
+                     return_dropout_mask, memory_efficient)
 
 
 # torch.jit.script raises "TorchScript error: <message>" for functions carrying this.

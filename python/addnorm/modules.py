@@ -23,7 +23,10 @@ def _seed(input: Tensor, p: float) -> Optional[Tensor]:
 
 def _extra(m) -> str:
     return (f"return_residual={m.return_residual}, residual_in_fp32={m.residual_in_fp32}, "
-            f"dropout={m.dropout}")
+            f"dropout={m.dropout}, memory_efficient={m.memory_efficient}")
+
+
+_CONSTANTS = ["return_residual", "residual_in_fp32", "dropout", "memory_efficient"]
 
 
 class LayerNorm(nn.LayerNorm):
@@ -51,16 +54,15 @@ class AddLayerNorm(nn.LayerNorm):
     ``addnorm.add_layer_norm`` returns; ``dropout`` applies in training mode only.
     ``return_residual`` is a TorchScript constant (it fixes the scripted return type)."""
 
-    __constants__ = nn.LayerNorm.__constants__ + ["return_residual", "residual_in_fp32",
-                                                  "dropout"]
+    __constants__ = nn.LayerNorm.__constants__ + _CONSTANTS
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None, *, return_residual: bool = False,
-                 residual_in_fp32: bool = False, dropout: float = 0.0) -> None:
+                 residual_in_fp32: bool = False, dropout: float = 0.0,
+                 memory_efficient: bool = False) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        self.return_residual = return_residual
-        self.residual_in_fp32 = residual_in_fp32
-        self.dropout = _check_p(dropout)
+        self.return_residual, self.residual_in_fp32 = return_residual, residual_in_fp32
+        self.dropout, self.memory_efficient = _check_p(dropout), memory_efficient
 
     # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
     # constant return_residual (an annotated Union would reach scripted callers as a Union).
@@ -71,7 +73,7 @@ class AddLayerNorm(nn.LayerNorm):
         out, h = torch.ops.addnorm.add_layer_norm(
             input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
-            dropout_p=p, dropout_seed=_seed(input, p))
+            dropout_p=p, dropout_seed=_seed(input, p), memory_efficient=self.memory_efficient)
         return (out, h) if self.return_residual else out
 
     def extra_repr(self) -> str:
@@ -81,17 +83,15 @@ class AddLayerNorm(nn.LayerNorm):
 class AddRMSNorm(nn.RMSNorm):
     """``RMSNorm(dropout(input) + residual)``; see ``AddLayerNorm``."""
 
-    __constants__ = nn.RMSNorm.__constants__ + ["return_residual", "residual_in_fp32",
-                                                "dropout"]
+    __constants__ = nn.RMSNorm.__constants__ + _CONSTANTS
 
     def __init__(self, normalized_shape, eps: Optional[float] = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *,
                  return_residual: bool = False, residual_in_fp32: bool = False,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, memory_efficient: bool = False) -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
-        self.return_residual = return_residual
-        self.residual_in_fp32 = residual_in_fp32
-        self.dropout = _check_p(dropout)
+        self.return_residual, self.residual_in_fp32 = return_residual, residual_in_fp32
+        self.dropout, self.memory_efficient = _check_p(dropout), memory_efficient
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # (see AddLayerNorm)
         if not torch.jit.is_scripting():
@@ -100,7 +100,7 @@ class AddRMSNorm(nn.RMSNorm):
         out, h = torch.ops.addnorm.add_rms_norm(
             input, residual, self.normalized_shape, self.weight, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
-            dropout_p=p, dropout_seed=_seed(input, p))
+            dropout_p=p, dropout_seed=_seed(input, p), memory_efficient=self.memory_efficient)
         return (out, h) if self.return_residual else out
 
     def extra_repr(self) -> str:

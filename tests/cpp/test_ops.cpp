@@ -158,6 +158,31 @@ TEST(AddNormOps, FusedDropoutFromCpp) {
       << msg;
 }
 
+TEST(AddNormOps, MemoryEfficientFromCpp) {
+  // memory_efficient: the node keeps out instead of h; the gradients are those of
+  // at::layer_norm(x + r), and a second derivative is refused with a clear error.
+  torch::manual_seed(5);
+  const auto opts = torch::dtype(torch::kDouble).requires_grad(true);
+  auto x = torch::randn({6, 24}, opts);
+  auto r = torch::randn({6, 24}, opts);
+  auto w = (torch::rand({24}, torch::kDouble) + 0.5).requires_grad_();
+  auto b = torch::randn({24}, opts);
+  auto g = torch::randn({6, 24}, torch::kDouble);
+  auto out = std::get<0>(addnorm::add_layer_norm(x, r, {24}, w, b, 1e-5, false, false, 0.0,
+                                                 std::nullopt, /*memory_efficient=*/true));
+  auto grads = torch::autograd::grad({out}, {x, r, w, b}, {g});
+  auto ref = torch::autograd::grad({at::layer_norm(x + r, {24}, w, b, 1e-5)}, {x, r, w, b}, {g});
+  for (size_t i = 0; i < grads.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(grads[i], ref[i], 1e-10, 1e-10)) << "gradient " << i;
+  }
+  auto out2 = std::get<0>(addnorm::add_layer_norm(x, r, {24}, w, b, 1e-5, false, false, 0.0,
+                                                  std::nullopt, true));
+  const auto msg = error_of([&] {
+    torch::autograd::grad({out2}, {x}, {g}, /*retain_graph=*/true, /*create_graph=*/true);
+  });
+  EXPECT_NE(msg.find("memory_efficient=True keeps no h"), std::string::npos) << msg;
+}
+
 TEST(AddNormOps, EmptyInput) {
   auto x = torch::randn({0, 16});
   auto out = addnorm::layer_norm(x, {16});

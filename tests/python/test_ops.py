@@ -566,6 +566,20 @@ def sample_inputs(device, *, requires_grad=False):
     yield "_norm_fwd", (x, r, [16], w, b, 1e-5, False, True, False, 0.25, seed), {}
     yield "_dropout_apply", (g, seed, 0.25), {}
     yield "_dropout_apply", (g, seed, 0.5), {"dtype": torch.bfloat16}
+    # memory_efficient: the public ops save out; _norm_bwd from the output
+    w2, b2 = wb(16)
+    yield ("add_layer_norm", (t(4, 16), t(4, 16, scale=1.0, offset=0.0), [16], w2, b2, 1e-5),
+           {"memory_efficient": True, "return_residual": False})
+    w2, _ = wb(16, dtype=torch.float32)
+    yield ("add_rms_norm", (t(2, 3, 16, dtype=torch.bfloat16), t(2, 3, 16, scale=1.0, offset=0.0), [16], w2, 1e-6),
+           {"memory_efficient": True, "residual_in_fp32": True})
+    with torch.no_grad():
+        y, _, _, rstd_y = torch.ops.addnorm._norm_fwd(x, r, [16], w, b, 1e-5, False, False, False)
+        yb, _, _, rstd_yb = torch.ops.addnorm._norm_fwd(xh, rf, [16], w, None, 1e-6, True, False, True)
+    yield "_norm_bwd", (g, None, y, rstd_y, rstd_y, w, True, False), {"from_output": True, "bias": b}
+    gb = t(2, 3, 16, dtype=torch.bfloat16, scale=1.0, offset=0.0, grad=False)
+    yield ("_norm_bwd", (gb, rf * 0.5, yb, rstd_yb, rstd_yb, w, False, True),
+           {"from_output": True, "h_dtype": torch.float32})
 
 
 # Static so that collection does not run any op.
@@ -575,6 +589,7 @@ _SAMPLE_IDS = [
     "add_layer_norm-4", "add_rms_norm-3",
     "_norm_fwd-1", "_norm_fwd-2", "_norm_fwd-3", "_norm_bwd-1", "_norm_bwd-2", "_norm_bwd-3",
     "_norm_bwd-4", "_norm_fwd-4", "_dropout_apply-1", "_dropout_apply-2",
+    "add_layer_norm-5", "add_rms_norm-4", "_norm_bwd-5", "_norm_bwd-6",
 ]
 
 

@@ -36,7 +36,9 @@ ADDNORM_API at::Tensor rms_norm(
 // dropout_p > 0 drops elements of input with a keep-mask drawn from generator (default:
 // the device's default generator) through dropout_seed(), never stored: backward
 // regenerates it. (Apply it in training only, as torch::nn::functional::dropout's caller
-// does.)
+// does.) memory_efficient: autograd keeps the output instead of h and backward recovers
+// the normalized values from it (a weight with a zero falls back to keeping h; no second
+// derivatives).
 ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_layer_norm(
     const at::Tensor& input,                   // [..., *normalized_shape]
     const std::optional<at::Tensor>& residual, // same shape as input
@@ -47,7 +49,8 @@ ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_layer_norm(
     bool return_residual = true,
     bool residual_in_fp32 = false,
     double dropout_p = 0.0,
-    std::optional<at::Generator> generator = std::nullopt);
+    std::optional<at::Generator> generator = std::nullopt,
+    bool memory_efficient = false);
 
 // h = dropout(input, dropout_p) + residual; returns (rms_norm(h), h). Same conventions as
 // add_layer_norm.
@@ -60,7 +63,8 @@ ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_rms_norm(
     bool return_residual = true,
     bool residual_in_fp32 = false,
     double dropout_p = 0.0,
-    std::optional<at::Generator> generator = std::nullopt);
+    std::optional<at::Generator> generator = std::nullopt,
+    bool memory_efficient = false);
 
 // The seed of one fused-dropout call: an int64 tensor [2] on device (two float64 uniforms
 // times 2^53), drawn from generator (default: the device's default generator, so it follows

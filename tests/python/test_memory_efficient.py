@@ -1,0 +1,336 @@
+"""memory_efficient=True: the ops keep their output instead of h, and backward recovers the
+normalized values from it (xhat = (out - bias) / weight).
+
+What is checked: the gradients against the path that keeps h (float64: the same to
+rounding; float32 / bfloat16: within the error that rounding out to its dtype brings, see
+test_accuracy_against_float64) and against gradcheck; a weight with a zero falls back to
+keeping h (same gradients, h saved); no weight; the saved tensors (one M x N tensor fewer
+per norm in a stack of layers); second derivatives refused, tangents computed; the internal
+op's checks; modules, TorchScript, torch.compile.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import addnorm
+from conftest import DEVICES, make_affine, make_data
+
+OPS = ["add_layer_norm", "add_rms_norm"]
+
+
+def run(op, x, r, w, b, *, memory_efficient, return_residual=False, dropout_p=None,
+        generator=None, residual_in_fp32=False):
+    n = x.shape[-1]
+    if op == "add_layer_norm":
+        return addnorm.add_layer_norm(
+            x, r, n, w, b, return_residual=return_residual, dropout_p=dropout_p,
+            generator=generator, residual_in_fp32=residual_in_fp32,
+            memory_efficient=memory_efficient)
+    return addnorm.add_rms_norm(
+        x, r, n, w, 1e-6, return_residual=return_residual, dropout_p=dropout_p,
+        generator=generator, residual_in_fp32=residual_in_fp32,
+        memory_efficient=memory_efficient)
+
+
+def grads(op, x, r, w, b, dy, dh=None, **kw):
+    """Output (and h) and the gradients of every input that requires grad."""
+    outs = run(op, x, r, w, b, **kw)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    inputs = [t for t in (x, r, w, b) if t is not None and t.requires_grad]
+    tensors = [outs[0]] + ([outs[1]] if dh is not None else [])
+    gouts = [dy] + ([dh] if dh is not None else [])
+    return [o.detach() for o in outs], torch.autograd.grad(tensors, inputs, gouts)
+
+
+def data(op, shape, dtype, device, *, residual=True, weight=True, bias=True):
+    x = make_data(shape, dtype, device, requires_grad=True)
+    r = make_data(shape, dtype, device, scale=1.0, offset=0.0, requires_grad=True) if residual else None
+    w, b = make_affine(shape[-1], dtype, device, requires_grad=True)
+    w = w if weight else None
+    b = b if bias and op == "add_layer_norm" else None
+    dy = torch.randn(shape, dtype=torch.float32).to(device=device, dtype=dtype)
+    return x, r, w, b, dy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("residual,weight,bias,return_residual,dropout",
+                         list(itertools.product([True, False], repeat=5)))
+def test_same_gradients_as_keeping_h_float64(op, residual, weight, bias, return_residual,
+                                             dropout, device):
+    """float64: the gradients from the output equal those from h to a few ulps, for every
+    combination of residual, weight, bias, returned h (with a gradient of its own) and
+    fused dropout."""
+    x, r, w, b, dy = data(op, (6, 40), torch.float64, device, residual=residual,
+                          weight=weight, bias=bias)
+    dh = torch.randn_like(dy) if return_residual else None
+    results = []
+    for me in (False, True):
+        gen = torch.Generator(device=device).manual_seed(7) if dropout else None
+        results.append(grads(op, x, r, w, b, dy, dh, memory_efficient=me,
+                             return_residual=return_residual,
+                             dropout_p=0.2 if dropout else None, generator=gen))
+    (outs0, g0), (outs1, g1) = results
+    for a, e in zip(outs1, outs0):
+        assert torch.equal(a, e)  # the forward does not change
+    for a, e in zip(g1, g0):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck(op, device):
+    x, r, w, b, _ = data(op, (3, 7), torch.float64, device)
+    inputs = tuple(t for t in (x, r, w, b) if t is not None)
+
+    def f(*args):
+        x, r, w = args[:3]
+        b = args[3] if len(args) > 3 else None
+        return run(op, x, r, w, b, memory_efficient=True, return_residual=True)
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+def _err(t, ref):
+    return (t.double() - ref).abs().max().item()
+
+
+def _reference_grads(op, x, r, w, b, dy):
+    """float64 gradients of the op (x, r, w, b, as far as given) and the float64 output."""
+    ref_inputs = [t.detach().double().requires_grad_() for t in (x, r, w, b) if t is not None]
+    xr, rr, wr = ref_inputs[:3]
+    br = ref_inputs[3] if len(ref_inputs) > 3 else None
+    n = x.shape[-1]
+    ref = (F.layer_norm(xr + rr, (n,), wr, br) if op == "add_layer_norm"
+           else F.rms_norm(xr + rr, (n,), wr, 1e-6))
+    return torch.autograd.grad(ref, ref_inputs, dy.double()), (xr + rr).detach()
+
+
+def _from_output_formula(op, y, h, w, b, dy):
+    """float64 gradients (x, r, w, b) from the rounded output y: xhat = (y - b) / w, rstd
+    of h, grad_h = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w."""
+    y, w, dy = y.double(), w.detach().double(), dy.double()
+    ln = op == "add_layer_norm"
+    xhat = (y - b.detach().double()) / w if ln else y / w
+    var = h.var(-1, unbiased=False, keepdim=True) if ln else h.square().mean(-1, keepdim=True)
+    rstd = (var + (1e-5 if ln else 1e-6)).rsqrt()
+    g = dy * w
+    c = (g * xhat).mean(-1, keepdim=True)
+    dh = rstd * (g - (g.mean(-1, keepdim=True) if ln else 0) - xhat * c)
+    return [dh, dh, (dy * xhat).sum(0)] + ([dy.sum(0)] if ln else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weight", ["random", "away_from_zero"])
+def test_accuracy(op, dtype, weight, device):
+    """float32 / bfloat16, 64 x 768. Against the from-output formula evaluated in float64 on
+    the rounded output: every gradient within 4x the error of the path that keeps h (against
+    its own float64 reference) plus 2 units of the dtype's rounding of the largest value.
+    Against the true float64 gradients, the same bound holds when |weight| >= 1: the
+    rounding of out costs xhat about ulp(out) / |weight|, large where |weight| is small
+    (the README's "Memory-efficient backward")."""
+    shape = (64, 768)
+    x, r, w, b, dy = data(op, shape, dtype, device)
+    if weight == "away_from_zero":
+        with torch.no_grad():
+            w.copy_(1.0 + 0.5 * torch.rand(shape[-1]))
+    ref_grads, h = _reference_grads(op, x, r, w, b, dy)
+    _, g_kept = grads(op, x, r, w, b, dy, memory_efficient=False)
+    outs, g_me = grads(op, x, r, w, b, dy, memory_efficient=True)
+    formula = _from_output_formula(op, outs[0], h, w, b, dy)
+    unit = torch.finfo(dtype).eps
+    for name, a, k, e, f in zip("xrwb", g_me, g_kept, ref_grads, formula):
+        bound = 4 * _err(k, e) + 2 * unit * e.abs().max().item()
+        assert _err(a, f) <= bound, (name, "formula", _err(a, f), bound)
+        if weight == "away_from_zero":
+            assert _err(a, e) <= bound, (name, "float64", _err(a, e), bound)
+
+
+def _saved_storages(fn, numel):
+    """The distinct storages of the tensors of numel elements that autograd saves in fn."""
+    ptrs = set()
+
+    def pack(t):
+        if t.numel() == numel:
+            ptrs.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return ptrs, out
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("post_ln", [True, False])
+def test_stack_saves_one_tensor_fewer_per_norm(op, post_ln):
+    """A stack of L layers (Linear, then the Add & Norm, post-LN and pre-LN) and a Linear
+    head: the training graph holds L fewer [M, N] tensors with memory_efficient (each norm's
+    output is the next Linear's saved input; h is kept by no one), and the same gradients
+    (float64)."""
+    L, M, N = 4, 8, 32
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(N, N, dtype=torch.float64) for _ in range(L + 1)]
+    norms = [make_affine(N, torch.float64, "cpu", requires_grad=True) for _ in range(L)]
+    x0 = torch.randn(M, N, dtype=torch.float64, requires_grad=True)
+
+    def stack(me):
+        def fn():
+            x, res = x0, None
+            for lin, (w, b) in zip(lins[:L], norms):
+                b = b if op == "add_layer_norm" else None
+                if post_ln:  # x = norm(x + lin(x))
+                    x = run(op, lin(x), x, w, b, memory_efficient=me)
+                else:  # h = res + lin(x); x = norm(h): the norm's h is the next residual
+                    x, res = run(op, lin(x), res if res is not None else x0, w, b,
+                                 memory_efficient=me, return_residual=True)
+            return lins[L](x).sum()
+        return fn
+
+    kept, loss0 = _saved_storages(stack(False), M * N)
+    lean, loss1 = _saved_storages(stack(True), M * N)
+    assert len(kept) - len(lean) == L, (len(kept), len(lean))
+    params = [x0] + [p for lin in lins for p in lin.parameters()] + [t for wb in norms for t in wb]
+    g0 = torch.autograd.grad(loss0, params, allow_unused=True)
+    g1 = torch.autograd.grad(loss1, params, allow_unused=True)
+    for a, e in zip(g1, g0):
+        if e is not None:
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_weight_with_zero_keeps_h(op, device):
+    """A weight with a zero leaves out without the normalized values there: the op then
+    keeps h (as without memory_efficient), and the gradients are those of that path,
+    bitwise."""
+    x, r, w, b, dy = data(op, (5, 24), torch.float32, device)
+    with torch.no_grad():
+        w[3] = 0.0
+    fn_me = lambda: run(op, x, r, w, b, memory_efficient=True)  # noqa: E731
+    fn = lambda: run(op, x, r, w, b, memory_efficient=False)  # noqa: E731
+    saved_me, out_me = _saved_storages(fn_me, x.numel())
+    saved, out = _saved_storages(fn, x.numel())
+    assert len(saved_me) == len(saved) == 1  # h
+    assert out.untyped_storage().data_ptr() not in saved
+    g_me = torch.autograd.grad(out_me, [x, r, w], dy)
+    g = torch.autograd.grad(out, [x, r, w], dy)
+    for a, e in zip(g_me, g):
+        assert torch.equal(a, e)
+    # and with no zero, out itself is what is saved
+    with torch.no_grad():
+        w[3] = 0.5
+    saved_me, out_me = _saved_storages(fn_me, x.numel())
+    assert saved_me == {out_me.untyped_storage().data_ptr()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_derivative_refused(device):
+    x, r, w, b, dy = data("add_layer_norm", (3, 8), torch.float64, device)
+    out = run("add_layer_norm", x, r, w, b, memory_efficient=True)
+    with pytest.raises(RuntimeError, match="memory_efficient=True keeps no h"):
+        torch.autograd.grad(out, [x], dy, create_graph=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_mode_tangents(device):
+    """Tangents are computed in the forward (from h): the same as without the flag."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, r, w, b, _ = data("add_layer_norm", (3, 8), torch.float64, device)
+    tx = torch.randn_like(x)
+    res = []
+    for me in (False, True):
+        with fwAD.dual_level():
+            out = run("add_layer_norm", fwAD.make_dual(x.detach(), tx), r.detach(), w.detach(),
+                      b.detach(), memory_efficient=me)
+            res.append(fwAD.unpack_dual(out).tangent)
+    assert torch.equal(res[0], res[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_from_output_op_checks(device):
+    """_norm_bwd(from_output=True): clear errors for a wrong dtype, shape or argument, and
+    for a weight with a zero (whose xhat cannot be recovered)."""
+    x = make_data((4, 16), torch.float32, device)
+    w, b = make_affine(16, torch.float32, device)
+    y, _, _, rstd = torch.ops.addnorm._norm_fwd(x, None, [16], w, b, 1e-5, False, False, False)
+    g = torch.randn_like(y)
+    bwd = torch.ops.addnorm._norm_bwd
+    with pytest.raises(RuntimeError, match="grad_out must have the output's dtype"):
+        bwd(g.double(), None, y, rstd, rstd, w, True, False, from_output=True, bias=b)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        bwd(g, None, y, rstd, rstd, w, True, False, from_output=True, bias=b[:8])
+    with pytest.raises(RuntimeError, match="h_dtype must be the output's dtype"):
+        bwd(g, None, y, rstd, rstd, w, True, False, from_output=True, h_dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="bias is read only with from_output"):
+        bwd(g, None, y, rstd, rstd, w, True, False, bias=b)
+    if device == "cpu":  # the CUDA kernels take the weight as checked by the caller
+        w0 = w.clone()
+        w0[5] = 0
+        with pytest.raises(RuntimeError, match=r"weight without zeros; weight\[5\] = 0"):
+            bwd(g, None, y, rstd, rstd, w0, True, False, from_output=True, bias=b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_residual_in_fp32(device):
+    """bfloat16 input, float32 h (residual_in_fp32): grad of the residual in float32, the
+    gradients close to those of the path that keeps h."""
+    x, r, w, b, dy = data("add_layer_norm", (8, 64), torch.bfloat16, device)
+    r = r.detach().float().requires_grad_()
+    _, g0 = grads("add_layer_norm", x, r, w, b, dy, memory_efficient=False, residual_in_fp32=True)
+    _, g1 = grads("add_layer_norm", x, r, w, b, dy, memory_efficient=True, residual_in_fp32=True)
+    assert g1[1].dtype == torch.float32
+    for a, e in zip(g1, g0):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a.float(), e.float(), rtol=0.05, atol=0.05 * e.abs().max().item())
+
+
+def test_modules_and_script():
+    """AddLayerNorm / AddRMSNorm(memory_efficient=True): gradients as the functional's, the
+    flag in repr, and TorchScript compiles them."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 32, dtype=torch.float64)
+    for cls in (addnorm.AddLayerNorm, addnorm.AddRMSNorm):
+        m = cls(32, memory_efficient=True, dtype=torch.float64)
+        assert "memory_efficient=True" in repr(m)
+        ref = cls(32, dtype=torch.float64)
+        ref.load_state_dict(m.state_dict())
+        s = torch.jit.script(m)
+        grads_ = [torch.autograd.grad(mod(x, r).sum(), [x] + list(mod.parameters()))
+                  for mod in (m, ref, s)]
+        for a, e in zip(grads_[0], grads_[1]):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        for a, e in zip(grads_[2], grads_[0]):
+            assert torch.equal(a, e)
+
+
+def test_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces memory_efficient (the from_output backward in
+    the backward graph): the same gradients as eager."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, requires_grad=True)
+    r = torch.randn(8, 64)
+    w, b = make_affine(64, torch.float32, "cpu", requires_grad=True)
+
+    def f(x, r, w, b):
+        return addnorm.add_layer_norm(x, r, 64, w, b, memory_efficient=True).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    g_eager = torch.autograd.grad(f(x, r, w, b), [x, w, b])
+    g_comp = torch.autograd.grad(compiled(x, r, w, b), [x, w, b])
+    for a, e in zip(g_comp, g_eager):
+        assert torch.equal(a, e)
+    # In a traced graph the weight is not inspected: a zero is met by the backward kernel,
+    # which refuses it (CPU).
+    with torch.no_grad():
+        w[7] = 0.0
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x, r, w, b)
+    with pytest.raises(RuntimeError, match=r"weight without zeros; weight\[7\] = 0"):
+        loss.backward()

@@ -15,6 +15,13 @@
 // 1 - p and scaled by 1 / (1 - p), but for the same torch::manual_seed these masks differ
 // from torch's, and so does the generator state after them (the seed draw takes other
 // numbers from the generator than torch's dropout): later torch-side masks differ too.
+//
+// Memory. In training every norm runs with memory_efficient: its node keeps the norm's
+// output, which the Linear after it keeps anyway (in_proj, linear1, or the next layer's),
+// instead of h; a training step holds one [M, E] tensor fewer per norm (in float32; under
+// autocast the Linears keep float16/bfloat16 copies and the saving is the difference).
+// Second derivatives through a training-mode layer are therefore refused (the norms keep
+// no h); eval mode keeps h and supports them.
 
 #include <cmath>
 #include <limits>
@@ -66,15 +73,19 @@ void check_opt_shape(const OptTensor& t, c10::SymIntArrayRef expected, const cha
   if (t.has_value()) check_shape(*t, expected, name);
 }
 
-// MultiheadAttention self-attention on seq-first x [S, N, E] (F.multi_head_attention_forward
-// with need_weights=False). attn_mask and key_padding_mask are canonical (float) masks.
+// MultiheadAttention self-attention (F.multi_head_attention_forward with need_weights=False)
+// on x [S, N, E], or [N, S, E] with batch_first, returned in x's layout. attn_mask and
+// key_padding_mask are canonical (float) masks. The projections run on x as it is laid out
+// (torch's layer transposes batch-first input first, so the in-projection copies it, and so
+// does its split of q, k, v): q, k and v are strided views of the projection, and the
+// attention output goes to the out-projection without a copy where its layout allows.
 at::Tensor self_attention(
-    const at::Tensor& x, OptTensor attn_mask, OptTensor key_padding_mask, bool is_causal,
-    const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
+    const at::Tensor& x, bool batch_first, OptTensor attn_mask, OptTensor key_padding_mask,
+    bool is_causal, const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,
     const at::Tensor& out_proj_weight, const OptTensor& out_proj_bias, int64_t nhead,
     double dropout_p, bool training) {
-  const c10::SymInt S = x.sym_size(0);
-  const c10::SymInt N = x.sym_size(1);
+  const c10::SymInt S = x.sym_size(batch_first ? 1 : 0);
+  const c10::SymInt N = x.sym_size(batch_first ? 0 : 1);
   const c10::SymInt E = x.sym_size(2);
   const c10::SymInt head_dim = E / nhead;
   const c10::SymInt NH = N * nhead;
@@ -89,12 +100,14 @@ at::Tensor self_attention(
     is_causal = false;
   }
 
-  // In-projection as one linear, split into q, k, v (F._in_projection_packed).
-  auto proj = at::linear(x, in_proj_weight, in_proj_bias);
-  proj = proj.unflatten_symint(-1, {3, E}).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous();
-  auto q = proj.select(0, 0).view_symint({S, NH, head_dim}).transpose(0, 1);
-  auto k = proj.select(0, 1).view_symint({S, NH, head_dim}).transpose(0, 1);
-  auto v = proj.select(0, 2).view_symint({S, NH, head_dim}).transpose(0, 1);
+  // In-projection as one linear (F._in_projection_packed); q, k, v as [N, nhead, S,
+  // head_dim] views of it.
+  const auto proj = at::linear(x, in_proj_weight, in_proj_bias);
+  const c10::SymInt heads(nhead);
+  const auto qkv =
+      batch_first
+          ? proj.view_symint({N, S, 3, heads, head_dim}).permute({2, 0, 3, 1, 4})
+          : proj.view_symint({S, N, 3, heads, head_dim}).permute({2, 1, 3, 0, 4});
 
   if (attn_mask.has_value()) {
     if (attn_mask->dim() == 2) {
@@ -122,13 +135,12 @@ at::Tensor self_attention(
       attn_mask = attn_mask->view_symint({N, c10::SymInt(nhead), -1, S});
     }
   }
-  q = q.view_symint({N, nhead, S, head_dim});
-  k = k.view_symint({N, nhead, S, head_dim});
-  v = v.view_symint({N, nhead, S, head_dim});
-  auto out = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal);
-  out = out.permute({2, 0, 1, 3}).contiguous().view_symint({N * S, E});
-  out = at::linear(out, out_proj_weight, out_proj_bias);
-  return out.view_symint({S, N, E});
+  auto out = at::scaled_dot_product_attention(qkv.select(0, 0), qkv.select(0, 1),
+                                              qkv.select(0, 2), attn_mask, dropout_p, is_causal);
+  // [N, nhead, S, head_dim] -> x's layout (a view when the kernel wrote it so).
+  out = batch_first ? out.transpose(1, 2).reshape_symint({N, S, E})
+                    : out.permute({2, 0, 1, 3}).reshape_symint({S, N, E});
+  return at::linear(out, out_proj_weight, out_proj_bias);
 }
 
 at::Tensor transformer_encoder_layer_impl(
@@ -209,12 +221,10 @@ at::Tensor transformer_encoder_layer_impl(
 
   const std::vector<int64_t> d_model{E.guard_int(__FILE__, __LINE__)};
   auto sa_block = [&](const at::Tensor& x) {
-    const auto x_sf = batch_first ? x.transpose(1, 0) : x;
-    auto out = self_attention(
-        x_sf, mask, kpm, is_causal, in_proj_weight, in_proj_bias, out_proj_weight,
+    // its dropout (dropout1) is fused into the Add & Norm after it
+    return self_attention(
+        x, batch_first, mask, kpm, is_causal, in_proj_weight, in_proj_bias, out_proj_weight,
         out_proj_bias, nhead, dropout, training);
-    if (batch_first) out = out.transpose(1, 0);
-    return out;  // its dropout (dropout1) is fused into the Add & Norm after it
   };
   // linear2(dropout(activation(linear1(x)))), without the residual-branch dropout
   // (dropout2), which the caller applies.
@@ -224,8 +234,10 @@ at::Tensor transformer_encoder_layer_impl(
     return at::linear(at::dropout(h, dropout, training), linear2_weight, linear2_bias);
   };
   // The residual-branch dropouts fused into add_layer_norm: only in training (0 draws no
-  // seed and drops nothing, the eval path).
+  // seed and drops nothing, the eval path). The norms keep their outputs, not h, in
+  // training (see Memory above).
   const double residual_p = training ? dropout : 0.0;
+  const bool lean = training;
 
   // Both operands of a residual add in the dtype eager `x + y` gives (they differ under
   // autocast, where the linears return float16/bfloat16): the fused op then computes
@@ -240,11 +252,13 @@ at::Tensor transformer_encoder_layer_impl(
   if (norm_first) {
     // x = x + dropout(sa(norm1(x))); x = x + dropout(ff(norm2(x))): the first residual add,
     // its dropout and norm2 fused.
-    const auto n1 = addnorm::layer_norm(src, d_model, norm1_weight, norm1_bias, layer_norm_eps);
+    const auto n1 = std::get<0>(addnorm::add_layer_norm(
+        src, std::nullopt, d_model, norm1_weight, norm1_bias, layer_norm_eps,
+        /*return_residual=*/false, /*residual_in_fp32=*/false, 0.0, std::nullopt, lean));
     const auto [sa, x] = promoted(sa_block(n1), src);
     auto [n2, h] = addnorm::add_layer_norm(
         sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true,
-        /*residual_in_fp32=*/false, residual_p);
+        /*residual_in_fp32=*/false, residual_p, std::nullopt, lean);
     // No norm follows the second residual add inside the layer: nothing to fuse its
     // dropout with, so it stays torch's.
     return h.add(at::dropout(ff_block(n2), dropout, training));
@@ -253,11 +267,11 @@ at::Tensor transformer_encoder_layer_impl(
   const auto [sa, x0] = promoted(sa_block(src), src);
   const auto x1 = std::get<0>(addnorm::add_layer_norm(
       sa, x0, d_model, norm1_weight, norm1_bias, layer_norm_eps, /*return_residual=*/false,
-      /*residual_in_fp32=*/false, residual_p));
+      /*residual_in_fp32=*/false, residual_p, std::nullopt, lean));
   const auto [ff, x2] = promoted(ff_block(x1), x1);
   return std::get<0>(addnorm::add_layer_norm(
       ff, x2, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/false,
-      /*residual_in_fp32=*/false, residual_p));
+      /*residual_in_fp32=*/false, residual_p, std::nullopt, lean));
 }
 
 }  // namespace

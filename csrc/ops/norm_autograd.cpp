@@ -272,7 +272,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     TORCH_CHECK(
         !(higher_order && from_output),
         "addnorm: memory_efficient=True keeps no h, which second derivatives (create_graph=True, "
-        "or forward-mode tangents in backward) need; call with memory_efficient=False");
+        "or forward-mode tangents in backward) need; call with memory_efficient=False "
+        "(addnorm.TransformerEncoderLayer uses it in training mode: run it in eval mode)");
     if (higher_order) {
       auto [dh, dw, db] = norm_backward_composite(
           grad_out, h, weight, weight_grad, bias_grad, is_rms, ctx->saved_data["eps"].toDouble(),

@@ -229,8 +229,10 @@ at::Tensor transformer_encoder_layer_impl(
   // linear2(dropout(activation(linear1(x)))), without the residual-branch dropout
   // (dropout2), which the caller applies.
   auto ff_block = [&](const at::Tensor& x) {
+    // The activation in place on linear1's output (a fresh tensor whose backward needs
+    // nothing of it): no second [M, dim_feedforward] tensor is written.
     auto h = at::linear(x, linear1_weight, linear1_bias);
-    h = gelu ? at::gelu(h) : at::relu(h);
+    h = gelu ? at::gelu_(h) : at::relu_(h);
     return at::linear(at::dropout(h, dropout, training), linear2_weight, linear2_bias);
   };
   // The residual-branch dropouts fused into add_layer_norm: only in training (0 draws no

@@ -9,6 +9,8 @@ Ops (--ops):
   add_rms_norm_prenorm, rms_norm   (not in the default set)
   dropout_add_layer_norm  out = LN(dropout(x, 0.1) + r): eager F.dropout (mask stored) vs
                           addnorm's fused dropout (mask regenerated); not in the default set
+  add_layer_norm_memory_efficient  add_layer_norm with addnorm's memory_efficient=True
+                          (backward from the output, h never written); not in the default set
 The torch baseline is the eager code a user writes (``h = x + r; F.layer_norm(h, ...)``,
 ``F.rms_norm``); "compile" is torch.compile of exactly that function, compiled per shape.
 

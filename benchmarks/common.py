@@ -64,6 +64,9 @@ OPS: Dict[str, Tuple[str, bool, bool]] = {
     "add_rms_norm_prenorm": ("rms", True, True),
     "rms_norm": ("rms", False, False),
     "dropout_add_layer_norm": ("ln", True, False),  # post-LN with dropout on the input
+    # post-LN, addnorm with memory_efficient=True (backward from the output; the others as
+    # add_layer_norm)
+    "add_layer_norm_memory_efficient": ("ln", True, False),
 }
 # Ops whose input goes through dropout first: eager F.dropout(x, p) + r, addnorm's fused
 # dropout_p (mask regenerated in backward, never stored).
@@ -327,6 +330,9 @@ def _addnorm_fn(op: str, N: int, eps):
     if op in DROPOUT_P:
         p = DROPOUT_P[op]
         return lambda x, r, w, b: (addnorm.add_layer_norm(x, r, shape, w, b, eps, dropout_p=p),)
+    if op == "add_layer_norm_memory_efficient":
+        return lambda x, r, w, b: (addnorm.add_layer_norm(x, r, shape, w, b, eps,
+                                                          memory_efficient=True),)
     if kind == "ln":
         if has_res:
             if prenorm:

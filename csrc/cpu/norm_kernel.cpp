@@ -614,8 +614,12 @@ void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A
 #endif
 }
 
-// The dropout key of a forward call (the seed tensor is on the CPU).
+// The dropout key of a forward or backward call (the seed tensor is on the CPU).
 inline DropoutKey fwd_dropout_key(const NormFwdArgs& args) {
+  const int64_t* s = args.dropout_seed.const_data_ptr<int64_t>();
+  return dropout_key(s[0], s[1], args.dropout_p);
+}
+inline DropoutKey bwd_dropout_key(const NormBwdArgs& args) {
   const int64_t* s = args.dropout_seed.const_data_ptr<int64_t>();
   return dropout_key(s[0], s[1], args.dropout_p);
 }
@@ -1005,6 +1009,11 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // a scratch row first (float data: in float lanes, times 1 / gamma; float64: divided), and
 // the passes run on it as on h with shift 0 and xhat's own scale 1 (rstd, the saved one,
 // still scales grad_h).
+//
+// With the forward's fused dropout, pass 2 also writes grad_input = grad_h (rounded to
+// grad_h's dtype) times the row's dropout factors (mask / (1 - p)), rounded to grad_out's
+// dtype: bitwise what _dropout_apply of grad_h gives, without reading grad_h back (grad_h
+// itself is written only when wanted).
 
 // The float-data backward's arguments, passed by value into the row loops (locals the
 // compiler keeps in registers: vector stores may alias any memory).
@@ -1016,10 +1025,13 @@ struct FloatBwdArgs {
   const G* y;     // from the output: y; else nullptr
   const float* beta;       // from the output: beta (0 when absent)
   const float* inv_gamma;  // from the output: 1 / gamma
+  G* dxin;                 // fused dropout: grad of the input; else nullptr
+  DropoutKey key;          // fused dropout's key and scale
+  float drop_scale;
   const float* mean;  // nullptr for RMSNorm
   const float* rstd;
   const double* gamma;  // in double
-  X* dx;
+  X* dx;                // nullptr when grad_h is not wanted (fused dropout)
   double* partials;  // [chunks, 2, N]; nullptr when not wanted
   int64_t M;
   int64_t N;
@@ -1094,7 +1106,7 @@ inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1
 template <typename G, typename X, bool kResidual, bool kPartials>
 void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const double* gm,
                  int64_t N, const BwdRow& row, double rstd, double xs, double x_off, double c1,
-                 double b, double* pg) {
+                 double b, double* pg, G* dxin, const float* fac) {
   using V = VF;
   constexpr int64_t W = Pack<X>::kWidth;
   int64_t j = 0;
@@ -1120,14 +1132,21 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const doub
                                          kPartials ? pg + jk : nullptr);
       }
     }
-    Pack<X>::store(dx + j, o[0], o[1]);
+    if (dxin) {
+      Pack<X>::round_store(dx ? dx + j : nullptr, o[0], o[1]);
+      Pack<G>::store(dxin + j, o[0] * VF::loadu(fac + j), o[1] * VF::loadu(fac + j + V::size()));
+    } else {
+      Pack<X>::store(dx + j, o[0], o[1]);
+    }
   }
   for (; j < N; ++j) {
     const double xh = fma_of(ds[j], xs, x_off);
     const double r = kResidual ? static_cast<double>(to_acc<float>(dres[j])) : 0.0;
     const double y = static_cast<double>(to_acc<float>(dy[j]));
     const double g = y * gm[j];
-    dx[j] = static_cast<X>(static_cast<float>(fma_of(g - c1, rstd, fma_of(xh, b, r))));
+    const X v = static_cast<X>(static_cast<float>(fma_of(g - c1, rstd, fma_of(xh, b, r))));
+    if (dx) dx[j] = v;
+    if (dxin) dxin[j] = static_cast<G>(static_cast<float>(v) * fac[j]);
     if constexpr (kPartials) {
       pg[j] = fma_of(y, xh, pg[j]);
     }
@@ -1194,9 +1213,10 @@ void xhat_from_output(const G* y, const float* beta, const float* inv_gamma, int
   }
 }
 
-// The rows of chunk c (xr: a float scratch row, used from the output).
+// The rows of chunk c (xr: a float scratch row, used from the output; fac: one for the
+// fused dropout's factors).
 template <typename G, typename X, bool kRms>
-void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* xr) {
+void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* xr, float* fac) {
   using V = VF;
   constexpr int64_t W = Pack<X>::kWidth;
   static_assert(Pack<G>::kWidth == W, "mixed widths");
@@ -1246,19 +1266,21 @@ void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* xr) {
     // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); dgamma partial.
     const BwdRow row{VD(rstd), VD(xs), VD(x_off), VD(c1), VD(b)};
     const X* dres = a.dres ? a.dres + i * N : nullptr;
-    X* dx = a.dx + i * N;
+    X* dx = a.dx ? a.dx + i * N : nullptr;
+    G* dxin = a.dxin ? a.dxin + i * N : nullptr;
+    if (dxin) dropout_factors_fast(a.key, a.drop_scale, i * N, N, fac);
     if (dres && pg) {
       bwd_row_out<G, X, true, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
-                                    pg);
+                                    pg, dxin, fac);
     } else if (dres) {
       bwd_row_out<G, X, true, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
-                                     pg);
+                                     pg, dxin, fac);
     } else if (pg) {
       bwd_row_out<G, X, false, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
-                                     pg);
+                                     pg, dxin, fac);
     } else {
       bwd_row_out<G, X, false, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1,
-                                      b, pg);
+                                      b, pg, dxin, fac);
     }
   }
 }
@@ -1288,7 +1310,13 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   a.mean = (args.rms || args.from_output) ? nullptr : args.mean.const_data_ptr<float>();
   a.rstd = args.rstd.const_data_ptr<float>();
   a.gamma = gamma.get();
-  a.dx = args.grad_h.mutable_data_ptr<X>();
+  a.dx = args.grad_h.defined() ? args.grad_h.mutable_data_ptr<X>() : nullptr;
+  a.dxin = nullptr;
+  if (args.grad_input.defined()) {
+    a.dxin = args.grad_input.mutable_data_ptr<G>();
+    a.key = bwd_dropout_key(args);
+    a.drop_scale = static_cast<float>(dropout_scale(args.dropout_p));
+  }
   a.partials = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
   a.M = args.M;
   a.N = N;
@@ -1303,11 +1331,12 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::unique_ptr<double[]> scratch(new double[a.N]);  // d of the row
     std::unique_ptr<float[]> xr(a.y ? new float[a.N] : nullptr);  // xhat from the output
+    std::unique_ptr<float[]> fac(a.dxin ? new float[a.N] : nullptr);  // dropout factors
     for (int64_t c = c_begin; c < c_end; ++c) {
       if (rms) {
-        bwd_chunk<G, X, true>(a, c, scratch.get(), xr.get());
+        bwd_chunk<G, X, true>(a, c, scratch.get(), xr.get(), fac.get());
       } else {
-        bwd_chunk<G, X, false>(a, c, scratch.get(), xr.get());
+        bwd_chunk<G, X, false>(a, c, scratch.get(), xr.get(), fac.get());
       }
     }
   });
@@ -1407,7 +1436,11 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
   const bool from_output = args.from_output;
   const ParamRow<double> beta_row(args.beta, N, 0.0);
   if (from_output) inverse_weight<double>(gamma, N);  // checks for zeros
-  double* dx_base = args.grad_h.mutable_data_ptr<double>();
+  double* dx_base = args.grad_h.defined() ? args.grad_h.mutable_data_ptr<double>() : nullptr;
+  double* dxin_base =
+      args.grad_input.defined() ? args.grad_input.mutable_data_ptr<double>() : nullptr;
+  const DropoutKey drop_key = dxin_base ? bwd_dropout_key(args) : DropoutKey{};
+  const double drop_scale = dxin_base ? dropout_scale(args.dropout_p) : 0.0;
   double* partial_base = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
   const int64_t rows_per_chunk = bwd_chunk_rows(M, N);
   const int64_t chunks = bwd_chunks(M, N);
@@ -1422,6 +1455,7 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::unique_ptr<double[]> gs(new double[N]);  // g of the row
     std::unique_ptr<double[]> xr(from_output ? new double[N] : nullptr);  // xhat from y
+    std::unique_ptr<double[]> fac(dxin_base ? new double[N] : nullptr);   // dropout factors
     for (int64_t c = c_begin; c < c_end; ++c) {
       // dgamma (hi, lo), dbeta (hi, lo)
       double* pg = partial_base ? partial_base + c * 4 * N : nullptr;
@@ -1540,16 +1574,19 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
             rstd_s_v(st.rstd_hi),
             rstd_s_lo_v(st.rstd_lo), neg_c1_v(-c1), c1_lo_v(c1_lo), c2_v(c2), c2_lo_v(c2_lo),
             rstd_v(rstd), rstd_lo_v(rstd_lo);
-        double* dx = dx_base + i * N;
+        double* dx = dx_base ? dx_base + i * N : nullptr;
+        double* dxin = dxin_base ? dxin_base + i * N : nullptr;
+        if (dxin) dropout_factors_fast(drop_key, drop_scale, i * N, N, fac.get());
         const double* dres = dres_base ? dres_base + i * N : nullptr;
         int64_t j = 0;
         for (; j + V::size() <= N; j += V::size()) {
           V xp, xe;
           f64_xhat(V::loadu(h + j), scale_v, neg_mean_v, mean_lo_v, rstd_s_v, rstd_s_lo_v, xp,
                    xe);
-          f64_dx(V::loadu(gs.get() + j), xp, xe, neg_c1_v, c1_lo_v, c2_v, c2_lo_v, rstd_v,
-                 rstd_lo_v, dres ? V::loadu(dres + j) : V(0.0))
-              .store(dx + j);
+          const V v = f64_dx(V::loadu(gs.get() + j), xp, xe, neg_c1_v, c1_lo_v, c2_v, c2_lo_v,
+                             rstd_v, rstd_lo_v, dres ? V::loadu(dres + j) : V(0.0));
+          if (dx) v.store(dx + j);
+          if (dxin) (v * V::loadu(fac.get() + j)).store(dxin + j);
           if (pg) {
             const V d = V::loadu(dy + j);
             V gh = V::loadu(pg + j), gl = V::loadu(pg_lo + j);
@@ -1565,8 +1602,10 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
         for (; j < N; ++j) {
           double xp, xe;
           f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
-          dx[j] = f64_dx(gs[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd, rstd_lo,
-                         dres ? dres[j] : 0.0);
+          const double v = f64_dx(gs[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd, rstd_lo,
+                                  dres ? dres[j] : 0.0);
+          if (dx) dx[j] = v;
+          if (dxin) dxin[j] = v * fac[j];
           if (pg) {
             dd_add_prod(pg[j], pg_lo[j], dy[j], xp, xe);
             dd_add(pb[j], pb_lo[j], dy[j]);

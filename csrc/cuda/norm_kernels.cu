@@ -1194,10 +1194,28 @@ void norm_fwd(const NormFwdArgs& args) {
                                   [&] { dispatch_fwd<scalar_t>(args); });
 }
 
-void norm_bwd(const NormBwdArgs& args) {
-  const c10::cuda::CUDAGuard guard(args.h.device());
+void dropout_apply(const DropoutApplyArgs& args);
+
+// With the forward's fused dropout, grad_input is the dropout kernel's pass over grad_h
+// (a scratch tensor when grad_h itself is not wanted): the same values as the CPU
+// kernels' fused pass, not fused here.
+void norm_bwd(const NormBwdArgs& args_in) {
+  const c10::cuda::CUDAGuard guard(args_in.h.device());
+  NormBwdArgs args = args_in;
+  const bool drop = args.grad_input.defined();
+  if (drop && !args.grad_h.defined()) {
+    args.grad_h = at::empty(args.grad_input.sizes(), args.grad_input.options().dtype(args.dtypes.h));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtypes.x, "addnorm_norm_bwd_cuda",
                                   [&] { dispatch_bwd<scalar_t>(args); });
+  if (drop) {
+    DropoutApplyArgs d;
+    d.input = args.grad_h;
+    d.seed = args.dropout_seed;
+    d.out = args.grad_input;
+    d.p = args.dropout_p;
+    dropout_apply(d);
+  }
 }
 
 // _dropout_apply: out = input * keep-mask / (1 - p), the mask regenerated from the seed

@@ -63,7 +63,7 @@ struct NormBwdArgs {
   at::Tensor gamma;              // [N] dtypes.param; undefined when absent (1)
   at::Tensor beta;               // [N] dtypes.param; from_output only, undefined when absent
   bool from_output = false;
-  at::Tensor grad_h;             // [M, N] dtypes.h (output)
+  at::Tensor grad_h;             // [M, N] dtypes.h (output); undefined when not wanted
   at::Tensor grad_gamma;         // [N] the weight's dtype (output); undefined when not wanted
   at::Tensor grad_beta;          // [N] the bias's dtype (output); undefined when not wanted
   NormDtypes dtypes;
@@ -73,6 +73,12 @@ struct NormBwdArgs {
   // The forward's eps: the CPU kernels then take the row statistics from h (in double);
   // absent, they use mean and rstd as given.
   std::optional<double> eps;
+  // The forward's fused dropout (dropout_p > 0): grad_input = grad_h (rounded to
+  // dtypes.h) times the keep-mask and scale of dropout_seed (int64 [2] on the device),
+  // rounded to dtypes.x, as _dropout_apply would give it. Undefined without dropout.
+  double dropout_p = 0.0;
+  at::Tensor dropout_seed;
+  at::Tensor grad_input;         // [M, N] dtypes.x (output)
 };
 
 }  // namespace addnorm

@@ -18,8 +18,9 @@
 // - Forward mode: the tangents of out and h follow from those of input, residual, weight
 //   and bias (set_tangents below).
 // - Fused dropout (h = dropout(input) + residual): the node keeps the seed tensor, never a
-//   mask; input's gradient (and tangent) is h's times the mask regenerated from the seed
-//   (_dropout_apply). h is written whenever dropout runs, since the input no longer is h.
+//   mask; input's gradient (and tangent) is h's times the mask regenerated from the seed,
+//   written by _norm_bwd in its pass (_dropout_apply where only h's gradient flows). h is
+//   written whenever dropout runs (unless memory_efficient), the input no longer being h.
 // - memory_efficient: the node keeps the output (which the next layer usually keeps anyway)
 //   instead of h, and backward recovers the normalized values from it, xhat = (out - bias) /
 //   weight (_norm_bwd's from_output). A weight with a zero makes that impossible (the
@@ -290,15 +291,27 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     if (weight.defined()) w = weight;
     std::optional<at::Tensor> b;
     if (saved[4].defined()) b = saved[4];
-    auto [grad_h, grad_weight, grad_bias] =
+    // With the fused dropout, input's gradient comes from the same pass (grad_h itself only
+    // for the residual).
+    const bool drop = dropout_p > 0.0;
+    std::optional<at::Tensor> seed;
+    if (drop) seed = dropout_seed;
+    auto [grad_h, grad_weight, grad_bias, grad_input] =
         from_output
             ? norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
                                  weight_grad, std::nullopt, /*from_output=*/true, b,
-                                 ctx->saved_data["h_dtype"].toScalarType())
+                                 ctx->saved_data["h_dtype"].toScalarType(), dropout_p, seed,
+                                 !drop || has_residual)
             : norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
                                  weight_grad, ctx->saved_data["eps"].toDouble(), false,
-                                 std::nullopt, std::nullopt);
-    set_input_grads(grad_h);
+                                 std::nullopt, std::nullopt, dropout_p, seed,
+                                 !drop || has_residual);
+    if (drop) {
+      grads[0] = grad_input;
+      if (has_residual) grads[1] = grad_h.to(residual_dtype);
+    } else {
+      set_input_grads(grad_h);
+    }
     if (weight_grad) grads[3] = grad_weight;
     if (bias_grad) grads[4] = grad_bias.to(bias_dtype);
     return grads;

@@ -181,7 +181,13 @@ NormPlan check_norm_bwd_inputs(
     const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, bool is_rms, std::optional<double> eps,
     bool from_output, const std::optional<at::Tensor>& bias,
-    std::optional<c10::ScalarType> h_dtype) {
+    std::optional<c10::ScalarType> h_dtype, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted) {
+  check_dropout_args(h, dropout_p, dropout_seed);
+  TORCH_CHECK(
+      grad_h_wanted || dropout_p > 0.0,
+      "addnorm: grad_h_wanted=False is for dropout_p > 0 (grad_h is the only input gradient "
+      "without dropout)");
   TORCH_CHECK(
       !eps.has_value() || *eps >= 0.0, "addnorm: eps must be a non-negative number, got ",
       eps.value_or(0.0));
@@ -261,19 +267,22 @@ NormPlan check_norm_bwd_inputs(
                            stat_dtype}};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
     const at::Tensor& h, const std::optional<at::Tensor>& weight, bool has_bias, bool weight_grad,
-    const NormPlan& plan) {
+    const NormPlan& plan, bool dropout, bool grad_h_wanted) {
   const c10::SymInt zero(0);
   const c10::SymIntArrayRef empty_shape(&zero, 1);
   const auto param_shape = h.sym_sizes().slice(plan.axis);
   const auto param_opts =
       h.options().dtype(weight.has_value() ? weight->scalar_type() : plan.dtypes.stat);
-  auto grad_h = at::empty_symint(h.sym_sizes(), h.options().dtype(plan.dtypes.h));
+  auto grad_h = at::empty_symint(grad_h_wanted ? h.sym_sizes() : empty_shape,
+                                 h.options().dtype(plan.dtypes.h));
+  auto grad_input =
+      at::empty_symint(dropout ? h.sym_sizes() : empty_shape, h.options().dtype(plan.dtypes.x));
   auto grad_weight = at::empty_symint(
       weight.has_value() && weight_grad ? param_shape : empty_shape, param_opts);
   auto grad_bias = at::empty_symint(has_bias ? param_shape : empty_shape, param_opts);
-  return {grad_h, grad_weight, grad_bias};
+  return {grad_h, grad_weight, grad_bias, grad_input};
 }
 
 double default_rms_eps(c10::ScalarType dtype) {

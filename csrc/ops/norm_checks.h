@@ -74,18 +74,24 @@ NormPlan check_norm_bwd_inputs(
     std::optional<double> eps,
     bool from_output,
     const std::optional<at::Tensor>& bias,
-    std::optional<c10::ScalarType> h_dtype);
+    std::optional<c10::ScalarType> h_dtype,
+    double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed,
+    bool grad_h_wanted);
 
-// (grad_h, grad_weight, grad_bias): grad_h like h in plan.dtypes.h; grad_weight is [0]
-// unless weight is given and weight_grad, grad_bias [0] without bias. They have the
-// weight's dtype, or without a weight float32 (float64 for float64 h); the caller casts to
-// the bias's dtype.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
+// (grad_h, grad_weight, grad_bias, grad_input): grad_h like h in plan.dtypes.h ([0] unless
+// grad_h_wanted); grad_weight is [0] unless weight is given and weight_grad, grad_bias [0]
+// without bias. They have the weight's dtype, or without a weight float32 (float64 for
+// float64 h); the caller casts to the bias's dtype. grad_input: like h in plan.dtypes.x
+// with dropout, else [0].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_outputs(
     const at::Tensor& h,
     const std::optional<at::Tensor>& weight,
     bool has_bias,
     bool weight_grad,
-    const NormPlan& plan);
+    const NormPlan& plan,
+    bool dropout,
+    bool grad_h_wanted);
 
 // eps=None of rms_norm: the machine epsilon of the type torch computes in
 // (float32 for float16/bfloat16/float32, float64 for float64), as F.rms_norm does.

@@ -67,25 +67,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
   return {out, residual_out, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     NormBwdKernel kernel, const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& h,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps, bool from_output,
-    const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype) {
+    const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted) {
   const NormPlan plan = check_norm_bwd_inputs(
       grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps, from_output, bias,
-      h_dtype);
+      h_dtype, dropout_p, dropout_seed, grad_h_wanted);
   const int64_t axis = plan.axis;
-  auto [grad_h, grad_weight, grad_bias] =
-      empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan);
+  const bool drop = dropout_p > 0.0;
+  auto [grad_h, grad_weight, grad_bias, grad_input] =
+      empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan, drop, grad_h_wanted);
   NormBwdArgs args;
   args.N = c10::multiply_integers(h.sizes().slice(axis));
   args.M = c10::multiply_integers(h.sizes().slice(0, axis));
   if (args.M == 0 || args.N == 0) {
     if (grad_weight.numel() > 0) grad_weight.zero_();
     if (has_bias) grad_bias.zero_();
-    return {grad_h, grad_weight, grad_bias};
+    return {grad_h, grad_weight, grad_bias, grad_input};
   }
   const std::vector<int64_t> shape2d{args.M, args.N};
   args.dtypes = plan.dtypes;
@@ -101,7 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     if (weight_grad) args.grad_gamma = grad_weight.view({args.N});
   }
   if (has_bias) args.grad_beta = grad_bias.view({args.N});
-  args.grad_h = grad_h.view(shape2d);
+  if (grad_h_wanted) args.grad_h = grad_h.view(shape2d);
+  if (drop) {
+    args.grad_input = grad_input.view(shape2d);
+    args.dropout_p = dropout_p;
+    args.dropout_seed = dropout_seed->contiguous();
+  }
   args.rms = is_rms;
   args.from_output = from_output;
   if (from_output) {
@@ -112,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     args.eps = eps;
   }
   kernel(args);
-  return {grad_h, grad_weight, grad_bias};
+  return {grad_h, grad_weight, grad_bias, grad_input};
 }
 
 at::Tensor launch_dropout_apply(

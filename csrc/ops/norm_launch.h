@@ -25,13 +25,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool store_residual,
     bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed);
 
-// _norm_bwd with the given kernel: (grad_h, grad_weight, grad_bias).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
+// _norm_bwd with the given kernel: (grad_h, grad_weight, grad_bias, grad_input).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     NormBwdKernel kernel, const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& h,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps, bool from_output,
-    const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype);
+    const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype,
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted);
 
 using DropoutApplyKernel = void (*)(const DropoutApplyArgs&);
 

@@ -21,16 +21,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_fwd_meta(
   return empty_norm_fwd_outputs(input, plan, is_rms, store_residual);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_bwd_meta(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_bwd_meta(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_residual_out,
     const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms, bool weight_grad,
     std::optional<double> eps, bool from_output, const std::optional<at::Tensor>& bias,
-    std::optional<c10::ScalarType> h_dtype) {
+    std::optional<c10::ScalarType> h_dtype, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted) {
   const NormPlan plan = check_norm_bwd_inputs(
       grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps, from_output, bias,
-      h_dtype);
-  return empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan);
+      h_dtype, dropout_p, dropout_seed, grad_h_wanted);
+  return empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan, dropout_p > 0.0,
+                                grad_h_wanted);
 }
 
 at::Tensor dropout_apply_meta(

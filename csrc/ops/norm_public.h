@@ -75,11 +75,11 @@ using NormFwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     double, const std::optional<at::Tensor>&);
 using DropoutApplySig = at::Tensor(const at::Tensor&, const at::Tensor&, double,
                                    std::optional<c10::ScalarType>);
-using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, bool,
     std::optional<double>, bool, const std::optional<at::Tensor>&,
-    std::optional<c10::ScalarType>);
+    std::optional<c10::ScalarType>, double, const std::optional<at::Tensor>&, bool);
 
 inline c10::TypedOperatorHandle<NormFwdSig> norm_fwd_op() {
   static const auto op =

@@ -39,10 +39,12 @@ void register_norm_kernels(torch::Library& m) {
             const at::Tensor& h, const at::Tensor& mean, const at::Tensor& rstd,
             const std::optional<at::Tensor>& weight, bool has_bias, bool is_rms,
             bool weight_grad, std::optional<double> eps, bool from_output,
-            const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype) {
+            const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype,
+            double dropout_p, const std::optional<at::Tensor>& dropout_seed,
+            bool grad_h_wanted) {
            return launch_norm_bwd(kBwd, grad_out, grad_residual_out, h, mean, rstd, weight,
                                   has_bias, is_rms, weight_grad, eps, from_output, bias,
-                                  h_dtype);
+                                  h_dtype, dropout_p, dropout_seed, grad_h_wanted);
          });
 }
 

@@ -51,16 +51,21 @@ TORCH_LIBRARY(addnorm, m) {
   // mask itself (of ones).
   m.def("_dropout_apply(Tensor input, Tensor dropout_seed, float p, ScalarType? dtype=None) "
         "-> Tensor");
-  // Internal backward: (grad_h, grad_weight, grad_bias). eps: the forward's; with it the
+  // Internal backward: (grad_h, grad_weight, grad_bias, grad_input). eps: the forward's; with it the
   // CPU kernels take the row statistics from h itself, in double (mean as the saved mean
   // plus a correction, rstd = 1 / sqrt(var + eps)), without it mean and rstd as given.
   // (The CUDA kernels use mean and rstd as given.)
   // from_output: h is the forward's output y instead (grad_out's dtype), the normalized
   // values are (y - bias) / weight (RMSNorm: y / weight), mean and eps are not used, and
   // grad_h has dtype h_dtype (default: y's); weight must have no zeros.
+  // dropout_p > 0: the forward's fused dropout (h = dropout(input) + residual); grad_input
+  // is grad_h times its regenerated keep-mask and scale, in grad_out's dtype, written in
+  // the same pass (what _dropout_apply of grad_h gives); grad_h is written only with
+  // grad_h_wanted. Without dropout grad_input is empty.
   m.def(
       "_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor h, Tensor mean, "
       "Tensor rstd, Tensor? weight, bool has_bias, bool is_rms, bool weight_grad=True, "
       "float? eps=None, *, bool from_output=False, Tensor? bias=None, "
-      "ScalarType? h_dtype=None) -> (Tensor, Tensor, Tensor)");
+      "ScalarType? h_dtype=None, float dropout_p=0., Tensor? dropout_seed=None, "
+      "bool grad_h_wanted=True) -> (Tensor, Tensor, Tensor, Tensor)");
 }

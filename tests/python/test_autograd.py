@@ -546,7 +546,7 @@ def test_frozen_weight_gets_no_gradient_and_others_are_unchanged():
     assert w.grad is None
     # The internal op computes no weight gradient when told not to.
     out, _, mean, rstd = torch.ops.addnorm._norm_fwd(x.detach(), None, [32], w, b, 1e-5, False, False, False)
-    _, gw, gb = torch.ops.addnorm._norm_bwd(torch.ones_like(out), None, x.detach(), mean, rstd, w, True, False, False)
+    _, gw, gb, _ = torch.ops.addnorm._norm_bwd(torch.ones_like(out), None, x.detach(), mean, rstd, w, True, False, False)
     assert gw.numel() == 0 and gb.shape == (32,)
 
 

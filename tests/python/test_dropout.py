@@ -148,6 +148,44 @@ def test_forward_and_backward_equal_the_mask_reference(dtype, residual, norm, de
     assert torch.all(grads[0][~mask] == 0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("from_output", [False, True], ids=["from_h", "from_output"])
+@pytest.mark.parametrize("grad_h_wanted", [True, False], ids=["grad_h", "no_grad_h"])
+@pytest.mark.parametrize("dtypes", [(torch.float64,) * 2, (torch.float32,) * 2,
+                                    (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32)],
+                         ids=["float64", "float32", "bfloat16", "bfloat16_h_float32"])
+def test_fused_input_gradient_is_dropout_apply_of_grad_h(dtypes, grad_h_wanted, from_output,
+                                                          rms, device):
+    """_norm_bwd with the fused dropout writes grad_input in its own pass: bitwise
+    _dropout_apply of its grad_h (every dtype pair, from h or from the output, odd N for the
+    vector tails), and grad_h, grad_weight, grad_bias bitwise those of the call without
+    dropout."""
+    x_dtype, h_dtype = dtypes
+    n = 203
+    x = make_data((9, n), x_dtype, device)
+    r = make_data((9, n), h_dtype, device, scale=1.0, offset=0.0)
+    w, b = make_affine(n, x_dtype, device)
+    b = None if rms else b
+    seed = torch.tensor([11, 22], dtype=torch.int64, device=device)
+    out, h, mean, rstd = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, 1e-5, rms, True, False,
+                                                      0.3, seed)
+    g = torch.randn(9, n, device=device).to(x_dtype)
+    gres = torch.randn(9, n, device=device).to(h_dtype)
+    common = dict(from_output=True, bias=b, h_dtype=h_dtype) if from_output else dict(eps=1e-5)
+    saved = out if from_output else h
+    plain = torch.ops.addnorm._norm_bwd(g, gres, saved, mean, rstd, w, not rms, rms, **common)
+    fused = torch.ops.addnorm._norm_bwd(g, gres, saved, mean, rstd, w, not rms, rms, **common,
+                                        dropout_p=0.3, dropout_seed=seed,
+                                        grad_h_wanted=grad_h_wanted)
+    expected = torch.ops.addnorm._dropout_apply(plain[0], seed, 0.3, x_dtype)
+    assert fused[3].dtype == x_dtype and torch.equal(fused[3], expected)
+    assert plain[3].numel() == 0
+    assert torch.equal(fused[0], plain[0]) if grad_h_wanted else fused[0].numel() == 0
+    for a, e in zip(fused[1:3], plain[1:3]):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("norm", OPS)
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 @pytest.mark.parametrize("return_residual", [True, False], ids=["h", "no_h"])

@@ -476,7 +476,7 @@ def test_internal_norm_bwd_contract(with_eps, with_grad_residual, is_rms, has_we
         out, _, mean, rstd = _internal_fwd(x, None, ns, w, b, eps, is_rms, False, False)
     gout = torch.randn(shape, device=device).to(dtype)
     gres = torch.randn(shape, device=device).to(dtype) if with_grad_residual else None
-    grad_h, grad_w, grad_b = torch.ops.addnorm._norm_bwd(
+    grad_h, grad_w, grad_b, _ = torch.ops.addnorm._norm_bwd(
         gout, gres, x.detach(), mean, rstd, None if w is None else w.detach(), has_bias, is_rms,
         **({"eps": eps} if with_eps else {}))
     assert grad_h.dtype == dtype and grad_h.shape == shape
@@ -580,6 +580,8 @@ def sample_inputs(device, *, requires_grad=False):
     gb = t(2, 3, 16, dtype=torch.bfloat16, scale=1.0, offset=0.0, grad=False)
     yield ("_norm_bwd", (gb, rf * 0.5, yb, rstd_yb, rstd_yb, w, False, True),
            {"from_output": True, "h_dtype": torch.float32})
+    yield ("_norm_bwd", (g, None, h, mean, rstd, w, True, False),
+           {"eps": 1e-5, "dropout_p": 0.25, "dropout_seed": seed, "grad_h_wanted": False})
 
 
 # Static so that collection does not run any op.
@@ -589,7 +591,7 @@ _SAMPLE_IDS = [
     "add_layer_norm-4", "add_rms_norm-3",
     "_norm_fwd-1", "_norm_fwd-2", "_norm_fwd-3", "_norm_bwd-1", "_norm_bwd-2", "_norm_bwd-3",
     "_norm_bwd-4", "_norm_fwd-4", "_dropout_apply-1", "_dropout_apply-2",
-    "add_layer_norm-5", "add_rms_norm-4", "_norm_bwd-5", "_norm_bwd-6",
+    "add_layer_norm-5", "add_rms_norm-4", "_norm_bwd-5", "_norm_bwd-6", "_norm_bwd-7",
 ]
 
 

@@ -229,10 +229,15 @@ at::Tensor transformer_encoder_layer_impl(
   // linear2(dropout(activation(linear1(x)))), without the residual-branch dropout
   // (dropout2), which the caller applies.
   auto ff_block = [&](const at::Tensor& x) {
-    // The activation in place on linear1's output (a fresh tensor whose backward needs
-    // nothing of it): no second [M, dim_feedforward] tensor is written.
+    // Without autograd, the activation in place on linear1's output: no second
+    // [M, dim_feedforward] tensor is written. (With autograd an in-place change of that
+    // view of the matrix product costs a copy of it in backward.)
     auto h = at::linear(x, linear1_weight, linear1_bias);
-    h = gelu ? at::gelu_(h) : at::relu_(h);
+    if (h.requires_grad()) {
+      h = gelu ? at::gelu(h) : at::relu(h);
+    } else {
+      h = gelu ? at::gelu_(h) : at::relu_(h);
+    }
     return at::linear(at::dropout(h, dropout, training), linear2_weight, linear2_bias);
   };
   // The residual-branch dropouts fused into add_layer_norm: only in training (0 draws no

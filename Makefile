@@ -17,7 +17,7 @@ EXAMPLE_STAMP := $(EXAMPLE_DIR)/.configured
 # The venv's cmake and ninja (pinned in requirements.txt).
 VENV_PATH = PATH="$(abspath $(VENV))/bin:$$PATH"
 
-.PHONY: run test build deps bench bench-encoder example install sanitize clean
+.PHONY: run test build deps bench bench-encoder bench-bert example install sanitize clean
 
 run: build
 	$(PY) benchmarks/main.py
@@ -59,7 +59,8 @@ SAN_DIR := build/sanitize
 SAN_PKG := $(SAN_DIR)/python/addnorm
 SAN_CXX ?= g++
 SAN_PYTESTS ?= tests/python/test_properties.py tests/python/test_ops.py tests/python/test_autograd.py \
-  tests/python/test_errors.py tests/python/test_modules.py tests/python/test_dropout.py
+  tests/python/test_errors.py tests/python/test_modules.py tests/python/test_dropout.py \
+  tests/python/test_memory_efficient.py
 # Large rows and gradcheck repeat, at many times the cost, what the other tests run (and
 # torch.compile's tracing, slow under the sanitizers, is the same kernels' calls).
 SAN_PYTEST_ARGS ?= -k "not 65536 and not 100003 and not gradcheck and not compile and not budget"
@@ -94,6 +95,11 @@ bench: build
 
 bench-encoder: build
 	$(PY) benchmarks/bench_encoder.py --json benchmarks/results/encoder_cpu.json --md benchmarks/results/encoder_cpu.md
+
+# The 12-layer encoder training step; on the CPU at seq 128, batch 8 (BERT-base sizes
+# otherwise), float32, eager and torch.compile.
+bench-bert: build
+	$(PY) benchmarks/bench_bert.py --device cpu --seq 128 --batch 8 --reps 5 --modes eager,compile --json benchmarks/results/bert_cpu.json --md benchmarks/results/bert_cpu.md
 
 deps: $(DEPS_STAMP)
 

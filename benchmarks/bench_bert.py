@@ -99,7 +99,7 @@ def make_models(args):
 
 def make_step(model, x, args, forward=None):
     """One training step (forward, loss, backward, grads to None) as a function."""
-    forward = forward or model
+    forward = model if forward is None else forward
     autocast = args.dtype != "fp32"
     params = list(model.parameters())
 
@@ -177,8 +177,8 @@ def run(args):
         for name, model in models.items():
             if progress:
                 progress.step(f"{mode} {name}: preparing")
-            if mode == "compile":
-                torch._dynamo.reset()
+            if mode == "compile":  # (both models share TransformerEncoder.forward's code:
+                # one cache entry each, guarded on the layers' type)
                 step = make_step(model, x, args, forward=torch.compile(model))
             else:
                 step = make_step(model, x, args)

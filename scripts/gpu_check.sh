@@ -25,7 +25,7 @@
 #
 # Knobs: PYTHON (default /opt/torch/.venv/bin/python3 when present, else python3),
 # GPU_CHECK_BUDGET_S, STEPS (comma list, default env,build,first,test_cuda,tests,memcheck,
-# racecheck,bench,profile,encoder), PYTEST_K (pytest -k expression for the rest of the
+# racecheck,bench,profile,encoder,bert), PYTEST_K (pytest -k expression for the rest of the
 # suite; default cuda), PYTEST_JOBS (pytest-xdist workers when available; default 8),
 # BENCH_ARGS (replaces the benchmark's default arguments), TORCH_CUDA_ARCH_LIST (default:
 # the GPU's compute capability).
@@ -52,7 +52,7 @@ export PYTHONUNBUFFERED=1
 
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-STEPS=",${STEPS:-env,build,first,test_cuda,tests,memcheck,racecheck,bench,profile,encoder},"
+STEPS=",${STEPS:-env,build,first,test_cuda,tests,memcheck,racecheck,bench,profile,encoder,bert},"
 PREBUILT=${PREBUILT:-$ROOT/build/prebuilt}
 DEADLINE=$((START + BUDGET))
 NPROC=$(nproc 2>/dev/null || echo 4)
@@ -190,12 +190,13 @@ run_pytest() {
 
 # The tests that failed on an H100 before (N=1 gradients, NaN propagation of float64 RMSNorm,
 # accuracy against torch's kernels), the tests that pin their causes down, and the CUDA
-# tests of the fused dropout (never run on a GPU yet: same mask as the CPU, graph replay).
+# tests of the fused dropout and the memory-efficient backward (never run on a GPU yet: same
+# mask as the CPU, graph replay, backward from the output, fused input gradient).
 first() {
   set -x
   run_pytest tests/python/test_accuracy.py tests/python/test_errors.py tests/python/test_ops.py \
-    tests/python/test_dropout.py \
-    -k "cuda and (accuracy or nan_inf or one_element or 4097-1 or dropout or mask or replay)" \
+    tests/python/test_dropout.py tests/python/test_memory_efficient.py \
+    -k "cuda and (accuracy or nan_inf or one_element or 4097-1 or dropout or mask or replay or keeping_h or from_output or fused_input or weight_with_zero)" \
     --junitxml="$OUT_DIR/pytest_first.xml"
 }
 
@@ -258,11 +259,19 @@ encoder_bench() {
     --json "$OUT_DIR/encoder_gpu.json" --md "$OUT_DIR/encoder_gpu.md"
 }
 
+# The 12-layer encoder training step at BERT-base sizes (bf16 autocast, dropout 0.1):
+# eager (time, host time, peak memory), CUDA graph, torch.compile.
+bert_bench() {
+  set -x
+  "$PY" benchmarks/bench_bert.py --device cuda --no-progress \
+    --json "$OUT_DIR/bert_gpu.json" --md "$OUT_DIR/bert_gpu.md"
+}
+
 # ------------------------------------------------------------------------------- run
 
 export PY ROOT OUT_DIR SANITIZER NPROC DEADLINE PREBUILT
 export -f env_info build run_pytest first test_cuda tests memcheck racecheck bench profile \
-  encoder_bench
+  encoder_bench bert_bench
 
 want() { [[ $STEPS == *",$1,"* ]]; }
 
@@ -294,6 +303,7 @@ step_spec() {  # name -> "max_seconds function"
     bench) echo "300 bench" ;;
     profile) echo "90 profile" ;;
     encoder) echo "120 encoder_bench" ;;
+    bert) echo "240 bert_bench" ;;
     *) echo "" ;;
   esac
 }

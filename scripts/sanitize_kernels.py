@@ -64,9 +64,10 @@ def close(name, a, b, tol):
 
 
 def run_case(dev, dtype, n, *, rms, residual, weight, bias, layout, r_dtype=None, w_dtype=None,
-             in_fp32=False, grad_h=True):
+             in_fp32=False, grad_h=True, memory_efficient=False, dropout_p=0.0):
     name = (f"{dtype} N={n} rms={rms} residual={residual} weight={weight} bias={bias} "
-            f"layout={layout} r_dtype={r_dtype} w_dtype={w_dtype} in_fp32={in_fp32}")
+            f"layout={layout} r_dtype={r_dtype} w_dtype={w_dtype} in_fp32={in_fp32} "
+            f"memory_efficient={memory_efficient} dropout_p={dropout_p}")
     g = torch.Generator().manual_seed(n)
     m = ROWS
     x = torch.randn(m, n, generator=g) * 2 + 1
@@ -92,12 +93,15 @@ def run_case(dev, dtype, n, *, rms, residual, weight, bias, layout, r_dtype=None
         rs = prep(r, r_dtype or dtype)
         ws = prep(w, w_dtype or dtype)
         bs = prep(b, w_dtype or dtype)
+        # the same seed on both devices: the same mask (backward from the output with
+        # memory_efficient, the input's gradient through the regenerated mask)
+        kw = dict(return_residual=True, residual_in_fp32=in_fp32, memory_efficient=memory_efficient,
+                  dropout_p=dropout_p,
+                  dropout_seed=torch.tensor([5, 7], device=device) if dropout_p else None)
         if rms:
-            out, h = torch.ops.addnorm.add_rms_norm(
-                xs, rs, [n], ws, 1e-6, return_residual=True, residual_in_fp32=in_fp32)
+            out, h = torch.ops.addnorm.add_rms_norm(xs, rs, [n], ws, 1e-6, **kw)
         else:
-            out, h = torch.ops.addnorm.add_layer_norm(
-                xs, rs, [n], ws, bs, 1e-5, return_residual=True, residual_in_fp32=in_fp32)
+            out, h = torch.ops.addnorm.add_layer_norm(xs, rs, [n], ws, bs, 1e-5, **kw)
         go = prep(gout, out.dtype).detach()
         outs, gos = [out], [go]
         if grad_h:
@@ -160,6 +164,13 @@ def main():
                 count += 3
         run_case(dev, dtype, 64, rms=False, residual=True, weight=True, bias=True, layout="sliced")
         count += 1
+        for n in ((768, 8200, 1001) if not args.quick else (768, 1001)):
+            for rms in (False, True):
+                run_case(dev, dtype, n, rms=rms, residual=True, weight=True, bias=True,
+                         layout="contiguous", memory_efficient=True, dropout_p=0.1)
+                run_case(dev, dtype, n, rms=rms, residual=False, weight=False, bias=True,
+                         layout="unaligned", memory_efficient=True, dropout_p=0.1, grad_h=False)
+                count += 2
     for dtype in (torch.bfloat16, torch.float16):
         for n in ((768, 8200, 16400, 1001) if not args.quick else (768, 16400)):
             for rms in (False, True):

@@ -16,10 +16,11 @@
 // from torch's, and so does the generator state after them (the seed draw takes other
 // numbers from the generator than torch's dropout): later torch-side masks differ too.
 //
-// Memory. In training every norm runs with memory_efficient: its node keeps the norm's
-// output, which the Linear after it keeps anyway (in_proj, linear1, or the next layer's),
-// instead of h; a training step holds one [M, E] tensor fewer per norm (in float32; under
-// autocast the Linears keep float16/bfloat16 copies and the saving is the difference).
+// Memory. In training every float32/float64 norm runs with memory_efficient: its node
+// keeps the norm's output, which the Linear after it keeps anyway (in_proj, linear1, or the
+// next layer's), instead of h; a training step holds one [M, E] tensor fewer per norm
+// (under autocast the Linears keep float16/bfloat16 copies and the saving is the
+// difference). float16/bfloat16 norms keep h (see lean below).
 // Second derivatives through a training-mode layer are therefore refused (the norms keep
 // no h); eval mode keeps h and supports them.
 
@@ -244,7 +245,12 @@ at::Tensor transformer_encoder_layer_impl(
   // seed and drops nothing, the eval path). The norms keep their outputs, not h, in
   // training (see Memory above).
   const double residual_p = training ? dropout : 0.0;
-  const bool lean = training;
+  // memory_efficient for float32/float64 norms only: a float16/bfloat16 output carries too
+  // little of xhat where |weight| is small for the weight gradient to stay within torch's
+  // accuracy (under autocast the residual stream, and so the norms, are float32).
+  auto lean = [&](const at::Tensor& t) {
+    return training && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+  };
 
   // Both operands of a residual add in the dtype eager `x + y` gives (they differ under
   // autocast, where the linears return float16/bfloat16): the fused op then computes
@@ -261,11 +267,11 @@ at::Tensor transformer_encoder_layer_impl(
     // its dropout and norm2 fused.
     const auto n1 = std::get<0>(addnorm::add_layer_norm(
         src, std::nullopt, d_model, norm1_weight, norm1_bias, layer_norm_eps,
-        /*return_residual=*/false, /*residual_in_fp32=*/false, 0.0, std::nullopt, lean));
+        /*return_residual=*/false, /*residual_in_fp32=*/false, 0.0, std::nullopt, lean(src)));
     const auto [sa, x] = promoted(sa_block(n1), src);
     auto [n2, h] = addnorm::add_layer_norm(
         sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true,
-        /*residual_in_fp32=*/false, residual_p, std::nullopt, lean);
+        /*residual_in_fp32=*/false, residual_p, std::nullopt, lean(sa));
     // No norm follows the second residual add inside the layer: nothing to fuse its
     // dropout with, so it stays torch's.
     return h.add(at::dropout(ff_block(n2), dropout, training));
@@ -274,11 +280,11 @@ at::Tensor transformer_encoder_layer_impl(
   const auto [sa, x0] = promoted(sa_block(src), src);
   const auto x1 = std::get<0>(addnorm::add_layer_norm(
       sa, x0, d_model, norm1_weight, norm1_bias, layer_norm_eps, /*return_residual=*/false,
-      /*residual_in_fp32=*/false, residual_p, std::nullopt, lean));
+      /*residual_in_fp32=*/false, residual_p, std::nullopt, lean(sa)));
   const auto [ff, x2] = promoted(ff_block(x1), x1);
   return std::get<0>(addnorm::add_layer_norm(
       ff, x2, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/false,
-      /*residual_in_fp32=*/false, residual_p, std::nullopt, lean));
+      /*residual_in_fp32=*/false, residual_p, std::nullopt, lean(ff)));
 }
 
 }  // namespace

@@ -557,3 +557,20 @@ def test_training_keeps_two_tensors_fewer_per_layer(norm_first, batch_first, dro
     assert n_theirs - n_ours >= 2 * L, (n_theirs, n_ours)
     with pytest.raises(RuntimeError, match="memory_efficient=True keeps no h"):
         torch.autograd.grad(ours(x).sum(), [x], create_graph=True)
+
+
+def test_half_precision_norms_keep_h():
+    """A bfloat16 layer in training keeps h for its norms (memory_efficient only for
+    float32/float64 norms, whose output carries xhat precisely enough): with dropout 0 its
+    gradients are bitwise those of eval mode, where the norms keep h too."""
+    torch.manual_seed(0)
+    theirs = nn.TransformerEncoderLayer(32, 4, 64, 0.0, batch_first=True, dtype=torch.bfloat16)
+    ours = addnorm.replace_modules(copy.deepcopy(theirs))
+    x = torch.randn(3, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    grads = []
+    for training in (True, False):
+        ours.train(training)
+        grads.append(torch.autograd.grad(ours(x).float().square().sum(),
+                                         [x] + list(ours.parameters())))
+    for a, e in zip(*grads):
+        assert torch.equal(a, e)

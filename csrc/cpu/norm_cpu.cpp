@@ -16,21 +16,35 @@
 namespace addnorm::cpu {
 namespace {
 
-bool use_avx2() {
-  static const bool avx2 = [] {
+// The kernels of one instruction set.
+struct Kernels {
+  const char* name;
+  void (*fwd)(const NormFwdArgs&);
+  void (*bwd)(const NormBwdArgs&, const at::Tensor&);
+  void (*reduce)(const at::Tensor&, const at::Tensor&);
+  void (*dropout)(const DropoutApplyArgs&);
+};
+
+#define ADDNORM_CPU_KERNELS(CAP)                                                      \
+  Kernels {                                                                           \
+    #CAP, &CAP::norm_fwd_kernel, &CAP::norm_bwd_kernel, &CAP::norm_bwd_reduce_kernel, \
+        &CAP::dropout_apply_kernel                                                    \
+  }
+
+// ATen's choice (its ATEN_CPU_CAPABILITY override included), read once.
+const Kernels& kernels() {
+  static const Kernels k = [] {
     const std::string cap = at::get_cpu_capability();
-    return cap == "AVX2" || cap == "AVX512";
+    if (cap == "AVX512") return ADDNORM_CPU_KERNELS(AVX512);
+    if (cap == "AVX2") return ADDNORM_CPU_KERNELS(AVX2);
+    return ADDNORM_CPU_KERNELS(DEFAULT);
   }();
-  return avx2;
+  return k;
 }
 
-void norm_fwd(const NormFwdArgs& args) {
-  if (use_avx2()) {
-    AVX2::norm_fwd_kernel(args);
-  } else {
-    DEFAULT::norm_fwd_kernel(args);
-  }
-}
+#undef ADDNORM_CPU_KERNELS
+
+void norm_fwd(const NormFwdArgs& args) { kernels().fwd(args); }
 
 void norm_bwd(const NormBwdArgs& args) {
   at::Tensor partials;
@@ -41,34 +55,20 @@ void norm_bwd(const NormBwdArgs& args) {
     partials = at::empty({bwd_chunks(args.M, args.N), rows, args.N},
                          args.h.options().dtype(at::kDouble));
   }
-  if (use_avx2()) {
-    AVX2::norm_bwd_kernel(args, partials);
-  } else {
-    DEFAULT::norm_bwd_kernel(args, partials);
-  }
+  kernels().bwd(args, partials);
   if (partials.defined()) {
     const at::Tensor sums = at::empty({2, args.N}, partials.options());
-    if (use_avx2()) {
-      AVX2::norm_bwd_reduce_kernel(partials, sums);
-    } else {
-      DEFAULT::norm_bwd_reduce_kernel(partials, sums);
-    }
+    kernels().reduce(partials, sums);
     if (args.grad_gamma.defined()) args.grad_gamma.copy_(sums[0]);
     if (args.grad_beta.defined()) args.grad_beta.copy_(sums[1]);
   }
 }
 
-void dropout_apply(const DropoutApplyArgs& args) {
-  if (use_avx2()) {
-    AVX2::dropout_apply_kernel(args);
-  } else {
-    DEFAULT::dropout_apply_kernel(args);
-  }
-}
+void dropout_apply(const DropoutApplyArgs& args) { kernels().dropout(args); }
 
 }  // namespace
 
-const char* capability() { return use_avx2() ? "AVX2" : "DEFAULT"; }
+const char* capability() { return kernels().name; }
 
 TORCH_LIBRARY_IMPL(addnorm, CPU, m) {
   register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply>(m);

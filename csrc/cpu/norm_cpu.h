@@ -4,7 +4,7 @@
 
 namespace addnorm::cpu {
 
-// The instruction set the CPU kernels run with: "AVX2" or "DEFAULT" (ATen's choice, so
+// The instruction set the CPU kernels run with: "AVX512", "AVX2" or "DEFAULT" (ATen's choice, so
 // ATEN_CPU_CAPABILITY=default selects the portable build).
 const char* capability();
 

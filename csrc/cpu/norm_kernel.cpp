@@ -2,8 +2,8 @@
 // with and without residual, for float32/float16/bfloat16 and mixed dtypes; float64 has
 // kernels of its own.
 //
-// Compiled once per instruction set: CPU_CAPABILITY names the namespace (DEFAULT, AVX2)
-// and selects at::vec's implementation. Rows are split across threads with
+// Compiled once per instruction set: CPU_CAPABILITY names the namespace (DEFAULT, AVX2,
+// AVX512) and selects at::vec's implementation (AVX512: 16 float / 8 double lanes). Rows are split across threads with
 // at::parallel_for; a row lives in a scratch buffer (L1/L2) between its passes, so memory
 // sees each input read once and each output written once.
 //
@@ -38,6 +38,11 @@
 namespace addnorm::cpu {
 namespace CPU_CAPABILITY {
 namespace {
+
+// x86 builds with fused multiply-add and 256-bit integer lanes (AVX2 and AVX512).
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#define ADDNORM_X86_SIMD 1
+#endif
 
 using at::vec::Vectorized;
 using VF = Vectorized<float>;
@@ -100,7 +105,11 @@ inline A to_acc(T v) {
 
 // A float vector as two double vectors (its lower and upper halves), and back (rounded).
 inline void widen(const VF& v, VD& lo, VD& hi) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 f = v;
+  lo = VD(_mm512_cvtps_pd(_mm512_castps512_ps256(f)));
+  hi = VD(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+#elif defined(CPU_CAPABILITY_AVX2)
   const __m256 f = v;
   lo = VD(_mm256_cvtps_pd(_mm256_castps256_ps128(f)));
   hi = VD(_mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
@@ -116,7 +125,10 @@ inline void widen(const VF& v, VD& lo, VD& hi) {
 
 // The VF::size() floats at p as two double vectors (converted as they are loaded).
 inline void widen_load(const float* p, VD& lo, VD& hi) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  lo = VD(_mm512_cvtps_pd(_mm256_loadu_ps(p)));
+  hi = VD(_mm512_cvtps_pd(_mm256_loadu_ps(p + VD::size())));
+#elif defined(CPU_CAPABILITY_AVX2)
   lo = VD(_mm256_cvtps_pd(_mm_loadu_ps(p)));
   hi = VD(_mm256_cvtps_pd(_mm_loadu_ps(p + VD::size())));
 #else
@@ -160,7 +172,10 @@ struct WidePack {
 };
 
 inline VF narrow(const VD& lo, const VD& hi) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512d l = _mm512_castpd256_pd512(_mm256_castps_pd(_mm512_cvtpd_ps(lo)));
+  return VF(_mm512_castpd_ps(_mm512_insertf64x4(l, _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1)));
+#elif defined(CPU_CAPABILITY_AVX2)
   return VF(_mm256_insertf128_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(lo)),
                                  _mm256_cvtpd_ps(hi), 1));
 #else
@@ -196,7 +211,7 @@ inline S fma_of(const S& a, const S& b, const S& c) {
 // a * b - c with one rounding, always (the error-free transformations need it).
 inline double fms_exact(double a, double b, double c) { return std::fma(a, b, -c); }
 inline VD fms_exact(const VD& a, const VD& b, const VD& c) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(ADDNORM_X86_SIMD)
   return at::vec::fmsub(a, b, c);
 #else
   __at_align__ double x[VD::size()], y[VD::size()], z[VD::size()];
@@ -211,7 +226,7 @@ inline VD fms_exact(const VD& a, const VD& b, const VD& c) {
 // a * b + c with one rounding, always.
 inline double fma_exact(double a, double b, double c) { return std::fma(a, b, c); }
 inline VD fma_exact(const VD& a, const VD& b, const VD& c) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(ADDNORM_X86_SIMD)
   return at::vec::fmadd(a, b, c);
 #else
   __at_align__ double x[VD::size()], y[VD::size()], z[VD::size()];
@@ -521,7 +536,7 @@ F64Stats f64_stats(const double* v, int64_t n, double eps, bool rms, const DD& s
 //   gamma, beta: [N] float;  mean, rstd: [M] float
 
 // Whether at::vec::fmadd is a fused multiply-add (the float-lane output relies on it).
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(ADDNORM_X86_SIMD)
 constexpr bool kFusedFma = true;
 #else
 constexpr bool kFusedFma = false;
@@ -548,11 +563,77 @@ inline VF normalized_wide(const VF& v, const VF& gamma, const VF& beta, const VD
 }
 
 // The fused dropout's factors of elements [e0, e0 + n) (ops/dropout_mask.h: the same
-// values as dropout_factors). AVX2: eight Philox counters per round in 32-bit lanes
-// (products through _mm256_mul_epu32), the scalar function for the ends.
+// values as dropout_factors). AVX512: sixteen Philox counters per round in 32-bit lanes
+// (products through _mm512_mul_epu32), the keep bits compared into masks, interleaved into
+// element order with pdep and written as masked stores of the scale. AVX2: eight counters
+// per round. The scalar function for the ends.
 template <typename A>
 void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A* fac) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t head = std::min<int64_t>(n, (4 - (e0 & 3)) & 3);
+  dropout_factors(k, scale, e0, head, fac);
+  int64_t e = e0 + head;
+  const int64_t end = e0 + n;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // threshold < 2^32 (p > 0)
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(k.threshold)));
+  const __m512i sa = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i sb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  auto mulhilo = [](__m512i a, __m512i x, __m512i& hi) {
+    const __m512i even = _mm512_mul_epu32(a, x);
+    const __m512i odd = _mm512_mul_epu32(a, _mm512_srli_epi64(x, 32));
+    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  };
+  auto word = [](uint64_t v) { return _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(v))); };
+  for (; e + 64 <= end; e += 64) {
+    const uint64_t g = static_cast<uint64_t>(e) >> 2;
+    __m512i c0 = word(k.offset);
+    __m512i c1 = word(k.offset >> 32);
+    __m512i c2 = _mm512_add_epi32(word(g), lane);
+    __m512i c3 = word(g >> 32);
+    if (static_cast<uint32_t>(g) > 0xFFFFFFF0u) {  // the low word wraps inside the 16 groups
+      alignas(64) uint32_t hi_words[16];
+      for (int i = 0; i < 16; ++i) hi_words[i] = static_cast<uint32_t>((g + i) >> 32);
+      c3 = _mm512_load_si512(hi_words);
+    }
+    __m512i k0 = word(k.seed);
+    __m512i k1 = word(k.seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      if (round > 0) {
+        k0 = _mm512_add_epi32(k0, word(0x9E3779B9u));
+        k1 = _mm512_add_epi32(k1, word(0xBB67AE85u));
+      }
+      __m512i hi0, hi1;
+      const __m512i lo0 = mulhilo(sa, c0, hi0);
+      const __m512i lo1 = mulhilo(sb, c2, hi1);
+      c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), k0);
+      c1 = lo1;
+      c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), k1);
+      c3 = lo0;
+    }
+    // Element 4 * i + q is word q of counter i: bit q + 4 * i of keep.
+    const __m512i words[4] = {c0, c1, c2, c3};
+    uint64_t keep = 0;
+    for (int q = 0; q < 4; ++q) {
+      const uint64_t bits = _mm512_cmplt_epu32_mask(words[q], thr);
+      keep |= _pdep_u64(bits, 0x1111111111111111ull << q);
+    }
+    A* f = fac + (e - e0);
+    if constexpr (std::is_same_v<A, float>) {
+      const __m512 sv = _mm512_set1_ps(scale);
+      for (int c = 0; c < 4; ++c) {
+        _mm512_storeu_ps(f + 16 * c, _mm512_maskz_mov_ps(static_cast<__mmask16>(keep >> (16 * c)), sv));
+      }
+    } else {
+      const __m512d sv = _mm512_set1_pd(scale);
+      for (int c = 0; c < 8; ++c) {
+        _mm512_storeu_pd(f + 8 * c, _mm512_maskz_mov_pd(static_cast<__mmask8>(keep >> (8 * c)), sv));
+      }
+    }
+  }
+  dropout_factors(k, scale, e, end - e, fac + (e - e0));
+#elif defined(CPU_CAPABILITY_AVX2)
   const int64_t head = std::min<int64_t>(n, (4 - (e0 & 3)) & 3);
   dropout_factors(k, scale, e0, head, fac);
   int64_t e = e0 + head;

@@ -1,6 +1,6 @@
 #pragma once
 
-// CPU kernels, compiled once per instruction set (namespaces DEFAULT and AVX2, see
+// CPU kernels, compiled once per instruction set (namespaces DEFAULT, AVX2 and AVX512, see
 // CMakeLists.txt) and chosen at run time in cpu/norm_cpu.cpp.
 
 #include <algorithm>
@@ -47,6 +47,7 @@ inline int64_t bwd_chunks(int64_t M, int64_t N) {
 
 ADDNORM_DECLARE_CPU_KERNELS(DEFAULT)
 ADDNORM_DECLARE_CPU_KERNELS(AVX2)
+ADDNORM_DECLARE_CPU_KERNELS(AVX512)
 
 #undef ADDNORM_DECLARE_CPU_KERNELS
 

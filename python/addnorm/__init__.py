@@ -38,7 +38,7 @@ __version__ = _C.version()
 
 
 def cpu_capability() -> str:
-    """The instruction set the CPU kernels run with: "AVX2" or "DEFAULT"."""
+    """The instruction set the CPU kernels run with: "AVX512", "AVX2" or "DEFAULT"."""
     return _C.cpu_capability()
 
 

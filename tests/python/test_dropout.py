@@ -10,6 +10,7 @@ forward's mask.
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -460,3 +461,35 @@ def test_mask_is_the_documented_philox_function(device):
     x = torch.rand(3, n, dtype=torch.float64, device=device) + 1.0
     h = torch.ops.addnorm.add_layer_norm(x, None, [n], dropout_p=p, dropout_seed=seed.to(device))[1]
     assert torch.equal((h != 0).cpu(), addnorm.dropout_mask(seed, [3, n], p))
+
+
+def test_same_mask_and_gradients_on_every_instruction_set():
+    """The CPU kernels' builds (portable, AVX2, AVX512; those this processor runs, chosen
+    with ATEN_CPU_CAPABILITY in fresh processes) draw the same mask: the mask itself, the
+    fused forward's h (bitwise: the input times the same factors) and the elements the
+    input gradient written by the norm backward keeps."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, addnorm, hashlib\n"
+        "seed = torch.tensor([0x0123456789ABCDEF, 977], dtype=torch.int64)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x32 = (torch.rand(5, 1031, generator=g) + 1.0).requires_grad_()\n"
+        "dy = torch.randn(5, 1031, generator=g)\n"
+        "mask = addnorm.dropout_mask(seed, [5, 1031], 0.3)\n"
+        "out, h = torch.ops.addnorm.add_layer_norm(x32, None, [1031], dropout_p=0.3, dropout_seed=seed)\n"
+        "gx, = torch.autograd.grad(out, [x32], dy)\n"
+        "assert torch.equal(gx != 0, mask) and torch.equal(h != 0, mask)\n"
+        "digest = lambda t: hashlib.sha256(t.detach().numpy().tobytes()).hexdigest()\n"
+        "print(addnorm.cpu_capability(), digest(mask), digest(h), digest(gx != 0))\n"
+    )
+    seen = {}
+    for cap in ("default", "avx2", "avx512"):
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        seen[out[0]] = out[1:]
+    assert "DEFAULT" in seen
+    values = list(seen.values())
+    assert all(v == values[0] for v in values), seen

@@ -79,7 +79,7 @@ ADDNORM_API at::Tensor dropout_mask(const at::Tensor& seed, at::IntArrayRef size
 // Version string of the library, e.g. "0.1.0".
 ADDNORM_API const char* version();
 
-// The CPU instruction set the CPU kernels run with ("AVX2" or "DEFAULT").
+// The CPU instruction set the CPU kernels run with ("AVX512", "AVX2" or "DEFAULT").
 ADDNORM_API const char* cpu_kernel_capability();
 
 // True when libaddnorm was built with its CUDA kernels.

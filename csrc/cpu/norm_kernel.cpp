@@ -1086,10 +1086,10 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // partial: float data in pass 1, float64 in pass 2). Rows are processed in the chunks of
 // bwd_chunk_rows, each chunk by one thread.
 //
-// From the output (memory_efficient): xhat = (y - beta) / gamma of each row is written to
-// a scratch row first (float data: in float lanes, times 1 / gamma; float64: divided), and
-// the passes run on it as on h with shift 0 and xhat's own scale 1 (rstd, the saved one,
-// still scales grad_h).
+// From the output (memory_efficient): pass 1 reads y instead of h and takes d = xhat =
+// (y - beta) * (1 / gamma) in double lanes (float64: a scratch row of (y - beta) / gamma,
+// divided), and the passes run as on h with shift 0 and xhat's own scale 1 (rstd, the
+// saved one, still scales grad_h).
 //
 // With the forward's fused dropout, pass 2 also writes grad_input = grad_h (rounded to
 // grad_h's dtype) times the row's dropout factors (mask / (1 - p)), rounded to grad_out's
@@ -1104,8 +1104,8 @@ struct FloatBwdArgs {
   const X* dres;  // nullptr when absent
   const X* h;     // nullptr from the output
   const G* y;     // from the output: y; else nullptr
-  const float* beta;       // from the output: beta (0 when absent)
-  const float* inv_gamma;  // from the output: 1 / gamma
+  const double* beta;       // from the output: beta (0 when absent)
+  const double* inv_gamma;  // from the output: 1 / gamma
   G* dxin;                 // fused dropout: grad of the input; else nullptr
   DropoutKey key;          // fused dropout's key and scale
   float drop_scale;
@@ -1235,10 +1235,13 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const doub
 }
 
 // Pass 1 over a row (see BwdSums): sum[0..3] += the sums of g, g * d, d, d * d.
-template <typename G, typename X, bool kRms, bool kPartials>
+// kFromOutput: h is the output y, and d = (y - beta) * inv_gamma in double (shift 0).
+template <typename G, typename X, bool kRms, bool kPartials, bool kFromOutput = false>
 void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift, double* ds,
-              double* pb, DD (&sum)[4]) {
+              double* pb, DD (&sum)[4], const double* beta = nullptr,
+              const double* inv_gamma = nullptr) {
   constexpr int64_t W = Pack<X>::kWidth;
+  constexpr int64_t S = VD::size();
   static_assert(Pack<G>::kWidth == W, "mixed widths");
   const VD shift_v(shift);
   for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
@@ -1253,6 +1256,10 @@ void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift
         VD y0, y1, x0, x1;
         dyp.half(k, y0, y1);
         hp.half(k, x0, x1);
+        if constexpr (kFromOutput) {
+          x0 = (x0 - VD::loadu(beta + jk)) * VD::loadu(inv_gamma + jk);
+          x1 = (x1 - VD::loadu(beta + jk + S)) * VD::loadu(inv_gamma + jk + S);
+        }
         s.add(y0, y1, x0, x1, gm + jk, shift_v, ds + jk, kPartials ? pb + jk : nullptr);
       }
     }
@@ -1260,7 +1267,8 @@ void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift
     for (; j < b1; ++j) {
       const double y = static_cast<double>(to_acc<float>(dy[j]));
       const double g = y * gm[j];
-      const double d = static_cast<double>(to_acc<float>(h[j])) - shift;
+      double d = static_cast<double>(to_acc<float>(h[j])) - shift;
+      if constexpr (kFromOutput) d = (d - beta[j]) * inv_gamma[j];
       ds[j] = d;
       t[0] += g;
       t[1] = fma_of(g, d, t[1]);
@@ -1276,28 +1284,9 @@ void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift
   }
 }
 
-// xr = (y - beta) * inv_gamma over a row, in float lanes.
-template <typename G>
-void xhat_from_output(const G* y, const float* beta, const float* inv_gamma, int64_t N,
-                      float* xr) {
-  constexpr int64_t W = Pack<G>::kWidth;
-  constexpr int64_t S = VF::size();
-  int64_t j = 0;
-  for (; j + W <= N; j += W) {
-    VF a0, a1;
-    Pack<G>::load(y + j, a0, a1);
-    ((a0 - VF::loadu(beta + j)) * VF::loadu(inv_gamma + j)).store(xr + j);
-    ((a1 - VF::loadu(beta + j + S)) * VF::loadu(inv_gamma + j + S)).store(xr + j + S);
-  }
-  for (; j < N; ++j) {
-    xr[j] = (to_acc<float>(y[j]) - beta[j]) * inv_gamma[j];
-  }
-}
-
-// The rows of chunk c (xr: a float scratch row, used from the output; fac: one for the
-// fused dropout's factors).
+// The rows of chunk c (fac: a scratch row for the fused dropout's factors).
 template <typename G, typename X, bool kRms>
-void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* xr, float* fac) {
+void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* fac) {
   using V = VF;
   constexpr int64_t W = Pack<X>::kWidth;
   static_assert(Pack<G>::kWidth == W, "mixed widths");
@@ -1318,11 +1307,12 @@ void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* xr, flo
     // Pass 1: d to the scratch, dy to the dbeta partial; the sums of g, g * d, d, d * d.
     DD sum[4];  // g, g * d, d, d * d
     if (from_output) {
-      xhat_from_output(a.y + i * N, a.beta, a.inv_gamma, N, xr);
       if (pb) {
-        bwd_sums<G, float, kRms, true>(dy, xr, a.gamma, N, 0.0, ds, pb, sum);
+        bwd_sums<G, G, kRms, true, true>(dy, a.y + i * N, a.gamma, N, 0.0, ds, pb, sum, a.beta,
+                                         a.inv_gamma);
       } else {
-        bwd_sums<G, float, kRms, false>(dy, xr, a.gamma, N, 0.0, ds, pb, sum);
+        bwd_sums<G, G, kRms, false, true>(dy, a.y + i * N, a.gamma, N, 0.0, ds, pb, sum, a.beta,
+                                          a.inv_gamma);
       }
     } else if (pb) {
       bwd_sums<G, X, kRms, true>(dy, a.h + i * N, a.gamma, N, shift, ds, pb, sum);
@@ -1374,14 +1364,14 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   FloatBwdArgs<G, X> a;
   a.dy = args.grad_out.const_data_ptr<G>();
   a.dres = args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<X>() : nullptr;
-  std::unique_ptr<float[]> inv_gamma;
-  std::optional<ParamRow<float>> beta;
+  std::unique_ptr<double[]> inv_gamma;
+  std::optional<ParamRow<double>> beta;
   if (args.from_output) {
     a.h = nullptr;
     a.y = args.h.const_data_ptr<G>();
-    inv_gamma = inverse_weight<float>(gamma.get(), N);
+    inv_gamma = inverse_weight<double>(gamma.get(), N);
     a.inv_gamma = inv_gamma.get();
-    beta.emplace(args.beta, N, 0.0f);
+    beta.emplace(args.beta, N, 0.0);
     a.beta = beta->get();
   } else {
     a.h = args.h.const_data_ptr<X>();
@@ -1411,13 +1401,12 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   const bool rms = args.rms;
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::unique_ptr<double[]> scratch(new double[a.N]);  // d of the row
-    std::unique_ptr<float[]> xr(a.y ? new float[a.N] : nullptr);  // xhat from the output
     std::unique_ptr<float[]> fac(a.dxin ? new float[a.N] : nullptr);  // dropout factors
     for (int64_t c = c_begin; c < c_end; ++c) {
       if (rms) {
-        bwd_chunk<G, X, true>(a, c, scratch.get(), xr.get(), fac.get());
+        bwd_chunk<G, X, true>(a, c, scratch.get(), fac.get());
       } else {
-        bwd_chunk<G, X, false>(a, c, scratch.get(), xr.get(), fac.get());
+        bwd_chunk<G, X, false>(a, c, scratch.get(), fac.get());
       }
     }
   });

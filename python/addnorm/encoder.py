@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _check_unnamed
+from .functional import _check_seed_not_recomputed, _check_unnamed
 
 
 def _activation_name(activation) -> Optional[str]:
@@ -112,6 +112,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             activation = "gelu" if self.activation_relu_or_gelu == 2 else "relu"
         else:
             activation = _activation_name(self.activation)
+            if self.training and self.dropout.p > 0:  # the op draws its dropouts' seeds
+                _check_seed_not_recomputed("the layer's dropout seeds", "Keep the budget at 1.")
         sa = self.self_attn
         return torch.ops.addnorm.transformer_encoder_layer(
             src, src_mask, src_key_padding_mask, bool(is_causal),

@@ -72,18 +72,18 @@ def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = No
     return (u * 9007199254740992.0).to(torch.int64)  # 2^53
 
 
-def _check_seed_not_recomputed() -> None:
+def _check_seed_not_recomputed(what: str = "the fused dropout's seed", fix: str = (
+        "Draw it outside (seed = addnorm.dropout_seed(device)) and pass it to torch.ops."
+        "addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)")) -> None:
     if torch.compiler.is_compiling():
         import torch._functorch.config as functorch_config
 
         budget = functorch_config.activation_memory_budget
         if budget < 1.0:
             raise RuntimeError(
-                f"addnorm: the fused dropout's seed cannot be drawn inside a graph compiled with "
+                f"addnorm: {what} cannot be drawn inside a graph compiled with "
                 f"activation_memory_budget = {budget} < 1 (torch.compile may recompute the draw in "
-                "backward with fresh randomness: gradients of another mask). Draw it outside "
-                "(seed = addnorm.dropout_seed(device)) and pass it to torch.ops.addnorm."
-                "add_layer_norm / add_rms_norm(..., dropout_seed=seed)")
+                f"backward with fresh randomness: gradients of another mask). {fix}")
 
 
 def dropout_mask(seed: Tensor, size: List[int], p: float) -> Tensor:

@@ -574,3 +574,24 @@ def test_half_precision_norms_keep_h():
                                          [x] + list(ours.parameters())))
     for a, e in zip(*grads):
         assert torch.equal(a, e)
+
+
+def test_training_under_a_memory_budget_is_refused():
+    """The layer's op draws its fused residual dropouts' seeds inside the graph; with
+    torch.compile's activation_memory_budget < 1 the partitioner could recompute those draws
+    with fresh randomness, so the layer refuses clearly (dropout 0 and eval draw nothing and
+    compile as before)."""
+    import torch._functorch.config as fconfig
+
+    torch.manual_seed(0)
+    layer = addnorm.TransformerEncoderLayer(16, 2, 32, 0.1, batch_first=True)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    with fconfig.patch(activation_memory_budget=0.5):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager_decomp_partition")
+        with pytest.raises(Exception, match="the layer's dropout seeds cannot be drawn"):
+            compiled(x)
+        layer.dropout.p = 0.0
+        torch._dynamo.reset()
+        compiled(x).sum().backward()
+    torch._dynamo.reset()

@@ -1087,9 +1087,9 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // bwd_chunk_rows, each chunk by one thread.
 //
 // From the output (memory_efficient): pass 1 reads y instead of h and takes d = xhat =
-// (y - beta) * (1 / gamma) in double lanes (float64: a scratch row of (y - beta) / gamma,
-// divided), and the passes run as on h with shift 0 and xhat's own scale 1 (rstd, the
-// saved one, still scales grad_h).
+// (y - beta) * (1 / gamma) in float lanes, widened (float64: a scratch row of (y - beta) /
+// gamma, divided), and the passes run as on h with shift 0 and xhat's own scale 1 (rstd,
+// the saved one, still scales grad_h).
 //
 // With the forward's fused dropout, pass 2 also writes grad_input = grad_h (rounded to
 // grad_h's dtype) times the row's dropout factors (mask / (1 - p)), rounded to grad_out's
@@ -1104,8 +1104,8 @@ struct FloatBwdArgs {
   const X* dres;  // nullptr when absent
   const X* h;     // nullptr from the output
   const G* y;     // from the output: y; else nullptr
-  const double* beta;       // from the output: beta (0 when absent)
-  const double* inv_gamma;  // from the output: 1 / gamma
+  const float* beta;       // from the output: beta (0 when absent)
+  const float* inv_gamma;  // from the output: 1 / gamma
   G* dxin;                 // fused dropout: grad of the input; else nullptr
   DropoutKey key;          // fused dropout's key and scale
   float drop_scale;
@@ -1235,13 +1235,13 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const doub
 }
 
 // Pass 1 over a row (see BwdSums): sum[0..3] += the sums of g, g * d, d, d * d.
-// kFromOutput: h is the output y, and d = (y - beta) * inv_gamma in double (shift 0).
+// kFromOutput: h is the output y, and d = (y - beta) * inv_gamma (in float lanes, then
+// widened; shift 0).
 template <typename G, typename X, bool kRms, bool kPartials, bool kFromOutput = false>
 void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift, double* ds,
-              double* pb, DD (&sum)[4], const double* beta = nullptr,
-              const double* inv_gamma = nullptr) {
+              double* pb, DD (&sum)[4], const float* beta = nullptr,
+              const float* inv_gamma = nullptr) {
   constexpr int64_t W = Pack<X>::kWidth;
-  constexpr int64_t S = VD::size();
   static_assert(Pack<G>::kWidth == W, "mixed widths");
   const VD shift_v(shift);
   for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
@@ -1251,14 +1251,18 @@ void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift
     for (; j + W <= b1; j += W) {
       const WidePack<G> dyp(dy + j);
       const WidePack<X> hp(h + j);
+      VF xf[2];
+      if constexpr (kFromOutput) {
+        Pack<X>::load(h + j, xf[0], xf[1]);
+      }
       for (int k = 0; k < 2; ++k) {
         const int64_t jk = j + k * VF::size();
         VD y0, y1, x0, x1;
         dyp.half(k, y0, y1);
-        hp.half(k, x0, x1);
         if constexpr (kFromOutput) {
-          x0 = (x0 - VD::loadu(beta + jk)) * VD::loadu(inv_gamma + jk);
-          x1 = (x1 - VD::loadu(beta + jk + S)) * VD::loadu(inv_gamma + jk + S);
+          widen((xf[k] - VF::loadu(beta + jk)) * VF::loadu(inv_gamma + jk), x0, x1);
+        } else {
+          hp.half(k, x0, x1);
         }
         s.add(y0, y1, x0, x1, gm + jk, shift_v, ds + jk, kPartials ? pb + jk : nullptr);
       }
@@ -1268,7 +1272,7 @@ void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift
       const double y = static_cast<double>(to_acc<float>(dy[j]));
       const double g = y * gm[j];
       double d = static_cast<double>(to_acc<float>(h[j])) - shift;
-      if constexpr (kFromOutput) d = (d - beta[j]) * inv_gamma[j];
+      if constexpr (kFromOutput) d = (to_acc<float>(h[j]) - beta[j]) * inv_gamma[j];
       ds[j] = d;
       t[0] += g;
       t[1] = fma_of(g, d, t[1]);
@@ -1364,14 +1368,14 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   FloatBwdArgs<G, X> a;
   a.dy = args.grad_out.const_data_ptr<G>();
   a.dres = args.grad_residual_out.defined() ? args.grad_residual_out.const_data_ptr<X>() : nullptr;
-  std::unique_ptr<double[]> inv_gamma;
-  std::optional<ParamRow<double>> beta;
+  std::unique_ptr<float[]> inv_gamma;
+  std::optional<ParamRow<float>> beta;
   if (args.from_output) {
     a.h = nullptr;
     a.y = args.h.const_data_ptr<G>();
-    inv_gamma = inverse_weight<double>(gamma.get(), N);
+    inv_gamma = inverse_weight<float>(gamma.get(), N);
     a.inv_gamma = inv_gamma.get();
-    beta.emplace(args.beta, N, 0.0);
+    beta.emplace(args.beta, N, 0.0f);
     a.beta = beta->get();
   } else {
     a.h = args.h.const_data_ptr<X>();

@@ -205,14 +205,21 @@ def test_stack_saves_one_tensor_fewer_per_norm(op, post_ln):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS)
 def test_weight_with_zero_keeps_h(op, device):
-    """A weight with a zero leaves out without the normalized values there: the op then
-    keeps h (as without memory_efficient), and the gradients are those of that path,
-    bitwise."""
+    """A weight with a zero leaves out without the normalized values there. CPU (eager):
+    the op then keeps h (as without memory_efficient), and the gradients are those of that
+    path, bitwise. CUDA: the weight is not read (no synchronization); the op keeps out, and
+    the rows' input gradients and that column's weight gradient come out NaN (README)."""
     x, r, w, b, dy = data(op, (5, 24), torch.float32, device)
     with torch.no_grad():
         w[3] = 0.0
     fn_me = lambda: run(op, x, r, w, b, memory_efficient=True)  # noqa: E731
     fn = lambda: run(op, x, r, w, b, memory_efficient=False)  # noqa: E731
+    if device == "cuda":
+        saved_me, out_me = _saved_storages(fn_me, x.numel())
+        assert saved_me == {out_me.untyped_storage().data_ptr()}
+        gx, gw = torch.autograd.grad(out_me, [x, w], dy)
+        assert gx.isnan().all() and gw[3].isnan() and not gw[:3].isnan().any()
+        return
     saved_me, out_me = _saved_storages(fn_me, x.numel())
     saved, out = _saved_storages(fn, x.numel())
     assert len(saved_me) == len(saved) == 1  # h

@@ -151,20 +151,6 @@ def peak_bytes(step, cuda):
     return torch.cuda.max_memory_allocated() - base
 
 
-def graphed(step):
-    """The step captured as a CUDA graph (after warm-up on a side stream); returns replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    return g.replay
-
-
 def run(args):
     cuda = args.device == "cuda"
     models = make_models(args)
@@ -185,7 +171,7 @@ def run(args):
             for _ in range(2):
                 step()  # warm-up (compiles)
             if mode == "graph":
-                step = graphed(step)
+                step = sc.capture_cuda_graph(step).replay
             steps[name] = step
         peak = {n: peak_bytes(s, cuda) for n, s in steps.items()} if mode == "eager" else {}
         times = {n: [] for n in steps}

@@ -113,17 +113,7 @@ def copy_bandwidth(reps=20):
 
 def time_graph(step, flush, k, reps):
     """Median GPU seconds per step: k steps captured in one graph, replayed after a flush."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(k):
-            step()
+    graph = sc.capture_cuda_graph(step, k)
     graph.replay()
     torch.cuda.synchronize()
     times = []

@@ -432,6 +432,23 @@ def minimal_bytes(op: str, M: int, N: int, dtype, wdtype=None, hdtype=None,
     return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd}
 
 
+def capture_cuda_graph(step: Callable, k: int = 1):
+    """k calls of step captured in one CUDA graph, after three warm-up calls on a side
+    stream (allocations and lazy initialization happen outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(k):
+            step()
+    return graph
+
+
 class Clock:
     def __init__(self, device: str):
         self.cuda = device == "cuda"

@@ -1251,16 +1251,19 @@ void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift
     for (; j + W <= b1; j += W) {
       const WidePack<G> dyp(dy + j);
       const WidePack<X> hp(h + j);
-      VF xf[2];
-      if constexpr (kFromOutput) {
-        Pack<X>::load(h + j, xf[0], xf[1]);
-      }
       for (int k = 0; k < 2; ++k) {
         const int64_t jk = j + k * VF::size();
         VD y0, y1, x0, x1;
         dyp.half(k, y0, y1);
         if constexpr (kFromOutput) {
-          widen((xf[k] - VF::loadu(beta + jk)) * VF::loadu(inv_gamma + jk), x0, x1);
+          // y's float lanes: loaded here for float, already converted by hp otherwise
+          VF v;
+          if constexpr (std::is_same_v<X, float>) {
+            v = VF::loadu(h + jk);
+          } else {
+            v = k == 0 ? hp.a : hp.b;
+          }
+          widen((v - VF::loadu(beta + jk)) * VF::loadu(inv_gamma + jk), x0, x1);
         } else {
           hp.half(k, x0, x1);
         }

@@ -5,16 +5,17 @@
 // need_weights=False op for op; the Add & Norm steps run addnorm's fused kernels.
 //
 // Dropout. In eval mode (and with dropout = 0) nothing is dropped and nothing is drawn:
-// results match torch's. In training, the attention-probability dropout (inside
-// scaled_dot_product_attention) and the dropout between linear1 and linear2 are torch's
-// own, called as torch's layer calls them. The residual-branch dropouts that an
-// Add & Norm follows (post-LN: both, x + dropout(sa(x)) and x + dropout(ff(x)); pre-LN: the
-// first) are fused into it: add_layer_norm's dropout, whose keep-mask is a function of a
-// seed drawn from torch's default generator (addnorm::dropout_seed) where torch's layer
-// would draw dropout1's / dropout2's mask. Each element is still kept with probability
-// 1 - p and scaled by 1 / (1 - p), but for the same torch::manual_seed these masks differ
-// from torch's, and so does the generator state after them (the seed draw takes other
-// numbers from the generator than torch's dropout): later torch-side masks differ too.
+// results match torch's. In training every dropout's keep-mask is addnorm's: a function of
+// a seed drawn from torch's default generator (addnorm::dropout_seed) where torch's layer
+// would draw its mask, regenerated in backward instead of kept. The residual-branch
+// dropouts that an Add & Norm follows (post-LN: both, x + dropout(sa(x)) and
+// x + dropout(ff(x)); pre-LN: the first) are fused into it (add_layer_norm's dropout); the
+// others (between linear1 and linear2; pre-LN's second residual branch; on the CPU, for
+// float32/float64, the attention probabilities) are _dropout_apply with a seed of their
+// own (seeded_dropout). On CUDA, and for float16/bfloat16 on the CPU, the attention
+// probabilities are dropped inside torch's scaled_dot_product_attention, as torch's layer
+// does. Each element is kept with probability 1 - p and scaled by 1 / (1 - p), but for the
+// same torch::manual_seed the masks differ from torch's.
 //
 // Memory. In training every float32/float64 norm runs with memory_efficient: its node
 // keeps the norm's output, which the Linear after it keeps anyway (in_proj, linear1, or the
@@ -29,13 +30,17 @@
 #include <string>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/dropout.h>
-#include <ATen/ops/gelu.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/_safe_softmax.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gelu.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/ones.h>
 #include <ATen/ops/relu.h>
 #include <ATen/ops/result_type.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/ScalarType.h>
 #include <torch/library.h>
@@ -72,6 +77,21 @@ void check_shape(const at::Tensor& t, c10::SymIntArrayRef expected, const char* 
 
 void check_opt_shape(const OptTensor& t, c10::SymIntArrayRef expected, const char* name) {
   if (t.has_value()) check_shape(*t, expected, name);
+}
+
+// torch's dropout (nothing drawn or dropped outside training or at p = 0) with addnorm's
+// regenerated keep-mask (_dropout_apply, differentiable): the graph keeps the seed tensor
+// instead of a mask, and backward regenerates the mask from it.
+at::Tensor seeded_dropout(const at::Tensor& x, double p, bool training) {
+  if (!training || p == 0.0) {
+    return x;
+  }
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("addnorm::_dropout_apply", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double,
+                            std::optional<c10::ScalarType>)>();
+  return op.call(x, addnorm::dropout_seed(x.device(), std::nullopt), p, std::nullopt);
 }
 
 // MultiheadAttention self-attention (F.multi_head_attention_forward with need_weights=False)
@@ -136,8 +156,28 @@ at::Tensor self_attention(
       attn_mask = attn_mask->view_symint({N, c10::SymInt(nhead), -1, S});
     }
   }
-  auto out = at::scaled_dot_product_attention(qkv.select(0, 0), qkv.select(0, 1),
-                                              qkv.select(0, 2), attn_mask, dropout_p, is_causal);
+  const auto q = qkv.select(0, 0), k = qkv.select(0, 1), v = qkv.select(0, 2);
+  at::Tensor out;
+  if (dropout_p > 0.0 && x.device().is_cpu() &&
+      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble)) {
+    // What scaled_dot_product_attention does here (its math path: the CPU kernels take no
+    // dropout), op for op, with the regenerated-mask dropout for the attention
+    // probabilities: torch's keeps a float mask as large as them for backward.
+    const double sqrt_scale = std::sqrt(1.0 / std::sqrt(static_cast<double>(
+                                                  q.sym_size(3).guard_int(__FILE__, __LINE__))));
+    auto scores = at::matmul(q * sqrt_scale, k.transpose(-2, -1) * sqrt_scale);
+    if (is_causal) {
+      const auto keep = at::ones_symint({S, S}, x.options().dtype(at::kBool)).tril();
+      attn_mask = at::zeros_symint({S, S}, x.options())
+                      .masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity());
+    }
+    if (attn_mask.has_value()) {
+      scores.add_(*attn_mask);
+    }
+    out = at::matmul(seeded_dropout(at::_safe_softmax(scores, -1), dropout_p, true), v);
+  } else {
+    out = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal);
+  }
   // [N, nhead, S, head_dim] -> x's layout (a view when the kernel wrote it so).
   out = batch_first ? out.transpose(1, 2).reshape_symint({N, S, E})
                     : out.permute({2, 0, 1, 3}).reshape_symint({S, N, E});
@@ -239,7 +279,7 @@ at::Tensor transformer_encoder_layer_impl(
     } else {
       h = gelu ? at::gelu_(h) : at::relu_(h);
     }
-    return at::linear(at::dropout(h, dropout, training), linear2_weight, linear2_bias);
+    return at::linear(seeded_dropout(h, dropout, training), linear2_weight, linear2_bias);
   };
   // The residual-branch dropouts fused into add_layer_norm: only in training (0 draws no
   // seed and drops nothing, the eval path). The norms keep their outputs, not h, in
@@ -274,7 +314,7 @@ at::Tensor transformer_encoder_layer_impl(
         /*residual_in_fp32=*/false, residual_p, std::nullopt, lean(sa));
     // No norm follows the second residual add inside the layer: nothing to fuse its
     // dropout with, so it stays torch's.
-    return h.add(at::dropout(ff_block(n2), dropout, training));
+    return h.add(seeded_dropout(ff_block(n2), dropout, training));
   }
   // x = norm1(x + dropout(sa(x))); x = norm2(x + dropout(ff(x))).
   const auto [sa, x0] = promoted(sa_block(src), src);

@@ -510,10 +510,62 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
   return {out, h_returned};
 }
 
+// _dropout_apply as a differentiable dropout (the encoder layer's attention and
+// feed-forward dropouts): out = input * mask * scale is linear in input, so the node keeps
+// only the seed tensor and its backward applies the regenerated mask to the gradient.
+class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& seed,
+                            double p, std::optional<c10::ScalarType> dtype) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({seed});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["input_dtype"] = static_cast<int64_t>(input.scalar_type());
+    return dropout_apply_op().call(input, seed, p, dtype);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["input_dtype"].toInt());
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_input;
+    if (grad.defined()) {
+      // float16/bfloat16 output of float32 input: the gradient is widened first (the op
+      // makes float16/bfloat16 only out of float32).
+      grad_input = dropout_input_grad(grad.to(dtype), ctx->get_saved_variables()[0],
+                                      ctx->saved_data["p"].toDouble(), dtype);
+    }
+    return {grad_input, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& seed, double p,
+                                  std::optional<c10::ScalarType> dtype) {
+  check_input_defined(input);
+  TORCH_CHECK(!inside_functorch_transform(),
+              "addnorm: the regenerated-mask dropout (_dropout_apply, which "
+              "addnorm.TransformerEncoderLayer uses in training) is not supported inside "
+              "torch.func transforms (grad, vmap, jacrev, ...)");
+  at::Tensor out;
+  if (input.requires_grad()) {
+    c10::AutoFwGradMode no_fw_grad(false);  // the tangent is set below
+    out = DropoutFunction::apply(input, seed, p, dtype);
+  } else {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = dropout_apply_op().call(input, seed, p, dtype);
+  }
+  if (isFwGradDefined(input)) {
+    const at::Tensor t_input = input._fw_grad(/*level=*/0);
+    out._set_fw_grad(dropout_apply_op().call(t_input, seed, p, dtype), /*level=*/0,
+                     /*is_inplace_op=*/false);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(addnorm, Autograd, m) {
   register_public_norm_ops<&norm_autograd>(m);
+  m.impl("_dropout_apply", &dropout_apply_autograd);
 }
 
 }  // namespace addnorm

@@ -1,6 +1,7 @@
 // addnorm::TransformerEncoderLayer from C++: Python's parameter names, options, forward and
 // backward through the transformer_encoder_layer op.
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -18,9 +19,10 @@ std::vector<std::string> names_of(const torch::nn::Module& m) {
 }
 
 // The layer written out with ATen ops (post-LN, relu, no mask). With dropout p > 0 it draws
-// from the default generator in the layer's order: attention dropout (torch's), the seed of
-// the first residual dropout (addnorm's fused dropout: the mask of addnorm::dropout_seed),
-// the dropout after the activation (torch's), the seed of the second residual dropout.
+// from the default generator in the layer's order, each dropout's mask being that of a seed
+// (addnorm::dropout_seed, addnorm::dropout_mask): the attention probabilities (x is a CPU
+// float32 tensor), the first residual branch (fused in the layer), after the activation,
+// the second residual branch (fused).
 torch::Tensor reference_post_ln(
     addnorm::TransformerEncoderLayerImpl& l, const torch::Tensor& x, double p = 0.0) {
   const auto E = l.options.d_model(), H = l.options.nhead();
@@ -28,18 +30,20 @@ torch::Tensor reference_post_ln(
   auto qkv = torch::nn::functional::linear(x, l.self_attn->in_proj_weight, l.self_attn->in_proj_bias)
                  .chunk(3, -1);
   auto heads = [&](const torch::Tensor& t) { return t.reshape({S, N, H, E / H}).permute({1, 2, 0, 3}); };
-  auto a = at::scaled_dot_product_attention(heads(qkv[0]), heads(qkv[1]), heads(qkv[2]), {}, p);
-  a = l.self_attn->out_proj(a.permute({2, 0, 1, 3}).reshape({S, N, E}));
-  auto residual_dropout = [p](const torch::Tensor& t) {
+  auto dropout = [p](const torch::Tensor& t) {
     if (p == 0.0) return t;
     const auto mask = addnorm::dropout_mask(addnorm::dropout_seed(t.device()), t.sizes(), p);
     return t * mask / (1.0 - p);
   };
+  const auto scores =
+      at::matmul(heads(qkv[0]), heads(qkv[1]).transpose(-2, -1)) / std::sqrt(double(E / H));
+  auto a = at::matmul(dropout(at::softmax(scores, -1)), heads(qkv[2]));
+  a = l.self_attn->out_proj(a.permute({2, 0, 1, 3}).reshape({S, N, E}));
   auto h = at::layer_norm(
-      x + residual_dropout(a), {E}, l.norm1->weight, l.norm1->bias, l.options.layer_norm_eps());
-  auto f = l.linear2(at::dropout(torch::relu(l.linear1(h)), p, /*train=*/true));
+      x + dropout(a), {E}, l.norm1->weight, l.norm1->bias, l.options.layer_norm_eps());
+  auto f = l.linear2(dropout(torch::relu(l.linear1(h))));
   return at::layer_norm(
-      h + residual_dropout(f), {E}, l.norm2->weight, l.norm2->bias, l.options.layer_norm_eps());
+      h + dropout(f), {E}, l.norm2->weight, l.norm2->bias, l.options.layer_norm_eps());
 }
 
 // The gradients of y and ref for the same cotangent, with respect to the layer's
@@ -136,8 +140,8 @@ TEST(TransformerEncoderLayer, ForwardBackwardMatchReference) {
 }
 
 TEST(TransformerEncoderLayer, TrainingDropoutMatchesReferenceFromItsMasks) {
-  // The residual dropouts are fused (masks of seeds the layer draws from torch's generator),
-  // so torch's layer does not give the same masks for the same seed; the reference that
+  // Every dropout's mask is that of a seed the layer draws from torch's generator, so
+  // torch's layer does not give the same masks for the same seed; the reference that
   // replays the generator in the layer's order and applies those seeds' masks does.
   torch::manual_seed(3);
   const double p = 0.3;

@@ -6,11 +6,13 @@ reference.py (one module, also used by the self-check of the main job,
 benchmarks/selfcheck.py); the names the test files import from here are re-exported.
 """
 
+import functools
 import os
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -130,11 +132,11 @@ def check_add_norm_against_reference(rms, x, residual, normalized_shape, weight,
 # --------------------------------------------------------------------------- encoder layers
 
 
-class ResidualDropoutFromSeed(torch.nn.Module):
-    """Stands in for torch's dropout1 / dropout2 in a reference nn.TransformerEncoderLayer:
-    in training draws a seed from the default generator (addnorm.dropout_seed, the draw of
-    addnorm's fused residual dropout) and applies its mask (addnorm.dropout_mask),
-    x * mask / (1 - p); the masks it used are kept in .masks."""
+class DropoutFromSeed(torch.nn.Module):
+    """Stands in for a torch dropout in a reference nn.TransformerEncoderLayer: in training
+    draws a seed from the default generator (addnorm.dropout_seed, the draw of each of
+    addnorm's dropouts) and applies its mask (addnorm.dropout_mask), x * mask / (1 - p);
+    the masks it used are kept in .masks."""
 
     def __init__(self, p):
         super().__init__()
@@ -150,15 +152,54 @@ class ResidualDropoutFromSeed(torch.nn.Module):
         return x * mask / (1 - self.p)
 
 
-def with_fused_residual_dropouts(model):
-    """model's torch nn.TransformerEncoderLayers (in place) with the residual dropouts that
-    addnorm.TransformerEncoderLayer fuses into its Add & Norm (dropout1, and dropout2 for
-    post-LN) replaced by ResidualDropoutFromSeed: from the same torch.manual_seed the model
-    then draws what the addnorm model draws, in the same order, and applies the same masks.
-    Returns model."""
+def _self_attention_from_seed(mha, drop, query, key, value, key_padding_mask=None,
+                              need_weights=True, attn_mask=None, average_attn_weights=True,
+                              is_causal=False):
+    """nn.MultiheadAttention.forward for a reference layer's self-attention: in training with
+    dropout, on the CPU in float32/float64, the attention written out as torch's
+    scaled_dot_product_attention math path computes it (q and k each scaled by
+    head_dim ** -0.25, the additive mask, softmax with fully masked rows 0), its
+    probabilities dropped by drop (a DropoutFromSeed); otherwise torch's module."""
+    if not (mha.training and mha.dropout > 0 and query.device.type == "cpu"
+            and query.dtype in (torch.float32, torch.float64)):
+        return type(mha).forward(mha, query, key, value, key_padding_mask, need_weights,
+                                 attn_mask, average_attn_weights, is_causal)
+    assert query is key is value and not need_weights
+    x = query.unsqueeze(1) if query.dim() == 2 else query
+    x = x.transpose(0, 1) if mha.batch_first and query.dim() == 3 else x  # [S, N, E]
+    s, n, e = x.shape
+    h = mha.num_heads
+    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(s, n, 3, h, e // h).permute(
+        2, 1, 3, 0, 4)
+    mask = torch.zeros(n, h, s, s, dtype=x.dtype)
+    if is_causal and key_padding_mask is None:
+        mask = mask.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    else:
+        if attn_mask is not None:
+            mask = mask + attn_mask.view(-1, h, s, s) if attn_mask.dim() == 3 else mask + attn_mask
+        if key_padding_mask is not None:
+            mask = mask + key_padding_mask.view(n, 1, 1, s)
+    sq = (e // h) ** -0.25
+    scores = (q * sq) @ (k.transpose(-2, -1) * sq) + mask
+    probs = torch.softmax(scores, -1).masked_fill(scores.isneginf().all(-1, keepdim=True), 0.0)
+    out = (drop(probs) @ v).permute(2, 0, 1, 3).reshape(s, n, e)
+    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+    out = out.transpose(0, 1) if mha.batch_first and query.dim() == 3 else out
+    return (out.squeeze(1) if query.dim() == 2 else out), None
+
+
+def with_addnorm_dropouts(model):
+    """model's torch nn.TransformerEncoderLayers (in place) with every dropout drawing as
+    addnorm.TransformerEncoderLayer does: dropout1, dropout2 and the feed-forward dropout
+    become DropoutFromSeed, and the self-attention drops its probabilities with one
+    (_self_attention_from_seed). From the same torch.manual_seed the model then draws what
+    the addnorm model draws, in the same order, and applies the same masks. Returns model."""
     for m in model.modules():
         if type(m) is torch.nn.TransformerEncoderLayer:
-            m.dropout1 = ResidualDropoutFromSeed(m.dropout1.p)
-            if not m.norm_first:
-                m.dropout2 = ResidualDropoutFromSeed(m.dropout2.p)
+            m.dropout1 = DropoutFromSeed(m.dropout1.p)
+            m.dropout2 = DropoutFromSeed(m.dropout2.p)
+            m.dropout = DropoutFromSeed(m.dropout.p)
+            m.attention_dropout = DropoutFromSeed(m.self_attn.dropout)
+            m.self_attn.forward = functools.partial(_self_attention_from_seed, m.self_attn,
+                                                    m.attention_dropout)
     return model

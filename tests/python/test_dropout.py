@@ -281,6 +281,58 @@ def test_functorch_transforms_refuse_dropout_clearly():
             x, None, [8], dropout_p=0.5, dropout_seed=seed)[0].sum())(x)
 
 
+# ------------------------------------------------- the separate dropout (_dropout_apply)
+#
+# addnorm.TransformerEncoderLayer drops its attention probabilities and feed-forward
+# activations with _dropout_apply: out = input * mask / (1 - p), differentiable, its graph
+# node keeping the seed tensor only.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.float64, None), (torch.float32, None),
+                                    (torch.bfloat16, None), (torch.float32, torch.bfloat16)],
+                         ids=["float64", "float32", "bfloat16", "float32_to_bfloat16"])
+def test_dropout_apply_gradient_is_the_mask(dtypes, device):
+    """out = input * (mask * scale), scale = 1 / (1 - p) in the compute type (float32, or
+    float64 for float64), and the input's gradient is grad * (mask * scale), in the input's
+    dtype (mask from addnorm.dropout_mask), bitwise; the node keeps no tensor but the seed."""
+    x_dtype, out_dtype = dtypes
+    seed = addnorm.dropout_seed(device)
+    x = make_data((5, 37), x_dtype, device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = torch.ops.addnorm._dropout_apply(x, seed, 0.3, out_dtype)
+    assert len(saved) == 1 and saved[0] is seed
+    acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+    factor = addnorm.dropout_mask(seed, [5, 37], 0.3).to(acc) * torch.tensor(1 / 0.7, dtype=acc)
+    expected = (x.detach().to(acc) * factor).to(out_dtype or x_dtype)
+    assert out.dtype == (out_dtype or x_dtype) and torch.equal(out, expected)
+    g = make_data((5, 37), out.dtype, device)
+    (gx,) = torch.autograd.grad(out, [x], g)
+    assert gx.dtype == x_dtype
+    assert torch.equal(gx, (g.to(acc) * factor).to(x_dtype))
+
+
+def test_dropout_apply_gradcheck_gradgradcheck_and_tangent():
+    """float64 first and second derivatives; the forward-mode tangent is the tangent dropped
+    with the same mask; torch.func transforms are refused clearly."""
+    seed = addnorm.dropout_seed("cpu")
+    x = make_data((3, 10), torch.float64, "cpu", requires_grad=True)
+
+    def fn(x):
+        return torch.ops.addnorm._dropout_apply(x, seed, 0.5)
+
+    assert gradcheck(fn, (x,))
+    assert gradgradcheck(fn, (x,))
+    import torch.autograd.forward_ad as fwAD
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fn(fwAD.make_dual(x.detach(), t))).tangent
+    assert torch.equal(tangent, addnorm.dropout_mask(seed, [3, 10], 0.5) * t / 0.5)
+    with pytest.raises(RuntimeError, match="not supported inside torch.func transforms"):
+        torch.func.grad(lambda x: fn(x).sum())(x.detach())
+
+
 # --------------------------------------------------------------------------- re-running
 
 

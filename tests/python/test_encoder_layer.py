@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import addnorm
-from conftest import with_fused_residual_dropouts
+from conftest import DropoutFromSeed, with_addnorm_dropouts
 
 E, H, FF, S, N = 16, 4, 32, 5, 3
 
@@ -224,14 +224,15 @@ def test_wrong_src_width_blames_src():
 
 # --------------------------------------------------------------------------- dropout
 #
-# In training the residual-branch dropouts that an Add & Norm follows (post-LN: both;
-# pre-LN: the first) run fused in add_layer_norm, with a keep-mask from a seed the layer
-# draws from torch's generator: for the same torch.manual_seed their masks differ from
-# torch's, so training with dropout is compared three ways. (1) With dropout 0 every parity
-# test above runs in training mode (modules start in it) against torch's layer, results and
+# In training every dropout of the layer draws a seed from torch's generator and drops with
+# addnorm's mask of it (the residual-branch dropouts that an Add & Norm follows fused into
+# it; the attention-probability and feed-forward dropouts as separate ops whose backward
+# regenerates the mask): for the same torch.manual_seed the masks differ from torch's, so
+# training with dropout is compared three ways. (1) With dropout 0 every parity test above
+# runs in training mode (modules start in it) against torch's layer, results and
 # gradients. (2) Statistics of the dropped residual contributions and the RNG behaviour.
-# (3) Against torch's layer whose residual dropouts apply the masks of the seeds the layer
-# drew, found by replaying the default generator.
+# (3) Against torch's layer whose dropouts apply the masks of the seeds the layer drew,
+# found by replaying the default generator (conftest.with_addnorm_dropouts).
 
 
 def test_eval_and_zero_dropout_take_the_no_dropout_path():
@@ -335,28 +336,59 @@ def test_residual_dropout_statistics(norm_first, branch, p):
 @pytest.mark.parametrize("variant", ["relu_bias_float32", "gelu_no_bias_float64"])
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
-def test_dropout_matches_torch_with_the_layers_masks(batch_first, norm_first, variant):
-    """Training with dropout 0.3 against a reference built from the masks the layer used.
-    The reference is torch's nn.TransformerEncoderLayer (same weights) whose fused residual
-    dropouts (dropout1 and, post-LN, dropout2) are replaced by ResidualDropoutFromSeed
-    (conftest.with_fused_residual_dropouts); its attention and linear1 dropouts stay torch's. Both runs start from the same
-    torch.manual_seed and consume the default generator in the same order (attention
-    dropout, residual seed, linear1 dropout, residual seed (post-LN) or torch's dropout2
-    (pre-LN)), so the reference draws the same torch masks and the same seeds: outputs and
-    every gradient (backward regenerates the layer's masks from its seeds) must agree as in
-    the dropout-free parity tests."""
+@pytest.mark.parametrize("mask", ["both", "causal", "3d"])
+def test_dropout_matches_torch_with_the_layers_masks(mask, batch_first, norm_first, variant):
+    """Training with dropout 0.3 against a reference built from the masks the layer used:
+    torch's nn.TransformerEncoderLayer (same weights) whose dropouts are replaced by ones
+    drawing addnorm's seeds (conftest.with_addnorm_dropouts: the residual dropouts, the
+    feed-forward dropout, and the attention probabilities' dropout inside a written-out
+    attention). Both runs start from the same torch.manual_seed and draw in the same order
+    (attention, residual 1, feed-forward, residual 2), so they apply the same masks:
+    outputs and every gradient (backward regenerates the layer's masks from its seeds) must
+    agree as in the dropout-free parity tests."""
     act, bias, dtype = {"relu_bias_float32": ("relu", True, torch.float32),
                         "gelu_no_bias_float64": ("gelu", False, torch.float64)}[variant]
     p = 0.3
     ref, ours = _pair(dtype=dtype, dropout=p, activation=act, bias=bias, norm_first=norm_first,
                       batch_first=batch_first)
-    with_fused_residual_dropouts(ref)
-    _check_parity(ref, ours, _src(batch_first, dtype), *_masks("both", dtype),
+    with_addnorm_dropouts(ref)
+    _check_parity(ref, ours, _src(batch_first, dtype), *_masks(mask, dtype),
                   rtol=1e-5 if dtype == torch.float32 else 1e-12, seed=2024)
-    masks = ref.dropout1.masks + (ref.dropout2.masks if not norm_first else [])
-    assert len(masks) == (1 if norm_first else 2)
-    for mask in masks:
-        assert not mask.all() and mask.any(), "a residual mask kept or dropped everything"
+    drops = [ref.attention_dropout, ref.dropout1, ref.dropout, ref.dropout2]
+    assert [len(d.masks) for d in drops] == [1, 1, 1, 1]
+    for d in drops:
+        assert not d.masks[0].all() and d.masks[0].any(), "a mask kept or dropped everything"
+
+
+def test_attention_and_feed_forward_dropouts_keep_no_mask():
+    """The attention-probability and feed-forward dropouts keep their seeds, not masks or
+    dropped copies, for backward: a training step with dropout keeps no tensor of the
+    attention probabilities' shape beyond what the dropout-free step keeps (softmax's output
+    and the dropped probabilities for the product with v), and no bool or mask-sized
+    feed-forward tensor either; torch's layer keeps a float mask of the probabilities on top."""
+    torch.manual_seed(0)
+    e, h, ff, s, n = 32, 4, 64, 9, 3
+
+    def saved(layer, p):
+        layer.dropout.p = layer.dropout1.p = layer.dropout2.p = p
+        layer.self_attn.dropout = p
+        shapes = []
+
+        def pack(t):
+            shapes.append(tuple(t.shape))
+            return t
+
+        x = torch.randn(s, n, e, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        return [sh for sh in shapes if sh == (n, h, s, s)], [sh for sh in shapes if sh[-1] == ff]
+
+    theirs = nn.TransformerEncoderLayer(e, h, ff).train()
+    ours = addnorm.replace_modules(copy.deepcopy(theirs)).train()
+    (attn_0, ff_0), (attn_p, ff_p) = saved(ours, 0.0), saved(ours, 0.2)
+    assert len(attn_p) == len(attn_0) + 1 and len(ff_p) == len(ff_0), (attn_0, attn_p, ff_0, ff_p)
+    their_attn, their_ff = saved(theirs, 0.2)
+    assert len(their_attn) == len(attn_p) + 1 and len(their_ff) > len(ff_p), (their_attn, attn_p)
 
 
 # --------------------------------------------------------------------------- C++ module

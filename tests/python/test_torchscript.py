@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import addnorm
-from conftest import DEVICES, ResidualDropoutFromSeed, with_fused_residual_dropouts
+from conftest import DEVICES, DropoutFromSeed, with_addnorm_dropouts
 
 E, H, FF, S, N = 16, 4, 32, 5, 3
 
@@ -341,11 +341,11 @@ def _model_inputs(dtype=torch.float32):
 def test_replace_modules_keeps_model_scriptable():
     """A scriptable torch model stays scriptable after replace_modules; the scripted model runs
     only addnorm's norm ops and equals the eager converted model (and torch's, in float64:
-    in training torch's model with the masks of the fused residual dropouts, see
-    conftest.with_fused_residual_dropouts)."""
+    in training torch's model with the masks of addnorm's dropouts, see
+    conftest.with_addnorm_dropouts)."""
     model = _randomize(_TorchModel()).double()
     torch.jit.script(model)  # scriptable before
-    ref = with_fused_residual_dropouts(copy.deepcopy(model))
+    ref = with_addnorm_dropouts(copy.deepcopy(model))
     addnorm.replace_modules(model)
     s = torch.jit.script(model)
     ops = _ops_in(s)
@@ -361,8 +361,8 @@ def test_replace_modules_keeps_model_scriptable():
         torch.manual_seed(1)
         b = s(x, padding)
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
-    # One fused residual dropout per (pre-LN) layer, in the training run.
-    assert [len(m.masks) for m in ref.modules() if isinstance(m, ResidualDropoutFromSeed)] == [1, 1]
+    # Four dropouts per layer (attention, two residual, feed-forward), in the training run.
+    assert [len(m.masks) for m in ref.modules() if isinstance(m, DropoutFromSeed)] == [1] * 8
 
 
 def test_save_load_roundtrip(tmp_path):

@@ -2,8 +2,8 @@
 Add & Norm steps run addnorm's fused kernels. It subclasses torch's layer (constructor,
 submodules, parameters, state_dict keys, isinstance are torch's); forward runs the op
 torch.ops.addnorm.transformer_encoder_layer, torch's layer op for op, except that in
-training the residual dropouts before a norm are fused into it, with masks of addnorm's
-seeds (not torch's masks for the same torch.manual_seed; see the README).
+training every dropout's mask comes from a seed of addnorm's (the residual dropouts before
+a norm fused into it; not torch's masks for the same torch.manual_seed; see the README).
 
 torch.jit.script compiles it: the scripted forward takes the activation from torch's
 ``activation_relu_or_gelu`` attribute (checked against ``activation`` when the layer is

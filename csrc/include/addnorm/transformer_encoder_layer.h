@@ -4,9 +4,10 @@
 // torch.nn.TransformerEncoderLayer (same options, same math, same parameter names, so
 // weights move between the two), with every Add & Norm through the fused ops. The math
 // lives once, in the addnorm::transformer_encoder_layer op; the module holds parameters.
-// In training the residual-branch dropouts that an Add & Norm follows run fused in it,
-// with masks of seeds drawn from torch's generator (not torch's masks for the same
-// torch::manual_seed); see csrc/modules/transformer_encoder_layer.cpp.
+// In training every dropout's mask is a function of a seed drawn from torch's generator
+// (not torch's masks for the same torch::manual_seed), regenerated in backward; the
+// residual-branch dropouts that an Add & Norm follows run fused in it. See
+// csrc/modules/transformer_encoder_layer.cpp.
 
 #include <optional>
 #include <ostream>

@@ -151,7 +151,7 @@ __device__ __forceinline__ void apply_dropout(const int64_t* __restrict__ seed,
       bits = dropout_bits(k, static_cast<uint64_t>(e) >> 2);
     }
     const uint32_t b = q == 0 ? bits[0] : q == 1 ? bits[1] : q == 2 ? bits[2] : bits[3];
-    v[j] = dropout_keep(k, b) ? v[j] * scale : A(0);
+    v[j] = v[j] * (dropout_keep(k, b) ? scale : A(0));  // a dropped inf gives NaN, as torch's
   }
 }
 
@@ -1238,7 +1238,7 @@ __global__ void dropout_apply_kernel(const In* __restrict__ in, Out* __restrict_
       const int64_t e = g * 4 + q;
       if (e < n) {
         const A v = static_cast<A>(in[e]);
-        out[e] = static_cast<Out>(dropout_keep(k, bits[q]) ? v * scale : A(0));
+        out[e] = static_cast<Out>(v * (dropout_keep(k, bits[q]) ? scale : A(0)));
       }
     }
   }

@@ -9,7 +9,8 @@
 // checkpointing and any recompute regenerate it, and nothing is stored.
 // Element e (the row-major index in the input's logical shape) is kept when output e % 4
 // of Philox4x32-10(key, counter = (offset, e / 4)) is below threshold = (1 - p) * 2^32;
-// kept elements are scaled by 1 / (1 - p), dropped ones become 0 (p = 1 drops everything).
+// kept elements are multiplied by 1 / (1 - p), dropped ones by 0 (a dropped inf or NaN gives
+// NaN, as torch's dropout product does; p = 1 drops everything).
 
 #include <cmath>
 #include <cstdint>

@@ -250,6 +250,25 @@ def test_p0_is_the_no_dropout_path_and_p1_gives_the_residual(dtype, device):
     assert torch.count_nonzero(gr) > 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropped_inf_and_nan_give_nan_as_torch_dropout(device):
+    """Dropout is x * mask * scale, as F.dropout's product: a dropped inf gives NaN, not 0,
+    in _dropout_apply and in the fused h = dropout(x) + r, on every device."""
+    seed = addnorm.dropout_seed(device)
+    x = torch.full((4, 64), float("inf"), device=device)
+    x[:, ::3] = float("nan")
+    x[:, 1::3] = -float("inf")
+    factor = addnorm.dropout_mask(seed, [4, 64], 0.5).float() * 2.0
+    assert (factor == 0).any() and (factor != 0).any()
+    expected = x * factor
+    out = torch.ops.addnorm._dropout_apply(x, seed, 0.5)
+    _, h = torch.ops.addnorm.add_layer_norm(x, torch.zeros_like(x), [64], dropout_p=0.5,
+                                            dropout_seed=seed)
+    for got in (out, h):
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
 def test_bad_probability_is_refused(p):
     x = torch.randn(2, 8)

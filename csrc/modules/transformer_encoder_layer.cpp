@@ -12,8 +12,8 @@
 // x + dropout(ff(x)); pre-LN: the first) are fused into it (add_layer_norm's dropout); the
 // others (between linear1 and linear2; pre-LN's second residual branch; on the CPU, for
 // float32/float64, the attention probabilities) are _dropout_apply with a seed of their
-// own (seeded_dropout). On CUDA, and for float16/bfloat16 on the CPU, the attention
-// probabilities are dropped inside torch's scaled_dot_product_attention, as torch's layer
+// own (seeded_dropout). On CUDA, and for float16/bfloat16 q, k, v on the CPU (autocast
+// included), the attention probabilities are dropped inside torch's scaled_dot_product_attention, as torch's layer
 // does. Each element is kept with probability 1 - p and scaled by 1 / (1 - p), but for the
 // same torch::manual_seed the masks differ from torch's.
 //
@@ -29,6 +29,7 @@
 #include <limits>
 #include <string>
 
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/_safe_softmax.h>
@@ -158,8 +159,9 @@ at::Tensor self_attention(
   }
   const auto q = qkv.select(0, 0), k = qkv.select(0, 1), v = qkv.select(0, 2);
   at::Tensor out;
-  if (dropout_p > 0.0 && x.device().is_cpu() &&
-      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble)) {
+  // (q's dtype, not x's: under autocast the projection returns float16/bfloat16.)
+  if (dropout_p > 0.0 && q.device().is_cpu() &&
+      (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble)) {
     // What scaled_dot_product_attention does here (its math path: the CPU kernels take no
     // dropout), op for op, with the regenerated-mask dropout for the attention
     // probabilities: torch's keeps a float mask as large as them for backward.
@@ -172,7 +174,8 @@ at::Tensor self_attention(
                       .masked_fill(keep.logical_not(), -std::numeric_limits<double>::infinity());
     }
     if (attn_mask.has_value()) {
-      scores.add_(*attn_mask);
+      scores = at::areAnyTensorSubclassLike({scores, *attn_mask}) ? scores.add(*attn_mask)
+                                                                   : scores.add_(*attn_mask);
     }
     out = at::matmul(seeded_dropout(at::_safe_softmax(scores, -1), dropout_p, true), v);
   } else {
@@ -313,7 +316,7 @@ at::Tensor transformer_encoder_layer_impl(
         sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true,
         /*residual_in_fp32=*/false, residual_p, std::nullopt, lean(sa));
     // No norm follows the second residual add inside the layer: nothing to fuse its
-    // dropout with, so it stays torch's.
+    // dropout with, so it is a pass of its own (seeded_dropout).
     return h.add(seeded_dropout(ff_block(n2), dropout, training));
   }
   // x = norm1(x + dropout(sa(x))); x = norm2(x + dropout(ff(x))).

@@ -152,48 +152,38 @@ class DropoutFromSeed(torch.nn.Module):
         return x * mask / (1 - self.p)
 
 
-def _self_attention_from_seed(mha, drop, query, key, value, key_padding_mask=None,
-                              need_weights=True, attn_mask=None, average_attn_weights=True,
-                              is_causal=False):
-    """nn.MultiheadAttention.forward for a reference layer's self-attention: in training with
-    dropout, on the CPU in float32/float64, the attention written out as torch's
-    scaled_dot_product_attention math path computes it (q and k each scaled by
-    head_dim ** -0.25, the additive mask, softmax with fully masked rows 0), its
-    probabilities dropped by drop (a DropoutFromSeed); otherwise torch's module."""
-    if not (mha.training and mha.dropout > 0 and query.device.type == "cpu"
-            and query.dtype in (torch.float32, torch.float64)):
-        return type(mha).forward(mha, query, key, value, key_padding_mask, need_weights,
-                                 attn_mask, average_attn_weights, is_causal)
-    assert query is key is value and not need_weights
-    x = query.unsqueeze(1) if query.dim() == 2 else query
-    x = x.transpose(0, 1) if mha.batch_first and query.dim() == 3 else x  # [S, N, E]
-    s, n, e = x.shape
-    h = mha.num_heads
-    q, k, v = F.linear(x, mha.in_proj_weight, mha.in_proj_bias).view(s, n, 3, h, e // h).permute(
-        2, 1, 3, 0, 4)
-    mask = torch.zeros(n, h, s, s, dtype=x.dtype)
-    if is_causal and key_padding_mask is None:
-        mask = mask.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
-    else:
-        if attn_mask is not None:
-            mask = mask + attn_mask.view(-1, h, s, s) if attn_mask.dim() == 3 else mask + attn_mask
-        if key_padding_mask is not None:
-            mask = mask + key_padding_mask.view(n, 1, 1, s)
-    sq = (e // h) ** -0.25
-    scores = (q * sq) @ (k.transpose(-2, -1) * sq) + mask
-    probs = torch.softmax(scores, -1).masked_fill(scores.isneginf().all(-1, keepdim=True), 0.0)
-    out = (drop(probs) @ v).permute(2, 0, 1, 3).reshape(s, n, e)
-    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
-    out = out.transpose(0, 1) if mha.batch_first and query.dim() == 3 else out
-    return (out.squeeze(1) if query.dim() == 2 else out), None
+def _self_attention_from_seed(mha, drop, *args, **kwargs):
+    """nn.MultiheadAttention.forward for a reference layer's self-attention: torch's module,
+    with, in training with dropout on the CPU for float32/float64 q, k, v, its
+    scaled_dot_product_attention replaced by torch's own math path
+    (aten._scaled_dot_product_attention_math) given the mask of a seed drawn where addnorm's
+    layer draws it (recorded in drop.masks; drop is a DropoutFromSeed)."""
+    torch_sdpa = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if dropout_p == 0.0 or q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+            return torch_sdpa(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        mask = addnorm.dropout_mask(addnorm.dropout_seed(q.device), list(q.shape[:-1]) + [k.shape[-2]],
+                                    dropout_p)
+        drop.masks.append(mask)
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, attn_mask, dropout_p, is_causal, dropout_mask=mask, scale=scale)[0]
+
+    F.scaled_dot_product_attention = sdpa  # what F.multi_head_attention_forward calls
+    try:
+        return type(mha).forward(mha, *args, **kwargs)
+    finally:
+        F.scaled_dot_product_attention = torch_sdpa
 
 
 def with_addnorm_dropouts(model):
     """model's torch nn.TransformerEncoderLayers (in place) with every dropout drawing as
     addnorm.TransformerEncoderLayer does: dropout1, dropout2 and the feed-forward dropout
-    become DropoutFromSeed, and the self-attention drops its probabilities with one
-    (_self_attention_from_seed). From the same torch.manual_seed the model then draws what
-    the addnorm model draws, in the same order, and applies the same masks. Returns model."""
+    become DropoutFromSeed, and the self-attention drops its probabilities in torch's math
+    attention with the mask of a seed (_self_attention_from_seed; the masks are recorded in
+    the layer's attention_dropout.masks). From the same torch.manual_seed the model then
+    draws what the addnorm model draws, in the same order, and applies the same masks.
+    Returns model."""
     for m in model.modules():
         if type(m) is torch.nn.TransformerEncoderLayer:
             m.dropout1 = DropoutFromSeed(m.dropout1.p)

@@ -72,6 +72,10 @@ def _masks(kind, dtype=torch.float32, n=N, s=S):
         return causal, None, True
     if kind == "causal_padding":
         return causal, kpm, True
+    if kind == "full_padding":  # every key of the second sequence padded: fully masked rows
+        full = kpm.clone()
+        full[1] = True
+        return None, full, False
     raise AssertionError(kind)
 
 
@@ -336,16 +340,17 @@ def test_residual_dropout_statistics(norm_first, branch, p):
 @pytest.mark.parametrize("variant", ["relu_bias_float32", "gelu_no_bias_float64"])
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("mask", ["both", "causal", "3d"])
+@pytest.mark.parametrize("mask", ["both", "causal", "causal_padding", "3d", "full_padding"])
 def test_dropout_matches_torch_with_the_layers_masks(mask, batch_first, norm_first, variant):
     """Training with dropout 0.3 against a reference built from the masks the layer used:
     torch's nn.TransformerEncoderLayer (same weights) whose dropouts are replaced by ones
     drawing addnorm's seeds (conftest.with_addnorm_dropouts: the residual dropouts, the
-    feed-forward dropout, and the attention probabilities' dropout inside a written-out
-    attention). Both runs start from the same torch.manual_seed and draw in the same order
-    (attention, residual 1, feed-forward, residual 2), so they apply the same masks:
-    outputs and every gradient (backward regenerates the layer's masks from its seeds) must
-    agree as in the dropout-free parity tests."""
+    feed-forward dropout, and the attention probabilities' dropout inside torch's own math
+    attention, given that mask). Both runs start from the same torch.manual_seed and draw in
+    the same order (attention, residual 1, feed-forward, residual 2), so they apply the same
+    masks: outputs and every gradient (backward regenerates the layer's masks from its
+    seeds) must agree as in the dropout-free parity tests. full_padding has fully masked
+    attention rows (their probabilities are 0, as in torch's math path)."""
     act, bias, dtype = {"relu_bias_float32": ("relu", True, torch.float32),
                         "gelu_no_bias_float64": ("gelu", False, torch.float64)}[variant]
     p = 0.3
@@ -360,35 +365,46 @@ def test_dropout_matches_torch_with_the_layers_masks(mask, batch_first, norm_fir
         assert not d.masks[0].all() and d.masks[0].any(), "a mask kept or dropped everything"
 
 
-def test_attention_and_feed_forward_dropouts_keep_no_mask():
-    """The attention-probability and feed-forward dropouts keep their seeds, not masks or
-    dropped copies, for backward: a training step with dropout keeps no tensor of the
-    attention probabilities' shape beyond what the dropout-free step keeps (softmax's output
-    and the dropped probabilities for the product with v), and no bool or mask-sized
-    feed-forward tensor either; torch's layer keeps a float mask of the probabilities on top."""
-    torch.manual_seed(0)
-    e, h, ff, s, n = 32, 4, 64, 9, 3
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_unbatched_dropout_matches_torch_with_the_layers_masks(norm_first):
+    """Unbatched [S, E] input in training with dropout, against the same reference."""
+    ref, ours = _pair(dtype=torch.float64, dropout=0.3, norm_first=norm_first)
+    with_addnorm_dropouts(ref)
+    kpm = torch.zeros(S, dtype=torch.bool)
+    kpm[-1] = True
+    _check_parity(ref, ours, torch.randn(S, E, dtype=torch.float64), None, kpm, False,
+                  rtol=1e-12, seed=7)
+    assert len(ref.attention_dropout.masks) == 1
 
-    def saved(layer, p):
-        layer.dropout.p = layer.dropout1.p = layer.dropout2.p = p
-        layer.self_attn.dropout = p
-        shapes = []
 
-        def pack(t):
-            shapes.append(tuple(t.shape))
-            return t
+def test_autocast_attention_stays_torchs():
+    """Under CPU autocast (bfloat16 q, k, v) the attention with dropout is torch's
+    scaled_dot_product_attention (which computes in float32 there), not the written-out
+    path: no softmax in bfloat16 and no _dropout_apply of the 4-D probabilities, which the
+    float32 layer has."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-        x = torch.randn(s, n, e, requires_grad=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x)
-        return [sh for sh in shapes if sh == (n, h, s, s)], [sh for sh in shapes if sh[-1] == ff]
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
 
-    theirs = nn.TransformerEncoderLayer(e, h, ff).train()
-    ours = addnorm.replace_modules(copy.deepcopy(theirs)).train()
-    (attn_0, ff_0), (attn_p, ff_p) = saved(ours, 0.0), saved(ours, 0.2)
-    assert len(attn_p) == len(attn_0) + 1 and len(ff_p) == len(ff_0), (attn_0, attn_p, ff_0, ff_p)
-    their_attn, their_ff = saved(theirs, 0.2)
-    assert len(their_attn) == len(attn_p) + 1 and len(their_ff) > len(ff_p), (their_attn, attn_p)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append((str(func.overloadpacket), args[0] if args and torch.is_tensor(args[0]) else None))
+            return func(*args, **(kwargs or {}))
+
+    def probability_drops(rec):
+        return [t for op, t in rec.ops if op == "addnorm._dropout_apply" and t.dim() == 4]
+
+    _, ours = _pair(dropout=0.3)
+    with Record() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(_src(False)).float().sum().backward()
+    softmax_dtypes = [t.dtype for op, t in rec.ops if op in ("aten._safe_softmax", "aten._softmax")]
+    assert softmax_dtypes and torch.bfloat16 not in softmax_dtypes, softmax_dtypes
+    assert not probability_drops(rec)
+    with Record() as rec:
+        ours(_src(False))
+    assert [t.dtype for t in probability_drops(rec)] == [torch.float32]
 
 
 # --------------------------------------------------------------------------- C++ module

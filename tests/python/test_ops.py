@@ -564,7 +564,7 @@ def sample_inputs(device, *, requires_grad=False):
     yield "_norm_bwd", (g, None, x, mean_r, rstd_r, None, False, True), {}
     yield "_norm_bwd", (g, g * 0.5, h, mean, rstd, w, True, False), {"eps": 1e-5}
     yield "_norm_fwd", (x, r, [16], w, b, 1e-5, False, True, False, 0.25, seed), {}
-    yield "_dropout_apply", (g, seed, 0.25), {}
+    yield "_dropout_apply", (t(4, 16, scale=1.0, offset=0.0), seed, 0.25), {}
     yield "_dropout_apply", (t(4, 16, scale=1.0, offset=0.0), seed, 0.5), {"dtype": torch.bfloat16}
     # memory_efficient: the public ops save out; _norm_bwd from the output
     w2, b2 = wb(16)

@@ -123,13 +123,18 @@ at::Tensor self_attention(
   }
 
   // In-projection as one linear (F._in_projection_packed); q, k, v as [N, nhead, S,
-  // head_dim] views of it.
+  // head_dim] views of it, unbound along the projection's q/k/v dimension: backward stacks
+  // their gradients straight into the projection's layout (one pass; selecting them from a
+  // permuted view instead costs a zero-filled projection-sized tensor per view, their sum,
+  // and a copy back to the layout).
   const auto proj = at::linear(x, in_proj_weight, in_proj_bias);
   const c10::SymInt heads(nhead);
-  const auto qkv =
-      batch_first
-          ? proj.view_symint({N, S, 3, heads, head_dim}).permute({2, 0, 3, 1, 4})
-          : proj.view_symint({S, N, 3, heads, head_dim}).permute({2, 1, 3, 0, 4});
+  const auto qkv = proj.view_symint({batch_first ? N : S, batch_first ? S : N, 3, heads, head_dim})
+                       .unbind(2);
+  auto to_heads = [&](const at::Tensor& t) {  // [N, nhead, S, head_dim]
+    return batch_first ? t.transpose(1, 2) : t.permute({1, 2, 0, 3});
+  };
+  const auto q = to_heads(qkv[0]), k = to_heads(qkv[1]), v = to_heads(qkv[2]);
 
   if (attn_mask.has_value()) {
     if (attn_mask->dim() == 2) {
@@ -157,7 +162,6 @@ at::Tensor self_attention(
       attn_mask = attn_mask->view_symint({N, c10::SymInt(nhead), -1, S});
     }
   }
-  const auto q = qkv.select(0, 0), k = qkv.select(0, 1), v = qkv.select(0, 2);
   at::Tensor out;
   // (q's dtype, not x's: under autocast the projection returns float16/bfloat16.)
   if (dropout_p > 0.0 && q.device().is_cpu() &&

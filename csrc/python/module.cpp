@@ -1,6 +1,9 @@
 // addnorm._C: Python glue only. Importing it loads libaddnorm (RPATH $ORIGIN), whose
 // static initializers register the ops in torch.ops.addnorm.
 
+#include <dlfcn.h>
+#include <sys/stat.h>
+
 #include <map>
 #include <memory>
 #include <optional>
@@ -17,12 +20,40 @@
 
 namespace py = pybind11;
 
+namespace {
+
+// torch.compile's caches (FX graph and AOTAutograd) key a graph on its text and on torch's
+// own code, not on the code of the custom ops in it: after a rebuild or an upgrade of
+// libaddnorm they would serve graphs compiled with the previous one (the encoder layer's op
+// is traced through its implementation, so that code is baked into them). Their keys
+// include torch.compiler.config.cache_key_tag: append this library's identity (its file's
+// size and modification time) to it, keeping whatever tag the user set.
+void tag_compile_caches() {
+  Dl_info info;
+  struct stat st;
+  if (dladdr(reinterpret_cast<void*>(&addnorm::version), &info) == 0 ||
+      info.dli_fname == nullptr || stat(info.dli_fname, &st) != 0) {
+    return;
+  }
+  const std::string id = ";addnorm:" + std::to_string(st.st_size) + ":" +
+                         std::to_string(st.st_mtim.tv_sec) + "." +
+                         std::to_string(st.st_mtim.tv_nsec);
+  auto config = py::module_::import("torch.compiler.config");
+  const auto tag = config.attr("cache_key_tag").cast<std::string>();
+  if (tag.find(id) == std::string::npos) {
+    config.attr("cache_key_tag") = tag + id;
+  }
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "addnorm native module: fused residual-add + LayerNorm/RMSNorm ops";
   m.def("version", &addnorm::version, "Version of libaddnorm");
   m.def("cpu_capability", &addnorm::cpu_kernel_capability,
         "Instruction set the CPU kernels run with (AVX2 or DEFAULT)");
   m.def("built_with_cuda", &addnorm::built_with_cuda, "True when built with CUDA kernels");
+  tag_compile_caches();
 
   // The C++ module addnorm::TransformerEncoderLayer, for tests comparing it with the
   // Python module (addnorm.TransformerEncoderLayer).

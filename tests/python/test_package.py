@@ -59,6 +59,38 @@ def test_import_fails_before_loading_the_library(tmp_path):
     assert "ImportError: addnorm 0 was built against torch 1.0.0" in res.stderr
 
 
+def test_compile_caches_are_keyed_on_this_library(tmp_path):
+    """torch.compile's FX graph and AOTAutograd caches key graphs on their text, not on the
+    code of the custom ops in them; importing addnorm appends its library's identity (file
+    size and modification time) to torch.compiler.config.cache_key_tag, which those keys
+    include, after any tag the user set: a rebuilt library (here: a copy of the package
+    whose libaddnorm has another modification time) gives another tag."""
+    import shutil
+
+    lib = os.path.join(os.path.dirname(addnorm._C.__file__), "libaddnorm.so")
+    st = os.stat(lib)
+    assert torch.compiler.config.cache_key_tag.endswith(
+        f";addnorm:{st.st_size}:{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9}")
+    pkg = tmp_path / "addnorm"
+    shutil.copytree(os.path.dirname(addnorm.__file__), pkg,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = "import torch, addnorm; print(torch.compiler.config.cache_key_tag)"
+
+    def tag():
+        res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                             text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(tmp_path),
+                                  "TORCH_COMPILE_CACHE_KEY_TAG": "mine"})
+        return res.stdout.strip()
+
+    os.utime(pkg / "libaddnorm.so", ns=(st.st_atime_ns, st.st_mtime_ns))
+    before = tag()
+    os.utime(pkg / "libaddnorm.so", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    after = tag()
+    assert before.startswith("mine;addnorm:") and after.startswith("mine;addnorm:")
+    assert before != after
+
+
 def _has_kernel(op, key):
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"addnorm::{op}", key)
 

@@ -377,6 +377,27 @@ def test_unbatched_dropout_matches_torch_with_the_layers_masks(norm_first):
     assert len(ref.attention_dropout.masks) == 1
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_activation_checkpointing_reproduces_every_mask(norm_first):
+    """torch.utils.checkpoint (non-reentrant, RNG state preserved) recomputes the layer in
+    backward: every dropout draws the same seed again, so the gradients are bitwise those of
+    the plain run from the same torch.manual_seed."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, ours = _pair(dropout=0.3, norm_first=norm_first)
+    x = _src(False)
+    src_mask, kpm, _ = _masks("both")
+    grads = []
+    for ckpt in (False, True):
+        xg = x.clone().requires_grad_()
+        torch.manual_seed(5)
+        y = (checkpoint(ours, xg, src_mask, kpm, use_reentrant=False) if ckpt
+             else ours(xg, src_mask, kpm))
+        grads.append([y] + list(torch.autograd.grad(y.square().sum(), [xg] + list(ours.parameters()))))
+    for u, v in zip(*grads):
+        assert torch.equal(u, v)
+
+
 def test_autocast_attention_stays_torchs():
     """Under CPU autocast (bfloat16 q, k, v) the attention with dropout is torch's
     scaled_dot_product_attention (which computes in float32 there), not the written-out

@@ -168,7 +168,8 @@ at::Tensor self_attention(
       (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble)) {
     // What scaled_dot_product_attention does here (its math path: the CPU kernels take no
     // dropout), op for op, with the regenerated-mask dropout for the attention
-    // probabilities: torch's keeps a float mask as large as them for backward.
+    // probabilities: torch's keeps a float mask as large as them and the dropped copy for
+    // backward, this keeps neither.
     const double sqrt_scale = std::sqrt(1.0 / std::sqrt(static_cast<double>(
                                                   q.sym_size(3).guard_int(__FILE__, __LINE__))));
     auto scores = at::matmul(q * sqrt_scale, k.transpose(-2, -1) * sqrt_scale);
@@ -181,7 +182,14 @@ at::Tensor self_attention(
       scores = at::areAnyTensorSubclassLike({scores, *attn_mask}) ? scores.add(*attn_mask)
                                                                    : scores.add_(*attn_mask);
     }
-    out = at::matmul(seeded_dropout(at::_safe_softmax(scores, -1), dropout_p, true), v);
+    // Dropped probabilities times v in one op whose node keeps the probabilities (softmax's
+    // node keeps them anyway), not the dropped copy: backward regenerates it.
+    static const auto dropout_matmul =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("addnorm::_dropout_matmul", "")
+            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+    out = dropout_matmul.call(at::_safe_softmax(scores, -1), v,
+                              addnorm::dropout_seed(x.device(), std::nullopt), dropout_p);
   } else {
     out = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal);
   }

@@ -39,6 +39,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -561,11 +562,93 @@ at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& see
   return out;
 }
 
+inline c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, double)>
+dropout_matmul_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("addnorm::_dropout_matmul", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
+  return op;
+}
+
+// _dropout_matmul: out = dropped(probs) @ value, dropped(t) = _dropout_apply(t, seed, p).
+// The node keeps probs (which softmax's node keeps anyway), value and the seed; backward
+// regenerates dropped(probs) for value's gradient, and probs' gradient is
+// dropped(grad @ value^T). Both with differentiable ops (second derivatives work).
+class DropoutMatmulFunction : public torch::autograd::Function<DropoutMatmulFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& probs,
+                            const at::Tensor& value, const at::Tensor& seed, double p) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({probs, value, seed});
+    ctx->saved_data["p"] = p;
+    return dropout_matmul_op().call(probs, value, seed, p);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &probs = saved[0], &value = saved[1], &seed = saved[2];
+    const double p = ctx->saved_data["p"].toDouble();
+    const at::Tensor& grad = grads[0];
+    at::Tensor grad_probs, grad_value;
+    if (grad.defined() && ctx->needs_input_grad(0)) {
+      grad_probs = dropout_apply_op().call(at::matmul(grad, value.transpose(-2, -1)), seed, p,
+                                           std::nullopt);
+    }
+    if (grad.defined() && ctx->needs_input_grad(1)) {
+      grad_value = at::matmul(
+          dropout_apply_op().call(probs, seed, p, std::nullopt).transpose(-2, -1), grad);
+    }
+    return {grad_probs, grad_value, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor dropout_matmul_autograd(const at::Tensor& probs, const at::Tensor& value,
+                                   const at::Tensor& seed, double p) {
+  check_input_defined(probs);
+  TORCH_CHECK(!inside_functorch_transform(),
+              "addnorm: the attention-probability dropout (_dropout_matmul, which "
+              "addnorm.TransformerEncoderLayer uses in training) is not supported inside "
+              "torch.func transforms (grad, vmap, jacrev, ...)");
+  at::Tensor out;
+  {
+    c10::AutoFwGradMode no_fw_grad(false);  // the tangent is set below
+    if (probs.requires_grad() || value.requires_grad()) {
+      out = DropoutMatmulFunction::apply(probs, value, seed, p);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = dropout_matmul_op().call(probs, value, seed, p);
+    }
+  }
+  const bool t_probs = isFwGradDefined(probs), t_value = isFwGradDefined(value);
+  if (t_probs || t_value) {
+    // d(dropped(P) @ V) = dropped(dP) @ V + dropped(P) @ dV, from the primal values
+    const at::Tensor dp = t_probs ? probs._fw_grad(/*level=*/0) : at::Tensor();
+    const at::Tensor dv = t_value ? value._fw_grad(/*level=*/0) : at::Tensor();
+    at::Tensor tangent;
+    {
+      c10::AutoFwGradMode no_fw_grad(false);
+      if (dp.defined()) {
+        tangent = dropout_matmul_op().call(dp, value, seed, p);
+      }
+      if (dv.defined()) {
+        const at::Tensor t =
+            at::matmul(dropout_apply_op().call(probs, seed, p, std::nullopt), dv);
+        tangent = tangent.defined() ? tangent + t : t;
+      }
+    }
+    out._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(addnorm, Autograd, m) {
   register_public_norm_ops<&norm_autograd>(m);
   m.impl("_dropout_apply", &dropout_apply_autograd);
+  m.impl("_dropout_matmul", &dropout_matmul_autograd);
 }
 
 }  // namespace addnorm

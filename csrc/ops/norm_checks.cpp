@@ -103,6 +103,21 @@ c10::ScalarType check_dropout_apply_inputs(
   return out;
 }
 
+void check_dropout_matmul_inputs(const at::Tensor& probs, const at::Tensor& value) {
+  check_input_defined(probs);
+  TORCH_CHECK(value.defined(), "addnorm: value must be a tensor, got None");
+  const int64_t d = probs.dim();
+  TORCH_CHECK(
+      d >= 2 && value.dim() == d && probs.sym_sizes().slice(0, d - 2).equals(value.sym_sizes().slice(0, d - 2)) &&
+          probs.sym_size(d - 1) == value.sym_size(d - 2),
+      "addnorm: probs [..., L, S] and value [..., S, D] must have the same batch dims and S, "
+      "got probs of shape ", probs.sym_sizes(), " and value of shape ", value.sym_sizes());
+  TORCH_CHECK(
+      probs.scalar_type() == value.scalar_type(), "addnorm: value must have probs' dtype (",
+      probs.scalar_type(), "), got ", value.scalar_type());
+  check_same_device(value, probs, "value");
+}
+
 NormPlan check_norm_fwd_inputs(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,

@@ -24,6 +24,10 @@ c10::ScalarType check_dropout_apply_inputs(
     const at::Tensor& input, const at::Tensor& seed, double p,
     std::optional<c10::ScalarType> dtype);
 
+// Checks of _dropout_matmul's tensors (the seed and p are _dropout_apply's): probs
+// [..., L, S] and value [..., S, D], at least 2-D, the same batch dims, dtype and device.
+void check_dropout_matmul_inputs(const at::Tensor& probs, const at::Tensor& value);
+
 // A call after its checks: the first normalized dim and the call's dtypes.
 struct NormPlan {
   int64_t axis;       // input.dim() - len(normalized_shape)

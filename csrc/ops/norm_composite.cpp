@@ -1,7 +1,8 @@
 // The public ops below autograd (CompositeExplicitAutograd: every backend and Meta): one
-// call of _norm_fwd, which the dispatcher sends to the tensors' backend. Their autograd is
-// in ops/norm_autograd.cpp.
+// call of _norm_fwd, which the dispatcher sends to the tensors' backend; and
+// _dropout_matmul as _dropout_apply then matmul. Their autograd is in ops/norm_autograd.cpp.
 
+#include <ATen/ops/matmul.h>
 #include <torch/library.h>
 
 #include "ops/norm_public.h"
@@ -22,10 +23,17 @@ std::tuple<at::Tensor, at::Tensor> norm_forward(
   return {std::get<0>(outs), std::get<1>(outs)};
 }
 
+at::Tensor dropout_matmul_forward(const at::Tensor& probs, const at::Tensor& value,
+                                  const at::Tensor& seed, double p) {
+  check_dropout_matmul_inputs(probs, value);
+  return at::matmul(dropout_apply_op().call(probs, seed, p, std::nullopt), value);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(addnorm, CompositeExplicitAutograd, m) {
   register_public_norm_ops<&norm_forward>(m);
+  m.impl("_dropout_matmul", &dropout_matmul_forward);
 }
 
 }  // namespace addnorm

@@ -1,7 +1,8 @@
 // Every addnorm op schema, in one place. Kernels are registered next to their code:
 // cpu/norm_cpu.cpp (CPU) and cuda/norm_kernels.cu (CUDA) for the internal ops,
 // ops/norm_meta.cpp (Meta) for the internal ops, ops/norm_composite.cpp
-// (CompositeExplicitAutograd) and ops/norm_autograd.cpp (Autograd) for the public ones,
+// (CompositeExplicitAutograd) and ops/norm_autograd.cpp (Autograd) for the public ones and
+// _dropout_matmul,
 // modules/transformer_encoder_layer.cpp (CompositeImplicitAutograd). See
 // docs/architecture.md.
 
@@ -51,6 +52,11 @@ TORCH_LIBRARY(addnorm, m) {
   // mask itself (of ones).
   m.def("_dropout_apply(Tensor input, Tensor dropout_seed, float p, ScalarType? dtype=None) "
         "-> Tensor");
+  // Internal: matmul(_dropout_apply(probs, dropout_seed, p), value), probs [..., L, S] and
+  // value [..., S, D] with the same batch dims: the encoder layer's attention-probability
+  // dropout and product with v, whose graph node keeps probs, not the dropped copy
+  // (backward regenerates it).
+  m.def("_dropout_matmul(Tensor probs, Tensor value, Tensor dropout_seed, float p) -> Tensor");
   // Internal backward: (grad_h, grad_weight, grad_bias, grad_input). eps: the forward's; with it the
   // CPU kernels take the row statistics from h itself, in double (mean as the saved mean
   // plus a correction, rstd = 1 / sqrt(var + eps)), without it mean and rstd as given.

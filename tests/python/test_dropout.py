@@ -352,6 +352,53 @@ def test_dropout_apply_gradcheck_gradgradcheck_and_tangent():
         torch.func.grad(lambda x: fn(x).sum())(x.detach())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dropout_matmul_equals_dropout_then_matmul(dtype, device):
+    """_dropout_matmul(P, V) is _dropout_apply(P) @ V, values and both gradients bitwise,
+    while its node keeps P, V and the seed only (not the dropped copy of P)."""
+    seed = addnorm.dropout_seed(device)
+    probs = make_data((2, 3, 5, 7), dtype, device, requires_grad=True)
+    value = make_data((2, 3, 7, 4), dtype, device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = torch.ops.addnorm._dropout_matmul(probs, value, seed, 0.4)
+    assert len(saved) == 3 and saved[0] is probs and saved[1] is value and saved[2] is seed
+    ref = torch.ops.addnorm._dropout_apply(probs, seed, 0.4) @ value
+    assert torch.equal(out, ref)
+    g = make_data(tuple(out.shape), dtype, device)
+    for a, e in zip(torch.autograd.grad(out, [probs, value], g),
+                    torch.autograd.grad(ref, [probs, value], g)):
+        assert torch.equal(a, e)
+
+
+def test_dropout_matmul_gradcheck_tangent_and_errors():
+    seed = addnorm.dropout_seed("cpu")
+    probs = make_data((2, 4, 6), torch.float64, "cpu", requires_grad=True)
+    value = make_data((2, 6, 3), torch.float64, "cpu", requires_grad=True)
+
+    def fn(p, v):
+        return torch.ops.addnorm._dropout_matmul(p, v, seed, 0.5)
+
+    assert gradcheck(fn, (probs, value))
+    assert gradgradcheck(fn, (probs, value))
+    import torch.autograd.forward_ad as fwAD
+    tp, tv = torch.randn_like(probs), torch.randn_like(value)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fn(fwAD.make_dual(probs.detach(), tp),
+                                      fwAD.make_dual(value.detach(), tv))).tangent
+    drop = torch.ops.addnorm._dropout_apply
+    expected = drop(tp, seed, 0.5) @ value.detach() + drop(probs.detach(), seed, 0.5) @ tv
+    torch.testing.assert_close(tangent, expected)
+    with pytest.raises(RuntimeError, match=r"same batch dims and S, got probs of shape \[2, 4, 6\] "
+                                           r"and value of shape \[2, 5, 3\]"):
+        fn(probs, value[:, :5])
+    with pytest.raises(RuntimeError, match="value must have probs' dtype"):
+        fn(probs, value.float())
+    with pytest.raises(RuntimeError, match="not supported inside torch.func transforms"):
+        torch.func.grad(lambda p: fn(p, value.detach()).sum())(probs.detach())
+
+
 # --------------------------------------------------------------------------- re-running
 
 

@@ -401,7 +401,7 @@ def test_activation_checkpointing_reproduces_every_mask(norm_first):
 def test_autocast_attention_stays_torchs():
     """Under CPU autocast (bfloat16 q, k, v) the attention with dropout is torch's
     scaled_dot_product_attention (which computes in float32 there), not the written-out
-    path: no softmax in bfloat16 and no _dropout_apply of the 4-D probabilities, which the
+    path: no softmax in bfloat16 and no _dropout_matmul of the probabilities, which the
     float32 layer has."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -415,7 +415,7 @@ def test_autocast_attention_stays_torchs():
             return func(*args, **(kwargs or {}))
 
     def probability_drops(rec):
-        return [t for op, t in rec.ops if op == "addnorm._dropout_apply" and t.dim() == 4]
+        return [t for op, t in rec.ops if op == "addnorm._dropout_matmul"]
 
     _, ours = _pair(dropout=0.3)
     with Record() as rec, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -426,6 +426,39 @@ def test_autocast_attention_stays_torchs():
     with Record() as rec:
         ours(_src(False))
     assert [t.dtype for t in probability_drops(rec)] == [torch.float32]
+
+
+def test_attention_and_feed_forward_dropouts_keep_no_mask():
+    """The attention-probability and feed-forward dropouts keep their seeds, not masks, for
+    backward: a training step with dropout keeps one tensor of batch x heads x seq x seq (the
+    probabilities; without dropout torch's attention kernel keeps none) where torch's layer
+    keeps three (the probabilities, a float mask and the dropped copy), and one more
+    feed-forward-sized tensor than without dropout (linear2's dropped input) where torch's
+    keeps two (and a float mask)."""
+    torch.manual_seed(0)
+    e, h, ff, s, n = 32, 4, 64, 9, 3
+
+    def saved(layer, p):
+        layer.dropout.p = layer.dropout1.p = layer.dropout2.p = p
+        layer.self_attn.dropout = p
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.numel()
+            return t
+
+        x = torch.randn(s, n, e, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        sizes = list(storages.values())
+        return sizes.count(n * h * s * s), sizes.count(s * n * ff)
+
+    theirs = nn.TransformerEncoderLayer(e, h, ff).train()
+    ours = addnorm.replace_modules(copy.deepcopy(theirs)).train()
+    (attn_0, ff_0), (attn_p, ff_p) = saved(ours, 0.0), saved(ours, 0.2)
+    their_attn, their_ff = saved(theirs, 0.2)
+    assert (attn_0, attn_p, their_attn) == (0, 1, 3), (attn_0, attn_p, their_attn)
+    assert ff_p == ff_0 + 1 and their_ff == ff_p + 1, (ff_0, ff_p, their_ff)
 
 
 # --------------------------------------------------------------------------- C++ module

@@ -566,6 +566,7 @@ def sample_inputs(device, *, requires_grad=False):
     yield "_norm_fwd", (x, r, [16], w, b, 1e-5, False, True, False, 0.25, seed), {}
     yield "_dropout_apply", (t(4, 16, scale=1.0, offset=0.0), seed, 0.25), {}
     yield "_dropout_apply", (t(4, 16, scale=1.0, offset=0.0), seed, 0.5), {"dtype": torch.bfloat16}
+    yield "_dropout_matmul", (t(2, 3, 4, 5, scale=1.0, offset=0.0), t(2, 3, 5, 6, scale=1.0, offset=0.0), seed, 0.3), {}
     # memory_efficient: the public ops save out; _norm_bwd from the output
     w2, b2 = wb(16)
     yield ("add_layer_norm", (t(4, 16), t(4, 16, scale=1.0, offset=0.0), [16], w2, b2, 1e-5),
@@ -590,7 +591,7 @@ _SAMPLE_IDS = [
     "add_layer_norm-1", "add_layer_norm-2", "add_layer_norm-3", "add_rms_norm-1", "add_rms_norm-2",
     "add_layer_norm-4", "add_rms_norm-3",
     "_norm_fwd-1", "_norm_fwd-2", "_norm_fwd-3", "_norm_bwd-1", "_norm_bwd-2", "_norm_bwd-3",
-    "_norm_bwd-4", "_norm_fwd-4", "_dropout_apply-1", "_dropout_apply-2",
+    "_norm_bwd-4", "_norm_fwd-4", "_dropout_apply-1", "_dropout_apply-2", "_dropout_matmul-1",
     "add_layer_norm-5", "add_rms_norm-4", "_norm_bwd-5", "_norm_bwd-6", "_norm_bwd-7",
 ]
 
@@ -613,7 +614,7 @@ def test_all_ops_have_samples():
     assert [i.rsplit("-", 1)[0] for i in _SAMPLE_IDS] == samples
     names = set(samples)
     assert names == {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd", "_norm_bwd",
-                     "_dropout_apply"}
+                     "_dropout_apply", "_dropout_matmul"}
     for n in names:
         assert hasattr(torch.ops.addnorm, n)
 

@@ -188,7 +188,9 @@ at::Tensor self_attention(
         c10::Dispatcher::singleton()
             .findSchemaOrThrow("addnorm::_dropout_matmul", "")
             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-    out = dropout_matmul.call(at::_safe_softmax(scores, -1), v,
+    // (v contiguous, as matmul would copy it: the node then keeps that copy, not the whole
+    // projection v is a view of.)
+    out = dropout_matmul.call(at::_safe_softmax(scores, -1), v.contiguous(),
                               addnorm::dropout_seed(x.device(), std::nullopt), dropout_p);
   } else {
     out = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal);

@@ -434,7 +434,7 @@ def test_attention_and_feed_forward_dropouts_keep_no_mask():
     probabilities; without dropout torch's attention kernel keeps none) where torch's layer
     keeps three (the probabilities, a float mask and the dropped copy), and one more
     feed-forward-sized tensor than without dropout (linear2's dropped input) where torch's
-    keeps two (and a float mask)."""
+    keeps two (and a float mask). Nor is the whole q/k/v projection kept for v's sake."""
     torch.manual_seed(0)
     e, h, ff, s, n = 32, 4, 64, 9, 3
 
@@ -451,14 +451,15 @@ def test_attention_and_feed_forward_dropouts_keep_no_mask():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             layer(x)
         sizes = list(storages.values())
-        return sizes.count(n * h * s * s), sizes.count(s * n * ff)
+        return sizes.count(n * h * s * s), sizes.count(s * n * ff), sizes.count(3 * s * n * e)
 
     theirs = nn.TransformerEncoderLayer(e, h, ff).train()
     ours = addnorm.replace_modules(copy.deepcopy(theirs)).train()
-    (attn_0, ff_0), (attn_p, ff_p) = saved(ours, 0.0), saved(ours, 0.2)
-    their_attn, their_ff = saved(theirs, 0.2)
+    (attn_0, ff_0, _), (attn_p, ff_p, proj_p) = saved(ours, 0.0), saved(ours, 0.2)
+    their_attn, their_ff, _ = saved(theirs, 0.2)
     assert (attn_0, attn_p, their_attn) == (0, 1, 3), (attn_0, attn_p, their_attn)
     assert ff_p == ff_0 + 1 and their_ff == ff_p + 1, (ff_0, ff_p, their_ff)
+    assert proj_p == 0, "the whole q/k/v projection is kept for v's sake"
 
 
 # --------------------------------------------------------------------------- C++ module

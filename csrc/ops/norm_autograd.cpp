@@ -41,6 +41,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -591,6 +592,8 @@ class DropoutMatmulFunction : public torch::autograd::Function<DropoutMatmulFunc
     const at::Tensor &probs = saved[0], &value = saved[1], &seed = saved[2];
     const double p = ctx->saved_data["p"].toDouble();
     const at::Tensor& grad = grads[0];
+    // (in the inputs' dtype, as the forward: no autocast here)
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
     at::Tensor grad_probs, grad_value;
     if (grad.defined() && ctx->needs_input_grad(0)) {
       grad_probs = dropout_apply_op().call(at::matmul(grad, value.transpose(-2, -1)), seed, p,

@@ -3,6 +3,7 @@
 // _dropout_matmul as _dropout_apply then matmul. Their autograd is in ops/norm_autograd.cpp.
 
 #include <ATen/ops/matmul.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "ops/norm_public.h"
@@ -26,6 +27,8 @@ std::tuple<at::Tensor, at::Tensor> norm_forward(
 at::Tensor dropout_matmul_forward(const at::Tensor& probs, const at::Tensor& value,
                                   const at::Tensor& seed, double p) {
   check_dropout_matmul_inputs(probs, value);
+  // One op: no autocast inside it (the product in the inputs' dtype, as the backward's).
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return at::matmul(dropout_apply_op().call(probs, seed, p, std::nullopt), value);
 }
 

@@ -2,8 +2,11 @@
 // static initializers register the ops in torch.ops.addnorm.
 
 #include <dlfcn.h>
-#include <sys/stat.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <fstream>
+#include <iomanip>
 #include <map>
 #include <memory>
 #include <optional>
@@ -26,22 +29,53 @@ namespace {
 // own code, not on the code of the custom ops in it: after a rebuild or an upgrade of
 // libaddnorm they would serve graphs compiled with the previous one (the encoder layer's op
 // is traced through its implementation, so that code is baked into them). Their keys
-// include torch.compiler.config.cache_key_tag: append this library's identity (its file's
-// size and modification time) to it, keeping whatever tag the user set.
-void tag_compile_caches() {
+// include torch.compiler.config.cache_key_tag: append this library's identity (a hash of
+// its file's bytes, so the same build keys the same on every machine) to it, keeping
+// whatever tag the user set. Any failure here warns and leaves the tag alone.
+std::string library_identity() {
   Dl_info info;
-  struct stat st;
   if (dladdr(reinterpret_cast<void*>(&addnorm::version), &info) == 0 ||
-      info.dli_fname == nullptr || stat(info.dli_fname, &st) != 0) {
-    return;
+      info.dli_fname == nullptr) {
+    return "";
   }
-  const std::string id = ";addnorm:" + std::to_string(st.st_size) + ":" +
-                         std::to_string(st.st_mtim.tv_sec) + "." +
-                         std::to_string(st.st_mtim.tv_nsec);
-  auto config = py::module_::import("torch.compiler.config");
-  const auto tag = config.attr("cache_key_tag").cast<std::string>();
-  if (tag.find(id) == std::string::npos) {
-    config.attr("cache_key_tag") = tag + id;
+  std::ifstream file(info.dli_fname, std::ios::binary);
+  if (!file) {
+    return "";
+  }
+  uint64_t hash = 1469598103934665603ULL;  // 64-bit FNV-1a over the file
+  std::vector<char> buf(1 << 16);
+  while (file.read(buf.data(), static_cast<std::streamsize>(buf.size())) || file.gcount() > 0) {
+    for (std::streamsize i = 0; i < file.gcount(); ++i) {
+      hash = (hash ^ static_cast<unsigned char>(buf[i])) * 1099511628211ULL;
+    }
+  }
+  std::ostringstream id;
+  id << "addnorm:" << std::hex << std::setw(16) << std::setfill('0') << hash;
+  return id.str();
+}
+
+void tag_compile_caches() {
+  try {
+    const std::string id = library_identity();
+    if (id.empty()) {
+      return;
+    }
+    auto config = py::module_::import("torch.compiler.config");
+    const auto tag = config.attr("cache_key_tag").cast<std::string>();
+    std::vector<std::string> parts;  // the tag's ";"-separated tokens
+    std::istringstream tokens(tag);
+    for (std::string t; std::getline(tokens, t, ';');) parts.push_back(t);
+    if (std::find(parts.begin(), parts.end(), id) == parts.end()) {
+      config.attr("cache_key_tag") = tag.empty() ? id : tag + ";" + id;
+    }
+  } catch (const std::exception& e) {
+    const std::string message =
+        std::string("addnorm: could not add the library's identity to "
+                    "torch.compiler.config.cache_key_tag (torch.compile's caches may serve "
+                    "graphs of another addnorm build): ") + e.what();
+    if (PyErr_WarnEx(PyExc_RuntimeWarning, message.c_str(), 1) < 0) {
+      throw py::error_already_set();  // warnings turned into errors
+    }
   }
 }
 

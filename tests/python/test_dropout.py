@@ -390,6 +390,21 @@ def test_dropout_matmul_gradcheck_tangent_and_errors():
     drop = torch.ops.addnorm._dropout_apply
     expected = drop(tp, seed, 0.5) @ value.detach() + drop(probs.detach(), seed, 0.5) @ tv
     torch.testing.assert_close(tangent, expected)
+    with fwAD.dual_level():  # one dual input
+        t_p = fwAD.unpack_dual(fn(fwAD.make_dual(probs.detach(), tp), value.detach())).tangent
+        t_v = fwAD.unpack_dual(fn(probs.detach(), fwAD.make_dual(value.detach(), tv))).tangent
+    torch.testing.assert_close(t_p, drop(tp, seed, 0.5) @ value.detach())
+    torch.testing.assert_close(t_v, drop(probs.detach(), seed, 0.5) @ tv)
+    # One op under autocast: the product in the inputs' dtype, forward and backward.
+    p32, v32 = probs.detach().float().requires_grad_(), value.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(p32, v32)
+        assert out.dtype == torch.float32
+        grads = torch.autograd.grad(out.sum(), [p32, v32])
+    ref = drop(p32, seed, 0.5) @ v32
+    assert torch.equal(out, ref)
+    for a, e in zip(grads, torch.autograd.grad(ref.sum(), [p32, v32])):
+        assert torch.equal(a, e)
     with pytest.raises(RuntimeError, match=r"same batch dims and S, got probs of shape \[2, 4, 6\] "
                                            r"and value of shape \[2, 5, 3\]"):
         fn(probs, value[:, :5])

@@ -61,34 +61,43 @@ def test_import_fails_before_loading_the_library(tmp_path):
 
 def test_compile_caches_are_keyed_on_this_library(tmp_path):
     """torch.compile's FX graph and AOTAutograd caches key graphs on their text, not on the
-    code of the custom ops in them; importing addnorm appends its library's identity (file
-    size and modification time) to torch.compiler.config.cache_key_tag, which those keys
-    include, after any tag the user set: a rebuilt library (here: a copy of the package
-    whose libaddnorm has another modification time) gives another tag."""
+    code of the custom ops in them; importing addnorm appends its library's identity (a
+    hash of the file's bytes) to torch.compiler.config.cache_key_tag, which those keys
+    include, after a tag the user set. A copy of the package: the same library bytes with
+    another modification time give the same tag; other bytes (one appended, which the
+    loader ignores) another one; and the AOTAutograd/FX cache key follows the tag."""
     import shutil
 
-    lib = os.path.join(os.path.dirname(addnorm._C.__file__), "libaddnorm.so")
-    st = os.stat(lib)
-    assert torch.compiler.config.cache_key_tag.endswith(
-        f";addnorm:{st.st_size}:{st.st_mtime_ns // 10**9}.{st.st_mtime_ns % 10**9}")
+    from torch._inductor.codecache import FxGraphHashDetails
+
+    tag = torch.compiler.config.cache_key_tag
+    assert tag.split(";")[-1].startswith("addnorm:") and tag.count("addnorm:") == 1
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    details = FxGraphHashDetails(gm, [torch.zeros(2)], {}, [])
+    with torch.compiler.config.patch(cache_key_tag=""):
+        assert FxGraphHashDetails(gm, [torch.zeros(2)], {}, []).cache_key_tag != details.cache_key_tag
     pkg = tmp_path / "addnorm"
     shutil.copytree(os.path.dirname(addnorm.__file__), pkg,
                     ignore=shutil.ignore_patterns("__pycache__"))
     code = "import torch, addnorm; print(torch.compiler.config.cache_key_tag)"
 
-    def tag():
+    def tag_of_copy():
         res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                              text=True, check=True,
                              env={**os.environ, "PYTHONPATH": str(tmp_path),
                                   "TORCH_COMPILE_CACHE_KEY_TAG": "mine"})
         return res.stdout.strip()
 
-    os.utime(pkg / "libaddnorm.so", ns=(st.st_atime_ns, st.st_mtime_ns))
-    before = tag()
-    os.utime(pkg / "libaddnorm.so", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    after = tag()
-    assert before.startswith("mine;addnorm:") and after.startswith("mine;addnorm:")
-    assert before != after
+    lib = pkg / "libaddnorm.so"
+    first = tag_of_copy()
+    assert first == "mine;" + tag.split(";")[-1]
+    st = os.stat(lib)
+    os.utime(lib, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    assert tag_of_copy() == first
+    with open(lib, "ab") as f:
+        f.write(b"\0")
+    other = tag_of_copy()
+    assert other.startswith("mine;addnorm:") and other != first
 
 
 def _has_kernel(op, key):

@@ -50,6 +50,8 @@
 #include <addnorm/ops.h>
 #include <addnorm/transformer_encoder_layer.h>
 
+#include "ops/norm_public.h"
+
 namespace addnorm {
 namespace {
 
@@ -87,12 +89,8 @@ at::Tensor seeded_dropout(const at::Tensor& x, double p, bool training) {
   if (!training || p == 0.0) {
     return x;
   }
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("addnorm::_dropout_apply", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double,
-                            std::optional<c10::ScalarType>)>();
-  return op.call(x, addnorm::dropout_seed(x.device(), std::nullopt), p, std::nullopt);
+  return dropout_apply_op().call(x, addnorm::dropout_seed(x.device(), std::nullopt), p,
+                                 std::nullopt);
 }
 
 // MultiheadAttention self-attention (F.multi_head_attention_forward with need_weights=False)
@@ -184,14 +182,10 @@ at::Tensor self_attention(
     }
     // Dropped probabilities times v in one op whose node keeps the probabilities (softmax's
     // node keeps them anyway), not the dropped copy: backward regenerates it.
-    static const auto dropout_matmul =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("addnorm::_dropout_matmul", "")
-            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
     // (v contiguous, as matmul would copy it: the node then keeps that copy, not the whole
     // projection v is a view of.)
-    out = dropout_matmul.call(at::_safe_softmax(scores, -1), v.contiguous(),
-                              addnorm::dropout_seed(x.device(), std::nullopt), dropout_p);
+    out = dropout_matmul_op().call(at::_safe_softmax(scores, -1), v.contiguous(),
+                                   addnorm::dropout_seed(x.device(), std::nullopt), dropout_p);
   } else {
     out = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal);
   }

@@ -563,16 +563,6 @@ at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& see
   return out;
 }
 
-inline c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, double)>
-dropout_matmul_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("addnorm::_dropout_matmul", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double)>();
-  return op;
-}
-
 // _dropout_matmul: out = dropped(probs) @ value, dropped(t) = _dropout_apply(t, seed, p).
 // The node keeps probs (which softmax's node keeps anyway), value and the seed; backward
 // regenerates dropped(probs) for value's gradient, and probs' gradient is

@@ -94,6 +94,16 @@ inline c10::TypedOperatorHandle<DropoutApplySig> dropout_apply_op() {
   return op;
 }
 
+using DropoutMatmulSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    double);
+
+inline c10::TypedOperatorHandle<DropoutMatmulSig> dropout_matmul_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("addnorm::_dropout_matmul", "")
+                             .typed<DropoutMatmulSig>();
+  return op;
+}
+
 inline c10::TypedOperatorHandle<NormBwdSig> norm_bwd_op() {
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("addnorm::_norm_bwd", "").typed<NormBwdSig>();

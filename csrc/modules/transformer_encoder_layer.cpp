@@ -13,9 +13,10 @@
 // others (between linear1 and linear2; pre-LN's second residual branch; on the CPU, for
 // float32/float64, the attention probabilities) are _dropout_apply with a seed of their
 // own (seeded_dropout). On CUDA, and for float16/bfloat16 q, k, v on the CPU (autocast
-// included), the attention probabilities are dropped inside torch's scaled_dot_product_attention, as torch's layer
-// does. Each element is kept with probability 1 - p and scaled by 1 / (1 - p), but for the
-// same torch::manual_seed the masks differ from torch's.
+// included), the attention probabilities are dropped inside torch's
+// scaled_dot_product_attention, as torch's layer does. Each element is kept with
+// probability 1 - p and scaled by 1 / (1 - p), but for the same torch::manual_seed the
+// masks differ from torch's.
 //
 // Memory. In training every float32/float64 norm runs with memory_efficient: its node
 // keeps the norm's output, which the Linear after it keeps anyway (in_proj, linear1, or the

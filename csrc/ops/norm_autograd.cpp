@@ -572,7 +572,10 @@ class DropoutMatmulFunction : public torch::autograd::Function<DropoutMatmulFunc
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& probs,
                             const at::Tensor& value, const at::Tensor& seed, double p) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    ctx->save_for_backward({probs, value, seed});
+    // probs' gradient needs value, value's needs probs: the node keeps only what a wanted
+    // gradient reads.
+    ctx->save_for_backward({value.requires_grad() ? probs : at::Tensor(),
+                            probs.requires_grad() ? value : at::Tensor(), seed});
     ctx->saved_data["p"] = p;
     return dropout_matmul_op().call(probs, value, seed, p);
   }

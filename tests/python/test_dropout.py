@@ -370,6 +370,16 @@ def test_dropout_matmul_equals_dropout_then_matmul(dtype, device):
     for a, e in zip(torch.autograd.grad(out, [probs, value], g),
                     torch.autograd.grad(ref, [probs, value], g)):
         assert torch.equal(a, e)
+    # One input needing a gradient: the node keeps what that gradient reads, not the other.
+    for p_in, v_in in ((probs, value.detach()), (probs.detach(), value)):
+        keeps, wrt = (v_in, p_in) if p_in.requires_grad else (p_in, v_in)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            out = torch.ops.addnorm._dropout_matmul(p_in, v_in, seed, 0.4)
+        assert len(saved) == 2 and saved[0] is keeps and saved[1] is seed
+        ref = torch.ops.addnorm._dropout_apply(p_in, seed, 0.4) @ v_in
+        assert torch.equal(torch.autograd.grad(out, wrt, g)[0], torch.autograd.grad(ref, wrt, g)[0])
 
 
 def test_dropout_matmul_gradcheck_tangent_and_errors():

@@ -112,6 +112,23 @@ def test_same_seed_same_mask_on_cpu_and_cuda():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_h_is_torchs_dropout_then_add(dtype, device):
+    """h = dropout(x) + r is bitwise what torch computes from the same mask: x times the
+    factor (mask / (1 - p)) rounded, plus r rounded (in float32 for bfloat16, then rounded
+    to bfloat16), not one fused multiply-add, on every device and instruction set."""
+    p, m, n = 0.3, 37, 1029
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = make_data((m, n), dtype, device)
+    r = make_data((m, n), dtype, device)
+    for norm in OPS:
+        _, h, mask = _fused(norm, x, r, n, None, None, p, return_residual=True,
+                            return_dropout_mask=True)
+        factor = mask.to(acc) * torch.tensor(1.0 / (1.0 - p), dtype=acc)
+        assert torch.equal(h, (x.to(acc) * factor + r.to(acc)).to(dtype)), norm
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", OPS)
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -609,8 +626,9 @@ def test_mask_is_the_documented_philox_function(device):
 def test_same_mask_and_gradients_on_every_instruction_set():
     """The CPU kernels' builds (portable, AVX2, AVX512; those this processor runs, chosen
     with ATEN_CPU_CAPABILITY in fresh processes) draw the same mask: the mask itself, the
-    fused forward's h (bitwise: the input times the same factors) and the elements the
-    input gradient written by the norm backward keeps."""
+    fused forward's h (bitwise: the input times the same factors, plus a residual rounded
+    the same way, float32 and float64) and the elements the input gradient written by the
+    norm backward keeps."""
     import subprocess
     import sys
 
@@ -625,7 +643,10 @@ def test_same_mask_and_gradients_on_every_instruction_set():
         "gx, = torch.autograd.grad(out, [x32], dy)\n"
         "assert torch.equal(gx != 0, mask) and torch.equal(h != 0, mask)\n"
         "digest = lambda t: hashlib.sha256(t.detach().numpy().tobytes()).hexdigest()\n"
-        "print(addnorm.cpu_capability(), digest(mask), digest(h), digest(gx != 0))\n"
+        "r = torch.rand(5, 1031, generator=g) - 0.5  # (randn's values depend on the build)\n"
+        "hr = [torch.ops.addnorm.add_layer_norm(x32.detach().to(dt), r.to(dt), [1031], dropout_p=0.3,\n"
+        "                                       dropout_seed=seed)[1] for dt in (torch.float32, torch.float64)]\n"
+        "print(addnorm.cpu_capability(), digest(mask), digest(h), digest(gx != 0), *map(digest, hr))\n"
     )
     seen = {}
     for cap in ("default", "avx2", "avx512"):

@@ -151,7 +151,9 @@ __device__ __forceinline__ void apply_dropout(const int64_t* __restrict__ seed,
       bits = dropout_bits(k, static_cast<uint64_t>(e) >> 2);
     }
     const uint32_t b = q == 0 ? bits[0] : q == 1 ? bits[1] : q == 2 ? bits[2] : bits[3];
-    v[j] = v[j] * (dropout_keep(k, b) ? scale : A(0));  // a dropped inf gives NaN, as torch's
+    // Rounded here (never fused with the residual's add: h rounds twice, as torch's dropout
+    // then add and the CPU kernels); a dropped inf gives NaN, as torch's.
+    v[j] = mul_rn(v[j], dropout_keep(k, b) ? scale : A(0));
   }
 }
 

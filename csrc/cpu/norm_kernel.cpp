@@ -809,7 +809,7 @@ void norm_fwd_typed(const NormFwdArgs& args) {
 
   const bool drop = args.dropout_p > 0.0;
   const DropoutKey drop_key = drop ? fwd_dropout_key(args) : DropoutKey{};
-  const A drop_scale = static_cast<A>(dropout_scale(args.dropout_p));
+  const A drop_scale = dropout_scale<A>(args.dropout_p);
   // float32 rows without a residual or dropout are normalized in place: no scratch row.
   const bool needs_scratch = r_base != nullptr || !std::is_same_v<T, A> || drop;
 
@@ -919,7 +919,7 @@ void norm_fwd_typed(const NormFwdArgs& args) {
         }
         for (; j < N; ++j) {
           y[j] = static_cast<T>(
-              normalized(v[j], mean_a, mean_lo, rstd_a, rstd_lo) * gamma[j] + beta[j]);
+              fma_of(normalized(v[j], mean_a, mean_lo, rstd_a, rstd_lo), gamma[j], beta[j]));
         }
       } else if constexpr (std::is_same_v<T, float>) {
         // float32 data: v widened as loaded, gamma and beta already in double.
@@ -1009,7 +1009,7 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 
   const bool drop = args.dropout_p > 0.0;
   const DropoutKey drop_key = drop ? fwd_dropout_key(args) : DropoutKey{};
-  const double drop_scale = dropout_scale(args.dropout_p);
+  const double drop_scale = dropout_scale<double>(args.dropout_p);
 
   at::parallel_for(0, M, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<double[]> scratch(r_base || drop ? new double[N] : nullptr);
@@ -1193,12 +1193,9 @@ inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1
   constexpr int64_t S = VD::size();
   const VD x0 = fma_of(VD::loadu(ds), row.xs, row.x_off);
   const VD x1 = fma_of(VD::loadu(ds + S), row.xs, row.x_off);
-  VD t0 = x0 * row.b;
-  VD t1 = x1 * row.b;
-  if constexpr (kResidual) {
-    t0 = t0 + r0;
-    t1 = t1 + r1;
-  }
+  // (as the scalar tail: x * b + r fused)
+  const VD t0 = kResidual ? fma_of(x0, row.b, r0) : x0 * row.b;
+  const VD t1 = kResidual ? fma_of(x1, row.b, r1) : x1 * row.b;
   const VD o0 = fma_of(y0 * VD::loadu(gm) - row.c1, row.rstd, t0);
   const VD o1 = fma_of(y1 * VD::loadu(gm + S) - row.c1, row.rstd, t1);
   if constexpr (kPartials) {
@@ -1211,8 +1208,8 @@ inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1
 // Pass 2 over a row.
 template <typename G, typename X, bool kResidual, bool kPartials>
 void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const double* gm,
-                 int64_t N, const BwdRow& row, double rstd, double xs, double x_off, double c1,
-                 double b, double* pg, G* dxin, const float* fac, const NextRow& next) {
+                 int64_t N, const BwdRow row, double rstd, double xs, double x_off, double c1,
+                 double b, double* pg, G* dxin, const float* fac, const NextRow next) {
   using V = VF;
   constexpr int64_t W = Pack<X>::kWidth;
   static_assert(W * sizeof(G) <= NextRow::kStepBytes && W * sizeof(X) <= NextRow::kStepBytes,
@@ -1424,7 +1421,7 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
   if (args.grad_input.defined()) {
     a.dxin = args.grad_input.mutable_data_ptr<G>();
     a.key = bwd_dropout_key(args);
-    a.drop_scale = static_cast<float>(dropout_scale(args.dropout_p));
+    a.drop_scale = dropout_scale<float>(args.dropout_p);
   }
   a.partials = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
   a.M = args.M;
@@ -1548,7 +1545,7 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
   double* dxin_base =
       args.grad_input.defined() ? args.grad_input.mutable_data_ptr<double>() : nullptr;
   const DropoutKey drop_key = dxin_base ? bwd_dropout_key(args) : DropoutKey{};
-  const double drop_scale = dxin_base ? dropout_scale(args.dropout_p) : 0.0;
+  const double drop_scale = dxin_base ? dropout_scale<double>(args.dropout_p) : 0.0;
   double* partial_base = partials.defined() ? partials.mutable_data_ptr<double>() : nullptr;
   const int64_t rows_per_chunk = bwd_chunk_rows(M, N);
   const int64_t chunks = bwd_chunks(M, N);
@@ -1788,7 +1785,7 @@ void dropout_apply_kernel(const DropoutApplyArgs& args) {
     using Acc = acc_t<In>;
     const In* in = args.input.const_data_ptr<In>();
     Out* out = args.out.mutable_data_ptr<Out>();
-    const Acc scale = static_cast<Acc>(dropout_scale(args.p));
+    const Acc scale = dropout_scale<Acc>(args.p);
     at::parallel_for(0, (n + kGrain - 1) / kGrain, 1, [&](int64_t c0, int64_t c1) {
       std::unique_ptr<Acc[]> fac(new Acc[kGrain]);
       for (int64_t c = c0; c < c1; ++c) {

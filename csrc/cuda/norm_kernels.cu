@@ -1002,7 +1002,7 @@ void launch_norm_fwd(const NormFwdArgs& a) {
   p.eps = a.eps;
   p.drop_seed = a.dropout_p > 0.0 ? a.dropout_seed.const_data_ptr<int64_t>() : nullptr;
   p.drop_threshold = dropout_threshold(a.dropout_p);
-  p.drop_scale = static_cast<A>(dropout_scale(a.dropout_p));
+  p.drop_scale = dropout_scale<A>(a.dropout_p);
 
   const bool vectorized = a.N % VEC == 0 && is_aligned(p.x, sizeof(Vec<T, VEC>)) &&
                           is_aligned(p.residual, sizeof(Vec<R, VEC>)) &&
@@ -1263,7 +1263,7 @@ void dropout_apply(const DropoutApplyArgs& args) {
     using Out = decltype(out_tag);
     dropout_apply_kernel<In, Out><<<blocks, kThreads, 0, stream>>>(
         args.input.const_data_ptr<In>(), args.out.mutable_data_ptr<Out>(), n, seed, threshold,
-        static_cast<at::opmath_type<In>>(dropout_scale(args.p)));
+        dropout_scale<at::opmath_type<In>>(args.p));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // The dtypes the checks allow: the input's, or float16/bfloat16 out of float32.

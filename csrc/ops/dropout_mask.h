@@ -31,8 +31,13 @@ inline uint64_t dropout_threshold(double p) {
   return static_cast<uint64_t>(std::ldexp(1.0 - p, 32));
 }
 
-// The scale of kept elements, in the compute type: 1 / (1 - p), 0 for p = 1.
-inline double dropout_scale(double p) { return p < 1.0 ? 1.0 / (1.0 - p) : 0.0; }
+// The scale of kept elements in the compute type A (float, or double for float64 data):
+// 1 / (1 - p) as torch's dropout rounds it (mask / (1 - p): 1 - p rounded to A, then the
+// reciprocal), 0 for p = 1.
+template <typename A>
+inline A dropout_scale(double p) {
+  return p < 1.0 ? A(1) / static_cast<A>(1.0 - p) : A(0);
+}
 
 // Four random 32-bit words for elements 4 * group ... 4 * group + 3: the first block of
 // ATen's Philox engine at (seed, subsequence = group, offset), i.e. counter (offset, group).

@@ -564,8 +564,9 @@ at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& see
 }
 
 // _dropout_matmul: out = dropped(probs) @ value, dropped(t) = _dropout_apply(t, seed, p).
-// The node keeps probs (which softmax's node keeps anyway), value and the seed; backward
-// regenerates dropped(probs) for value's gradient, and probs' gradient is
+// The node keeps probs (which softmax's node keeps anyway) when value's gradient is wanted,
+// value when probs' is, and the seed; backward regenerates dropped(probs) for value's
+// gradient, and probs' gradient is
 // dropped(grad @ value^T). Both with differentiable ops (second derivatives work).
 class DropoutMatmulFunction : public torch::autograd::Function<DropoutMatmulFunction> {
  public:

@@ -112,20 +112,22 @@ def test_same_seed_same_mask_on_cpu_and_cuda():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.3, 0.15])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_h_is_torchs_dropout_then_add(dtype, device):
-    """h = dropout(x) + r is bitwise what torch computes from the same mask: x times the
-    factor (mask / (1 - p)) rounded, plus r rounded (in float32 for bfloat16, then rounded
-    to bfloat16), not one fused multiply-add, on every device and instruction set."""
-    p, m, n = 0.3, 37, 1029
+def test_h_is_torchs_dropout_then_add(dtype, p, device):
+    """h = dropout(x) + r is bitwise what torch's CPU dropout computes from the same mask
+    (noise = mask / (1 - p), then x * noise), plus r: each step rounded (in float32 for
+    bfloat16, then rounded to bfloat16), not one fused multiply-add, on every device and
+    instruction set. (p = 0.15: 1 / (1 - p) rounded once differs from torch's factor.)"""
+    m, n = 37, 1029
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     x = make_data((m, n), dtype, device)
     r = make_data((m, n), dtype, device)
     for norm in OPS:
         _, h, mask = _fused(norm, x, r, n, None, None, p, return_residual=True,
                             return_dropout_mask=True)
-        factor = mask.to(acc) * torch.tensor(1.0 / (1.0 - p), dtype=acc)
-        assert torch.equal(h, (x.to(acc) * factor + r.to(acc)).to(dtype)), norm
+        noise = mask.to(acc) / (1 - p)
+        assert torch.equal(h, (x.to(acc) * noise + r.to(acc)).to(dtype)), norm
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -329,9 +331,10 @@ def test_functorch_transforms_refuse_dropout_clearly():
                                     (torch.bfloat16, None), (torch.float32, torch.bfloat16)],
                          ids=["float64", "float32", "bfloat16", "float32_to_bfloat16"])
 def test_dropout_apply_gradient_is_the_mask(dtypes, device):
-    """out = input * (mask * scale), scale = 1 / (1 - p) in the compute type (float32, or
-    float64 for float64), and the input's gradient is grad * (mask * scale), in the input's
-    dtype (mask from addnorm.dropout_mask), bitwise; the node keeps no tensor but the seed."""
+    """out = input * (mask / (1 - p)) in the compute type (float32, or float64 for float64;
+    the factor rounded as torch's dropout rounds it), and the input's gradient is grad *
+    (mask / (1 - p)), in the input's dtype (mask from addnorm.dropout_mask), bitwise; the
+    node keeps no tensor but the seed."""
     x_dtype, out_dtype = dtypes
     seed = addnorm.dropout_seed(device)
     x = make_data((5, 37), x_dtype, device, requires_grad=True)
@@ -340,7 +343,7 @@ def test_dropout_apply_gradient_is_the_mask(dtypes, device):
         out = torch.ops.addnorm._dropout_apply(x, seed, 0.3, out_dtype)
     assert len(saved) == 1 and saved[0] is seed
     acc = torch.float64 if x_dtype == torch.float64 else torch.float32
-    factor = addnorm.dropout_mask(seed, [5, 37], 0.3).to(acc) * torch.tensor(1 / 0.7, dtype=acc)
+    factor = addnorm.dropout_mask(seed, [5, 37], 0.3).to(acc) / (1 - 0.3)
     expected = (x.detach().to(acc) * factor).to(out_dtype or x_dtype)
     assert out.dtype == (out_dtype or x_dtype) and torch.equal(out, expected)
     g = make_data((5, 37), out.dtype, device)

@@ -564,17 +564,15 @@ at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& see
 }
 
 // _dropout_matmul: out = dropped(probs) @ value, dropped(t) = _dropout_apply(t, seed, p).
-// The node keeps probs (which softmax's node keeps anyway) when value's gradient is wanted,
-// value when probs' is, and the seed; backward regenerates dropped(probs) for value's
-// gradient, and probs' gradient is
-// dropped(grad @ value^T). Both with differentiable ops (second derivatives work).
+// The node keeps the seed, probs (which softmax's node keeps anyway) when value's gradient
+// is wanted and value when probs' is; backward regenerates dropped(probs) for value's
+// gradient, and probs' gradient is dropped(grad @ value^T). Both with differentiable ops
+// (second derivatives work).
 class DropoutMatmulFunction : public torch::autograd::Function<DropoutMatmulFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& probs,
                             const at::Tensor& value, const at::Tensor& seed, double p) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    // probs' gradient needs value, value's needs probs: the node keeps only what a wanted
-    // gradient reads.
     ctx->save_for_backward({value.requires_grad() ? probs : at::Tensor(),
                             probs.requires_grad() ? value : at::Tensor(), seed});
     ctx->saved_data["p"] = p;

@@ -10,8 +10,9 @@
 // Backward, per row: grad_h = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma
 // rounded once (RMS drops mean(g)), plus grad_residual_out; the row sums in double
 // (double-double for fp64); grad_gamma / grad_beta from fp32 per-chunk partials summed in
-// double by a finalize kernel in a fixed order, the chunks fixed by M and N (bitwise
-// reproducible, also across GPUs and grid sizes; no atomics). From the output
+// double by a finalize kernel in a fixed order, the chunks fixed by M, N and the path
+// (register or looping, below: chosen by N and the pointers' alignment), so bitwise
+// reproducible, also across GPUs and grid sizes; no atomics. From the output
 // (memory_efficient): xhat = (y - beta) / gamma, read from the forward's output y.
 //
 // Paths, chosen at run time per call:
@@ -257,38 +258,38 @@ __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, 
       yf[j] = static_cast<A>(y[j]);
     }
     store_vec<VEC>(p.out + off, yf);
-    return;
-  }
-  A y[VEC];
+  } else {
+    A y[VEC];
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    y[j] = norm(h[j]);
-  }
-  if (p.gamma != nullptr) {
-    A g[VEC];
-    load_vec<VEC>(p.gamma + col, g);
-    if (p.beta != nullptr) {
+    for (int j = 0; j < VEC; ++j) {
+      y[j] = norm(h[j]);
+    }
+    if (p.gamma != nullptr) {
+      A g[VEC];
+      load_vec<VEC>(p.gamma + col, g);
+      if (p.beta != nullptr) {
+        A b[VEC];
+        load_vec<VEC>(p.beta + col, b);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          y[j] = fma_rn(y[j], g[j], b[j]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          y[j] = mul_rn(y[j], g[j]);
+        }
+      }
+    } else if (p.beta != nullptr) {
       A b[VEC];
       load_vec<VEC>(p.beta + col, b);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        y[j] = fma_rn(y[j], g[j], b[j]);
-      }
-    } else {
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        y[j] = mul_rn(y[j], g[j]);
+        y[j] += b[j];
       }
     }
-  } else if (p.beta != nullptr) {
-    A b[VEC];
-    load_vec<VEC>(p.beta + col, b);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      y[j] += b[j];
-    }
+    store_vec<VEC>(p.out + off, y);
   }
-  store_vec<VEC>(p.out + off, y);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -370,8 +371,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 // Forward, looping path (any N): one sweep over the row sums d = h - shift and d * d in
 // double / double-double (shift = h of the row's first element, read by every thread; for
-// RMSNorm shift = 0), so the variance sum(d^2) / N - (sum(d) / N)^2 loses nothing to the
-// shift at float32 precision; a second sweep recomputes h and writes out (and h).
+// RMSNorm shift = 0; stat_add_dev: float64 d kept exactly), so the variance sum(d^2) / N -
+// (sum(d) / N)^2 loses nothing to the shift; a second sweep recomputes h and writes out
+// (and h).
 template <typename T, typename R, typename H, typename W, bool RMS, int VEC>
 __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     norm_fwd_looping_kernel(const FwdParams<T, R, H, W> p) {
@@ -415,11 +417,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
         if (base + u * tpr < row_vecs) {
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            const double d = static_cast<double>(h[u][j]) - shift;
-            if constexpr (!RMS) {
-              stat_add(sums[0], d);
-            }
-            stat_add_prod(sums[K - 1], d, d);
+            stat_add_dev(sums, static_cast<double>(h[u][j]), shift);
           }
         }
       }

@@ -152,6 +152,34 @@ __device__ __forceinline__ void stat_add_prod(DoubleDouble& s, double a, double 
   s.hi = t;
 }
 
+// sums[0] += d (LayerNorm, K = 2) and sums[K - 1] += d * d for d = v - shift. Double sums
+// (float data, whose d is exact in double): d rounded. Double-double: d kept exactly as a
+// sum of two doubles (TwoSum), so that a shift far from the row's values (its first
+// element an outlier) costs the sums none of the bits it cancels; (d + e)^2 = d^2 + 2 d e
+// to the sums' precision.
+template <int K>
+__device__ __forceinline__ void stat_add_dev(double (&sums)[K], double v, double shift) {
+  const double d = v - shift;
+  if constexpr (K == 2) {
+    stat_add(sums[0], d);
+  }
+  stat_add_prod(sums[K - 1], d, d);
+}
+template <int K>
+__device__ __forceinline__ void stat_add_dev(DoubleDouble (&sums)[K], double v, double shift) {
+  double d, e;
+  two_sum(v, -shift, d, e);
+  if (!isfinite(d)) {
+    e = 0.0;  // inf / NaN: no error term (it would be NaN)
+  }
+  if constexpr (K == 2) {
+    stat_add(sums[0], d);
+    sums[0].lo += e;
+  }
+  stat_add_prod(sums[K - 1], d, d);
+  sums[K - 1].lo += 2.0 * d * e;
+}
+
 __device__ __forceinline__ double stat_value(double s) { return s; }
 __device__ __forceinline__ double stat_value(const DoubleDouble& s) { return s.hi + s.lo; }
 
@@ -201,7 +229,9 @@ __device__ __forceinline__ void shifted_moments(const DoubleDouble& s1, const Do
   const double pl = fma(q1, q1, -p) + 2.0 * q1 * l1;  // (s1 / n)^2 = p + pl
   var = (q2 - p) + (l2 - pl);
   var = var < 0.0 ? 0.0 : var;
-  mean = shift + (q1 + l1);
+  // shift + q1 first: exact where they cancel (q1 near -shift: the shift far from the
+  // mean), so the mean is rounded once at its own scale, not at the shift's.
+  mean = (shift + q1) + l1;
 }
 
 // 1 / sqrt(v) in double, without a division or a square-root subroutine: the hardware

@@ -7,9 +7,10 @@
 // at::parallel_for; a row lives in a scratch buffer (L1/L2) between its passes, so memory
 // sees each input read once and each output written once.
 //
-// Numerics. float32/float16/bfloat16 data: the row statistics (sum, then sum of squared
-// deviations) are summed in double lanes, the float lanes converted in registers; the sum
-// of squares of any finite float row fits a double. The forward output is computed in
+// Numerics. float32/float16/bfloat16 data: the row statistics (the sums of h - shift and
+// of its square, shift the row's first h, in one sweep; two-pass where that would lose
+// bits) are summed in double lanes, the float lanes converted in registers; the sum of
+// squares of any finite float row fits a double. The forward output is computed in
 // float lanes with mean and rstd split into their float value plus the rounding error of
 // the double statistics, or in double lanes for rows where that split is not exact or
 // h - mean could overflow float (rstd outside [2^-100, 2^100], N * var above 2^250). The
@@ -334,8 +335,8 @@ inline void dd_rsqrt(double a, double b, double& r, double& r_lo) {
 // are added as a double-double, so the error does not grow with N.
 constexpr int64_t kBlock = 8192;
 
-// Lanes of a block's sum: double lanes for float vectors, double-double lanes for double
-// vectors. add(a0, a1) takes the two compute vectors of one step.
+// Lanes of a block's sum: double lanes for float values (float_sum), double-double lanes
+// for double vectors (blocked_sum; add(a0, a1) takes the two vectors of one step).
 template <typename A>
 struct Lanes;
 
@@ -343,15 +344,6 @@ template <>
 struct Lanes<float> {
   VD s0{0.0}, s1{0.0}, s2{0.0}, s3{0.0};
   double tail = 0.0;
-  void add(const VF& a0, const VF& a1) {
-    VD x0, x1, x2, x3;
-    widen(a0, x0, x1);
-    widen(a1, x2, x3);
-    s0 = s0 + x0;
-    s1 = s1 + x1;
-    s2 = s2 + x2;
-    s3 = s3 + x3;
-  }
   // The 2 * VF::size() floats at p.
   void add(const float* p) {
     VD x0, x1, x2, x3;
@@ -428,28 +420,25 @@ struct Lanes<double> {
   }
 };
 
-// Sum over j < n of the values that fv(j) (two compute vectors at j, W = 2 * V::size()
-// elements) and fs(j) (one element at j) produce. kSum = false: only calls fv and fs (for
-// what they store) and returns 0.
-template <typename A, bool kSum = true, typename FV, typename FS>
+// Sum over j < n of the doubles that fv(j) (two double vectors at j, W = 2 * VD::size()
+// elements) and fs(j) (one element at j) produce, in double-double lanes.
+template <typename FV, typename FS>
 DD blocked_sum(int64_t n, const FV& fv, const FS& fs) {
-  using V = Vectorized<A>;
-  constexpr int64_t W = 2 * V::size();
+  constexpr int64_t W = 2 * VD::size();
   DD total;
   for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
     const int64_t b1 = std::min(n, b0 + kBlock);
-    Lanes<A> acc;
+    Lanes<double> acc;
     int64_t j = b0;
     for (; j + W <= b1; j += W) {
-      V a0, a1;
+      VD a0, a1;
       fv(j, a0, a1);
-      if constexpr (kSum) acc.add(a0, a1);
+      acc.add(a0, a1);
     }
     for (; j < b1; ++j) {
-      const double v = static_cast<double>(fs(j));
-      if constexpr (kSum) acc.add_scalar(v);
+      acc.add_scalar(static_cast<double>(fs(j)));
     }
-    if constexpr (kSum) total.add(acc.total());
+    total.add(acc.total());
   }
   return total;
 }
@@ -545,7 +534,7 @@ F64Stats f64_stats(const double* v, int64_t n, double eps, bool rms, const DD& s
   const VD scale_v(scale);
   const DD scaled_sum =
       rms ? DD{}
-          : blocked_sum<double>(
+          : blocked_sum(
                 n,
                 [&](int64_t j, VD& a0, VD& a1) {
                   a0 = VD::loadu(v + j) * scale_v;
@@ -553,6 +542,92 @@ F64Stats f64_stats(const double* v, int64_t n, double eps, bool rms, const DD& s
                 },
                 [&](int64_t j) { return v[j] * scale; });
   return f64_stats_at(v, n, eps, rms, scale, scaled_sum);
+}
+
+// The forward's row moments in one sweep: the sums of d = v - shift and of d * d in double
+// lanes (kRms: shift 0, only d * d), blocked as blocked_sum. For float data d and d * d are
+// exact in double, so with the shift near the row's values (its first element), var =
+// sum(d^2) / N - (sum(d) / N)^2 loses nothing a float result can show; see row_moments
+// for the rows where the subtraction would.
+template <bool kRms>
+struct MomentLanes {
+  VD s0{0.0}, s1{0.0}, s2{0.0}, s3{0.0};  // sum of d
+  VD q0{0.0}, q1{0.0}, q2{0.0}, q3{0.0};  // sum of d * d
+  double s_tail = 0.0, q_tail = 0.0;
+  void add(const VF& a0, const VF& a1, const VD& shift) {
+    VD x0, x1, x2, x3;
+    widen(a0, x0, x1);
+    widen(a1, x2, x3);
+    add(x0, x1, x2, x3, shift);
+  }
+  void add(VD x0, VD x1, VD x2, VD x3, const VD& shift) {
+    if constexpr (!kRms) {
+      x0 = x0 - shift;
+      x1 = x1 - shift;
+      x2 = x2 - shift;
+      x3 = x3 - shift;
+      s0 = s0 + x0;
+      s1 = s1 + x1;
+      s2 = s2 + x2;
+      s3 = s3 + x3;
+    }
+    q0 = fma_of(x0, x0, q0);
+    q1 = fma_of(x1, x1, q1);
+    q2 = fma_of(x2, x2, q2);
+    q3 = fma_of(x3, x3, q3);
+  }
+  void add_scalar(double v, double shift) {
+    const double d = kRms ? v : v - shift;
+    if constexpr (!kRms) s_tail += d;
+    q_tail += d * d;
+  }
+  void total(DD& s, DD& q) const {
+    if constexpr (!kRms) {
+      s.add(reduce_add((s0 + s1) + (s2 + s3)));
+      s.add(s_tail);
+    }
+    q.add(reduce_add((q0 + q1) + (q2 + q3)));
+    q.add(q_tail);
+  }
+};
+
+// Sums of d and d * d (kRms: only d * d = v * v) over j < n of the float values that fv(j)
+// (two float vectors at j, 2 * VF::size() elements) and fs(j) (one element) produce.
+template <bool kRms, typename FV, typename FS>
+void blocked_moments(int64_t n, double shift, const FV& fv, const FS& fs, DD& s, DD& q) {
+  constexpr int64_t W = 2 * VF::size();
+  const VD shift_v(shift);
+  for (int64_t b0 = 0; b0 < n; b0 += kBlock) {
+    const int64_t b1 = std::min(n, b0 + kBlock);
+    MomentLanes<kRms> acc;
+    int64_t j = b0;
+    for (; j + W <= b1; j += W) {
+      VF a0, a1;
+      fv(j, a0, a1);
+      acc.add(a0, a1, shift_v);
+    }
+    for (; j < b1; ++j) {
+      acc.add_scalar(static_cast<double>(fs(j)), shift);
+    }
+    acc.total(s, q);
+  }
+}
+
+// A row's mean and variance (RMSNorm: mean 0, var the mean square) from pass 1's sums
+// (s, q: of d = v - shift and of d * d, see MomentLanes). Where the subtraction q / N -
+// (s / N)^2 could lose bits a float result shows, (s / N)^2 > 256 var (the shift far from
+// the mean compared with the spread: a rare row, e.g. its first element an outlier), and
+// for rows with inf or NaN, the two-pass sums over the row v (in float) instead: the mean,
+// then the squared deviations from it.
+inline void row_moments(bool rms, const DD& s, const DD& q, double shift, const float* v,
+                        int64_t n, double& mean, double& var) {
+  const double nd = static_cast<double>(n);
+  const double m1 = rms ? 0.0 : s.value() / nd;
+  var = std::max(q.value() / nd - m1 * m1, 0.0);
+  mean = rms ? 0.0 : shift + m1;
+  if (rms || m1 * m1 <= 256.0 * var) return;
+  mean = float_sum<false>(v, n, 0.0).value() / nd;
+  var = float_sum<true>(v, n, mean).value() / nd;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -799,7 +874,7 @@ void norm_fwd_typed(const NormFwdArgs& args) {
   const ParamRow<A> beta_row(args.beta, N, A(0));
   const A* gamma = gamma_row.get();
   const A* beta = beta_row.get();
-  // float32 output is computed in double lanes (pass 3), with the parameters widened once.
+  // float32 output is computed in double lanes (pass 2), with the parameters widened once.
   constexpr bool kFloatOut = std::is_same_v<T, float>;
   const ParamRow<double> gamma_d(kFloatOut ? args.gamma : at::Tensor(), kFloatOut ? N : 0, 1.0);
   const ParamRow<double> beta_d(kFloatOut ? args.beta : at::Tensor(), kFloatOut ? N : 0, 0.0);
@@ -822,10 +897,20 @@ void norm_fwd_typed(const NormFwdArgs& args) {
       const A* v = scratch.get();  // the row being normalized, in float
 
       // Pass 1: v = h = dropout(x) (+ residual), rounded to H (written to residual_out if
-      // asked), and its sum for the mean. The dropped x is x * factor in float (not rounded
-      // to T first).
+      // asked), and its moments: the sums of d = v - shift and of d * d, shift the row's
+      // first v (RMSNorm: of v * v). The dropped x is x * factor in float (not rounded to T
+      // first).
       A* sv = scratch.get();
-      DD sum;  // LayerNorm only
+      double shift = 0.0;
+      DD s, q;
+      auto moments = [&](const auto& fv, const auto& fs) {
+        if (rms) {
+          blocked_moments<true>(N, 0.0, fv, fs, s, q);
+        } else {
+          shift = static_cast<double>(fs(0));  // (the sweep stores element 0 again, alike)
+          blocked_moments<false>(N, shift, fv, fs, s, q);
+        }
+      };
       if (drop || r_base) {
         // h = x * factor (dropout) + r (residual); either may be absent.
         const R* r = r_base ? r_base + i * N : nullptr;
@@ -854,11 +939,7 @@ void norm_fwd_typed(const NormFwdArgs& args) {
           if (h) h[j] = hv;
           return sv[j] = to_acc<A>(hv);
         };
-        if (rms) {
-          blocked_sum<A, false>(N, fv, fs);
-        } else {
-          sum = blocked_sum<A>(N, fv, fs);
-        }
+        moments(fv, fs);
       } else {
         if (h) {
           if constexpr (std::is_same_v<H, T>) {
@@ -869,7 +950,12 @@ void norm_fwd_typed(const NormFwdArgs& args) {
         }
         if constexpr (std::is_same_v<T, A>) {
           v = x;
-          if (!rms) sum = float_sum<false>(x, N, 0.0);
+          auto fv = [&](int64_t j, V& a0, V& a1) {
+            a0 = V::loadu(x + j);
+            a1 = V::loadu(x + j + V::size());
+          };
+          auto fs = [&](int64_t j) { return x[j]; };
+          moments(fv, fs);
         } else {
           auto fv = [&](int64_t j, V& a0, V& a1) {
             Pack<T>::load(x + j, a0, a1);
@@ -877,24 +963,21 @@ void norm_fwd_typed(const NormFwdArgs& args) {
             a1.store(sv + j + V::size());
           };
           auto fs = [&](int64_t j) { return sv[j] = to_acc<A>(x[j]); };
-          if (rms) {
-            blocked_sum<A, false>(N, fv, fs);
-          } else {
-            sum = blocked_sum<A>(N, fv, fs);
-          }
+          moments(fv, fs);
         }
       }
 
-      // Pass 2: variance as the mean of squared deviations (two-pass; RMSNorm: mean 0).
-      const double mean = rms ? 0.0 : sum.value() / static_cast<double>(N);
-      const double var = float_sum<true>(v, N, mean).value() / static_cast<double>(N);
+      // The statistics (row_moments: from a second, two-pass sweep over v for the rows
+      // whose one-sweep variance could lose bits).
+      double mean, var;
+      row_moments(rms, s, q, shift, v, N, mean, var);
       const double rstd = 1.0 / std::sqrt(var + eps);
       const A mean_a = static_cast<A>(mean);
       const A rstd_a = static_cast<A>(rstd);
       if (mean_base) mean_base[i] = mean_a;
       rstd_base[i] = rstd_a;
 
-      // Pass 3: out = (v - mean) * rstd * gamma + beta. float32 output: in double lanes,
+      // Pass 2: out = (v - mean) * rstd * gamma + beta. float32 output: in double lanes,
       // rounded once (a float-lane result is within about an ulp, torch's is too, and
       // either can be the larger). float16/bfloat16 output: in float lanes where the split
       // statistics are exact and h - mean cannot overflow (|h - mean| <= sqrt(N * var)),
@@ -1029,7 +1112,7 @@ void norm_fwd_f64(const NormFwdArgs& args) {
         if (drop) dropout_factors_fast(drop_key, drop_scale, i * N, N, fac.get());
         double* sv = scratch.get();
         v = sv;
-        sum = blocked_sum<double>(
+        sum = blocked_sum(
             N,
             [&](int64_t j, V& a0, V& a1) {
               a0 = V::loadu(x + j);
@@ -1053,7 +1136,7 @@ void norm_fwd_f64(const NormFwdArgs& args) {
       } else {
         if (h) std::copy(x, x + N, h);
         if (!rms) {
-          sum = blocked_sum<double>(
+          sum = blocked_sum(
               N,
               [&](int64_t j, V& a0, V& a1) {
                 a0 = V::loadu(x + j);
@@ -1651,7 +1734,7 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
             // Sums beyond the double range, or squares underflowing with eps ~ 0: the
             // forward's rescaled statistics, and sum(g * xhat) again (rare).
             const DD sum_h = rms ? DD{}
-                                 : blocked_sum<double>(
+                                 : blocked_sum(
                                        N,
                                        [&](int64_t j, V& a0, V& a1) {
                                          a0 = V::loadu(h + j);

@@ -21,6 +21,10 @@ from reference import errors_vs_torch, max_err, meets_bar, reference_ld
 
 ACC_SHAPES = [(64, 768), (16, 4096), (1, 100003)]
 DISTRIBUTIONS = {"randn": (1.0, 0.0), "offset": (3.0, 5.0)}  # (scale, offset) of the input
+# "first_outlier": "offset" with each row's first element set to FIRST_OUTLIER, far out (a
+# massive activation), where a statistic shifted by the row's first element must not lose
+# bits to the shift.
+FIRST_OUTLIER = 3.0e4
 NORMS = ["layer_norm", "rms_norm"]
 EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}
 
@@ -29,8 +33,10 @@ def _run(norm, dtype, device, shape, dist, with_residual, w_dtype=None):
     """Returns {quantity: (err_ours, err_torch, max|ref|)}."""
     rms = norm == "rms_norm"
     m, n = shape
-    scale, offset = DISTRIBUTIONS[dist]
+    scale, offset = DISTRIBUTIONS["offset" if dist == "first_outlier" else dist]
     x = make_data(shape, dtype, device, scale=scale, offset=offset)
+    if dist == "first_outlier":
+        x[:, 0] = FIRST_OUTLIER
     r = make_data(shape, dtype, device, scale=1.0, offset=0.0) if with_residual else None
     w, b = make_affine((n,), w_dtype or dtype, device)
     dy = torch.randn(shape, device=device).to(dtype)
@@ -99,6 +105,21 @@ def test_backward_accuracy_vs_torch(shape, dtype, norm, dist, with_residual, dev
     quantities = [q for q in res if q != "out"]
     _check(res, dtype, f"{device} {norm} {dtype} {shape} {dist} residual={with_residual}", quantities,
            device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 768), (2, 100003)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_first_element_outlier_accuracy(shape, dtype, norm, device):
+    """Rows whose first element is about 6000 standard deviations out: the statistics
+    summed in one sweep shift the row by its first element (the CPU kernels for float data,
+    the CUDA looping path); they must keep the accuracy bar there, forward and backward
+    (the CPU kernels fall back to a two-pass sweep for such rows; the CUDA kernels sum the
+    float64 deviations from the shift exactly)."""
+    torch.manual_seed(11)
+    res = _run(norm, dtype, device, shape, "first_outlier", True)
+    _check(res, dtype, f"{device} {norm} {dtype} {shape} first_outlier", list(res), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -669,13 +669,17 @@ inline VF normalized_wide(const VF& v, const VF& gamma, const VF& beta, const VD
 // per round. The scalar function for the ends.
 template <typename A>
 void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A* fac) {
+  if (k.threshold > 0xFFFFFFFFu) {  // 1 - p rounds to 1 (p below 2^-53): every element kept
+    std::fill(fac, fac + n, scale);
+    return;
+  }
 #if defined(CPU_CAPABILITY_AVX512)
   const int64_t head = std::min<int64_t>(n, (4 - (e0 & 3)) & 3);
   dropout_factors(k, scale, e0, head, fac);
   int64_t e = e0 + head;
   const int64_t end = e0 + n;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // threshold < 2^32 (p > 0)
+  // threshold < 2^32 (above)
   const __m512i thr = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(k.threshold)));
   const __m512i sa = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m512i sb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
@@ -740,7 +744,7 @@ void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A
   const int64_t end = e0 + n;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  // threshold < 2^32 (p > 0): the signed compare of sign-flipped words is unsigned.
+  // threshold < 2^32 (above): the signed compare of sign-flipped words is unsigned.
   const __m256i thr = _mm256_xor_si256(
       _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(k.threshold))), sign);
   const __m256i sa = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));

@@ -270,6 +270,42 @@ def test_p0_is_the_no_dropout_path_and_p1_gives_the_residual(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [3, 256], ids=["scalar_row", "vector_row"])
+def test_p_below_double_rounding_keeps_every_element(n, device):
+    """A p so small that 1 - p rounds to 1 (below 2^-53): torch's dropout keeps every
+    element and scales by 1, and so does the fused dropout, in the rows' scalar and vector
+    code (the vector code once cut the threshold 2^32 to 32 bits, 0, and dropped them all):
+    bitwise the p = 0 results, forward and backward; _dropout_apply alike."""
+    x = make_data((4, n), torch.float32, device, requires_grad=True)
+    r = make_data((4, n), torch.float32, device, requires_grad=True)
+    seed = addnorm.dropout_seed(device)
+    tiny = torch.ops.addnorm.add_layer_norm(x, r, [n], dropout_p=1e-17, dropout_seed=seed)
+    plain = torch.ops.addnorm.add_layer_norm(x, r, [n])
+    for a, e in zip(tiny, plain):
+        assert torch.equal(a, e)
+    g = torch.randn_like(plain[0])
+    assert all(torch.equal(a, e) for a, e in zip(torch.autograd.grad(tiny[0], [x, r], g),
+                                                  torch.autograd.grad(plain[0], [x, r], g)))
+    assert addnorm.dropout_mask(seed, [4, n], 1e-17).all()
+    assert torch.equal(torch.ops.addnorm._dropout_apply(x, seed, 1e-17), x)
+
+
+def test_seed_changed_in_place_before_backward_is_refused():
+    """Backward regenerates the mask from the seed tensor: a seed updated in place after
+    the forward (a reused seed buffer) would give the gradient of another mask, so backward
+    refuses it, naming the versions, as autograd does for saved tensors."""
+    x = torch.randn(4, 64, requires_grad=True)
+    seed = torch.tensor([123, 456])
+    out, _ = torch.ops.addnorm.add_layer_norm(x, torch.randn(4, 64), [64], dropout_p=0.5,
+                                              dropout_seed=seed)
+    seed.add_(1)
+    with pytest.raises(RuntimeError, match=r"dropout_seed was modified by an inplace operation "
+                                           r"after the forward \(it is at version 1; expected "
+                                           r"version 0 instead\)"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dropped_inf_and_nan_give_nan_as_torch_dropout(device):
     """Dropout is x * mask * scale, as F.dropout's product: a dropped inf gives NaN, not 0,
     in _dropout_apply and in the fused h = dropout(x) + r, on every device."""

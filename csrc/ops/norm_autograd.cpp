@@ -208,8 +208,11 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["h_dtype"] = h.scalar_type();
     // The seed (int64 [2], never differentiated) is kept as data, not as a saved variable:
     // its 16 bytes need no saved-tensor hooks, and backward reads it whichever path it takes.
+    // Its version is kept too: backward refuses a seed changed in place since (the mask it
+    // would regenerate is not the forward's).
     ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
     ctx->saved_data["dropout_seed"] = drop ? *dropout_seed : at::Tensor();
+    ctx->saved_data["dropout_seed_version"] = drop ? dropout_seed->_version() : int64_t{0};
     ctx->saved_data["kept"] = kept;
     ctx->saved_data["input_dtype"] = input.scalar_type();
     ctx->saved_data["residual_dtype"] = has_residual ? residual->scalar_type() : input.scalar_type();
@@ -241,6 +244,15 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                     ctx->saved_data["kept"].toBool() ? grad_outputs[2] : at::Tensor());
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     const at::Tensor dropout_seed = ctx->saved_data["dropout_seed"].toTensor();
+    if (dropout_seed.defined()) {
+      const int64_t saved_version = ctx->saved_data["dropout_seed_version"].toInt();
+      TORCH_CHECK(dropout_seed._version() == saved_version,
+                  "addnorm: dropout_seed was modified by an inplace operation after the forward "
+                  "(it is at version ", dropout_seed._version(), "; expected version ",
+                  saved_version, " instead): backward regenerates the dropout mask from it. "
+                  "Draw a new seed tensor for each call (addnorm.dropout_seed) instead of "
+                  "updating one in place.");
+    }
 
     variable_list grads(12);  // one per forward argument after ctx
     auto set_input_grads = [&](const at::Tensor& grad_h) {

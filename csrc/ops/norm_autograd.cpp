@@ -472,6 +472,9 @@ std::tuple<at::Tensor, at::Tensor> norm_composite(
   return {y.to(input.scalar_type()), return_residual ? h : at::empty({0}, h.options())};
 }
 
+at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& seed, double p,
+                                  std::optional<c10::ScalarType> dtype);
+
 // The Autograd kernels: the graph node only when a gradient can flow; tangents when any
 // input carries one; the ATen composite inside functorch transforms.
 std::tuple<at::Tensor, at::Tensor> norm_autograd(
@@ -487,8 +490,29 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
                           memory_efficient);
   }
   const bool tangents = any_tangent(input, residual, weight, bias);
+  const bool grad = any_requires_grad(input, residual, weight, bias);
+  if (tangents && grad && (residual.has_value() || dropout_p > 0.0 || return_residual)) {
+    // Tangents and a graph node (forward-over-reverse: a Hessian-vector product): the h the
+    // node keeps must carry its tangent into a create_graph backward, which an output of the
+    // node (h written by it) cannot get after the fact. So h = dropout(input) + residual from
+    // differentiable ops (the same values as the fused kernel's: the product and the sum in
+    // the compute type, rounded once to h's dtype), then the norm of that h.
+    const NormPlan plan = check_norm_fwd_inputs(
+        input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p,
+        dropout_seed);
+    const auto acc = compute_dtype(input.scalar_type());
+    const at::Tensor dropped = dropout_p > 0.0
+                                   ? dropout_apply_autograd(input, *dropout_seed, dropout_p, acc)
+                                   : input.to(acc);
+    const at::Tensor h =
+        (residual.has_value() ? dropped + residual->to(acc) : dropped).to(plan.dtypes.h);
+    auto [out, unused] = norm_autograd(h, std::nullopt, normalized_shape, weight, bias, eps,
+                                       is_rms, /*return_residual=*/false, false, 0.0,
+                                       std::nullopt, memory_efficient);
+    return {out, return_residual ? h : at::empty({0}, h.options())};
+  }
   at::Tensor out, h_returned, normalized;
-  if (any_requires_grad(input, residual, weight, bias)) {
+  if (grad) {
     variable_list outs;
     {
       // The tangents are set below; a C++ Function would refuse inputs that carry them.

@@ -329,9 +329,11 @@ def test_cpu_weight_grad_independent_of_thread_count(m, n, x_dtype, w_dtype, rms
 @pytest.mark.parametrize("case", ADD_CASES, ids=[_case_id(c) for c in ADD_CASES])
 def test_gradgradcheck_add_norm(case, device):
     """Second derivatives of add_layer_norm / add_rms_norm, every argument combination:
-    through out and h, w.r.t. input, residual, weight, bias and the incoming gradients."""
+    through out and h, w.r.t. input, residual, weight, bias and the incoming gradients;
+    reverse-over-reverse and forward-over-reverse (a dual input into a create_graph
+    backward, as Hessian-vector products run: the kept h must carry its tangent)."""
     fn, inputs = _add_norm_case(case, device)
-    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4, check_fwd_over_rev=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -438,7 +440,10 @@ def test_forward_mode_add_norm_matches_torch(case, device):
             duals = [fwAD.make_dual(p, t) for p, t in zip(ps, tangents)]
             outs = ours(*duals)
             t_dual = [fwAD.unpack_dual(o).tangent for o in outs]
+            primal = [fwAD.unpack_dual(o).primal for o in outs]
         assert all(t is not None for t in t_dual), "a tangent is missing"
+        # The values are those of the call without tangents, bitwise.
+        assert all(torch.equal(a, e) for a, e in zip(primal, ours(*primals)))
         _, t_ref = torch.func.jvp(ref, tuple(primals), tuple(tangents))
         for a, e in zip(t_dual, t_ref):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)

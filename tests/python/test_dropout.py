@@ -210,7 +210,8 @@ def test_fused_input_gradient_is_dropout_apply_of_grad_h(dtypes, grad_h_wanted, 
 @pytest.mark.parametrize("residual", [True, False], ids=["residual", "no_residual"])
 @pytest.mark.parametrize("return_residual", [True, False], ids=["h", "no_h"])
 def test_gradcheck_and_gradgradcheck(return_residual, residual, norm):
-    """float64 first and second derivatives with dropout, through out and h."""
+    """float64 first and second derivatives with dropout, through out and h; second
+    derivatives also forward-over-reverse (a dual input into a create_graph backward)."""
     seed = addnorm.dropout_seed("cpu")
     n = 8
     x = make_data((3, n), torch.float64, "cpu", requires_grad=True)
@@ -226,7 +227,8 @@ def test_gradcheck_and_gradgradcheck(return_residual, residual, norm):
                                               dropout_p=0.5, dropout_seed=seed)
 
     assert gradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6)
-    assert gradgradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert gradgradcheck(fn, (x, r, w, b), eps=1e-6, atol=1e-6, rtol=1e-4,
+                         check_fwd_over_rev=True)
 
 
 def test_forward_mode_tangent_matches_the_mask_reference():

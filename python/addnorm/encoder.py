@@ -1,15 +1,13 @@
-"""addnorm.TransformerEncoderLayer: drop-in for torch.nn.TransformerEncoderLayer whose
-Add & Norm steps run addnorm's fused kernels. It subclasses torch's layer (constructor,
-submodules, parameters, state_dict keys, isinstance are torch's); forward runs the op
-torch.ops.addnorm.transformer_encoder_layer, torch's layer op for op, except that in
-training every dropout's mask comes from a seed of addnorm's (the residual dropouts before
-a norm fused into it; not torch's masks for the same torch.manual_seed; see the README).
+"""addnorm.TransformerEncoderLayer: drop-in for torch.nn.TransformerEncoderLayer whose Add &
+Norm steps run addnorm's fused kernels. It subclasses torch's layer (constructor, submodules,
+parameters, state_dict keys and isinstance are torch's); forward runs the op
+torch.ops.addnorm.transformer_encoder_layer, torch's layer op for op, except that in training
+every dropout's mask comes from a seed of addnorm's (see the README). A layer changed since
+construction in a way the op cannot run (e.g. a submodule subclassed or hooked) runs torch's
+forward, with a warning. TorchScript compiles it: the activation comes from
+``activation_relu_or_gelu``, nested tensors go to torch's fused inference kernel."""
 
-torch.jit.script compiles it: the scripted forward takes the activation from torch's
-``activation_relu_or_gelu`` attribute (checked against ``activation`` when the layer is
-scripted) and runs nested tensors through torch's fused inference kernel itself, since
-TorchScript cannot call ``super().forward``."""
-
+import warnings
 from typing import List, Optional
 
 import torch
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import _check_seed_not_recomputed, _check_unnamed
+from .modules import LayerNorm
 
 
 def _activation_name(activation) -> Optional[str]:
@@ -32,19 +31,34 @@ def _activation_name(activation) -> Optional[str]:
 _ACTIVATION_CODES = {"relu": 1, "gelu": 2}
 
 
+# The submodules the op runs from their parameters alone: exactly these types (a subclass or
+# a parametrization may change forward), without hooks. (parent, name, types)
+_PLAIN = [("", n, (t,)) for n, t in (("self_attn", nn.MultiheadAttention), ("linear1", nn.Linear),
+                                     ("linear2", nn.Linear), ("dropout", nn.Dropout),
+                                     ("dropout1", nn.Dropout), ("dropout2", nn.Dropout))]
+_PLAIN += [("self_attn", "out_proj", (nn.modules.linear.NonDynamicallyQuantizableLinear,)),
+           ("", "norm1", (nn.LayerNorm, LayerNorm)), ("", "norm2", (nn.LayerNorm, LayerNorm))]
+
+
 def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
-    """Why the op cannot run this layer (None when it can)."""
+    """Why the op cannot run this layer (None when it can): it reads the submodules'
+    parameters and attributes, so their forward must be the plain one."""
     if _activation_name(layer.activation) is None:
         return f"activation must be relu or gelu, got {layer.activation!r}"
+    for parent, leaf, types in _PLAIN:
+        m = (layer._modules[parent]._modules if parent else layer._modules).get(leaf)
+        if type(m) not in types:
+            return f"{parent}.{leaf}".lstrip(".") + f" is a {type(m).__name__}, not plain"
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return f"{parent}.{leaf}".lstrip(".") + " has hooks, which the fused op would not call"
     sa = layer.self_attn
     if not sa._qkv_same_embed_dim or sa.bias_k is not None or sa.add_zero_attn:
         return "self_attn must be plain self-attention (no kdim/vdim, add_bias_kv, add_zero_attn)"
     p = layer.dropout.p
     if not (sa.dropout == p and layer.dropout1.p == p and layer.dropout2.p == p):
         return "every dropout probability of the layer must be equal"
-    if layer.norm1.eps != layer.norm2.eps or not (
-        layer.norm1.elementwise_affine and layer.norm2.elementwise_affine
-    ):
+    n1, n2 = layer.norm1, layer.norm2
+    if n1.eps != n2.eps or not (n1.elementwise_affine and n2.elementwise_affine):
         return "norm1 and norm2 must have the same eps and elementwise_affine=True"
     return None
 
@@ -54,24 +68,12 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     must be relu or gelu: ``"relu"``, ``"gelu"``, ``F.relu``, ``F.gelu``, ``nn.ReLU()`` or
     ``nn.GELU()``)."""
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation=F.relu,
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = False,
-        norm_first: bool = False,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(
-            d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
-            batch_first, norm_first, bias, device, dtype,
-        )
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
+                 dropout: float = 0.1, activation=F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+                         batch_first, norm_first, bias, device, dtype)
         reason = _unsupported_reason(self)
         if reason is not None:
             raise ValueError(f"addnorm.TransformerEncoderLayer: {reason}")
@@ -81,25 +83,17 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         # activation function, so the scripted forward reads activation_relu_or_gelu,
         # which must still describe the activation the layer holds.
         reason = _unsupported_reason(self)
-        if reason is None:
+        code = getattr(self, "activation_relu_or_gelu", None)
+        if reason is None and code != _ACTIVATION_CODES[_activation_name(self.activation)]:
             name = _activation_name(self.activation)
-            if getattr(self, "activation_relu_or_gelu", None) != _ACTIVATION_CODES[name]:
-                reason = (
-                    f"activation_relu_or_gelu must be {_ACTIVATION_CODES[name]} for "
-                    f"activation {name}, got {getattr(self, 'activation_relu_or_gelu', None)!r} "
-                    "(set it when replacing the activation)"
-                )
+            reason = (f"activation_relu_or_gelu must be {_ACTIVATION_CODES[name]} for activation "
+                      f"{name}, got {code!r} (set it when replacing the activation)")
         if reason is not None:
             raise ValueError(f"addnorm.TransformerEncoderLayer cannot be scripted: {reason}")
         return self
 
-    def forward(
-        self,
-        src: Tensor,
-        src_mask: Optional[Tensor] = None,
-        src_key_padding_mask: Optional[Tensor] = None,
-        is_causal: bool = False,
-    ) -> Tensor:
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
+                src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if not torch.jit.is_scripting():
             _check_unnamed(src, src_mask, src_key_padding_mask)
         if src.is_nested:
@@ -111,6 +105,15 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         if torch.jit.is_scripting():
             activation = "gelu" if self.activation_relu_or_gelu == 2 else "relu"
         else:
+            g = nn.modules.module
+            reason = _unsupported_reason(self) or (
+                (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                 or g._global_backward_pre_hooks) and "global module hooks are registered")
+            if reason:  # changed since construction: torch's forward calls the submodules
+                if not torch.compiler.is_compiling() and getattr(self, "_fallback", None) != reason:
+                    self._fallback = reason  # (a warning breaks a compiled graph)
+                    warnings.warn(f"addnorm.TransformerEncoderLayer runs torch's forward: {reason}")
+                return super().forward(src, src_mask, src_key_padding_mask, is_causal)
             activation = _activation_name(self.activation)
             if self.training and self.dropout.p > 0:  # the op draws its dropouts' seeds
                 _check_seed_not_recomputed("the layer's dropout seeds", "Keep the budget at 1.")
@@ -121,12 +124,10 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
             self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
             sa.num_heads, self.dropout.p, activation, self.norm1.eps, sa.batch_first,
-            self.norm_first, self.training,
-        )
+            self.norm_first, self.training)
 
-    def _nested_forward(
-        self, src: Tensor, src_mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor]
-    ) -> Tensor:
+    def _nested_forward(self, src: Tensor, src_mask: Optional[Tensor],
+                        src_key_padding_mask: Optional[Tensor]) -> Tensor:
         """The scripted forward's nested-tensor path: torch's fused inference kernel, called
         as torch's layer calls it; raises where torch's layer refuses nested input."""
         sa = self.self_attn
@@ -141,17 +142,15 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 if t is not None and t.requires_grad:
                     needs_grad = True
         if self.training or needs_grad or src_mask is not None or src_key_padding_mask is not None:
-            raise RuntimeError(
-                "addnorm.TransformerEncoderLayer: nested tensor input is supported only "
-                "for inference (eval mode, no gradient, no masks), as in torch's layer"
-            )
+            raise RuntimeError("addnorm.TransformerEncoderLayer: nested tensor input is supported "
+                               "only for inference (eval mode, no gradient, no masks), as in "
+                               "torch's layer")
         return torch._transformer_encoder_layer_fwd(
             src, sa.embed_dim, sa.num_heads, sa.in_proj_weight, sa.in_proj_bias,
             sa.out_proj.weight, sa.out_proj.bias, self.activation_relu_or_gelu == 2,
             self.norm_first, self.norm1.eps, self.norm1.weight, self.norm1.bias,
             self.norm2.weight, self.norm2.bias, self.linear1.weight, self.linear1.bias,
-            self.linear2.weight, self.linear2.bias, None, None,
-        )
+            self.linear2.weight, self.linear2.bias, None, None)
 
 
 __all__ = ["TransformerEncoderLayer"]

@@ -576,6 +576,100 @@ def test_replace_modules_swaps_encoder_layers():
     _close(model(x), ref(x), "replaced model", rtol=1e-12)
 
 
+class _LoRALinear(nn.Linear):
+    """An nn.Linear whose forward is not its weight's (the pattern of LoRA adapters)."""
+
+    def __init__(self, linear):
+        super().__init__(linear.in_features, linear.out_features)
+        self.load_state_dict(linear.state_dict())
+        self.a = nn.Parameter(0.3 * torch.randn(2, linear.in_features))
+        self.b = nn.Parameter(0.3 * torch.randn(linear.out_features, 2))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.a.T @ self.b.T
+
+
+def _lora(layer):
+    layer.linear1 = _LoRALinear(layer.linear1)
+
+
+def _hook(layer):
+    layer.norm1.register_forward_hook(lambda m, i, o: o * 2)
+
+
+def _rms_norms(layer):
+    layer.norm1, layer.norm2 = nn.RMSNorm(E), nn.RMSNorm(E)
+
+
+def _norm2_eps(layer):
+    layer.norm2.eps = 0.5
+
+
+def _dropout1(layer):
+    layer.dropout1.p = 0.5
+
+
+def _tanh(layer):
+    layer.activation = torch.tanh
+
+
+def _pruned(layer):
+    torch.nn.utils.prune.l1_unstructured(layer.linear1, "weight", amount=0.5)
+
+
+@pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _dropout1, _tanh, _pruned],
+                         ids=lambda f: f.__name__.strip("_"))
+def test_layers_changed_after_construction_run_torchs_forward(change):
+    """A layer whose submodules or attributes changed after construction in a way the fused
+    op cannot run (a submodule whose forward is not its parameters': a subclass, a hook, a
+    parametrization or pruning; a norm that is not a LayerNorm; eps or dropout
+    probabilities that differ between the norms or dropouts; another activation) runs
+    torch's forward, which calls the submodules, with a warning naming why: the same
+    output and gradients as torch's layer with the same change (the op would ignore the
+    change). replace_modules leaves such a torch layer as it is."""
+    import torch.nn.utils.prune  # noqa: F401
+
+    torch.manual_seed(0)
+    ref, ours = _pair(dropout=0.0)
+    theirs = copy.deepcopy(ref)
+    change(ref)
+    torch.manual_seed(1)
+    change(ours)
+    ours.load_state_dict(ref.state_dict())
+    x = _src(False)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(2)
+    expected = ref(xr)
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="runs torch's forward"):
+        got = ours(xo)
+    assert torch.equal(got, expected)
+    expected.sum().backward()
+    got.sum().backward()
+    assert torch.equal(xo.grad, xr.grad)
+    change(theirs)
+    assert type(addnorm.replace_modules(theirs)) is nn.TransformerEncoderLayer
+
+
+def test_global_module_hooks_run_torchs_forward():
+    """With a global forward hook (which torch calls for every submodule) the layer builds
+    and runs torch's forward, so the hook sees every submodule call, as in torch's layer."""
+    calls = []
+    handle = nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: calls.append(type(m).__name__))
+    try:
+        ref, ours = _pair()
+        x = _src(False)
+        expected = ref(x)
+        torch_calls, calls[:] = list(calls), []
+        with pytest.warns(UserWarning, match="global module hooks"):
+            got = ours(x)
+    finally:
+        handle.remove()
+    assert torch.equal(got, expected)
+    assert calls == torch_calls and "Linear" in calls
+
+
 # --------------------------------------------------------------------------- compile
 
 
@@ -694,7 +788,7 @@ def test_training_under_a_memory_budget_is_refused():
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager_decomp_partition")
         with pytest.raises(Exception, match="the layer's dropout seeds cannot be drawn"):
             compiled(x)
-        layer.dropout.p = 0.0
+        layer.dropout.p = layer.dropout1.p = layer.dropout2.p = layer.self_attn.dropout = 0.0
         torch._dynamo.reset()
         compiled(x).sum().backward()
     torch._dynamo.reset()

@@ -22,7 +22,8 @@
 // keeps the norm's output, which the Linear after it keeps anyway (in_proj, linear1, or the
 // next layer's), instead of h; a training step holds one [M, E] tensor fewer per norm
 // (under autocast the Linears keep float16/bfloat16 copies and the saving is the
-// difference). float16/bfloat16 norms keep h (see lean below).
+// difference). float16/bfloat16 norms keep h, and so do CPU norms whose output would give
+// xhat inaccurately or whose weight cannot be read (see lean below).
 // Second derivatives through a training-mode layer are therefore refused (the norms keep
 // no h); eval mode keeps h and supports them.
 
@@ -33,6 +34,7 @@
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/_safe_softmax.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/gelu.h>
@@ -299,9 +301,26 @@ at::Tensor transformer_encoder_layer_impl(
   const double residual_p = training ? dropout : 0.0;
   // memory_efficient for float32/float64 norms only: a float16/bfloat16 output carries too
   // little of xhat where |weight| is small for the weight gradient to stay within torch's
-  // accuracy (under autocast the residual stream, and so the norms, are float32).
-  auto lean = [&](const at::Tensor& t) {
-    return training && (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble);
+  // accuracy (under autocast the residual stream, and so the norms, are float32). On the
+  // CPU, only for a weight it can read for free (not a tensor being traced, as under
+  // torch.compile) with no zero and |bias| <= 4 |weight| everywhere: backward recovers
+  // xhat = (y - bias) / weight, whose rounding error grows with |bias / weight| (at 16 the
+  // norm weight's gradient error was 2-4x torch's, at 4 within it). Other devices' weights
+  // are not read (a host synchronization): there the README's caveats apply.
+  auto lean = [&](const at::Tensor& t, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+    if (!training || !(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble)) {
+      return false;
+    }
+    if (!weight.defined() || !weight.device().is_cpu()) return true;
+    if (at::isTensorSubclassLike(weight) ||
+        (bias.has_value() && at::isTensorSubclassLike(*bias))) {
+      return false;
+    }
+    at::NoGradGuard no_grad;
+    const at::Tensor w = weight.abs();
+    return !w.eq(0).any().item<bool>() &&
+           (!bias.has_value() || bias->abs().le(w * 4).all().item<bool>());
   };
 
   // Both operands of a residual add in the dtype eager `x + y` gives (they differ under
@@ -319,11 +338,13 @@ at::Tensor transformer_encoder_layer_impl(
     // its dropout and norm2 fused.
     const auto n1 = std::get<0>(addnorm::add_layer_norm(
         src, std::nullopt, d_model, norm1_weight, norm1_bias, layer_norm_eps,
-        /*return_residual=*/false, /*residual_in_fp32=*/false, 0.0, std::nullopt, lean(src)));
+        /*return_residual=*/false, /*residual_in_fp32=*/false, 0.0, std::nullopt,
+        lean(src, norm1_weight, norm1_bias)));
     const auto [sa, x] = promoted(sa_block(n1), src);
     auto [n2, h] = addnorm::add_layer_norm(
         sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true,
-        /*residual_in_fp32=*/false, residual_p, std::nullopt, lean(sa));
+        /*residual_in_fp32=*/false, residual_p, std::nullopt,
+        lean(sa, norm2_weight, norm2_bias));
     // No norm follows the second residual add inside the layer: nothing to fuse its
     // dropout with, so it is a pass of its own (seeded_dropout).
     return h.add(seeded_dropout(ff_block(n2), dropout, training));
@@ -332,11 +353,13 @@ at::Tensor transformer_encoder_layer_impl(
   const auto [sa, x0] = promoted(sa_block(src), src);
   const auto x1 = std::get<0>(addnorm::add_layer_norm(
       sa, x0, d_model, norm1_weight, norm1_bias, layer_norm_eps, /*return_residual=*/false,
-      /*residual_in_fp32=*/false, residual_p, std::nullopt, lean(sa)));
+      /*residual_in_fp32=*/false, residual_p, std::nullopt,
+      lean(sa, norm1_weight, norm1_bias)));
   const auto [ff, x2] = promoted(ff_block(x1), x1);
   return std::get<0>(addnorm::add_layer_norm(
       ff, x2, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/false,
-      /*residual_in_fp32=*/false, residual_p, std::nullopt, lean(ff)));
+      /*residual_in_fp32=*/false, residual_p, std::nullopt,
+      lean(ff, norm2_weight, norm2_bias)));
 }
 
 }  // namespace

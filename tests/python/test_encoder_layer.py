@@ -756,6 +756,66 @@ def test_training_keeps_two_tensors_fewer_per_layer(norm_first, batch_first, dro
         torch.autograd.grad(ours(x).sum(), [x], create_graph=True)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_norms_keep_h_where_the_output_loses_xhat(norm_first):
+    """Training-mode float32 norms recover xhat = (y - bias) / weight from their output only
+    where that is accurate: with |bias| far above |weight| (a weight shrunk by training,
+    ~1e-4, under a bias of 1) or a zero in the weight they keep h, so the gradients stay as
+    accurate as torch's float32 layer's (they were 1000x worse), against torch's float64
+    layer; with well-conditioned weights they keep the output."""
+    torch.manual_seed(0)
+    e = 32
+    ref = nn.TransformerEncoderLayer(e, 4, 64, 0.0, norm_first=norm_first).double()
+    with torch.no_grad():
+        for norm in (ref.norm1, ref.norm2):
+            norm.weight.copy_(1e-4 * (1 + torch.rand(e)))
+            norm.bias.fill_(1.0)
+        ref.norm2.weight[3] = 0.0
+    theirs = copy.deepcopy(ref).float()
+    ours = addnorm.replace_modules(copy.deepcopy(theirs))
+    x = torch.randn(9, 4, e, dtype=torch.float64)
+    g = torch.randn(9, 4, e, dtype=torch.float64)
+
+    def grads(model, dtype):
+        xs = x.to(dtype).clone().requires_grad_()
+        (model(xs) * g.to(dtype)).sum().backward()
+        return [xs.grad.double()] + [p.grad.double() for p in model.parameters()]
+
+    exact, torch32, ours32 = grads(ref, torch.float64), grads(theirs, torch.float32), grads(ours, torch.float32)
+    for name, a, t, r in zip(["src"] + [n for n, _ in ref.named_parameters()], ours32, torch32, exact):
+        err, torch_err = (a - r).abs().max().item(), (t - r).abs().max().item()
+        assert err <= 4 * torch_err + 1e-12, f"{name}: {err:.2e} vs torch's {torch_err:.2e}"
+    # Well-conditioned weights: the norm after the residual add keeps its output, which the
+    # Linear after it keeps anyway, instead of h: one [M, E] tensor fewer.
+    x32 = x.float().requires_grad_()
+    kept_h = _saved_mn_storages(ours, x32)
+    with torch.no_grad():
+        for norm in (ours.norm1, ours.norm2):
+            norm.weight.fill_(1.0)
+    assert kept_h - _saved_mn_storages(ours, x32) >= 1
+
+
+def test_compiled_training_with_a_zero_norm_weight():
+    """Under torch.compile the layer cannot read its CPU norm weights for free (they are
+    traced), so its norms keep h: a zero in a weight trains as in eager mode (it failed in
+    the compiled backward), with eager's gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = addnorm.TransformerEncoderLayer(16, 4, 32, dropout=0.0)
+    with torch.no_grad():
+        layer.norm2.weight[3] = 0.0
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(5, 2, 16)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    layer(xe).square().sum().backward()
+    eager = [xe.grad] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    compiled(xc).square().sum().backward()
+    for a, e in zip([xc.grad] + [p.grad for p in layer.parameters()], eager):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_half_precision_norms_keep_h():
     """A bfloat16 layer in training keeps h for its norms (memory_efficient only for
     float32/float64 norms, whose output carries xhat precisely enough): with dropout 0 its

@@ -546,9 +546,10 @@ F64Stats f64_stats(const double* v, int64_t n, double eps, bool rms, const DD& s
 
 // The forward's row moments in one sweep: the sums of d = v - shift and of d * d in double
 // lanes (kRms: shift 0, only d * d), blocked as blocked_sum. For float data d and d * d are
-// exact in double, so with the shift near the row's values (its first element), var =
+// exact in double where the values' exponents are within about 26 of each other (else
+// rounded once), so with the shift near the row's values (its first element), var =
 // sum(d^2) / N - (sum(d) / N)^2 loses nothing a float result can show; see row_moments
-// for the rows where the subtraction would.
+// for the rows where the subtraction could.
 template <bool kRms>
 struct MomentLanes {
   VD s0{0.0}, s1{0.0}, s2{0.0}, s3{0.0};  // sum of d

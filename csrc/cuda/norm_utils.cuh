@@ -169,15 +169,16 @@ template <int K>
 __device__ __forceinline__ void stat_add_dev(DoubleDouble (&sums)[K], double v, double shift) {
   double d, e;
   two_sum(v, -shift, d, e);
-  if (!isfinite(d)) {
-    e = 0.0;  // inf / NaN: no error term (it would be NaN)
-  }
   if constexpr (K == 2) {
     stat_add(sums[0], d);
-    sums[0].lo += e;
   }
   stat_add_prod(sums[K - 1], d, d);
-  sums[K - 1].lo += 2.0 * d * e;
+  if (isfinite(d)) {  // (inf / NaN: no error terms, which would be NaN)
+    if constexpr (K == 2) {
+      sums[0].lo += e;
+    }
+    sums[K - 1].lo += 2.0 * d * e;
+  }
 }
 
 __device__ __forceinline__ double stat_value(double s) { return s; }

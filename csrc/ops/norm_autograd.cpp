@@ -212,7 +212,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     // would regenerate is not the forward's).
     ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
     ctx->saved_data["dropout_seed"] = drop ? *dropout_seed : at::Tensor();
-    ctx->saved_data["dropout_seed_version"] = drop ? dropout_seed->_version() : int64_t{0};
+    ctx->saved_data["dropout_seed_version"] =
+        drop && !dropout_seed->is_inference() ? dropout_seed->_version() : int64_t{0};
     ctx->saved_data["kept"] = kept;
     ctx->saved_data["input_dtype"] = input.scalar_type();
     ctx->saved_data["residual_dtype"] = has_residual ? residual->scalar_type() : input.scalar_type();
@@ -244,7 +245,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                     ctx->saved_data["kept"].toBool() ? grad_outputs[2] : at::Tensor());
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     const at::Tensor dropout_seed = ctx->saved_data["dropout_seed"].toTensor();
-    if (dropout_seed.defined()) {
+    if (dropout_seed.defined() && !dropout_seed.is_inference()) {  // (no version counter)
       const int64_t saved_version = ctx->saved_data["dropout_seed_version"].toInt();
       TORCH_CHECK(dropout_seed._version() == saved_version,
                   "addnorm: dropout_seed was modified by an inplace operation after the forward "
@@ -497,19 +498,29 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     // node (h written by it) cannot get after the fact. So h = dropout(input) + residual from
     // differentiable ops (the same values as the fused kernel's: the product and the sum in
     // the compute type, rounded once to h's dtype), then the norm of that h.
+    // Where h is wider than the input (a float32 residual or residual_in_fp32 with float16
+    // / bfloat16 input), its norm is taken with the weight and bias in h's dtype (exact) and
+    // rounded to the input's dtype: within one rounding of the fused op's output.
     const NormPlan plan = check_norm_fwd_inputs(
         input, residual, normalized_shape, weight, bias, eps, residual_in_fp32, dropout_p,
         dropout_seed);
     const auto acc = compute_dtype(input.scalar_type());
-    const at::Tensor dropped = dropout_p > 0.0
-                                   ? dropout_apply_autograd(input, *dropout_seed, dropout_p, acc)
-                                   : input.to(acc);
-    const at::Tensor h =
+    const at::Tensor wide = input.to(acc);
+    const at::Tensor dropped =
+        dropout_p > 0.0 ? dropout_apply_autograd(wide, *dropout_seed, dropout_p, std::nullopt)
+                        : wide;
+    at::Tensor h =
         (residual.has_value() ? dropped + residual->to(acc) : dropped).to(plan.dtypes.h);
-    auto [out, unused] = norm_autograd(h, std::nullopt, normalized_shape, weight, bias, eps,
-                                       is_rms, /*return_residual=*/false, false, 0.0,
-                                       std::nullopt, memory_efficient);
-    return {out, return_residual ? h : at::empty({0}, h.options())};
+    if (h.is_same(input)) h = input.clone();  // the returned h is a tensor of its own
+    const bool widened = plan.dtypes.h != input.scalar_type();
+    auto in_h = [&](const std::optional<at::Tensor>& t) {
+      return widened && t.has_value() ? std::optional<at::Tensor>(t->to(plan.dtypes.h)) : t;
+    };
+    auto [out, unused] = norm_autograd(h, std::nullopt, normalized_shape, in_h(weight),
+                                       in_h(bias), eps, is_rms, /*return_residual=*/false,
+                                       false, 0.0, std::nullopt, memory_efficient);
+    return {widened ? out.to(input.scalar_type()) : out,
+            return_residual ? h : at::empty({0}, h.options())};
   }
   at::Tensor out, h_returned, normalized;
   if (grad) {

@@ -18,13 +18,14 @@ from .functional import _check_seed_not_recomputed, _check_unnamed
 from .modules import LayerNorm
 
 
-def _activation_name(activation) -> Optional[str]:
-    """'relu' / 'gelu' for the activations the op runs, None for any other."""
-    if activation is F.relu or isinstance(activation, nn.ReLU):
+def _activation_name(act) -> Optional[str]:
+    """'relu' / 'gelu' for the activations the op runs (a module: exactly nn.ReLU or
+    nn.GELU(), without hooks), None for any other."""
+    if isinstance(act, nn.Module) and (act._forward_hooks or act._forward_pre_hooks):
+        return None
+    if act is F.relu or type(act) is nn.ReLU:
         return "relu"
-    if activation is F.gelu or (isinstance(activation, nn.GELU) and activation.approximate == "none"):
-        return "gelu"
-    return None
+    return "gelu" if act is F.gelu or (type(act) is nn.GELU and act.approximate == "none") else None
 
 
 # torch's encoding of the activation in TransformerEncoderLayer.activation_relu_or_gelu.
@@ -44,7 +45,7 @@ def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
     """Why the op cannot run this layer (None when it can): it reads the submodules'
     parameters and attributes, so their forward must be the plain one."""
     if _activation_name(layer.activation) is None:
-        return f"activation must be relu or gelu, got {layer.activation!r}"
+        return f"activation must be a plain relu or gelu, got {layer.activation!r}"
     for parent, leaf, types in _PLAIN:
         m = (layer._modules[parent]._modules if parent else layer._modules).get(leaf)
         if type(m) not in types:

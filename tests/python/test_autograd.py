@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import addnorm
@@ -442,14 +443,52 @@ def test_forward_mode_add_norm_matches_torch(case, device):
             t_dual = [fwAD.unpack_dual(o).tangent for o in outs]
             primal = [fwAD.unpack_dual(o).primal for o in outs]
         assert all(t is not None for t in t_dual), "a tangent is missing"
-        # The values are those of the call without tangents, bitwise.
+        # The values are those of the call without tangents, bitwise; h is a tensor of its
+        # own (not the input, which it equals without a residual).
         assert all(torch.equal(a, e) for a, e in zip(primal, ours(*primals)))
+        assert not rr or primal[1].data_ptr() != ps[0].data_ptr()
         _, t_ref = torch.func.jvp(ref, tuple(primals), tuple(tangents))
         for a, e in zip(t_dual, t_ref):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
         if t_ours is not None:
             for a, e in zip(t_ours, t_ref):
                 torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["dropout", "fp32_residual", "residual_in_fp32", "h_only"])
+def test_tangents_with_a_graph_in_half_precision(case, device):
+    """Tangents and a graph node together (the path forward-over-reverse takes, h built from
+    differentiable ops) with bfloat16 input: with dropout, a float32 residual,
+    residual_in_fp32, and h returned without a residual. out keeps the input's dtype and is
+    within one rounding of the call without tangents, h is that call's h (bitwise) and a
+    tensor of its own, and out's tangent is torch's (float64 composite) to bfloat16
+    accuracy."""
+    n = 64
+    x = make_data((4, n), torch.bfloat16, device)
+    r = {"dropout": x, "fp32_residual": x.float(), "residual_in_fp32": x, "h_only": None}[case]
+    r = None if r is None else torch.randn_like(r)
+    w, b = make_affine((n,), torch.bfloat16, device)
+    kw = dict(return_residual=True, residual_in_fp32=case == "residual_in_fp32")
+    if case == "dropout":
+        kw.update(dropout_p=0.3, dropout_seed=addnorm.dropout_seed(device))
+    op = lambda x: torch.ops.addnorm.add_layer_norm(x, r, [n], w, b, 1e-5, **kw)  # noqa: E731
+    xg = x.clone().requires_grad_()
+    out0, h0 = op(xg)
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        out1, h1 = op(fwAD.make_dual(xg, t))
+        tangent = fwAD.unpack_dual(out1).tangent
+        out1, h1 = fwAD.unpack_dual(out1).primal, fwAD.unpack_dual(h1).primal
+    assert out1.dtype == out0.dtype == torch.bfloat16 and h1.dtype == h0.dtype
+    assert torch.equal(h1, h0) and h1.data_ptr() != xg.data_ptr()
+    torch.testing.assert_close(out1, out0, rtol=2 ** -7, atol=2 ** -7)
+    scale = (addnorm.dropout_mask(kw["dropout_seed"], [4, n], 0.3).double() / 0.7
+             if case == "dropout" else 1.0)
+    f = lambda x: F.layer_norm(  # noqa: E731
+        x * scale + (0.0 if r is None else r.double()), [n], w.double(), b.double(), 1e-5)
+    _, expected = torch.func.jvp(f, (x.double(),), (t.double(),))
+    torch.testing.assert_close(tangent.double(), expected, rtol=0.02, atol=0.02)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -617,7 +617,13 @@ def _pruned(layer):
     torch.nn.utils.prune.l1_unstructured(layer.linear1, "weight", amount=0.5)
 
 
-@pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _dropout1, _tanh, _pruned],
+def _hooked_relu(layer):
+    layer.activation = nn.ReLU()
+    layer.activation.register_forward_hook(lambda m, i, o: o * 2)
+
+
+@pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _dropout1, _tanh, _pruned,
+                                    _hooked_relu],
                          ids=lambda f: f.__name__.strip("_"))
 def test_layers_changed_after_construction_run_torchs_forward(change):
     """A layer whose submodules or attributes changed after construction in a way the fused

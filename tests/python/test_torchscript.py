@@ -240,7 +240,7 @@ def test_encoder_layer_scripting_checks_activation():
     _assert_same(layer, s, [torch.randn(S, N, E, requires_grad=True)])
 
     layer.activation = nn.GELU(approximate="tanh")
-    with pytest.raises(ValueError, match="activation must be relu or gelu"):
+    with pytest.raises(ValueError, match="activation must be a plain relu or gelu"):
         torch.jit.script(layer)
 
 

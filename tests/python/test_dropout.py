@@ -307,6 +307,17 @@ def test_seed_changed_in_place_before_backward_is_refused():
         out.sum().backward()
 
 
+def test_seed_drawn_in_inference_mode_trains():
+    """A seed made under torch.inference_mode (an inference tensor: no version counter) is
+    used as any other: forward and backward run, with the gradient of its mask."""
+    with torch.inference_mode():
+        seed = addnorm.dropout_seed("cpu")
+    x = torch.randn(4, 64, requires_grad=True)
+    out, _ = torch.ops.addnorm.add_layer_norm(x, None, [64], dropout_p=0.5, dropout_seed=seed)
+    (gx,) = torch.autograd.grad(out, [x], torch.randn_like(out))
+    assert torch.equal(gx != 0, addnorm.dropout_mask(seed, [4, 64], 0.5))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropped_inf_and_nan_give_nan_as_torch_dropout(device):
     """Dropout is x * mask * scale, as F.dropout's product: a dropped inf gives NaN, not 0,

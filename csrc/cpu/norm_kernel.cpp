@@ -561,7 +561,8 @@ struct MomentLanes {
     widen(a1, x2, x3);
     add(x0, x1, x2, x3, shift);
   }
-  void add(VD x0, VD x1, VD x2, VD x3, const VD& shift) {
+  void add(const VD& v0, const VD& v1, const VD& v2, const VD& v3, const VD& shift) {
+    VD x0 = v0, x1 = v1, x2 = v2, x3 = v3;
     if constexpr (!kRms) {
       x0 = x0 - shift;
       x1 = x1 - shift;
@@ -1240,13 +1241,13 @@ struct FloatBwdArgs {
 template <bool kRms, bool kPartials>
 struct BwdSums {
   VD g0{0.0}, g1{0.0}, gd0{0.0}, gd1{0.0}, d0{0.0}, d1{0.0}, dd0{0.0}, dd1{0.0};
-  void add(const VD& y0, const VD& y1, VD x0, VD x1, const double* gm, const VD& shift,
-           double* ds, double* pb) {
+  void add(const VD& y0, const VD& y1, const VD& h0, const VD& h1, const double* gm,
+           const VD& shift, double* ds, double* pb) {
     constexpr int64_t S = VD::size();
     const VD e0 = y0 * VD::loadu(gm);
     const VD e1 = y1 * VD::loadu(gm + S);
-    x0 = x0 - shift;
-    x1 = x1 - shift;
+    const VD x0 = h0 - shift;
+    const VD x1 = h1 - shift;
     x0.store(ds);
     x1.store(ds + S);
     gd0 = fma_of(e0, x0, gd0);

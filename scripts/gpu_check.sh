@@ -191,12 +191,14 @@ run_pytest() {
 # The tests that failed on an H100 before (N=1 gradients, NaN propagation of float64 RMSNorm,
 # accuracy against torch's kernels), the tests that pin their causes down, and the CUDA
 # tests of the fused dropout and the memory-efficient backward (never run on a GPU yet: same
-# mask as the CPU, graph replay, backward from the output, fused input gradient).
+# mask as the CPU, graph replay, backward from the output, fused input gradient), the
+# first-element-outlier rows (accuracy) and the tangents-with-a-graph path (autograd).
 first() {
   set -x
   run_pytest tests/python/test_accuracy.py tests/python/test_errors.py tests/python/test_ops.py \
     tests/python/test_dropout.py tests/python/test_memory_efficient.py \
-    -k "cuda and (accuracy or nan_inf or one_element or 4097-1 or dropout or mask or replay or keeping_h or from_output or fused_input or weight_with_zero)" \
+    tests/python/test_autograd.py \
+    -k "cuda and (accuracy or nan_inf or one_element or 4097-1 or dropout or mask or replay or keeping_h or from_output or fused_input or weight_with_zero or tangents or forward_mode_add_norm or gradgradcheck_add_norm)" \
     --junitxml="$OUT_DIR/pytest_first.xml"
 }
 

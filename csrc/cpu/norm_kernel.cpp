@@ -848,14 +848,16 @@ class ParamRow {
 };
 
 // 1 / gamma in A (gamma in double), for the backward from the output; a zero in gamma
-// leaves the normalized values unrecoverable (autograd keeps h for such a weight).
+// leaves the normalized values unrecoverable, and so does one whose reciprocal overflows A
+// (|gamma| below 1 / A's largest value): autograd keeps h for such a weight.
 template <typename A>
 std::unique_ptr<A[]> inverse_weight(const double* gamma, int64_t N) {
   std::unique_ptr<A[]> inv(new A[N]);
   for (int64_t j = 0; j < N; ++j) {
-    TORCH_CHECK(gamma[j] != 0.0, "addnorm: the backward from the output (from_output=True) "
-                "needs a weight without zeros; weight[", j, "] = 0");
     inv[j] = static_cast<A>(1.0 / gamma[j]);
+    TORCH_CHECK(!std::isinf(inv[j]), "addnorm: the backward from the output "
+                "(from_output=True) needs a weight without zeros or values whose reciprocal "
+                "overflows; weight[", j, "] = ", gamma[j]);
   }
   return inv;
 }

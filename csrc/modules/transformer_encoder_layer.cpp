@@ -318,8 +318,8 @@ at::Tensor transformer_encoder_layer_impl(
       return false;
     }
     at::NoGradGuard no_grad;
-    const at::Tensor w = weight.abs();
-    return !w.eq(0).any().item<bool>() &&
+    const at::Tensor w = weight.abs();  // no zero, nor a value whose float reciprocal overflows
+    return !w.lt(1.0 / static_cast<double>(std::numeric_limits<float>::max())).any().item<bool>() &&
            (!bias.has_value() || bias->abs().le(w * 4).all().item<bool>());
   };
 
@@ -446,6 +446,10 @@ void TransformerEncoderLayerImpl::reset() {
   TORCH_CHECK(
       o.dropout() >= 0.0 && o.dropout() <= 1.0,
       "addnorm::TransformerEncoderLayer: dropout must be in [0, 1], got ", o.dropout());
+  // (LibTorch's Linear cannot initialize a layer of 0 inputs: linear2 would have them.)
+  TORCH_CHECK(o.dim_feedforward() > 0,
+              "addnorm::TransformerEncoderLayer: dim_feedforward must be positive, got ",
+              o.dim_feedforward());
   // Registration order gives Python's parameter order.
   self_attn = register_module(
       "self_attn", torch::nn::MultiheadAttention(

@@ -20,6 +20,12 @@ template <typename Sig>
 c10::TypedOperatorHandle<Sig> public_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
+
+// An undefined tensor given for an optional argument (e.g. a bias=false module's `bias`)
+// means none, as for torch's own ops.
+std::optional<at::Tensor> opt(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t : std::nullopt;
+}
 }  // namespace
 
 at::Tensor layer_norm(
@@ -28,7 +34,8 @@ at::Tensor layer_norm(
   static const auto op = public_op<at::Tensor(
       const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
       const std::optional<at::Tensor>&, double)>("addnorm::layer_norm");
-  return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, eps);
+  return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), opt(weight), opt(bias),
+                 eps);
 }
 
 at::Tensor rms_norm(
@@ -37,7 +44,7 @@ at::Tensor rms_norm(
   static const auto op = public_op<at::Tensor(
       const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
       std::optional<double>)>("addnorm::rms_norm");
-  return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), weight, eps);
+  return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), opt(weight), eps);
 }
 
 at::Tensor dropout_seed(c10::Device device, std::optional<at::Generator> generator) {
@@ -78,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm(
       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool,
       double, const std::optional<at::Tensor>&, bool)>("addnorm::add_layer_norm");
   return op.call(
-      input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, bias, eps,
-      return_residual, residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator),
+      input, opt(residual), c10::fromIntArrayRefSlow(normalized_shape), opt(weight), opt(bias),
+      eps, return_residual, residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator),
       memory_efficient);
 }
 
@@ -93,8 +100,9 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(
       const std::optional<at::Tensor>&, std::optional<double>, bool, bool, double,
       const std::optional<at::Tensor>&, bool)>("addnorm::add_rms_norm");
   return op.call(
-      input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, eps, return_residual,
-      residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator), memory_efficient);
+      input, opt(residual), c10::fromIntArrayRefSlow(normalized_shape), opt(weight), eps,
+      return_residual, residual_in_fp32, dropout_p, seed_for(input, dropout_p, generator),
+      memory_efficient);
 }
 
 const char* version() { return ADDNORM_VERSION_STRING; }

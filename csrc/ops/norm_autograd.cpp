@@ -35,6 +35,8 @@
 
 #include <vector>
 
+#include <limits>
+
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
@@ -118,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(
   return {std::move(dh), std::move(dw), std::move(db)};
 }
 
-// Whether backward is to recover xhat from the output: false for a weight with a zero that
+// Whether backward is to recover xhat from the output: false for a weight with a zero, or
+// a value whose float reciprocal overflows (the CPU backward multiplies by 1 / weight), that
 // can be seen for free (a CPU tensor holding data: not a fake or functional tensor of a
 // trace).
 bool output_invertible(const std::optional<at::Tensor>& weight) {
@@ -126,7 +129,8 @@ bool output_invertible(const std::optional<at::Tensor>& weight) {
   const auto keys = weight->key_set();
   const bool readable = weight->device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
                         !keys.has(c10::DispatchKey::Functionalize);
-  return !readable || !weight->eq(0).any().item<bool>();
+  constexpr double kTiny = 1.0 / static_cast<double>(std::numeric_limits<float>::max());
+  return !readable || !weight->abs().lt(kTiny).any().item<bool>();
 }
 
 at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {

@@ -117,6 +117,14 @@ TEST(TransformerEncoderLayer, OptionsAreRespected) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what_without_backtrace()).find("activation"), std::string::npos);
   }
+  // So does a dim_feedforward of 0 (LibTorch's Linear failed with "from is out of bounds").
+  try {
+    addnorm::TransformerEncoderLayer bad(addnorm::TransformerEncoderLayerOptions(8, 2).dim_feedforward(0));
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("dim_feedforward must be positive, got 0"),
+              std::string::npos);
+  }
 }
 
 TEST(TransformerEncoderLayer, ForwardBackwardMatchReference) {

@@ -35,6 +35,25 @@ TEST(AddNormOps, LayerNormMatchesATen) {
   }
 }
 
+TEST(AddNormOps, UndefinedOptionalTensorsMeanNone) {
+  // An undefined tensor for an optional argument (a bias=false module's `bias`) is none, as
+  // for at::layer_norm; it was "tensor does not have a device".
+  torch::manual_seed(3);
+  auto x = torch::randn({4, 8});
+  auto r = torch::randn({4, 8});
+  auto w = torch::randn({8});
+  const at::Tensor none;
+  EXPECT_TRUE(torch::equal(addnorm::layer_norm(x, {8}, w, none, 1e-5),
+                           addnorm::layer_norm(x, {8}, w, std::nullopt, 1e-5)));
+  EXPECT_TRUE(torch::allclose(addnorm::layer_norm(x, {8}, none, none, 1e-5),
+                              at::layer_norm(x, {8}, none, none, 1e-5), 1e-5, 1e-6));
+  EXPECT_TRUE(torch::equal(addnorm::rms_norm(x, {8}, none), addnorm::rms_norm(x, {8})));
+  EXPECT_TRUE(torch::equal(std::get<0>(addnorm::add_layer_norm(x, none, {8}, w, none, 1e-5)),
+                           addnorm::layer_norm(x, {8}, w, std::nullopt, 1e-5)));
+  EXPECT_TRUE(torch::equal(std::get<0>(addnorm::add_rms_norm(x, r, {8}, none)),
+                           std::get<0>(addnorm::add_rms_norm(x, r, {8}, std::nullopt))));
+}
+
 TEST(AddNormOps, RmsNormMatchesATen) {
   torch::manual_seed(1);
   auto x = torch::randn({4, 96}, torch::kDouble);

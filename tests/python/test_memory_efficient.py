@@ -202,6 +202,30 @@ def test_stack_saves_one_tensor_fewer_per_norm(op, post_ln):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("value", [2e-39, 1e-45])
+@pytest.mark.parametrize("op", OPS)
+def test_weight_below_float_reciprocal_range_keeps_h(op, value):
+    """A float32 weight value whose reciprocal overflows float (|w| < 1 / FLT_MAX, about
+    2.9e-39: tiny normals and subnormals) is treated as a zero: the op keeps h and the
+    gradients are those of that path, bitwise (they were inf/NaN). The backward from the
+    output itself refuses such a weight by name (where a trace keeps the weight unread)."""
+    x, r, w, b, dy = data(op, (5, 24), torch.float32, "cpu")
+    with torch.no_grad():
+        w[3] = value
+    out_me = run(op, x, r, w, b, memory_efficient=True)
+    out = run(op, x, r, w, b, memory_efficient=False)
+    g_me = torch.autograd.grad(out_me, [x, r, w], dy)
+    g = torch.autograd.grad(out, [x, r, w], dy)
+    assert all(torch.equal(a, e) for a, e in zip(g_me, g))
+    assert all(t.isfinite().all() for t in g_me)
+    h = (x + r).detach()
+    _, _, mean, rstd = torch.ops.addnorm._norm_fwd(h, None, [24], w.detach(), None, 1e-5,
+                                                   op.endswith("rms_norm"), False, False)
+    with pytest.raises(RuntimeError, match=r"reciprocal overflows; weight\[3\]"):
+        torch.ops.addnorm._norm_bwd(dy, None, out.detach(), mean, rstd, w.detach(), False,
+                                    op.endswith("rms_norm"), True, None, from_output=True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS)
 def test_weight_with_zero_keeps_h(op, device):
@@ -279,7 +303,7 @@ def test_from_output_op_checks(device):
     if device == "cpu":  # the CUDA kernels take the weight as checked by the caller
         w0 = w.clone()
         w0[5] = 0
-        with pytest.raises(RuntimeError, match=r"weight without zeros; weight\[5\] = 0"):
+        with pytest.raises(RuntimeError, match=r"weight without zeros or values whose reciprocal overflows; weight\[5\] = 0"):
             bwd(g, None, y, rstd, rstd, w0, True, False, from_output=True, bias=b)
 
 
@@ -339,5 +363,5 @@ def test_compile_fullgraph():
         w[7] = 0.0
     torch._dynamo.reset()
     loss = torch.compile(f, fullgraph=True, backend="aot_eager")(x, r, w, b)
-    with pytest.raises(RuntimeError, match=r"weight without zeros; weight\[7\] = 0"):
+    with pytest.raises(RuntimeError, match=r"weight without zeros or values whose reciprocal overflows; weight\[7\] = 0"):
         loss.backward()

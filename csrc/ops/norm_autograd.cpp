@@ -16,7 +16,9 @@
 //   computes the same gradients with differentiable ATen ops from the saved h; since h is
 //   an output of this node, second derivatives flow back through it to input and residual.
 // - Forward mode: the tangents of out and h follow from those of input, residual, weight
-//   and bias (set_tangents below).
+//   and bias (set_tangents below). With a graph node as well (forward-over-reverse), h is
+//   built from differentiable ops first, so that the h the node keeps carries its tangent
+//   (norm_autograd).
 // - Fused dropout (h = dropout(input) + residual): the node keeps the seed tensor, never a
 //   mask; input's gradient (and tangent) is h's times the mask regenerated from the seed,
 //   written by _norm_bwd in its pass (_dropout_apply where only h's gradient flows). h is
@@ -24,7 +26,8 @@
 // - memory_efficient: the node keeps the output (which the next layer usually keeps anyway)
 //   instead of h, and backward recovers the normalized values from it, xhat = (out - bias) /
 //   weight (_norm_bwd's from_output). A weight with a zero makes that impossible (the
-//   output holds nothing of h there). Where the weight can be read for free (a CPU tensor,
+//   output holds nothing of h there; on the CPU a value whose float reciprocal overflows
+//   counts as a zero). Where the weight can be read for free (a CPU tensor,
 //   in eager mode) the node then keeps h as without the flag; elsewhere it is not read
 //   (no device synchronization, nothing data-dependent in traced graphs) and backward
 //   meets the zero: the CPU kernel raises an error, the CUDA kernels give NaN gradients
@@ -33,9 +36,8 @@
 //   the flag.
 // Under torch.compile both internal ops land in the traced graphs.
 
-#include <vector>
-
 #include <limits>
+#include <vector>
 
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/TensorOperators.h>

@@ -1192,8 +1192,9 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // The row sums and grad_h use the same g (float data: the exact product in double; float64:
 // rounded once), so a one-element row's LayerNorm passes exactly no gradient to h.
 //
-// Pass 1 reads dy and h, keeps d = h - shift (shift: the saved mean; RMSNorm 0) in a scratch
-// row, and sums g and g * d, and, given the forward's eps, d and d * d (float64: only then):
+// Pass 1 reads dy and h, takes d = h - shift (shift: the saved mean; RMSNorm 0) and sums g
+// and g * d, and, given the forward's eps, d and d * d (float64: only then; float data
+// takes d again from h, still in cache, in pass 2, rather than keeping a row of it):
 // then mean = shift + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2 are the statistics
 // of h itself, to double precision (the forward normalized with those; the saved float32
 // ones would carry their rounding error into every gradient), and sum(g * xhat) = rstd *
@@ -1202,9 +1203,9 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // partial: float data in pass 1, float64 in pass 2). Rows are processed in the chunks of
 // bwd_chunk_rows, each chunk by one thread.
 //
-// From the output (memory_efficient): pass 1 reads y instead of h and takes d = xhat =
+// From the output (memory_efficient): the passes read y instead of h and take d = xhat =
 // (y - beta) * (1 / gamma) in float lanes, widened (float64: a scratch row of (y - beta) /
-// gamma, divided), and the passes run as on h with shift 0 and xhat's own scale 1 (rstd,
+// gamma, divided), and run as on h with shift 0 and xhat's own scale 1 (rstd,
 // the saved one, still scales grad_h).
 //
 // With the forward's fused dropout, pass 2 also writes grad_input = grad_h (rounded to
@@ -1238,20 +1239,16 @@ struct FloatBwdArgs {
 };
 
 // Lanes of pass 1's sums over a block: g, g * d, d, d * d (RMSNorm: only g * d and d * d).
-// add: one float vector's worth of elements: dy and h as two double vectors each, gamma at
-// gm; d = h - shift goes to the row's scratch (ds), dy to the chunk's dbeta partial (pb).
+// add: one float vector's worth of elements: dy and d as two double vectors each, gamma at
+// gm; dy to the chunk's dbeta partial (pb).
 template <bool kRms, bool kPartials>
 struct BwdSums {
   VD g0{0.0}, g1{0.0}, gd0{0.0}, gd1{0.0}, d0{0.0}, d1{0.0}, dd0{0.0}, dd1{0.0};
-  void add(const VD& y0, const VD& y1, const VD& h0, const VD& h1, const double* gm,
-           const VD& shift, double* ds, double* pb) {
+  void add(const VD& y0, const VD& y1, const VD& x0, const VD& x1, const double* gm,
+           double* pb) {
     constexpr int64_t S = VD::size();
     const VD e0 = y0 * VD::loadu(gm);
     const VD e1 = y1 * VD::loadu(gm + S);
-    const VD x0 = h0 - shift;
-    const VD x1 = h1 - shift;
-    x0.store(ds);
-    x1.store(ds + S);
     gd0 = fma_of(e0, x0, gd0);
     gd1 = fma_of(e1, x1, gd1);
     dd0 = fma_of(x0, x0, dd0);
@@ -1269,6 +1266,41 @@ struct BwdSums {
   }
 };
 
+// d of a row's elements, computed the same way by both passes (so that no scratch row
+// carries it from pass 1 to pass 2): from h, d = h - shift in double; from the output y
+// (S = G), d = xhat = (y - beta) * inv_gamma in float lanes, widened.
+template <typename S, bool kFromOutput>
+struct RowD {
+  const S* src;
+  VD shift_v;
+  double shift;
+  const float* beta;
+  const float* inv_gamma;
+  // Elements [jk, jk + VF::size()), half k of the Pack sp loaded at jk - k * VF::size().
+  void half(const WidePack<S>& sp, int k, int64_t jk, VD& d0, VD& d1) const {
+    if constexpr (kFromOutput) {
+      VF v;
+      if constexpr (std::is_same_v<S, float>) {
+        v = VF::loadu(src + jk);
+      } else {
+        v = k == 0 ? sp.a : sp.b;
+      }
+      widen((v - VF::loadu(beta + jk)) * VF::loadu(inv_gamma + jk), d0, d1);
+    } else {
+      sp.half(k, d0, d1);
+      d0 = d0 - shift_v;
+      d1 = d1 - shift_v;
+    }
+  }
+  double at(int64_t j) const {
+    if constexpr (kFromOutput) {
+      return static_cast<double>((to_acc<float>(src[j]) - beta[j]) * inv_gamma[j]);
+    } else {
+      return static_cast<double>(to_acc<float>(src[j])) - shift;
+    }
+  }
+};
+
 // A row's constants in pass 2: xhat = d * xs + x_off (xs = rstd, x_off = -(mean - shift) *
 // rstd; from the output xs = 1, x_off = 0), grad_h = (g - c1) * rstd + xhat * b (b = -rstd *
 // c2).
@@ -1279,11 +1311,11 @@ struct BwdRow {
 // Pass 2 for one float vector's worth of elements: grad_h in double, rounded once; with pg,
 // the chunk's dgamma partial. y: dy, r: the grad of h, as double vectors.
 template <bool kResidual, bool kPartials>
-inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1,
+inline VF bwd_out(const VD& d0, const VD& d1, const double* gm, const VD& y0, const VD& y1,
                   const VD& r0, const VD& r1, const BwdRow& row, double* pg) {
   constexpr int64_t S = VD::size();
-  const VD x0 = fma_of(VD::loadu(ds), row.xs, row.x_off);
-  const VD x1 = fma_of(VD::loadu(ds + S), row.xs, row.x_off);
+  const VD x0 = fma_of(d0, row.xs, row.x_off);
+  const VD x1 = fma_of(d1, row.xs, row.x_off);
   // (as the scalar tail: x * b + r fused)
   const VD t0 = kResidual ? fma_of(x0, row.b, r0) : x0 * row.b;
   const VD t1 = kResidual ? fma_of(x1, row.b, r1) : x1 * row.b;
@@ -1297,35 +1329,40 @@ inline VF bwd_out(const double* ds, const double* gm, const VD& y0, const VD& y1
 }
 
 // Pass 2 over a row.
-template <typename G, typename X, bool kResidual, bool kPartials>
-void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const double* gm,
-                 int64_t N, const BwdRow row, double rstd, double xs, double x_off, double c1,
-                 double b, double* pg, G* dxin, const float* fac, const NextRow next) {
+template <typename G, typename X, typename S, bool kResidual, bool kPartials, bool kFromOutput>
+void bwd_row_out(const G* dy, const X* dres, X* dx, const RowD<S, kFromOutput> rd,
+                 const double* gm, int64_t N, const BwdRow row, double rstd, double xs,
+                 double x_off, double c1, double b, double* pg, G* dxin, const float* fac,
+                 const NextRow next) {
   using V = VF;
   constexpr int64_t W = Pack<X>::kWidth;
+  static_assert(Pack<S>::kWidth == W, "mixed widths");
   static_assert(W * sizeof(G) <= NextRow::kStepBytes && W * sizeof(X) <= NextRow::kStepBytes,
                 "one fetch per step");
   int64_t j = 0;
   for (; j + W <= N; j += W) {
     next.fetch(j);
     const WidePack<G> dyp(dy + j);
+    const WidePack<S> sp(rd.src + j);
     V o[2];
     if constexpr (kResidual) {
       const WidePack<X> rp(dres + j);
       for (int k = 0; k < 2; ++k) {
         const int64_t jk = j + k * V::size();
-        VD y0, y1, r0, r1;
+        VD y0, y1, d0, d1, r0, r1;
         dyp.half(k, y0, y1);
+        rd.half(sp, k, jk, d0, d1);
         rp.half(k, r0, r1);
-        o[k] = bwd_out<true, kPartials>(ds + jk, gm + jk, y0, y1, r0, r1, row,
+        o[k] = bwd_out<true, kPartials>(d0, d1, gm + jk, y0, y1, r0, r1, row,
                                         kPartials ? pg + jk : nullptr);
       }
     } else {
       for (int k = 0; k < 2; ++k) {
         const int64_t jk = j + k * V::size();
-        VD y0, y1;
+        VD y0, y1, d0, d1;
         dyp.half(k, y0, y1);
-        o[k] = bwd_out<false, kPartials>(ds + jk, gm + jk, y0, y1, y0, y1, row,
+        rd.half(sp, k, jk, d0, d1);
+        o[k] = bwd_out<false, kPartials>(d0, d1, gm + jk, y0, y1, y0, y1, row,
                                          kPartials ? pg + jk : nullptr);
       }
     }
@@ -1337,7 +1374,7 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const doub
     }
   }
   for (; j < N; ++j) {
-    const double xh = fma_of(ds[j], xs, x_off);
+    const double xh = fma_of(rd.at(j), xs, x_off);
     const double r = kResidual ? static_cast<double>(to_acc<float>(dres[j])) : 0.0;
     const double y = static_cast<double>(to_acc<float>(dy[j]));
     const double g = y * gm[j];
@@ -1351,48 +1388,31 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const double* ds, const doub
 }
 
 // Pass 1 over a row (see BwdSums): sum[0..3] += the sums of g, g * d, d, d * d.
-// kFromOutput: h is the output y, and d = (y - beta) * inv_gamma (in float lanes, then
-// widened; shift 0).
-template <typename G, typename X, bool kRms, bool kPartials, bool kFromOutput = false>
-void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift, double* ds,
-              double* pb, DD (&sum)[4], const float* beta = nullptr,
-              const float* inv_gamma = nullptr) {
-  constexpr int64_t W = Pack<X>::kWidth;
+template <typename G, typename S, bool kRms, bool kPartials, bool kFromOutput>
+void bwd_sums(const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int64_t N,
+              double* pb, DD (&sum)[4]) {
+  constexpr int64_t W = Pack<S>::kWidth;
   static_assert(Pack<G>::kWidth == W, "mixed widths");
-  const VD shift_v(shift);
   for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
     const int64_t b1 = std::min(N, b0 + kBlock);
     BwdSums<kRms, kPartials> s;
     int64_t j = b0;
     for (; j + W <= b1; j += W) {
       const WidePack<G> dyp(dy + j);
-      const WidePack<X> hp(h + j);
+      const WidePack<S> sp(rd.src + j);
       for (int k = 0; k < 2; ++k) {
         const int64_t jk = j + k * VF::size();
         VD y0, y1, x0, x1;
         dyp.half(k, y0, y1);
-        if constexpr (kFromOutput) {
-          // y's float lanes: loaded here for float, already converted by hp otherwise
-          VF v;
-          if constexpr (std::is_same_v<X, float>) {
-            v = VF::loadu(h + jk);
-          } else {
-            v = k == 0 ? hp.a : hp.b;
-          }
-          widen((v - VF::loadu(beta + jk)) * VF::loadu(inv_gamma + jk), x0, x1);
-        } else {
-          hp.half(k, x0, x1);
-        }
-        s.add(y0, y1, x0, x1, gm + jk, shift_v, ds + jk, kPartials ? pb + jk : nullptr);
+        rd.half(sp, k, jk, x0, x1);
+        s.add(y0, y1, x0, x1, gm + jk, kPartials ? pb + jk : nullptr);
       }
     }
     double t[4] = {0.0, 0.0, 0.0, 0.0};
     for (; j < b1; ++j) {
       const double y = static_cast<double>(to_acc<float>(dy[j]));
       const double g = y * gm[j];
-      double d = static_cast<double>(to_acc<float>(h[j])) - shift;
-      if constexpr (kFromOutput) d = (to_acc<float>(h[j]) - beta[j]) * inv_gamma[j];
-      ds[j] = d;
+      const double d = rd.at(j);
       t[0] += g;
       t[1] = fma_of(g, d, t[1]);
       t[2] += d;
@@ -1407,14 +1427,62 @@ void bwd_sums(const G* dy, const X* h, const double* gm, int64_t N, double shift
   }
 }
 
-// The rows of chunk c (fac: a scratch row for the fused dropout's factors).
-template <typename G, typename X, bool kRms>
-void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* fac) {
-  using V = VF;
-  constexpr int64_t W = Pack<X>::kWidth;
-  static_assert(Pack<G>::kWidth == W, "mixed widths");
+// Row i's two passes (d from rd; pg, pb: the chunk's dgamma and dbeta partials, or null;
+// fac: a scratch row for the fused dropout's factors).
+template <typename G, typename X, bool kRms, typename S, bool kFromOutput>
+void bwd_row(const FloatBwdArgs<G, X>& a, int64_t i, const RowD<S, kFromOutput> rd, double* pg,
+             double* pb, float* fac, const NextRow next) {
   const int64_t N = a.N;
   const double nd = static_cast<double>(N);
+  const G* dy = a.dy + i * N;
+
+  // Pass 1: dy to the dbeta partial; the sums of g, g * d, d, d * d.
+  DD sum[4];  // g, g * d, d, d * d
+  if (pb) {
+    bwd_sums<G, S, kRms, true>(dy, rd, a.gamma, N, pb, sum);
+  } else {
+    bwd_sums<G, S, kRms, false>(dy, rd, a.gamma, N, pb, sum);
+  }
+  // mean = shift + delta; rstd; xs, the scale from d to xhat; c1 = mean(g), c2 =
+  // mean(g * xhat).
+  double delta = 0.0;
+  double rstd = static_cast<double>(a.rstd[i]);
+  if (a.own_stats) {
+    delta = kRms ? 0.0 : sum[2].value() / nd;
+    const double var = std::max(sum[3].value() / nd - delta * delta, 0.0);
+    rstd = 1.0 / std::sqrt(var + a.eps);
+  }
+  const double xs = kFromOutput ? 1.0 : rstd;
+  const double c1 = kRms ? 0.0 : sum[0].value() / nd;
+  const double c2 = xs * ((sum[1].value() - delta * sum[0].value()) / nd);
+  const double x_off = -delta * xs;
+  const double b = -rstd * c2;
+
+  // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); dgamma partial.
+  const BwdRow row{VD(rstd), VD(xs), VD(x_off), VD(c1), VD(b)};
+  const X* dres = a.dres ? a.dres + i * N : nullptr;
+  X* dx = a.dx ? a.dx + i * N : nullptr;
+  G* dxin = a.dxin ? a.dxin + i * N : nullptr;
+  if (dxin) dropout_factors_fast(a.key, a.drop_scale, i * N, N, fac);
+  if (dres && pg) {
+    bwd_row_out<G, X, S, true, true>(dy, dres, dx, rd, a.gamma, N, row, rstd, xs, x_off, c1, b,
+                                     pg, dxin, fac, next);
+  } else if (dres) {
+    bwd_row_out<G, X, S, true, false>(dy, dres, dx, rd, a.gamma, N, row, rstd, xs, x_off, c1,
+                                      b, pg, dxin, fac, next);
+  } else if (pg) {
+    bwd_row_out<G, X, S, false, true>(dy, dres, dx, rd, a.gamma, N, row, rstd, xs, x_off, c1,
+                                      b, pg, dxin, fac, next);
+  } else {
+    bwd_row_out<G, X, S, false, false>(dy, dres, dx, rd, a.gamma, N, row, rstd, xs, x_off, c1,
+                                       b, pg, dxin, fac, next);
+  }
+}
+
+// The rows of chunk c (fac: a scratch row for the fused dropout's factors).
+template <typename G, typename X, bool kRms>
+void bwd_chunk(const FloatBwdArgs<G, X>& a, int64_t c, float* fac) {
+  const int64_t N = a.N;
   double* pg = a.partials ? a.partials + c * 2 * N : nullptr;
   double* pb = pg ? pg + N : nullptr;
   if (pg) {
@@ -1423,61 +1491,16 @@ void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, double* ds, float* fac) {
   const int64_t row_begin = c * a.rows_per_chunk;
   const int64_t row_end = std::min(a.M, row_begin + a.rows_per_chunk);
   for (int64_t i = row_begin; i < row_end; ++i) {
-    const G* dy = a.dy + i * N;
-    const bool from_output = a.y != nullptr;
-    const double shift = (kRms || from_output) ? 0.0 : static_cast<double>(a.mean[i]);
-
-    // Pass 1: d to the scratch, dy to the dbeta partial; the sums of g, g * d, d, d * d.
-    DD sum[4];  // g, g * d, d, d * d
-    if (from_output) {
-      if (pb) {
-        bwd_sums<G, G, kRms, true, true>(dy, a.y + i * N, a.gamma, N, 0.0, ds, pb, sum, a.beta,
-                                         a.inv_gamma);
-      } else {
-        bwd_sums<G, G, kRms, false, true>(dy, a.y + i * N, a.gamma, N, 0.0, ds, pb, sum, a.beta,
-                                          a.inv_gamma);
-      }
-    } else if (pb) {
-      bwd_sums<G, X, kRms, true>(dy, a.h + i * N, a.gamma, N, shift, ds, pb, sum);
+    const bool last = i + 1 == row_end;
+    if (a.y != nullptr) {
+      const G* y = a.y + i * N;
+      const RowD<G, true> rd{y, VD(0.0), 0.0, a.beta, a.inv_gamma};
+      bwd_row<G, X, kRms>(a, i, rd, pg, pb, fac, last ? NextRow() : NextRow(a.dy + (i + 1) * N, y + N));
     } else {
-      bwd_sums<G, X, kRms, false>(dy, a.h + i * N, a.gamma, N, shift, ds, pb, sum);
-    }
-    // mean = shift + delta; rstd; xs, the scale from d to xhat; c1 = mean(g), c2 =
-    // mean(g * xhat).
-    double delta = 0.0;
-    double rstd = static_cast<double>(a.rstd[i]);
-    if (a.own_stats) {
-      delta = kRms ? 0.0 : sum[2].value() / nd;
-      const double var = std::max(sum[3].value() / nd - delta * delta, 0.0);
-      rstd = 1.0 / std::sqrt(var + a.eps);
-    }
-    const double xs = from_output ? 1.0 : rstd;
-    const double c1 = kRms ? 0.0 : sum[0].value() / nd;
-    const double c2 = xs * ((sum[1].value() - delta * sum[0].value()) / nd);
-    const double x_off = -delta * xs;
-    const double b = -rstd * c2;
-
-    // Pass 2: dh = rstd * (g - c1 - xhat * c2) (+ grad of the returned h); dgamma partial.
-    const BwdRow row{VD(rstd), VD(xs), VD(x_off), VD(c1), VD(b)};
-    const X* dres = a.dres ? a.dres + i * N : nullptr;
-    X* dx = a.dx ? a.dx + i * N : nullptr;
-    G* dxin = a.dxin ? a.dxin + i * N : nullptr;
-    if (dxin) dropout_factors_fast(a.key, a.drop_scale, i * N, N, fac);
-    const NextRow next = i + 1 == row_end ? NextRow()
-                         : from_output    ? NextRow(dy + N, a.y + (i + 1) * N)
-                                          : NextRow(dy + N, a.h + (i + 1) * N);
-    if (dres && pg) {
-      bwd_row_out<G, X, true, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
-                                    pg, dxin, fac, next);
-    } else if (dres) {
-      bwd_row_out<G, X, true, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
-                                     pg, dxin, fac, next);
-    } else if (pg) {
-      bwd_row_out<G, X, false, true>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1, b,
-                                     pg, dxin, fac, next);
-    } else {
-      bwd_row_out<G, X, false, false>(dy, dres, dx, ds, a.gamma, N, row, rstd, xs, x_off, c1,
-                                      b, pg, dxin, fac, next);
+      const X* h = a.h + i * N;
+      const double shift = kRms ? 0.0 : static_cast<double>(a.mean[i]);
+      const RowD<X, false> rd{h, VD(shift), shift, nullptr, nullptr};
+      bwd_row<G, X, kRms>(a, i, rd, pg, pb, fac, last ? NextRow() : NextRow(a.dy + (i + 1) * N, h + N));
     }
   }
 }
@@ -1526,13 +1549,12 @@ void norm_bwd_typed(const NormBwdArgs& args, const at::Tensor& partials) {
               ", 2, ", N, "]");
   const bool rms = args.rms;
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    std::unique_ptr<double[]> scratch(new double[a.N]);  // d of the row
     std::unique_ptr<float[]> fac(a.dxin ? new float[a.N] : nullptr);  // dropout factors
     for (int64_t c = c_begin; c < c_end; ++c) {
       if (rms) {
-        bwd_chunk<G, X, true>(a, c, scratch.get(), fac.get());
+        bwd_chunk<G, X, true>(a, c, fac.get());
       } else {
-        bwd_chunk<G, X, false>(a, c, scratch.get(), fac.get());
+        bwd_chunk<G, X, false>(a, c, fac.get());
       }
     }
   });

@@ -491,13 +491,18 @@ void TransformerEncoderLayerImpl::pretty_print(std::ostream& stream) const {
 at::Tensor TransformerEncoderLayerImpl::forward(
     const at::Tensor& src, const at::Tensor& src_mask, const at::Tensor& src_key_padding_mask,
     bool is_causal) {
+  // The norms' own eps, as torch's layer, which calls its norms, uses: one set after
+  // construction counts. The fused op takes one eps for both.
+  const double eps = norm1->options.eps();
+  TORCH_CHECK(norm2->options.eps() == eps,
+              "addnorm::TransformerEncoderLayer: norm1 and norm2 must have the same eps, got ",
+              eps, " and ", norm2->options.eps());
   return transformer_encoder_layer(
       src, opt(src_mask), opt(src_key_padding_mask), is_causal, self_attn->in_proj_weight,
       opt(self_attn->in_proj_bias), self_attn->out_proj->weight, opt(self_attn->out_proj->bias),
       linear1->weight, opt(linear1->bias), linear2->weight, opt(linear2->bias), norm1->weight,
       opt(norm1->bias), norm2->weight, opt(norm2->bias), options.nhead(), options.dropout(),
-      options.activation(), options.layer_norm_eps(), options.batch_first(), options.norm_first(),
-      is_training());
+      options.activation(), eps, options.batch_first(), options.norm_first(), is_training());
 }
 
 }  // namespace addnorm

@@ -39,11 +39,9 @@ torch::Tensor reference_post_ln(
       at::matmul(heads(qkv[0]), heads(qkv[1]).transpose(-2, -1)) / std::sqrt(double(E / H));
   auto a = at::matmul(dropout(at::softmax(scores, -1)), heads(qkv[2]));
   a = l.self_attn->out_proj(a.permute({2, 0, 1, 3}).reshape({S, N, E}));
-  auto h = at::layer_norm(
-      x + dropout(a), {E}, l.norm1->weight, l.norm1->bias, l.options.layer_norm_eps());
+  auto h = at::layer_norm(x + dropout(a), {E}, l.norm1->weight, l.norm1->bias, l.norm1->options.eps());
   auto f = l.linear2(dropout(torch::relu(l.linear1(h))));
-  return at::layer_norm(
-      h + dropout(f), {E}, l.norm2->weight, l.norm2->bias, l.options.layer_norm_eps());
+  return at::layer_norm(h + dropout(f), {E}, l.norm2->weight, l.norm2->bias, l.norm2->options.eps());
 }
 
 // The gradients of y and ref for the same cotangent, with respect to the layer's
@@ -145,6 +143,28 @@ TEST(TransformerEncoderLayer, ForwardBackwardMatchReference) {
   EXPECT_TRUE(torch::equal(drop->forward(x), drop->forward(x)));
   drop->train();
   EXPECT_FALSE(torch::equal(drop->forward(x), drop->forward(x)));
+}
+
+TEST(TransformerEncoderLayer, NormsEpsSetAfterConstructionCounts) {
+  torch::manual_seed(0);
+  addnorm::TransformerEncoderLayer layer(
+      addnorm::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(0.0));
+  auto x = torch::randn({6, 3, 16}) * 0.05;  // small rows: eps matters
+  const auto before = layer->forward(x);
+  layer->norm1->options.eps(0.5);
+  layer->norm2->options.eps(0.5);
+  const auto y = layer->forward(x);
+  EXPECT_TRUE(torch::allclose(y, reference_post_ln(*layer, x), 1e-4, 1e-5));
+  EXPECT_FALSE(torch::allclose(y, before, 1e-2, 1e-2));
+  // The fused op has one eps: unequal ones are refused by name, not averaged or ignored.
+  layer->norm2->options.eps(1e-5);
+  try {
+    layer->forward(x);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("norm1 and norm2 must have the same eps"),
+              std::string::npos);
+  }
 }
 
 TEST(TransformerEncoderLayer, TrainingDropoutMatchesReferenceFromItsMasks) {

@@ -22,9 +22,9 @@ def _check_unnamed(*tensors: Optional[Tensor]) -> None:
 
 
 def _as_shape(normalized_shape: _ShapeLike) -> List[int]:
-    if isinstance(normalized_shape, int):
-        return [normalized_shape]
-    return list(normalized_shape)
+    if isinstance(normalized_shape, Tensor):  # e.g. a weight passed in its place
+        raise TypeError("addnorm: normalized_shape must be an int or a sequence of ints, got a Tensor")
+    return [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
 
 
 def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,

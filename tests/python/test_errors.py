@@ -193,6 +193,16 @@ def test_functional_normalized_shape_int_mismatch():
         addnorm.functional.rms_norm(_x(), 9)
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_functional_normalized_shape_tensor_is_refused(name):
+    # The usual slip: the weight where normalized_shape goes. torch's functions refuse a
+    # Tensor there; the list of its elements must not reach the op as a shape.
+    x, w = _x(), torch.ones(8)
+    args = (x, w) if name in ("layer_norm", "rms_norm") else (x, _x(), w)
+    with pytest.raises(TypeError, match=_match("normalized_shape") + ".*Tensor"):
+        getattr(addnorm.functional, name)(*args)
+
+
 # --------------------------------------------------------------------------- eps
 
 

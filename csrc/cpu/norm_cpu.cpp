@@ -57,8 +57,14 @@ void norm_bwd(const NormBwdArgs& args) {
   }
   kernels().bwd(args, partials);
   if (partials.defined()) {
-    const at::Tensor sums = at::empty({2, args.N}, partials.options());
-    kernels().reduce(partials, sums);
+    // One chunk of double partials (a few rows, or long ones) already holds the sums.
+    at::Tensor sums;
+    if (partials.size(0) == 1 && partials.size(1) == 2) {
+      sums = partials[0];
+    } else {
+      sums = at::empty({2, args.N}, partials.options());
+      kernels().reduce(partials, sums);
+    }
     if (args.grad_gamma.defined()) args.grad_gamma.copy_(sums[0]);
     if (args.grad_beta.defined()) args.grad_beta.copy_(sums[1]);
   }

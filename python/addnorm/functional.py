@@ -67,14 +67,16 @@ def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = No
     README's "Fused dropout" (why it raises under an activation memory budget < 1)."""
     if not torch.jit.is_scripting():
         _check_seed_not_recomputed()
-    u = torch.rand_like(torch.empty([2], dtype=torch.float64, device=device),
-                        generator=generator)
+    u = torch.rand_like(torch.empty([2], dtype=torch.float64, device=device), generator=generator)
     return (u * 9007199254740992.0).to(torch.int64)  # 2^53
 
 
 def _check_seed_not_recomputed(what: str = "the fused dropout's seed", fix: str = (
         "Draw it outside (seed = addnorm.dropout_seed(device)) and pass it to torch.ops."
         "addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)")) -> None:
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack():
+        raise RuntimeError(f"addnorm: {what}: dropout is not supported inside torch.func "
+                           "transforms (vmap would give every entry one mask); use F.dropout there")
     if torch.compiler.is_compiling():
         import torch._functorch.config as functorch_config
 
@@ -100,8 +102,7 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
               memory_efficient: bool):
     # dropout_p defaults to None, not 0.0: under torch.compile(dynamic=True) a float default
     # is traced as a symbolic input, and comparing it restarts the trace.
-    if dropout_p is None:
-        dropout_p = 0.0
+    dropout_p = 0.0 if dropout_p is None else dropout_p
     seed = dropout_seed(input.device, generator) if dropout_p > 0 else None
     if rms:
         out, h = torch.ops.addnorm.add_rms_norm(

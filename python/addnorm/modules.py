@@ -35,9 +35,8 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             F._check_unnamed(input)
-        return torch.ops.addnorm.layer_norm(
-            input, self.normalized_shape, self.weight, self.bias, self.eps
-        )
+        return torch.ops.addnorm.layer_norm(input, self.normalized_shape, self.weight, self.bias,
+                                            self.eps)
 
 
 class RMSNorm(nn.RMSNorm):

@@ -368,6 +368,31 @@ def test_functorch_transforms_refuse_dropout_clearly():
             x, None, [8], dropout_p=0.5, dropout_seed=seed)[0].sum())(x)
 
 
+@pytest.mark.parametrize("randomness", ["error", "different", "same"])
+def test_vmap_refuses_drawing_dropout_seeds(randomness):
+    """vmap runs the ops (no batching rule) once per entry, with the one seed drawn in Python:
+    every entry got the same mask, whatever randomness asked for, and 'error' raised nothing.
+    Drawing a seed inside a transform now refuses; without dropout, and in eval, vmap runs."""
+    x, r = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+
+    def vmapped(f):
+        return torch.func.vmap(f, randomness=randomness)
+
+    for f in (lambda x, r: addnorm.add_layer_norm(x, r, 8, dropout_p=0.5),
+              lambda x, r: addnorm.add_rms_norm(x, r, 8, dropout_p=0.5),
+              lambda x, r: addnorm.AddLayerNorm(8, dropout=0.5)(x, r)):
+        with pytest.raises(RuntimeError, match="not supported inside torch.func transforms"):
+            vmapped(f)(x, r)
+    layer = addnorm.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
+    src = torch.randn(3, 2, 5, 8)
+    with pytest.raises(RuntimeError, match="not supported inside torch.func transforms"):
+        vmapped(layer)(src)
+    torch.testing.assert_close(vmapped(lambda x, r: addnorm.add_layer_norm(x, r, 8))(x, r),
+                               F.layer_norm(x + r, (8,)))
+    layer.eval()
+    torch.testing.assert_close(vmapped(layer)(src), torch.stack([layer(s) for s in src]))
+
+
 # ------------------------------------------------- the separate dropout (_dropout_apply)
 #
 # addnorm.TransformerEncoderLayer drops its attention probabilities and feed-forward

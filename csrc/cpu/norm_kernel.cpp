@@ -1238,10 +1238,11 @@ struct FloatBwdArgs {
   double eps;
 };
 
-// Lanes of pass 1's sums over a block: g, g * d, d, d * d (RMSNorm: only g * d and d * d).
+// Lanes of pass 1's sums over a block: g, g * d, d, d * d (RMSNorm: only g * d and d * d;
+// without kStats, from the output, whose statistics are the saved ones: no d, d * d).
 // add: one float vector's worth of elements: dy and d as two double vectors each, gamma at
 // gm; dy to the chunk's dbeta partial (pb).
-template <bool kRms, bool kPartials>
+template <bool kRms, bool kPartials, bool kStats>
 struct BwdSums {
   VD g0{0.0}, g1{0.0}, gd0{0.0}, gd1{0.0}, d0{0.0}, d1{0.0}, dd0{0.0}, dd1{0.0};
   void add(const VD& y0, const VD& y1, const VD& x0, const VD& x1, const double* gm,
@@ -1251,11 +1252,15 @@ struct BwdSums {
     const VD e1 = y1 * VD::loadu(gm + S);
     gd0 = fma_of(e0, x0, gd0);
     gd1 = fma_of(e1, x1, gd1);
-    dd0 = fma_of(x0, x0, dd0);
-    dd1 = fma_of(x1, x1, dd1);
+    if constexpr (kStats) {
+      dd0 = fma_of(x0, x0, dd0);
+      dd1 = fma_of(x1, x1, dd1);
+    }
     if constexpr (!kRms) {
       g0 = g0 + e0;
       g1 = g1 + e1;
+    }
+    if constexpr (!kRms && kStats) {
       d0 = d0 + x0;
       d1 = d1 + x1;
     }
@@ -1395,7 +1400,7 @@ void bwd_sums(const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int6
   static_assert(Pack<G>::kWidth == W, "mixed widths");
   for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
     const int64_t b1 = std::min(N, b0 + kBlock);
-    BwdSums<kRms, kPartials> s;
+    BwdSums<kRms, kPartials, !kFromOutput> s;
     int64_t j = b0;
     for (; j + W <= b1; j += W) {
       const WidePack<G> dyp(dy + j);
@@ -1447,7 +1452,7 @@ void bwd_row(const FloatBwdArgs<G, X>& a, int64_t i, const RowD<S, kFromOutput> 
   // mean(g * xhat).
   double delta = 0.0;
   double rstd = static_cast<double>(a.rstd[i]);
-  if (a.own_stats) {
+  if (a.own_stats && !kFromOutput) {  // (from the output: the saved rstd, xhat's mean 0)
     delta = kRms ? 0.0 : sum[2].value() / nd;
     const double var = std::max(sum[3].value() / nd - delta * delta, 0.0);
     rstd = 1.0 / std::sqrt(var + a.eps);

@@ -1193,20 +1193,19 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // rounded once), so a one-element row's LayerNorm passes exactly no gradient to h.
 //
 // Pass 1 reads dy and h, takes d = h - shift (shift: the saved mean; RMSNorm 0) and sums g
-// and g * d, and, given the forward's eps, d and d * d (float64: only then; float data
-// takes d again from h, still in cache, in pass 2, rather than keeping a row of it):
-// then mean = shift + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2 are the statistics
+// and g * d, and, given the forward's eps, d and d * d (float64: only then): then mean = shift + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2 are the statistics
 // of h itself, to double precision (the forward normalized with those; the saved float32
 // ones would carry their rounding error into every gradient), and sum(g * xhat) = rstd *
 // (sum(g * d) - (mean - shift) * sum(g)). Without eps, mean and rstd are the saved ones.
 // Pass 2 writes grad_h and adds dy * xhat to the chunk's dgamma partial (dy to its dbeta
-// partial: float data in pass 1, float64 in pass 2). Rows are processed in the chunks of
-// bwd_chunk_rows, each chunk by one thread.
+// partial: float data in pass 1, float64 in pass 2); float data takes d again from h, whose
+// row is still in cache, rather than keeping a double row of it. Rows are processed in the
+// chunks of bwd_chunk_rows, each chunk by one thread.
 //
 // From the output (memory_efficient): the passes read y instead of h and take d = xhat =
 // (y - beta) * (1 / gamma) in float lanes, widened (float64: a scratch row of (y - beta) /
-// gamma, divided), and run as on h with shift 0 and xhat's own scale 1 (rstd,
-// the saved one, still scales grad_h).
+// gamma, divided), and run as on h with shift 0, xhat's own scale 1 and the saved rstd
+// (which still scales grad_h); float data does not sum d and d * d there.
 //
 // With the forward's fused dropout, pass 2 also writes grad_input = grad_h (rounded to
 // grad_h's dtype) times the row's dropout factors (mask / (1 - p)), rounded to grad_out's

@@ -1189,8 +1189,10 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 //   xhat = (h - mean) * rstd,  g = dy * gamma
 //   dh = rstd * (g - mean(g) - xhat * mean(g * xhat))      (RMSNorm: no mean(g) term)
 //
-// The row sums and grad_h use the same g (float data: the exact product in double; float64:
-// rounded once), so a one-element row's LayerNorm passes exactly no gradient to h.
+// The row sums and grad_h use the same g, the exact product (float data: in double;
+// float64: as a double-double), so a one-element row's LayerNorm passes exactly no gradient
+// to h, and float64's grad_h is rounded once from a double-double (an error of g rounded to
+// double carried through the bracket's cancellation cost up to an ulp).
 //
 // Pass 1 reads dy and h, takes d = h - shift (shift: the saved mean; RMSNorm 0) and sums g
 // and g * d, and, given the forward's eps, d and d * d (float64: only then): then mean = shift + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2 are the statistics
@@ -1589,13 +1591,15 @@ inline void dd_add_prod(S& hi, S& lo, const S& a, const S& p, const S& e) {
   lo = lo + fma_of(a, e, qe);
 }
 
-// rstd * (g - c1 - xhat * c2) + r, with c1, c2, rstd and xhat double-doubles, rounded once.
+// rstd * (g - c1 - xhat * c2) + r, with g, c1, c2, rstd and xhat double-doubles, rounded
+// once.
 template <typename S>
-inline S f64_dx(const S& g, const S& xp, const S& xe, const S& neg_c1, const S& c1_lo,
-                const S& c2, const S& c2_lo, const S& rstd, const S& rstd_lo, const S& r) {
+inline S f64_dx(const S& g, const S& g_lo, const S& xp, const S& xe, const S& neg_c1,
+                const S& c1_lo, const S& c2, const S& c2_lo, const S& rstd, const S& rstd_lo,
+                const S& r) {
   S a, ae;
   two_sum(g, neg_c1, a, ae);
-  ae = ae - c1_lo;
+  ae = ae + (g_lo - c1_lo);
   S m, me;
   two_prod(xp, c2, m, me);
   me = me + fma_of(xp, c2_lo, xe * c2);
@@ -1605,18 +1609,21 @@ inline S f64_dx(const S& g, const S& xp, const S& xe, const S& neg_c1, const S& 
   return fma_exact(rstd, b, fma_of(rstd, b_lo, fma_of(rstd_lo, b, r)));
 }
 
-// Lanes of the float64 pass 1 over one block: g, g * d, d, d * d as double-doubles, d =
-// h * scale - shift exactly (dh + dl).
+// Lanes of the float64 pass 1 over one block: g, g * d, d, d * d as double-doubles, g =
+// dy * gamma exactly (gv + gv_lo), d = h * scale - shift exactly (dh + dl).
 struct F64BwdLanes {
   VD g{0.0}, g_lo{0.0}, gd{0.0}, gd_lo{0.0}, d{0.0}, d_lo{0.0}, dd{0.0}, dd_lo{0.0};
   DD tg, tgd, td, tdd;  // the block's scalar tail
   template <typename S>
   static void add(S& g, S& g_lo, S& gd, S& gd_lo, S& d, S& d_lo, S& dd, S& dd_lo,
-                  const S& h, const S& gv, const S& scale, const S& neg_shift, bool moments) {
+                  const S& h, const S& gv, const S& gv_lo, const S& scale, const S& neg_shift,
+                  bool moments) {
     S dh, dl;
     two_sum(h * scale, neg_shift, dh, dl);
     dd_add(g, g_lo, gv);
+    g_lo = g_lo + gv_lo;
     dd_add_prod(gd, gd_lo, gv, dh, dl);
+    gd_lo = fma_of(gv_lo, dh, gd_lo);
     if (moments) {
       dd_add(d, d_lo, dh);
       d_lo = d_lo + dl;
@@ -1675,7 +1682,8 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
   const double nd = static_cast<double>(N);
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    std::unique_ptr<double[]> gs(new double[N]);  // g of the row
+    std::unique_ptr<double[]> gs(new double[2 * N]);  // g of the row, as hi and lo rows
+    double* gs_lo = gs.get() + N;
     std::unique_ptr<double[]> xr(from_output ? new double[N] : nullptr);  // xhat from y
     std::unique_ptr<double[]> fac(dxin_base ? new double[N] : nullptr);   // dropout factors
     for (int64_t c = c_begin; c < c_end; ++c) {
@@ -1721,17 +1729,21 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
           F64BwdLanes acc;
           int64_t j = b0;
           for (; j + V::size() <= b1; j += V::size()) {
-            const V g = V::loadu(dy + j) * V::loadu(gamma + j);
+            V g, g_lo;
+            two_prod(V::loadu(dy + j), V::loadu(gamma + j), g, g_lo);
             g.store(gs.get() + j);
+            g_lo.store(gs_lo + j);
             F64BwdLanes::add(acc.g, acc.g_lo, acc.gd, acc.gd_lo, acc.d, acc.d_lo, acc.dd,
-                             acc.dd_lo, V::loadu(h + j), g, shift_scale_v, neg_shift_v,
+                             acc.dd_lo, V::loadu(h + j), g, g_lo, shift_scale_v, neg_shift_v,
                              own_stats);
           }
           for (; j < b1; ++j) {
-            const double g = dy[j] * gamma[j];
+            double g, g_lo;
+            two_prod(dy[j], gamma[j], g, g_lo);
             gs[j] = g;
+            gs_lo[j] = g_lo;
             F64BwdLanes::add(acc.tg.hi, acc.tg.lo, acc.tgd.hi, acc.tgd.lo, acc.td.hi,
-                             acc.td.lo, acc.tdd.hi, acc.tdd.lo, h[j], g, st.scale,
+                             acc.td.lo, acc.tdd.hi, acc.tdd.lo, h[j], g, g_lo, st.scale,
                              -st.mean_hi, own_stats);
           }
           F64BwdLanes::total(sum_g, acc.g, acc.g_lo, acc.tg);
@@ -1781,6 +1793,7 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
               double xp, xe;
               f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
               dd_add_prod(sum_gx.hi, sum_gx.lo, gs[j], xp, xe);
+              sum_gx.lo += gs_lo[j] * xp;
             }
             have_gx = false;  // sum_gx is already sum(g * xhat)
           }
@@ -1805,8 +1818,9 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
           V xp, xe;
           f64_xhat(V::loadu(h + j), scale_v, neg_mean_v, mean_lo_v, rstd_s_v, rstd_s_lo_v, xp,
                    xe);
-          const V v = f64_dx(V::loadu(gs.get() + j), xp, xe, neg_c1_v, c1_lo_v, c2_v, c2_lo_v,
-                             rstd_v, rstd_lo_v, dres ? V::loadu(dres + j) : V(0.0));
+          const V v = f64_dx(V::loadu(gs.get() + j), V::loadu(gs_lo + j), xp, xe, neg_c1_v,
+                             c1_lo_v, c2_v, c2_lo_v, rstd_v, rstd_lo_v,
+                             dres ? V::loadu(dres + j) : V(0.0));
           if (dx) v.store(dx + j);
           if (dxin) (v * V::loadu(fac.get() + j)).store(dxin + j);
           if (pg) {
@@ -1824,8 +1838,8 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
         for (; j < N; ++j) {
           double xp, xe;
           f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
-          const double v = f64_dx(gs[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd, rstd_lo,
-                                  dres ? dres[j] : 0.0);
+          const double v = f64_dx(gs[j], gs_lo[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd,
+                                  rstd_lo, dres ? dres[j] : 0.0);
           if (dx) dx[j] = v;
           if (dxin) dxin[j] = v * fac[j];
           if (pg) {

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import addnorm
 from conftest import DEVICES, DTYPES, call_add_norm, call_norm, make_affine, make_data
 from reference import errors_vs_torch, max_err, meets_bar, reference_ld
 
@@ -150,6 +151,34 @@ def test_rms_norm_many_rows_weight_grad_accuracy(dtype, w_dtype, dist, with_resi
     res = _run("rms_norm", dtype, device, (2730, 768), dist, with_residual, w_dtype=w_dtype)
     _check(res, dtype, f"{device} rms_norm {dtype} w={w_dtype} 2730x768 {dist} residual={with_residual}",
            list(res), device)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_float64_short_rows_input_grad_accuracy(norm):
+    """float64 rows of 1 to 99 standard-normal elements, one row per call: torch's kernel is
+    about correctly rounded there, and rounding dy * weight to double before the bracket
+    (g - c1 - xhat * c2) cancels put addnorm's grad_input up to 3.3x torch's error in 7% of
+    such rows. The product is now kept exactly. (CPU: CUDA's float64 backward is within
+    KNOWN_GAP, see reference.py.)"""
+    gen = torch.Generator().manual_seed(64)
+    rms, bad = norm == "rms_norm", []
+    for _ in range(150):
+        n = int(torch.randint(1, 100, (1,), generator=gen))
+        h, dy = (torch.randn(1, n, generator=gen, dtype=torch.float64) for _ in range(2))
+        w, b = (torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(2))
+        b = None if rms else b
+        errs = []
+        for fn in ((lambda x: addnorm.rms_norm(x, [n], w, 1e-5)) if rms else
+                   (lambda x: addnorm.layer_norm(x, [n], w, b, 1e-5)),
+                   (lambda x: F.rms_norm(x, [n], w, 1e-5)) if rms else
+                   (lambda x: F.layer_norm(x, [n], w, b, 1e-5))):
+            x = h.clone().requires_grad_()
+            fn(x).backward(dy)
+            errs.append(max_err(x.grad, reference_ld(h, w, b, dy, 1e-5, rms)[1]))
+        ok, ratio = meets_bar(errs[0], errs[1], 1.0, torch.float64, "grad_x", "cpu")
+        if not ok:
+            bad.append((n, ratio))
+    assert not bad, f"{norm}: grad_input above torch's error for (N, ratio) {bad}"
 
 
 def test_reference_is_more_precise_than_float64():

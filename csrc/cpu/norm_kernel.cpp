@@ -1278,7 +1278,6 @@ struct BwdSums {
 template <typename S, bool kFromOutput>
 struct RowD {
   const S* src;
-  VD shift_v;
   double shift;
   const float* beta;
   const float* inv_gamma;
@@ -1294,8 +1293,8 @@ struct RowD {
       widen((v - VF::loadu(beta + jk)) * VF::loadu(inv_gamma + jk), d0, d1);
     } else {
       sp.half(k, d0, d1);
-      d0 = d0 - shift_v;
-      d1 = d1 - shift_v;
+      d0 = d0 - VD(shift);
+      d1 = d1 - VD(shift);
     }
   }
   double at(int64_t j) const {
@@ -1500,12 +1499,12 @@ void bwd_chunk(const FloatBwdArgs<G, X>& a, int64_t c, float* fac) {
     const bool last = i + 1 == row_end;
     if (a.y != nullptr) {
       const G* y = a.y + i * N;
-      const RowD<G, true> rd{y, VD(0.0), 0.0, a.beta, a.inv_gamma};
+      const RowD<G, true> rd{y, 0.0, a.beta, a.inv_gamma};
       bwd_row<G, X, kRms>(a, i, rd, pg, pb, fac, last ? NextRow() : NextRow(a.dy + (i + 1) * N, y + N));
     } else {
       const X* h = a.h + i * N;
       const double shift = kRms ? 0.0 : static_cast<double>(a.mean[i]);
-      const RowD<X, false> rd{h, VD(shift), shift, nullptr, nullptr};
+      const RowD<X, false> rd{h, shift, nullptr, nullptr};
       bwd_row<G, X, kRms>(a, i, rd, pg, pb, fac, last ? NextRow() : NextRow(a.dy + (i + 1) * N, h + N));
     }
   }

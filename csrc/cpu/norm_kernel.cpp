@@ -1195,7 +1195,8 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // double carried through the bracket's cancellation cost up to an ulp).
 //
 // Pass 1 reads dy and h, takes d = h - shift (shift: the saved mean; RMSNorm 0) and sums g
-// and g * d, and, given the forward's eps, d and d * d (float64: only then): then mean = shift + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2 are the statistics
+// and g * d, and, given the forward's eps, d and d * d (float64: only then): then mean =
+// shift + sum(d) / N and var = sum(d^2) / N - (sum(d) / N)^2 are the statistics
 // of h itself, to double precision (the forward normalized with those; the saved float32
 // ones would carry their rounding error into every gradient), and sum(g * xhat) = rstd *
 // (sum(g * d) - (mean - shift) * sum(g)). Without eps, mean and rstd are the saved ones.
@@ -1435,7 +1436,7 @@ void bwd_sums(const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int6
 // Row i's two passes (d from rd; pg, pb: the chunk's dgamma and dbeta partials, or null;
 // fac: a scratch row for the fused dropout's factors).
 template <typename G, typename X, bool kRms, typename S, bool kFromOutput>
-void bwd_row(const FloatBwdArgs<G, X>& a, int64_t i, const RowD<S, kFromOutput> rd, double* pg,
+void bwd_row(const FloatBwdArgs<G, X> a, int64_t i, const RowD<S, kFromOutput> rd, double* pg,
              double* pb, float* fac, const NextRow next) {
   const int64_t N = a.N;
   const double nd = static_cast<double>(N);
@@ -1486,7 +1487,7 @@ void bwd_row(const FloatBwdArgs<G, X>& a, int64_t i, const RowD<S, kFromOutput> 
 
 // The rows of chunk c (fac: a scratch row for the fused dropout's factors).
 template <typename G, typename X, bool kRms>
-void bwd_chunk(const FloatBwdArgs<G, X>& a, int64_t c, float* fac) {
+void bwd_chunk(const FloatBwdArgs<G, X> a, int64_t c, float* fac) {
   const int64_t N = a.N;
   double* pg = a.partials ? a.partials + c * 2 * N : nullptr;
   double* pb = pg ? pg + N : nullptr;
@@ -1500,12 +1501,14 @@ void bwd_chunk(const FloatBwdArgs<G, X>& a, int64_t c, float* fac) {
     if (a.y != nullptr) {
       const G* y = a.y + i * N;
       const RowD<G, true> rd{y, 0.0, a.beta, a.inv_gamma};
-      bwd_row<G, X, kRms>(a, i, rd, pg, pb, fac, last ? NextRow() : NextRow(a.dy + (i + 1) * N, y + N));
+      bwd_row<G, X, kRms>(a, i, rd, pg, pb, fac,
+                          last ? NextRow() : NextRow(a.dy + (i + 1) * N, y + N));
     } else {
       const X* h = a.h + i * N;
       const double shift = kRms ? 0.0 : static_cast<double>(a.mean[i]);
       const RowD<X, false> rd{h, shift, nullptr, nullptr};
-      bwd_row<G, X, kRms>(a, i, rd, pg, pb, fac, last ? NextRow() : NextRow(a.dy + (i + 1) * N, h + N));
+      bwd_row<G, X, kRms>(a, i, rd, pg, pb, fac,
+                          last ? NextRow() : NextRow(a.dy + (i + 1) * N, h + N));
     }
   }
 }

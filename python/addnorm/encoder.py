@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _check_seed_not_recomputed, _check_unnamed
+from .functional import _check_seed_can_be_drawn, _check_unnamed
 from .modules import LayerNorm
 
 
@@ -117,7 +117,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                 return super().forward(src, src_mask, src_key_padding_mask, is_causal)
             activation = _activation_name(self.activation)
             if self.training and self.dropout.p > 0:  # the op draws its dropouts' seeds
-                _check_seed_not_recomputed("the layer's dropout seeds", "Keep the budget at 1.")
+                _check_seed_can_be_drawn("the layer's dropout seeds", "Keep the budget at 1.")
         sa = self.self_attn
         return torch.ops.addnorm.transformer_encoder_layer(
             src, src_mask, src_key_padding_mask, bool(is_causal),

@@ -66,12 +66,12 @@ def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = No
     ``generator`` (default: the device's); the keep-mask is a function of it. See the
     README's "Fused dropout" (why it raises under an activation memory budget < 1)."""
     if not torch.jit.is_scripting():
-        _check_seed_not_recomputed()
+        _check_seed_can_be_drawn()
     u = torch.rand_like(torch.empty([2], dtype=torch.float64, device=device), generator=generator)
     return (u * 9007199254740992.0).to(torch.int64)  # 2^53
 
 
-def _check_seed_not_recomputed(what: str = "the fused dropout's seed", fix: str = (
+def _check_seed_can_be_drawn(what: str = "the fused dropout's seed", fix: str = (
         "Draw it outside (seed = addnorm.dropout_seed(device)) and pass it to torch.ops."
         "addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)")) -> None:
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack():

@@ -6,13 +6,17 @@
 // double (double-double for fp64): two-pass in registers, or sums of h - shift (shift = the
 // row's first h) in one sweep when looping; out = (h - mean) * rstd * gamma + beta in x's
 // dtype, with the float32 mean and rstd carrying the rounding error of their double values
-// (so the output is as accurate as if the statistics were exact).
+// (so the output is as accurate as if the statistics were exact); float64: mean and rstd as
+// double-doubles, h - mean kept exactly, the affine step rounded once (as the CPU kernels).
 // Backward, per row: grad_h = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma
-// rounded once (RMS drops mean(g)), plus grad_residual_out; the row sums in double
-// (double-double for fp64); grad_gamma / grad_beta from fp32 per-chunk partials summed in
-// double by a finalize kernel in a fixed order, the chunks fixed by M, N and the path
-// (register or looping, below: chosen by N and the pointers' alignment), so bitwise
-// reproducible, also across GPUs and grid sizes; no atomics. From the output
+// (RMS drops mean(g)), plus grad_residual_out. float32 data ("the wide backward"): as the
+// CPU kernels, in double from the statistics of h itself (given the forward's eps), g exact,
+// grad_h rounded once. bfloat16/float16: the saved statistics, float lanes with g rounded
+// once, the row sums in double. float64: the saved statistics, the row sums in double-double.
+// grad_gamma / grad_beta from fp32 per-chunk partials summed in double by a finalize kernel
+// in a fixed order, the chunks fixed by M, N and the path (register or looping, below:
+// chosen by N and the pointers' alignment), so bitwise reproducible, also across GPUs and
+// grid sizes; no atomics. From the output
 // (memory_efficient): xhat = (y - beta) / gamma, read from the forward's output y.
 //
 // Paths, chosen at run time per call:
@@ -133,6 +137,13 @@ struct BwdParams {
   // Register path: rows per weight-gradient chunk (a multiple of the CTA's rows); partial
   // row c sums rows [c * chunk_rows, (c + 1) * chunk_rows).
   int64_t chunk_rows;
+  // float32 data (the wide backward, below): own_stats when the forward's eps is given and
+  // the backward reads h: the row statistics of h itself, in double, with that eps.
+  bool own_stats;
+  double eps;
+  // Looping path, float32 from h with the weight's gradient wanted: [3, M] per row, shift, xs
+  // and x_off (xhat = (h - shift) * xs + x_off), for the partials kernel; else nullptr.
+  double* row_xform;
 };
 
 // The fused dropout of VEC elements of x at element offset off (ops/dropout_mask.h): kept
@@ -184,8 +195,7 @@ __device__ __forceinline__ void load_h(const FwdParams<T, R, H, W>& p, int64_t o
 
 // (h - mean) * rstd from the double statistics. float: mean and rstd as float plus the
 // rounding error of their double values (the stored float32 statistics are the first parts),
-// as the CPU kernels do; double: h - mean kept exactly as a sum of two doubles (TwoSum)
-// before scaling.
+// as the CPU kernels do; double: see Normalizer<double>.
 template <typename A>
 struct Normalizer;
 
@@ -209,19 +219,68 @@ struct Normalizer<float> {
 
 template <>
 struct Normalizer<double> {
-  double mean, rstd;
-  __device__ __forceinline__ Normalizer(double m, double r) : mean(m), rstd(r) {}
-  __device__ __forceinline__ double stored_mean() const { return mean; }
-  __device__ __forceinline__ double stored_rstd() const { return rstd; }
-  __device__ __forceinline__ double operator()(double v) const {
-    const double hi = sub_rn(v, mean);
-    const double z = sub_rn(hi, v);
-    const double lo = sub_rn(sub_rn(v, sub_rn(hi, z)), mean + z);
-    return fma_rn(hi, rstd, mul_rn(lo, rstd));
+  // mean and rstd as double-doubles (mean_hi + mean_lo, rstd_hi + rstd_lo).
+  double mean_hi, mean_lo, rstd_hi, rstd_lo;
+  __device__ __forceinline__ Normalizer(const DdMoments& m, double eps) {
+    mean_hi = m.mean_hi;
+    mean_lo = m.mean_lo;
+    dd_rstd(m.var_hi, m.var_lo, eps, rstd_hi, rstd_lo);
+  }
+  __device__ __forceinline__ double stored_mean() const { return mean_hi + mean_lo; }
+  __device__ __forceinline__ double stored_rstd() const { return rstd_hi + rstd_lo; }
+  // (v - mean) * rstd * gamma + beta: v - mean kept exactly (TwoSum), its product with rstd
+  // as a double-double (TwoProd), the affine step rounded once (as the CPU kernels).
+  __device__ __forceinline__ double operator()(double v, double gamma, double beta) const {
+    double dh, dl;
+    two_sum(v, -mean_hi, dh, dl);
+    dl = sub_rn(dl, mean_lo);
+    const double p = mul_rn(dh, rstd_hi);
+    const double y_lo = fma_rn(dh, rstd_hi, -p) + fma_rn(dh, rstd_lo, mul_rn(dl, rstd_hi));
+    const double q = mul_rn(p, gamma);
+    const double qe = fma_rn(p, gamma, -q);
+    double s, se;
+    two_sum(q, beta, s, se);
+    return isinf(s) ? s : s + fma_rn(y_lo, gamma, se + qe);
   }
 };
 
 __device__ __forceinline__ double rstd_of(double var, double eps) { return rsqrt_of(var + eps); }
+
+// The statistics as a Normalizer: float data from the double mean and variance, float64
+// from double-double moments.
+__device__ __forceinline__ Normalizer<float> make_normalizer(double mean, double var,
+                                                             double eps) {
+  return Normalizer<float>(mean, rstd_of(var, eps));
+}
+__device__ __forceinline__ Normalizer<double> make_normalizer(const DdMoments& m, double eps) {
+  return Normalizer<double>(m, eps);
+}
+
+// gamma (1 where absent) and beta (0 where absent) of VEC columns at col.
+template <int VEC, typename W, typename A>
+__device__ __forceinline__ void gamma_or_one(const W* gamma, int64_t col, A (&gm)[VEC]) {
+  if (gamma != nullptr) {
+    load_vec<VEC>(gamma + col, gm);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      gm[j] = A(1);
+    }
+  }
+}
+template <int VEC, typename W, typename A>
+__device__ __forceinline__ void load_affine(const W* gamma, const W* beta, int64_t col,
+                                            A (&gm)[VEC], A (&b)[VEC]) {
+  gamma_or_one<VEC>(gamma, col, gm);
+  if (beta != nullptr) {
+    load_vec<VEC>(beta + col, b);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      b[j] = A(0);
+    }
+  }
+}
 
 // out = norm(h) * gamma + beta for the VEC elements at offset off (column col).
 template <int VEC, typename T, typename R, typename H, typename W, typename A>
@@ -258,6 +317,16 @@ __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, 
       yf[j] = static_cast<A>(y[j]);
     }
     store_vec<VEC>(p.out + off, yf);
+  } else if constexpr (std::is_same_v<T, double>) {
+    A g[VEC];
+    A b[VEC];
+    load_affine<VEC>(p.gamma, p.beta, col, g, b);
+    A y[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      y[j] = norm(h[j], g[j], b[j]);
+    }
+    store_vec<VEC>(p.out + off, y);
   } else {
     A y[VEC];
 #pragma unroll
@@ -301,7 +370,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     norm_fwd_register_kernel(const FwdParams<T, R, H, W> p) {
   using A = at::opmath_type<T>;
   using S = stat_t<A>;
-  __shared__ S red[kMaxWarps];
+  constexpr bool kF64 = std::is_same_v<A, double>;
+  __shared__ S red[kMaxWarps * 2];
   const int tpr = blockDim.x;
   const int tid = threadIdx.x;
   const int64_t nvec = p.N / VEC;
@@ -340,19 +410,44 @@ __global__ void __launch_bounds__(kMaxThreads)
       row_allreduce(s, red);
       mean = stat_mean(s[0], p.len);
     }
-    stat_zero(s[0]);
+    // The squared deviations from the mean; float64: the deviations from its rounded value
+    // kept exactly (stat_add_dev) and summed too, so that the moments come out as
+    // double-doubles.
+    const Normalizer<A> norm = [&] {
+      if constexpr (kF64) {
+        constexpr int K = RMS ? 1 : 2;
+        S d[K];
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          const double d = static_cast<double>(h[i][j]) - mean;
-          stat_add_prod(s[0], d, d);
+        for (int k = 0; k < K; ++k) {
+          stat_zero(d[k]);
         }
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              stat_add_dev(d, static_cast<double>(h[i][j]), mean);
+            }
+          }
+        }
+        row_allreduce(d, red);
+        return make_normalizer(dd_moments(d, p.len, mean), p.eps);
+      } else {
+        stat_zero(s[0]);
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+              const double d = static_cast<double>(h[i][j]) - mean;
+              stat_add_prod(s[0], d, d);
+            }
+          }
+        }
+        row_allreduce(s, red);
+        return make_normalizer(mean, stat_mean(s[0], p.len), p.eps);
       }
-    }
-    row_allreduce(s, red);
-    const Normalizer<A> norm(mean, rstd_of(stat_mean(s[0], p.len), p.eps));
+    }();
     if (row_vecs > 0 && tid == 0) {
       if constexpr (!RMS) {
         p.mean[row] = norm.stored_mean();
@@ -423,14 +518,20 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
       }
     }
     row_allreduce(sums, red);
-    double mean = 0.0;
-    double var;
-    if constexpr (RMS) {
-      var = stat_mean(sums[0], p.len);
-    } else {
-      shifted_moments(sums[0], sums[1], p.len, shift, mean, var);
-    }
-    const Normalizer<A> norm(mean, rstd_of(var, p.eps));
+    const Normalizer<A> norm = [&] {
+      if constexpr (std::is_same_v<A, double>) {
+        return make_normalizer(dd_moments(sums, p.len, shift), p.eps);
+      } else {
+        double mean = 0.0;
+        double var;
+        if constexpr (RMS) {
+          var = stat_mean(sums[0], p.len);
+        } else {
+          shifted_moments(sums[0], sums[1], p.len, shift, mean, var);
+        }
+        return make_normalizer(mean, var, p.eps);
+      }
+    }();
     if (row_vecs > 0 && tid == 0) {
       if constexpr (!RMS) {
         p.mean[row] = norm.stored_mean();
@@ -492,13 +593,7 @@ __device__ __forceinline__ void xhat_from_output(const T* y, const W* gamma, con
   load_vec<VEC>(y, xhat);
   A b[VEC];
   A gm[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    b[j] = A(0);
-    gm[j] = A(1);
-  }
-  if (beta != nullptr) load_vec<VEC>(beta + col, b);
-  if (gamma != nullptr) load_vec<VEC>(gamma + col, gm);
+  load_affine<VEC>(gamma, beta, col, gm, b);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     xhat[j] = div_rn(sub_rn(xhat[j], b[j]), gm[j]);
@@ -553,6 +648,125 @@ __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t o
   store_vec<VEC>(p.dh + off, dx);
 }
 
+// The wide backward, float32 data: as the CPU kernels, in double, grad_h rounded once.
+// d = h - shift (shift: the saved mean; RMSNorm 0), or from the output d = xhat =
+// (y - beta) / gamma (in float, as above; the CPU multiplies by 1 / gamma, which can differ by
+// an ulp); g = dy * gamma, exact in double. One sweep sums g,
+// g * d, d and d * d (RMSNorm: no g, d); with own_stats, mean = shift + sum(d) / N and var =
+// sum(d^2) / N - (sum(d) / N)^2 are the statistics of h itself to double precision (the
+// saved float32 ones would carry their rounding error into every gradient; the shift, within
+// an ulp of the mean, costs the subtraction nothing), and sum(g * xhat) = rstd * (sum(g * d)
+// - (mean - shift) * sum(g)). Without own_stats, mean and rstd are the saved ones.
+// The sums: [0] g * d, [1] d * d, and for LayerNorm [2] g, [3] d.
+template <bool RMS>
+constexpr int kWideSums = RMS ? 2 : 4;
+
+// dy and v (h, or xhat from the output) for VEC elements.
+template <int VEC, typename T, typename H, typename W>
+__device__ __forceinline__ void wide_load(const BwdParams<T, H, W>& p, int64_t off,
+                                          int64_t col, float (&dy)[VEC], float (&v)[VEC]) {
+  load_vec<VEC>(p.dy + off, dy);
+  if (p.y != nullptr) {
+    xhat_from_output<VEC>(p.y + off, p.gamma, p.beta, col, v);
+  } else {
+    load_vec<VEC>(p.h + off, v);
+  }
+}
+
+// Adds VEC elements' terms to the sums.
+template <bool RMS, int VEC, typename T, typename H, typename W>
+__device__ __forceinline__ void wide_sums(const BwdParams<T, H, W>& p, int64_t col,
+                                          double shift, const float (&dy)[VEC],
+                                          const float (&v)[VEC],
+                                          double (&sums)[kWideSums<RMS>]) {
+  float gm[VEC];
+  gamma_or_one<VEC>(p.gamma, col, gm);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const double g = static_cast<double>(dy[j]) * static_cast<double>(gm[j]);
+    const double d = static_cast<double>(v[j]) - shift;
+    sums[0] = fma(g, d, sums[0]);
+    if (p.own_stats) {
+      sums[1] = fma(d, d, sums[1]);
+    }
+    if constexpr (!RMS) {
+      sums[2] += g;
+      if (p.own_stats) {
+        sums[3] += d;
+      }
+    }
+  }
+}
+
+// A row's constants after the sums: xhat = (v - shift) * xs + x_off (from h: xs = rstd,
+// with own_stats x_off = -(mean - shift) * rstd, else 0; from the output xs = 1, x_off = 0),
+// grad_h = (g - c1) * rstd + xhat * b (c1 = mean(g), b = -rstd * mean(g * xhat)). (xs is
+// not kept: the register path's backward has few registers to spare.)
+struct WideRow {
+  float shift;
+  double rstd, x_off, c1, b;
+};
+
+template <typename T, typename H, typename W>
+__device__ __forceinline__ double wide_xs(const BwdParams<T, H, W>& p, const WideRow& w) {
+  return p.y != nullptr ? 1.0 : w.rstd;
+}
+
+template <bool RMS, typename T, typename H, typename W>
+__device__ __forceinline__ WideRow wide_row(const BwdParams<T, H, W>& p, float shift,
+                                            double saved_rstd,
+                                            const double (&sums)[kWideSums<RMS>]) {
+  WideRow w;
+  w.shift = shift;
+  w.rstd = saved_rstd;
+  w.c1 = 0.0;
+  double delta = 0.0;  // mean - shift
+  double sum_gd = sums[0];  // sum(g * (h - mean)), from the output sum(g * xhat)
+  if constexpr (!RMS) {
+    w.c1 = stat_mean(sums[2], p.len);
+    if (p.own_stats) {
+      delta = stat_mean(sums[3], p.len);
+    }
+    sum_gd = fma(-delta, sums[2], sums[0]);  // (also with delta = 0: an infinite sum(g) gives
+                                             // NaN, as on the CPU)
+  }
+  if (p.own_stats) {
+    const double var = fma(-delta, delta, stat_mean(sums[1], p.len));
+    w.rstd = rstd_of(var < 0.0 ? 0.0 : var, p.eps);
+  }
+  const double xs = wide_xs(p, w);
+  w.x_off = -delta * xs;
+  w.b = -w.rstd * (xs * stat_mean(sum_gd, p.len));
+  return w;
+}
+
+// grad_h for VEC elements (+ grad_residual_out), rounded once; gx: dy * xhat in float, the
+// terms of the weight gradient.
+template <int VEC, typename T, typename H, typename W>
+__device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t off,
+                                           int64_t col, const WideRow& w, const float (&dy)[VEC],
+                                           const float (&v)[VEC], float (&gx)[VEC]) {
+  float gm[VEC];
+  gamma_or_one<VEC>(p.gamma, col, gm);
+  float r[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    r[j] = 0.0f;
+  }
+  if (p.dres != nullptr) {
+    load_vec<VEC>(p.dres + off, r);
+  }
+  float dx[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const double xh = fma(static_cast<double>(v[j]) - w.shift, wide_xs(p, w), w.x_off);
+    const double g = static_cast<double>(dy[j]) * static_cast<double>(gm[j]);
+    dx[j] = static_cast<float>(fma(g - w.c1, w.rstd, fma(xh, w.b, static_cast<double>(r[j]))));
+    gx[j] = static_cast<float>(static_cast<double>(dy[j]) * xh);
+  }
+  store_vec<VEC>(p.dh + off, dx);
+}
+
 // Backward, register path: one pass over each row for grad_h; the thread's columns of
 // dy * xhat and dy accumulate in registers over the rows its row slot visits in a chunk,
 // then one partial row per chunk is written (row slots summed in shared memory in a fixed
@@ -564,7 +778,8 @@ __global__ void __launch_bounds__(kMaxThreads)
     norm_bwd_register_kernel(const BwdParams<T, H, W> p) {
   using A = at::opmath_type<T>;
   using S = stat_t<A>;
-  constexpr int K = RMS ? 1 : 2;
+  constexpr bool kWide = std::is_same_v<T, float>;  // the wide backward (above)
+  constexpr int K = kWide ? kWideSums<RMS> : RMS ? 1 : 2;
   constexpr int E = VPT * VEC;
   __shared__ S red[kMaxWarps * K];
   extern __shared__ __align__(16) unsigned char dyn_smem[];
@@ -596,7 +811,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     const A mean = (RMS || !valid || p.mean == nullptr) ? A(0) : p.mean[row];
     const A rstd = valid ? p.rstd[row] : A(0);
     A dy[VPT][VEC];
-    A xhat[VPT][VEC];
+    A xhat[VPT][VEC];  // the wide backward: h, or xhat from the output
     S sums[K];
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -605,33 +820,53 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
     for (int i = 0; i < VPT; ++i) {
       const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
-      if (vi < row_vecs) {
-        bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[i], xhat[i], sums);
-      } else {
+      if (vi >= row_vecs) {
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           dy[i][j] = A(0);
           xhat[i][j] = A(0);
         }
+      } else if constexpr (kWide) {
+        wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[i], xhat[i]);
+        wide_sums<RMS, VEC>(p, vi * VEC, mean, dy[i], xhat[i], sums);
+      } else {
+        bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[i], xhat[i], sums);
       }
     }
     row_allreduce(sums, red);
-    const A c_gx = static_cast<A>(stat_mean(sums[K - 1], p.len));
-    const A c_g = RMS ? A(0) : static_cast<A>(stat_mean(sums[0], p.len));
+    if constexpr (kWide) {
+      const WideRow w = wide_row<RMS>(p, mean, rstd, sums);
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
-      if (vi < row_vecs) {
-        bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, rstd, c_g, c_gx, dy[i], xhat[i]);
+      for (int i = 0; i < VPT; ++i) {
+        const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+        if (vi < row_vecs) {
+          A gx[VEC];
+          wide_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[i], xhat[i], gx);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            acc_gamma[i][j] += gx[j];
+            acc_beta[i][j] += dy[i][j];
+          }
+        }
       }
-    }
-    // Out-of-range slots hold zeros, so they add nothing.
+    } else {
+      const A c_gx = static_cast<A>(stat_mean(sums[K - 1], p.len));
+      const A c_g = RMS ? A(0) : static_cast<A>(stat_mean(sums[0], p.len));
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
+      for (int i = 0; i < VPT; ++i) {
+        const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+        if (vi < row_vecs) {
+          bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, rstd, c_g, c_gx, dy[i], xhat[i]);
+        }
+      }
+      // Out-of-range slots hold zeros, so they add nothing.
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        acc_gamma[i][j] += dy[i][j] * xhat[i][j];
-        acc_beta[i][j] += dy[i][j];
+      for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc_gamma[i][j] += dy[i][j] * xhat[i][j];
+          acc_beta[i][j] += dy[i][j];
+        }
       }
     }
     row0 += blockDim.y;
@@ -710,7 +945,8 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     norm_bwd_looping_kernel(const BwdParams<T, H, W> p) {
   using A = at::opmath_type<T>;
   using S = stat_t<A>;
-  constexpr int K = RMS ? 1 : 2;
+  constexpr bool kWide = std::is_same_v<T, float>;  // the wide backward (above)
+  constexpr int K = kWide ? kWideSums<RMS> : RMS ? 1 : 2;
   constexpr int U = kLoopUnroll<A, VEC>;
   __shared__ S red[kMaxWarps * K];
   const int64_t tpr = blockDim.x;
@@ -731,38 +967,73 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     }
     for (int64_t base = tid; base < row_vecs; base += tpr * U) {
       A dy[U][VEC];
-      A xhat[U][VEC];
+      A xhat[U][VEC];  // the wide backward: h, or xhat from the output
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t vi = base + u * tpr;
         if (vi < row_vecs) {
-          bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u], sums);
+          if constexpr (kWide) {
+            wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[u], xhat[u]);
+            wide_sums<RMS, VEC>(p, vi * VEC, mean, dy[u], xhat[u], sums);
+          } else {
+            bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u],
+                               sums);
+          }
         }
       }
     }
     row_allreduce(sums, red);
-    const A c_gx = static_cast<A>(stat_mean(sums[K - 1], p.len));
-    const A c_g = RMS ? A(0) : static_cast<A>(stat_mean(sums[0], p.len));
-    for (int64_t base = tid; base < row_vecs; base += tpr * U) {
-      A dy[U][VEC];
-      A xhat[U][VEC];
-      S unused[K];  // row sums of the first sweep; not needed again
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        stat_zero(unused[k]);
+    if constexpr (kWide) {
+      const WideRow w = wide_row<RMS>(p, mean, rstd, sums);
+      if (p.row_xform != nullptr && valid && tid == 0) {
+        p.row_xform[row] = w.shift;
+        p.row_xform[p.M + row] = wide_xs(p, w);
+        p.row_xform[2 * p.M + row] = w.x_off;
       }
+      for (int64_t base = tid; base < row_vecs; base += tpr * U) {
+        A dy[U][VEC];
+        A v[U][VEC];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t vi = base + u * tpr;
-        if (vi < row_vecs) {
-          bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u], unused);
+        for (int u = 0; u < U; ++u) {
+          const int64_t vi = base + u * tpr;
+          if (vi < row_vecs) {
+            wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[u], v[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t vi = base + u * tpr;
+          if (vi < row_vecs) {
+            A gx[VEC];  // (the partials kernel sums the weight gradients)
+            wide_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[u], v[u], gx);
+          }
         }
       }
+    } else {
+      const A c_gx = static_cast<A>(stat_mean(sums[K - 1], p.len));
+      const A c_g = RMS ? A(0) : static_cast<A>(stat_mean(sums[0], p.len));
+      for (int64_t base = tid; base < row_vecs; base += tpr * U) {
+        A dy[U][VEC];
+        A xhat[U][VEC];
+        S unused[K];  // row sums of the first sweep; not needed again
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t vi = base + u * tpr;
-        if (vi < row_vecs) {
-          bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, rstd, c_g, c_gx, dy[u], xhat[u]);
+        for (int k = 0; k < K; ++k) {
+          stat_zero(unused[k]);
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t vi = base + u * tpr;
+          if (vi < row_vecs) {
+            bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u],
+                               unused);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t vi = base + u * tpr;
+          if (vi < row_vecs) {
+            bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, rstd, c_g, c_gx, dy[u], xhat[u]);
+          }
         }
       }
     }
@@ -781,6 +1052,7 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
     const W* __restrict__ beta,                       // [N] from the output; nullptr: 0
     const at::opmath_type<T>* __restrict__ mean,      // [M]; nullptr for RMS
     const at::opmath_type<T>* __restrict__ rstd,      // [M]
+    const double* __restrict__ row_xform,             // [3, M] (BwdParams); nullptr: none
     at::opmath_type<T>* __restrict__ part_gamma,      // [P, N]; nullptr when not wanted
     at::opmath_type<T>* __restrict__ part_beta,       // [P, N]; nullptr when not wanted
     int64_t M, int64_t N, int64_t rows_per_chunk) {
@@ -800,14 +1072,20 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
 #pragma unroll 4
     for (int64_t r = r_begin + ty; r < r_end; r += kColRows) {
       const A d = static_cast<A>(dy[r * N + col]);
-      A xhat;
-      if (y != nullptr) {
-        xhat = div_rn(sub_rn(static_cast<A>(y[r * N + col]), y_shift), y_scale);
+      if (row_xform != nullptr) {  // the wide backward: its row kernel's xhat, in double
+        const double xh = fma(static_cast<double>(h[r * N + col]) - row_xform[r],
+                              row_xform[M + r], row_xform[2 * M + r]);
+        g += static_cast<A>(static_cast<double>(d) * xh);
       } else {
-        const A m = mean != nullptr ? mean[r] : A(0);
-        xhat = (static_cast<A>(h[r * N + col]) - m) * rstd[r];
+        A xhat;
+        if (y != nullptr) {
+          xhat = div_rn(sub_rn(static_cast<A>(y[r * N + col]), y_shift), y_scale);
+        } else {
+          const A m = mean != nullptr ? mean[r] : A(0);
+          xhat = (static_cast<A>(h[r * N + col]) - m) * rstd[r];
+        }
+        g += d * xhat;
       }
-      g += d * xhat;
       b += d;
     }
   }
@@ -1080,13 +1358,18 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   p.N = a.N;
   p.len = {static_cast<double>(a.N), 1.0 / static_cast<double>(a.N)};
   p.chunk_rows = 0;  // register path: set below
+  p.own_stats = std::is_same_v<T, float> && a.eps.has_value() && !a.from_output;
+  p.eps = a.eps.value_or(0.0);
+  p.row_xform = nullptr;
 
   const bool want_gamma = a.grad_gamma.defined();
   const bool want_beta = a.grad_beta.defined();
   const int outputs = static_cast<int>(want_gamma) + static_cast<int>(want_beta);
   const auto acc_options = a.h.options().dtype(c10::CppTypeToScalarType<A>::value);
-  // Scratch for the per-chunk partials, [outputs, P, N]; from the caching allocator (stream-ordered).
+  // Scratch for the per-chunk partials, [outputs, P, N], and the looping path's row_xform;
+  // from the caching allocator (stream-ordered).
   at::Tensor partials;
+  at::Tensor row_xform;
   int64_t P = 0;
   auto alloc_partials = [&](int64_t rows) {
     P = rows;
@@ -1127,6 +1410,10 @@ void launch_norm_bwd(const NormBwdArgs& a) {
       kernel<<<static_cast<unsigned int>(grid), dim3(cfg.tpr, cfg.rows), smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
+      if (std::is_same_v<T, float> && want_gamma && !a.from_output) {
+        row_xform = at::empty({3, a.M}, a.h.options().dtype(at::kDouble));
+        p.row_xform = row_xform.mutable_data_ptr<double>();
+      }
       if (vectorized) {
         launch_bwd_looping<T, H, W, RMS, VEC>(p, stream);
       } else {
@@ -1143,8 +1430,8 @@ void launch_norm_bwd(const NormBwdArgs& a) {
         norm_bwd_weight_partials_kernel<T, H, W>
             <<<dim3(static_cast<unsigned int>(col_tiles), static_cast<unsigned int>(P)),
                dim3(kColTile, kColRows), 0, stream>>>(
-                p.dy, p.h, p.y, p.gamma, p.beta, p.mean, p.rstd, p.part_gamma, p.part_beta, a.M,
-                a.N, rows_per_chunk);
+                p.dy, p.h, p.y, p.gamma, p.beta, p.mean, p.rstd, p.row_xform, p.part_gamma,
+                p.part_beta, a.M, a.N, rows_per_chunk);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

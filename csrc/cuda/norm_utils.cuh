@@ -235,6 +235,39 @@ __device__ __forceinline__ void shifted_moments(const DoubleDouble& s1, const Do
   mean = (shift + q1) + l1;
 }
 
+// float64 rows: the mean and the variance as double-doubles (value hi + lo), from the sums of
+// d = h - shift (s[0], LayerNorm) and of d * d (s[K - 1]); RMSNorm: K = 1, shift 0.
+struct DdMoments {
+  double mean_hi, mean_lo, var_hi, var_lo;
+};
+
+template <int K>
+__device__ __forceinline__ DdMoments dd_moments(const DoubleDouble (&s)[K], const RowLength& len,
+                                                double shift) {
+  DdMoments m{shift, 0.0, 0.0, 0.0};
+  const double q1 = K == 2 ? s[0].hi * len.inv_n : 0.0;
+  const double q2 = s[K - 1].hi * len.inv_n;
+  if (!isfinite(q1) || !isfinite(q2)) {  // (inf / NaN: the IEEE results, no error terms)
+    m.var_hi = q2 - q1 * q1;
+    m.mean_hi = shift + q1;
+    return m;
+  }
+  const double l1 = K == 2 ? (fma(-q1, len.n, s[0].hi) + s[0].lo) * len.inv_n : 0.0;
+  const double l2 = (fma(-q2, len.n, s[K - 1].hi) + s[K - 1].lo) * len.inv_n;
+  const double p = __dmul_rn(q1, q1);
+  const double pl = fma(q1, q1, -p) + 2.0 * q1 * l1;  // (s1 / n)^2 = p + pl
+  double v, ve;
+  two_sum(q2, -p, v, ve);
+  two_sum(v, ve + (l2 - pl), m.var_hi, m.var_lo);
+  if (m.var_hi < 0.0 || (m.var_hi == 0.0 && m.var_lo < 0.0)) {  // rounded below 0
+    m.var_hi = m.var_lo = 0.0;
+  }
+  double mh, me;
+  two_sum(shift, q1, mh, me);
+  two_sum(mh, me + l1, m.mean_hi, m.mean_lo);
+  return m;
+}
+
 // 1 / sqrt(v) in double, without a division or a square-root subroutine: the hardware
 // reciprocal square root refined by one Newton step (within about an ulp). v = 0 gives inf,
 // inf gives 0, NaN gives NaN.
@@ -245,6 +278,25 @@ __device__ __forceinline__ double rsqrt_of(double v) {
   }
   const double r = fma(-v * y, y, 1.0);
   return fma(0.5 * y, r, y);
+}
+
+// r + r_lo = 1 / sqrt(var + eps) (var = var_hi + var_lo) to about 2^-100 relative: rsqrt_of
+// refined by a Newton step in double-double. Zero gives inf, inf gives 0, NaN gives NaN
+// (r_lo = 0 in all three).
+__device__ __forceinline__ void dd_rstd(double var_hi, double var_lo, double eps, double& r,
+                                        double& r_lo) {
+  double a, b;
+  two_sum(var_hi, eps, a, b);
+  b = isfinite(a) ? b + var_lo : 0.0;
+  r = rsqrt_of(a);
+  r_lo = 0.0;
+  if (!isfinite(r) || r == 0.0) {
+    return;
+  }
+  const double q = __dmul_rn(r, r);
+  const double qe = fma(r, r, -q);  // r^2 = q + qe
+  const double t = fma(-a, q, 1.0) - (a * qe + b * q);  // 1 - (a + b) r^2
+  r_lo = 0.5 * r * t;
 }
 
 __device__ __forceinline__ double shfl_xor(double v, int off) {

@@ -244,16 +244,22 @@ HALF_SLACK = 1e-6
 # The CPU kernels meet the bar for every dtype on test_accuracy's inputs. Not on every input:
 # their float32 output is not rounded once from the exact value, so its max error can exceed
 # torch's by a fraction of an ulp (the self-check's float32 LayerNorm over rows of 64: ratio
-# 1.27). The CUDA kernels do not yet for float64 (forward and backward) and the float32
-# backward, which use the saved float32/float64 statistics and land within 1-2 ulps of
-# torch's error but not always under it (max ratio seen on the CPU with that method: 1.72).
+# 1.27). The CUDA kernels compute the outputs as the CPU's (float64: double-double
+# statistics) and the float32 input gradients as the CPU's (in double, from the statistics of
+# h itself), but not yet:
+# - the float64 gradients, from the saved statistics with g = dy * weight rounded to double;
+# - the float32 weight and bias gradients, summed from float32 partials (the CPU's are
+#   double): 1.39x torch's CPU error in the CUDA emulation (tests/cuda_emulation) on the
+#   first-element-outlier rows, where one column's terms are large.
 # Those CUDA cases must stay within KNOWN_GAP of torch, which still catches any real accuracy
 # bug (that shows as orders of magnitude).
 KNOWN_GAP = 2.0
 
 
 def _gap(dtype, quantity, device):
-    if device == "cuda" and (dtype == torch.float64 or (dtype == torch.float32 and quantity != "out")):
+    if device != "cuda" or quantity == "out":
+        return 1.0
+    if dtype == torch.float64 or quantity in ("grad_weight", "grad_bias"):
         return KNOWN_GAP
     return 1.0
 
@@ -263,8 +269,8 @@ def meets_bar(err_ours, err_torch, ref_max, dtype, quantity, device):
     than torch's kernel's on the same input:
 
         float32 / float64 input:   err_ours / err_torch <= gap  (gap = 1, KNOWN_GAP on CUDA
-                                   for float64 and the float32 gradients; err_torch = 0
-                                   requires err_ours = 0)
+                                   for the float64 gradients and the float32 weight and
+                                   bias gradients; err_torch = 0 requires err_ours = 0)
         bfloat16 / float16 input:  err_ours <= err_torch + HALF_SLACK * max|ref|
 
     dtype is the input's dtype (also for results in another dtype, e.g. a float32 weight's

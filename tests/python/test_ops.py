@@ -495,6 +495,43 @@ def test_internal_norm_bwd_contract(with_eps, with_grad_residual, is_rms, has_we
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("n", [40, 1001, 8200])
+def test_float32_backward_statistics_from_h(n, is_rms, device):
+    """_norm_bwd of float32 data with the forward's eps takes the row statistics from h
+    itself, in double: the saved float32 mean and rstd would carry their rounding error into
+    every gradient. So a saved rstd three times too large, or a saved mean off by a quarter
+    of the spread (it only shifts the sums), changes nothing beyond float32 rounding; without
+    eps they are used as given. On CUDA the register path (N = 40), the looping path one
+    element at a time (N = 1001) and with 16-byte vectors (N = 8200); with the weight
+    gradients and a gradient into h."""
+    m, ns, eps = 5, (n,), 1e-5
+    torch.manual_seed(n)
+    x = make_data((m, n), torch.float32, device, requires_grad=True)
+    w, b = make_affine(ns, torch.float32, device, requires_grad=True)
+    b = None if is_rms else b
+    with torch.no_grad():
+        _, _, mean, rstd = _internal_fwd(x, None, ns, w, b, eps, is_rms, False, False)
+    gout = torch.randn(m, n, device=device)
+    gres = torch.randn(m, n, device=device)
+    wrong_mean = mean if is_rms else mean + 0.25 * x.detach().std(-1)
+    wrong_rstd = 3.0 * rstd
+
+    def bwd(mean_, rstd_, **kw):
+        return torch.ops.addnorm._norm_bwd(gout, gres, x.detach(), mean_, rstd_, w.detach(),
+                                           not is_rms, is_rms, **kw)
+
+    ref = reference_add_norm(is_rms, x, None, ns, w, b, eps, grad_out=gout, grad_h=gres)
+    names = ["grad_x", "grad_weight"] + ([] if is_rms else ["grad_bias"])
+    for label, res in (("saved", bwd(mean, rstd, eps=eps)),
+                       ("wrong saved", bwd(wrong_mean, wrong_rstd, eps=eps))):
+        for name, got in zip(names, res):
+            assert_close(got, ref[name], reduced=name != "grad_x", name=f"{label} stats {name}")
+    as_given = bwd(wrong_mean, wrong_rstd)[0]
+    assert (as_given - ref["grad_x"]).abs().max() > 1.0, "without eps the statistics are used"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", NORMS)
 def test_return_residual_false_outputs(norm, device):
     """return_residual=False: same out as True, second result empty."""

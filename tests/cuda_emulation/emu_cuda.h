@@ -1,0 +1,225 @@
+// The CUDA device code of csrc/cuda/norm_kernels.cu, run on the CPU (see emulation.py): the
+// blocks of a launch one after another, a block's threads as fibers of the calling thread.
+// __syncthreads is a barrier of the block's threads, __shfl_xor_sync one of the warp's lanes
+// (a warp: 32 consecutive linear thread indices); __shared__ arrays are statics (one block
+// runs at a time); dynamic shared memory is filled with a garbage pattern before each block.
+// A barrier that not every thread reaches aborts with a message.
+//
+// What it checks: the kernels' arithmetic, indexing, launch shapes, reductions and barriers,
+// on CPU tensors. What it does not: the GPU's compiler, memory model, timing or memory
+// errors (compute-sanitizer's job on a GPU). Where the device differs: rsqrt is exact here
+// (the kernels refine the hardware's approximation by a Newton step, so both are within an
+// ulp), and __double2half / __double2bfloat16 round through float.
+#pragma once
+
+#include <driver_types.h>  // cudaStream_t
+#include <vector_types.h>  // dim3, uint4, uint2 (their host definitions)
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <numeric>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <ucontext.h>
+#include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+namespace emu {
+
+// The threads of the block being run, as fibers (ucontext) of the calling thread. A fiber
+// runs until it reaches a barrier, then the next one runs; a barrier opens when all the
+// threads of its block (__syncthreads) or warp (a shuffle) have reached it.
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  dim3 tid;
+  bool done = false;
+};
+
+struct Block {
+  ucontext_t sched;
+  std::vector<Fiber> fibers;
+  int current = 0;
+  int nt = 0;
+  // Barriers: arrivals and generation, for the block and for each warp.
+  int block_arrived = 0;
+  uint64_t block_gen = 0;
+  std::vector<int> warp_arrived;
+  std::vector<uint64_t> warp_gen;
+  std::vector<uint64_t> warp_slot;  // [warps * 32] shuffle values
+  std::function<void()> body;
+};
+
+inline Block g_block;
+inline std::vector<unsigned char> g_dyn_smem(228 * 1024);  // an H100 SM's shared memory
+inline unsigned char* dyn_smem() { return g_dyn_smem.data(); }
+inline int sm_count() { return 132; }
+
+inline void yield() {
+  Fiber& f = g_block.fibers[g_block.current];
+  swapcontext(&f.ctx, &g_block.sched);
+}
+
+// Waits at a barrier of n threads (arrived / gen: the block's or a warp's).
+inline void barrier(int& arrived, uint64_t& gen, int n) {
+  const uint64_t my = gen;
+  if (++arrived == n) {
+    arrived = 0;
+    ++gen;
+    return;
+  }
+  while (gen == my) {
+    yield();
+  }
+}
+
+}  // namespace emu
+
+inline dim3 threadIdx;  // of the fiber that runs (set by the scheduler)
+inline dim3 blockIdx;
+inline dim3 blockDim;
+inline dim3 gridDim;
+
+inline int emu_linear_tid() {
+  return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+
+inline void __syncthreads() {
+  emu::barrier(emu::g_block.block_arrived, emu::g_block.block_gen, emu::g_block.nt);
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int off) {
+  static_assert(sizeof(T) <= 8, "shuffles of up to 8 bytes");
+  if (mask != 0xffffffffu) {
+    std::fprintf(stderr, "cuda emulation: only full-warp shuffles are emulated\n");
+    std::abort();
+  }
+  emu::Block& b = emu::g_block;
+  const int t = emu_linear_tid();
+  const int w = t / 32;
+  const int lane = t % 32;
+  const int n = std::min(32, b.nt - 32 * w);
+  uint64_t bits = 0;
+  std::memcpy(&bits, &v, sizeof(T));
+  b.warp_slot[w * 32 + lane] = bits;
+  emu::barrier(b.warp_arrived[w], b.warp_gen[w], n);
+  const uint64_t other = b.warp_slot[w * 32 + (lane ^ off)];
+  emu::barrier(b.warp_arrived[w], b.warp_gen[w], n);
+  T r;
+  std::memcpy(&r, &other, sizeof(T));
+  return r;
+}
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+// Rounded arithmetic (the sliced kernels are compiled with -ffp-contract=off, so no
+// operation fuses unless the code asks for an fma).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+inline double rsqrt(double v) { return 1.0 / std::sqrt(v); }
+using std::fma;
+using std::isfinite;
+using std::isinf;
+inline c10::Half __double2half(double v) { return c10::Half(static_cast<float>(v)); }
+inline c10::BFloat16 __double2bfloat16(double v) { return c10::BFloat16(static_cast<float>(v)); }
+
+namespace emu {
+
+inline void fiber_main() {
+  g_block.body();
+  g_block.fibers[g_block.current].done = true;
+  swapcontext(&g_block.fibers[g_block.current].ctx, &g_block.sched);
+}
+
+// kernel<<<grid, block, smem>>>(args...): the blocks one after another.
+template <typename K, typename... Args>
+void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
+  if (smem > g_dyn_smem.size()) {
+    throw std::runtime_error("cuda emulation: more dynamic shared memory than an SM has");
+  }
+  const int nt = static_cast<int>(block.x * block.y * block.z);
+  if (nt > 1024 || nt < 1) {
+    throw std::runtime_error("cuda emulation: 1 to 1024 threads per block");
+  }
+  constexpr size_t kStack = 256 * 1024;
+  gridDim = grid;
+  blockDim = block;
+  Block& b = g_block;
+  b.nt = nt;
+  b.fibers.resize(nt);
+  const int warps = (nt + 31) / 32;
+  b.warp_slot.assign(warps * 32, 0);
+  b.body = [&] { kernel(args...); };
+  for (unsigned bz = 0; bz < grid.z; ++bz) {
+    for (unsigned by = 0; by < grid.y; ++by) {
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        std::fill(g_dyn_smem.begin(), g_dyn_smem.begin() + smem, 0xA5);  // garbage
+        blockIdx = dim3(bx, by, bz);
+        b.block_arrived = 0;
+        b.warp_arrived.assign(warps, 0);
+        b.warp_gen.assign(warps, 0);
+        for (int t = 0; t < nt; ++t) {
+          Fiber& f = b.fibers[t];
+          f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+          f.done = false;
+          f.stack.resize(kStack);
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = kStack;
+          f.ctx.uc_link = nullptr;
+          makecontext(&f.ctx, &fiber_main, 0);
+        }
+        // Round robin until every thread is done; a round in which no barrier opened and no
+        // thread finished, with threads left, is a barrier that not all threads reach.
+        int left = nt;
+        while (left > 0) {
+          const uint64_t gens_before = b.block_gen + std::accumulate(
+              b.warp_gen.begin(), b.warp_gen.end(), uint64_t{0});
+          const int left_before = left;
+          for (int t = 0; t < nt; ++t) {
+            Fiber& f = b.fibers[t];
+            if (f.done) continue;
+            b.current = t;
+            threadIdx = f.tid;
+            swapcontext(&b.sched, &f.ctx);
+            left -= f.done;
+          }
+          const uint64_t gens_after = b.block_gen + std::accumulate(
+              b.warp_gen.begin(), b.warp_gen.end(), uint64_t{0});
+          if (left > 0 && left == left_before && gens_after == gens_before) {
+            std::fprintf(stderr, "cuda emulation: a barrier that not all threads reach "
+                                 "(block %u,%u,%u)\n", bx, by, bz);
+            std::abort();
+          }
+        }
+      }
+    }
+  }
+  b.body = nullptr;
+}
+
+}  // namespace emu

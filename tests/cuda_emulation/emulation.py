@@ -1,0 +1,118 @@
+"""Builds csrc/cuda/norm_kernels.cu as host C++ on the CUDA emulation of emu_cuda.h, so that
+the CUDA kernels' logic runs (slowly) on a machine without a GPU.
+
+The .cu file is rewritten mechanically: the CUDA runtime headers and the dispatcher
+registration go, kernel launches ``k<<<grid, block, smem, stream>>>(args)`` become
+``emu::launch(grid, block, smem, k, args)``, the stream, device properties and occupancy
+queries become constants (132 SMs, one resident CTA per SM), and the dynamic shared memory
+declaration points at the emulator's buffer. The kernels' own code is compiled as it is.
+``load()`` builds (once per source change, in build/cuda_emulation or
+$ADDNORM_EMULATION_BUILD_DIR) and returns a module
+with ``norm_fwd`` / ``norm_bwd``, which take the internal ops' arguments on CPU tensors."""
+
+import os
+import re
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD = os.environ.get("ADDNORM_EMULATION_BUILD_DIR", os.path.join(ROOT, "build", "cuda_emulation"))
+
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
+
+
+def _split_top(s):
+    parts, depth, cur = [], 0, ""
+    for ch in s:
+        depth += ch in "(<[" and 1 or 0
+        depth -= ch in ")>]" and 1 or 0
+        if ch == "," and depth == 0:
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur.strip()]
+
+
+def _replace(text, old, new, count=None):
+    n = text.count(old)
+    if n == 0 or (count is not None and n != count):
+        raise RuntimeError(f"cuda emulation: expected {count or 'some'} of {old!r} in the "
+                           f"kernels, found {n}: update tests/cuda_emulation/emulation.py")
+    return text.replace(old, new)
+
+
+def host_source(cu_text):
+    """The host C++ translation of norm_kernels.cu's text."""
+    t = '#include "emu_cuda.h"\n' + cu_text
+    t = _replace(t, "#include <ATen/cuda/CUDAContext.h>\n", "", 1)
+    t = _replace(t, "#include <c10/cuda/CUDAGuard.h>\n", "", 1)
+    t = _replace(t, '#include "ops/norm_register.h"\n', '#include "ops/norm_args.h"\n', 1)
+    t = _replace(t, "extern __shared__ __align__(16) unsigned char dyn_smem[];",
+                 "unsigned char* dyn_smem = emu::dyn_smem();", 1)
+    t = _replace(t, "static_cast<int>(c10::cuda::current_device())", "0", 1)
+    t = _replace(t, "C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor("
+                    "&ctas, kernel, threads, smem));", "ctas = 1;", 1)
+    t = _replace(t, "C10_CUDA_KERNEL_LAUNCH_CHECK();", "")
+    t = _replace(t, "at::cuda::getCurrentCUDAStream()", "cudaStream_t{}")
+    t = _replace(t, "at::cuda::getCurrentDeviceProperties()->multiProcessorCount",
+                 "emu::sm_count()")
+    t, n = re.subn(r"const c10::cuda::CUDAGuard guard\([^;]*\);", "", t)
+    if n == 0:
+        raise RuntimeError("cuda emulation: no CUDAGuard found: update emulation.py")
+
+    def launch(m):
+        grid, block, smem = _split_top(m.group(2))[:3]
+        return (f"emu::launch(dim3({grid}), dim3({block}), {smem}, {m.group(1).strip()}, "
+                f"{m.group(3).strip()});")
+
+    t, n = _LAUNCH.subn(launch, t)
+    if n == 0 or "<<<" in t:
+        raise RuntimeError("cuda emulation: kernel launches not rewritten: update emulation.py")
+    i = t.index("TORCH_LIBRARY_IMPL(addnorm, CUDA, m)")
+    j = t.index("\n}\n", i) + 3
+    return t[:i] + ("void emu_norm_fwd(const NormFwdArgs& a) { norm_fwd(a); }\n"
+                    "void emu_norm_bwd(const NormBwdArgs& a) { norm_bwd(a); }\n") + t[j:]
+
+
+def load(verbose=False):
+    import logging
+    import sys
+
+    # the venv's ninja first (pinned with the build's dependencies)
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime"
+    from torch.utils.cpp_extension import load as load_extension
+
+    os.makedirs(BUILD, exist_ok=True)
+    with open(os.path.join(ROOT, "csrc", "cuda", "norm_kernels.cu")) as f:
+        src = host_source(f.read())
+    path = os.path.join(BUILD, "norm_kernels_emulated.cpp")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != src:  # (an unchanged file keeps its timestamp: no rebuild)
+        with open(path, "w") as f:
+            f.write(src)
+    return load_extension(
+        name="addnorm_cuda_emulation",
+        sources=[os.path.join(HERE, "harness.cpp"), path,
+                 os.path.join(ROOT, "csrc", "ops", "norm_launch.cpp"),
+                 os.path.join(ROOT, "csrc", "ops", "norm_checks.cpp")],
+        extra_include_paths=[HERE, os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include"),
+                             os.path.join(_cuda_home(), "include")],
+        extra_cflags=["-O2", "-ffp-contract=off", "-DADDNORM_BUILDING_LIBRARY"],
+        build_directory=BUILD, verbose=verbose)
+
+
+def _cuda_home():
+    return os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+
+
+def available():
+    """(True, "") when the emulation can be built here: a C++ compiler and the CUDA toolkit's
+    host headers (vector_types.h, driver_types.h); else (False, why)."""
+    import shutil
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return False, "no C++ compiler"
+    inc = os.path.join(_cuda_home(), "include")
+    if not os.path.exists(os.path.join(inc, "vector_types.h")):
+        return False, f"no CUDA toolkit headers at {inc} (vector_types.h)"
+    return True, ""

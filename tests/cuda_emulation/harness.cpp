@@ -1,0 +1,47 @@
+// Python bindings of the emulated CUDA kernels (emu_cuda.h): _norm_fwd / _norm_bwd with the
+// internal ops' arguments, through the same checks, allocation and args structs as the ops
+// (ops/norm_launch.cpp), on CPU tensors.
+
+#include <torch/extension.h>
+
+#include "ops/norm_launch.h"
+
+namespace addnorm::cuda {
+void emu_norm_fwd(const NormFwdArgs& args);
+void emu_norm_bwd(const NormBwdArgs& args);
+}  // namespace addnorm::cuda
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+std::vector<at::Tensor> norm_fwd(const at::Tensor& input, const OptTensor& residual,
+                                 std::vector<int64_t> normalized_shape, const OptTensor& weight,
+                                 const OptTensor& bias, double eps, bool is_rms,
+                                 bool store_residual, bool residual_in_fp32, double dropout_p,
+                                 const OptTensor& dropout_seed) {
+  auto [out, residual_out, mean, rstd] = addnorm::launch_norm_fwd(
+      &addnorm::cuda::emu_norm_fwd, input, residual, c10::fromIntArrayRefSlow(normalized_shape),
+      weight, bias, eps, is_rms, store_residual, residual_in_fp32, dropout_p, dropout_seed);
+  return {out, residual_out, mean, rstd};
+}
+
+std::vector<at::Tensor> norm_bwd(const at::Tensor& grad_out, const OptTensor& grad_residual_out,
+                                 const at::Tensor& h, const at::Tensor& mean,
+                                 const at::Tensor& rstd, const OptTensor& weight, bool has_bias,
+                                 bool is_rms, bool weight_grad, std::optional<double> eps,
+                                 bool from_output, const OptTensor& bias, double dropout_p,
+                                 const OptTensor& dropout_seed, bool grad_h_wanted) {
+  auto [grad_h, grad_weight, grad_bias, grad_input] = addnorm::launch_norm_bwd(
+      &addnorm::cuda::emu_norm_bwd, grad_out, grad_residual_out, h, mean, rstd, weight, has_bias,
+      is_rms, weight_grad, eps, from_output, bias, std::nullopt, dropout_p, dropout_seed,
+      grad_h_wanted);
+  return {grad_h, grad_weight, grad_bias, grad_input};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("norm_fwd", &norm_fwd, "_norm_fwd on the emulated CUDA kernels");
+  m.def("norm_bwd", &norm_bwd, "_norm_bwd on the emulated CUDA kernels");
+}

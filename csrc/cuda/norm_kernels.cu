@@ -11,9 +11,10 @@
 // Backward, per row: grad_h = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma
 // (RMS drops mean(g)), plus grad_residual_out. float32 data ("the wide backward"): as the
 // CPU kernels, in double from the statistics of h itself (given the forward's eps), g exact,
-// grad_h rounded once. bfloat16/float16: the saved statistics, float lanes with g rounded
-// once, the row sums in double. float64: the saved statistics, the row sums in double-double.
-// grad_gamma / grad_beta from fp32 per-chunk partials summed in double by a finalize kernel
+// grad_h rounded once; float64 the same in double-double. bfloat16/float16: the saved
+// statistics, float lanes with g rounded once, the row sums in double.
+// grad_gamma / grad_beta from per-chunk partials (fp32; fp64 for float64, from double-double
+// sums on the looping path) summed in double (double-double) by a finalize kernel
 // in a fixed order, the chunks fixed by M, N and the path (register or looping, below:
 // chosen by N and the pointers' alignment), so bitwise reproducible, also across GPUs and
 // grid sizes; no atomics. From the output
@@ -137,12 +138,14 @@ struct BwdParams {
   // Register path: rows per weight-gradient chunk (a multiple of the CTA's rows); partial
   // row c sums rows [c * chunk_rows, (c + 1) * chunk_rows).
   int64_t chunk_rows;
-  // float32 data (the wide backward, below): own_stats when the forward's eps is given and
-  // the backward reads h: the row statistics of h itself, in double, with that eps.
+  // float32 and float64 data (the wide and float64 backward, below): own_stats when the
+  // forward's eps is given and the backward reads h: the row statistics of h itself, with
+  // that eps.
   bool own_stats;
   double eps;
-  // Looping path, float32 from h with the weight's gradient wanted: [3, M] per row, shift, xs
-  // and x_off (xhat = (h - shift) * xs + x_off), for the partials kernel; else nullptr.
+  // Looping path, float32 / float64 from h with the weight's gradient wanted, for the partials
+  // kernel: per row, float32 [3, M] shift, xs and x_off (xhat = (h - shift) * xs + x_off);
+  // float64 [4, M] shift, mean_lo, rx and rx_lo (F64Row); else nullptr.
   double* row_xform;
 };
 
@@ -661,10 +664,10 @@ __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t o
 template <bool RMS>
 constexpr int kWideSums = RMS ? 2 : 4;
 
-// dy and v (h, or xhat from the output) for VEC elements.
-template <int VEC, typename T, typename H, typename W>
+// dy and v (h, or xhat from the output) for VEC elements (also for the float64 backward).
+template <int VEC, typename T, typename H, typename W, typename A>
 __device__ __forceinline__ void wide_load(const BwdParams<T, H, W>& p, int64_t off,
-                                          int64_t col, float (&dy)[VEC], float (&v)[VEC]) {
+                                          int64_t col, A (&dy)[VEC], A (&v)[VEC]) {
   load_vec<VEC>(p.dy + off, dy);
   if (p.y != nullptr) {
     xhat_from_output<VEC>(p.y + off, p.gamma, p.beta, col, v);
@@ -740,6 +743,20 @@ __device__ __forceinline__ WideRow wide_row(const BwdParams<T, H, W>& p, float s
   return w;
 }
 
+// grad_residual_out of VEC elements (0 where absent).
+template <int VEC, typename T, typename H, typename W, typename A>
+__device__ __forceinline__ void grad_residual_or_zero(const BwdParams<T, H, W>& p, int64_t off,
+                                                      A (&r)[VEC]) {
+  if (p.dres != nullptr) {
+    load_vec<VEC>(p.dres + off, r);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      r[j] = A(0);
+    }
+  }
+}
+
 // grad_h for VEC elements (+ grad_residual_out), rounded once; gx: dy * xhat in float, the
 // terms of the weight gradient.
 template <int VEC, typename T, typename H, typename W>
@@ -749,13 +766,7 @@ __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t 
   float gm[VEC];
   gamma_or_one<VEC>(p.gamma, col, gm);
   float r[VEC];
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) {
-    r[j] = 0.0f;
-  }
-  if (p.dres != nullptr) {
-    load_vec<VEC>(p.dres + off, r);
-  }
+  grad_residual_or_zero<VEC>(p, off, r);
   float dx[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
@@ -765,6 +776,174 @@ __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t 
     gx[j] = static_cast<float>(static_cast<double>(dy[j]) * xh);
   }
   store_vec<VEC>(p.dh + off, dx);
+}
+
+// The float64 backward: as the CPU kernels, in double-double. d = h - shift exactly (dh + dl,
+// TwoSum; shift: the saved mean, RMSNorm 0; from the output d = xhat = (y - beta) / gamma),
+// g = dy * gamma exactly (g + g_lo, TwoProd); one sweep sums g * d, d * d, g and d as
+// double-doubles; with own_stats the statistics of h itself as double-doubles (mean = shift +
+// mean(d)); xhat, the bracket g - mean(g) - xhat * mean(g * xhat) and grad_h to about one
+// rounding. The sums: [0] g * d, [1] d * d, and for LayerNorm [2] g, [3] d.
+template <bool RMS>
+constexpr int kF64Sums = RMS ? 2 : 4;
+
+template <bool RMS, int VEC, typename T, typename H, typename W>
+__device__ __forceinline__ void f64_sums(const BwdParams<T, H, W>& p, int64_t col, double shift,
+                                         const double (&dy)[VEC], const double (&v)[VEC],
+                                         DoubleDouble (&sums)[kF64Sums<RMS>]) {
+  double gm[VEC];
+  gamma_or_one<VEC>(p.gamma, col, gm);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const double g = mul_rn(dy[j], gm[j]);
+    const double g_lo = fma_rn(dy[j], gm[j], -g);
+    double dh, dl;
+    two_sum(v[j], -shift, dh, dl);
+    const bool finite = isfinite(g) && isfinite(dh);  // (else no error terms: NaN)
+    stat_add_prod(sums[0], g, dh);
+    if (finite) sums[0].lo += fma_rn(g, dl, mul_rn(g_lo, dh));
+    if (p.own_stats) {
+      stat_add_prod(sums[1], dh, dh);
+      if (finite) sums[1].lo += 2.0 * dh * dl;
+    }
+    if constexpr (!RMS) {
+      stat_add(sums[2], g);
+      if (finite) sums[2].lo += g_lo;
+      if (p.own_stats) {
+        stat_add(sums[3], dh);
+        if (finite) sums[3].lo += dl;
+      }
+    }
+  }
+}
+
+// s / n as q + q_lo, q the double nearest to it (s normalized first: its parts may overlap).
+__device__ __forceinline__ void dd_div_n(const DoubleDouble& s, const RowLength& len, double& q,
+                                         double& q_lo) {
+  double hi = s.hi, lo = s.lo;
+  if (isfinite(hi)) two_sum(s.hi, s.lo, hi, lo);
+  q = stat_mean(hi, len);
+  q_lo = isfinite(q) ? (fma_rn(-q, len.n, hi) + lo) * len.inv_n : 0.0;
+}
+
+// A row's constants: xhat = ((v - shift) - mean_lo) * rx (rx = rstd, from the output 1),
+// grad_h = rstd * (g - c1 - xhat * c2), each constant a double-double (value hi + lo).
+struct F64Row {
+  double shift, mean_lo, rstd, rstd_lo, c1, c1_lo, c2, c2_lo;
+};
+
+template <typename T, typename H, typename W>
+__device__ __forceinline__ void f64_rx(const BwdParams<T, H, W>& p, const F64Row& w, double& rx,
+                                       double& rx_lo) {
+  rx = p.y != nullptr ? 1.0 : w.rstd;
+  rx_lo = p.y != nullptr ? 0.0 : w.rstd_lo;
+}
+
+template <bool RMS, typename T, typename H, typename W>
+__device__ __forceinline__ F64Row f64_row(const BwdParams<T, H, W>& p, double shift,
+                                          double saved_rstd,
+                                          const DoubleDouble (&sums)[kF64Sums<RMS>]) {
+  F64Row w{shift, 0.0, saved_rstd, 0.0, 0.0, 0.0, 0.0, 0.0};
+  double delta = 0.0;  // mean - shift
+  if (p.own_stats) {
+    DdMoments m;
+    if constexpr (RMS) {
+      const DoubleDouble mom[1] = {sums[1]};
+      m = dd_moments(mom, p.len, 0.0);
+    } else {
+      const DoubleDouble mom[2] = {sums[3], sums[1]};
+      m = dd_moments(mom, p.len, 0.0);
+    }
+    delta = m.mean_hi;
+    w.mean_lo = m.mean_hi + m.mean_lo;
+    dd_rstd(m.var_hi, m.var_lo, p.eps, w.rstd, w.rstd_lo);
+  }
+  DoubleDouble gx = sums[0];  // sum(g * (h - mean)), from the output sum(g * xhat)
+  if constexpr (!RMS) {
+    dd_div_n(sums[2], p.len, w.c1, w.c1_lo);
+    // gx -= delta * sum(g) (with delta = 0 too: an infinite sum(g) gives NaN, as on the CPU)
+    const double q = mul_rn(-delta, sums[2].hi);
+    const double qe = fma_rn(-delta, sums[2].hi, -q);
+    stat_add(gx, q);
+    if (isfinite(gx.hi)) gx.lo += fma_rn(-delta, sums[2].lo, qe);
+  }
+  double rx, rx_lo;
+  f64_rx(p, w, rx, rx_lo);
+  // c2 = gx * rx / n
+  DoubleDouble gr;
+  gr.hi = mul_rn(gx.hi, rx);
+  gr.lo = isfinite(gr.hi) ? fma_rn(gx.hi, rx, -gr.hi) + (gx.hi * rx_lo + gx.lo * rx) : 0.0;
+  dd_div_n(gr, p.len, w.c2, w.c2_lo);
+  return w;
+}
+
+// grad_h for VEC elements (+ grad_residual_out), rounded once; gx: dy * xhat, the terms of
+// the weight gradient.
+template <int VEC, typename T, typename H, typename W>
+__device__ __forceinline__ void f64_store(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
+                                          const F64Row& w, const double (&dy)[VEC],
+                                          const double (&v)[VEC], double (&gx)[VEC]) {
+  double gm[VEC];
+  gamma_or_one<VEC>(p.gamma, col, gm);
+  double r[VEC];
+  grad_residual_or_zero<VEC>(p, off, r);
+  double rx, rx_lo;
+  f64_rx(p, w, rx, rx_lo);
+  double dx[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const double g = mul_rn(dy[j], gm[j]);
+    const double g_lo = fma_rn(dy[j], gm[j], -g);
+    // xhat = xp + xe
+    double dh, dl;
+    two_sum(v[j], -w.shift, dh, dl);
+    dl = sub_rn(dl, w.mean_lo);
+    const double xp = mul_rn(dh, rx);
+    const double xe = fma_rn(dh, rx, -xp) + fma_rn(dh, rx_lo, mul_rn(dl, rx));
+    // the bracket b + b_lo = (g - c1) - xhat * c2
+    double a, ae;
+    two_sum(g, -w.c1, a, ae);
+    ae += g_lo - w.c1_lo;
+    const double m = mul_rn(xp, w.c2);
+    const double me = fma_rn(xp, w.c2, -m) + fma_rn(xp, w.c2_lo, mul_rn(xe, w.c2));
+    double b, be;
+    two_sum(a, -m, b, be);
+    const double b_lo = be + (ae - me);
+    dx[j] = fma_rn(w.rstd, b, fma_rn(w.rstd, b_lo, fma_rn(w.rstd_lo, b, r[j])));
+    gx[j] = fma_rn(dy[j], xp, mul_rn(dy[j], xe));
+  }
+  store_vec<VEC>(p.dh + off, dx);
+}
+
+// The float32 (wide) and float64 backward's steps, by the data's type.
+template <bool RMS, int VEC, typename T, typename H, typename W, typename A, typename S, int K>
+__device__ __forceinline__ void precise_sums(const BwdParams<T, H, W>& p, int64_t col,
+                                             double shift, const A (&dy)[VEC],
+                                             const A (&v)[VEC], S (&sums)[K]) {
+  if constexpr (std::is_same_v<T, float>) {
+    wide_sums<RMS, VEC>(p, col, shift, dy, v, sums);
+  } else {
+    f64_sums<RMS, VEC>(p, col, shift, dy, v, sums);
+  }
+}
+template <bool RMS, typename T, typename H, typename W, typename A, typename S, int K>
+__device__ __forceinline__ auto precise_row(const BwdParams<T, H, W>& p, A shift, A saved_rstd,
+                                            const S (&sums)[K]) {
+  if constexpr (std::is_same_v<T, float>) {
+    return wide_row<RMS>(p, shift, saved_rstd, sums);
+  } else {
+    return f64_row<RMS>(p, shift, saved_rstd, sums);
+  }
+}
+template <int VEC, typename T, typename H, typename W, typename R, typename A>
+__device__ __forceinline__ void precise_store(const BwdParams<T, H, W>& p, int64_t off,
+                                              int64_t col, const R& w, const A (&dy)[VEC],
+                                              const A (&v)[VEC], A (&gx)[VEC]) {
+  if constexpr (std::is_same_v<T, float>) {
+    wide_store<VEC>(p, off, col, w, dy, v, gx);
+  } else {
+    f64_store<VEC>(p, off, col, w, dy, v, gx);
+  }
 }
 
 // Backward, register path: one pass over each row for grad_h; the thread's columns of
@@ -779,7 +958,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   using A = at::opmath_type<T>;
   using S = stat_t<A>;
   constexpr bool kWide = std::is_same_v<T, float>;  // the wide backward (above)
-  constexpr int K = kWide ? kWideSums<RMS> : RMS ? 1 : 2;
+  constexpr bool kF64 = std::is_same_v<T, double>;  // the float64 backward (above)
+  constexpr int K = kWide ? kWideSums<RMS> : kF64 ? kF64Sums<RMS> : RMS ? 1 : 2;
   constexpr int E = VPT * VEC;
   __shared__ S red[kMaxWarps * K];
   extern __shared__ __align__(16) unsigned char dyn_smem[];
@@ -826,22 +1006,22 @@ __global__ void __launch_bounds__(kMaxThreads)
           dy[i][j] = A(0);
           xhat[i][j] = A(0);
         }
-      } else if constexpr (kWide) {
+      } else if constexpr (kWide || kF64) {
         wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[i], xhat[i]);
-        wide_sums<RMS, VEC>(p, vi * VEC, mean, dy[i], xhat[i], sums);
+        precise_sums<RMS, VEC>(p, vi * VEC, mean, dy[i], xhat[i], sums);
       } else {
         bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[i], xhat[i], sums);
       }
     }
     row_allreduce(sums, red);
-    if constexpr (kWide) {
-      const WideRow w = wide_row<RMS>(p, mean, rstd, sums);
+    if constexpr (kWide || kF64) {
+      const auto w = precise_row<RMS>(p, mean, rstd, sums);
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
         const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
         if (vi < row_vecs) {
           A gx[VEC];
-          wide_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[i], xhat[i], gx);
+          precise_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[i], xhat[i], gx);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             acc_gamma[i][j] += gx[j];
@@ -946,7 +1126,8 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
   using A = at::opmath_type<T>;
   using S = stat_t<A>;
   constexpr bool kWide = std::is_same_v<T, float>;  // the wide backward (above)
-  constexpr int K = kWide ? kWideSums<RMS> : RMS ? 1 : 2;
+  constexpr bool kF64 = std::is_same_v<T, double>;  // the float64 backward (above)
+  constexpr int K = kWide ? kWideSums<RMS> : kF64 ? kF64Sums<RMS> : RMS ? 1 : 2;
   constexpr int U = kLoopUnroll<A, VEC>;
   __shared__ S red[kMaxWarps * K];
   const int64_t tpr = blockDim.x;
@@ -972,9 +1153,9 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
       for (int u = 0; u < U; ++u) {
         const int64_t vi = base + u * tpr;
         if (vi < row_vecs) {
-          if constexpr (kWide) {
+          if constexpr (kWide || kF64) {
             wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[u], xhat[u]);
-            wide_sums<RMS, VEC>(p, vi * VEC, mean, dy[u], xhat[u], sums);
+            precise_sums<RMS, VEC>(p, vi * VEC, mean, dy[u], xhat[u], sums);
           } else {
             bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u],
                                sums);
@@ -983,12 +1164,17 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
       }
     }
     row_allreduce(sums, red);
-    if constexpr (kWide) {
-      const WideRow w = wide_row<RMS>(p, mean, rstd, sums);
+    if constexpr (kWide || kF64) {
+      const auto w = precise_row<RMS>(p, mean, rstd, sums);
       if (p.row_xform != nullptr && valid && tid == 0) {
         p.row_xform[row] = w.shift;
-        p.row_xform[p.M + row] = wide_xs(p, w);
-        p.row_xform[2 * p.M + row] = w.x_off;
+        if constexpr (kWide) {
+          p.row_xform[p.M + row] = wide_xs(p, w);
+          p.row_xform[2 * p.M + row] = w.x_off;
+        } else {
+          p.row_xform[p.M + row] = w.mean_lo;
+          f64_rx(p, w, p.row_xform[2 * p.M + row], p.row_xform[3 * p.M + row]);
+        }
       }
       for (int64_t base = tid; base < row_vecs; base += tpr * U) {
         A dy[U][VEC];
@@ -1005,7 +1191,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
           const int64_t vi = base + u * tpr;
           if (vi < row_vecs) {
             A gx[VEC];  // (the partials kernel sums the weight gradients)
-            wide_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[u], v[u], gx);
+            precise_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[u], v[u], gx);
           }
         }
       }
@@ -1052,30 +1238,46 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
     const W* __restrict__ beta,                       // [N] from the output; nullptr: 0
     const at::opmath_type<T>* __restrict__ mean,      // [M]; nullptr for RMS
     const at::opmath_type<T>* __restrict__ rstd,      // [M]
-    const double* __restrict__ row_xform,             // [3, M] (BwdParams); nullptr: none
+    const double* __restrict__ row_xform,             // (BwdParams); nullptr: none
     at::opmath_type<T>* __restrict__ part_gamma,      // [P, N]; nullptr when not wanted
     at::opmath_type<T>* __restrict__ part_beta,       // [P, N]; nullptr when not wanted
     int64_t M, int64_t N, int64_t rows_per_chunk) {
   using A = at::opmath_type<T>;
-  __shared__ A sg[kColRows][kColTile + 1];
-  __shared__ A sb[kColRows][kColTile + 1];
+  // float64: the sums as double-doubles (as the CPU's partials); else in A.
+  constexpr bool kF64 = std::is_same_v<A, double>;
+  using S = std::conditional_t<kF64, DoubleDouble, A>;
+  __shared__ S sg[kColRows][kColTile + 1];
+  __shared__ S sb[kColRows][kColTile + 1];
   const int tx = threadIdx.x;
   const int ty = threadIdx.y;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kColTile + tx;
   const int64_t r_begin = static_cast<int64_t>(blockIdx.y) * rows_per_chunk;
   const int64_t r_end = std::min(M, r_begin + rows_per_chunk);
-  A g = A(0);
-  A b = A(0);
+  S g{};
+  S b{};
   if (col < N) {
     const A y_shift = (y != nullptr && beta != nullptr) ? static_cast<A>(beta[col]) : A(0);
     const A y_scale = (y != nullptr && gamma != nullptr) ? static_cast<A>(gamma[col]) : A(1);
 #pragma unroll 4
     for (int64_t r = r_begin + ty; r < r_end; r += kColRows) {
       const A d = static_cast<A>(dy[r * N + col]);
-      if (row_xform != nullptr) {  // the wide backward: its row kernel's xhat, in double
-        const double xh = fma(static_cast<double>(h[r * N + col]) - row_xform[r],
-                              row_xform[M + r], row_xform[2 * M + r]);
-        g += static_cast<A>(static_cast<double>(d) * xh);
+      if (row_xform != nullptr) {  // the row kernel's xhat: float32 in double, float64 as
+                                   // a double-double
+        if constexpr (kF64) {
+          double dh, dl;
+          two_sum(static_cast<double>(h[r * N + col]), -row_xform[r], dh, dl);
+          dl = sub_rn(dl, row_xform[M + r]);
+          const double rx = row_xform[2 * M + r];
+          const double xp = mul_rn(dh, rx);
+          const double xe =
+              fma_rn(dh, rx, -xp) + fma_rn(dh, row_xform[3 * M + r], mul_rn(dl, rx));
+          stat_add_prod(g, d, xp);
+          if (isfinite(g.hi)) g.lo += mul_rn(d, xe);
+        } else {
+          const double xh = fma(static_cast<double>(h[r * N + col]) - row_xform[r],
+                                row_xform[M + r], row_xform[2 * M + r]);
+          g += static_cast<A>(static_cast<double>(d) * xh);
+        }
       } else {
         A xhat;
         if (y != nullptr) {
@@ -1084,9 +1286,17 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
           const A m = mean != nullptr ? mean[r] : A(0);
           xhat = (static_cast<A>(h[r * N + col]) - m) * rstd[r];
         }
-        g += d * xhat;
+        if constexpr (kF64) {
+          stat_add_prod(g, d, xhat);
+        } else {
+          g += d * xhat;
+        }
       }
-      b += d;
+      if constexpr (kF64) {
+        stat_add(b, d);
+      } else {
+        b += d;
+      }
     }
   }
   sg[ty][tx] = g;
@@ -1094,15 +1304,20 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
   __syncthreads();
   if (ty == 0 && col < N) {
     for (int y = 1; y < kColRows; ++y) {
-      g += sg[y][tx];
-      b += sb[y][tx];
+      if constexpr (kF64) {
+        stat_merge(g, sg[y][tx]);
+        stat_merge(b, sb[y][tx]);
+      } else {
+        g += sg[y][tx];
+        b += sb[y][tx];
+      }
     }
     const int64_t off = static_cast<int64_t>(blockIdx.y) * N + col;
     if (part_gamma != nullptr) {
-      part_gamma[off] = g;
+      part_gamma[off] = static_cast<A>(stat_value(g));
     }
     if (part_beta != nullptr) {
-      part_beta[off] = b;
+      part_beta[off] = static_cast<A>(stat_value(b));
     }
   }
 }
@@ -1358,7 +1573,8 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   p.N = a.N;
   p.len = {static_cast<double>(a.N), 1.0 / static_cast<double>(a.N)};
   p.chunk_rows = 0;  // register path: set below
-  p.own_stats = std::is_same_v<T, float> && a.eps.has_value() && !a.from_output;
+  constexpr bool kOwnStats = std::is_same_v<T, float> || std::is_same_v<T, double>;
+  p.own_stats = kOwnStats && a.eps.has_value() && !a.from_output;
   p.eps = a.eps.value_or(0.0);
   p.row_xform = nullptr;
 
@@ -1410,8 +1626,9 @@ void launch_norm_bwd(const NormBwdArgs& a) {
       kernel<<<static_cast<unsigned int>(grid), dim3(cfg.tpr, cfg.rows), smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
-      if (std::is_same_v<T, float> && want_gamma && !a.from_output) {
-        row_xform = at::empty({3, a.M}, a.h.options().dtype(at::kDouble));
+      if (kOwnStats && want_gamma && !a.from_output) {
+        row_xform = at::empty({std::is_same_v<T, float> ? 3 : 4, a.M},
+                              a.h.options().dtype(at::kDouble));
         p.row_xform = row_xform.mutable_data_ptr<double>();
       }
       if (vectorized) {

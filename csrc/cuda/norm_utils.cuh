@@ -247,9 +247,9 @@ __device__ __forceinline__ DdMoments dd_moments(const DoubleDouble (&s)[K], cons
   DdMoments m{shift, 0.0, 0.0, 0.0};
   const double q1 = K == 2 ? s[0].hi * len.inv_n : 0.0;
   const double q2 = s[K - 1].hi * len.inv_n;
-  if (!isfinite(q1) || !isfinite(q2)) {  // (inf / NaN: the IEEE results, no error terms)
-    m.var_hi = q2 - q1 * q1;
-    m.mean_hi = shift + q1;
+  if (!isfinite(q1) || !isfinite(q2)) {  // (inf / NaN: the IEEE results, no error terms;
+    m.var_hi = q2 - q1 * q1;              // an infinite shift is the mean itself)
+    m.mean_hi = isfinite(shift) ? shift + q1 : shift;
     return m;
   }
   const double l1 = K == 2 ? (fma(-q1, len.n, s[0].hi) + s[0].lo) * len.inv_n : 0.0;

@@ -153,19 +153,19 @@ def test_rms_norm_many_rows_weight_grad_accuracy(dtype, w_dtype, dist, with_resi
            list(res), device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", NORMS)
-def test_float64_short_rows_input_grad_accuracy(norm):
+def test_float64_short_rows_input_grad_accuracy(norm, device):
     """float64 rows of 1 to 99 standard-normal elements, one row per call: torch's kernel is
     about correctly rounded there, and rounding dy * weight to double before the bracket
     (g - c1 - xhat * c2) cancels put addnorm's grad_input up to 3.3x torch's error in 7% of
-    such rows. The product is now kept exactly. (CPU: CUDA's float64 backward is within
-    KNOWN_GAP, see reference.py.)"""
+    such rows. The product is now kept exactly (CPU and CUDA)."""
     gen = torch.Generator().manual_seed(64)
     rms, bad = norm == "rms_norm", []
     for _ in range(150):
         n = int(torch.randint(1, 100, (1,), generator=gen))
-        h, dy = (torch.randn(1, n, generator=gen, dtype=torch.float64) for _ in range(2))
-        w, b = (torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(2))
+        h, dy = (torch.randn(1, n, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
+        w, b = (torch.randn(n, generator=gen, dtype=torch.float64).to(device) for _ in range(2))
         b = None if rms else b
         errs = []
         for fn in ((lambda x: addnorm.rms_norm(x, [n], w, 1e-5)) if rms else
@@ -174,8 +174,9 @@ def test_float64_short_rows_input_grad_accuracy(norm):
                    (lambda x: F.layer_norm(x, [n], w, b, 1e-5))):
             x = h.clone().requires_grad_()
             fn(x).backward(dy)
-            errs.append(max_err(x.grad, reference_ld(h, w, b, dy, 1e-5, rms)[1]))
-        ok, ratio = meets_bar(errs[0], errs[1], 1.0, torch.float64, "grad_x", "cpu")
+            ref = reference_ld(*(None if t is None else t.cpu() for t in (h, w, b, dy)), 1e-5, rms)
+            errs.append(max_err(x.grad.cpu(), ref[1]))
+        ok, ratio = meets_bar(errs[0], errs[1], 1.0, torch.float64, "grad_x", device)
         if not ok:
             bad.append((n, ratio))
     assert not bad, f"{norm}: grad_input above torch's error for (N, ratio) {bad}"

@@ -195,3 +195,98 @@ def test_emulated_float64_short_rows_input_grad_accuracy(norm, emu):
         if not ok:
             bad.append((n, round(ratio, 2)))
     assert not bad, f"{norm}: grad_input above torch's error for (N, ratio) {bad}"
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [768, 1001, 8200])
+def test_emulated_fused_dropout_like_cpu(n, dtype, norm, emu):
+    """The fused dropout (p = 0.15) with a residual: h bitwise the CPU kernels' (the same
+    Philox mask on both devices), out as the CPU's; backward with the regenerated mask:
+    grad_input (the residual's gradient grad_h too) as the CPU's."""
+    rms = norm == "rms_norm"
+    m, p = 3, 0.15
+    x = make_data((m, n), dtype, "cpu")
+    r = make_data((m, n), dtype, "cpu", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), dtype, "cpu")
+    b = None if rms else b
+    seed = torch.tensor([123456789, 4096], dtype=torch.int64)
+    eps = EPS[norm]
+    cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, False, p, seed)
+    got = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, False, p, seed)
+    assert torch.equal(got[1], cpu[1]), "h differs from the CPU kernels'"
+    assert_close(got[0], cpu[0].double(), name="out")
+    _, h, mean, rstd = cpu
+    dy = torch.randn(m, n).to(dtype)
+    theirs = _cpu_bwd(dy, None, h, mean, rstd, w, rms, eps=eps, dropout_p=p, dropout_seed=seed)
+    ours = emu.norm_bwd(dy, None, h, mean, rstd, w, not rms, rms, True, eps, False, None, p, seed,
+                        True)
+    for name, a, c in zip(("grad_h", "grad_weight", "grad_bias", "grad_input"), ours, theirs):
+        if not (name == "grad_bias" and rms):
+            assert_close(a, c.double(), reduced=name in ("grad_weight", "grad_bias"), name=name)
+
+
+def test_emulated_one_element_rows_pass_no_gradient(emu):
+    """LayerNorm over one-element rows (4097 of them, several rows per warp): h - mean is
+    exactly 0, so the input gets exactly no gradient, as from torch's kernels (the CUDA
+    kernels once gave errors of 1e-4 here)."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = make_data((4097, 1), dtype, "cpu")
+        r = make_data((4097, 1), dtype, "cpu", scale=1.0, offset=0.0)
+        w, b = make_affine((1,), dtype, "cpu")
+        out, h, mean, rstd = emu.norm_fwd(x, r, [1], w, b, 1e-5, False, True, False, 0.0, None)
+        assert torch.equal(out, b.expand(4097, 1).to(dtype)), f"{dtype}: out is not the bias"
+        dy = torch.randn(4097, 1).to(dtype)
+        gh = _emu_bwd(emu, dy, None, h, mean, rstd, w, False, eps=1e-5)[0]
+        assert torch.equal(gh, torch.zeros_like(gh)), f"{dtype}: grad_h not exactly 0"
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+def test_emulated_mixed_dtypes_like_cpu(residual_in_fp32, norm, emu):
+    """bfloat16 input and residual with float32 weight and bias (mixed-precision training),
+    h in bfloat16 or float32 (residual_in_fp32): forward and backward as the CPU kernels."""
+    rms = norm == "rms_norm"
+    m, n = 5, 768
+    x = make_data((m, n), torch.bfloat16, "cpu")
+    r = make_data((m, n), torch.bfloat16, "cpu", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), torch.float32, "cpu")
+    b = None if rms else b
+    eps = EPS[norm]
+    cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, residual_in_fp32)
+    got = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, residual_in_fp32, 0.0, None)
+    assert torch.equal(got[1], cpu[1]), "h differs"
+    for name, a, c in zip(("out", "h", "mean", "rstd"), got, cpu):
+        assert_close(a, c.double(), dtype=a.dtype, name=f"forward {name}")
+    out, h, mean, rstd = cpu
+    dy = torch.randn(m, n).to(torch.bfloat16)
+    gres = torch.randn(m, n).to(h.dtype)
+    theirs = _cpu_bwd(dy, gres, h, mean, rstd, w, rms, eps=eps)
+    ours = _emu_bwd(emu, dy, gres, h, mean, rstd, w, rms, eps=eps)
+    for name, a, c in zip(("grad_h", "grad_weight", "grad_bias"), ours, theirs):
+        if not (name == "grad_bias" and rms):
+            assert_close(a, c.double(), reduced=name != "grad_h", name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_unaligned_and_many_rows_like_cpu(dtype, emu):
+    """Tensors one element off 16-byte alignment (the one-element-at-a-time paths), and more
+    rows than 256 chunks of one CTA row group (70001 rows of 16: chunks of two row groups,
+    more chunks than CTAs, so some CTAs take two)."""
+    for m, n, off in ((3, 768, 1), (70001, 16, 0)):
+        def tensor(scale, offset):
+            t = make_data((m * n + off,), dtype, "cpu", scale=scale, offset=offset)
+            return t[off:].view(m, n)
+        x, dy = tensor(3.0, 5.0), tensor(1.0, 0.0)
+        w, b = make_affine((n,), dtype, "cpu")
+        if off:
+            assert x.data_ptr() % 16 != 0
+        cpu = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, 1e-5, False, False, False)
+        got = emu.norm_fwd(x, None, [n], w, b, 1e-5, False, False, False, 0.0, None)
+        for name, a, c in zip(("out", "h", "mean", "rstd"), got, cpu):
+            assert_close(a, c.double(), name=f"{m}x{n} forward {name}")
+        _, _, mean, rstd = cpu
+        theirs = _cpu_bwd(dy, None, x, mean, rstd, w, False, eps=1e-5)
+        ours = _emu_bwd(emu, dy, None, x, mean, rstd, w, False, eps=1e-5)
+        for name, a, c in zip(("grad_h", "grad_weight", "grad_bias"), ours, theirs):
+            assert_close(a, c.double(), reduced=name != "grad_h", name=f"{m}x{n} {name}")

@@ -49,7 +49,9 @@ example: install $(EXAMPLE_STAMP) $(EXAMPLE_DIR)/inputs.pt
 # AddressSanitizer + UndefinedBehaviorSanitizer (CPU): libaddnorm, _C and the GoogleTest
 # suite built with -DADDNORM_SANITIZE=ON in $(SAN_DIR) (CUDA off), then the GoogleTest suite
 # (leak checking on) and the pytest files $(SAN_PYTESTS) against the instrumented library
-# ($(SAN_DEFAULT_PYTESTS) a second time with the portable kernels).
+# ($(SAN_DEFAULT_PYTESTS) a second time with the portable kernels), then the CUDA emulation's
+# tests with the emulated kernels built with AddressSanitizer (their indexing checked on CPU
+# tensors, as compute-sanitizer's memcheck does on the GPU).
 # python and libtorch are not instrumented: the ASan runtime is preloaded (with libstdc++, so
 # that it can intercept C++ exceptions), python allocates with malloc (so ASan sees its
 # buffers), and the package is python/addnorm's modules linked next to the instrumented _C and
@@ -68,6 +70,11 @@ SAN_PYTEST_ARGS ?= -k "not 65536 and not 100003 and not gradcheck and not compil
 SAN_DEFAULT_PYTESTS ?= tests/python/test_properties.py
 SAN_ASAN_OPTIONS := halt_on_error=1:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1
 SAN_UBSAN_OPTIONS := halt_on_error=1:print_stacktrace=1
+# The CUDA emulation (tests/cuda_emulation) under AddressSanitizer: its fibers switch stacks,
+# which ASan's use-after-return detection does not follow.
+SAN_EMU_ASAN_OPTIONS := halt_on_error=1:detect_leaks=0:detect_stack_use_after_return=0
+# (the accuracy tests' long double references add time, not kernel paths)
+SAN_EMU_PYTEST_ARGS ?= -k "not accuracy and not outlier"
 SAN_PY_ENV = ASAN_OPTIONS=$(SAN_ASAN_OPTIONS):detect_leaks=0 UBSAN_OPTIONS=$(SAN_UBSAN_OPTIONS) \
   LD_PRELOAD="$$($(SAN_CXX) -print-file-name=libasan.so) $$($(SAN_CXX) -print-file-name=libstdc++.so)" \
   PYTHONMALLOC=malloc PYTHONPATH=$(abspath $(SAN_DIR)/python)$${PYTHONPATH:+:$$PYTHONPATH}
@@ -89,6 +96,9 @@ sanitize: $(SAN_DIR)/.configured
 	$(SAN_PY_ENV) $(PY) -m pytest $(SAN_PYTESTS) $(SAN_PYTEST_ARGS) -q -p no:cacheprovider --capture=sys
 	ATEN_CPU_CAPABILITY=default $(SAN_PY_ENV) $(PY) -c 'import addnorm; assert addnorm.cpu_capability() == "DEFAULT"'
 	ATEN_CPU_CAPABILITY=default $(SAN_PY_ENV) $(PY) -m pytest $(SAN_DEFAULT_PYTESTS) -q -p no:cacheprovider --capture=sys
+	ADDNORM_EMULATION_SANITIZE=1 $(SAN_PY_ENV) ASAN_OPTIONS=$(SAN_EMU_ASAN_OPTIONS) \
+	  $(PY) -m pytest tests/python/test_cuda_emulated.py $(SAN_EMU_PYTEST_ARGS) -q -p no:cacheprovider \
+	  --capture=sys
 
 bench: build
 	$(PY) benchmarks/bench_norm.py --json benchmarks/results/cpu.json --md benchmarks/results/cpu.md

@@ -91,15 +91,21 @@ def load(verbose=False):
     if old != src:  # (an unchanged file keeps its timestamp: no rebuild)
         with open(path, "w") as f:
             f.write(src)
+    # ADDNORM_EMULATION_SANITIZE=1 (make sanitize): AddressSanitizer, so that a kernel's read
+    # or write outside a tensor stops the run (python must preload the ASan runtime).
+    asan = os.environ.get("ADDNORM_EMULATION_SANITIZE") == "1"
+    san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
+    build = BUILD + ("-asan" if asan else "")
+    os.makedirs(build, exist_ok=True)
     return load_extension(
-        name="addnorm_cuda_emulation",
+        name="addnorm_cuda_emulation" + ("_asan" if asan else ""),
         sources=[os.path.join(HERE, "harness.cpp"), path,
                  os.path.join(ROOT, "csrc", "ops", "norm_launch.cpp"),
                  os.path.join(ROOT, "csrc", "ops", "norm_checks.cpp")],
         extra_include_paths=[HERE, os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include"),
                              os.path.join(_cuda_home(), "include")],
-        extra_cflags=["-O2", "-ffp-contract=off", "-DADDNORM_BUILDING_LIBRARY"],
-        build_directory=BUILD, verbose=verbose)
+        extra_cflags=["-O2", "-ffp-contract=off", "-DADDNORM_BUILDING_LIBRARY"] + san,
+        extra_ldflags=san, build_directory=build, verbose=verbose)
 
 
 def _cuda_home():

@@ -13,8 +13,9 @@
 // CPU kernels, in double from the statistics of h itself (given the forward's eps), g exact,
 // grad_h rounded once; float64 the same in double-double. bfloat16/float16: the saved
 // statistics, float lanes with g rounded once, the row sums in double.
-// grad_gamma / grad_beta from per-chunk partials (fp32; fp64 for float64, from double-double
-// sums on the looping path) summed in double (double-double) by a finalize kernel
+// grad_gamma / grad_beta from per-chunk partials (fp64 for float32 and float64 data, the
+// float64 looping path's from double-double sums; fp32 for bfloat16/float16) summed in
+// double (double-double for fp64 partials) by a finalize kernel
 // in a fixed order, the chunks fixed by M, N and the path (register or looping, below:
 // chosen by N and the pointers' alignment), so bitwise reproducible, also across GPUs and
 // grid sizes; no atomics. From the output
@@ -118,6 +119,12 @@ struct FwdParams {
   A drop_scale;
 };
 
+// The weight-gradient partials' type: double for float32 data (the products of the wide
+// backward, summed without a float32 rounding), else the compute type (float for
+// bfloat16/float16, double for float64).
+template <typename T>
+using part_t = std::conditional_t<std::is_same_v<T, float>, double, at::opmath_type<T>>;
+
 template <typename T, typename H, typename W>
 struct BwdParams {
   using A = at::opmath_type<T>;
@@ -130,8 +137,8 @@ struct BwdParams {
   const W* gamma;    // [N]; nullptr when absent
   const W* beta;     // [N]; from the output only; nullptr when absent
   H* dh;             // [M, N] grad of h (output)
-  A* part_gamma;     // [P, N] per-chunk partial sums of dy * xhat; nullptr when not wanted
-  A* part_beta;      // [P, N] per-chunk partial sums of dy; nullptr when not wanted
+  part_t<T>* part_gamma;  // [P, N] per-chunk partial sums of dy * xhat; nullptr: not wanted
+  part_t<T>* part_beta;   // [P, N] per-chunk partial sums of dy; nullptr when not wanted
   int64_t M;
   int64_t N;
   RowLength len;     // N and 1 / N
@@ -950,8 +957,9 @@ __device__ __forceinline__ void precise_store(const BwdParams<T, H, W>& p, int64
 // dy * xhat and dy accumulate in registers over the rows its row slot visits in a chunk,
 // then one partial row per chunk is written (row slots summed in shared memory in a fixed
 // order).
-// Dynamic shared memory: blockDim.y * blockDim.x * 2 * VPT * VEC elements when
-// blockDim.y > 1 and a weight gradient is wanted.
+// Dynamic shared memory: blockDim.y * blockDim.x * VPT * VEC elements of part_t<T> (at most
+// 32 KiB: blockDim.y > 1 only below 512 threads per row) when blockDim.y > 1 and a weight
+// gradient is wanted.
 template <typename T, typename H, typename W, bool RMS, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxThreads)
     norm_bwd_register_kernel(const BwdParams<T, H, W> p) {
@@ -1075,35 +1083,38 @@ __global__ void __launch_bounds__(kMaxThreads)
       }
     } else {
       // Several rows per CTA: sum the row slots' accumulators in shared memory, y = 0, 1,
-      // ... in order for each value, with all threads of the CTA sharing the values.
+      // ... in order for each value, one accumulator (gamma, then beta) at a time, with all
+      // threads of the CTA sharing the values.
+      using P = part_t<T>;
       const int rows = blockDim.y;
-      A* buf = reinterpret_cast<A*>(dyn_smem);  // [rows][2 * E][tpr]
-      __syncthreads();  // the previous chunk's readers are done with buf
+      P* buf = reinterpret_cast<P*>(dyn_smem);  // [rows][E][tpr]
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          buf[(threadIdx.y * 2 * E + i * VEC + j) * tpr + tid] = acc_gamma[i][j];
-          buf[(threadIdx.y * 2 * E + E + i * VEC + j) * tpr + tid] = acc_beta[i][j];
-        }
-      }
-      __syncthreads();
-      for (int v = threadIdx.y * tpr + tid; v < 2 * E * tpr; v += rows * tpr) {
-        const int k = v / tpr;  // which accumulator: [0, E) gamma, [E, 2E) beta
-        const int t = v % tpr;  // of which thread of the row
-        const bool is_beta = k >= E;
-        A* part = is_beta ? p.part_beta : p.part_gamma;
-        if (part == nullptr) {
+      for (int which = 0; which < 2; ++which) {
+        P* part = which == 0 ? p.part_gamma : p.part_beta;
+        if (part == nullptr) {  // (uniform)
           continue;
         }
-        A sum = buf[k * tpr + t];
-        for (int y = 1; y < rows; ++y) {
-          sum += buf[(y * 2 * E + k) * tpr + t];
+        __syncthreads();  // the previous readers are done with buf
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            buf[(threadIdx.y * E + i * VEC + j) * tpr + tid] =
+                which == 0 ? acc_gamma[i][j] : acc_beta[i][j];
+          }
         }
-        const int e = is_beta ? k - E : k;
-        const int64_t vi = static_cast<int64_t>(e / VEC) * tpr + t;
-        if (vi < nvec) {
-          part[part_off + vi * VEC + e % VEC] = sum;
+        __syncthreads();
+        for (int v = threadIdx.y * tpr + tid; v < E * tpr; v += rows * tpr) {
+          const int k = v / tpr;  // which value of the thread
+          const int t = v % tpr;  // of which thread of the row
+          P sum = buf[k * tpr + t];
+          for (int y = 1; y < rows; ++y) {
+            sum += buf[(y * E + k) * tpr + t];
+          }
+          const int64_t vi = static_cast<int64_t>(k / VEC) * tpr + t;
+          if (vi < nvec) {
+            part[part_off + vi * VEC + k % VEC] = sum;
+          }
         }
       }
     }
@@ -1239,13 +1250,14 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
     const at::opmath_type<T>* __restrict__ mean,      // [M]; nullptr for RMS
     const at::opmath_type<T>* __restrict__ rstd,      // [M]
     const double* __restrict__ row_xform,             // (BwdParams); nullptr: none
-    at::opmath_type<T>* __restrict__ part_gamma,      // [P, N]; nullptr when not wanted
-    at::opmath_type<T>* __restrict__ part_beta,       // [P, N]; nullptr when not wanted
+    part_t<T>* __restrict__ part_gamma,               // [P, N]; nullptr when not wanted
+    part_t<T>* __restrict__ part_beta,                // [P, N]; nullptr when not wanted
     int64_t M, int64_t N, int64_t rows_per_chunk) {
   using A = at::opmath_type<T>;
-  // float64: the sums as double-doubles (as the CPU's partials); else in A.
+  // float64: the sums as double-doubles (as the CPU's partials); else in part_t (float32:
+  // double).
   constexpr bool kF64 = std::is_same_v<A, double>;
-  using S = std::conditional_t<kF64, DoubleDouble, A>;
+  using S = std::conditional_t<kF64, DoubleDouble, part_t<T>>;
   __shared__ S sg[kColRows][kColTile + 1];
   __shared__ S sb[kColRows][kColTile + 1];
   const int tx = threadIdx.x;
@@ -1276,7 +1288,7 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
         } else {
           const double xh = fma(static_cast<double>(h[r * N + col]) - row_xform[r],
                                 row_xform[M + r], row_xform[2 * M + r]);
-          g += static_cast<A>(static_cast<double>(d) * xh);
+          g += static_cast<S>(static_cast<double>(d) * xh);
         }
       } else {
         A xhat;
@@ -1289,13 +1301,13 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
         if constexpr (kF64) {
           stat_add_prod(g, d, xhat);
         } else {
-          g += d * xhat;
+          g += static_cast<S>(d) * static_cast<S>(xhat);
         }
       }
       if constexpr (kF64) {
         stat_add(b, d);
       } else {
-        b += d;
+        b += static_cast<S>(d);
       }
     }
   }
@@ -1314,10 +1326,10 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
     }
     const int64_t off = static_cast<int64_t>(blockIdx.y) * N + col;
     if (part_gamma != nullptr) {
-      part_gamma[off] = static_cast<A>(stat_value(g));
+      part_gamma[off] = static_cast<part_t<T>>(stat_value(g));
     }
     if (part_beta != nullptr) {
-      part_beta[off] = static_cast<A>(stat_value(b));
+      part_beta[off] = static_cast<part_t<T>>(stat_value(b));
     }
   }
 }
@@ -1581,7 +1593,8 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   const bool want_gamma = a.grad_gamma.defined();
   const bool want_beta = a.grad_beta.defined();
   const int outputs = static_cast<int>(want_gamma) + static_cast<int>(want_beta);
-  const auto acc_options = a.h.options().dtype(c10::CppTypeToScalarType<A>::value);
+  using Part = part_t<T>;
+  const auto part_options = a.h.options().dtype(c10::CppTypeToScalarType<Part>::value);
   // Scratch for the per-chunk partials, [outputs, P, N], and the looping path's row_xform;
   // from the caching allocator (stream-ordered).
   at::Tensor partials;
@@ -1589,8 +1602,8 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   int64_t P = 0;
   auto alloc_partials = [&](int64_t rows) {
     P = rows;
-    partials = at::empty({outputs, P, a.N}, acc_options);
-    A* base = partials.mutable_data_ptr<A>();
+    partials = at::empty({outputs, P, a.N}, part_options);
+    Part* base = partials.mutable_data_ptr<Part>();
     p.part_gamma = want_gamma ? base : nullptr;
     p.part_beta = want_beta ? base + (want_gamma ? P * a.N : 0) : nullptr;
   };
@@ -1610,7 +1623,7 @@ void launch_norm_bwd(const NormBwdArgs& a) {
       const RowLaunch cfg = row_launch(nvec, VPT, kBwdMinThreads, kMaxThreads);
       const int threads = cfg.tpr * cfg.rows;
       const size_t smem =
-          (outputs > 0 && cfg.rows > 1) ? static_cast<size_t>(threads) * 2 * E * sizeof(A) : 0;
+          (outputs > 0 && cfg.rows > 1) ? static_cast<size_t>(threads) * E * sizeof(Part) : 0;
       auto kernel = norm_bwd_register_kernel<T, H, W, RMS, VEC, VPT>;
       // Chunks of whole row groups, each summing many rows, so there are few partial rows;
       // at most one wave of resident CTAs takes them.
@@ -1665,9 +1678,9 @@ void launch_norm_bwd(const NormBwdArgs& a) {
       out.ptr[i] = a.grad_beta.mutable_data_ptr();
       out.dtype[i++] = a.grad_beta.scalar_type();
     }
-    norm_bwd_weight_finalize_kernel<A>
+    norm_bwd_weight_finalize_kernel<Part>
         <<<dim3(static_cast<unsigned int>(ceil_div(a.N, kColTile)), outputs),
-           dim3(kColTile, kColRows), 0, stream>>>(partials.const_data_ptr<A>(), P, a.N, out);
+           dim3(kColTile, kColRows), 0, stream>>>(partials.const_data_ptr<Part>(), P, a.N, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -113,11 +113,10 @@ def test_emulated_float32_backward_statistics_from_h(shape, norm, emu):
 def test_emulated_accuracy(dtype, shape, norm, emu):
     """The accuracy bar (reference.meets_bar) for the emulated CUDA kernels against torch's
     CPU kernels (its CUDA kernels need a GPU), on test_accuracy's shapes and "offset" data
-    with a residual: the forward and every gradient (the float32 weight and bias gradients
-    are within reference.KNOWN_GAP on CUDA, not under the bar). Before the backward computed
-    as the CPU's: 1.39x torch's float32 grad_input error at 64x768, float64 grad_weight
-    1.36x at 16x4096 (and the float64 output 1.36x without a residual, with the statistics
-    rounded to double)."""
+    with a residual: the forward and every gradient. Before the kernels computed as the
+    CPU's: 1.39x torch's float32 grad_input error at 64x768, float64 grad_weight 1.36x at
+    16x4096 (and the float64 output 1.36x without a residual, with the statistics rounded to
+    double)."""
     rms = norm == "rms_norm"
     m, n = shape
     torch.manual_seed(n + 17)
@@ -129,15 +128,13 @@ def test_emulated_accuracy(dtype, shape, norm, emu):
     eps = EPS[norm]
     out, h, mean, rstd = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, False, 0.0, None)
     gh, gw, gb, _ = _emu_bwd(emu, dy, None, h, mean, rstd, w, rms, eps=eps)
-    ours = {"out": out, "grad_x": gh, "grad_residual": gh}
-    if dtype == torch.float64:
-        ours["grad_weight"] = gw
-        if not rms:
-            ours["grad_bias"] = gb
+    ours = {"out": out, "grad_x": gh, "grad_residual": gh, "grad_weight": gw}
+    if not rms:
+        ours["grad_bias"] = gb
     errs, _ = errors_vs_torch(ours, x, r, [n], w, b, eps, rms, dy)
     bad = []
     for q, (err_ours, err_torch, ref_max) in errs.items():
-        ok, ratio = meets_bar(err_ours, err_torch, ref_max, dtype, q, "cpu")
+        ok, ratio = meets_bar(err_ours, err_torch, ref_max, dtype)
         if not ok:
             bad.append(f"{q}: {err_ours:.3e} vs torch {err_torch:.3e} (ratio {ratio:.2f})")
     assert not bad, "; ".join(bad)
@@ -190,8 +187,7 @@ def test_emulated_float64_short_rows_input_grad_accuracy(norm, emu):
         x = h.clone().requires_grad_()
         (F.rms_norm(x, [n], w, 1e-5) if rms else F.layer_norm(x, [n], w, b, 1e-5)).backward(dy)
         ref = reference_ld(h, w, b, dy, 1e-5, rms)[1]
-        ok, ratio = meets_bar(max_err(ours, ref), max_err(x.grad, ref), 1.0, torch.float64,
-                              "grad_x", "cpu")
+        ok, ratio = meets_bar(max_err(ours, ref), max_err(x.grad, ref), 1.0, torch.float64)
         if not ok:
             bad.append((n, round(ratio, 2)))
     assert not bad, f"{norm}: grad_input above torch's error for (N, ratio) {bad}"
@@ -290,3 +286,27 @@ def test_emulated_unaligned_and_many_rows_like_cpu(dtype, emu):
         ours = _emu_bwd(emu, dy, None, x, mean, rstd, w, False, eps=1e-5)
         for name, a, c in zip(("grad_h", "grad_weight", "grad_bias"), ours, theirs):
             assert_close(a, c.double(), reduced=name != "grad_h", name=f"{m}x{n} {name}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_emulated_float32_weight_grad_first_element_outlier(norm, emu):
+    """test_accuracy's first-element-outlier rows (64x768, the first element of each row at
+    3e4) in float32: one column's weight-gradient terms are large, and summing them in
+    float32 partials put grad_weight at 1.39x torch's error; the partials are double now."""
+    rms = norm == "rms_norm"
+    m, n = 64, 768
+    torch.manual_seed(11)
+    x = make_data((m, n), torch.float32, "cpu")
+    x[:, 0] = 3.0e4
+    r = make_data((m, n), torch.float32, "cpu", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), torch.float32, "cpu")
+    b = None if rms else b
+    dy = torch.randn(m, n)
+    eps = EPS[norm]
+    out, h, mean, rstd = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, False, 0.0, None)
+    _, gw, gb, _ = _emu_bwd(emu, dy, None, h, mean, rstd, w, rms, eps=eps)
+    ours = {"grad_weight": gw} if rms else {"grad_weight": gw, "grad_bias": gb}
+    errs, _ = errors_vs_torch(ours, x, r, [n], w, b, eps, rms, dy)
+    for q, (err_ours, err_torch, ref_max) in errs.items():
+        ok, ratio = meets_bar(err_ours, err_torch, ref_max, torch.float32)
+        assert ok, f"{q}: {err_ours:.3e} vs torch {err_torch:.3e} (ratio {ratio:.2f})"

@@ -667,9 +667,10 @@ __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t o
 // saved float32 ones would carry their rounding error into every gradient; the shift, within
 // an ulp of the mean, costs the subtraction nothing), and sum(g * xhat) = rstd * (sum(g * d)
 // - (mean - shift) * sum(g)). Without own_stats, mean and rstd are the saved ones.
-// The sums: [0] g * d, [1] d * d, and for LayerNorm [2] g, [3] d.
+// The sums (here and in the float64 backward): [0] g * d, [1] d * d, and for LayerNorm
+// [2] g, [3] d.
 template <bool RMS>
-constexpr int kWideSums = RMS ? 2 : 4;
+constexpr int kPreciseSums = RMS ? 2 : 4;
 
 // dy and v (h, or xhat from the output) for VEC elements (also for the float64 backward).
 template <int VEC, typename T, typename H, typename W, typename A>
@@ -688,7 +689,7 @@ template <bool RMS, int VEC, typename T, typename H, typename W>
 __device__ __forceinline__ void wide_sums(const BwdParams<T, H, W>& p, int64_t col,
                                           double shift, const float (&dy)[VEC],
                                           const float (&v)[VEC],
-                                          double (&sums)[kWideSums<RMS>]) {
+                                          double (&sums)[kPreciseSums<RMS>]) {
   float gm[VEC];
   gamma_or_one<VEC>(p.gamma, col, gm);
 #pragma unroll
@@ -725,7 +726,7 @@ __device__ __forceinline__ double wide_xs(const BwdParams<T, H, W>& p, const Wid
 template <bool RMS, typename T, typename H, typename W>
 __device__ __forceinline__ WideRow wide_row(const BwdParams<T, H, W>& p, float shift,
                                             double saved_rstd,
-                                            const double (&sums)[kWideSums<RMS>]) {
+                                            const double (&sums)[kPreciseSums<RMS>]) {
   WideRow w;
   w.shift = shift;
   w.rstd = saved_rstd;
@@ -790,14 +791,12 @@ __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t 
 // g = dy * gamma exactly (g + g_lo, TwoProd); one sweep sums g * d, d * d, g and d as
 // double-doubles; with own_stats the statistics of h itself as double-doubles (mean = shift +
 // mean(d)); xhat, the bracket g - mean(g) - xhat * mean(g * xhat) and grad_h to about one
-// rounding. The sums: [0] g * d, [1] d * d, and for LayerNorm [2] g, [3] d.
-template <bool RMS>
-constexpr int kF64Sums = RMS ? 2 : 4;
+// rounding. The sums as kPreciseSums.
 
 template <bool RMS, int VEC, typename T, typename H, typename W>
 __device__ __forceinline__ void f64_sums(const BwdParams<T, H, W>& p, int64_t col, double shift,
                                          const double (&dy)[VEC], const double (&v)[VEC],
-                                         DoubleDouble (&sums)[kF64Sums<RMS>]) {
+                                         DoubleDouble (&sums)[kPreciseSums<RMS>]) {
   double gm[VEC];
   gamma_or_one<VEC>(p.gamma, col, gm);
 #pragma unroll
@@ -849,7 +848,7 @@ __device__ __forceinline__ void f64_rx(const BwdParams<T, H, W>& p, const F64Row
 template <bool RMS, typename T, typename H, typename W>
 __device__ __forceinline__ F64Row f64_row(const BwdParams<T, H, W>& p, double shift,
                                           double saved_rstd,
-                                          const DoubleDouble (&sums)[kF64Sums<RMS>]) {
+                                          const DoubleDouble (&sums)[kPreciseSums<RMS>]) {
   F64Row w{shift, 0.0, saved_rstd, 0.0, 0.0, 0.0, 0.0, 0.0};
   double delta = 0.0;  // mean - shift
   if (p.own_stats) {
@@ -967,7 +966,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   using S = stat_t<A>;
   constexpr bool kWide = std::is_same_v<T, float>;  // the wide backward (above)
   constexpr bool kF64 = std::is_same_v<T, double>;  // the float64 backward (above)
-  constexpr int K = kWide ? kWideSums<RMS> : kF64 ? kF64Sums<RMS> : RMS ? 1 : 2;
+  constexpr int K = (kWide || kF64) ? kPreciseSums<RMS> : RMS ? 1 : 2;
   constexpr int E = VPT * VEC;
   __shared__ S red[kMaxWarps * K];
   extern __shared__ __align__(16) unsigned char dyn_smem[];
@@ -1138,7 +1137,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
   using S = stat_t<A>;
   constexpr bool kWide = std::is_same_v<T, float>;  // the wide backward (above)
   constexpr bool kF64 = std::is_same_v<T, double>;  // the float64 backward (above)
-  constexpr int K = kWide ? kWideSums<RMS> : kF64 ? kF64Sums<RMS> : RMS ? 1 : 2;
+  constexpr int K = (kWide || kF64) ? kPreciseSums<RMS> : RMS ? 1 : 2;
   constexpr int U = kLoopUnroll<A, VEC>;
   __shared__ S red[kMaxWarps * K];
   const int64_t tpr = blockDim.x;

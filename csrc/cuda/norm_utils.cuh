@@ -203,9 +203,8 @@ __device__ __forceinline__ double stat_mean(const DoubleDouble& s, const RowLeng
   return isfinite(q) ? fma(fma(-q, len.n, s.hi) + s.lo, len.inv_n, q) : q;
 }
 
-// Mean and variance of a row from the sums of d = h - shift (s1) and of d * d (s2):
-// mean = shift + s1 / n, var = s2 / n - (s1 / n)^2. In double-double for double-double sums,
-// so that the subtraction loses nothing the data can show (its relative error is about
+// Mean and variance of a row from the sums of d = h - shift (s1) and of d * d (s2), for float
+// data: mean = shift + s1 / n, var = s2 / n - (s1 / n)^2 (its relative error is about
 // u * (1 + (shift - mean)^2 / var)). NaN stays NaN; a negative rounding result becomes 0.
 __device__ __forceinline__ void shifted_moments(double s1, double s2, const RowLength& len,
                                                 double shift, double& mean, double& var) {
@@ -214,29 +213,12 @@ __device__ __forceinline__ void shifted_moments(double s1, double s2, const RowL
   var = var < 0.0 ? 0.0 : var;
   mean = shift + m1;
 }
-__device__ __forceinline__ void shifted_moments(const DoubleDouble& s1, const DoubleDouble& s2,
-                                                const RowLength& len, double shift,
-                                                double& mean, double& var) {
-  const double q1 = s1.hi * len.inv_n;
-  const double q2 = s2.hi * len.inv_n;
-  if (!isfinite(q1) || !isfinite(q2)) {
-    var = q2 - q1 * q1;
-    mean = shift + q1;
-    return;
-  }
-  const double l1 = (fma(-q1, len.n, s1.hi) + s1.lo) * len.inv_n;  // s1 / n = q1 + l1
-  const double l2 = (fma(-q2, len.n, s2.hi) + s2.lo) * len.inv_n;  // s2 / n = q2 + l2
-  const double p = q1 * q1;
-  const double pl = fma(q1, q1, -p) + 2.0 * q1 * l1;  // (s1 / n)^2 = p + pl
-  var = (q2 - p) + (l2 - pl);
-  var = var < 0.0 ? 0.0 : var;
-  // shift + q1 first: exact where they cancel (q1 near -shift: the shift far from the
-  // mean), so the mean is rounded once at its own scale, not at the shift's.
-  mean = (shift + q1) + l1;
-}
 
-// float64 rows: the mean and the variance as double-doubles (value hi + lo), from the sums of
-// d = h - shift (s[0], LayerNorm) and of d * d (s[K - 1]); RMSNorm: K = 1, shift 0.
+// float64 rows: the mean and the variance as double-doubles (value hi + lo), from the
+// double-double sums of d = h - shift (s[0], LayerNorm) and of d * d (s[K - 1]); RMSNorm:
+// K = 1, shift 0. The subtraction loses nothing the data can show, and shift + s1 / n is
+// summed exactly (TwoSum), so a shift far from the mean (the row's first element an outlier)
+// costs the mean nothing.
 struct DdMoments {
   double mean_hi, mean_lo, var_hi, var_lo;
 };

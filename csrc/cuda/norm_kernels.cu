@@ -266,28 +266,16 @@ __device__ __forceinline__ Normalizer<double> make_normalizer(const DdMoments& m
   return Normalizer<double>(m, eps);
 }
 
-// gamma (1 where absent) and beta (0 where absent) of VEC columns at col.
-template <int VEC, typename W, typename A>
-__device__ __forceinline__ void gamma_or_one(const W* gamma, int64_t col, A (&gm)[VEC]) {
-  if (gamma != nullptr) {
-    load_vec<VEC>(gamma + col, gm);
+// VEC elements at ptr + i converted to A, or fill where ptr is null (an absent gamma reads
+// as 1, an absent beta or grad_residual_out as 0).
+template <int VEC, typename U, typename A>
+__device__ __forceinline__ void load_or_fill(const U* ptr, int64_t i, A fill, A (&dst)[VEC]) {
+  if (ptr != nullptr) {
+    load_vec<VEC>(ptr + i, dst);
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      gm[j] = A(1);
-    }
-  }
-}
-template <int VEC, typename W, typename A>
-__device__ __forceinline__ void load_affine(const W* gamma, const W* beta, int64_t col,
-                                            A (&gm)[VEC], A (&b)[VEC]) {
-  gamma_or_one<VEC>(gamma, col, gm);
-  if (beta != nullptr) {
-    load_vec<VEC>(beta + col, b);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      b[j] = A(0);
+      dst[j] = fill;
     }
   }
 }
@@ -330,7 +318,8 @@ __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, 
   } else if constexpr (std::is_same_v<T, double>) {
     A g[VEC];
     A b[VEC];
-    load_affine<VEC>(p.gamma, p.beta, col, g, b);
+    load_or_fill<VEC>(p.gamma, col, A(1), g);
+    load_or_fill<VEC>(p.beta, col, A(0), b);
     A y[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
@@ -603,7 +592,8 @@ __device__ __forceinline__ void xhat_from_output(const T* y, const W* gamma, con
   load_vec<VEC>(y, xhat);
   A b[VEC];
   A gm[VEC];
-  load_affine<VEC>(gamma, beta, col, gm, b);
+  load_or_fill<VEC>(gamma, col, A(1), gm);
+  load_or_fill<VEC>(beta, col, A(0), b);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     xhat[j] = div_rn(sub_rn(xhat[j], b[j]), gm[j]);
@@ -691,7 +681,7 @@ __device__ __forceinline__ void wide_sums(const BwdParams<T, H, W>& p, int64_t c
                                           const float (&v)[VEC],
                                           double (&sums)[kPreciseSums<RMS>]) {
   float gm[VEC];
-  gamma_or_one<VEC>(p.gamma, col, gm);
+  load_or_fill<VEC>(p.gamma, col, 1.0f, gm);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const double g = static_cast<double>(dy[j]) * static_cast<double>(gm[j]);
@@ -751,20 +741,6 @@ __device__ __forceinline__ WideRow wide_row(const BwdParams<T, H, W>& p, float s
   return w;
 }
 
-// grad_residual_out of VEC elements (0 where absent).
-template <int VEC, typename T, typename H, typename W, typename A>
-__device__ __forceinline__ void grad_residual_or_zero(const BwdParams<T, H, W>& p, int64_t off,
-                                                      A (&r)[VEC]) {
-  if (p.dres != nullptr) {
-    load_vec<VEC>(p.dres + off, r);
-  } else {
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      r[j] = A(0);
-    }
-  }
-}
-
 // grad_h for VEC elements (+ grad_residual_out), rounded once; gx: dy * xhat in float, the
 // terms of the weight gradient.
 template <int VEC, typename T, typename H, typename W>
@@ -772,9 +748,9 @@ __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t 
                                            int64_t col, const WideRow& w, const float (&dy)[VEC],
                                            const float (&v)[VEC], float (&gx)[VEC]) {
   float gm[VEC];
-  gamma_or_one<VEC>(p.gamma, col, gm);
+  load_or_fill<VEC>(p.gamma, col, 1.0f, gm);
   float r[VEC];
-  grad_residual_or_zero<VEC>(p, off, r);
+  load_or_fill<VEC>(p.dres, off, 0.0f, r);
   float dx[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
@@ -798,7 +774,7 @@ __device__ __forceinline__ void f64_sums(const BwdParams<T, H, W>& p, int64_t co
                                          const double (&dy)[VEC], const double (&v)[VEC],
                                          DoubleDouble (&sums)[kPreciseSums<RMS>]) {
   double gm[VEC];
-  gamma_or_one<VEC>(p.gamma, col, gm);
+  load_or_fill<VEC>(p.gamma, col, 1.0, gm);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     const double g = mul_rn(dy[j], gm[j]);
@@ -890,9 +866,9 @@ __device__ __forceinline__ void f64_store(const BwdParams<T, H, W>& p, int64_t o
                                           const F64Row& w, const double (&dy)[VEC],
                                           const double (&v)[VEC], double (&gx)[VEC]) {
   double gm[VEC];
-  gamma_or_one<VEC>(p.gamma, col, gm);
+  load_or_fill<VEC>(p.gamma, col, 1.0, gm);
   double r[VEC];
-  grad_residual_or_zero<VEC>(p, off, r);
+  load_or_fill<VEC>(p.dres, off, 0.0, r);
   double rx, rx_lo;
   f64_rx(p, w, rx, rx_lo);
   double dx[VEC];

@@ -1419,10 +1419,12 @@ void bwd_sums(const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int6
       const double y = static_cast<double>(to_acc<float>(dy[j]));
       const double g = y * gm[j];
       const double d = rd.at(j);
-      t[0] += g;
       t[1] = fma_of(g, d, t[1]);
-      t[2] += d;
       t[3] = fma_of(d, d, t[3]);
+      if constexpr (!kRms) {  // (as BwdSums: RMSNorm leaves the sums of g and d at 0)
+        t[0] += g;
+        t[2] += d;
+      }
       if constexpr (kPartials) pb[j] += y;
     }
     sum[0].add(reduce_add(s.g0 + s.g1));

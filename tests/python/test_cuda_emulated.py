@@ -169,6 +169,26 @@ def test_emulated_nan_inf_like_cpu(n, dtype, norm, emu):
                 assert_close(a, c.double(), reduced=name != "grad_h", name=f"{name} {kw}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [37, 1001, 8200])
+def test_emulated_rms_norm_infinite_grad_out_like_torch(n, dtype, emu):
+    """test_errors.test_rms_norm_infinite_grad_out_like_torch on the emulated CUDA kernels
+    (register and looping paths): an infinite grad_out element gives +-inf input gradients
+    where torch's autograd of F.rms_norm has them, NaN at that element."""
+    x = make_data((2, n), dtype, "cpu")
+    w, _ = make_affine((n,), dtype, "cpu")
+    _, _, mean, rstd = _cpu_fwd(x, None, n, w, None, 1e-6, True)
+    for pos in (3, n - 1):
+        dy = make_data((2, n), dtype, "cpu", scale=1.0, offset=0.0)
+        dy[0, pos] = float("inf")
+        g = _emu_bwd(emu, dy, None, x, mean, rstd, w, True, eps=1e-6)[0]
+        xt = x.clone().requires_grad_()
+        F.rms_norm(xt, [n], w, 1e-6).backward(dy)
+        assert xt.grad[0].isinf().sum() > n // 2  # the test is not vacuous
+        assert torch.equal(g.isnan(), xt.grad.isnan()), f"NaN positions differ (pos {pos})"
+        assert torch.equal(g.isinf(), xt.grad.isinf()), f"inf positions differ (pos {pos})"
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_emulated_float64_short_rows_input_grad_accuracy(norm, emu):
     """test_accuracy.test_float64_short_rows_input_grad_accuracy on the emulated CUDA

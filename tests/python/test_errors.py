@@ -316,3 +316,28 @@ def test_nan_inf_propagate_like_torch(op, dtype, device):
         h = res[1].cpu()
         assert torch.equal(torch.isnan(h), torch.isnan(h_t))
         assert torch.equal(h[~torch.isnan(h_t)], h_t[~torch.isnan(h_t)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+@pytest.mark.parametrize("n", [37, 64, 1001])
+def test_rms_norm_infinite_grad_out_like_torch(n, dtype, device):
+    """An infinite grad_out element in an RMSNorm row: the input gradient is +-inf where
+    torch's is, NaN at that element (inf - inf), wherever the element sits (a row's vector
+    lanes or its scalar tail: the tail once summed g where the lanes do not, and gave NaN
+    everywhere). The oracle is torch's CPU autograd of F.rms_norm."""
+    x = make_data((3, n), dtype, device)
+    w, _ = make_affine((n,), dtype, device)
+    for pos in (3, n - 1):
+        dy = make_data((3, n), dtype, device, scale=1.0, offset=0.0)
+        dy[1, pos] = float("inf")
+        xt = x.cpu().clone().requires_grad_()
+        F.rms_norm(xt, [n], w.cpu(), 1e-6).backward(dy.cpu())
+        xa = x.clone().requires_grad_()
+        addnorm.rms_norm(xa, [n], w, 1e-6).backward(dy)
+        g, gt = xa.grad.cpu(), xt.grad
+        assert gt[1].isinf().sum() > n // 2  # the test is not vacuous
+        assert torch.equal(g.isnan(), gt.isnan()), f"NaN positions differ (pos {pos})"
+        assert torch.equal(g.isinf(), gt.isinf()), f"inf positions differ (pos {pos})"
+        assert torch.equal(g[g.isinf()].sign(), gt[gt.isinf()].sign())
+        assert_close(g[[0, 2]], gt[[0, 2]].double(), name="finite rows")

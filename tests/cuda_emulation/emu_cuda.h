@@ -2,8 +2,10 @@
 // blocks of a launch one after another, a block's threads as fibers of the calling thread.
 // __syncthreads is a barrier of the block's threads, __shfl_xor_sync one of the warp's lanes
 // (a warp: 32 consecutive linear thread indices); __shared__ arrays are statics (one block
-// runs at a time); dynamic shared memory is filled with a garbage pattern before each block.
-// A barrier that not every thread reaches aborts with a message.
+// runs at a time); dynamic shared memory is a buffer of the launch's size, filled with a
+// garbage pattern before each block. A barrier that not every thread reaches aborts with a
+// message; a block that writes past its dynamic shared memory fails the launch (a guard band
+// checked after each block), and with AddressSanitizer any access past it is reported.
 //
 // What it checks: the kernels' arithmetic, indexing, launch shapes, reductions and barriers,
 // on CPU tensors. What it does not: the GPU's compiler, memory model, timing or memory
@@ -18,12 +20,14 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <memory>
 #include <numeric>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <ucontext.h>
 #include <vector>
 
@@ -65,8 +69,9 @@ struct Block {
 };
 
 inline Block g_block;
-inline std::vector<unsigned char> g_dyn_smem(228 * 1024);  // an H100 SM's shared memory
-inline unsigned char* dyn_smem() { return g_dyn_smem.data(); }
+constexpr size_t kMaxDynSmem = 227 * 1024;  // an H100 block's limit (opt-in)
+inline unsigned char* g_dyn_smem = nullptr;  // the running launch's dynamic shared memory
+inline unsigned char* dyn_smem() { return g_dyn_smem; }
 inline int sm_count() { return 132; }
 
 inline void yield() {
@@ -158,9 +163,18 @@ inline void fiber_main() {
 // kernel<<<grid, block, smem>>>(args...): the blocks one after another.
 template <typename K, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
-  if (smem > g_dyn_smem.size()) {
-    throw std::runtime_error("cuda emulation: more dynamic shared memory than an SM has");
+  if (smem > kMaxDynSmem) {
+    throw std::runtime_error("cuda emulation: more dynamic shared memory than a block can have");
   }
+  // The buffer: smem bytes (aligned as the heap aligns), then a guard band; none with
+  // AddressSanitizer, whose redzone right after the buffer reports reads as well as writes.
+#if defined(__SANITIZE_ADDRESS__)
+  constexpr size_t kGuard = 0;
+#else
+  constexpr size_t kGuard = 256;
+#endif
+  const std::unique_ptr<unsigned char[]> dyn(new unsigned char[smem + kGuard]);
+  g_dyn_smem = dyn.get();
   const int nt = static_cast<int>(block.x * block.y * block.z);
   if (nt > 1024 || nt < 1) {
     throw std::runtime_error("cuda emulation: 1 to 1024 threads per block");
@@ -177,7 +191,8 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::fill(g_dyn_smem.begin(), g_dyn_smem.begin() + smem, 0xA5);  // garbage
+        std::fill(g_dyn_smem, g_dyn_smem + smem, 0xA5);  // garbage
+        std::fill(g_dyn_smem + smem, g_dyn_smem + smem + kGuard, 0x5A);
         blockIdx = dim3(bx, by, bz);
         b.block_arrived = 0;
         b.warp_arrived.assign(warps, 0);
@@ -216,10 +231,20 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
             std::abort();
           }
         }
+        if (std::any_of(g_dyn_smem + smem, g_dyn_smem + smem + kGuard,
+                        [](unsigned char c) { return c != 0x5A; })) {
+          b.body = nullptr;
+          g_dyn_smem = nullptr;
+          throw std::runtime_error("cuda emulation: block " + std::to_string(bx) + "," +
+                                   std::to_string(by) + "," + std::to_string(bz) +
+                                   " wrote past the " + std::to_string(smem) +
+                                   " bytes of dynamic shared memory of its launch");
+        }
       }
     }
   }
   b.body = nullptr;
+  g_dyn_smem = nullptr;
 }
 
 }  // namespace emu

@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include "emu_cuda.h"
 #include "ops/norm_launch.h"
 
 namespace addnorm::cuda {
@@ -39,9 +40,18 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& grad_out, const OptTensor& gr
   return {grad_h, grad_weight, grad_bias, grad_input};
 }
 
+// A launch of one block whose thread 0 writes byte `at` of its `smem` bytes of dynamic shared
+// memory: the emulator's own check (past the end must fail the launch).
+void smem_write_probe(int64_t smem, int64_t at) {
+  emu::launch(dim3(1), dim3(32), static_cast<size_t>(smem), [at] {
+    if (threadIdx.x == 0) emu::dyn_smem()[at] = 1;
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_fwd", &norm_fwd, "_norm_fwd on the emulated CUDA kernels");
   m.def("norm_bwd", &norm_bwd, "_norm_bwd on the emulated CUDA kernels");
+  m.def("smem_write_probe", &smem_write_probe, "the emulator's shared-memory guard, probed");
 }

@@ -37,6 +37,19 @@ def emu():
     return emulation.load()
 
 
+@pytest.mark.skipif(os.environ.get("ADDNORM_EMULATION_SANITIZE") == "1",
+                    reason="with AddressSanitizer the write past the buffer stops the process")
+def test_emulator_catches_writes_past_dynamic_shared_memory(emu):
+    """The emulator gives a launch exactly the dynamic shared memory it asks for: a kernel
+    that writes past it fails the launch (a kernel's shared-memory indexing bug is not
+    absorbed by a larger buffer)."""
+    emu.smem_write_probe(64, 63)
+    emu.smem_write_probe(8192, 0)
+    for smem, at in ((64, 64), (64, 100), (0, 0)):
+        with pytest.raises(RuntimeError, match=f"wrote past the {smem} bytes of dynamic shared"):
+            emu.smem_write_probe(smem, at)
+
+
 def _cpu_fwd(x, r, n, w, b, eps, rms):
     return torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, r is not None, False)
 

@@ -7,9 +7,16 @@
 // message; a block that writes past its dynamic shared memory fails the launch (a guard band
 // checked after each block), and with AddressSanitizer any access past it is reported.
 //
+// The order in which a block's threads run between barriers is set by set_schedule: thread
+// index order (the default), reversed, or shuffled (seeded, per block); round robin (the
+// threads advance together) or greedy (the first ones in the order run ahead as far as the
+// barriers let them). A kernel whose results change with the schedule reads shared memory
+// that another thread writes without a barrier in between, or overwrites what another has
+// yet to read (a race, racecheck's finding on a GPU): the tests compare schedules bitwise.
+//
 // What it checks: the kernels' arithmetic, indexing, launch shapes, reductions and barriers,
 // on CPU tensors. What it does not: the GPU's compiler, memory model, timing or memory
-// errors (compute-sanitizer's job on a GPU). Where the device differs: rsqrt is exact here
+// errors beyond those above (compute-sanitizer's job on a GPU). Where the device differs: rsqrt is exact here
 // (the kernels refine the hardware's approximation by a Newton step, so both are within an
 // ulp), and __double2half / __double2bfloat16 round through float.
 #pragma once
@@ -22,6 +29,7 @@
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <random>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -52,6 +60,8 @@ struct Fiber {
   std::vector<char> stack;
   dim3 tid;
   bool done = false;
+  const uint64_t* wait = nullptr;  // the generation of the barrier it waits at, if any
+  uint64_t wait_gen = 0;           // (open once *wait differs from it)
 };
 
 struct Block {
@@ -62,6 +72,7 @@ struct Block {
   // Barriers: arrivals and generation, for the block and for each warp.
   int block_arrived = 0;
   uint64_t block_gen = 0;
+  uint64_t opens = 0;  // barriers opened so far
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_gen;
   std::vector<uint64_t> warp_slot;  // [warps * 32] shuffle values
@@ -69,6 +80,16 @@ struct Block {
 };
 
 inline Block g_block;
+
+enum class Schedule { kForward, kReverse, kShuffled };
+inline Schedule g_schedule = Schedule::kForward;
+inline bool g_greedy = false;
+inline uint64_t g_schedule_seed = 0;
+inline void set_schedule(Schedule s, bool greedy, uint64_t seed) {
+  g_schedule = s;
+  g_greedy = greedy;
+  g_schedule_seed = seed;
+}
 constexpr size_t kMaxDynSmem = 227 * 1024;  // an H100 block's limit (opt-in)
 inline unsigned char* g_dyn_smem = nullptr;  // the running launch's dynamic shared memory
 inline unsigned char* dyn_smem() { return g_dyn_smem; }
@@ -85,11 +106,16 @@ inline void barrier(int& arrived, uint64_t& gen, int n) {
   if (++arrived == n) {
     arrived = 0;
     ++gen;
+    ++g_block.opens;
     return;
   }
+  Fiber& f = g_block.fibers[g_block.current];
+  f.wait = &gen;
+  f.wait_gen = my;
   while (gen == my) {
     yield();
   }
+  f.wait = nullptr;
 }
 
 }  // namespace emu
@@ -187,6 +213,8 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
   b.fibers.resize(nt);
   const int warps = (nt + 31) / 32;
   b.warp_slot.assign(warps * 32, 0);
+  std::vector<int> order(nt);  // the threads' order in each round (set_schedule)
+  std::mt19937_64 rng(g_schedule_seed);
   b.body = [&] { kernel(args...); };
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
@@ -194,6 +222,12 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
         std::fill(g_dyn_smem, g_dyn_smem + smem, 0xA5);  // garbage
         std::fill(g_dyn_smem + smem, g_dyn_smem + smem + kGuard, 0x5A);
         blockIdx = dim3(bx, by, bz);
+        std::iota(order.begin(), order.end(), 0);
+        if (g_schedule == Schedule::kReverse) {
+          std::reverse(order.begin(), order.end());
+        } else if (g_schedule == Schedule::kShuffled) {
+          std::shuffle(order.begin(), order.end(), rng);
+        }
         b.block_arrived = 0;
         b.warp_arrived.assign(warps, 0);
         b.warp_gen.assign(warps, 0);
@@ -208,28 +242,39 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
           f.ctx.uc_link = nullptr;
           makecontext(&f.ctx, &fiber_main, 0);
         }
-        // Round robin until every thread is done; a round in which no barrier opened and no
-        // thread finished, with threads left, is a barrier that not all threads reach.
+        // Until every thread is done, run the first runnable thread (not done, not waiting
+        // at a closed barrier) in `order`: from after the last one run (round robin: the
+        // threads advance together), or, greedy, from the start (the first threads run
+        // ahead as far as the barriers let them). None runnable: a barrier that not all
+        // threads reach.
+        // (Greedy, the scan starts after the thread last run unless a barrier opened since:
+        // the threads before it were not runnable then.)
         int left = nt;
+        size_t pos = 0;
+        uint64_t opens = b.opens;
         while (left > 0) {
-          const uint64_t gens_before = b.block_gen + std::accumulate(
-              b.warp_gen.begin(), b.warp_gen.end(), uint64_t{0});
-          const int left_before = left;
-          for (int t = 0; t < nt; ++t) {
-            Fiber& f = b.fibers[t];
-            if (f.done) continue;
-            b.current = t;
-            threadIdx = f.tid;
-            swapcontext(&b.sched, &f.ctx);
-            left -= f.done;
+          int pick = -1;
+          const size_t start = g_greedy && b.opens != opens ? 0 : pos;
+          opens = b.opens;
+          for (size_t k = 0; k < order.size(); ++k) {
+            const size_t i = (start + k) % order.size();
+            const Fiber& f = b.fibers[order[i]];
+            if (!f.done && (f.wait == nullptr || *f.wait != f.wait_gen)) {
+              pick = order[i];
+              pos = i + 1;
+              break;
+            }
           }
-          const uint64_t gens_after = b.block_gen + std::accumulate(
-              b.warp_gen.begin(), b.warp_gen.end(), uint64_t{0});
-          if (left > 0 && left == left_before && gens_after == gens_before) {
+          if (pick < 0) {
             std::fprintf(stderr, "cuda emulation: a barrier that not all threads reach "
                                  "(block %u,%u,%u)\n", bx, by, bz);
             std::abort();
           }
+          Fiber& f = b.fibers[pick];
+          b.current = pick;
+          threadIdx = f.tid;
+          swapcontext(&b.sched, &f.ctx);
+          left -= f.done;
         }
         if (std::any_of(g_dyn_smem + smem, g_dyn_smem + smem + kGuard,
                         [](unsigned char c) { return c != 0x5A; })) {

@@ -48,10 +48,21 @@ void smem_write_probe(int64_t smem, int64_t at) {
   });
 }
 
+// The order of a block's threads between barriers: "forward", "reverse" or "shuffled";
+// round robin or greedy (emu_cuda.h).
+void set_schedule(const std::string& order, bool greedy, int64_t seed) {
+  const auto s = order == "forward"  ? emu::Schedule::kForward
+                 : order == "reverse" ? emu::Schedule::kReverse
+                 : order == "shuffled" ? emu::Schedule::kShuffled
+                                       : throw std::invalid_argument("schedule: " + order);
+  emu::set_schedule(s, greedy, static_cast<uint64_t>(seed));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_fwd", &norm_fwd, "_norm_fwd on the emulated CUDA kernels");
   m.def("norm_bwd", &norm_bwd, "_norm_bwd on the emulated CUDA kernels");
+  m.def("set_schedule", &set_schedule, "the order of a block's threads between barriers");
   m.def("smem_write_probe", &smem_write_probe, "the emulator's shared-memory guard, probed");
 }

@@ -97,6 +97,58 @@ def test_emulated_kernels_agree_with_cpu(shape, dtype, norm, emu):
             assert_close(a, c.double(), reduced=name != "grad_h", name=f"{label} {name}")
 
 
+# (order, greedy, seed) of the schedules compared with the default (index order, round robin)
+SCHEDULES = [("reverse", False, 0), ("forward", True, 0), ("reverse", True, 0),
+             ("shuffled", True, 2)]
+
+
+def _every_result(emu, shape, dtype, rms, p):
+    """The forward (with a residual; with the fused dropout when p > 0) and the backward
+    from h (with the forward's eps) and from the output, every result."""
+    m, n = shape
+    torch.manual_seed(n + m)
+    x = make_data((m, n), dtype, "cpu")
+    r = make_data((m, n), dtype, "cpu", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), dtype, "cpu")
+    b = None if rms else b
+    eps = 1e-6 if rms else 1e-5
+    seed = torch.tensor([987654321, 77], dtype=torch.int64) if p > 0 else None
+    fwd = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, False, p, seed)
+    out, h, mean, rstd = fwd
+    dy, gres = torch.randn(m, n).to(dtype), torch.randn(m, n).to(dtype)
+    bwd_h = emu.norm_bwd(dy, gres, h, mean, rstd, w, not rms, rms, True, eps, False, None, p,
+                         seed, True)
+    bwd_y = _emu_bwd(emu, dy, gres, out, mean, rstd, w, rms, from_output=True, bias=b)
+    return [t for t in (*fwd, *bwd_h, *bwd_y) if t.numel()]
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", PATHS[:-1] + [(1, 8200), (300, 1)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_emulated_results_do_not_depend_on_thread_order(shape, dtype, norm, emu):
+    """Every result of the forward and backward kernels (from h and from the output, with
+    the fused dropout) is bitwise the same whether a block's threads run, between
+    barriers, in index order, reversed or shuffled, advancing together or the first ones
+    running ahead as far as the barriers let them. A kernel that reads shared memory written
+    by another thread without a __syncthreads (or a warp shuffle) in between, or overwrites
+    what another thread has yet to read, gives different results in some order: the data
+    race that compute-sanitizer's racecheck finds on a GPU."""
+    rms = norm == "rms_norm"
+    for p in (0.2,):  # (dropout changes the loads of h, not the kernels' synchronization)
+        emu.set_schedule("forward", False, 0)
+        ref = _every_result(emu, shape, dtype, rms, p)
+        try:
+            for order, greedy, seed in SCHEDULES:
+                emu.set_schedule(order, greedy, seed)
+                got = _every_result(emu, shape, dtype, rms, p)
+                for k, (a, c) in enumerate(zip(got, ref)):
+                    assert torch.equal(a, c), \
+                        f"result {k} differs with the {order} order, greedy={greedy} (p={p})"
+        finally:
+            emu.set_schedule("forward", False, 0)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", [(7, 40), (2, 1001), (2, 8200)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_emulated_float32_backward_statistics_from_h(shape, norm, emu):

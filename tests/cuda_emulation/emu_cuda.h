@@ -216,76 +216,86 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
   std::vector<int> order(nt);  // the threads' order in each round (set_schedule)
   std::mt19937_64 rng(g_schedule_seed);
   b.body = [&] { kernel(args...); };
+  // The blocks: in index order (x fastest), reversed or shuffled as the schedule says (a
+  // kernel whose blocks depend on one another's writes changes its results).
+  std::vector<dim3> blocks;
   for (unsigned bz = 0; bz < grid.z; ++bz) {
     for (unsigned by = 0; by < grid.y; ++by) {
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        std::fill(g_dyn_smem, g_dyn_smem + smem, 0xA5);  // garbage
-        std::fill(g_dyn_smem + smem, g_dyn_smem + smem + kGuard, 0x5A);
-        blockIdx = dim3(bx, by, bz);
-        std::iota(order.begin(), order.end(), 0);
-        if (g_schedule == Schedule::kReverse) {
-          std::reverse(order.begin(), order.end());
-        } else if (g_schedule == Schedule::kShuffled) {
-          std::shuffle(order.begin(), order.end(), rng);
-        }
-        b.block_arrived = 0;
-        b.warp_arrived.assign(warps, 0);
-        b.warp_gen.assign(warps, 0);
-        for (int t = 0; t < nt; ++t) {
-          Fiber& f = b.fibers[t];
-          f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-          f.done = false;
-          f.stack.resize(kStack);
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = kStack;
-          f.ctx.uc_link = nullptr;
-          makecontext(&f.ctx, &fiber_main, 0);
-        }
-        // Until every thread is done, run the first runnable thread (not done, not waiting
-        // at a closed barrier) in `order`: from after the last one run (round robin: the
-        // threads advance together), or, greedy, from the start (the first threads run
-        // ahead as far as the barriers let them). None runnable: a barrier that not all
-        // threads reach.
-        // (Greedy, the scan starts after the thread last run unless a barrier opened since:
-        // the threads before it were not runnable then.)
-        int left = nt;
-        size_t pos = 0;
-        uint64_t opens = b.opens;
-        while (left > 0) {
-          int pick = -1;
-          const size_t start = g_greedy && b.opens != opens ? 0 : pos;
-          opens = b.opens;
-          for (size_t k = 0; k < order.size(); ++k) {
-            const size_t i = (start + k) % order.size();
-            const Fiber& f = b.fibers[order[i]];
-            if (!f.done && (f.wait == nullptr || *f.wait != f.wait_gen)) {
-              pick = order[i];
-              pos = i + 1;
-              break;
-            }
-          }
-          if (pick < 0) {
-            std::fprintf(stderr, "cuda emulation: a barrier that not all threads reach "
-                                 "(block %u,%u,%u)\n", bx, by, bz);
-            std::abort();
-          }
-          Fiber& f = b.fibers[pick];
-          b.current = pick;
-          threadIdx = f.tid;
-          swapcontext(&b.sched, &f.ctx);
-          left -= f.done;
-        }
-        if (std::any_of(g_dyn_smem + smem, g_dyn_smem + smem + kGuard,
-                        [](unsigned char c) { return c != 0x5A; })) {
-          b.body = nullptr;
-          g_dyn_smem = nullptr;
-          throw std::runtime_error("cuda emulation: block " + std::to_string(bx) + "," +
-                                   std::to_string(by) + "," + std::to_string(bz) +
-                                   " wrote past the " + std::to_string(smem) +
-                                   " bytes of dynamic shared memory of its launch");
+      for (unsigned bx = 0; bx < grid.x; ++bx) blocks.emplace_back(bx, by, bz);
+    }
+  }
+  if (g_schedule == Schedule::kReverse) {
+    std::reverse(blocks.begin(), blocks.end());
+  } else if (g_schedule == Schedule::kShuffled) {
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+  }
+  for (const dim3& block_idx : blocks) {
+    const unsigned bx = block_idx.x, by = block_idx.y, bz = block_idx.z;
+    std::fill(g_dyn_smem, g_dyn_smem + smem, 0xA5);  // garbage
+    std::fill(g_dyn_smem + smem, g_dyn_smem + smem + kGuard, 0x5A);
+    blockIdx = dim3(bx, by, bz);
+    std::iota(order.begin(), order.end(), 0);
+    if (g_schedule == Schedule::kReverse) {
+      std::reverse(order.begin(), order.end());
+    } else if (g_schedule == Schedule::kShuffled) {
+      std::shuffle(order.begin(), order.end(), rng);
+    }
+    b.block_arrived = 0;
+    b.warp_arrived.assign(warps, 0);
+    b.warp_gen.assign(warps, 0);
+    for (int t = 0; t < nt; ++t) {
+      Fiber& f = b.fibers[t];
+      f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      f.done = false;
+      f.stack.resize(kStack);
+      getcontext(&f.ctx);
+      f.ctx.uc_stack.ss_sp = f.stack.data();
+      f.ctx.uc_stack.ss_size = kStack;
+      f.ctx.uc_link = nullptr;
+      makecontext(&f.ctx, &fiber_main, 0);
+    }
+    // Until every thread is done, run the first runnable thread (not done, not waiting
+    // at a closed barrier) in `order`: from after the last one run (round robin: the
+    // threads advance together), or, greedy, from the start (the first threads run
+    // ahead as far as the barriers let them). None runnable: a barrier that not all
+    // threads reach.
+    // (Greedy, the scan starts after the thread last run unless a barrier opened since:
+    // the threads before it were not runnable then.)
+    int left = nt;
+    size_t pos = 0;
+    uint64_t opens = b.opens;
+    while (left > 0) {
+      int pick = -1;
+      const size_t start = g_greedy && b.opens != opens ? 0 : pos;
+      opens = b.opens;
+      for (size_t k = 0; k < order.size(); ++k) {
+        const size_t i = (start + k) % order.size();
+        const Fiber& f = b.fibers[order[i]];
+        if (!f.done && (f.wait == nullptr || *f.wait != f.wait_gen)) {
+          pick = order[i];
+          pos = i + 1;
+          break;
         }
       }
+      if (pick < 0) {
+        std::fprintf(stderr, "cuda emulation: a barrier that not all threads reach "
+                             "(block %u,%u,%u)\n", bx, by, bz);
+        std::abort();
+      }
+      Fiber& f = b.fibers[pick];
+      b.current = pick;
+      threadIdx = f.tid;
+      swapcontext(&b.sched, &f.ctx);
+      left -= f.done;
+    }
+    if (std::any_of(g_dyn_smem + smem, g_dyn_smem + smem + kGuard,
+                    [](unsigned char c) { return c != 0x5A; })) {
+      b.body = nullptr;
+      g_dyn_smem = nullptr;
+      throw std::runtime_error("cuda emulation: block " + std::to_string(bx) + "," +
+                               std::to_string(by) + "," + std::to_string(bz) +
+                               " wrote past the " + std::to_string(smem) +
+                               " bytes of dynamic shared memory of its launch");
     }
   }
   b.body = nullptr;

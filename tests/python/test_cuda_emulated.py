@@ -133,7 +133,9 @@ def test_emulated_results_do_not_depend_on_thread_order(shape, dtype, norm, emu)
     running ahead as far as the barriers let them. A kernel that reads shared memory written
     by another thread without a __syncthreads (or a warp shuffle) in between, or overwrites
     what another thread has yet to read, gives different results in some order: the data
-    race that compute-sanitizer's racecheck finds on a GPU."""
+    race that compute-sanitizer's racecheck finds on a GPU. The blocks of a launch run in
+    the same order as the threads (reversed, shuffled), so a block that depends on another's
+    writes in the same launch shows too."""
     rms = norm == "rms_norm"
     for p in (0.2,):  # (dropout changes the loads of h, not the kernels' synchronization)
         emu.set_schedule("forward", False, 0)

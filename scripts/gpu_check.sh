@@ -25,10 +25,10 @@
 #
 # Knobs: PYTHON (default /opt/torch/.venv/bin/python3 when present, else python3),
 # GPU_CHECK_BUDGET_S, STEPS (comma list, default env,build,first,test_cuda,tests,memcheck,
-# racecheck,bench,profile,encoder,bert), PYTEST_K (pytest -k expression for the rest of the
-# suite; default cuda), PYTEST_JOBS (pytest-xdist workers when available; default 8),
-# BENCH_ARGS (replaces the benchmark's default arguments), TORCH_CUDA_ARCH_LIST (default:
-# the GPU's compute capability).
+# racecheck,bench,profile,encoder,encoder_profile,bert), PYTEST_K (pytest -k expression for
+# the rest of the suite; default cuda), PYTEST_JOBS (pytest-xdist workers when available;
+# default 8), BENCH_ARGS (replaces the benchmark's default arguments), TORCH_CUDA_ARCH_LIST
+# (default: the GPU's compute capability).
 set -u
 
 if [ $# -lt 1 ]; then
@@ -52,7 +52,7 @@ export PYTHONUNBUFFERED=1
 
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-STEPS=",${STEPS:-env,build,first,test_cuda,tests,memcheck,racecheck,bench,profile,encoder,bert},"
+STEPS=",${STEPS:-env,build,first,test_cuda,tests,memcheck,racecheck,bench,profile,encoder,encoder_profile,bert},"
 PREBUILT=${PREBUILT:-$ROOT/build/prebuilt}
 DEADLINE=$((START + BUDGET))
 NPROC=$(nproc 2>/dev/null || echo 4)
@@ -262,6 +262,13 @@ encoder_bench() {
     --json "$OUT_DIR/encoder_gpu.json" --md "$OUT_DIR/encoder_gpu.md"
 }
 
+# Where the encoder layer's eval forward spends its GPU time, addnorm's against torch's
+# inference fast path (kernel tables of torch.profiler), at the same size.
+encoder_profile() {
+  set -x
+  "$PY" scripts/profile_encoder.py --device cuda --shape 1024x16x512x32 --dtype bf16
+}
+
 # The 12-layer encoder training step at BERT-base sizes (bf16 autocast, dropout 0.1):
 # eager (time, host time, peak memory), CUDA graph, torch.compile.
 bert_bench() {
@@ -274,7 +281,7 @@ bert_bench() {
 
 export PY ROOT OUT_DIR SANITIZER NPROC DEADLINE PREBUILT
 export -f env_info build run_pytest first test_cuda tests memcheck racecheck bench profile \
-  encoder_bench bert_bench
+  encoder_bench encoder_profile bert_bench
 
 want() { [[ $STEPS == *",$1,"* ]]; }
 
@@ -306,6 +313,7 @@ step_spec() {  # name -> "max_seconds function"
     bench) echo "300 bench" ;;
     profile) echo "90 profile" ;;
     encoder) echo "120 encoder_bench" ;;
+    encoder_profile) echo "60 encoder_profile" ;;
     bert) echo "240 bert_bench" ;;
     *) echo "" ;;
   esac

@@ -247,6 +247,7 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
       Fiber& f = b.fibers[t];
       f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
       f.done = false;
+      f.wait = nullptr;
       f.stack.resize(kStack);
       getcontext(&f.ctx);
       f.ctx.uc_stack.ss_sp = f.stack.data();

@@ -16,9 +16,9 @@
 //
 // What it checks: the kernels' arithmetic, indexing, launch shapes, reductions and barriers,
 // on CPU tensors. What it does not: the GPU's compiler, memory model, timing or memory
-// errors beyond those above (compute-sanitizer's job on a GPU). Where the device differs: rsqrt is exact here
-// (the kernels refine the hardware's approximation by a Newton step, so both are within an
-// ulp), and __double2half / __double2bfloat16 round through float.
+// errors beyond those above (compute-sanitizer's job on a GPU). Where the device differs:
+// rsqrt is exact here (the kernels refine the hardware's approximation by a Newton step, so
+// both are within an ulp), and __double2half / __double2bfloat16 round through float.
 #pragma once
 
 #include <driver_types.h>  // cudaStream_t
@@ -199,12 +199,12 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
 #else
   constexpr size_t kGuard = 256;
 #endif
-  const std::unique_ptr<unsigned char[]> dyn(new unsigned char[smem + kGuard]);
-  g_dyn_smem = dyn.get();
   const int nt = static_cast<int>(block.x * block.y * block.z);
   if (nt > 1024 || nt < 1) {
     throw std::runtime_error("cuda emulation: 1 to 1024 threads per block");
   }
+  const std::unique_ptr<unsigned char[]> dyn(new unsigned char[smem + kGuard]);
+  g_dyn_smem = dyn.get();
   constexpr size_t kStack = 256 * 1024;
   gridDim = grid;
   blockDim = block;

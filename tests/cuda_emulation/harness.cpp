@@ -2,6 +2,7 @@
 // internal ops' arguments, through the same checks, allocation and args structs as the ops
 // (ops/norm_launch.cpp), on CPU tensors.
 
+#include <torch/csrc/Dtype.h>
 #include <torch/extension.h>
 
 #include "emu_cuda.h"
@@ -32,11 +33,16 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& grad_out, const OptTensor& gr
                                  const at::Tensor& rstd, const OptTensor& weight, bool has_bias,
                                  bool is_rms, bool weight_grad, std::optional<double> eps,
                                  bool from_output, const OptTensor& bias, double dropout_p,
-                                 const OptTensor& dropout_seed, bool grad_h_wanted) {
+                                 const OptTensor& dropout_seed, bool grad_h_wanted,
+                                 const py::object& h_dtype) {
+  std::optional<c10::ScalarType> hd;
+  if (!h_dtype.is_none()) {
+    TORCH_CHECK(THPDtype_Check(h_dtype.ptr()), "h_dtype must be a torch.dtype or None");
+    hd = reinterpret_cast<THPDtype*>(h_dtype.ptr())->scalar_type;
+  }
   auto [grad_h, grad_weight, grad_bias, grad_input] = addnorm::launch_norm_bwd(
       &addnorm::cuda::emu_norm_bwd, grad_out, grad_residual_out, h, mean, rstd, weight, has_bias,
-      is_rms, weight_grad, eps, from_output, bias, std::nullopt, dropout_p, dropout_seed,
-      grad_h_wanted);
+      is_rms, weight_grad, eps, from_output, bias, hd, dropout_p, dropout_seed, grad_h_wanted);
   return {grad_h, grad_weight, grad_bias, grad_input};
 }
 
@@ -62,7 +68,11 @@ void set_schedule(const std::string& order, bool greedy, int64_t seed) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm_fwd", &norm_fwd, "_norm_fwd on the emulated CUDA kernels");
-  m.def("norm_bwd", &norm_bwd, "_norm_bwd on the emulated CUDA kernels");
+  m.def("norm_bwd", &norm_bwd, "_norm_bwd on the emulated CUDA kernels", py::arg("grad_out"),
+        py::arg("grad_residual_out"), py::arg("h"), py::arg("mean"), py::arg("rstd"),
+        py::arg("weight"), py::arg("has_bias"), py::arg("is_rms"), py::arg("weight_grad"),
+        py::arg("eps"), py::arg("from_output"), py::arg("bias"), py::arg("dropout_p"),
+        py::arg("dropout_seed"), py::arg("grad_h_wanted"), py::arg("h_dtype") = py::none());
   m.def("set_schedule", &set_schedule, "the order of a block's threads between barriers");
   m.def("smem_write_probe", &smem_write_probe, "the emulator's shared-memory guard, probed");
 }

@@ -51,7 +51,7 @@ def main(argv=None):
     x = torch.randn(b, s, d, device=dev, dtype=dtype)
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     with torch.no_grad():
         diff = (ours(x).float() - ref(x).float()).abs().max().item()
         print(f"encoder layer d_model {d}, nhead {h}, seq {s}, batch {b}, {args.dtype}, {dev}, "
@@ -67,11 +67,10 @@ def main(argv=None):
                 if cuda:
                     torch.cuda.synchronize()
             events = prof.key_averages()
-            attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-            total_us = sum(getattr(e, attr, 0.0) for e in events) / args.reps
+            total_us = sum(getattr(e, key) for e in events) / args.reps
             print(f"\n== {name}: {total_us / 1000:.3f} ms of {'device' if cuda else 'CPU'} time "
                   f"per forward (self times summed, {args.reps} forwards)")
-            print(events.table(sort_by=sort, row_limit=args.top, max_name_column_width=60))
+            print(events.table(sort_by=key, row_limit=args.top, max_name_column_width=60))
     return 0
 
 

@@ -50,13 +50,28 @@
 #define __shared__ static
 #define __align__(n) alignas(n)
 
+// The fibers switch stacks with emu_switch_stack (harness.cpp: it saves the callee-saved
+// registers on the stack it leaves and restores them from the one it enters) on x86-64, as
+// ucontext's swapcontext does without its system call for the signal mask. swapcontext
+// itself under AddressSanitizer (which follows the stacks it switches) and elsewhere.
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#define EMU_FAST_SWITCH 1
+extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+#else
+#define EMU_FAST_SWITCH 0
+#endif
+
 namespace emu {
 
-// The threads of the block being run, as fibers (ucontext) of the calling thread. A fiber
-// runs until it reaches a barrier, then the next one runs; a barrier opens when all the
-// threads of its block (__syncthreads) or warp (a shuffle) have reached it.
+// The threads of the block being run, as fibers of the calling thread. A fiber runs until
+// it reaches a barrier, then the next one runs; a barrier opens when all the threads of its
+// block (__syncthreads) or warp (a shuffle) have reached it.
 struct Fiber {
+#if EMU_FAST_SWITCH
+  void* sp = nullptr;  // its stack pointer while it does not run
+#else
   ucontext_t ctx;
+#endif
   std::vector<char> stack;
   dim3 tid;
   bool done = false;
@@ -65,7 +80,11 @@ struct Fiber {
 };
 
 struct Block {
+#if EMU_FAST_SWITCH
+  void* sched_sp = nullptr;  // the scheduler's, while a fiber runs
+#else
   ucontext_t sched;
+#endif
   std::vector<Fiber> fibers;
   int current = 0;
   int nt = 0;
@@ -95,9 +114,14 @@ inline unsigned char* g_dyn_smem = nullptr;  // the running launch's dynamic sha
 inline unsigned char* dyn_smem() { return g_dyn_smem; }
 inline int sm_count() { return 132; }
 
+// From the running fiber to the scheduler, and back.
 inline void yield() {
   Fiber& f = g_block.fibers[g_block.current];
+#if EMU_FAST_SWITCH
+  emu_switch_stack(&f.sp, g_block.sched_sp);
+#else
   swapcontext(&f.ctx, &g_block.sched);
+#endif
 }
 
 // Waits at a barrier of n threads (arrived / gen: the block's or a warp's).
@@ -180,10 +204,41 @@ inline c10::BFloat16 __double2bfloat16(double v) { return c10::BFloat16(static_c
 
 namespace emu {
 
-inline void fiber_main() {
+[[noreturn]] inline void fiber_main() {
   g_block.body();
   g_block.fibers[g_block.current].done = true;
-  swapcontext(&g_block.fibers[g_block.current].ctx, &g_block.sched);
+  yield();
+  std::abort();  // (a finished fiber is never resumed)
+}
+
+// A fiber's stack, ready to enter fiber_main at the first switch to it.
+inline void start_fiber(Fiber& f) {
+  std::vector<char>& stack = f.stack;
+#if EMU_FAST_SWITCH
+  // Top down: a null return address for fiber_main (16-byte aligned below it, as after a
+  // call), fiber_main's address for emu_switch_stack's ret, six callee-saved registers.
+  auto top = reinterpret_cast<uintptr_t>(stack.data() + stack.size()) & ~uintptr_t{15};
+  auto* words = reinterpret_cast<void**>(top);
+  words[-1] = nullptr;
+  words[-2] = reinterpret_cast<void*>(&fiber_main);
+  for (int k = 3; k <= 8; ++k) words[-k] = nullptr;
+  f.sp = words - 8;
+#else
+  getcontext(&f.ctx);
+  f.ctx.uc_stack.ss_sp = stack.data();
+  f.ctx.uc_stack.ss_size = stack.size();
+  f.ctx.uc_link = nullptr;
+  makecontext(&f.ctx, &fiber_main, 0);
+#endif
+}
+
+// From the scheduler to fiber f, until it yields.
+inline void resume(Fiber& f) {
+#if EMU_FAST_SWITCH
+  emu_switch_stack(&g_block.sched_sp, f.sp);
+#else
+  swapcontext(&g_block.sched, &f.ctx);
+#endif
 }
 
 // kernel<<<grid, block, smem>>>(args...): the blocks one after another.
@@ -249,11 +304,7 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
       f.done = false;
       f.wait = nullptr;
       f.stack.resize(kStack);
-      getcontext(&f.ctx);
-      f.ctx.uc_stack.ss_sp = f.stack.data();
-      f.ctx.uc_stack.ss_size = kStack;
-      f.ctx.uc_link = nullptr;
-      makecontext(&f.ctx, &fiber_main, 0);
+      start_fiber(f);
     }
     // Until every thread is done, run the first runnable thread (not done, not waiting
     // at a closed barrier) in `order`: from after the last one run (round robin: the
@@ -286,7 +337,7 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
       Fiber& f = b.fibers[pick];
       b.current = pick;
       threadIdx = f.tid;
-      swapcontext(&b.sched, &f.ctx);
+      resume(f);
       left -= f.done;
     }
     if (std::any_of(g_dyn_smem + smem, g_dyn_smem + smem + kGuard,

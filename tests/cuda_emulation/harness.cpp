@@ -8,6 +8,34 @@
 #include "emu_cuda.h"
 #include "ops/norm_launch.h"
 
+#if EMU_FAST_SWITCH
+// emu_switch_stack(save_sp, load_sp): pushes the callee-saved registers, stores the stack
+// pointer in *save_sp, takes load_sp as the stack pointer, pops the registers saved there
+// and returns to the address above them (where a fiber's stack starts: emu::start_fiber).
+asm(R"(
+  .text
+  .globl emu_switch_stack
+  .type emu_switch_stack, @function
+emu_switch_stack:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch_stack, .-emu_switch_stack
+)");
+#endif
+
 namespace addnorm::cuda {
 void emu_norm_fwd(const NormFwdArgs& args);
 void emu_norm_bwd(const NormBwdArgs& args);

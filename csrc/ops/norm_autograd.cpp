@@ -122,17 +122,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(
   return {std::move(dh), std::move(dw), std::move(db)};
 }
 
-// Whether backward is to recover xhat from the output: false for a weight with a zero, or
-// a value whose float reciprocal overflows (the CPU backward multiplies by 1 / weight), that
-// can be seen for free (a CPU tensor holding data: not a fake or functional tensor of a
-// trace).
+// Whether backward is to recover xhat from the output: false for a weight with a zero, a
+// value whose float reciprocal overflows (the CPU backward multiplies by 1 / weight), or an
+// inf or NaN (out then holds no xhat: the weight's gradient would be NaN where torch's is
+// finite), that can be seen for free (a CPU tensor holding data: not a fake or functional
+// tensor of a trace).
 bool output_invertible(const std::optional<at::Tensor>& weight) {
   if (!weight.has_value()) return true;
   const auto keys = weight->key_set();
   const bool readable = weight->device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
                         !keys.has(c10::DispatchKey::Functionalize);
+  if (!readable) return true;
   constexpr double kTiny = 1.0 / static_cast<double>(std::numeric_limits<float>::max());
-  return !readable || !weight->abs().lt(kTiny).any().item<bool>();
+  const at::Tensor a = weight->abs();  // (NaN fails both comparisons)
+  return a.ge(kTiny).logical_and_(a.lt(std::numeric_limits<double>::infinity())).all().item<bool>();
 }
 
 at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
@@ -215,11 +218,14 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     // The seed (int64 [2], never differentiated) is kept as data, not as a saved variable:
     // its 16 bytes need no saved-tensor hooks, and backward reads it whichever path it takes.
     // Its version is kept too: backward refuses a seed changed in place since (the mask it
-    // would regenerate is not the forward's).
+    // would regenerate is not the forward's). An inference tensor has no version counter (and
+    // can still be changed in place under inference_mode): a copy of it is kept instead.
+    const at::Tensor seed_kept = !drop ? at::Tensor()
+                                 : dropout_seed->is_inference() ? dropout_seed->clone()
+                                                                : *dropout_seed;
     ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
-    ctx->saved_data["dropout_seed"] = drop ? *dropout_seed : at::Tensor();
-    ctx->saved_data["dropout_seed_version"] =
-        drop && !dropout_seed->is_inference() ? dropout_seed->_version() : int64_t{0};
+    ctx->saved_data["dropout_seed"] = seed_kept;
+    ctx->saved_data["dropout_seed_version"] = drop ? seed_kept._version() : int64_t{0};
     ctx->saved_data["kept"] = kept;
     ctx->saved_data["input_dtype"] = input.scalar_type();
     ctx->saved_data["residual_dtype"] = has_residual ? residual->scalar_type() : input.scalar_type();
@@ -251,7 +257,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                     ctx->saved_data["kept"].toBool() ? grad_outputs[2] : at::Tensor());
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
     const at::Tensor dropout_seed = ctx->saved_data["dropout_seed"].toTensor();
-    if (dropout_seed.defined() && !dropout_seed.is_inference()) {  // (no version counter)
+    if (dropout_seed.defined()) {
       const int64_t saved_version = ctx->saved_data["dropout_seed_version"].toInt();
       TORCH_CHECK(dropout_seed._version() == saved_version,
                   "addnorm: dropout_seed was modified by an inplace operation after the forward "

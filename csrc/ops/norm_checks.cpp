@@ -26,8 +26,8 @@ c10::ScalarType stat_dtype_of(c10::ScalarType x) {
   return x == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// The dtype the kernels read weight and bias in: the input's for float32/float64 input (a
-// float32 weight of float64 input is widened once, losslessly); for float16/bfloat16 input,
+// The dtype the kernels read weight and bias in: the input's for float32/float64 input
+// (check_param refuses others there); for float16/bfloat16 input,
 // the parameters' own dtype when both have the same one (the input's or float32), else
 // float32.
 c10::ScalarType param_dtype_of(

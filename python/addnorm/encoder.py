@@ -98,8 +98,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         if not torch.jit.is_scripting():
             _check_unnamed(src, src_mask, src_key_padding_mask)
         if src.is_nested:
-            # Only nn.TransformerEncoder's inference fast path passes nested tensors;
-            # torch's own fused kernel handles those.
+            # (from nn.TransformerEncoder's inference fast path) torch's own fused kernel
             if not torch.jit.is_scripting():
                 return super().forward(src, src_mask, src_key_padding_mask, is_causal)
             return self._nested_forward(src, src_mask, src_key_padding_mask)
@@ -137,11 +136,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
             self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
         ]
-        needs_grad = False
-        if torch.is_grad_enabled():
-            for t in tensors:
-                if t is not None and t.requires_grad:
-                    needs_grad = True
+        needs_grad = torch.is_grad_enabled() and any(
+            [t is not None and t.requires_grad for t in tensors])
         if self.training or needs_grad or src_mask is not None or src_key_padding_mask is not None:
             raise RuntimeError("addnorm.TransformerEncoderLayer: nested tensor input is supported "
                                "only for inference (eval mode, no gradient, no masks), as in "

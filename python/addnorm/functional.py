@@ -15,16 +15,18 @@ def _check_unnamed(*tensors: Optional[Tensor]) -> None:
     if torch.compiler.is_compiling():
         return
     for t in tensors:
-        if t is not None and t.has_names():
+        if isinstance(t, Tensor) and t.has_names():
             raise RuntimeError(
                 f"addnorm: named tensors are not supported (got names {t.names}); drop the "
                 "names with tensor.rename(None), call the op, and set names on the result")
 
 
 def _as_shape(normalized_shape: _ShapeLike) -> List[int]:
-    if isinstance(normalized_shape, Tensor):  # e.g. a weight passed in its place
-        raise TypeError("addnorm: normalized_shape must be an int or a sequence of ints, got a Tensor")
-    return [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    if not isinstance(normalized_shape, (int, torch.SymInt, Sequence)):  # (a Tensor is not one)
+        raise TypeError("addnorm: normalized_shape must be an int or a sequence of ints, got "
+                        f"{type(normalized_shape).__name__}")
+    return [normalized_shape] if isinstance(normalized_shape, (int, torch.SymInt)) else list(
+        normalized_shape)
 
 
 def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
@@ -43,9 +45,8 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tenso
     return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
 
 
-# What torch.jit.script compiles in place of layer_norm and rms_norm (through the
-# __prepare_scriptable__ hook it calls on functions): the same ops with TorchScript's
-# types, normalized_shape being a List[int] as in torch.nn.functional.
+# What torch.jit.script compiles in place of layer_norm and rms_norm (the hook it calls on
+# functions): the same ops with TorchScript's types (normalized_shape: List[int]).
 def _layer_norm_scripted(input: Tensor, normalized_shape: List[int],
                          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                          eps: float = 1e-5) -> Tensor:
@@ -66,26 +67,30 @@ def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = No
     ``generator`` (default: the device's); the keep-mask is a function of it. See the
     README's "Fused dropout" (why it raises under an activation memory budget < 1)."""
     if not torch.jit.is_scripting():
-        _check_seed_can_be_drawn()
+        _check_seed_can_be_drawn(explicit_generator=generator is not None)
     u = torch.rand_like(torch.empty([2], dtype=torch.float64, device=device), generator=generator)
     return (u * 9007199254740992.0).to(torch.int64)  # 2^53
 
 
 def _check_seed_can_be_drawn(what: str = "the fused dropout's seed", fix: str = (
         "Draw it outside (seed = addnorm.dropout_seed(device)) and pass it to torch.ops."
-        "addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)")) -> None:
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack():
-        raise RuntimeError(f"addnorm: {what}: dropout is not supported inside torch.func "
-                           "transforms (vmap would give every entry one mask); use F.dropout there")
+        "addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)"),
+        explicit_generator: bool = False) -> None:
     if torch.compiler.is_compiling():
-        import torch._functorch.config as functorch_config
-
-        budget = functorch_config.activation_memory_budget
+        budget = torch._functorch.config.activation_memory_budget
         if budget < 1.0:
             raise RuntimeError(
                 f"addnorm: {what} cannot be drawn inside a graph compiled with "
                 f"activation_memory_budget = {budget} < 1 (torch.compile may recompute the draw in "
                 f"backward with fresh randomness: gradients of another mask). {fix}")
+    elif torch._C._functorch.peek_interpreter_stack():
+        raise RuntimeError(f"addnorm: {what}: dropout is not supported inside torch.func "
+                           "transforms (vmap would give every entry one mask); use F.dropout there")
+    elif explicit_generator and torch._C._current_graph_task_id() != -1:
+        fix = fix.replace("(device)", "(device, generator)")
+        raise RuntimeError(f"addnorm: {what} drawn from an explicit generator in a backward "
+                           "pass (activation checkpointing restores only the default generators "
+                           f"for its recompute: another mask). {fix}")
 
 
 def dropout_mask(seed: Tensor, size: List[int], p: float) -> Tensor:

@@ -16,8 +16,7 @@ def _check_p(p: float) -> float:
     return float(p)
 
 
-def _seed(input: Tensor, p: float) -> Optional[Tensor]:
-    """The fused dropout's seed for a call with probability p, None for 0."""
+def _seed(input: Tensor, p: float) -> Optional[Tensor]:  # (None: no dropout)
     return F.dropout_seed(input.device) if p > 0.0 else None
 
 

@@ -308,14 +308,20 @@ def test_seed_changed_in_place_before_backward_is_refused():
 
 
 def test_seed_drawn_in_inference_mode_trains():
-    """A seed made under torch.inference_mode (an inference tensor: no version counter) is
-    used as any other: forward and backward run, with the gradient of its mask."""
+    """A seed made under torch.inference_mode (an inference tensor: no version counter, and
+    changeable in place under inference_mode) is used as any other: forward and backward
+    run, with the gradient of the forward's mask even when the seed changes in between (the
+    op keeps a copy of such a seed)."""
     with torch.inference_mode():
         seed = addnorm.dropout_seed("cpu")
+    mask = addnorm.dropout_mask(seed, [4, 64], 0.5)
     x = torch.randn(4, 64, requires_grad=True)
     out, _ = torch.ops.addnorm.add_layer_norm(x, None, [64], dropout_p=0.5, dropout_seed=seed)
+    with torch.inference_mode():
+        seed.add_(1)
+    assert not torch.equal(addnorm.dropout_mask(seed, [4, 64], 0.5), mask)
     (gx,) = torch.autograd.grad(out, [x], torch.randn_like(out))
-    assert torch.equal(gx != 0, addnorm.dropout_mask(seed, [4, 64], 0.5))
+    assert torch.equal(gx != 0, mask)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -546,6 +552,44 @@ def test_activation_checkpointing_recompute_reproduces_the_mask():
         _step(fn, x)
         grads.append((x.grad.clone(), lin.weight.grad.clone()))
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointing_with_an_explicit_generator(use_reentrant):
+    """Checkpointing restores the default generators only: a seed drawn from an explicit
+    generator would come out different in the recompute (the gradients of another mask), so
+    the draw refuses to run there, saying what to do: draw the seed outside and pass it to
+    the op, which checkpointing then reproduces exactly."""
+    n = 64
+    x0 = torch.randn(8, n, dtype=torch.float64)
+    r = torch.randn(8, n, dtype=torch.float64)
+
+    def block(x, gen):
+        return addnorm.add_layer_norm(x.sin(), r, n, dropout_p=0.5, generator=gen)
+
+    x = x0.clone().requires_grad_()
+    out = torch.utils.checkpoint.checkpoint(block, x, torch.Generator().manual_seed(3),
+                                            use_reentrant=use_reentrant)
+    with pytest.raises(RuntimeError, match=r"explicit generator in a backward pass .*"
+                                           r"addnorm.dropout_seed\(device, generator\)"):
+        out.sum().backward()
+
+    def block_seeded(x, seed):
+        return torch.ops.addnorm.add_layer_norm(x.sin(), r, [n], dropout_p=0.5,
+                                                dropout_seed=seed)[0]
+
+    grads = []
+    for ckpt in (False, True):
+        x = x0.clone().requires_grad_()
+        seed = addnorm.dropout_seed("cpu", torch.Generator().manual_seed(3))
+        out = (torch.utils.checkpoint.checkpoint(block_seeded, x, seed, use_reentrant=use_reentrant)
+               if ckpt else block_seeded(x, seed))
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    # the forward itself (no backward running) takes the explicit generator as always
+    assert torch.equal(block(x0, torch.Generator().manual_seed(3)),
+                       block_seeded(x0, addnorm.dropout_seed("cpu", torch.Generator().manual_seed(3))))
 
 
 def _compile_case(n=32):

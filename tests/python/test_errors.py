@@ -194,13 +194,23 @@ def test_functional_normalized_shape_int_mismatch():
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
-def test_functional_normalized_shape_tensor_is_refused(name):
+@pytest.mark.parametrize("shape,kind", [(torch.ones(8), "Tensor"), (8.0, "float")])
+def test_functional_normalized_shape_not_ints_is_refused(name, shape, kind):
     # The usual slip: the weight where normalized_shape goes. torch's functions refuse a
-    # Tensor there; the list of its elements must not reach the op as a shape.
-    x, w = _x(), torch.ones(8)
-    args = (x, w) if name in ("layer_norm", "rms_norm") else (x, _x(), w)
-    with pytest.raises(TypeError, match=_match("normalized_shape") + ".*Tensor"):
+    # Tensor there; the list of its elements must not reach the op as a shape. A float
+    # is named too (not "object is not iterable").
+    x = _x()
+    args = (x, shape) if name in ("layer_norm", "rms_norm") else (x, _x(), shape)
+    with pytest.raises(TypeError, match=_match("normalized_shape") + f".*got {kind}$"):
         getattr(addnorm.functional, name)(*args)
+
+
+@pytest.mark.parametrize("arg", ["residual", "weight"])
+def test_functional_non_tensor_argument_is_named(arg):
+    # A list where a tensor goes reaches the op's schema check, which names the argument.
+    kwargs = {"residual": _x(), "weight": None, arg: [1.0] * 8}
+    with pytest.raises(RuntimeError, match=f"for argument '{arg}'"):
+        addnorm.add_layer_norm(_x(), kwargs["residual"], 8, kwargs["weight"])
 
 
 # --------------------------------------------------------------------------- eps

@@ -226,6 +226,29 @@ def test_weight_below_float_reciprocal_range_keeps_h(op, value):
                                     op.endswith("rms_norm"), True, None, from_output=True)
 
 
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
+@pytest.mark.parametrize("op", OPS)
+def test_non_finite_weight_keeps_h(op, value):
+    """An inf or NaN weight value leaves out without the normalized values in its column
+    (inf or NaN there): on the CPU (eager) the op keeps h, so that column's weight gradient
+    is torch's (finite for a finite input), bitwise the path that keeps h."""
+    x, r, w, b, dy = data(op, (5, 24), torch.float32, "cpu")
+    with torch.no_grad():
+        w[3] = value
+    saved_me, out_me = _saved_storages(lambda: run(op, x, r, w, b, memory_efficient=True),
+                                       x.numel())
+    assert out_me.untyped_storage().data_ptr() not in saved_me
+    out = run(op, x, r, w, b, memory_efficient=False)
+    g_me = torch.autograd.grad(out_me, [x, r, w], dy)
+    g = torch.autograd.grad(out, [x, r, w], dy)
+    for a, e in zip(g_me, g):  # (NaN input gradients, as torch's)
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+    h = (x + r).detach().double()
+    ref = F.layer_norm(h, [24]) if op == "add_layer_norm" else F.rms_norm(h, [24], eps=1e-6)
+    torch.testing.assert_close(g_me[2][3].double(), (dy.double() * ref)[:, 3].sum(),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("op", OPS)
 def test_weight_with_zero_keeps_h(op, device):

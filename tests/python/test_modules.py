@@ -289,3 +289,9 @@ def test_replace_modules(dtype, device):
         assert_close(grads[1][k], grads[0][k].double(), reduced=k != "input", name=f"grad {k}")
     # The replaced model is really running addnorm's modules.
     assert isinstance(model.head[2], addnorm.LayerNorm) and model.head[2].bias is None
+    # torch.fx traces it (the named-tensor check leaves fx's proxies alone): the ops appear
+    # in the graph and the traced module gives the same output.
+    traced = torch.fx.symbolic_trace(model)
+    targets = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
+    assert {"addnorm.layer_norm", "addnorm.rms_norm"} <= targets, targets
+    assert torch.equal(traced(x), model(x))

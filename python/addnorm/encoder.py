@@ -1,11 +1,9 @@
-"""addnorm.TransformerEncoderLayer: drop-in for torch.nn.TransformerEncoderLayer whose Add &
-Norm steps run addnorm's fused kernels. It subclasses torch's layer (constructor, submodules,
-parameters, state_dict keys and isinstance are torch's); forward runs the op
-torch.ops.addnorm.transformer_encoder_layer, torch's layer op for op, except that in training
-every dropout's mask comes from a seed of addnorm's (see the README). A layer changed since
-construction in a way the op cannot run (e.g. a submodule subclassed or hooked) runs torch's
-forward, with a warning. TorchScript compiles it: the activation comes from
-``activation_relu_or_gelu``, nested tensors go to torch's fused inference kernel."""
+"""addnorm.TransformerEncoderLayer: a subclass of torch.nn.TransformerEncoderLayer (same
+constructor, submodules, state_dict) whose forward is the op
+torch.ops.addnorm.transformer_encoder_layer: torch's layer op for op with fused Add & Norm, in
+training every dropout's mask from a seed of addnorm's (README). A layer the op cannot run
+(e.g. a submodule subclassed, hooked, or in another training mode) runs torch's forward, with
+a warning. TorchScript compiles it (activation from ``activation_relu_or_gelu``)."""
 
 import warnings
 from typing import List, Optional
@@ -18,10 +16,15 @@ from .functional import _check_seed_can_be_drawn, _check_unnamed
 from .modules import LayerNorm
 
 
+def _overridden(m: nn.Module) -> bool:
+    """Hooks, or a forward set on the instance: what the op, which reads parameters, skips."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or "forward" in m.__dict__)
+
+
 def _activation_name(act) -> Optional[str]:
-    """'relu' / 'gelu' for the activations the op runs (a module: exactly nn.ReLU or
-    nn.GELU(), without hooks), None for any other."""
-    if isinstance(act, nn.Module) and (act._forward_hooks or act._forward_pre_hooks):
+    """'relu' / 'gelu' for what the op runs (F.relu, F.gelu, plain nn.ReLU, nn.GELU())."""
+    if isinstance(act, nn.Module) and _overridden(act):
         return None
     if act is F.relu or type(act) is nn.ReLU:
         return "relu"
@@ -42,22 +45,27 @@ _PLAIN += [("self_attn", "out_proj", (nn.modules.linear.NonDynamicallyQuantizabl
 
 
 def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
-    """Why the op cannot run this layer (None when it can): it reads the submodules'
-    parameters and attributes, so their forward must be the plain one."""
+    """Why the op, which reads the submodules' parameters, cannot run this layer (or None)."""
     if _activation_name(layer.activation) is None:
         return f"activation must be a plain relu or gelu, got {layer.activation!r}"
     for parent, leaf, types in _PLAIN:
         m = (layer._modules[parent]._modules if parent else layer._modules).get(leaf)
         if type(m) not in types:
             return f"{parent}.{leaf}".lstrip(".") + f" is a {type(m).__name__}, not plain"
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return f"{parent}.{leaf}".lstrip(".") + " has hooks, which the fused op would not call"
+        if _overridden(m):
+            return f"{parent}.{leaf}".lstrip(".") + " has hooks or its own forward, not called"
+    if any(n in layer.__dict__ or getattr(type(layer), n) is not getattr(
+            nn.TransformerEncoderLayer, n) for n in ("_sa_block", "_ff_block")):
+        return "_sa_block or _ff_block is overridden"
     sa = layer.self_attn
     if not sa._qkv_same_embed_dim or sa.bias_k is not None or sa.add_zero_attn:
         return "self_attn must be plain self-attention (no kdim/vdim, add_bias_kv, add_zero_attn)"
     p = layer.dropout.p
     if not (sa.dropout == p and layer.dropout1.p == p and layer.dropout2.p == p):
         return "every dropout probability of the layer must be equal"
+    if p > 0 and any(layer._modules[n].training != layer.training
+                     for n in ("self_attn", "dropout", "dropout1", "dropout2")):
+        return "a dropout submodule's training mode differs from the layer's"
     n1, n2 = layer.norm1, layer.norm2
     if n1.eps != n2.eps or not (n1.elementwise_affine and n2.elementwise_affine):
         return "norm1 and norm2 must have the same eps and elementwise_affine=True"
@@ -65,9 +73,8 @@ def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
 
 
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
-    """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor; activation
-    must be relu or gelu: ``"relu"``, ``"gelu"``, ``F.relu``, ``F.gelu``, ``nn.ReLU()`` or
-    ``nn.GELU()``)."""
+    """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor; activation relu or
+    gelu: ``"relu"``, ``"gelu"``, ``F.relu``, ``F.gelu``, ``nn.ReLU()`` or ``nn.GELU()``)."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
                  dropout: float = 0.1, activation=F.relu, layer_norm_eps: float = 1e-5,
@@ -75,13 +82,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                  device=None, dtype=None) -> None:
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
                          batch_first, norm_first, bias, device, dtype)
-        reason = _unsupported_reason(self)
-        if reason is not None:
-            raise ValueError(f"addnorm.TransformerEncoderLayer: {reason}")
+        if _activation_name(self.activation) is None:  # (a subclass may override blocks)
+            raise ValueError(f"addnorm.TransformerEncoderLayer: {_unsupported_reason(self)}")
 
     def __prepare_scriptable__(self) -> "TransformerEncoderLayer":
-        # Called by torch.jit.script before compiling. TorchScript cannot inspect the
-        # activation function, so the scripted forward reads activation_relu_or_gelu,
+        # (torch.jit.script calls it.) The scripted forward reads activation_relu_or_gelu,
         # which must still describe the activation the layer holds.
         reason = _unsupported_reason(self)
         code = getattr(self, "activation_relu_or_gelu", None)

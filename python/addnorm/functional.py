@@ -136,14 +136,10 @@ def add_layer_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: 
 
     Returns ``out``, or ``(out, h)`` with ``return_residual=True`` (pre-LN models carry h
     to the next layer). h has the residual's dtype, or float32 with ``residual_in_fp32``.
-
     ``dropout_p > 0`` drops input elements (always: pass 0 or None in eval), with a mask
     drawn from ``generator``, never stored (backward regenerates it);
-    ``return_dropout_mask=True`` appends it to the result.
-
-    ``memory_efficient=True``: autograd keeps ``out`` instead of h and backward recovers the
-    normalized values from it (README, "Memory-efficient backward").
-    """
+    ``return_dropout_mask=True`` appends it to the result. ``memory_efficient=True``:
+    autograd keeps ``out`` instead of h (README, "Memory-efficient backward")."""
     _check_unnamed(input, residual, weight, bias)
     return _add_norm(False, input, residual, _as_shape(normalized_shape), weight, bias, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,

@@ -1,6 +1,5 @@
-"""nn.Module drop-ins: subclasses of torch's modules (constructor, parameters, state_dict
-keys, extra_repr, isinstance stay torch's) whose forward calls the ops directly (so that
-``torch.jit.script`` compiles them)."""
+"""nn.Module drop-ins: subclasses of torch's modules (constructor, parameters, state_dict,
+extra_repr stay torch's) whose forward calls the ops (so ``torch.jit.script`` compiles them)."""
 
 from typing import Optional
 

@@ -622,14 +622,41 @@ def _hooked_relu(layer):
     layer.activation.register_forward_hook(lambda m, i, o: o * 2)
 
 
+def _backward_hooked_relu(layer):
+    layer.activation = nn.ReLU()
+    layer.activation.register_full_backward_hook(lambda m, gi, go: (gi[0] * 2,))
+
+
+def _instance_forward(layer):  # (how device-map and adapter tools wrap a submodule)
+    layer.linear2.forward = lambda h, f=layer.linear2.forward: 0.5 * f(h)
+
+
+def _instance_sa_block(layer):
+    layer._sa_block = lambda *a, f=layer._sa_block, **k: 0.5 * f(*a, **k)
+
+
+def _dropout_modes(layer, layer_training=True):
+    layer.dropout.p = layer.dropout1.p = layer.dropout2.p = layer.self_attn.dropout = 0.3
+    layer.train(layer_training)
+    for m in (layer.self_attn, layer.dropout, layer.dropout1, layer.dropout2):
+        m.train(not layer_training)
+
+
+def _mc_dropout(layer):  # (eval, with the dropouts left training)
+    _dropout_modes(layer, layer_training=False)
+
+
 @pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _dropout1, _tanh, _pruned,
-                                    _hooked_relu],
+                                    _hooked_relu, _backward_hooked_relu, _instance_forward,
+                                    _instance_sa_block, _dropout_modes, _mc_dropout],
                          ids=lambda f: f.__name__.strip("_"))
 def test_layers_changed_after_construction_run_torchs_forward(change):
     """A layer whose submodules or attributes changed after construction in a way the fused
-    op cannot run (a submodule whose forward is not its parameters': a subclass, a hook, a
-    parametrization or pruning; a norm that is not a LayerNorm; eps or dropout
-    probabilities that differ between the norms or dropouts; another activation) runs
+    op cannot run (a submodule whose forward is not its parameters': a subclass, a forward
+    or backward hook, a forward set on the instance, a parametrization or pruning; a block
+    method set on the instance; a norm that is not a LayerNorm; eps or dropout
+    probabilities that differ between the norms or dropouts; dropouts in another training
+    mode than the layer, either way; another activation) runs
     torch's forward, which calls the submodules, with a warning naming why: the same
     output and gradients as torch's layer with the same change (the op would ignore the
     change). replace_modules leaves such a torch layer as it is."""
@@ -858,3 +885,23 @@ def test_training_under_a_memory_budget_is_refused():
         torch._dynamo.reset()
         compiled(x).sum().backward()
     torch._dynamo.reset()
+
+
+def test_subclass_overriding_a_block_runs_torchs_forward():
+    """A subclass that overrides _sa_block or _ff_block (which the op does not call) builds,
+    and runs torch's forward, so the override takes effect as in torch's layer."""
+
+    def scaled(base):
+        class Scaled(base):
+            def _ff_block(self, x):
+                return 0.5 * super()._ff_block(x)
+        return Scaled
+
+    torch.manual_seed(0)
+    ref = _randomize(scaled(nn.TransformerEncoderLayer)(E, H, FF, dropout=0.0))
+    ours = scaled(addnorm.TransformerEncoderLayer)(E, H, FF, dropout=0.0)
+    ours.load_state_dict(ref.state_dict())
+    x = _src(False)
+    with pytest.warns(UserWarning, match="_ff_block is overridden"):
+        got = ours(x)
+    assert torch.equal(got, ref(x))

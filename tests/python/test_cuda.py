@@ -481,3 +481,45 @@ def test_more_than_2_31_elements(shape, rms):
     assert_close(grad_w, exp_gw, reduced=True, name="grad_weight")
     if not rms:
         assert_close(grad_b, exp_gb, reduced=True, name="grad_bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_dtypes_and_values_are_torchs(dtype):
+    """Under CUDA autocast torch runs layer_norm in float32 (float32 output) and rms_norm in
+    the input's dtype: addnorm's modules return torch's dtypes, and values within the bar.
+    add_layer_norm of a half input and a float32 residual (the residual stream under
+    autocast) is eager's F.layer_norm(x + r): h exactly, out in float32; with a half
+    residual h is eager's, and out keeps the half dtype (README, "Autocast")."""
+    torch.manual_seed(0)
+    n = 256
+    for name, torch_cls in (("LayerNorm", torch.nn.LayerNorm), ("RMSNorm", torch.nn.RMSNorm)):
+        t = torch_cls(n, device="cuda")
+        with torch.no_grad():
+            t.weight.uniform_(0.5, 1.5)
+        o = getattr(addnorm, name)(n, device="cuda")
+        o.load_state_dict(t.state_dict())
+        x = make_data((64, n), dtype, "cuda")
+        with torch.autocast("cuda", dtype=dtype):
+            expected, got = t(x), o(x)
+        assert got.dtype == expected.dtype, name
+        assert_close(got, expected.double(), name=f"{name} under autocast")
+    x = make_data((64, n), dtype, "cuda", requires_grad=True)
+    r = make_data((64, n), torch.float32, "cuda", requires_grad=True)
+    w, b = make_affine(n, torch.float32, "cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        h_eager = x + r
+        expected = torch.nn.functional.layer_norm(h_eager, [n], w, b)
+        out, h = addnorm.add_layer_norm(x, r, n, w, b, return_residual=True)
+    assert out.dtype == expected.dtype == torch.float32 and h.dtype == torch.float32
+    assert torch.equal(h, h_eager)
+    assert_close(out, expected.double(), name="add_layer_norm under autocast")
+    gx, gr = torch.autograd.grad(out, [x, r], torch.ones_like(out))
+    assert gx.dtype == dtype and gr.dtype == torch.float32
+    # A half residual: h is eager's x + r in that dtype, out keeps it (eager's is float32)
+    r = r.detach().to(dtype)
+    with torch.autocast("cuda", dtype=dtype):
+        h_eager = x + r
+        expected = torch.nn.functional.layer_norm(h_eager, [n], w, b)
+        out, h = addnorm.add_layer_norm(x, r, n, w, b, return_residual=True)
+    assert h.dtype == out.dtype == dtype and torch.equal(h, h_eager)
+    assert_close(out, expected.double(), name="add_layer_norm, half residual, under autocast")

@@ -165,6 +165,34 @@ def test_module_fp32_params_half_input(name, torch_cls, device):
     assert_close(out, _ref64(t, x), name="out")
 
 
+@pytest.mark.parametrize("name,torch_cls", [("LayerNorm", nn.LayerNorm), ("RMSNorm", nn.RMSNorm)])
+def test_autocast_policy_is_torchs(name, torch_cls):
+    """torch's autocast policy for its norms: layer_norm runs in float32 under CUDA autocast
+    (its float32 list), rms_norm has no policy, and the CPU has none for either. addnorm
+    registers AutocastCUDA kernels for layer_norm and add_layer_norm only (test_cuda.py checks
+    their casts on a GPU). Here: the registrations; CPU autocast gives torch's dtype; and with
+    CUDA autocast switched on in the thread, the kernels pass CPU tensors through unchanged."""
+    ln = name == "LayerNorm"
+    for op in (["layer_norm", "add_layer_norm"] if ln else ["rms_norm", "add_rms_norm"]):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"addnorm::{op}", "AutocastCUDA") == ln
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"addnorm::{op}", "AutocastCPU")
+    t = _randomize(torch_cls(32))
+    o = getattr(addnorm, name)(32)
+    o.load_state_dict(t.state_dict())
+    x = make_data((4, 32), torch.bfloat16, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert o(x).dtype == t(x).dtype == torch.bfloat16
+    add = (addnorm.AddLayerNorm if ln else addnorm.AddRMSNorm)(32)
+    x, r = make_data((4, 32), torch.bfloat16, "cpu"), make_data((4, 32), torch.float32, "cpu")
+    expected = (o(x), add(x, r))
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        got = (o(x), add(x, r))
+    finally:
+        torch.set_autocast_enabled("cuda", False)
+    assert all(torch.equal(a, e) and a.dtype == e.dtype for a, e in zip(got, expected))
+
+
 # --------------------------------------------------------------------------- Add modules
 
 ADD_CASES = [("AddLayerNorm", nn.LayerNorm, dict(normalized_shape=24)),

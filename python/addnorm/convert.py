@@ -1,5 +1,6 @@
 """One-call conversion of an existing model to addnorm's modules."""
 
+import torch
 from torch import nn
 
 from .encoder import TransformerEncoderLayer, _unsupported_reason
@@ -16,19 +17,18 @@ _REPLACEMENTS = {
 }
 
 
-def _convertible(module: nn.Module) -> bool:
-    if type(module) not in _REPLACEMENTS:
-        return False
-    if type(module) is nn.TransformerEncoderLayer:
-        # Layers the op cannot run (custom activation, ...) stay torch's.
-        return _unsupported_reason(module) is None
-    return True
+def _convertible(module: nn.Module) -> bool:  # (layers the op cannot run stay torch's)
+    return type(module) in _REPLACEMENTS and (
+        type(module) is not nn.TransformerEncoderLayer or _unsupported_reason(module) is None)
 
 
 def replace_modules(model: nn.Module) -> nn.Module:
     """Swap every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.TransformerEncoderLayer`` (with
     relu or gelu activation) in ``model`` (including ``model`` itself) for addnorm's
     drop-in, in place, keeping weights, device and dtype. Returns ``model``."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("addnorm.replace_modules: model is a ScriptModule, whose modules are "
+                        "compiled: convert the nn.Module first, then script it")
     for module in list(model.modules()):
         if _convertible(module):
             # Same object, new class: parameters, buffers, hooks, device, dtype kept as-is.

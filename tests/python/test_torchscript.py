@@ -365,6 +365,13 @@ def test_replace_modules_keeps_model_scriptable():
     assert [len(m.masks) for m in ref.modules() if isinstance(m, DropoutFromSeed)] == [1] * 8
 
 
+def test_replace_modules_refuses_a_scripted_model():
+    """A ScriptModule's submodules are compiled (their types are not torch's): converting it
+    would do nothing, silently; replace_modules says to convert before scripting."""
+    with pytest.raises(TypeError, match="ScriptModule.*convert the nn.Module first"):
+        addnorm.replace_modules(torch.jit.script(_TorchModel()))
+
+
 def test_save_load_roundtrip(tmp_path):
     """torch.jit.save / torch.jit.load of a converted model and of an add module: the loaded
     modules run addnorm's ops with the same outputs and gradients."""

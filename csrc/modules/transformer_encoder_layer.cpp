@@ -381,11 +381,15 @@ at::Tensor transformer_encoder_layer(
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("addnorm::transformer_encoder_layer", "")
           .typed<decltype(transformer_encoder_layer_impl)>();
+  // An undefined tensor given for an optional argument (a bias=false module's bias) means
+  // none, as for torch's own ops and the other entry points.
+  auto opt = [](const OptTensor& t) { return t.has_value() && t->defined() ? t : std::nullopt; };
   return op.call(
-      src, src_mask, src_key_padding_mask, is_causal, in_proj_weight, in_proj_bias,
-      out_proj_weight, out_proj_bias, linear1_weight, linear1_bias, linear2_weight,
-      linear2_bias, norm1_weight, norm1_bias, norm2_weight, norm2_bias, nhead, dropout,
-      activation, layer_norm_eps, batch_first, norm_first, training);
+      src, opt(src_mask), opt(src_key_padding_mask), is_causal, in_proj_weight,
+      opt(in_proj_bias), out_proj_weight, opt(out_proj_bias), linear1_weight, opt(linear1_bias),
+      linear2_weight, opt(linear2_bias), norm1_weight, opt(norm1_bias), norm2_weight,
+      opt(norm2_bias), nhead, dropout, activation, layer_norm_eps, batch_first, norm_first,
+      training);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -481,9 +485,11 @@ void TransformerEncoderLayerImpl::reset_parameters() {
 
 void TransformerEncoderLayerImpl::pretty_print(std::ostream& stream) const {
   const auto& o = options;
-  stream << "addnorm::TransformerEncoderLayer(d_model=" << o.d_model() << ", nhead=" << o.nhead()
+  // (nhead and eps as forward reads them: from the submodules)
+  stream << "addnorm::TransformerEncoderLayer(d_model=" << o.d_model()
+         << ", nhead=" << self_attn->options.num_heads()
          << ", dim_feedforward=" << o.dim_feedforward() << ", dropout=" << o.dropout()
-         << ", activation=" << o.activation() << ", layer_norm_eps=" << o.layer_norm_eps()
+         << ", activation=" << o.activation() << ", layer_norm_eps=" << norm1->options.eps()
          << ", batch_first=" << std::boolalpha << o.batch_first()
          << ", norm_first=" << o.norm_first() << ", bias=" << o.bias() << ")";
 }
@@ -491,17 +497,29 @@ void TransformerEncoderLayerImpl::pretty_print(std::ostream& stream) const {
 at::Tensor TransformerEncoderLayerImpl::forward(
     const at::Tensor& src, const at::Tensor& src_mask, const at::Tensor& src_key_padding_mask,
     bool is_causal) {
-  // The norms' own eps, as torch's layer, which calls its norms, uses: one set after
-  // construction counts. The fused op takes one eps for both.
+  // The submodules' own settings, as torch's layer, which calls its submodules, uses: one
+  // changed after construction counts, and what the fused op cannot follow is refused. The
+  // op takes one eps for both norms, one dropout probability and one training mode for
+  // the attention's and the layer's dropouts.
+  constexpr const char* kName = "addnorm::TransformerEncoderLayer: ";
   const double eps = norm1->options.eps();
-  TORCH_CHECK(norm2->options.eps() == eps,
-              "addnorm::TransformerEncoderLayer: norm1 and norm2 must have the same eps, got ",
+  TORCH_CHECK(norm2->options.eps() == eps, kName, "norm1 and norm2 must have the same eps, got ",
               eps, " and ", norm2->options.eps());
+  TORCH_CHECK(norm1->weight.defined() && norm2->weight.defined(), kName,
+              "norm1 and norm2 must have a weight (elementwise_affine), got none for ",
+              norm1->weight.defined() ? "norm2" : "norm1");
+  const auto& sa = self_attn->options;
+  TORCH_CHECK(sa.dropout() == options.dropout(), kName,
+              "self_attn's dropout must be the layer's (", options.dropout(), "), got ",
+              sa.dropout());
+  TORCH_CHECK(options.dropout() == 0.0 || self_attn->is_training() == is_training(), kName,
+              "self_attn must be in the layer's training mode (", is_training(), "), got ",
+              self_attn->is_training(), " (its attention dropout follows it)");
   return transformer_encoder_layer(
       src, opt(src_mask), opt(src_key_padding_mask), is_causal, self_attn->in_proj_weight,
       opt(self_attn->in_proj_bias), self_attn->out_proj->weight, opt(self_attn->out_proj->bias),
       linear1->weight, opt(linear1->bias), linear2->weight, opt(linear2->bias), norm1->weight,
-      opt(norm1->bias), norm2->weight, opt(norm2->bias), options.nhead(), options.dropout(),
+      opt(norm1->bias), norm2->weight, opt(norm2->bias), sa.num_heads(), options.dropout(),
       options.activation(), eps, options.batch_first(), options.norm_first(), is_training());
 }
 

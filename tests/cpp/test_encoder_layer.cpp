@@ -167,6 +167,56 @@ TEST(TransformerEncoderLayer, NormsEpsSetAfterConstructionCounts) {
   }
 }
 
+// What forward reads from the submodules and cannot follow is refused by name.
+void expect_refused(addnorm::TransformerEncoderLayer& layer, const at::Tensor& x,
+                    const std::string& what) {
+  try {
+    layer->forward(x);
+    FAIL() << "expected an error: " << what;
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find(what), std::string::npos)
+        << e.what_without_backtrace();
+  }
+}
+
+TEST(TransformerEncoderLayer, SubmoduleSettingsCountOrAreRefused) {
+  torch::manual_seed(0);
+  auto x = torch::randn({6, 3, 16});
+  addnorm::TransformerEncoderLayer layer(
+      addnorm::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(0.5));
+  // The attention's dropout follows self_attn's training mode, the layer's the layer's: the
+  // fused op has one, so a self_attn in another mode is refused (either way)...
+  layer->eval();
+  layer->self_attn->train();
+  expect_refused(layer, x, "self_attn must be in the layer's training mode");
+  layer->train();
+  layer->self_attn->eval();
+  expect_refused(layer, x, "self_attn must be in the layer's training mode");
+  layer->self_attn->train();
+  // ... as is an attention dropout other than the layer's
+  layer->self_attn->options.dropout(0.25);
+  expect_refused(layer, x, "self_attn's dropout must be the layer's (0.5), got 0.25");
+  layer->self_attn->options.dropout(0.5);
+  // and a norm without a weight.
+  layer->norm2 = layer->replace_module(
+      "norm2", addnorm::LayerNorm(addnorm::LayerNormOptions({16}).elementwise_affine(false)));
+  expect_refused(layer, x, "norm1 and norm2 must have a weight");
+
+  // The head count is self_attn's (as torch's layer calls its self_attn).
+  addnorm::TransformerEncoderLayer two(
+      addnorm::TransformerEncoderLayerOptions(16, 2).dim_feedforward(32).dropout(0.0));
+  addnorm::TransformerEncoderLayer four(
+      addnorm::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(0.0));
+  {
+    torch::NoGradGuard no_grad;
+    auto src = two->named_parameters();
+    for (auto& p : four->named_parameters()) p.value().copy_(src[p.key()]);
+  }
+  four->self_attn->options.num_heads(2);
+  four->self_attn->head_dim = 8;
+  EXPECT_TRUE(torch::allclose(four->forward(x), two->forward(x), 1e-5, 1e-6));
+}
+
 TEST(TransformerEncoderLayer, TrainingDropoutMatchesReferenceFromItsMasks) {
   // Every dropout's mask is that of a seed the layer draws from torch's generator, so
   // torch's layer does not give the same masks for the same seed; the reference that

@@ -2,13 +2,14 @@
 // under CUDA autocast (its float32 list: float16/bfloat16 CUDA arguments are cast to float32,
 // and the output is float32); addnorm's LayerNorm ops follow that policy, so that
 // addnorm.LayerNorm under autocast returns what nn.LayerNorm returns. add_layer_norm casts
-// input and residual where eager's h = x + r is float32 anyway (a float32 residual, as the
-// residual stream is under autocast, or none): h is then eager's exactly and out
-// F.layer_norm(x + r)'s float32 output. A float16/bfloat16 input and residual keep their
-// dtype (h is eager's x + r in it, and out has it too, where eager's layer_norm of it is
-// float32: the same values, rounded once more). torch has no autocast policy for rms_norm
-// (nor for any op on the CPU): rms_norm, add_rms_norm and the CPU fall through to the
-// kernels, which take float16/bfloat16 input with float32 weights.
+// input and residual where h is float32 anyway (a float32 residual, as the residual stream
+// is under autocast, or residual_in_fp32): h is then eager's x + r exactly, and out
+// F.layer_norm(h)'s float32 output; so it does without a residual when h is not returned.
+// A float16/bfloat16 input and residual (or an input whose h = dropout(input) is returned)
+// keep their dtype: h is eager's in it, and out has it too, where eager's layer_norm of h
+// is float32 (the same values, rounded once more). torch has no autocast policy for
+// rms_norm, nor for either norm on the CPU: rms_norm, add_rms_norm and the CPU fall through
+// to the kernels, which take float16/bfloat16 input with float32 weights.
 
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -50,8 +51,10 @@ std::tuple<at::Tensor, at::Tensor> add_layer_norm_autocast(
               const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool,
               bool, double, const std::optional<at::Tensor>&, bool)>();
   const bool h_float =
-      !residual.has_value() ||
-      c10::promoteTypes(input.scalar_type(), residual->scalar_type()) == at::kFloat;
+      residual.has_value()
+          ? residual_in_fp32 ||
+                c10::promoteTypes(input.scalar_type(), residual->scalar_type()) == at::kFloat
+          : !return_residual;
   return op.call(h_float ? to_float(input) : input, h_float ? to_float(residual) : residual,
                  normalized_shape, to_float(weight), to_float(bias), eps, return_residual,
                  residual_in_fp32, dropout_p, dropout_seed, memory_efficient);

@@ -124,18 +124,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(
 
 // Whether backward is to recover xhat from the output: false for a weight with a zero, a
 // value whose float reciprocal overflows (the CPU backward multiplies by 1 / weight), or an
-// inf or NaN (out then holds no xhat: the weight's gradient would be NaN where torch's is
-// finite), that can be seen for free (a CPU tensor holding data: not a fake or functional
-// tensor of a trace).
-bool output_invertible(const std::optional<at::Tensor>& weight) {
-  if (!weight.has_value()) return true;
-  const auto keys = weight->key_set();
-  const bool readable = weight->device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
-                        !keys.has(c10::DispatchKey::Functionalize);
-  if (!readable) return true;
+// inf or NaN, or a bias with an inf or NaN (out then holds no xhat: the gradients would be
+// NaN where torch's are finite), that can be seen for free (CPU tensors holding data: not
+// fake or functional tensors of a trace).
+bool output_invertible(const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias) {
+  auto readable = [](const std::optional<at::Tensor>& t) {
+    const auto keys = t->key_set();
+    return t->device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
+           !keys.has(c10::DispatchKey::Functionalize);
+  };
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  if (bias.has_value() && readable(bias) && !bias->abs().lt(kInf).all().item<bool>()) {
+    return false;  // (NaN fails the comparison)
+  }
+  if (!weight.has_value() || !readable(weight)) return true;
   constexpr double kTiny = 1.0 / static_cast<double>(std::numeric_limits<float>::max());
-  const at::Tensor a = weight->abs();  // (NaN fails both comparisons)
-  return a.ge(kTiny).logical_and_(a.lt(std::numeric_limits<double>::infinity())).all().item<bool>();
+  const at::Tensor a = weight->abs();
+  return a.ge(kTiny).logical_and_(a.lt(kInf)).all().item<bool>();
 }
 
 at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
@@ -186,7 +192,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->set_materialize_grads(false);  // an unused output gets no [M, N] zero gradient
     const bool has_residual = residual.has_value();
     const bool drop = dropout_p > 0.0;
-    const bool from_output = memory_efficient && output_invertible(weight);
+    const bool from_output =
+        memory_efficient && output_invertible(weight, is_rms ? std::nullopt : bias);
     // Backward needs h (unless from_output); with a residual or dropout it exists only if
     // we write it.
     const bool kept = (has_residual || drop) && !return_residual && !from_output;

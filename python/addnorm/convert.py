@@ -26,8 +26,8 @@ def replace_modules(model: nn.Module) -> nn.Module:
     """Swap every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.TransformerEncoderLayer`` (with
     relu or gelu activation) in ``model`` (including ``model`` itself) for addnorm's
     drop-in, in place, keeping weights, device and dtype. Returns ``model``."""
-    if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("addnorm.replace_modules: model is a ScriptModule, whose modules are "
+    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        raise TypeError("addnorm.replace_modules: model holds a ScriptModule, whose modules are "
                         "compiled: convert the nn.Module first, then script it")
     for module in list(model.modules()):
         if _convertible(module):

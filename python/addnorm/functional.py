@@ -21,12 +21,11 @@ def _check_unnamed(*tensors: Optional[Tensor]) -> None:
                 "names with tensor.rename(None), call the op, and set names on the result")
 
 
-def _as_shape(normalized_shape: _ShapeLike) -> List[int]:
-    if not isinstance(normalized_shape, (int, torch.SymInt, Sequence)):  # (a Tensor is not one)
+def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape)
+    if not isinstance(shape, (int, torch.SymInt, Sequence)):  # (a Tensor is not one)
         raise TypeError("addnorm: normalized_shape must be an int or a sequence of ints, got "
-                        f"{type(normalized_shape).__name__}")
-    return [normalized_shape] if isinstance(normalized_shape, (int, torch.SymInt)) else list(
-        normalized_shape)
+                        f"{type(shape).__name__}")
+    return [shape] if isinstance(shape, (int, torch.SymInt)) else list(shape)
 
 
 def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
@@ -77,7 +76,8 @@ def _check_seed_can_be_drawn(what: str = "the fused dropout's seed", fix: str = 
         "addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)"),
         explicit_generator: bool = False) -> None:
     if torch.compiler.is_compiling():
-        budget = torch._functorch.config.activation_memory_budget
+        from torch._functorch import config as functorch_config
+        budget = functorch_config.activation_memory_budget
         if budget < 1.0:
             raise RuntimeError(
                 f"addnorm: {what} cannot be drawn inside a graph compiled with "

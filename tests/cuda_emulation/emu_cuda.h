@@ -51,10 +51,21 @@
 #define __align__(n) alignas(n)
 
 // The fibers switch stacks with emu_switch_stack (harness.cpp: it saves the callee-saved
-// registers on the stack it leaves and restores them from the one it enters) on x86-64, as
-// ucontext's swapcontext does without its system call for the signal mask. swapcontext
+// general registers on the stack it leaves and restores them from the one it enters) on
+// x86-64 Linux: swapcontext's switch without its system call for the signal mask, nor its
+// saving of the floating-point control state (the kernels do not change it). swapcontext
 // itself under AddressSanitizer (which follows the stacks it switches) and elsewhere.
-#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)  // (clang's spelling)
+#define EMU_ASAN 1
+#endif
+#endif
+#ifndef EMU_ASAN
+#define EMU_ASAN 0
+#endif
+#if defined(__x86_64__) && defined(__linux__) && !defined(__ILP32__) && !EMU_ASAN
 #define EMU_FAST_SWITCH 1
 extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
 #else
@@ -249,7 +260,7 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
   }
   // The buffer: smem bytes (aligned as the heap aligns), then a guard band; none with
   // AddressSanitizer, whose redzone right after the buffer reports reads as well as writes.
-#if defined(__SANITIZE_ADDRESS__)
+#if EMU_ASAN
   constexpr size_t kGuard = 0;
 #else
   constexpr size_t kGuard = 256;

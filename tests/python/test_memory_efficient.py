@@ -227,14 +227,15 @@ def test_weight_below_float_reciprocal_range_keeps_h(op, value):
 
 
 @pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")])
-@pytest.mark.parametrize("op", OPS)
-def test_non_finite_weight_keeps_h(op, value):
-    """An inf or NaN weight value leaves out without the normalized values in its column
-    (inf or NaN there): on the CPU (eager) the op keeps h, so that column's weight gradient
-    is torch's (finite for a finite input), bitwise the path that keeps h."""
+@pytest.mark.parametrize("op,where", [("add_layer_norm", "weight"), ("add_rms_norm", "weight"),
+                                      ("add_layer_norm", "bias")])
+def test_non_finite_weight_or_bias_keeps_h(op, where, value):
+    """An inf or NaN weight or bias value leaves out without the normalized values in its
+    column (inf or NaN there): on the CPU (eager) the op keeps h, so that column's weight
+    gradient is torch's (finite for a finite input), bitwise the path that keeps h."""
     x, r, w, b, dy = data(op, (5, 24), torch.float32, "cpu")
     with torch.no_grad():
-        w[3] = value
+        (w if where == "weight" else b)[3] = value
     saved_me, out_me = _saved_storages(lambda: run(op, x, r, w, b, memory_efficient=True),
                                        x.numel())
     assert out_me.untyped_storage().data_ptr() not in saved_me

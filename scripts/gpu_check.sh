@@ -175,8 +175,15 @@ build() {
     fi
   fi
   ls -la python/addnorm
-  "$PY" -c "import addnorm, sys; print('addnorm', addnorm.__version__, addnorm.__file__, 'cuda_available', addnorm.cuda_available()); \
+  # (-X faulthandler: a crash in the import prints the Python stack; then gdb's, if any)
+  "$PY" -X faulthandler -c "import addnorm, sys; print('addnorm', addnorm.__version__, addnorm.__file__, 'cuda_available', addnorm.cuda_available()); \
 sys.exit(0 if addnorm.cuda_available() else 1)"
+  local rc=$?
+  if [ $rc -gt 128 ] && command -v gdb >/dev/null 2>&1; then
+    gdb -q -batch -ex run -ex bt -ex "info sharedlibrary" --args "$PY" -c "import addnorm" 2>&1 |
+      tail -n 80
+  fi
+  return $rc
 }
 
 # pytest with pytest-xdist workers when it is installed.

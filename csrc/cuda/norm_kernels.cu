@@ -81,7 +81,7 @@ constexpr int vec_acc_bytes(int vectors) {
 // Vectors per thread in the register paths (1024 threads, 64 registers): the forward holds
 // 64 bytes of h per thread (16 elements; 8 for fp64); the backward holds dy, xhat and the
 // two weight-gradient accumulators, 8 elements each (2 for fp64, whose arithmetic needs
-// more temporaries).
+// more temporaries; fp32's dy * xhat accumulator in double).
 template <typename T>
 constexpr int kFwdVpt = std::max(1, 64 / vec_acc_bytes<T>(1));
 template <typename T>
@@ -746,7 +746,7 @@ __device__ __forceinline__ WideRow wide_row(const BwdParams<T, H, W>& p, float s
 template <int VEC, typename T, typename H, typename W>
 __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t off,
                                            int64_t col, const WideRow& w, const float (&dy)[VEC],
-                                           const float (&v)[VEC], float (&gx)[VEC]) {
+                                           const float (&v)[VEC], double (&gx)[VEC]) {
   float gm[VEC];
   load_or_fill<VEC>(p.gamma, col, 1.0f, gm);
   float r[VEC];
@@ -757,7 +757,7 @@ __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t 
     const double xh = fma(static_cast<double>(v[j]) - w.shift, wide_xs(p, w), w.x_off);
     const double g = static_cast<double>(dy[j]) * static_cast<double>(gm[j]);
     dx[j] = static_cast<float>(fma(g - w.c1, w.rstd, fma(xh, w.b, static_cast<double>(r[j]))));
-    gx[j] = static_cast<float>(static_cast<double>(dy[j]) * xh);
+    gx[j] = static_cast<double>(dy[j]) * xh;  // (summed in double: part_t)
   }
   store_vec<VEC>(p.dh + off, dx);
 }
@@ -920,7 +920,7 @@ __device__ __forceinline__ auto precise_row(const BwdParams<T, H, W>& p, A shift
 template <int VEC, typename T, typename H, typename W, typename R, typename A>
 __device__ __forceinline__ void precise_store(const BwdParams<T, H, W>& p, int64_t off,
                                               int64_t col, const R& w, const A (&dy)[VEC],
-                                              const A (&v)[VEC], A (&gx)[VEC]) {
+                                              const A (&v)[VEC], part_t<T> (&gx)[VEC]) {
   if constexpr (std::is_same_v<T, float>) {
     wide_store<VEC>(p, off, col, w, dy, v, gx);
   } else {
@@ -955,13 +955,17 @@ __global__ void __launch_bounds__(kMaxThreads)
   // (blockIdx.x, blockIdx.x + gridDim.x, ...): a chunk's partial row sums its rows in the
   // same order whichever CTA takes it, so the weight gradients do not depend on the grid
   // size (nor on the GPU).
-  A acc_gamma[VPT][VEC];
+  // dy * xhat in part_t (double for float32 data: the wide backward's products, kept in
+  // double, add without a float32 rounding, as the partials do, so a column's gradient is
+  // its sum rounded once); dy in A (float32 values: exact until two rows add).
+  using P = part_t<T>;
+  P acc_gamma[VPT][VEC];
   A acc_beta[VPT][VEC];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      acc_gamma[i][j] = A(0);
+      acc_gamma[i][j] = P(0);
       acc_beta[i][j] = A(0);
     }
   }
@@ -1003,7 +1007,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       for (int i = 0; i < VPT; ++i) {
         const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
         if (vi < row_vecs) {
-          A gx[VEC];
+          P gx[VEC];
           precise_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[i], xhat[i], gx);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
@@ -1060,7 +1064,6 @@ __global__ void __launch_bounds__(kMaxThreads)
       // Several rows per CTA: sum the row slots' accumulators in shared memory, y = 0, 1,
       // ... in order for each value, one accumulator (gamma, then beta) at a time, with all
       // threads of the CTA sharing the values.
-      using P = part_t<T>;
       const int rows = blockDim.y;
       P* buf = reinterpret_cast<P*>(dyn_smem);  // [rows][E][tpr]
 #pragma unroll
@@ -1075,7 +1078,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             buf[(threadIdx.y * E + i * VEC + j) * tpr + tid] =
-                which == 0 ? acc_gamma[i][j] : acc_beta[i][j];
+                which == 0 ? acc_gamma[i][j] : static_cast<P>(acc_beta[i][j]);
           }
         }
         __syncthreads();
@@ -1097,7 +1100,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int i = 0; i < VPT; ++i) {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
-        acc_gamma[i][j] = A(0);
+        acc_gamma[i][j] = P(0);
         acc_beta[i][j] = A(0);
       }
     }
@@ -1176,7 +1179,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
         for (int u = 0; u < U; ++u) {
           const int64_t vi = base + u * tpr;
           if (vi < row_vecs) {
-            A gx[VEC];  // (the partials kernel sums the weight gradients)
+            part_t<T> gx[VEC];  // (the partials kernel sums the weight gradients)
             precise_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[u], v[u], gx);
           }
         }

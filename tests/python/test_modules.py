@@ -169,9 +169,8 @@ def test_module_fp32_params_half_input(name, torch_cls, device):
 def test_autocast_policy_is_torchs(name, torch_cls):
     """torch's autocast policy for its norms: layer_norm runs in float32 under CUDA autocast
     (its float32 list), rms_norm has no policy, and the CPU has none for either. addnorm
-    registers AutocastCUDA kernels for layer_norm and add_layer_norm only (test_cuda.py checks
-    their casts on a GPU). Here: the registrations; CPU autocast gives torch's dtype; and with
-    CUDA autocast switched on in the thread, the kernels pass CPU tensors through unchanged."""
+    registers AutocastCUDA kernels for layer_norm and add_layer_norm only; CPU autocast
+    gives torch's dtype (test_autocast_cuda_dtypes_without_a_gpu runs the CUDA kernels)."""
     ln = name == "LayerNorm"
     for op in (["layer_norm", "add_layer_norm"] if ln else ["rms_norm", "add_rms_norm"]):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"addnorm::{op}", "AutocastCUDA") == ln
@@ -182,15 +181,50 @@ def test_autocast_policy_is_torchs(name, torch_cls):
     x = make_data((4, 32), torch.bfloat16, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert o(x).dtype == t(x).dtype == torch.bfloat16
-    add = (addnorm.AddLayerNorm if ln else addnorm.AddRMSNorm)(32)
-    x, r = make_data((4, 32), torch.bfloat16, "cpu"), make_data((4, 32), torch.float32, "cpu")
-    expected = (o(x), add(x, r))
-    torch.set_autocast_enabled("cuda", True)
-    try:
-        got = (o(x), add(x, r))
-    finally:
-        torch.set_autocast_enabled("cuda", False)
-    assert all(torch.equal(a, e) and a.dtype == e.dtype for a, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("half", [torch.float16, torch.bfloat16])
+def test_autocast_cuda_dtypes_without_a_gpu(half):
+    """The AutocastCUDA kernels run on fake CUDA tensors (no GPU needed): the dtypes of out
+    and h against torch's eager F.layer_norm(x + r) / F.rms_norm under CUDA autocast, for a
+    half input with a float32 residual (eager's h float32: out float32, as torch's), a half
+    residual (h half as eager's; out half, where torch's is float32: README), another half
+    residual (promoted to float32), residual_in_fp32, no residual, and h returned."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    other = torch.bfloat16 if half == torch.float16 else torch.float16
+    with FakeTensorMode():
+        x = torch.empty(4, 32, dtype=half, device="cuda")
+        w = torch.empty(32, device="cuda")
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", half)
+        try:
+            assert addnorm.layer_norm(x, 32, w, w).dtype == F_layer_norm(x, w).dtype == torch.float32
+            assert addnorm.rms_norm(x, 32, w).dtype == nn.functional.rms_norm(x, [32], w).dtype
+            for r_dtype, fp32, out_dtype, h_dtype in [
+                    (torch.float32, False, torch.float32, torch.float32),
+                    (half, False, half, half),
+                    (other, False, torch.float32, torch.float32),
+                    (half, True, torch.float32, torch.float32)]:
+                r = torch.empty(4, 32, dtype=r_dtype, device="cuda")
+                out, h = addnorm.add_layer_norm(x, r, 32, w, w, return_residual=True,
+                                                residual_in_fp32=fp32)
+                assert (out.dtype, h.dtype) == (out_dtype, h_dtype), (r_dtype, fp32)
+                if not fp32:  # eager's
+                    assert h.dtype == (x + r).dtype
+                    assert out.dtype == F_layer_norm(x + r, w).dtype or out_dtype == half
+                if r_dtype in (torch.float32, half):  # (the other half dtype: refused)
+                    rms = addnorm.add_rms_norm(x, r, 32, w, residual_in_fp32=fp32)
+                    assert rms.dtype == half  # (no policy: the input's dtype)
+            assert addnorm.add_layer_norm(x, None, 32, w, w).dtype == torch.float32
+            out, h = addnorm.add_layer_norm(x, None, 32, w, w, return_residual=True)
+            assert out.dtype == h.dtype == half  # (h = x, half as eager's)
+        finally:
+            torch.set_autocast_enabled("cuda", False)
+
+
+def F_layer_norm(h, w):
+    return nn.functional.layer_norm(h, [h.shape[-1]], w, w)
 
 
 # --------------------------------------------------------------------------- Add modules

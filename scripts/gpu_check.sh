@@ -25,7 +25,7 @@
 #
 # Knobs: PYTHON (default /opt/torch/.venv/bin/python3 when present, else python3),
 # GPU_CHECK_BUDGET_S, STEPS (comma list, default env,build,first,test_cuda,tests,memcheck,
-# racecheck,bench,profile,encoder,encoder_profile,bert), PYTEST_K (pytest -k expression for
+# racecheck,bench,profile,encoder,encoder_profile,bert,large), PYTEST_K (pytest -k expression for
 # the rest of the suite; default cuda), PYTEST_JOBS (pytest-xdist workers when available;
 # default 8), BENCH_ARGS (replaces the benchmark's default arguments), TORCH_CUDA_ARCH_LIST
 # (default: the GPU's compute capability).
@@ -52,7 +52,7 @@ export PYTHONUNBUFFERED=1
 
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
-STEPS=",${STEPS:-env,build,first,test_cuda,tests,memcheck,racecheck,bench,profile,encoder,encoder_profile,bert},"
+STEPS=",${STEPS:-env,build,first,test_cuda,tests,memcheck,racecheck,bench,profile,encoder,encoder_profile,bert,large},"
 PREBUILT=${PREBUILT:-$ROOT/build/prebuilt}
 DEADLINE=$((START + BUDGET))
 NPROC=$(nproc 2>/dev/null || echo 4)
@@ -210,9 +210,16 @@ first() {
     --junitxml="$OUT_DIR/pytest_first.xml"
 }
 
+# (without the largest tensors: the large step runs them, last; they take most of the time)
+LARGE_K="more_than_2_31 or many_rows"
 test_cuda() {
   set -x
-  run_pytest tests/python/test_cuda.py --junitxml="$OUT_DIR/pytest_cuda.xml"
+  run_pytest tests/python/test_cuda.py -k "not ($LARGE_K)" --junitxml="$OUT_DIR/pytest_cuda.xml"
+}
+
+large() {
+  set -x
+  run_pytest tests/python/test_cuda.py -k "$LARGE_K" --junitxml="$OUT_DIR/pytest_large.xml"
 }
 
 tests() {
@@ -287,7 +294,8 @@ bert_bench() {
 # ------------------------------------------------------------------------------- run
 
 export PY ROOT OUT_DIR SANITIZER NPROC DEADLINE PREBUILT
-export -f env_info build run_pytest first test_cuda tests memcheck racecheck bench profile \
+export LARGE_K
+export -f env_info build run_pytest first test_cuda large tests memcheck racecheck bench profile \
   encoder_bench encoder_profile bert_bench
 
 want() { [[ $STEPS == *",$1,"* ]]; }
@@ -314,7 +322,8 @@ step_spec() {  # name -> "max_seconds function"
   case $1 in
     first) echo "150 first" ;;
     test_cuda) echo "150 test_cuda" ;;
-    tests) echo "150 tests" ;;
+    tests) echo "240 tests" ;;
+    large) echo "150 large" ;;
     memcheck) echo "120 memcheck" ;;
     racecheck) echo "90 racecheck" ;;
     bench) echo "300 bench" ;;
@@ -358,7 +367,7 @@ TOTAL=$(($(date +%s) - START))
     printf '%-10s %-6s %5ss  %s\n' "${STEP_NAMES[$i]}" "${STEP_RESULTS[$i]}" "${STEP_TIMES[$i]}" "${STEP_NOTES[$i]}"
   done
   echo
-  for s in first test_cuda tests; do
+  for s in first test_cuda tests large; do
     if [ -f "$OUT_DIR/$s.log" ]; then
       echo "$s: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT_DIR/$s.log" | tail -n 1)"
       grep -E '^(FAILED|ERROR) ' "$OUT_DIR/$s.log" | head -n 8

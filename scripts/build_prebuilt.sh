@@ -33,4 +33,17 @@ cmake -S "$ROOT" -B "$ROOT/build/prebuilt-cmake" -G Ninja -DCMAKE_BUILD_TYPE=Rel
   "-DCMAKE_PREFIX_PATH=$prefix" "-DPython_EXECUTABLE=$PY" \
   "-DADDNORM_PYTHON_OUTPUT_DIR=$ROOT/build/prebuilt" -DADDNORM_CUDA=ON -DADDNORM_BUILD_TESTS=OFF
 cmake --build "$ROOT/build/prebuilt-cmake" -j "${MAX_JOBS:-$(nproc)}"
+# pytest-xdist (pure Python) for gpu_check.sh's test steps, which find it in pydeps/: the GPU
+# machine's Python may not have it, and its cores cut the suite's time several-fold.
+deps="$ROOT/build/prebuilt/pydeps"
+if [ ! -d "$deps/xdist" ]; then
+  wheels=$(mktemp -d)
+  if "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
+      -d "$wheels" pytest-xdist==3.8.0 execnet==2.1.2; then
+    for w in "$wheels"/*.whl; do "$PY" -m zipfile -e "$w" "$deps"; done
+  else
+    echo "warning: pytest-xdist not downloaded; gpu_check.sh runs pytest in one process" >&2
+  fi
+  rm -rf "$wheels"
+fi
 ls -la "$ROOT/build/prebuilt"

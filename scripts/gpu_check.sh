@@ -54,6 +54,8 @@ START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 STEPS=",${STEPS:-env,build,first,test_cuda,tests,memcheck,racecheck,bench,profile,encoder,encoder_profile,bert,large},"
 PREBUILT=${PREBUILT:-$ROOT/build/prebuilt}
+# pytest-xdist carried with the prebuilt library (scripts/build_prebuilt.sh), if any
+if [ -d "$PREBUILT/pydeps" ]; then export PYTHONPATH="$PYTHONPATH:$PREBUILT/pydeps"; fi
 DEADLINE=$((START + BUDGET))
 NPROC=$(nproc 2>/dev/null || echo 4)
 

@@ -10,11 +10,8 @@ from .modules import LayerNorm, RMSNorm
 # modules may change forward, and addnorm's own modules are subclasses too. Each
 # replacement subclasses the type it replaces and adds no state, so the attribute layout
 # is identical and a class swap is a complete conversion.
-_REPLACEMENTS = {
-    nn.LayerNorm: LayerNorm,
-    nn.RMSNorm: RMSNorm,
-    nn.TransformerEncoderLayer: TransformerEncoderLayer,
-}
+_REPLACEMENTS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
+                 nn.TransformerEncoderLayer: TransformerEncoderLayer}
 
 
 def _convertible(module: nn.Module) -> bool:  # (layers the op cannot run stay torch's)

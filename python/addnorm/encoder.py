@@ -109,6 +109,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             return self._nested_forward(src, src_mask, src_key_padding_mask)
         if torch.jit.is_scripting():
             activation = "gelu" if self.activation_relu_or_gelu == 2 else "relu"
+            modes = [self.self_attn.training, self.dropout.training, self.dropout1.training,
+                     self.dropout2.training]  # (p, eps and submodule types: fixed by scripting)
+            if self.dropout.p > 0 and modes != [self.training] * 4:
+                raise RuntimeError("addnorm.TransformerEncoderLayer (scripted): a dropout submodule's"
+                                   " training mode differs from the layer's (eager: torch's forward)")
         else:
             g = nn.modules.module
             reason = _unsupported_reason(self) or (
@@ -136,13 +141,11 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         """The scripted forward's nested-tensor path: torch's fused inference kernel, called
         as torch's layer calls it; raises where torch's layer refuses nested input."""
         sa = self.self_attn
-        tensors: List[Optional[Tensor]] = [
-            sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
-            self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
-            self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-        ]
-        needs_grad = torch.is_grad_enabled() and any(
-            [t is not None and t.requires_grad for t in tensors])
+        tensors: List[Optional[Tensor]] = [sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight,
+                                           sa.out_proj.bias, self.norm1.weight, self.norm1.bias,
+                                           self.norm2.weight, self.norm2.bias, self.linear1.weight,
+                                           self.linear1.bias, self.linear2.weight, self.linear2.bias]
+        needs_grad = torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors])
         if self.training or needs_grad or src_mask is not None or src_key_padding_mask is not None:
             raise RuntimeError("addnorm.TransformerEncoderLayer: nested tensor input is supported "
                                "only for inference (eval mode, no gradient, no masks), as in "

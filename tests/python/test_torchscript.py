@@ -244,6 +244,26 @@ def test_encoder_layer_scripting_checks_activation():
         torch.jit.script(layer)
 
 
+def test_scripted_layer_refuses_submodule_training_modes_that_differ():
+    """Eager, a dropout submodule in another training mode than the layer runs torch's
+    forward; the scripted layer cannot, so it raises rather than ignore the mode."""
+    layer, s = _layer_pair(dropout=0.1)
+    src = torch.randn(S, N, E)
+    msg = "training mode differs from the layer's"
+    for name in ("self_attn", "dropout", "dropout1", "dropout2"):
+        for train in (True, False):
+            s.train(train)
+            getattr(s, name).train(not train)  # e.g. Monte-Carlo dropout: dropouts on in eval
+            with pytest.raises(torch.jit.Error, match=msg):
+                s(src)
+    s.eval()
+    layer.eval()
+    assert torch.equal(s(src), layer(src))  # modes agreeing again: runs
+    layer0, s0 = _layer_pair(dropout=0.0)
+    s0.dropout.eval()  # without dropout the modes change nothing
+    assert torch.equal(s0(src), layer0(src))
+
+
 # --------------------------------------------------------------------------- encoder stacks
 
 

@@ -318,9 +318,11 @@ at::Tensor transformer_encoder_layer_impl(
       return false;
     }
     at::NoGradGuard no_grad;
-    const at::Tensor w = weight.abs();  // no zero, nor a value whose float reciprocal overflows
+    // No zero, nor a value whose float reciprocal overflows; compared in double (in the
+    // weight's dtype the bound can round or flush to 0).
+    const at::Tensor w = weight.abs().to(at::kDouble);
     return !w.lt(1.0 / static_cast<double>(std::numeric_limits<float>::max())).any().item<bool>() &&
-           (!bias.has_value() || bias->abs().le(w * 4).all().item<bool>());
+           (!bias.has_value() || bias->abs().to(at::kDouble).le(w * 4).all().item<bool>());
   };
 
   // Both operands of a residual add in the dtype eager `x + y` gives (they differ under

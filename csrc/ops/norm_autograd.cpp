@@ -140,7 +140,9 @@ bool output_invertible(const std::optional<at::Tensor>& weight,
   }
   if (!weight.has_value() || !readable(weight)) return true;
   constexpr double kTiny = 1.0 / static_cast<double>(std::numeric_limits<float>::max());
-  const at::Tensor a = weight->abs();
+  // (in double: kTiny rounds to 0 in float16, and float32's subnormal kTiny compares as 0
+  // where denormals are flushed, so a zero weight would pass)
+  const at::Tensor a = weight->abs().to(at::kDouble);
   return a.ge(kTiny).logical_and_(a.lt(kInf)).all().item<bool>();
 }
 

@@ -9,6 +9,7 @@ per norm in a stack of layers); second derivatives refused, tangents computed; t
 op's checks; modules, TorchScript, torch.compile.
 """
 
+import copy
 import itertools
 
 import pytest
@@ -281,6 +282,45 @@ def test_weight_with_zero_keeps_h(op, device):
         w[3] = 0.5
     saved_me, out_me = _saved_storages(fn_me, x.numel())
     assert saved_me == {out_me.untyped_storage().data_ptr()}
+
+
+@pytest.fixture(params=[False, True], ids=["denormals", "flush_denormal"])
+def flush_denormal(request):
+    """Runs the test as is and with the CPU flushing denormals (torch.set_flush_denormal)."""
+    if request.param and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    yield request.param
+    torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("op", OPS)
+def test_weight_with_zero_keeps_h_in_every_dtype(op, dtype, flush_denormal):
+    """The zero test holds for every weight dtype and floating-point mode: it compares in
+    double (in float16, 1 / FLT_MAX rounds to 0, and with denormals flushed the float32
+    bound reads as 0, so 0 >= bound passed and backward refused the zero)."""
+    x, r, w, b, dy = data(op, (5, 24), dtype, "cpu")
+    with torch.no_grad():
+        w[3] = 0.0
+    g_me = torch.autograd.grad(run(op, x, r, w, b, memory_efficient=True), [x, r, w], dy)
+    g = torch.autograd.grad(run(op, x, r, w, b, memory_efficient=False), [x, r, w], dy)
+    for a, e in zip(g_me, g):
+        assert torch.equal(a, e)
+
+
+def test_encoder_layer_with_a_zero_norm_weight_flushing_denormals(flush_denormal):
+    """A float32 encoder layer in training with a zero in a norm weight, also with the CPU
+    flushing denormals (its backward refused the zero there): torch's gradients."""
+    torch.manual_seed(0)
+    theirs = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    with torch.no_grad():
+        theirs.norm1.weight[2] = 0.0
+    ours = addnorm.replace_modules(copy.deepcopy(theirs))
+    src = torch.randn(2, 4, 8)
+    for layer in (theirs, ours):
+        layer(src).square().sum().backward()
+    for (name, a), e in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -491,7 +491,9 @@ std::tuple<at::Tensor, at::Tensor> norm_composite(
   if (bias.has_value() && !is_rms) {
     y = y + bias->to(acc);
   }
-  return {y.to(input.scalar_type()), return_residual ? h : at::empty({0}, h.options())};
+  if (!return_residual) return {y.to(input.scalar_type()), at::empty({0}, h.options())};
+  // The returned h is a tensor of its own (input.to(its own dtype) is input itself).
+  return {y.to(input.scalar_type()), h.is_same(input) ? input.clone() : h};
 }
 
 at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& seed, double p,

@@ -525,6 +525,24 @@ def test_functorch_transforms_match_torch(device):
                                F_.layer_norm(xs, [6], w, b))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_functorch_returned_h_without_residual_is_its_own_tensor(op, device):
+    """Inside torch.func transforms, h returned without a residual (h = input) is a new
+    tensor, as in eager mode and as the schema says (no alias): it was input itself, so an
+    in-place update of h changed the input and gave wrong gradients."""
+    x = make_data((3, 8), F64, device)
+
+    def f(x):
+        y = x * 1
+        _, h = getattr(addnorm, op)(y, None, 8, return_residual=True)
+        assert h is not y
+        h.mul_(2)  # must leave y as it is
+        return y.pow(2).sum()
+
+    torch.testing.assert_close(torch.func.grad(f)(x), 2 * x, rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- separate outputs
 
 

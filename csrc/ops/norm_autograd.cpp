@@ -40,6 +40,7 @@
 #include <vector>
 
 #include <ATen/FuncTorchTLS.h>
+#include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -130,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(
 bool output_invertible(const std::optional<at::Tensor>& weight,
                        const std::optional<at::Tensor>& bias) {
   auto readable = [](const std::optional<at::Tensor>& t) {
-    const auto keys = t->key_set();
-    return t->device().is_cpu() && !keys.has(c10::DispatchKey::Python) &&
-           !keys.has(c10::DispatchKey::Functionalize);
+    // (isTensorSubclassLike: also any active dispatch mode, as a FakeTensorMode or make_fx
+    // tracing real tensors, where reading data fails)
+    return t->device().is_cpu() && !at::isTensorSubclassLike(*t);
   };
   constexpr double kInf = std::numeric_limits<double>::infinity();
   if (bias.has_value() && readable(bias) && !bias->abs().lt(kInf).all().item<bool>()) {

@@ -323,6 +323,22 @@ def test_encoder_layer_with_a_zero_norm_weight_flushing_denormals(flush_denormal
         torch.testing.assert_close(a.grad, e.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("tracer", ["fake_mode", "make_fx"])
+def test_tracing_modes_do_not_read_the_weight(tracer):
+    """Under a dispatch mode (FakeTensorMode with real parameters, make_fx tracing real
+    tensors) the weight is not read, as under torch.compile: reading it failed there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    x, r, w, b, _ = data("add_layer_norm", (4, 16), torch.float32, "cpu")
+    fn = lambda x: run("add_layer_norm", x, r, w, b, memory_efficient=True)  # noqa: E731
+    if tracer == "fake_mode":
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            assert fn(mode.from_tensor(x.detach()).requires_grad_()).shape == x.shape
+    else:
+        gm = make_fx(fn)(x.detach().requires_grad_())
+        assert torch.equal(gm(x.detach()), fn(x.detach()))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_second_derivative_refused(device):
     x, r, w, b, dy = data("add_layer_norm", (3, 8), torch.float64, device)

@@ -47,6 +47,7 @@
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
@@ -206,17 +207,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         residual_in_fp32, dropout_p, dropout_seed);
     at::Tensor h_returned = return_residual ? h : at::empty({0}, h.options());
     at::Tensor h_kept = kept ? h : at::empty({0}, h.options());
-    // (One call: each call of mark_non_differentiable replaces the previous set.)
-    variable_list non_differentiable;
-    if (!return_residual || (!input.requires_grad() && !requires_grad(residual))) {
-      // Also the returned h when neither input nor residual requires grad: h = input +
-      // residual depends on neither weight nor bias, so, like eager's x + r, it requires none.
-      non_differentiable.push_back(h_returned);
-    }
-    if (!kept) {
-      non_differentiable.push_back(h_kept);
-    }
-    ctx->mark_non_differentiable(non_differentiable);
+    // (No mark_non_differentiable, which compiled autograd refuses in C++ nodes: the caller
+    // detaches a returned h that is not differentiable; an empty h_kept gets no gradient.)
     // What was normalized: h when it was written (an output of this node, so higher-order
     // gradients reach input and residual through it), else the input; from_output: out.
     const at::Tensor& normalized =
@@ -558,7 +550,11 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
           residual_in_fp32, dropout_p, dropout_seed, memory_efficient && !tangents);
     }
     out = outs[0];
-    h_returned = outs[1];
+    // Without return_residual h_returned is empty; with it, h = input + residual depends on
+    // neither weight nor bias, so, like eager's x + r, it requires grad only if they do.
+    h_returned = return_residual && (input.requires_grad() || requires_grad(residual))
+                     ? outs[1]
+                     : outs[1].detach();
     normalized = return_residual ? outs[1]
                  : (residual.has_value() || dropout_p > 0.0) ? outs[2]
                                                              : input;
@@ -715,6 +711,12 @@ TORCH_LIBRARY_IMPL(addnorm, Autograd, m) {
   register_public_norm_ops<&norm_autograd>(m);
   m.impl("_dropout_apply", &dropout_apply_autograd);
   m.impl("_dropout_matmul", &dropout_matmul_autograd);
+  // The internal forward and backward have no derivative of their own (the public ops'
+  // nodes call them below autograd). A graph recording them instead of the public ops (as
+  // ExportedProgram.run_decompositions, which traces through the kernels above) then raises
+  // in backward where it would have given no gradients.
+  m.impl("_norm_fwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("_norm_bwd", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace addnorm

@@ -251,3 +251,47 @@ def test_export_keeps_custom_op(rms, device):
         for a, e in zip(got, exp):
             assert a.shape == (bsz, 6, 48)
             assert_close(a, e.double(), name="exported vs eager")
+
+
+def test_run_decompositions_backward_raises_instead_of_no_gradients():
+    """ExportedProgram.run_decompositions traces through the ops' autograd kernels and
+    records the internal _norm_fwd: its forward is exact, and a backward through it raises
+    (it gave no gradients to the norm's parameters and everything before it, silently)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 32), addnorm.AddLayerNorm(32), nn.Linear(32, 1))
+    x = torch.randn(4, 32)
+    em = torch.export.export(m, (x,)).run_decompositions({}).module()
+    assert torch.equal(em(x), m(x))
+    with pytest.raises(RuntimeError, match="derivative for addnorm::_norm_fwd is not implemented"):
+        em(x).sum().backward()
+
+
+@pytest.mark.parametrize("kw", [{}, {"dropout_p": 0.2}, {"memory_efficient": True},
+                                {"return_residual": True}], ids=str)
+def test_compiled_autograd_over_an_eager_forward(kw):
+    """Compiled autograd (torch._dynamo.config.compiled_autograd) over the nodes of an eager
+    forward gives eager's gradients (a C++ node that marked outputs non-differentiable hit
+    an internal assert there); the encoder layer's nodes too."""
+    torch.manual_seed(0)
+    x, r = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32, requires_grad=True)
+    w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    layer = addnorm.TransformerEncoderLayer(32, 4, 64, dropout=0.1)
+    src = torch.randn(5, 2, 32, requires_grad=True)
+    leaves = [x, r, w, b, src, *layer.parameters()]
+
+    def grads(compiled):
+        for t in leaves:
+            t.grad = None
+        torch.manual_seed(1)
+        o = addnorm.add_layer_norm(x, r, 32, w, b, **kw)
+        o = o if isinstance(o, tuple) else (o,)
+        loss = sum(t.pow(i + 2).sum() for i, t in enumerate(o)) + layer(src).pow(2).sum()
+        if compiled:
+            with torch._dynamo.config.patch(compiled_autograd=True):
+                torch.compile(lambda: loss.backward(), backend="aot_eager")()
+        else:
+            loss.backward()
+        return [t.grad for t in leaves]
+
+    for a, e in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)

@@ -20,9 +20,9 @@ def _convertible(module: nn.Module) -> bool:  # (layers the op cannot run stay t
 
 
 def replace_modules(model: nn.Module) -> nn.Module:
-    """Swap every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.TransformerEncoderLayer`` (with
-    relu or gelu activation) in ``model`` (including ``model`` itself) for addnorm's
-    drop-in, in place, keeping weights, device and dtype. Returns ``model``."""
+    """Swap every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.TransformerEncoderLayer`` (those
+    the op can run; others stay torch's) in ``model`` (including ``model`` itself) for
+    addnorm's drop-in, in place, keeping weights, device and dtype. Returns ``model``."""
     if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise TypeError("addnorm.replace_modules: model holds a ScriptModule, whose modules are "
                         "compiled: convert the nn.Module first, then script it")

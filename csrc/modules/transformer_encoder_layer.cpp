@@ -511,6 +511,11 @@ at::Tensor TransformerEncoderLayerImpl::forward(
               "norm1 and norm2 must have a weight (elementwise_affine), got none for ",
               norm1->weight.defined() ? "norm2" : "norm1");
   const auto& sa = self_attn->options;
+  TORCH_CHECK(self_attn->_qkv_same_embed_dim && !self_attn->bias_k.defined() &&
+                  !self_attn->bias_v.defined() && !sa.add_zero_attn(),
+              kName, "self_attn must be plain self-attention (no kdim/vdim, add_bias_kv, "
+              "add_zero_attn), got kdim=", sa.kdim(), ", vdim=", sa.vdim(), ", add_bias_kv=",
+              self_attn->bias_k.defined(), ", add_zero_attn=", sa.add_zero_attn());
   TORCH_CHECK(sa.dropout() == options.dropout(), kName,
               "self_attn's dropout must be the layer's (", options.dropout(), "), got ",
               sa.dropout());

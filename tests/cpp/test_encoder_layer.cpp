@@ -197,6 +197,17 @@ TEST(TransformerEncoderLayer, SubmoduleSettingsCountOrAreRefused) {
   layer->self_attn->options.dropout(0.25);
   expect_refused(layer, x, "self_attn's dropout must be the layer's (0.5), got 0.25");
   layer->self_attn->options.dropout(0.5);
+  // ... as is attention the op does not run (it ignored these):
+  layer->self_attn->options.add_zero_attn(true);
+  expect_refused(layer, x, "self_attn must be plain self-attention");
+  layer->self_attn->options.add_zero_attn(false);
+  auto plain = layer->self_attn;
+  layer->self_attn = layer->replace_module(
+      "self_attn", torch::nn::MultiheadAttention(
+                       torch::nn::MultiheadAttentionOptions(16, 4).dropout(0.5).add_bias_kv(true)));
+  expect_refused(layer, x, "add_bias_kv=1, add_zero_attn=0");
+  layer->self_attn = layer->replace_module("self_attn", plain);
+  EXPECT_NO_THROW(layer->forward(x));
   // and a norm without a weight.
   layer->norm2 = layer->replace_module(
       "norm2", addnorm::LayerNorm(addnorm::LayerNormOptions({16}).elementwise_affine(false)));

@@ -11,9 +11,7 @@ from . import _build_info
 def _check_torch_version() -> None:
     """libaddnorm links the torch it was built against; another one fails to load it with
     undefined symbols. Say so, and how to rebuild, before loading it."""
-    def release(v: str) -> str:
-        return v.split("+")[0]
-
+    release = lambda v: v.split("+")[0]  # noqa: E731  (2.11.0+cu130 -> 2.11.0)
     built, running = _build_info.torch_version, torch.__version__
     if release(built) != release(running):
         raise ImportError(

@@ -34,10 +34,7 @@ def _parity(op: str, device: str):
             "rms_norm": lambda x: addnorm.rms_norm(x, [256], w, 1e-6),
             "add_layer_norm": lambda x: addnorm.add_layer_norm(x, r, 256, w, b),
             "add_rms_norm": lambda x: addnorm.add_rms_norm(x, r, 256, w, 1e-6)}[op]
-    results = []
-    for f in (ours, theirs):
-        out = f(x)
-        results.append((out.detach(), torch.autograd.grad(out, [x], g)[0]))
+    results = [(o.detach(), torch.autograd.grad(o, [x], g)[0]) for o in (ours(x), theirs(x))]
     return max((a - e).abs().max().item() for a, e in zip(*results)), 1e-4
 
 

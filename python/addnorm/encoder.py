@@ -76,10 +76,9 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor; activation relu or
     gelu: ``"relu"``, ``"gelu"``, ``F.relu``, ``F.gelu``, ``nn.ReLU()`` or ``nn.GELU()``)."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048,
-                 dropout: float = 0.1, activation=F.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True,
-                 device=None, dtype=None) -> None:
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation=F.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
                          batch_first, norm_first, bias, device, dtype)
         if _activation_name(self.activation) is None:  # (a subclass may override blocks)

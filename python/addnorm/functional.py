@@ -33,6 +33,8 @@ def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Ten
     """Same as ``torch.nn.functional.layer_norm``; also takes bf16/fp16 input with fp32
     weight and bias."""
     _check_unnamed(input, weight, bias)
+    if isinstance(input, Tensor) and input.is_nested:  # (torch's kernel takes nested tensors)
+        return torch.nn.functional.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
     return torch.ops.addnorm.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
 
 
@@ -41,6 +43,8 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tenso
     """Same as ``torch.nn.functional.rms_norm`` (eps=None: float32's epsilon, float64's for
     float64 input)."""
     _check_unnamed(input, weight)
+    if isinstance(input, Tensor) and input.is_nested:  # (as layer_norm)
+        return torch.nn.functional.rms_norm(input, _as_shape(normalized_shape), weight, eps)
     return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
 
 
@@ -164,8 +168,7 @@ def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _S
 _NOT_SCRIPTABLE = (
     "addnorm.{name} cannot be compiled by TorchScript (keyword-only arguments, and a "
     "return type that depends on return_residual); in scripted code use addnorm.{module} "
-    "or torch.ops.addnorm.{name}, which returns (out, h)"
-)
+    "or torch.ops.addnorm.{name}, which returns (out, h)")
 add_layer_norm.__script_unsupported = _NOT_SCRIPTABLE.format(name="add_layer_norm", module="AddLayerNorm")
 add_rms_norm.__script_unsupported = _NOT_SCRIPTABLE.format(name="add_rms_norm", module="AddRMSNorm")
 

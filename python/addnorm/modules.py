@@ -19,12 +19,11 @@ def _seed(input: Tensor, p: float) -> Optional[Tensor]:  # (None: no dropout)
     return F.dropout_seed(input.device) if p > 0.0 else None
 
 
-def _extra(m) -> str:
-    return (f"return_residual={m.return_residual}, residual_in_fp32={m.residual_in_fp32}, "
-            f"dropout={m.dropout}, memory_efficient={m.memory_efficient}")
-
-
 _CONSTANTS = ["return_residual", "residual_in_fp32", "dropout", "memory_efficient"]
+
+
+def _extra(m) -> str:
+    return ", ".join(f"{k}={getattr(m, k)}" for k in _CONSTANTS)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -33,6 +32,8 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             F._check_unnamed(input)
+            if isinstance(input, Tensor) and input.is_nested:  # (torch's kernel takes them)
+                return super().forward(input)
         return torch.ops.addnorm.layer_norm(input, self.normalized_shape, self.weight, self.bias,
                                             self.eps)
 
@@ -43,6 +44,8 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             F._check_unnamed(input)
+            if isinstance(input, Tensor) and input.is_nested:  # (as LayerNorm)
+                return super().forward(input)
         return torch.ops.addnorm.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 

@@ -358,3 +358,48 @@ def test_replace_modules(dtype, device):
     targets = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
     assert {"addnorm.layer_norm", "addnorm.rms_norm"} <= targets, targets
     assert torch.equal(traced(x), model(x))
+
+
+@pytest.mark.parametrize("name,layout", [("LayerNorm", torch.strided), ("LayerNorm", torch.jagged),
+                                         ("RMSNorm", torch.jagged)])  # (torch's nested support)
+def test_nested_tensor_input_runs_torchs_kernel(name, layout):
+    """Nested tensors (which torch's norms take, the ops do not) go to torch's kernel, in
+    the modules and the functional forms, forward and backward: they raised."""
+    torch.manual_seed(0)
+    theirs = getattr(nn, name)(8)
+    ours = getattr(addnorm, name)(8)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+        ours.weight.copy_(theirs.weight)
+    rows = [torch.randn(n, 8) for n in (3, 5)]
+    fn = ((lambda t: addnorm.layer_norm(t, 8, ours.weight, ours.bias)) if name == "LayerNorm"
+          else (lambda t: addnorm.rms_norm(t, [8], ours.weight)))
+    results = []
+    for module in (theirs, ours, fn):
+        x = torch.nested.nested_tensor([r.clone() for r in rows], layout=layout,
+                                       requires_grad=True)
+        out = module(x)
+        out.backward(out.detach().clone())
+        results.append([out.detach().unbind(), x.grad.unbind()])
+    for got in results[1:]:
+        for a, e in zip(got, results[0]):
+            for ai, ei in zip(a, e):
+                torch.testing.assert_close(ai, ei, rtol=1e-6, atol=1e-6)
+
+
+def test_converted_encoder_with_a_hook_on_nested_input():
+    """nn.TransformerEncoder hands nested tensors to its layers in eval under no_grad with a
+    padding mask; a hook makes torch's layer take its slow path, which calls the norms (the
+    converted ones raised there)."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 2).eval()
+    ours = addnorm.replace_modules(copy.deepcopy(ref))
+    x = torch.randn(3, 5, 16)
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, -2:] = True
+    outs = []
+    for model in (ref, ours):
+        model.layers[0].linear1.register_forward_hook(lambda m, i, o: None)
+        with torch.no_grad():
+            outs.append(model(x, src_key_padding_mask=pad))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)

@@ -61,7 +61,9 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 
 // F._canonical_mask: a bool mask becomes an additive float mask of src's dtype
-// (true -> -inf); a float mask is used as is.
+// (true -> -inf); a float mask is used as is, or cast to src's dtype where attention would
+// refuse its dtype (neither float32 nor src's: numpy's float64, say), as torch's inference
+// fast path takes it (its slow path refuses it).
 OptTensor canonical_mask(const OptTensor& mask, const char* name, c10::ScalarType target) {
   if (!mask.has_value()) return std::nullopt;
   const auto& m = *mask;
@@ -72,7 +74,7 @@ OptTensor canonical_mask(const OptTensor& mask, const char* name, c10::ScalarTyp
   TORCH_CHECK(
       c10::isFloatingType(m.scalar_type()), "addnorm: transformer_encoder_layer: ", name,
       " must be a bool or floating-point tensor, got ", m.scalar_type());
-  return m;
+  return m.scalar_type() == target || m.scalar_type() == at::kFloat ? m : m.to(target);
 }
 
 void check_shape(const at::Tensor& t, c10::SymIntArrayRef expected, const char* name) {

@@ -905,3 +905,25 @@ def test_subclass_overriding_a_block_runs_torchs_forward():
     with pytest.warns(UserWarning, match="_ff_block is overridden"):
         got = ours(x)
     assert torch.equal(got, ref(x))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.float64, torch.bfloat16])
+def test_float_masks_of_another_dtype(mask_dtype):
+    """A float mask of a dtype attention refuses (numpy's float64, say) is cast to src's,
+    as torch's inference fast path takes it (it raised): the result is torch's slow path's
+    with the mask in float32 (torch's fast path mishandles a finite float src_mask)."""
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True).eval()
+    ours = addnorm.replace_modules(copy.deepcopy(ref))
+    x = torch.randn(3, 5, 16)
+    kpm = torch.zeros(3, 5)
+    kpm[1, -2:] = float("-inf")
+    mask = torch.zeros(5, 5)
+    mask[0, 1] = -1.5
+    expected = ref(x, src_mask=mask, src_key_padding_mask=kpm)  # (grad enabled: slow path)
+    with torch.no_grad():
+        got = ours(x, src_mask=mask.to(mask_dtype), src_key_padding_mask=kpm.to(mask_dtype))
+    torch.testing.assert_close(got, expected.detach(), rtol=1e-5, atol=1e-5)
+    ours.train()
+    torch.testing.assert_close(ours(x, src_mask=mask.double()), ref.train()(x, src_mask=mask),
+                               rtol=1e-5, atol=1e-5)

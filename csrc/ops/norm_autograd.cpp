@@ -47,6 +47,7 @@
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
@@ -196,8 +197,10 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->set_materialize_grads(false);  // an unused output gets no [M, N] zero gradient
     const bool has_residual = residual.has_value();
     const bool drop = dropout_p > 0.0;
-    const bool from_output =
-        memory_efficient && output_invertible(weight, is_rms ? std::nullopt : bias);
+    // Rows of 1 to 3 elements keep h: their exact input gradient nearly cancels, so the
+    // rounding of out would be most of it (up to 3x torch's error), for little memory.
+    const bool from_output = memory_efficient && c10::multiply_integers(normalized_shape) > 3 &&
+                             output_invertible(weight, is_rms ? std::nullopt : bias);
     // Backward needs h (unless from_output); with a residual or dropout it exists only if
     // we write it.
     const bool kept = (has_residual || drop) && !return_residual && !from_output;

@@ -305,9 +305,10 @@ at::Tensor transformer_encoder_layer_impl(
   // little of xhat where |weight| is small for the weight gradient to stay within torch's
   // accuracy (under autocast the residual stream, and so the norms, are float32). On the
   // CPU, only for a weight it can read for free (not a tensor being traced, as under
-  // torch.compile) with no zero and |bias| <= 4 |weight| everywhere: backward recovers
-  // xhat = (y - bias) / weight, whose rounding error grows with |bias / weight| (at 16 the
-  // norm weight's gradient error was 2-4x torch's, at 4 within it). Other devices' weights
+  // torch.compile) with |bias| <= 4 |weight| everywhere (a zero: the op keeps h itself):
+  // backward recovers xhat = (y - bias) / weight, whose rounding error grows with
+  // |bias / weight| (at 16 the norm weight's gradient error was 2-4x torch's, at 4 within
+  // it). Other devices' weights
   // are not read (a host synchronization): there the README's caveats apply.
   auto lean = [&](const at::Tensor& t, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias) {
@@ -320,11 +321,8 @@ at::Tensor transformer_encoder_layer_impl(
       return false;
     }
     at::NoGradGuard no_grad;
-    // No zero, nor a value whose float reciprocal overflows; compared in double (in the
-    // weight's dtype the bound can round or flush to 0).
-    const at::Tensor w = weight.abs().to(at::kDouble);
-    return !w.lt(1.0 / static_cast<double>(std::numeric_limits<float>::max())).any().item<bool>() &&
-           (!bias.has_value() || bias->abs().to(at::kDouble).le(w * 4).all().item<bool>());
+    // (A zero, or a value whose float reciprocal overflows: the op itself keeps h for it.)
+    return !bias.has_value() || bias->abs().le(weight.abs() * 4).all().item<bool>();
   };
 
   // Both operands of a residual add in the dtype eager `x + y` gives (they differ under

@@ -120,7 +120,9 @@ inline void set_schedule(Schedule s, bool greedy, uint64_t seed) {
   g_greedy = greedy;
   g_schedule_seed = seed;
 }
-constexpr size_t kMaxDynSmem = 227 * 1024;  // an H100 block's limit (opt-in)
+// A launch's dynamic shared memory without cudaFuncSetAttribute's opt-in (the kernels never
+// opt in; 227 KiB on an H100 with it).
+constexpr size_t kMaxDynSmem = 48 * 1024;
 inline unsigned char* g_dyn_smem = nullptr;  // the running launch's dynamic shared memory
 inline unsigned char* dyn_smem() { return g_dyn_smem; }
 inline int sm_count() { return 132; }
@@ -256,7 +258,12 @@ inline void resume(Fiber& f) {
 template <typename K, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
   if (smem > kMaxDynSmem) {
-    throw std::runtime_error("cuda emulation: more dynamic shared memory than a block can have");
+    throw std::runtime_error("cuda emulation: more than 48 KiB of dynamic shared memory");
+  }
+  // The hardware's grid and block limits (an invalid configuration fails the launch there).
+  if (grid.x < 1 || grid.x > 0x7fffffffu || grid.y < 1 || grid.y > 65535 || grid.z < 1 ||
+      grid.z > 65535 || block.x > 1024 || block.y > 1024 || block.z > 64) {
+    throw std::runtime_error("cuda emulation: grid or block dimensions out of range");
   }
   // The buffer: smem bytes (aligned as the heap aligns), then a guard band; none with
   // AddressSanitizer, whose redzone right after the buffer reports reads as well as writes.

@@ -82,6 +82,16 @@ void smem_write_probe(int64_t smem, int64_t at) {
   });
 }
 
+// An empty launch of the given configuration: the emulator's check of the hardware's limits.
+void launch_probe(std::vector<int64_t> grid, std::vector<int64_t> block, int64_t smem) {
+  TORCH_CHECK(grid.size() == 3 && block.size() == 3, "grid and block: three dimensions each");
+  auto dims = [](const std::vector<int64_t>& d) {
+    return dim3(static_cast<unsigned>(d[0]), static_cast<unsigned>(d[1]),
+                static_cast<unsigned>(d[2]));
+  };
+  emu::launch(dims(grid), dims(block), static_cast<size_t>(smem), [] {});
+}
+
 // The order of a block's threads between barriers: "forward", "reverse" or "shuffled";
 // round robin or greedy (emu_cuda.h).
 void set_schedule(const std::string& order, bool greedy, int64_t seed) {
@@ -103,4 +113,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dropout_seed"), py::arg("grad_h_wanted"), py::arg("h_dtype") = py::none());
   m.def("set_schedule", &set_schedule, "the order of a block's threads between barriers");
   m.def("smem_write_probe", &smem_write_probe, "the emulator's shared-memory guard, probed");
+  m.def("launch_probe", &launch_probe, "the emulator's launch-configuration check, probed");
 }

@@ -50,6 +50,21 @@ def test_emulator_catches_writes_past_dynamic_shared_memory(emu):
             emu.smem_write_probe(smem, at)
 
 
+def test_emulator_refuses_launches_the_gpu_refuses(emu):
+    """A launch configuration the hardware refuses (grid y/z over 65535, an empty grid, over
+    1024 threads per block, dynamic shared memory over 48 KiB without the opt-in, which the
+    kernels never make) fails the emulated launch too: these fail only on a GPU otherwise."""
+    emu.launch_probe([2, 3, 1], [32, 2, 1], 48 * 1024)
+    emu.launch_probe([1, 1, 1], [1024, 1, 1], 0)
+    for grid, block in (([1, 65536, 1], [32, 1, 1]), ([1, 1, 65536], [32, 1, 1]),
+                        ([0, 1, 1], [32, 1, 1]), ([1, 1, 1], [1025, 1, 1]),
+                        ([1, 1, 1], [512, 4, 1]), ([1, 1, 1], [1, 1, 65])):
+        with pytest.raises(RuntimeError, match="out of range|1 to 1024 threads"):
+            emu.launch_probe(grid, block, 0)
+    with pytest.raises(RuntimeError, match="more than 48 KiB of dynamic shared memory"):
+        emu.launch_probe([1, 1, 1], [32, 1, 1], 48 * 1024 + 1)
+
+
 def _cpu_fwd(x, r, n, w, b, eps, rms):
     return torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, r is not None, False)
 

@@ -34,6 +34,13 @@
 //   for the rows (see the README). Second derivatives need h and are refused;
 //   forward-mode tangents are computed from h in the forward, which then runs as without
 //   the flag.
+// - The returned h comes out of a node of its own (ResidualOutFunction, an identity after the
+//   norm's node): torch's h = x + r comes before the norm, so its gradient includes the
+//   norm's; here h is the norm node's sibling output, which the fused backward needs (the
+//   gradient of h's other uses, added in the norm's pass), and the gradient at h is only
+//   that of its other uses. Nothing may look at it, then: a hook on h, retain_grad, or
+//   torch.autograd.grad / backward(inputs=) asking for h makes backward
+//   raise (checked by a hook on h's node and, when h got no gradient, one on the norm's).
 // Under torch.compile both internal ops land in the traced graphs.
 
 #include <limits>
@@ -51,6 +58,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include "ops/norm_public.h"
@@ -374,6 +382,88 @@ void CppNode<addnorm::NormFunction>::release_variables() {
 namespace addnorm {
 namespace {
 
+// The returned h as an output of its own node (see the top of this file): the same storage
+// and version counter as the norm node's h (in-place changes of it are seen by that node's
+// saved-tensor check), not a view.
+class ResidualOutFunction : public torch::autograd::Function<ResidualOutFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h) {
+    ctx->set_materialize_grads(false);
+    return h.detach();
+  }
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list grads) {
+    return grads;
+  }
+};
+
+// Whether anything looks at the gradient flowing into h's node (whose first tensor pre-hook
+// is the check below): other tensor hooks (a hook registered on h, even if removed since),
+// retain_grad, or a capture of the gradient (h among the inputs of torch.autograd.grad or
+// backward(inputs=)). (Not the node's own pre- and post-hooks, which tools such as
+// AOTAutograd put on every node of a graph.)
+bool residual_grad_observed(torch::autograd::Node& node) {
+  if (node.tensor_pre_hooks().size() > 1 || !node.retains_grad_hooks().empty()) {
+    return true;
+  }
+  const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
+  if (exec_info == nullptr || exec_info->empty()) return false;
+  const auto it = exec_info->find(&node);
+  return it != exec_info->end() && it->second.captures_ != nullptr;
+}
+
+void check_residual_grad_unobserved(torch::autograd::Node& node) {
+  TORCH_CHECK(!residual_grad_observed(node),
+              "addnorm: the gradient of the h returned with return_residual=True is looked at "
+              "(a hook on h, h.retain_grad(), or h among the inputs of "
+              "torch.autograd.grad / backward(inputs=...)), but it is not h's full gradient: "
+              "the fused backward adds the norm's part in its own pass (as flash-attn's "
+              "prenorm does), so h's gradient there holds only that of h's other uses. Compute "
+              "h = input + residual yourself (with torch's dropout if any) and normalize it "
+              "with addnorm.layer_norm / addnorm.rms_norm to look at its gradient.");
+}
+
+// The first tensor pre-hook of h's node: runs whenever a gradient reaches h (also when it is
+// captured and the node itself does not run). (Compiled autograd, which traces hooks into
+// its graph, skips it.)
+struct ResidualGradCheck final : torch::autograd::FunctionPreHook {
+  explicit ResidualGradCheck(torch::autograd::Node* node) : node_(node) {}
+  variable_list operator()(const variable_list& grads) override {
+    check_residual_grad_unobserved(*node_);
+    return grads;
+  }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {}
+  torch::autograd::Node* node_;  // (owns this hook)
+};
+
+// A pre-hook of the norm's node: when h got no gradient (the loss does not use it), its full
+// gradient is the norm's part, which its node never sees: nothing may look at it there
+// either.
+struct UnusedResidualGradCheck final : torch::autograd::FunctionPreHook {
+  explicit UnusedResidualGradCheck(std::weak_ptr<torch::autograd::Node> node)
+      : node_(std::move(node)) {}
+  variable_list operator()(const variable_list& grads) override {
+    if (grads.size() > 1 && !grads[1].defined()) {
+      if (const auto node = node_.lock()) {
+        check_residual_grad_unobserved(*node);
+      }
+    }
+    return grads;
+  }
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {}
+  std::weak_ptr<torch::autograd::Node> node_;
+};
+
+// h returned with a gradient: out of its own node, with both checks.
+at::Tensor residual_out(const at::Tensor& out, const at::Tensor& h) {
+  at::Tensor returned = ResidualOutFunction::apply(h);
+  const std::shared_ptr<torch::autograd::Node> node = returned.grad_fn();
+  node->add_tensor_pre_hook(std::make_unique<ResidualGradCheck>(node.get()));
+  if (const auto& norm_node = out.grad_fn()) {
+    norm_node->add_pre_hook(std::make_unique<UnusedResidualGradCheck>(node));
+  }
+  return returned;
+}
+
 bool any_requires_grad(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
@@ -556,7 +646,7 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     // Without return_residual h_returned is empty; with it, h = input + residual depends on
     // neither weight nor bias, so, like eager's x + r, it requires grad only if they do.
     h_returned = return_residual && (input.requires_grad() || requires_grad(residual))
-                     ? outs[1]
+                     ? residual_out(out, outs[1])
                      : outs[1].detach();
     normalized = return_residual ? outs[1]
                  : (residual.has_value() || dropout_p > 0.0) ? outs[2]

@@ -136,6 +136,47 @@ TEST(AddNormOps, GradientsFromCpp) {
   }
 }
 
+// The returned h's gradient holds only that of its uses outside the norm (the fused
+// backward adds the norm's part in its own pass): a hook on h, retain_grad, or asking for
+// h's gradient raises instead of showing it.
+TEST(AddNormOps, LookingAtReturnedResidualGradientRaises) {
+  torch::manual_seed(5);
+  auto x = torch::randn({4, 16}, torch::requires_grad());
+  auto r = torch::randn({4, 16}, torch::requires_grad());
+  auto w = torch::randn({16}, torch::requires_grad());
+  const std::string expected = "gradient of the h returned with return_residual=True";
+  auto loss_of = [](const at::Tensor& out, const at::Tensor& h) {
+    return out.pow(2).sum() + h.sum();
+  };
+  {
+    auto [out, h] = addnorm::add_layer_norm(x, r, {16}, w, std::nullopt, 1e-5);
+    h.register_hook([](const at::Tensor& g) { return g * 0; });
+    EXPECT_NE(error_of([&] { loss_of(out, h).backward(); }).find(expected), std::string::npos);
+  }
+  {
+    auto [out, h] = addnorm::add_layer_norm(x, r, {16}, w, std::nullopt, 1e-5);
+    h.retain_grad();
+    EXPECT_NE(error_of([&] { loss_of(out, h).backward(); }).find(expected), std::string::npos);
+  }
+  {
+    auto [out, h] = addnorm::add_rms_norm(x, r, {16}, w, 1e-6);
+    EXPECT_NE(error_of([&] { torch::autograd::grad({loss_of(out, h)}, {h}); }).find(expected),
+              std::string::npos);
+  }
+  {
+    // Not looked at: a hook on out is fine, and the gradients are torch's.
+    auto [out, h] = addnorm::add_layer_norm(x, r, {16}, w, std::nullopt, 1e-5);
+    out.register_hook([](const at::Tensor& g) { return g * 2; });
+    auto grads = torch::autograd::grad({loss_of(out, h)}, {x, w});
+    auto h_ref = x + r;
+    auto out_ref = at::layer_norm(h_ref, {16}, w, {}, 1e-5);
+    out_ref.register_hook([](const at::Tensor& g) { return g * 2; });
+    auto ref = torch::autograd::grad({loss_of(out_ref, h_ref)}, {x, w});
+    EXPECT_TRUE(torch::allclose(grads[0], ref[0], 1e-5, 1e-5));
+    EXPECT_TRUE(torch::allclose(grads[1], ref[1], 1e-5, 1e-5));
+  }
+}
+
 TEST(AddNormOps, RmsGradientsFromCpp) {
   torch::manual_seed(4);
   auto x = torch::randn({3, 5, 16}, torch::dtype(torch::kDouble).requires_grad(true));

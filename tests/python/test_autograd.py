@@ -255,6 +255,126 @@ def test_only_out_used(rms, device):
     assert torch.count_nonzero(grads[0][0]) > 0
 
 
+H_LOOKS = ["retain_grad", "hook", "hook_removed", "autograd_grad", "backward_inputs"]
+
+
+def _prenorm_leaves(rms, residual, device):
+    x = make_data((3, 16), F64, device, requires_grad=True)
+    r = (make_data((3, 16), F64, device, scale=1.0, offset=0.0, requires_grad=True)
+         if residual else None)
+    w, b = make_affine((16,), F64, device, requires_grad=True)
+    return x, r, w, (None if rms else b)
+
+
+def _look_at_h_grad(look, h, loss):
+    """Looks at h's gradient in one of the ways torch offers, during loss's backward."""
+    if look == "retain_grad":
+        h.retain_grad()
+        loss.backward()
+    elif look.startswith("hook"):
+        handle = h.register_hook(lambda g: g * 0)
+        if look == "hook_removed":
+            handle.remove()
+        loss.backward()
+    elif look == "autograd_grad":
+        torch.autograd.grad(loss, [h])
+    else:
+        loss.backward(inputs=[h])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("h_in_loss", [True, False], ids=["h_used", "h_unused"])
+@pytest.mark.parametrize("look", H_LOOKS)
+@pytest.mark.parametrize("variant", ["plain", "no_residual", "dropout", "memory_efficient"])
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_looking_at_returned_h_grad_raises(rms, variant, look, h_in_loss, device):
+    """The h returned with return_residual is the norm node's sibling output (the fused
+    backward adds the norm's part of h's gradient in its own pass), so the gradient at h is
+    only that of h's other uses, where torch's h = x + r (before the norm) gets its full
+    gradient: h.retain_grad() gave h.grad 0.78-1.68 off, a hook zeroing h's gradient left
+    input's gradient wrong, torch.autograd.grad(loss, h) returned the partial gradient.
+    Looking at it raises now, also when the loss does not use h (torch's gradient is then
+    the norm's part alone), and also after a hook was removed (it cannot be told apart)."""
+    x, r, w, b = _prenorm_leaves(rms, variant != "no_residual", device)
+    fn = addnorm.add_rms_norm if rms else addnorm.add_layer_norm
+    kw = {"dropout_p": 0.3} if variant == "dropout" else {}
+    if variant == "memory_efficient":
+        kw["memory_efficient"] = True
+    bias = {} if rms else {"bias": b}
+    out, h = fn(x, r, [16], w, return_residual=True, **bias, **kw)
+    go = torch.randn(out.shape, dtype=F64, device=device)
+    loss = (out * go).sum() + (h.pow(2).sum() if h_in_loss else 0)
+    if look in ("autograd_grad", "backward_inputs") and not h_in_loss:
+        # Asking for h alone runs no node when the loss does not use h (torch.autograd.grad
+        # then raises by itself, or gives None with allow_unused; backward leaves h.grad
+        # None): not caught. Asking for x too runs the norm's node, which sees h looked at.
+        with pytest.raises(RuntimeError, match="gradient of the h returned with return_residual"):
+            if look == "autograd_grad":
+                torch.autograd.grad(loss, [h, x], allow_unused=True)
+            else:
+                loss.backward(inputs=[h, x])
+        return
+    with pytest.raises(RuntimeError, match="gradient of the h returned with return_residual"):
+        _look_at_h_grad(look, h, loss)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_returned_h_unobserved_gradients_match_torch(rms, device):
+    """Without anything looking at h's gradient, the gradients of every leaf equal those of
+    torch's h = x + r then F.layer_norm / F.rms_norm, with hooks on out and on the leaves,
+    torch.autograd.grad for some leaves, and backward(inputs=) of leaves."""
+    x, r, w, b = _prenorm_leaves(rms, True, device)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    go = torch.randn(3, 16, dtype=F64, device=device)
+
+    def run(fused):
+        if fused:
+            fn = addnorm.add_rms_norm if rms else addnorm.add_layer_norm
+            out, h = fn(x, r, [16], w, **({} if rms else {"bias": b}), return_residual=True)
+        else:
+            h = x + r
+            out = F.rms_norm(h, [16], w) if rms else F.layer_norm(h, [16], w, b)
+        out.register_hook(lambda g: g * 2)
+        return (out * go).sum() + h.pow(2).sum()
+
+    expected = torch.autograd.grad(run(False), leaves)
+    torch.testing.assert_close(torch.autograd.grad(run(True), leaves), expected,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(run(True), [x, w]),
+                               (expected[0], expected[2]), rtol=1e-12, atol=1e-12)
+    x.register_hook(lambda g: g * 3)
+    run(True).backward(inputs=[x, r])
+    torch.testing.assert_close(x.grad, 3 * expected[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.grad, expected[1], rtol=1e-12, atol=1e-12)
+    assert w.grad is None
+
+
+def test_returned_h_module_full_backward_hook_matches_torch():
+    """A full backward hook on AddLayerNorm(return_residual=True) sees torch's grad_input and
+    grad_output (a module's output gradients are those of the outputs' uses after it, in
+    torch's h = x + r; out = layer_norm(h) too): no check fires there."""
+    class Unfused(torch.nn.LayerNorm):
+        def forward(self, x, r):
+            h = x + r
+            return F.layer_norm(h, self.normalized_shape, self.weight, self.bias, self.eps), h
+
+    x0, r0 = make_data((3, 8), F64, "cpu"), make_data((3, 8), F64, "cpu", scale=1.0, offset=0.0)
+    go = torch.randn(3, 8, dtype=F64)
+    seen = []
+    for m in (Unfused(8).double(), addnorm.AddLayerNorm(8, return_residual=True).double()):
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 2, 8, dtype=F64))
+            m.bias.copy_(torch.linspace(-1, 1, 8, dtype=F64))
+        hooked = {}
+        m.register_full_backward_hook(lambda mod, gi, gout: hooked.update(gi=gi, gout=gout))
+        x, r = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+        out, h = m(x, r)
+        ((out * go).sum() + h.pow(2).sum()).backward()
+        seen.append([*hooked["gi"], *hooked["gout"], x.grad])
+    torch.testing.assert_close(seen[1], seen[0], rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- determinism
 
 

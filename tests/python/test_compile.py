@@ -266,6 +266,27 @@ def test_run_decompositions_backward_raises_instead_of_no_gradients():
         em(x).sum().backward()
 
 
+def test_aoti_package_runs_the_ops(tmp_path):
+    """AOTInductor compiles a model with the drop-ins and the encoder layer (eval) into a
+    package whose results equal eager's, with a dynamic batch dim."""
+    torch.manual_seed(0)
+    m = nn.Sequential(addnorm.LayerNorm(32), nn.Linear(32, 32),
+                      addnorm.TransformerEncoderLayer(32, 4, 64, batch_first=True)).eval()
+    with torch.no_grad():
+        m[0].weight.normal_(1, 0.5)
+        m[0].bias.normal_(0, 0.5)
+    x = torch.randn(2, 5, 32)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    with torch.no_grad():
+        ep = torch.export.export(m, (x,), dynamic_shapes=({0: batch},))
+        path = torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(tmp_path / "model.pt2"))
+        run = torch._inductor.aoti_load_package(path)
+        for bsz in (2, 3):
+            xi = torch.randn(bsz, 5, 32)
+            assert_close(run(xi), m(xi).double(), name="AOTInductor vs eager")
+
+
 @pytest.mark.parametrize("kw", [{}, {"dropout_p": 0.2}, {"memory_efficient": True},
                                 {"return_residual": True}], ids=str)
 def test_compiled_autograd_over_an_eager_forward(kw):

@@ -38,9 +38,11 @@
 //   norm's node): torch's h = x + r comes before the norm, so its gradient includes the
 //   norm's; here h is the norm node's sibling output, which the fused backward needs (the
 //   gradient of h's other uses, added in the norm's pass), and the gradient at h is only
-//   that of its other uses. Nothing may look at it, then: a hook on h, retain_grad, or
-//   torch.autograd.grad / backward(inputs=) asking for h makes backward
-//   raise (checked by a hook on h's node and, when h got no gradient, one on the norm's).
+//   that of its other uses. So backward raises where h's gradient is asked for
+//   (retain_grad, or torch.autograd.grad / backward(inputs=) with h among the inputs;
+//   checked by a hook on h's node and, when h got no gradient, one on the norm's) or where
+//   a hook on h changed it. Hooks that only read it (FSDP's, which trigger on every module
+//   output) pass; they see the partial gradient.
 // Under torch.compile both internal ops land in the traced graphs.
 
 #include <limits>
@@ -384,67 +386,79 @@ namespace {
 
 // The returned h as an output of its own node (see the top of this file): the same storage
 // and version counter as the norm node's h (in-place changes of it are seen by that node's
-// saved-tensor check), not a view.
+// saved-tensor check), not a view. Backward passes the gradient on, unless a hook on h
+// changed it (ResidualGradCheck notes it as it arrives).
 class ResidualOutFunction : public torch::autograd::Function<ResidualOutFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h) {
     ctx->set_materialize_grads(false);
     return h.detach();
   }
-  static variable_list backward(AutogradContext* /*ctx*/, variable_list grads) {
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto arrived = ctx->saved_data.find("arrived");
+    if (arrived != ctx->saved_data.end()) {
+      const at::Tensor before = arrived->second.toTensor();
+      const int64_t version = ctx->saved_data["arrived_version"].toInt();
+      ctx->saved_data.erase("arrived");
+      TORCH_CHECK(grads[0].is_same(before) && before._version() == version,
+                  "addnorm: a hook on the h returned with return_residual=True changed its "
+                  "gradient, which is not h's full gradient", kResidualGradNote);
+    }
     return grads;
   }
+  static constexpr const char* kResidualGradNote =
+      ": h is the norm's sibling output (as flash-attn's prenorm), and the fused backward "
+      "adds the norm's part of h's gradient in its own pass, so the gradient at h holds only "
+      "that of h's other uses. Compute h = input + residual yourself (with torch's dropout "
+      "if any) and normalize it with addnorm.layer_norm / addnorm.rms_norm to change or look "
+      "at h's gradient.";
 };
 
-// Whether anything looks at the gradient flowing into h's node (whose first tensor pre-hook
-// is the check below): other tensor hooks (a hook registered on h, even if removed since),
-// retain_grad, or a capture of the gradient (h among the inputs of torch.autograd.grad or
-// backward(inputs=)). (Not the node's own pre- and post-hooks, which tools such as
-// AOTAutograd put on every node of a graph.)
-bool residual_grad_observed(torch::autograd::Node& node) {
-  if (node.tensor_pre_hooks().size() > 1 || !node.retains_grad_hooks().empty()) {
-    return true;
-  }
+// Raises where h's gradient is asked for (see the top of this file): h.retain_grad(), or h
+// among the inputs of torch.autograd.grad or backward(inputs=) (a capture at h's node).
+void check_residual_grad_not_asked_for(torch::autograd::Node& node) {
+  bool captured = false;
   const auto* exec_info = torch::autograd::get_current_graph_task_exec_info();
-  if (exec_info == nullptr || exec_info->empty()) return false;
-  const auto it = exec_info->find(&node);
-  return it != exec_info->end() && it->second.captures_ != nullptr;
-}
-
-void check_residual_grad_unobserved(torch::autograd::Node& node) {
-  TORCH_CHECK(!residual_grad_observed(node),
-              "addnorm: the gradient of the h returned with return_residual=True is looked at "
-              "(a hook on h, h.retain_grad(), or h among the inputs of "
-              "torch.autograd.grad / backward(inputs=...)), but it is not h's full gradient: "
-              "the fused backward adds the norm's part in its own pass (as flash-attn's "
-              "prenorm does), so h's gradient there holds only that of h's other uses. Compute "
-              "h = input + residual yourself (with torch's dropout if any) and normalize it "
-              "with addnorm.layer_norm / addnorm.rms_norm to look at its gradient.");
+  if (exec_info != nullptr && !exec_info->empty()) {
+    const auto it = exec_info->find(&node);
+    captured = it != exec_info->end() && it->second.captures_ != nullptr;
+  }
+  TORCH_CHECK(node.retains_grad_hooks().empty() && !captured,
+              "addnorm: the gradient of the h returned with return_residual=True is asked for "
+              "(h.retain_grad(), or h among the inputs of torch.autograd.grad / "
+              "backward(inputs=...)), but it is not h's full gradient",
+              ResidualOutFunction::kResidualGradNote);
 }
 
 // The first tensor pre-hook of h's node: runs whenever a gradient reaches h (also when it is
-// captured and the node itself does not run). (Compiled autograd, which traces hooks into
-// its graph, skips it.)
+// captured and the node itself does not run); notes the gradient as it arrives, before the
+// user's hooks. (Compiled autograd, which traces hooks into its graph, skips it.)
 struct ResidualGradCheck final : torch::autograd::FunctionPreHook {
-  explicit ResidualGradCheck(torch::autograd::Node* node) : node_(node) {}
+  explicit ResidualGradCheck(AutogradContext* ctx, torch::autograd::Node* node)
+      : ctx_(ctx), node_(node) {}
   variable_list operator()(const variable_list& grads) override {
-    check_residual_grad_unobserved(*node_);
+    check_residual_grad_not_asked_for(*node_);
+    if (grads[0].defined()) {
+      ctx_->saved_data["arrived"] = grads[0];
+      ctx_->saved_data["arrived_version"] = grads[0]._version();
+    }
     return grads;
   }
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {}
-  torch::autograd::Node* node_;  // (owns this hook)
+  AutogradContext* ctx_;          // (of node_, which owns this hook)
+  torch::autograd::Node* node_;
 };
 
 // A pre-hook of the norm's node: when h got no gradient (the loss does not use it), its full
-// gradient is the norm's part, which its node never sees: nothing may look at it there
-// either.
+// gradient is the norm's part, which its node never sees: it may not be asked for there
+// either. (A hook on such an h is never called.)
 struct UnusedResidualGradCheck final : torch::autograd::FunctionPreHook {
   explicit UnusedResidualGradCheck(std::weak_ptr<torch::autograd::Node> node)
       : node_(std::move(node)) {}
   variable_list operator()(const variable_list& grads) override {
     if (grads.size() > 1 && !grads[1].defined()) {
       if (const auto node = node_.lock()) {
-        check_residual_grad_unobserved(*node);
+        check_residual_grad_not_asked_for(*node);
       }
     }
     return grads;
@@ -457,7 +471,8 @@ struct UnusedResidualGradCheck final : torch::autograd::FunctionPreHook {
 at::Tensor residual_out(const at::Tensor& out, const at::Tensor& h) {
   at::Tensor returned = ResidualOutFunction::apply(h);
   const std::shared_ptr<torch::autograd::Node> node = returned.grad_fn();
-  node->add_tensor_pre_hook(std::make_unique<ResidualGradCheck>(node.get()));
+  auto& ctx = static_cast<torch::autograd::CppNode<ResidualOutFunction>&>(*node).ctx_;
+  node->add_tensor_pre_hook(std::make_unique<ResidualGradCheck>(&ctx, node.get()));
   if (const auto& norm_node = out.grad_fn()) {
     norm_node->add_pre_hook(std::make_unique<UnusedResidualGradCheck>(node));
   }

@@ -137,8 +137,8 @@ TEST(AddNormOps, GradientsFromCpp) {
 }
 
 // The returned h's gradient holds only that of its uses outside the norm (the fused
-// backward adds the norm's part in its own pass): a hook on h, retain_grad, or asking for
-// h's gradient raises instead of showing it.
+// backward adds the norm's part in its own pass): a hook changing it, retain_grad, or
+// asking for h's gradient raises.
 TEST(AddNormOps, LookingAtReturnedResidualGradientRaises) {
   torch::manual_seed(5);
   auto x = torch::randn({4, 16}, torch::requires_grad());
@@ -151,7 +151,8 @@ TEST(AddNormOps, LookingAtReturnedResidualGradientRaises) {
   {
     auto [out, h] = addnorm::add_layer_norm(x, r, {16}, w, std::nullopt, 1e-5);
     h.register_hook([](const at::Tensor& g) { return g * 0; });
-    EXPECT_NE(error_of([&] { loss_of(out, h).backward(); }).find(expected), std::string::npos);
+    EXPECT_NE(error_of([&] { loss_of(out, h).backward(); }).find("changed its gradient"),
+              std::string::npos);
   }
   {
     auto [out, h] = addnorm::add_layer_norm(x, r, {16}, w, std::nullopt, 1e-5);

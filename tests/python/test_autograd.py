@@ -255,7 +255,7 @@ def test_only_out_used(rms, device):
     assert torch.count_nonzero(grads[0][0]) > 0
 
 
-H_LOOKS = ["retain_grad", "hook", "hook_removed", "autograd_grad", "backward_inputs"]
+H_LOOKS = ["retain_grad", "hook_replaces", "hook_in_place", "autograd_grad", "backward_inputs"]
 
 
 def _prenorm_leaves(rms, residual, device):
@@ -266,20 +266,24 @@ def _prenorm_leaves(rms, residual, device):
     return x, r, w, (None if rms else b)
 
 
-def _look_at_h_grad(look, h, loss):
-    """Looks at h's gradient in one of the ways torch offers, during loss's backward."""
+def _look_at_h_grad(look, h, x, loss):
+    """Asks for h's gradient, or changes it, in one of the ways torch offers, during loss's
+    backward (asking for x's too: with h alone nothing runs where the loss does not use h)."""
     if look == "retain_grad":
         h.retain_grad()
         loss.backward()
-    elif look.startswith("hook"):
-        handle = h.register_hook(lambda g: g * 0)
-        if look == "hook_removed":
-            handle.remove()
+    elif look == "hook_replaces":
+        h.register_hook(lambda g: g * 0)
+        loss.backward()
+    elif look == "hook_in_place":
+        def zero_in_place(g):
+            g.zero_()  # (returns None: the changed tensor itself goes on)
+        h.register_hook(zero_in_place)
         loss.backward()
     elif look == "autograd_grad":
-        torch.autograd.grad(loss, [h])
+        torch.autograd.grad(loss, [h, x], allow_unused=True)
     else:
-        loss.backward(inputs=[h])
+        loss.backward(inputs=[h, x])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -287,14 +291,15 @@ def _look_at_h_grad(look, h, loss):
 @pytest.mark.parametrize("look", H_LOOKS)
 @pytest.mark.parametrize("variant", ["plain", "no_residual", "dropout", "memory_efficient"])
 @pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
-def test_looking_at_returned_h_grad_raises(rms, variant, look, h_in_loss, device):
+def test_asking_for_or_changing_returned_h_grad_raises(rms, variant, look, h_in_loss, device):
     """The h returned with return_residual is the norm node's sibling output (the fused
     backward adds the norm's part of h's gradient in its own pass), so the gradient at h is
     only that of h's other uses, where torch's h = x + r (before the norm) gets its full
     gradient: h.retain_grad() gave h.grad 0.78-1.68 off, a hook zeroing h's gradient left
     input's gradient wrong, torch.autograd.grad(loss, h) returned the partial gradient.
-    Looking at it raises now, also when the loss does not use h (torch's gradient is then
-    the norm's part alone), and also after a hook was removed (it cannot be told apart)."""
+    Asking for it or changing it in a hook raises now; where the loss does not use h (torch's
+    gradient is then the norm's part alone), asking for it raises too, and a hook on h is
+    never called (as its gradient is not computed)."""
     x, r, w, b = _prenorm_leaves(rms, variant != "no_residual", device)
     fn = addnorm.add_rms_norm if rms else addnorm.add_layer_norm
     kw = {"dropout_p": 0.3} if variant == "dropout" else {}
@@ -304,18 +309,39 @@ def test_looking_at_returned_h_grad_raises(rms, variant, look, h_in_loss, device
     out, h = fn(x, r, [16], w, return_residual=True, **bias, **kw)
     go = torch.randn(out.shape, dtype=F64, device=device)
     loss = (out * go).sum() + (h.pow(2).sum() if h_in_loss else 0)
-    if look in ("autograd_grad", "backward_inputs") and not h_in_loss:
-        # Asking for h alone runs no node when the loss does not use h (torch.autograd.grad
-        # then raises by itself, or gives None with allow_unused; backward leaves h.grad
-        # None): not caught. Asking for x too runs the norm's node, which sees h looked at.
-        with pytest.raises(RuntimeError, match="gradient of the h returned with return_residual"):
-            if look == "autograd_grad":
-                torch.autograd.grad(loss, [h, x], allow_unused=True)
-            else:
-                loss.backward(inputs=[h, x])
+    if look.startswith("hook") and not h_in_loss:
+        _look_at_h_grad(look, h, x, loss)
         return
-    with pytest.raises(RuntimeError, match="gradient of the h returned with return_residual"):
-        _look_at_h_grad(look, h, loss)
+    match = "gradient of the h returned with return_residual|changed its gradient"
+    with pytest.raises(RuntimeError, match=match):
+        _look_at_h_grad(look, h, x, loss)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_hooks_reading_returned_h_grad_pass(rms, device):
+    """Hooks on h that leave its gradient as it is pass (FSDP's pre-backward hooks, on every
+    output of a wrapped module, are such: returning None or the gradient itself), and so do
+    hooks removed again; the leaves' gradients are then torch's."""
+    x, r, w, b = _prenorm_leaves(rms, True, device)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    go = torch.randn(3, 16, dtype=F64, device=device)
+    h_ref = x + r
+    out_ref = F.rms_norm(h_ref, [16], w) if rms else F.layer_norm(h_ref, [16], w, b)
+    expected = torch.autograd.grad((out_ref * go).sum() + h_ref.pow(2).sum(), leaves)
+    seen = []
+    for hook in (lambda g: None, lambda g: g, seen.append, "removed", "multi_grad_hook"):
+        fn = addnorm.add_rms_norm if rms else addnorm.add_layer_norm
+        out, h = fn(x, r, [16], w, **({} if rms else {"bias": b}), return_residual=True)
+        if hook == "removed":
+            h.register_hook(lambda g: g * 0).remove()
+        elif hook == "multi_grad_hook":
+            torch.autograd.graph.register_multi_grad_hook((out, h), lambda gs: None)
+        else:
+            h.register_hook(hook)
+        got = torch.autograd.grad((out * go).sum() + h.pow(2).sum(), leaves)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert len(seen) == 1 and seen[0].shape == (3, 16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,6 +1,7 @@
-"""DistributedDataParallel over addnorm.TransformerEncoderLayer: two processes on gloo
-(CPU), each with half of the batch, must produce after one step the gradients (and the
-updated parameters) that one process gets on the whole batch."""
+"""DistributedDataParallel over addnorm.TransformerEncoderLayer, and FSDP2 over pre-LN blocks
+returning h: two processes on gloo (CPU), each with half of the batch, must produce the
+gradients (and, for DDP, after one step the updated parameters) that one process gets on the
+whole batch."""
 
 import os
 import socket
@@ -79,11 +80,15 @@ def _step(model, x, padding, y):
     return grads, params
 
 
-def _worker(rank, port, out_dir):
+def _init_process_group(rank, port):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _worker(rank, port, out_dir):
+    _init_process_group(rank, port)
     try:
         model, x, padding, y = _make()
         ddp = nn.parallel.DistributedDataParallel(model)
@@ -120,3 +125,66 @@ def test_ddp_gradients_match_single_process():
         assert torch.equal(results[0]["params"][name], results[1]["params"][name]), name
         torch.testing.assert_close(results[0]["params"][name], ref, rtol=1e-12, atol=1e-14,
                                    msg=lambda m: f"param {name}: {m}")
+
+
+class PrenormBlock(nn.Module):
+    """A flash-attn-style pre-LN block: returns (hidden, residual), residual being the h of
+    its fused add & norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = addnorm.AddLayerNorm(E, return_residual=True)
+        self.fc = nn.Linear(E, E)
+
+    def forward(self, x, residual):
+        out, h = self.norm(x, residual)
+        return self.fc(out), h
+
+
+class PrenormModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([PrenormBlock() for _ in range(3)])
+        self.final = addnorm.AddLayerNorm(E)
+
+    def forward(self, x):
+        r = torch.zeros_like(x)
+        for block in self.blocks:
+            x, r = block(x, r)
+        return self.final(x, r).pow(2).mean()
+
+
+def _fsdp_worker(rank, port, out_dir):
+    _init_process_group(rank, port)
+    try:
+        from torch.distributed.fsdp import fully_shard
+        torch.manual_seed(0)
+        model = PrenormModel().to(DTYPE)
+        x = torch.randn(N, S, E, dtype=DTYPE)
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        model(x[rank * N // WORLD:(rank + 1) * N // WORLD]).backward()
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_prenorm_blocks_returning_h():
+    """FSDP2 (fully_shard) over blocks that return the h of return_residual=True: FSDP's
+    pre-backward hooks on every output of a wrapped module (h included) only read the
+    gradient, so they pass the returned-h check, and the gradients are one process's."""
+    torch.manual_seed(0)
+    model = PrenormModel().to(DTYPE)
+    x = torch.randn(N, S, E, dtype=DTYPE)
+    halves = [model(x[r * N // WORLD:(r + 1) * N // WORLD]) for r in range(WORLD)]
+    (sum(halves) / WORLD).backward()
+    ref = {n: p.grad for n, p in model.named_parameters()}
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_fsdp_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    for name, expected in ref.items():
+        assert expected.abs().sum() > 0, name
+        for res in results:
+            torch.testing.assert_close(res[name], expected, rtol=1e-12, atol=1e-14)

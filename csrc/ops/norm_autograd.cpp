@@ -45,6 +45,7 @@
 //   output) pass; they see the partial gradient.
 // Under torch.compile both internal ops land in the traced graphs.
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -384,10 +385,33 @@ void CppNode<addnorm::NormFunction>::release_variables() {
 namespace addnorm {
 namespace {
 
+// The gradient as it reached h's node, noted by its first tensor pre-hook (ResidualGradCheck)
+// for the node's backward, which the engine runs next on the same thread (a node's hooks and
+// the node in one call), with user hooks in between: per thread, as backward passes over one
+// graph may run in several threads at once. Weak: nothing is kept alive where backward never
+// runs (a later hook raised).
+struct ArrivedGrad {
+  const AutogradContext* ctx;
+  c10::weak_intrusive_ptr<c10::TensorImpl> grad;
+  const c10::StorageImpl* storage;  // (`grad.data = ...` in a hook replaces it)
+  int64_t version;
+};
+thread_local std::vector<ArrivedGrad> t_arrived;
+
+void forget_arrived(const AutogradContext* ctx) {
+  t_arrived.erase(std::remove_if(t_arrived.begin(), t_arrived.end(),
+                                 [&](const ArrivedGrad& a) { return a.ctx == ctx; }),
+                  t_arrived.end());
+}
+
+const c10::StorageImpl* storage_of(const at::Tensor& t) {
+  return t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+}
+
 // The returned h as an output of its own node (see the top of this file): the same storage
 // and version counter as the norm node's h (in-place changes of it are seen by that node's
 // saved-tensor check), not a view. Backward passes the gradient on, unless a hook on h
-// changed it (ResidualGradCheck notes it as it arrives).
+// changed it (another tensor, other storage, or a change in place).
 class ResidualOutFunction : public torch::autograd::Function<ResidualOutFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h) {
@@ -395,12 +419,16 @@ class ResidualOutFunction : public torch::autograd::Function<ResidualOutFunction
     return h.detach();
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto arrived = ctx->saved_data.find("arrived");
-    if (arrived != ctx->saved_data.end()) {
-      const at::Tensor before = arrived->second.toTensor();
-      const int64_t version = ctx->saved_data["arrived_version"].toInt();
-      ctx->saved_data.erase("arrived");
-      TORCH_CHECK(grads[0].is_same(before) && before._version() == version,
+    const auto it = std::find_if(t_arrived.rbegin(), t_arrived.rend(),
+                                 [&](const ArrivedGrad& a) { return a.ctx == ctx; });
+    if (it != t_arrived.rend()) {
+      const ArrivedGrad arrived = std::move(*it);
+      forget_arrived(ctx);
+      const bool same = grads[0].defined() &&
+                        arrived.grad.lock().get() == grads[0].unsafeGetTensorImpl() &&
+                        storage_of(grads[0]) == arrived.storage &&
+                        grads[0]._version() == arrived.version;
+      TORCH_CHECK(same,
                   "addnorm: a hook on the h returned with return_residual=True changed its "
                   "gradient, which is not h's full gradient", kResidualGradNote);
     }
@@ -438,9 +466,11 @@ struct ResidualGradCheck final : torch::autograd::FunctionPreHook {
       : ctx_(ctx), node_(node) {}
   variable_list operator()(const variable_list& grads) override {
     check_residual_grad_not_asked_for(*node_);
+    forget_arrived(ctx_);
     if (grads[0].defined()) {
-      ctx_->saved_data["arrived"] = grads[0];
-      ctx_->saved_data["arrived_version"] = grads[0]._version();
+      t_arrived.push_back({ctx_, c10::weak_intrusive_ptr<c10::TensorImpl>(
+                                     grads[0].getIntrusivePtr()),
+                           storage_of(grads[0]), grads[0]._version()});
     }
     return grads;
   }

@@ -105,7 +105,7 @@ bench: build
 	$(PY) benchmarks/bench_norm.py --json benchmarks/results/cpu.json --md benchmarks/results/cpu.md
 
 bench-encoder: build
-	$(PY) benchmarks/bench_encoder.py --json benchmarks/results/encoder_cpu.json --md benchmarks/results/encoder_cpu.md
+	$(PY) benchmarks/bench_encoder.py --shapes 1024x16x512x8 --dtypes fp32,bf16 --min-reps 7 --json benchmarks/results/encoder_cpu.json --md benchmarks/results/encoder_cpu.md
 
 # The 12-layer encoder training step; on the CPU at seq 128, batch 8 (BERT-base sizes
 # otherwise), float32, eager and torch.compile.

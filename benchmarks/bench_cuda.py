@@ -221,7 +221,7 @@ def bench_case(group, op, dt, M, N, modes, args, flush, copy_gbps):
     dtype = sc.DTYPES[dt]
     x, r, w, b, grads = make_inputs(op, dtype, M, N)
     fns = impl_fns(op, N, w, b, not args.no_compile, not args.no_liger and sc.liger_available())
-    nbytes = sc.minimal_bytes(op, M, N, dtype, dtype, dtype, grads_alias=sc.OPS[op][1])
+    nbytes = sc.minimal_bytes(op, M, N, dtype, dtype, dtype, grads_alias=sc.grads_aliased(op))
     # training forward: addnorm writes h (post-LN too); count it as the ideal training kernel does
     kind, has_res, prenorm = sc.OPS[op]
     nbytes["fwd_train"] = nbytes["fwd"] + (M * N * x.element_size() if has_res and not prenorm else 0)
@@ -233,7 +233,10 @@ def bench_case(group, op, dt, M, N, modes, args, flush, copy_gbps):
                "bytes": nbytes[mode], "k": k, "impls": {}, "method": {}, "errors": {}}
         for name, fn in fns.items():
             try:
-                step = steps_for(fn, mode, x, r, w, b, grads)
+                # Liger may write its input gradient into the upstream gradient (common.py's
+                # clone_grads): it gets its own copy, so the others see the original values.
+                own = [g.clone() for g in grads] if name == "liger" else grads
+                step = steps_for(fn, mode, x, r, w, b, own)
                 try:
                     t = time_graph(step, flush, k, args.reps)
                     row["method"][name] = "graph"

@@ -226,7 +226,8 @@ def markdown_report(sweep: dict) -> str:
                  "F.layer_norm(h, ...)` (or `F.rms_norm`); compile = `torch.compile` of that same "
                  f"function ({cfg['compile']}). GB/s = minimal bytes / addnorm time: fwd reads x, r, "
                  "weight, bias and writes out (and h for pre-LN); bwd reads grad_out (and grad_h), "
-                 "h and weight and writes grad_h once (grad_x = grad_r), grad_weight, grad_bias. "
+                 "h and weight and writes grad_h once (grad_x = grad_r; with dropout grad_x and grad_r), "
+                 "grad_weight, grad_bias. "
                  "`% of copy` = that GB/s / the copy bandwidth. bwd = the `.backward()` call alone "
                  "on a fresh forward graph each repetition. "
                  + ("fwd = the training forward (inputs require grad). " if cfg["fwd_grad"] else "fwd = inference (no grad). ")

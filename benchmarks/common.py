@@ -414,10 +414,17 @@ def _liger_impl(op: str, N: int, eps, w, b) -> Optional[Impl]:
     return Impl("liger", fn, clone_grads=True, params=list(norm.parameters()))
 
 
+def grads_aliased(op: str) -> bool:
+    """Whether grad_x and grad_r are one tensor (grad_h), which an ideal kernel writes once:
+    with a residual and no dropout (with dropout grad_x is grad_h times the mask)."""
+    return OPS[op][1] and op not in DROPOUT_P
+
+
 def minimal_bytes(op: str, M: int, N: int, dtype, wdtype=None, hdtype=None,
                   grads_alias: bool = False) -> Dict[str, int]:
     """Bytes an ideal kernel must move: every input read once, every output written once.
-    fwd: x, r, w, b read; out (and h for pre-LN) written.
+    fwd: x, r, w, b read; out (and h for pre-LN) written (a post-LN training forward need
+    not write h: its backward can start from out, as memory_efficient does).
     bwd: grad_out (+grad_h), h (saved; x for layer_norm) and w read; grad_x, grad_r (once
     when they alias), grad_w, grad_b written. Per-row statistics (M floats) are ignored."""
     kind, has_res, prenorm = OPS[op]
@@ -708,7 +715,7 @@ def bench_group(op: str, dtype, M: int, N: int, cfg: BenchConfig, flusher: _Flus
             except Exception as e:
                 fail(im, e)
     hdtype = dtype
-    grads_alias = has_res  # grad_x == grad_r == grad_h: an ideal kernel writes it once
+    grads_alias = grads_aliased(op)
     res = {
         "op": op, "dtype": DTYPE_NAME[dtype], "M": M, "N": N, "reps": reps,
         "first_call_s": first_call, "compile_s": compile_time,

@@ -65,3 +65,17 @@ def test_steps_compute_gradients(bench):
         assert len(res["addnorm"]) == 4 and all(g is not None for g in res["addnorm"])
         for a, e in zip(res["addnorm"], res["eager"]):
             torch.testing.assert_close(a, e)
+
+
+def test_minimal_bytes_count_grads_once_only_where_they_alias(bench):
+    """The ideal backward writes grad_x = grad_r = grad_h once with a residual and no dropout;
+    with the fused dropout grad_x is grad_h times the mask, a tensor of its own."""
+    sc = bench.sc
+    M, N = 8, 64
+    size = M * N * 4
+    plain = sc.minimal_bytes("add_layer_norm", M, N, torch.float32,
+                             grads_alias=sc.grads_aliased("add_layer_norm"))
+    drop = sc.minimal_bytes("dropout_add_layer_norm", M, N, torch.float32,
+                            grads_alias=sc.grads_aliased("dropout_add_layer_norm"))
+    assert sc.grads_aliased("add_layer_norm") and not sc.grads_aliased("dropout_add_layer_norm")
+    assert drop["bwd"] - plain["bwd"] == size and drop["fwd"] == plain["fwd"]

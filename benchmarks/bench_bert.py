@@ -157,7 +157,8 @@ def run(args):
     g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     x = torch.randn(args.batch, args.seq, args.d_model, generator=g).to(args.device)
     results = []
-    progress = sc.Progress(len(args.modes) * 3) if not args.no_progress else None
+    progress = (sc.Progress(len(args.modes) * (len(models) + args.reps))
+                if not args.no_progress else None)
     for mode in args.modes:
         steps = {}
         for name, model in models.items():
@@ -176,9 +177,12 @@ def run(args):
         peak = {n: peak_bytes(s, cuda) for n, s in steps.items()} if mode == "eager" else {}
         times = {n: [] for n in steps}
         hosts = {n: [] for n in steps}
-        for _ in range(args.reps):  # interleaved
-            for n, s in steps.items():
-                t, h = measure(s, args, cuda)
+        names = list(steps)
+        for rep in range(args.reps):  # interleaved, the order rotated each repetition
+            if progress:
+                progress.step(f"{mode}: repetition {rep + 1}/{args.reps}")
+            for n in names[rep % len(names):] + names[:rep % len(names)]:
+                t, h = measure(steps[n], args, cuda)
                 times[n].append(t)
                 if h is not None:
                     hosts[n].append(h)
@@ -191,8 +195,6 @@ def run(args):
                 row[f"{n}_peak_mib"] = peak[n] / 2**20
         row["speedup"] = row["torch_ms"] / row["addnorm_ms"]
         results.append(row)
-        if progress:
-            progress.step(f"{mode}: done")
     if progress:
         progress.done()
     return results

@@ -144,7 +144,8 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
 
     def run_reps(fns, n_marks, label):
         """fns: impl -> callable(clock) returning a list of n_marks durations.
-        Warm-up, then adaptive repetitions interleaved round-robin."""
+        Warm-up, then adaptive repetitions interleaved round-robin, the order rotated each
+        repetition (no implementation always runs first)."""
         samples = {k: [] for k in fns}
         for k, fn in fns.items():
             for _ in range(cfg["warmup"]):
@@ -152,9 +153,11 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
         clock.sync()
         t_start = time.perf_counter()
         reps = 0
+        names = list(fns)
         while True:
-            for k, fn in fns.items():
-                samples[k].append(fn())
+            k0 = reps % len(names)
+            for k in names[k0:] + names[:k0]:
+                samples[k].append(fns[k]())
             reps += 1
             spent = time.perf_counter() - t_start
             per_rep = spent / reps

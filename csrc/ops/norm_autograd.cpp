@@ -388,19 +388,24 @@ namespace {
 // The gradient as it reached h's node, noted by its first tensor pre-hook (ResidualGradCheck)
 // for the node's backward, which the engine runs next on the same thread (a node's hooks and
 // the node in one call), with user hooks in between: per thread, as backward passes over one
-// graph may run in several threads at once. Weak: nothing is kept alive where backward never
-// runs (a later hook raised).
+// graph may run in several threads at once, and per graph task (a hook may run a backward of
+// its own). Weak: nothing is kept alive where backward never runs (a later hook raised);
+// such records are left behind, at most kMaxArrived of them.
 struct ArrivedGrad {
   const AutogradContext* ctx;
+  int task;
   c10::weak_intrusive_ptr<c10::TensorImpl> grad;
   const c10::StorageImpl* storage;  // (`grad.data = ...` in a hook replaces it)
   int64_t version;
 };
 thread_local std::vector<ArrivedGrad> t_arrived;
+constexpr size_t kMaxArrived = 64;
 
-void forget_arrived(const AutogradContext* ctx) {
+void forget_arrived(const AutogradContext* ctx, int task) {
   t_arrived.erase(std::remove_if(t_arrived.begin(), t_arrived.end(),
-                                 [&](const ArrivedGrad& a) { return a.ctx == ctx; }),
+                                 [&](const ArrivedGrad& a) {
+                                   return a.ctx == ctx && a.task == task;
+                                 }),
                   t_arrived.end());
 }
 
@@ -419,11 +424,13 @@ class ResidualOutFunction : public torch::autograd::Function<ResidualOutFunction
     return h.detach();
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto it = std::find_if(t_arrived.rbegin(), t_arrived.rend(),
-                                 [&](const ArrivedGrad& a) { return a.ctx == ctx; });
+    const int task = torch::autograd::get_current_graph_task_id();
+    const auto it = std::find_if(t_arrived.rbegin(), t_arrived.rend(), [&](const ArrivedGrad& a) {
+      return a.ctx == ctx && a.task == task;
+    });
     if (it != t_arrived.rend()) {
       const ArrivedGrad arrived = std::move(*it);
-      forget_arrived(ctx);
+      forget_arrived(ctx, task);
       const bool same = grads[0].defined() &&
                         arrived.grad.lock().get() == grads[0].unsafeGetTensorImpl() &&
                         storage_of(grads[0]) == arrived.storage &&
@@ -466,10 +473,12 @@ struct ResidualGradCheck final : torch::autograd::FunctionPreHook {
       : ctx_(ctx), node_(node) {}
   variable_list operator()(const variable_list& grads) override {
     check_residual_grad_not_asked_for(*node_);
-    forget_arrived(ctx_);
+    const int task = torch::autograd::get_current_graph_task_id();
+    forget_arrived(ctx_, task);
     if (grads[0].defined()) {
-      t_arrived.push_back({ctx_, c10::weak_intrusive_ptr<c10::TensorImpl>(
-                                     grads[0].getIntrusivePtr()),
+      if (t_arrived.size() >= kMaxArrived) t_arrived.erase(t_arrived.begin());
+      t_arrived.push_back({ctx_, task,
+                           c10::weak_intrusive_ptr<c10::TensorImpl>(grads[0].getIntrusivePtr()),
                            storage_of(grads[0]), grads[0]._version()});
     }
     return grads;

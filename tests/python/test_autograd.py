@@ -413,6 +413,33 @@ def test_returned_h_check_with_backward_in_several_threads():
     assert errors == [] and not any(wrong) and len(wrong) == 400
 
 
+def test_returned_h_check_with_a_backward_inside_a_hook():
+    """A hook on h that runs a backward of its own over the same graph (a graph task inside
+    the graph task, through the same h node) keeps both passes' checks apart: the inner
+    pass's hook reads, the outer one changes the gradient and raises (the inner pass's
+    record replaced the outer's, which then went unchecked)."""
+    x, r, w, b = _prenorm_leaves(False, True, "cpu")
+    for change in (False, True):
+        out, h = addnorm.add_layer_norm(x, r, [16], w, b, return_residual=True)
+        loss = (out * out).sum() + h.sum()
+        depth = []
+
+        def hook(g, change=change):
+            if depth:  # the inner pass: read only
+                return None
+            depth.append(1)
+            torch.autograd.grad(loss, [x], retain_graph=True)
+            depth.pop()
+            return g * 2 if change else None
+
+        h.register_hook(hook)
+        if change:
+            with pytest.raises(RuntimeError, match="changed its gradient"):
+                torch.autograd.grad(loss, [x], retain_graph=True)
+        else:
+            torch.autograd.grad(loss, [x], retain_graph=True)
+
+
 def test_returned_h_module_full_backward_hook_matches_torch():
     """A full backward hook on AddLayerNorm(return_residual=True) sees torch's grad_input and
     grad_output (a module's output gradients are those of the outputs' uses after it, in

@@ -80,23 +80,30 @@ def _step(model, x, padding, y):
     return grads, params
 
 
-def _init_process_group(rank, port):
+def _worker(rank, work, port, out_dir):
+    """mp.spawn's target: runs work(rank, out_dir) in a gloo process group, then leaves the
+    process without finalizing the interpreter. A gloo worker thread can still be releasing
+    a finished collective's tensors when the main thread returns, and if the interpreter is
+    finalizing by then, the release aborts the process (torch's own teardown race, seen with
+    FSDP2's all-gathers in about one run in twenty). The results are in files by then, and an
+    exception still reaches mp.spawn."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-
-
-def _worker(rank, port, out_dir):
-    _init_process_group(rank, port)
     try:
-        model, x, padding, y = _make()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        part = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
-        grads, params = _step(ddp, x[part], padding[part], y[part])
-        torch.save({"grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
+        work(rank, out_dir)
     finally:
         dist.destroy_process_group()
+    os._exit(0)
+
+
+def _ddp_work(rank, out_dir):
+    model, x, padding, y = _make()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    part = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+    grads, params = _step(ddp, x[part], padding[part], y[part])
+    torch.save({"grads": grads, "params": params}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _free_port():
@@ -111,7 +118,7 @@ def test_ddp_gradients_match_single_process():
     ref_grads, ref_params = _step(model, x, padding, y)
 
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(_ddp_work, _free_port(), out_dir), nprocs=WORLD, join=True)
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
 
     assert set(results[0]["grads"]) == set(ref_grads)
@@ -154,21 +161,17 @@ class PrenormModel(nn.Module):
         return self.final(x, r).pow(2).mean()
 
 
-def _fsdp_worker(rank, port, out_dir):
-    _init_process_group(rank, port)
-    try:
-        from torch.distributed.fsdp import fully_shard
-        torch.manual_seed(0)
-        model = PrenormModel().to(DTYPE)
-        x = torch.randn(N, S, E, dtype=DTYPE)
-        for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
-        model(x[rank * N // WORLD:(rank + 1) * N // WORLD]).backward()
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _fsdp_work(rank, out_dir):
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = PrenormModel().to(DTYPE)
+    x = torch.randn(N, S, E, dtype=DTYPE)
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    model(x[rank * N // WORLD:(rank + 1) * N // WORLD]).backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_fsdp2_prenorm_blocks_returning_h():
@@ -182,7 +185,7 @@ def test_fsdp2_prenorm_blocks_returning_h():
     (sum(halves) / WORLD).backward()
     ref = {n: p.grad for n, p in model.named_parameters()}
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_fsdp_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(_fsdp_work, _free_port(), out_dir), nprocs=WORLD, join=True)
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     for name, expected in ref.items():
         assert expected.abs().sum() > 0, name

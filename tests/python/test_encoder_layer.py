@@ -166,6 +166,73 @@ def test_inference_no_grad_matches_torch_fast_path():
     _close(b[valid], a[valid], "output", 1e-4)
 
 
+def _takes_torchs_fused_kernel(layer, *args, **kwargs):
+    """(output, whether the call ran torch's fused inference kernel)."""
+    with torch.profiler.profile() as prof:
+        out = layer(*args, **kwargs)
+    return out, any(e.name == "aten::_transformer_encoder_layer_fwd" for e in prof.events())
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_bfloat16_cpu_inference_is_torchs_fast_path(norm_first, activation):
+    # bfloat16 inference on the CPU runs torch's fused inference kernel: torch's fast-path
+    # result, bit for bit.
+    ref, ours = _pair(torch.bfloat16, batch_first=True, norm_first=norm_first,
+                      activation=activation)
+    ref.eval()
+    ours.eval()
+    x = _src(True, torch.bfloat16)
+    with torch.no_grad():
+        out, fused = _takes_torchs_fused_kernel(ours, x)
+        _, torch_fused = _takes_torchs_fused_kernel(ref, x)
+        expected = ref(x)
+    assert fused and torch_fused
+    assert torch.equal(out, expected)
+    with torch.inference_mode():
+        assert _takes_torchs_fused_kernel(ours, x)[1]
+
+
+def _odd_heads(ref, ours):
+    for layer in (ref, ours):
+        layer.self_attn.num_heads = 1
+        layer.self_attn.head_dim = E
+    return ref, ours
+
+
+@pytest.mark.parametrize("case", ["float32", "float16", "grad", "training", "src_mask", "padding",
+                                  "causal", "not_batch_first", "odd_nhead", "no_bias", "autocast"])
+def test_inference_fast_path_only_where_it_applies(case):
+    # Everywhere else the layer runs its own ops (and matches torch's math).
+    dtype = {"float32": torch.float32, "float16": torch.float16}.get(case, torch.bfloat16)
+    ref, ours = _pair(torch.float32 if case == "autocast" else dtype,
+                      batch_first=case != "not_batch_first", bias=case != "no_bias")
+    if case == "odd_nhead":
+        _odd_heads(ref, ours)
+    ref.train(case == "training")
+    ours.train(case == "training")
+    x = _src(case != "not_batch_first", torch.float32 if case == "autocast" else dtype)
+    mask, kpm, causal = _masks({"src_mask": "bool", "padding": "padding",
+                                "causal": "causal"}.get(case, "none"))
+    kwargs = dict(src_mask=mask, src_key_padding_mask=kpm, is_causal=causal)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"), \
+            torch.set_grad_enabled(case == "grad"):
+        out, fused = _takes_torchs_fused_kernel(ours, x, **kwargs)
+        prev = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            expected = ref(x, **kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(prev)
+    assert not fused
+    valid = slice(None) if kpm is None else ~kpm
+    atol = 1e-5 if case == "float32" else 5e-2  # (autocast: bfloat16 linears)
+    torch.testing.assert_close(out[valid], expected[valid], rtol=0, atol=atol)
+    if case == "grad":
+        out.float().sum().backward()
+        assert ours.linear1.weight.grad is not None and ours.linear1.weight.grad.abs().sum() > 0
+
+
 def test_submodules_state_dict_and_isinstance():
     ref, ours = _pair(bias=False)
     assert isinstance(ours, nn.TransformerEncoderLayer)

@@ -212,7 +212,7 @@ at::Tensor transformer_encoder_layer_impl(
     const at::Tensor& linear2_weight, const OptTensor& linear2_bias,
     const at::Tensor& norm1_weight, const OptTensor& norm1_bias, const at::Tensor& norm2_weight,
     const OptTensor& norm2_bias, int64_t nhead, double dropout, c10::string_view activation,
-    double layer_norm_eps, bool batch_first, bool norm_first, bool training) {
+    double layer_norm_eps, bool batch_first, bool norm_first, bool training, bool fast_path) {
   TORCH_CHECK(
       src.dim() == 3 || src.dim() == 2,
       "addnorm: transformer_encoder_layer: src must be 3-D ([S, N, E], or [N, S, E] with "
@@ -230,7 +230,7 @@ at::Tensor transformer_encoder_layer_impl(
                src.unsqueeze(1), src_mask, kpm, is_causal, in_proj_weight, in_proj_bias,
                out_proj_weight, out_proj_bias, linear1_weight, linear1_bias, linear2_weight,
                linear2_bias, norm1_weight, norm1_bias, norm2_weight, norm2_bias, nhead, dropout,
-               activation, layer_norm_eps, /*batch_first=*/false, norm_first, training)
+               activation, layer_norm_eps, /*batch_first=*/false, norm_first, training, fast_path)
         .squeeze(1);
   }
   TORCH_CHECK(
@@ -277,14 +277,18 @@ at::Tensor transformer_encoder_layer_impl(
   check_opt_shape(norm2_bias, {E}, "norm2_bias");
 
   // Inference in bfloat16 on the CPU: torch's fused inference kernel, which
-  // nn.TransformerEncoderLayer's fast path calls. Its attention (one pass adding the
-  // projection's bias and splitting the heads, then two batched matrix products around a
-  // softmax) took less time there than scaled_dot_product_attention's CPU kernel (d_model
-  // 1024, 16 heads, seq 512, batch 8: the layer 2-3% faster); in float32 and float16 the
-  // ops below were faster. Its conditions are those of torch's fast path (no gradient, no
+  // nn.TransformerEncoderLayer's fast path calls, so the result is what the layer replaced
+  // gave. Its attention (one pass adding the projection's bias and splitting the heads,
+  // then two batched matrix products around a softmax) took less time there than
+  // scaled_dot_product_attention's CPU kernel (d_model 1024, 16 heads, seq 512, batch 8:
+  // the ops below were 0.92x the fast path in a benchmark run), though it rounds the
+  // attention scores to bfloat16 and is less accurate than the ops below. In float32 and
+  // float16 the ops below were faster. Its conditions are those of torch's fast path
+  // (fast_path, which the Python layer takes from torch.backends.mha; no gradient, no
   // autocast, batch-first input, biases, an even nhead), without masks; tensor subclasses
   // and dispatch modes (tracing) take the ops below.
-  if (!training && batch_first && src.scalar_type() == at::kBFloat16 && src.device().is_cpu() &&
+  if (fast_path && !training && batch_first && src.scalar_type() == at::kBFloat16 &&
+      src.device().is_cpu() &&
       !src_mask.has_value() && !src_key_padding_mask.has_value() && !is_causal &&
       nhead % 2 == 0 && !at::autocast::is_autocast_enabled(at::kCPU)) {
     const std::vector<OptTensor> params{
@@ -413,7 +417,7 @@ at::Tensor transformer_encoder_layer(
     const at::Tensor& linear2_weight, const OptTensor& linear2_bias,
     const at::Tensor& norm1_weight, const OptTensor& norm1_bias, const at::Tensor& norm2_weight,
     const OptTensor& norm2_bias, int64_t nhead, double dropout, c10::string_view activation,
-    double layer_norm_eps, bool batch_first, bool norm_first, bool training) {
+    double layer_norm_eps, bool batch_first, bool norm_first, bool training, bool fast_path) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("addnorm::transformer_encoder_layer", "")
@@ -426,7 +430,7 @@ at::Tensor transformer_encoder_layer(
       opt(in_proj_bias), out_proj_weight, opt(out_proj_bias), linear1_weight, opt(linear1_bias),
       linear2_weight, opt(linear2_bias), norm1_weight, opt(norm1_bias), norm2_weight,
       opt(norm2_bias), nhead, dropout, activation, layer_norm_eps, batch_first, norm_first,
-      training);
+      training, fast_path);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -35,13 +35,16 @@ TORCH_LIBRARY(addnorm, m) {
       "bool memory_efficient=False) -> (Tensor, Tensor)");
   // nn.TransformerEncoderLayer's forward (CompositeImplicitAutograd, in
   // modules/transformer_encoder_layer.cpp); every Add & Norm through add_layer_norm.
+  // fast_path=False: never torch's fused inference kernel (the Python layer passes
+  // torch.backends.mha.get_fastpath_enabled()).
   m.def(
       "transformer_encoder_layer(Tensor src, Tensor? src_mask, Tensor? src_key_padding_mask, "
       "bool is_causal, Tensor in_proj_weight, Tensor? in_proj_bias, Tensor out_proj_weight, "
       "Tensor? out_proj_bias, Tensor linear1_weight, Tensor? linear1_bias, "
       "Tensor linear2_weight, Tensor? linear2_bias, Tensor norm1_weight, Tensor? norm1_bias, "
       "Tensor norm2_weight, Tensor? norm2_bias, int nhead, float dropout, str activation, "
-      "float layer_norm_eps, bool batch_first, bool norm_first, bool training) -> Tensor");
+      "float layer_norm_eps, bool batch_first, bool norm_first, bool training, "
+      "bool fast_path=True) -> Tensor");
   // Internal forward: (out, residual_out, mean, rstd); what backward needs.
   m.def(
       "_norm_fwd(Tensor input, Tensor? residual, SymInt[] normalized_shape, Tensor? weight, "

@@ -133,7 +133,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
             self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
             sa.num_heads, self.dropout.p, activation, self.norm1.eps, sa.batch_first,
-            self.norm_first, self.training)
+            self.norm_first, self.training, torch.backends.mha.get_fastpath_enabled())
 
     def _nested_forward(self, src: Tensor, src_mask: Optional[Tensor],
                         src_key_padding_mask: Optional[Tensor]) -> Tensor:

@@ -173,13 +173,14 @@ def _takes_torchs_fused_kernel(layer, *args, **kwargs):
     return out, any(e.name == "aten::_transformer_encoder_layer_fwd" for e in prof.events())
 
 
+@pytest.mark.parametrize("eps", [1e-5, 1e-2])
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_bfloat16_cpu_inference_is_torchs_fast_path(norm_first, activation):
+def test_bfloat16_cpu_inference_is_torchs_fast_path(norm_first, activation, eps):
     # bfloat16 inference on the CPU runs torch's fused inference kernel: torch's fast-path
     # result, bit for bit.
     ref, ours = _pair(torch.bfloat16, batch_first=True, norm_first=norm_first,
-                      activation=activation)
+                      activation=activation, layer_norm_eps=eps)
     ref.eval()
     ours.eval()
     x = _src(True, torch.bfloat16)
@@ -201,32 +202,34 @@ def _odd_heads(ref, ours):
 
 
 @pytest.mark.parametrize("case", ["float32", "float16", "grad", "training", "src_mask", "padding",
-                                  "causal", "not_batch_first", "odd_nhead", "no_bias", "autocast"])
+                                  "causal", "not_batch_first", "odd_nhead", "no_bias", "autocast",
+                                  "fastpath_disabled"])
 def test_inference_fast_path_only_where_it_applies(case):
-    # Everywhere else the layer runs its own ops (and matches torch's math).
+    # Everywhere else the layer runs its own ops (and matches torch's math), and so it does
+    # with torch.backends.mha.set_fastpath_enabled(False), torch's switch for its layer.
     dtype = {"float32": torch.float32, "float16": torch.float16}.get(case, torch.bfloat16)
-    ref, ours = _pair(torch.float32 if case == "autocast" else dtype,
-                      batch_first=case != "not_batch_first", bias=case != "no_bias")
+    ref, ours = _pair(dtype, batch_first=case != "not_batch_first", bias=case != "no_bias")
     if case == "odd_nhead":
         _odd_heads(ref, ours)
     ref.train(case == "training")
     ours.train(case == "training")
-    x = _src(case != "not_batch_first", torch.float32 if case == "autocast" else dtype)
+    x = _src(case != "not_batch_first", dtype)
     mask, kpm, causal = _masks({"src_mask": "bool", "padding": "padding",
                                 "causal": "causal"}.get(case, "none"))
     kwargs = dict(src_mask=mask, src_key_padding_mask=kpm, is_causal=causal)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"), \
-            torch.set_grad_enabled(case == "grad"):
-        out, fused = _takes_torchs_fused_kernel(ours, x, **kwargs)
-        prev = torch.backends.mha.get_fastpath_enabled()
-        torch.backends.mha.set_fastpath_enabled(False)
-        try:
+    prev = torch.backends.mha.get_fastpath_enabled()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"), \
+                torch.set_grad_enabled(case == "grad"):
+            torch.backends.mha.set_fastpath_enabled(case != "fastpath_disabled")
+            out, fused = _takes_torchs_fused_kernel(ours, x, **kwargs)
+            torch.backends.mha.set_fastpath_enabled(False)
             expected = ref(x, **kwargs)
-        finally:
-            torch.backends.mha.set_fastpath_enabled(prev)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
     assert not fused
     valid = slice(None) if kpm is None else ~kpm
-    atol = 1e-5 if case == "float32" else 5e-2  # (autocast: bfloat16 linears)
+    atol = 1e-5 if case == "float32" else 5e-2
     torch.testing.assert_close(out[valid], expected[valid], rtol=0, atol=atol)
     if case == "grad":
         out.float().sum().backward()

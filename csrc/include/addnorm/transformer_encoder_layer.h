@@ -32,6 +32,8 @@ namespace addnorm {
 // src_mask: bool (true = masked) or float (added) [S, S] or [N * nhead, S, S];
 // src_key_padding_mask: bool or float [N, S]. is_causal is a hint that src_mask is the
 // causal mask (as in torch: src_mask must then be given). activation: "relu" or "gelu".
+// fast_path: bfloat16 inference on the CPU may run torch's fused inference kernel, as
+// torch's layer does (false: never).
 ADDNORM_API at::Tensor transformer_encoder_layer(
     const at::Tensor& src, const std::optional<at::Tensor>& src_mask,
     const std::optional<at::Tensor>& src_key_padding_mask, bool is_causal,
@@ -42,7 +44,7 @@ ADDNORM_API at::Tensor transformer_encoder_layer(
     const at::Tensor& norm1_weight, const std::optional<at::Tensor>& norm1_bias,
     const at::Tensor& norm2_weight, const std::optional<at::Tensor>& norm2_bias, int64_t nhead,
     double dropout, c10::string_view activation, double layer_norm_eps, bool batch_first,
-    bool norm_first, bool training);
+    bool norm_first, bool training, bool fast_path = true);
 
 // Options of addnorm::LayerNorm (those of Python's nn.LayerNorm).
 struct LayerNormOptions {

@@ -272,4 +272,35 @@ TEST(TransformerEncoderLayer, CloneAndMasks) {
   EXPECT_EQ(layer->forward(x, {}, kpm).sizes(), x.sizes());
 }
 
+// bfloat16 inference on the CPU is torch's fused inference kernel (its fast path), bit for
+// bit; fast_path = false, or a gradient, keeps addnorm's ops.
+TEST(TransformerEncoderLayer, BFloat16InferenceIsTorchsFusedKernel) {
+  torch::manual_seed(2);
+  addnorm::TransformerEncoderLayer layer(addnorm::TransformerEncoderLayerOptions(16, 2)
+                                             .dim_feedforward(32)
+                                             .batch_first(true));
+  layer->to(torch::kBFloat16);
+  layer->eval();
+  auto& l = *layer;
+  auto x = torch::randn({2, 5, 16}).to(torch::kBFloat16);
+  const auto& sa = *l.self_attn;
+  auto ops = [&](bool fast_path) {
+    return addnorm::transformer_encoder_layer(
+        x, {}, {}, false, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj->weight,
+        sa.out_proj->bias, l.linear1->weight, l.linear1->bias, l.linear2->weight,
+        l.linear2->bias, l.norm1->weight, l.norm1->bias, l.norm2->weight, l.norm2->bias, 2,
+        0.1, "relu", 1e-5, true, false, false, fast_path);
+  };
+  const auto own = layer->forward(x).detach();  // (parameters require grad: addnorm's ops)
+  torch::NoGradGuard no_grad;
+  const auto fused = at::_transformer_encoder_layer_fwd(
+      x, 16, 2, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj->weight, sa.out_proj->bias,
+      false, false, 1e-5, l.norm1->weight, l.norm1->bias, l.norm2->weight, l.norm2->bias,
+      l.linear1->weight, l.linear1->bias, l.linear2->weight, l.linear2->bias);
+  EXPECT_TRUE(torch::equal(layer->forward(x), fused));
+  EXPECT_TRUE(torch::equal(ops(true), fused));
+  EXPECT_TRUE(torch::equal(ops(false), own));
+  EXPECT_FALSE(torch::equal(own, fused));
+}
+
 }  // namespace

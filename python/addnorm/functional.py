@@ -112,7 +112,7 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
     # dropout_p defaults to None, not 0.0: under torch.compile(dynamic=True) a float default
     # is traced as a symbolic input, and comparing it restarts the trace.
     dropout_p = 0.0 if dropout_p is None else dropout_p
-    seed = dropout_seed(input.device, generator) if dropout_p > 0 else None
+    seed = dropout_seed(input.device, generator) if dropout_p > 0 and input is not None else None
     if rms:
         out, h = torch.ops.addnorm.add_rms_norm(
             input, residual, normalized_shape, weight, eps, return_residual=return_residual,

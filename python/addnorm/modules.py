@@ -16,7 +16,7 @@ def _check_p(p: float) -> float:
 
 
 def _seed(input: Tensor, p: float) -> Optional[Tensor]:  # (None: no dropout)
-    return F.dropout_seed(input.device) if p > 0.0 else None
+    return F.dropout_seed(input.device) if p > 0.0 and input is not None else None
 
 
 _CONSTANTS = ["return_residual", "residual_in_fp32", "dropout", "memory_efficient"]

@@ -56,6 +56,18 @@ def test_input_none(op, with_residual):
             OPS[op](None, rr, [8])
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_input_none_with_dropout(rms):
+    """The same message where the fused dropout would draw a seed on the input's device
+    (functional form and module in training)."""
+    r = _x()
+    fn = addnorm.add_rms_norm if rms else addnorm.add_layer_norm
+    module = (addnorm.AddRMSNorm if rms else addnorm.AddLayerNorm)(8, dropout=0.1)
+    for call in (lambda: fn(None, r, [8], dropout_p=0.1), lambda: module(None, r)):
+        with pytest.raises(RuntimeError, match=r"addnorm: input must be a tensor, got None"):
+            call()
+
+
 def test_named_tensors():
     """Named tensors: torch's answer for its norms (drop the names), from the functional
     forms and the modules, not the TorchScript conversion's message of torch.ops."""

@@ -16,7 +16,13 @@ cd "$ROOT"
 PY=${PYTHON:-$ROOT/.venv-py312/bin/python}
 if [ ! -x "$PY" ]; then
   echo "creating .venv-py312 (python3.12) with the pinned requirements"
-  python3.12 -m venv "$ROOT/.venv-py312"
+  py312=python3.12
+  # pyenv's shim fails unless 3.12 is selected: take pyenv's newest 3.12 directly
+  if ! "$py312" -c '' 2>/dev/null && command -v pyenv >/dev/null; then
+    v=$(pyenv versions --bare | grep -E '^3[.]12([.]|$)' | tail -n 1)
+    if [ -n "$v" ]; then py312="$(pyenv root)/versions/$v/bin/python3.12"; fi
+  fi
+  "$py312" -m venv "$ROOT/.venv-py312"
   "$ROOT/.venv-py312/bin/python" -m pip install --disable-pip-version-check -r requirements.txt
   PY=$ROOT/.venv-py312/bin/python
 fi

@@ -202,13 +202,15 @@ run_pytest() {
 # tests of the fused dropout and the memory-efficient backward (never run on a GPU yet: same
 # mask as the CPU, graph replay, backward from the output, fused input gradient), the
 # first-element-outlier rows (accuracy), the tangents-with-a-graph path (autograd) and the
-# float32 backward in double (statistics from h; also the float32 gradients' accuracy).
+# float32 backward in double (statistics from h; also the float32 gradients' accuracy), and
+# the encoder layer's CUDA tests (never run on a GPU yet: parity with torch's layer, torch's
+# fused inference kernel for float16/bfloat16 eval).
 first() {
   set -x
   run_pytest tests/python/test_accuracy.py tests/python/test_errors.py tests/python/test_ops.py \
     tests/python/test_dropout.py tests/python/test_memory_efficient.py \
-    tests/python/test_autograd.py \
-    -k "cuda and (accuracy or nan_inf or one_element or 4097-1 or dropout or mask or replay or keeping_h or from_output or fused_input or weight_with_zero or tangents or forward_mode_add_norm or gradgradcheck_add_norm or statistics_from_h)" \
+    tests/python/test_autograd.py tests/python/test_encoder_layer.py \
+    -k "cuda and (encoder_layer or accuracy or nan_inf or one_element or 4097-1 or dropout or mask or replay or keeping_h or from_output or fused_input or weight_with_zero or tangents or forward_mode_add_norm or gradgradcheck_add_norm or statistics_from_h)" \
     --junitxml="$OUT_DIR/pytest_first.xml"
 }
 

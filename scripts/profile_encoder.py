@@ -3,7 +3,9 @@
 kernels (CUDA) or operators (CPU) of addnorm.TransformerEncoderLayer and of torch's inference
 fast path (nn.TransformerEncoderLayer in eval under no_grad, which calls
 torch._transformer_encoder_layer_fwd), same weights and input, side by side
-(scripts/gpu_check.sh's `encoder_profile` step).
+(scripts/gpu_check.sh's `encoder_profile` step). Where addnorm's layer takes torch's fast
+path itself (bfloat16 on the CPU, float16/bfloat16 on CUDA), a third table shows addnorm's
+own ops (torch.backends.mha.set_fastpath_enabled(False) around its forwards).
 
     python scripts/profile_encoder.py [--device cuda] [--shape 1024x16x512x32] [--dtype bf16]
 
@@ -56,16 +58,25 @@ def main(argv=None):
         diff = (ours(x).float() - ref(x).float()).abs().max().item()
         print(f"encoder layer d_model {d}, nhead {h}, seq {s}, batch {b}, {args.dtype}, {dev}, "
               f"eval: max |addnorm - torch fast path| = {diff:.3g}")
-        for name, layer in (("addnorm", ours), ("torch fast path", ref)):
-            for _ in range(3):
-                layer(x)
-            if cuda:
-                torch.cuda.synchronize()
-            with profile(activities=activities) as prof:
-                for _ in range(args.reps):
+        fast_dtype = dtype == torch.bfloat16 or (cuda and dtype == torch.float16)
+        runs = [("addnorm", ours, True), ("torch fast path", ref, True)]
+        if fast_dtype:
+            runs.append(("addnorm's own ops (fast path off)", ours, False))
+        prev = torch.backends.mha.get_fastpath_enabled()
+        for name, layer, fast in runs:
+            torch.backends.mha.set_fastpath_enabled(fast)
+            try:
+                for _ in range(3):
                     layer(x)
                 if cuda:
                     torch.cuda.synchronize()
+                with profile(activities=activities) as prof:
+                    for _ in range(args.reps):
+                        layer(x)
+                    if cuda:
+                        torch.cuda.synchronize()
+            finally:
+                torch.backends.mha.set_fastpath_enabled(prev)
             events = prof.key_averages()
             total_us = sum(getattr(e, key) for e in events) / args.reps
             print(f"\n== {name}: {total_us / 1000:.3f} ms of {'device' if cuda else 'CPU'} time "

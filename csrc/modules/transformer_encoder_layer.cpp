@@ -276,21 +276,27 @@ at::Tensor transformer_encoder_layer_impl(
   check_shape(norm2_weight, {E}, "norm2_weight");
   check_opt_shape(norm2_bias, {E}, "norm2_bias");
 
-  // Inference in bfloat16 on the CPU: torch's fused inference kernel, which
-  // nn.TransformerEncoderLayer's fast path calls, so the result is what the layer replaced
-  // gave. Its attention (one pass adding the projection's bias and splitting the heads,
-  // then two batched matrix products around a softmax) took less time there than
-  // scaled_dot_product_attention's CPU kernel (d_model 1024, 16 heads, seq 512, batch 8:
-  // the ops below were 0.92x the fast path in a benchmark run), though it rounds the
-  // attention scores to bfloat16 and is less accurate than the ops below. In float32 and
-  // float16 the ops below were faster. Its conditions are those of torch's fast path
-  // (fast_path, which the Python layer takes from torch.backends.mha; no gradient, no
-  // autocast, batch-first input, biases, an even nhead), without masks; tensor subclasses
-  // and dispatch modes (tracing) take the ops below.
-  if (fast_path && !training && batch_first && src.scalar_type() == at::kBFloat16 &&
-      src.device().is_cpu() &&
-      !src_mask.has_value() && !src_key_padding_mask.has_value() && !is_causal &&
-      nhead % 2 == 0 && !at::autocast::is_autocast_enabled(at::kCPU)) {
+  // Inference in bfloat16 on the CPU, and in float16/bfloat16 on CUDA: torch's fused
+  // inference kernel, which nn.TransformerEncoderLayer's fast path calls, so the result is
+  // what the layer replaced gave. On the CPU its attention (one pass adding the projection's
+  // bias and splitting the heads, then two batched matrix products around a softmax) took
+  // less time than scaled_dot_product_attention's CPU kernel (d_model 1024, 16 heads, seq
+  // 512, batch 8: the ops below were 0.92x the fast path in a benchmark run), though it
+  // rounds the attention scores to bfloat16 and is less accurate than the ops below; in
+  // float32 and float16 the ops below were faster there. On CUDA, where its attention runs
+  // scaled_dot_product_attention too, the ops below were slower in bfloat16 on an H100 (an
+  // earlier revision's). Its conditions are those of torch's fast path (fast_path, which
+  // the Python layer takes from torch.backends.mha; no gradient, no autocast, batch-first
+  // input, biases, an even nhead), without masks; tensor subclasses and dispatch modes
+  // (tracing) take the ops below.
+  const auto dtype = src.scalar_type();
+  const auto device = src.device();
+  const bool fast_dtype = device.is_cpu()
+      ? dtype == at::kBFloat16
+      : device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf);
+  if (fast_path && !training && batch_first && fast_dtype && !src_mask.has_value() &&
+      !src_key_padding_mask.has_value() && !is_causal && nhead % 2 == 0 &&
+      !at::autocast::is_autocast_enabled(device.type())) {
     const std::vector<OptTensor> params{
         in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, linear1_weight,
         linear1_bias, linear2_weight, linear2_bias, norm1_weight, norm1_bias, norm2_weight,
@@ -298,8 +304,8 @@ at::Tensor transformer_encoder_layer_impl(
     bool usable = !(at::GradMode::is_enabled() && src.requires_grad());
     std::vector<at::Tensor> all{src};
     for (const auto& t : params) {
-      usable = usable && t.has_value() && t->scalar_type() == at::kBFloat16 &&
-               t->device().is_cpu() && !(at::GradMode::is_enabled() && t->requires_grad());
+      usable = usable && t.has_value() && t->scalar_type() == dtype && t->device() == device &&
+               !(at::GradMode::is_enabled() && t->requires_grad());
       if (t.has_value()) all.push_back(*t);
     }
     if (usable && !at::areAnyTensorSubclassLike(all)) {

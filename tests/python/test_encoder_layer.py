@@ -236,6 +236,118 @@ def test_inference_fast_path_only_where_it_applies(case):
         assert ours.linear1.weight.grad is not None and ours.linear1.weight.grad.abs().sum() > 0
 
 
+
+# On CUDA (these run on a GPU machine: scripts/gpu_check.sh's tests step).
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _cuda_pair(dtype=torch.float32, **kw):
+    return tuple(m.cuda() for m in _pair(dtype, **kw))
+
+
+def _cuda_masks(kind):
+    return tuple(m.cuda() if isinstance(m, torch.Tensor) else m for m in _masks(kind))
+
+
+@CUDA
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("mask", ["none", "both", "causal_padding"])
+def test_parity_cuda(mask, norm_first, training):
+    # float32, dropout 0: output and every gradient as torch's layer (in training the norms
+    # take the memory-efficient backward from their output).
+    ref, ours = _cuda_pair(norm_first=norm_first, batch_first=True)
+    ref.train(training)
+    ours.train(training)
+    _check_parity(ref, ours, _src(True).cuda(), *_cuda_masks(mask), rtol=1e-4)
+
+
+def _rel_err(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+@CUDA
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_bfloat16_training_cuda_close_to_torch(norm_first):
+    # bfloat16 training (dropout 0): within bfloat16 rounding of torch's layer, output and
+    # every gradient (relative error of the whole tensor; a wrong mapping is of order 1).
+    ref, ours = _cuda_pair(torch.bfloat16, norm_first=norm_first, batch_first=True)
+    x = _src(True, torch.bfloat16).cuda()
+    _, kpm, _ = _cuda_masks("padding")
+    outs = []
+    for layer in (ref, ours):
+        xg = x.clone().requires_grad_()
+        y = layer(xg, src_key_padding_mask=kpm)
+        g = torch.autograd.grad(y.float().square().sum(), [xg] + list(layer.parameters()))
+        outs.append([y] + list(g))
+    names = ["output", "grad src"] + [f"grad {n}" for n, _ in ref.named_parameters()]
+    for n, a, b in zip(names, *outs):
+        assert _rel_err(b, a) < 3e-2, (n, _rel_err(b, a))
+
+
+@CUDA
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inference_cuda_is_torchs_fast_path(dtype, norm_first):
+    # float16/bfloat16 inference on CUDA runs torch's fused inference kernel, as the layer it
+    # replaces does: the same result, bit for bit.
+    ref, ours = _cuda_pair(dtype, batch_first=True, norm_first=norm_first, activation="gelu")
+    ref.eval()
+    ours.eval()
+    x = _src(True, dtype).cuda()
+    with torch.no_grad():
+        out, fused = _takes_torchs_fused_kernel(ours, x)
+        expected, torch_fused = _takes_torchs_fused_kernel(ref, x)
+    assert fused and torch_fused
+    assert torch.equal(out, expected)
+
+
+@CUDA
+@pytest.mark.parametrize("case", ["float32", "grad", "training", "padding", "autocast",
+                                  "fastpath_disabled"])
+def test_cuda_inference_fast_path_only_where_it_applies(case):
+    # (autocast: a bfloat16 layer under CUDA autocast, which torch's fast path refuses)
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    ref, ours = _cuda_pair(dtype, batch_first=True)
+    ref.train(case == "training")
+    ours.train(case == "training")
+    x = _src(True, dtype).cuda()
+    _, kpm, _ = _cuda_masks("padding" if case == "padding" else "none")
+    prev = torch.backends.mha.get_fastpath_enabled()
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=case == "autocast"), \
+                torch.set_grad_enabled(case == "grad"):
+            torch.backends.mha.set_fastpath_enabled(case != "fastpath_disabled")
+            out, fused = _takes_torchs_fused_kernel(ours, x, src_key_padding_mask=kpm)
+            torch.backends.mha.set_fastpath_enabled(False)
+            expected = ref(x, src_key_padding_mask=kpm)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(prev)
+    assert not fused
+    valid = slice(None) if kpm is None else ~kpm
+    if dtype == torch.float32:
+        _close(out[valid], expected[valid], "output", 1e-4)
+    else:
+        assert _rel_err(out[valid], expected[valid]) < 3e-2
+
+
+@CUDA
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_dropout_cuda_follows_manual_seed(norm_first):
+    # Training with dropout on CUDA: the same torch.manual_seed gives the same output, the
+    # next call other masks.
+    _, ours = _cuda_pair(dropout=0.3, norm_first=norm_first, batch_first=True)
+    x = _src(True).cuda()
+    torch.manual_seed(3)
+    a = ours(x)
+    b = ours(x)
+    torch.manual_seed(3)
+    c = ours(x)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, b)
+    g = torch.autograd.grad(ours(x.clone().requires_grad_()).sum(), list(ours.parameters()))
+    assert all(t.isfinite().all() for t in g)
+
 def test_submodules_state_dict_and_isinstance():
     ref, ours = _pair(bias=False)
     assert isinstance(ours, nn.TransformerEncoderLayer)

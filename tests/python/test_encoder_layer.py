@@ -348,6 +348,43 @@ def test_dropout_cuda_follows_manual_seed(norm_first):
     g = torch.autograd.grad(ours(x.clone().requires_grad_()).sum(), list(ours.parameters()))
     assert all(t.isfinite().all() for t in g)
 
+
+@CUDA
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_step_in_a_cuda_graph(dropout):
+    """A training step (forward and backward) captured in a CUDA graph, as
+    benchmarks/bench_bert.py's graph mode does: capture raises on a host synchronization;
+    with dropout each replay draws new masks (seeds drawn on the device), without it a
+    replay gives the eager step's output and gradients."""
+    _, ours = _cuda_pair(dropout=dropout, batch_first=True)
+    x = _src(True).cuda().requires_grad_()
+    params = list(ours.parameters())
+
+    def step():
+        y = ours(x)
+        return [y] + list(torch.autograd.grad(y.square().sum(), [x] + params))
+
+    eager = step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append([t.clone() for t in static])
+    if dropout == 0.0:
+        names = ["output", "grad src"] + [f"grad {n}" for n, _ in ours.named_parameters()]
+        for n, a, b in zip(names, replays[1], eager):
+            _close(a, b, n, 1e-4)
+    else:
+        assert not torch.equal(replays[0][0], replays[1][0])
+
 def test_submodules_state_dict_and_isinstance():
     ref, ours = _pair(bias=False)
     assert isinstance(ours, nn.TransformerEncoderLayer)

@@ -13,6 +13,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+sources=$("$ROOT/scripts/source_hash.sh")  # (of the tree the build starts from)
 PY=${PYTHON:-$ROOT/.venv-py312/bin/python}
 if [ ! -x "$PY" ]; then
   echo "creating .venv-py312 (python3.12) with the pinned requirements"
@@ -39,6 +40,7 @@ cmake -S "$ROOT" -B "$ROOT/build/prebuilt-cmake" -G Ninja -DCMAKE_BUILD_TYPE=Rel
   "-DCMAKE_PREFIX_PATH=$prefix" "-DPython_EXECUTABLE=$PY" \
   "-DADDNORM_PYTHON_OUTPUT_DIR=$ROOT/build/prebuilt" -DADDNORM_CUDA=ON -DADDNORM_BUILD_TESTS=OFF
 cmake --build "$ROOT/build/prebuilt-cmake" -j "${MAX_JOBS:-$(nproc)}"
+echo "$sources" > "$ROOT/build/prebuilt/sources.sha256"  # gpu_check.sh compares it
 # pytest-xdist (pure Python) for gpu_check.sh's test steps, which find it in pydeps/: the GPU
 # machine's Python may not have it, and its cores cut the suite's time several-fold.
 deps="$ROOT/build/prebuilt/pydeps"

@@ -12,7 +12,8 @@
 # the GPU machine's Python (3.12; a Python 3.12 venv with torch 2.11.0 from PyPI is the same
 # cu130 build) with scripts/build_prebuilt.sh, which leaves libaddnorm.so and
 # _C.cpython-312-*.so (and _build_info.py) in build/prebuilt/; carry that folder. PREBUILT (default
-# build/prebuilt) is used when it holds a _C for this Python; else the script builds.
+# build/prebuilt) is used when it holds a _C for this Python, built against this torch from
+# this tree's sources (scripts/source_hash.sh); else the script builds.
 #
 # To carry the results off the GPU machine as few files, pack the folder:
 #   scripts/gpu_check.sh /tmp/gpu_check; tar -czf gpu_check.tgz -C /tmp gpu_check
@@ -152,6 +153,14 @@ build() {
     built_torch=$(sed -n 's/^torch_version = "\(.*\)"$/\1/p' "$PREBUILT/_build_info.py")
   if [ -f "$so" ] && [ -n "$built_torch" ] && [ "$built_torch" != "$have_torch" ]; then
     echo "the prebuilt library was built against torch $built_torch, this is torch $have_torch: building"
+    so=/nonexistent
+  fi
+  local have_src built_src=""
+  have_src=$("$ROOT/scripts/source_hash.sh") || return 1
+  [ -f "$PREBUILT/sources.sha256" ] && built_src=$(cat "$PREBUILT/sources.sha256")
+  if [ -f "$so" ] && [ "$built_src" != "$have_src" ]; then
+    echo "the prebuilt library was not built from this tree's sources (scripts/source_hash.sh:" \
+      "${built_src:-none recorded} there, $have_src here): building"
     so=/nonexistent
   fi
   if [ -f "$so" ] && [ -f "$PREBUILT/libaddnorm.so" ]; then

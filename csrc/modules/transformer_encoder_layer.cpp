@@ -284,11 +284,11 @@ at::Tensor transformer_encoder_layer_impl(
   // 512, batch 8: the ops below were 0.92x the fast path in a benchmark run), though it
   // rounds the attention scores to bfloat16 and is less accurate than the ops below; in
   // float32 and float16 the ops below were faster there. On CUDA, where its attention runs
-  // scaled_dot_product_attention too, the ops below were slower in bfloat16 on an H100 (an
-  // earlier revision's). Its conditions are those of torch's fast path (fast_path, which
-  // the Python layer takes from torch.backends.mha; no gradient, no autocast, batch-first
-  // input, biases, an even nhead), without masks; tensor subclasses and dispatch modes
-  // (tracing) take the ops below.
+  // scaled_dot_product_attention too, an earlier revision of the ops below was slower than
+  // it in bfloat16 on an H100. Its conditions are those of torch's fast path (fast_path,
+  // which the Python layer takes from torch.backends.mha; no gradient, no autocast,
+  // batch-first input, biases, an even nhead), without masks; tensor subclasses and
+  // dispatch modes (tracing) take the ops below.
   const auto dtype = src.scalar_type();
   const auto device = src.device();
   const bool fast_dtype = device.is_cpu()

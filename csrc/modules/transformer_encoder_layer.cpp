@@ -286,17 +286,19 @@ at::Tensor transformer_encoder_layer_impl(
   // float32 and float16 the ops below were faster there. On CUDA, where its attention runs
   // scaled_dot_product_attention too, an earlier revision of the ops below was slower than
   // it in bfloat16 on an H100. Its conditions are those of torch's fast path (fast_path,
-  // which the Python layer takes from torch.backends.mha; no gradient, no autocast,
+  // which the Python layer takes from torch.backends.mha; no gradient, no CUDA autocast,
   // batch-first input, biases, an even nhead), without masks; tensor subclasses and
-  // dispatch modes (tracing) take the ops below.
+  // dispatch modes (tracing) take the ops below. torch's layer checks CUDA's autocast only:
+  // under CPU autocast its fast path runs (the kernel's products then in the autocast
+  // dtype, and so its result), and so does this one for CPU input of any dtype.
   const auto dtype = src.scalar_type();
   const auto device = src.device();
   const bool fast_dtype = device.is_cpu()
-      ? dtype == at::kBFloat16
+      ? dtype == at::kBFloat16 || at::autocast::is_autocast_enabled(at::kCPU)
       : device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf);
   if (fast_path && !training && batch_first && fast_dtype && !src_mask.has_value() &&
       !src_key_padding_mask.has_value() && !is_causal && nhead % 2 == 0 &&
-      !at::autocast::is_autocast_enabled(device.type())) {
+      !at::autocast::is_autocast_enabled(at::kCUDA)) {
     const std::vector<OptTensor> params{
         in_proj_weight, in_proj_bias, out_proj_weight, out_proj_bias, linear1_weight,
         linear1_bias, linear2_weight, linear2_bias, norm1_weight, norm1_bias, norm2_weight,

@@ -194,6 +194,34 @@ def test_bfloat16_cpu_inference_is_torchs_fast_path(norm_first, activation, eps)
         assert _takes_torchs_fused_kernel(ours, x)[1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_autocast_inference_is_torchs_fast_path(dtype):
+    # torch's layer checks CUDA's autocast only: under CPU autocast it takes its fast path,
+    # whose result has the autocast dtype. So does the op (it returned float32 for a
+    # float32 layer), bit for bit. With a mask (where torch's fast path runs too) the op
+    # runs its own ops, as torch's other path: float32, to autocast's rounding.
+    ref, ours = _pair(dtype, batch_first=True)
+    ref.eval()
+    ours.eval()
+    x = _src(True, dtype)
+    _, kpm, _ = _masks("padding")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, fused = _takes_torchs_fused_kernel(ours, x)
+        expected, torch_fused = _takes_torchs_fused_kernel(ref, x)
+        masked, masked_fused = _takes_torchs_fused_kernel(ours, x, src_key_padding_mask=kpm)
+        prev = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            masked_expected = ref(x, src_key_padding_mask=kpm)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(prev)
+    assert fused and torch_fused and not masked_fused
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    assert masked.dtype == masked_expected.dtype
+    _close(masked[~kpm], masked_expected[~kpm], "masked output", 5e-2)
+
+
 def _odd_heads(ref, ours):
     for layer in (ref, ours):
         layer.self_attn.num_heads = 1
@@ -202,7 +230,7 @@ def _odd_heads(ref, ours):
 
 
 @pytest.mark.parametrize("case", ["float32", "float16", "grad", "training", "src_mask", "padding",
-                                  "causal", "not_batch_first", "odd_nhead", "no_bias", "autocast",
+                                  "causal", "not_batch_first", "odd_nhead", "no_bias",
                                   "fastpath_disabled"])
 def test_inference_fast_path_only_where_it_applies(case):
     # Everywhere else the layer runs its own ops (and matches torch's math), and so it does
@@ -219,8 +247,7 @@ def test_inference_fast_path_only_where_it_applies(case):
     kwargs = dict(src_mask=mask, src_key_padding_mask=kpm, is_causal=causal)
     prev = torch.backends.mha.get_fastpath_enabled()
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"), \
-                torch.set_grad_enabled(case == "grad"):
+        with torch.set_grad_enabled(case == "grad"):
             torch.backends.mha.set_fastpath_enabled(case != "fastpath_disabled")
             out, fused = _takes_torchs_fused_kernel(ours, x, **kwargs)
             torch.backends.mha.set_fastpath_enabled(False)

@@ -32,8 +32,9 @@ namespace addnorm {
 // src_mask: bool (true = masked) or float (added) [S, S] or [N * nhead, S, S];
 // src_key_padding_mask: bool or float [N, S]. is_causal is a hint that src_mask is the
 // causal mask (as in torch: src_mask must then be given). activation: "relu" or "gelu".
-// fast_path: inference in bfloat16 on the CPU, or float16/bfloat16 on CUDA, may run torch's
-// fused inference kernel, as torch's layer does (false: never).
+// fast_path: inference in bfloat16 on the CPU (any dtype under CPU autocast), or
+// float16/bfloat16 on CUDA, may run torch's fused inference kernel, as torch's layer does
+// (false: never).
 ADDNORM_API at::Tensor transformer_encoder_layer(
     const at::Tensor& src, const std::optional<at::Tensor>& src_mask,
     const std::optional<at::Tensor>& src_key_padding_mask, bool is_causal,

@@ -643,11 +643,14 @@ at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& see
 // input carries one; the ATen composite inside functorch transforms.
 std::tuple<at::Tensor, at::Tensor> norm_autograd(
     const at::Tensor& input, const std::optional<at::Tensor>& residual,
-    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
+    c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight_arg,
+    const std::optional<at::Tensor>& bias_arg, double eps, bool is_rms, bool return_residual,
     bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
     bool memory_efficient) {
   check_input_defined(input);
+  // (differentiably: the gradient of a narrower parameter returns to its dtype)
+  const auto weight = widened_param(weight_arg, input);
+  const auto bias = widened_param(bias_arg, input);
   if (inside_functorch_transform()) {
     return norm_composite(input, residual, normalized_shape, weight, bias, eps, is_rms,
                           return_residual, residual_in_fp32, dropout_p, dropout_seed,

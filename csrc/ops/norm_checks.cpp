@@ -58,10 +58,25 @@ void check_param(
   TORCH_CHECK(
       is_allowed_companion_dtype(t.scalar_type(), input.scalar_type()), "addnorm: ", name,
       " must have the input's dtype (", input.scalar_type(),
-      ") or, for float16/bfloat16 input, float32; got ", t.scalar_type());
+      ") or a narrower float dtype (for float16/bfloat16 input, float32 too); got ",
+      t.scalar_type());
 }
 
 }  // namespace
+
+std::optional<at::Tensor> widened_param(
+    const std::optional<at::Tensor>& param, const at::Tensor& input) {
+  if (!param.has_value() || !param->defined() || !input.defined()) return param;
+  auto is_norm_dtype = [](c10::ScalarType t) {
+    return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+  };
+  const auto x = input.scalar_type();
+  const auto p = param->scalar_type();
+  if (!is_norm_dtype(x) || !is_norm_dtype(p) || is_allowed_companion_dtype(p, x)) return param;
+  const auto read_as = (x == at::kHalf || x == at::kBFloat16) ? at::kFloat : x;
+  if (c10::elementSize(p) >= c10::elementSize(read_as)) return param;
+  return param->to(read_as);
+}
 
 void check_input_defined(const at::Tensor& input) {
   TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");

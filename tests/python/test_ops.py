@@ -297,6 +297,51 @@ def test_mixed_dtypes(x_dtype, w_dtype, r_dtype, residual_in_fp32, norm, device)
         assert out.dtype == x_dtype
 
 
+NARROWER_CASES = [  # (input dtype, weight and bias dtype)
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.float64, torch.float32),
+    (torch.float64, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("x_dtype,p_dtype", NARROWER_CASES)
+def test_narrower_params_are_widened(x_dtype, p_dtype, norm, device):
+    """A weight and bias of a narrower float dtype (torch's F.rms_norm takes them) are read
+    widened, which is exact: out, h and every gradient equal those of the call with widened
+    copies, the parameters' gradients in their own dtype; with and without a residual, and
+    as torch's F.rms_norm (no less accurate)."""
+    rms = _rms(norm)
+    torch.manual_seed(3)
+    wide = torch.float32 if x_dtype in HALF_DTYPES else x_dtype
+    x = make_data((5, 96), x_dtype, device, requires_grad=True)
+    r = make_data((5, 96), x_dtype, device, scale=1.0, offset=0.0, requires_grad=True)
+    w, b = make_affine((96,), p_dtype, device, requires_grad=True)
+    w2, b2 = (t.detach().to(wide).requires_grad_() for t in (w, b))
+    for residual in (r, None):
+        outs = call_add_norm(rms, x, residual, (96,), w, None if rms else b, RMS_EPS)
+        outs2 = call_add_norm(rms, x, residual, (96,), w2, None if rms else b2, RMS_EPS)
+        grad_outs = [torch.randn_like(o) for o in outs]
+        inputs = [("x", x), ("r", residual), ("w", w), ("b", None if rms else b)]
+        grads = grads_of(outs, grad_outs, inputs)
+        grads2 = grads_of(outs2, grad_outs, [("x", x), ("r", residual), ("w", w2),
+                                             ("b", None if rms else b2)])
+        for a, e in zip(outs, outs2):
+            assert a.dtype == e.dtype and torch.equal(a, e)
+        for k in grads:
+            assert grads[k].dtype == dict(inputs)[k[5:]].dtype, k
+            assert torch.equal(grads[k], grads2[k].to(grads[k].dtype)), k
+    if rms:
+        expected = F.rms_norm(x.double(), [96], w.double(), RMS_EPS)
+        mine = torch.ops.addnorm.rms_norm(x, [96], w, RMS_EPS)
+        theirs = F.rms_norm(x, [96], w, RMS_EPS)
+        assert mine.dtype == theirs.dtype == x_dtype
+        if x_dtype == torch.float64:  # (no wider reference: the same to rounding)
+            torch.testing.assert_close(mine, theirs, rtol=1e-13, atol=1e-15)
+        else:
+            assert (mine.double() - expected).abs().max() <= (theirs.double() - expected).abs().max()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_fp32_residual_keeps_precision(dtype, device):

@@ -27,8 +27,9 @@
 //   instead of h, and backward recovers the normalized values from it, xhat = (out - bias) /
 //   weight (_norm_bwd's from_output). A weight with a zero makes that impossible (the
 //   output holds nothing of h there; on the CPU a value whose float reciprocal overflows
-//   counts as a zero). Where the weight can be read for free (a CPU tensor,
-//   in eager mode) the node then keeps h as without the flag; elsewhere it is not read
+//   counts as a zero). Where the weight can be read for free (a CPU tensor, in eager mode)
+//   the node then keeps h as without the flag, and so it does for a weight too small for
+//   out to hold xhat accurately (min_recoverable_weight); elsewhere it is not read
 //   (no device synchronization, nothing data-dependent in traced graphs) and backward
 //   meets the zero: the CPU kernel raises an error, the CUDA kernels give NaN gradients
 //   for the rows (see the README). Second derivatives need h and are refused;
@@ -136,13 +137,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_backward_composite(
   return {std::move(dh), std::move(dw), std::move(db)};
 }
 
-// Whether backward is to recover xhat from the output: false for a weight with a zero, a
-// value whose float reciprocal overflows (the CPU backward multiplies by 1 / weight), or an
+// The smallest |weight| from which backward recovers xhat from out as accurately as out's
+// rounding allows (for xhat of unit scale). out = xhat * weight (+ bias) loses what falls
+// below the output dtype's normal range: with denormals flushed (torch.set_flush_denormal)
+// a product below float's smallest normal number, 2^-126, becomes 0 (double's: 2^-1022),
+// and float16's subnormals are 2^-24 apart; xhat then errs by up to that floor / |weight|.
+// float32 and bfloat16: 2^-100 (an error of at most 2^-26); float16: 2^-14, its smallest
+// normal number (at most float16's unit rounding); float64: 1 / FLT_MAX, whose reciprocal
+// still fits in float, as the CPU backward needs (at most 2^-894).
+double min_recoverable_weight(c10::ScalarType out_dtype) {
+  switch (out_dtype) {
+    case at::kDouble:
+      return 1.0 / static_cast<double>(std::numeric_limits<float>::max());
+    case at::kHalf:
+      return 0x1p-14;
+    default:
+      return 0x1p-100;
+  }
+}
+
+// Whether backward is to recover xhat from the output: false for a weight with a zero, an
 // inf or NaN, or a bias with an inf or NaN (out then holds no xhat: the gradients would be
 // NaN where torch's are finite), that can be seen for free (CPU tensors holding data: not
-// fake or functional tensors of a trace).
+// fake or functional tensors of a trace). A weight below min_recoverable_weight counts as
+// a zero.
 bool output_invertible(const std::optional<at::Tensor>& weight,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias, c10::ScalarType out_dtype) {
   auto readable = [](const std::optional<at::Tensor>& t) {
     // (isTensorSubclassLike: also any active dispatch mode, as a FakeTensorMode or make_fx
     // tracing real tensors, where reading data fails)
@@ -153,11 +173,10 @@ bool output_invertible(const std::optional<at::Tensor>& weight,
     return false;  // (NaN fails the comparison)
   }
   if (!weight.has_value() || !readable(weight)) return true;
-  constexpr double kTiny = 1.0 / static_cast<double>(std::numeric_limits<float>::max());
-  // (in double: kTiny rounds to 0 in float16, and float32's subnormal kTiny compares as 0
-  // where denormals are flushed, so a zero weight would pass)
+  // (in double: the thresholds round to 0 in float16, and float32's subnormal ones compare
+  // as 0 where denormals are flushed, so a zero weight would pass)
   const at::Tensor a = weight->abs().to(at::kDouble);
-  return a.ge(kTiny).logical_and_(a.lt(kInf)).all().item<bool>();
+  return a.ge(min_recoverable_weight(out_dtype)).logical_and_(a.lt(kInf)).all().item<bool>();
 }
 
 at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
@@ -211,7 +230,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     // Rows of 1 to 3 elements keep h: their exact input gradient nearly cancels, so the
     // rounding of out would be most of it (up to 3x torch's error), for little memory.
     const bool from_output = memory_efficient && c10::multiply_integers(normalized_shape) > 3 &&
-                             output_invertible(weight, is_rms ? std::nullopt : bias);
+                             output_invertible(weight, is_rms ? std::nullopt : bias,
+                                               input.scalar_type());
     // Backward needs h (unless from_output); with a residual or dropout it exists only if
     // we write it.
     const bool kept = (has_residual || drop) && !return_residual && !from_output;

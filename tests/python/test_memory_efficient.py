@@ -324,6 +324,32 @@ def test_weight_with_zero_keeps_h_in_every_dtype(op, dtype, flush_denormal):
         assert torch.equal(a, e)
 
 
+@pytest.mark.parametrize("dtype,value,bound", [
+    (torch.float32, 1e-37, 2.0 ** -100), (torch.bfloat16, 1e-37, 2.0 ** -100),
+    (torch.float16, 1e-5, 2.0 ** -14)])
+@pytest.mark.parametrize("op", OPS)
+def test_weight_too_small_for_the_output_keeps_h(op, dtype, value, bound, flush_denormal):
+    """A weight so small that out = xhat * weight leaves the output dtype's normal range
+    loses xhat's bits there (with denormals flushed, a float32 product below 2^-126 became
+    0: in an encoder layer a weight gradient 1% off, input gradients off by 1e-3 of their
+    scale; a float16 product is subnormal below 2^-14). Below the bound the op keeps h, with
+    that path's gradients bitwise; at the bound it keeps out."""
+    x, r, w, b, dy = data(op, (5, 24), dtype, "cpu")
+    with torch.no_grad():
+        w[3] = value
+    fn_me = lambda: run(op, x, r, w, b, memory_efficient=True)  # noqa: E731
+    saved_me, out_me = _saved_storages(fn_me, x.numel())
+    assert out_me.untyped_storage().data_ptr() not in saved_me
+    g_me = torch.autograd.grad(out_me, [x, r, w], dy)
+    g = torch.autograd.grad(run(op, x, r, w, b, memory_efficient=False), [x, r, w], dy)
+    for a, e in zip(g_me, g):
+        assert torch.equal(a, e)
+    with torch.no_grad():
+        w[3] = bound
+    saved_me, out_me = _saved_storages(fn_me, x.numel())
+    assert saved_me == {out_me.untyped_storage().data_ptr()}
+
+
 def test_encoder_layer_with_a_zero_norm_weight_flushing_denormals(flush_denormal):
     """A float32 encoder layer in training with a zero in a norm weight, also with the CPU
     flushing denormals (its backward refused the zero there): torch's gradients."""

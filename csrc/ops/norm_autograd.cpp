@@ -337,7 +337,9 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         !(higher_order && from_output),
         "addnorm: memory_efficient=True keeps no h, which second derivatives (create_graph=True, "
         "or forward-mode tangents in backward) need; call with memory_efficient=False "
-        "(addnorm.TransformerEncoderLayer uses it in training mode: run it in eval mode)");
+        "(addnorm.TransformerEncoderLayer uses it in training mode: run it in eval mode, where "
+        "it keeps h; on the CPU its attention, as torch's layer's, is then twice "
+        "differentiable under torch.nn.attention.sdpa_kernel(SDPBackend.MATH))");
     if (higher_order) {
       auto [dh, dw, db] = norm_backward_composite(
           grad_out, h, weight, weight_grad, bias_grad, is_rms, ctx->saved_data["eps"].toDouble(),

@@ -1035,8 +1035,26 @@ def test_training_keeps_two_tensors_fewer_per_layer(norm_first, batch_first, dro
     x = torch.randn(5, 7, E, requires_grad=True)
     n_theirs, n_ours = _saved_mn_storages(theirs, x), _saved_mn_storages(ours, x)
     assert n_theirs - n_ours >= 2 * L, (n_theirs, n_ours)
-    with pytest.raises(RuntimeError, match="memory_efficient=True keeps no h"):
+    with pytest.raises(RuntimeError, match=r"memory_efficient=True keeps no h.*run it in eval "
+                                           r"mode.*sdpa_kernel\(SDPBackend.MATH\)"):
         torch.autograd.grad(ours(x).sum(), [x], create_graph=True)
+
+
+def test_second_derivatives_in_eval_mode_as_the_refusal_says():
+    """What the training-mode refusal points to: in eval mode, on the CPU under the math
+    attention (as torch's layer needs there), second derivatives are torch's layer's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dtype=torch.float64).eval()
+    ours = addnorm.replace_modules(copy.deepcopy(ref))
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for layer in (ref, ours):
+        with sdpa_kernel(SDPBackend.MATH):
+            g, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+            results.append(torch.autograd.grad(g.square().sum(), [x, *layer.parameters()]))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
 

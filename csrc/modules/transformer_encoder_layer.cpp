@@ -32,6 +32,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <utility>
 
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/autocast_mode.h>
@@ -213,6 +214,16 @@ at::Tensor transformer_encoder_layer_impl(
     const at::Tensor& norm1_weight, const OptTensor& norm1_bias, const at::Tensor& norm2_weight,
     const OptTensor& norm2_bias, int64_t nhead, double dropout, c10::string_view activation,
     double layer_norm_eps, bool batch_first, bool norm_first, bool training, bool fast_path) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{src, "src"},
+                                {in_proj_weight, "in_proj_weight"},
+                                {out_proj_weight, "out_proj_weight"},
+                                {linear1_weight, "linear1_weight"},
+                                {linear2_weight, "linear2_weight"},
+                                {norm1_weight, "norm1_weight"},
+                                {norm2_weight, "norm2_weight"}}) {
+    TORCH_CHECK(t.defined(), "addnorm: transformer_encoder_layer: ", name,
+                " must be a tensor, got an undefined tensor");
+  }
   TORCH_CHECK(
       src.dim() == 3 || src.dim() == 2,
       "addnorm: transformer_encoder_layer: src must be 3-D ([S, N, E], or [N, S, E] with "

@@ -59,6 +59,8 @@ at::Tensor dropout_mask(const at::Tensor& seed, at::IntArrayRef size, double dro
   static const auto op = public_op<at::Tensor(
       const at::Tensor&, const at::Tensor&, double, std::optional<c10::ScalarType>)>(
       "addnorm::_dropout_apply");
+  TORCH_CHECK(seed.defined(), "addnorm: dropout_mask: seed must be a tensor (int64 [2], from "
+              "addnorm::dropout_seed), got an undefined tensor");
   const at::Tensor ones = at::ones(size, seed.options().dtype(at::kFloat));
   return op.call(ones, seed, dropout_p, std::nullopt).ne(0);
 }

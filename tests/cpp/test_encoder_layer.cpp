@@ -303,4 +303,30 @@ TEST(TransformerEncoderLayer, BFloat16InferenceIsTorchsFusedKernel) {
   EXPECT_FALSE(torch::equal(own, fused));
 }
 
+// An undefined src or weight is refused by name (it read as an empty tensor: "got shape [0]").
+TEST(TransformerEncoderLayer, UndefinedTensorsAreRefusedByName) {
+  addnorm::TransformerEncoderLayer layer(
+      addnorm::TransformerEncoderLayerOptions(16, 2).dim_feedforward(32));
+  auto& l = *layer;
+  const auto& sa = *l.self_attn;
+  auto message = [&](const at::Tensor& src, const at::Tensor& in_proj_weight) {
+    try {
+      addnorm::transformer_encoder_layer(
+          src, {}, {}, false, in_proj_weight, sa.in_proj_bias, sa.out_proj->weight,
+          sa.out_proj->bias, l.linear1->weight, l.linear1->bias, l.linear2->weight,
+          l.linear2->bias, l.norm1->weight, l.norm1->bias, l.norm2->weight, l.norm2->bias, 2,
+          0.1, "relu", 1e-5, false, false, false);
+    } catch (const c10::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  auto msg = message(at::Tensor(), sa.in_proj_weight);
+  EXPECT_NE(msg.find("src must be a tensor, got an undefined tensor"), std::string::npos) << msg;
+  msg = message(torch::randn({5, 2, 16}), at::Tensor());
+  EXPECT_NE(msg.find("in_proj_weight must be a tensor, got an undefined tensor"),
+            std::string::npos)
+      << msg;
+}
+
 }  // namespace

@@ -295,6 +295,11 @@ TEST(AddNormErrors, IntegerInput) {
       << msg;
 }
 
+TEST(AddNormErrors, DropoutMaskOfAnUndefinedSeed) {
+  auto msg = error_of([] { addnorm::dropout_mask(at::Tensor(), {4, 8}, 0.5); });
+  EXPECT_NE(msg.find("dropout_mask: seed must be a tensor"), std::string::npos) << msg;
+}
+
 TEST(AddNormErrors, NegativeOrNanEps) {
   auto msg = error_of([] { addnorm::layer_norm(torch::randn({4, 8}), {8}, {}, {}, -1.0); });
   EXPECT_NE(msg.find("eps must be a non-negative number"), std::string::npos) << msg;

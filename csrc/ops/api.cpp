@@ -5,9 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/ones.h>
-#include <ATen/ops/rand_like.h>
+#include <ATen/ops/randint.h>
 
 #include <addnorm/ops.h>
 
@@ -48,11 +47,11 @@ at::Tensor rms_norm(
 }
 
 at::Tensor dropout_seed(c10::Device device, std::optional<at::Generator> generator) {
-  // Two float64 uniforms times 2^53, as addnorm.dropout_seed draws them (so the same
-  // generator state gives the same seed from Python and from C++).
-  const at::Tensor u = at::rand_like(
-      at::empty({2}, at::TensorOptions().dtype(at::kDouble).device(device)), generator);
-  return u.mul(9007199254740992.0).to(at::kLong);
+  // Two integers in [0, 2^63 - 1), as addnorm.dropout_seed draws them (so the same
+  // generator state gives the same seed from Python and from C++): one kernel, and every
+  // bit random under inductor too (which draws a float64 uniform as a widened float32).
+  return at::randint(0, std::numeric_limits<int64_t>::max(), {2}, generator,
+                     at::TensorOptions().dtype(at::kLong).device(device));
 }
 
 at::Tensor dropout_mask(const at::Tensor& seed, at::IntArrayRef size, double dropout_p) {

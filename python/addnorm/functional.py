@@ -71,8 +71,7 @@ def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = No
     README's "Fused dropout" (why it raises under an activation memory budget < 1)."""
     if not torch.jit.is_scripting():
         _check_seed_can_be_drawn(explicit_generator=generator is not None)
-    u = torch.rand_like(torch.empty([2], dtype=torch.float64, device=device), generator=generator)
-    return (u * 9007199254740992.0).to(torch.int64)  # 2^53
+    return torch.randint(0, 9223372036854775807, [2], generator=generator, device=device)  # 2^63-1
 
 
 def _check_seed_can_be_drawn(what: str = "the fused dropout's seed", fix: str = (

@@ -635,6 +635,24 @@ def test_torch_compile_fullgraph_traces_the_seed_draw_and_keeps_the_mask():
     check(x, r, seed)
 
 
+def test_seed_words_are_random_in_all_bits_compiled_too():
+    """A seed is two integers in [0, 2^63 - 1), drawn with one randint, in eager and under
+    inductor (which compiles torch's random ops to its own generator). It was two float64
+    uniforms times 2^53: inductor draws those as float32, so every word had 17 or more
+    trailing zero bits there (about 48 random bits a seed)."""
+    torch.manual_seed(0)
+    draw = lambda: addnorm.dropout_seed(torch.device("cpu"))  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(draw, fullgraph=True)
+    for seeds in (torch.stack([draw() for _ in range(16)]),
+                  torch.stack([compiled() for _ in range(16)])):
+        assert seeds.dtype == torch.int64 and seeds.shape == (16, 2)
+        assert (seeds >= 0).all()
+        assert ((seeds & (2 ** 17 - 1)) != 0).all(), seeds
+        assert seeds.unique().numel() == 32
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("budget", [0.5, 0.0])
 def test_memory_budget_partitioner(budget):
     """With activation_memory_budget < 1 torch.compile's partitioner recomputes random draws

@@ -66,8 +66,8 @@ ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_rms_norm(
     std::optional<at::Generator> generator = std::nullopt,
     bool memory_efficient = false);
 
-// The seed of one fused-dropout call: an int64 tensor [2] on device (two float64 uniforms
-// times 2^53), drawn from generator (default: the device's default generator, so it follows
+// The seed of one fused-dropout call: an int64 tensor [2] on device (two integers in
+// [0, 2^63 - 1)), drawn from generator (default: the device's default generator, so it follows
 // torch::manual_seed and CUDA graph replays draw a fresh one). The ops' dropout_seed
 // argument; the mask is a function of it.
 ADDNORM_API at::Tensor dropout_seed(

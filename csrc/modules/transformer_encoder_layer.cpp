@@ -301,11 +301,13 @@ at::Tensor transformer_encoder_layer_impl(
   // batch-first input, biases, an even nhead), without masks; tensor subclasses and
   // dispatch modes (tracing) take the ops below. torch's layer checks CUDA's autocast only:
   // under CPU autocast its fast path runs (the kernel's products then in the autocast
-  // dtype, and so its result), and so does this one for CPU input of any dtype.
+  // dtype, and so its result), and so does this one for CPU input of any dtype, also with
+  // parameters of another dtype (a stack's second layer gets the first one's bfloat16).
   const auto dtype = src.scalar_type();
   const auto device = src.device();
+  const bool cpu_autocast = device.is_cpu() && at::autocast::is_autocast_enabled(at::kCPU);
   const bool fast_dtype = device.is_cpu()
-      ? dtype == at::kBFloat16 || at::autocast::is_autocast_enabled(at::kCPU)
+      ? dtype == at::kBFloat16 || cpu_autocast
       : device.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf);
   if (fast_path && !training && batch_first && fast_dtype && !src_mask.has_value() &&
       !src_key_padding_mask.has_value() && !is_causal && nhead % 2 == 0 &&
@@ -317,7 +319,8 @@ at::Tensor transformer_encoder_layer_impl(
     bool usable = !(at::GradMode::is_enabled() && src.requires_grad());
     std::vector<at::Tensor> all{src};
     for (const auto& t : params) {
-      usable = usable && t.has_value() && t->scalar_type() == dtype && t->device() == device &&
+      usable = usable && t.has_value() && (t->scalar_type() == dtype || cpu_autocast) &&
+               t->device() == device &&
                !(at::GradMode::is_enabled() && t->requires_grad());
       if (t.has_value()) all.push_back(*t);
     }

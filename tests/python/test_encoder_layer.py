@@ -194,16 +194,19 @@ def test_bfloat16_cpu_inference_is_torchs_fast_path(norm_first, activation, eps)
         assert _takes_torchs_fused_kernel(ours, x)[1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_autocast_inference_is_torchs_fast_path(dtype):
+@pytest.mark.parametrize("dtype,src_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
+def test_cpu_autocast_inference_is_torchs_fast_path(dtype, src_dtype):
     # torch's layer checks CUDA's autocast only: under CPU autocast it takes its fast path,
-    # whose result has the autocast dtype. So does the op (it returned float32 for a
-    # float32 layer), bit for bit. With a mask (where torch's fast path runs too) the op
-    # runs its own ops, as torch's other path: float32, to autocast's rounding.
+    # whose result has the autocast dtype, whatever src's dtype and the parameters'. So does
+    # the op (it returned float32 for a float32 layer, and for a bfloat16 src of a float32
+    # layer torch's other path), bit for bit. With a mask (where torch's fast path runs too)
+    # the op runs its own ops, as torch's other path: float32, to autocast's rounding.
     ref, ours = _pair(dtype, batch_first=True)
     ref.eval()
     ours.eval()
-    x = _src(True, dtype)
+    x = _src(True, src_dtype)
     _, kpm, _ = _masks("padding")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out, fused = _takes_torchs_fused_kernel(ours, x)
@@ -220,6 +223,17 @@ def test_cpu_autocast_inference_is_torchs_fast_path(dtype):
     assert torch.equal(out, expected)
     assert masked.dtype == masked_expected.dtype
     _close(masked[~kpm], masked_expected[~kpm], "masked output", 5e-2)
+
+
+def test_cpu_autocast_inference_of_a_stack_is_torchs():
+    # The second layer gets the first one's bfloat16 output with float32 parameters: torch's
+    # fast path takes it, and so does the op (it ran its own ops there: other values).
+    theirs = nn.TransformerEncoder(_randomize(nn.TransformerEncoderLayer(E, H, FF, batch_first=True)),
+                                   2, enable_nested_tensor=False).eval()
+    ours = addnorm.replace_modules(copy.deepcopy(theirs))
+    x = _src(True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(x), theirs(x))
 
 
 def _odd_heads(ref, ours):

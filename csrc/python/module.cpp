@@ -85,7 +85,7 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "addnorm native module: fused residual-add + LayerNorm/RMSNorm ops";
   m.def("version", &addnorm::version, "Version of libaddnorm");
   m.def("cpu_capability", &addnorm::cpu_kernel_capability,
-        "Instruction set the CPU kernels run with (AVX2 or DEFAULT)");
+        "Instruction set the CPU kernels run with: AVX512, AVX2 or DEFAULT");
   m.def("built_with_cuda", &addnorm::built_with_cuda, "True when built with CUDA kernels");
   tag_compile_caches();
 

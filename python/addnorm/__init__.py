@@ -33,11 +33,7 @@ from .encoder import TransformerEncoderLayer  # noqa: E402
 from .convert import replace_modules  # noqa: E402
 
 __version__ = _C.version()
-
-
-def cpu_capability() -> str:
-    """The instruction set the CPU kernels run with: "AVX512", "AVX2" or "DEFAULT"."""
-    return _C.cpu_capability()
+cpu_capability = _C.cpu_capability  # the CPU kernels' instruction set: AVX512, AVX2 or DEFAULT
 
 
 def cuda_available() -> bool:

@@ -20,8 +20,7 @@ def cuda_status() -> str:
 
 
 def _parity(op: str, device: str):
-    """Max |addnorm - torch| of the output and of the input's gradient (float32), and the
-    tolerance."""
+    """Max |addnorm - torch| of the output and input gradient (float32), and the tolerance."""
     gen = torch.Generator().manual_seed(0)
     x, r, g = (torch.randn(8, 256, generator=gen).to(device) for _ in range(3))
     x = (x * 3 + 1).requires_grad_()

@@ -5,6 +5,7 @@ training every dropout's mask from a seed of addnorm's (README). A layer the op 
 (e.g. a submodule subclassed, hooked, or in another training mode) runs torch's forward, with
 a warning. TorchScript compiles it (activation from ``activation_relu_or_gelu``)."""
 
+import inspect
 import warnings
 from typing import List, Optional
 
@@ -16,10 +17,15 @@ from .functional import _check_seed_can_be_drawn, _check_unnamed
 from .modules import LayerNorm
 
 
+def _set(obj, name: str, cls) -> bool:  # set on obj, or overridden (ismethod: compile guards it)
+    return not inspect.ismethod(getattr(obj, name)) or name in vars(obj) or getattr(
+        type(obj), name) is not getattr(cls, name)
+
+
 def _overridden(m: nn.Module) -> bool:
     """Hooks, or a forward set on the instance: what the op, which reads parameters, skips."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks or "forward" in m.__dict__)
+                or m._backward_pre_hooks or _set(m, "forward", type(m)))
 
 
 def _activation_name(act) -> Optional[str]:
@@ -31,8 +37,7 @@ def _activation_name(act) -> Optional[str]:
     return "gelu" if act is F.gelu or (type(act) is nn.GELU and act.approximate == "none") else None
 
 
-# torch's encoding of the activation in TransformerEncoderLayer.activation_relu_or_gelu.
-_ACTIVATION_CODES = {"relu": 1, "gelu": 2}
+_ACTIVATION_CODES = {"relu": 1, "gelu": 2}  # (torch's layer's activation_relu_or_gelu)
 
 
 # The submodules the op runs from their parameters alone: exactly these types (a subclass or
@@ -54,8 +59,7 @@ def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
             return f"{parent}.{leaf}".lstrip(".") + f" is a {type(m).__name__}, not plain"
         if _overridden(m):
             return f"{parent}.{leaf}".lstrip(".") + " has hooks or its own forward, not called"
-    if any(n in layer.__dict__ or getattr(type(layer), n) is not getattr(
-            nn.TransformerEncoderLayer, n) for n in ("_sa_block", "_ff_block")):
+    if any(_set(layer, n, nn.TransformerEncoderLayer) for n in ("_sa_block", "_ff_block")):
         return "_sa_block or _ff_block is overridden"
     sa = layer.self_attn
     if not sa._qkv_same_embed_dim or sa.bias_k is not None or sa.add_zero_attn:

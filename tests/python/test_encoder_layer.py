@@ -1014,6 +1014,29 @@ def test_torch_compile_dynamic_shapes():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("change", ["linear2.forward", "self_attn.forward", "_ff_block"])
+def test_compiled_layer_follows_a_forward_set_after_compiling(change):
+    """A forward set on a submodule instance (as adapter tools do), or a block on the layer,
+    after torch.compile: the compiled layer recompiles and runs torch's forward, as the eager
+    one does (it kept its graph: the check read __dict__, on which Dynamo sets no guard)."""
+    torch._dynamo.reset()
+    _, ours = _pair(batch_first=True)
+    compiled = torch.compile(ours, backend="aot_eager")
+    x = _src(True)
+    compiled(x)
+    if change == "_ff_block":
+        ours._ff_block = lambda t: torch.zeros_like(t)
+    else:
+        module = ours.get_submodule(change.split(".")[0])
+        old = module.forward
+        module.forward = lambda *a, **k: (lambda y: y * 3 if torch.is_tensor(y) else (y[0] * 3, None))(
+            old(*a, **k))
+    with pytest.warns(UserWarning, match="runs torch's forward"):
+        expected = ours(x)
+    _close(compiled(x), expected, f"compiled after setting {change}")
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- memory
 
 

@@ -1610,7 +1610,13 @@ inline S f64_dx(const S& g, const S& g_lo, const S& xp, const S& xe, const S& ne
   S b, be;
   two_sum(a, S(0.0) - m, b, be);
   const S b_lo = be + (ae - me);
-  return fma_exact(rstd, b, fma_of(rstd, b_lo, fma_of(rstd_lo, b, r)));
+  // rstd * b as a double-double, r added to it exactly (r, the gradient of the returned h,
+  // may be the larger term: added to the low part it was rounded once more), the low parts.
+  S p, pe;
+  two_prod(rstd, b, p, pe);
+  S q, qe;
+  two_sum(p, r, q, qe);
+  return dd_value(q, qe + fma_of(rstd, b_lo, fma_of(rstd_lo, b, pe)));
 }
 
 // Lanes of the float64 pass 1 over one block: g, g * d, d, d * d as double-doubles, g =

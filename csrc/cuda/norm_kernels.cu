@@ -891,7 +891,13 @@ __device__ __forceinline__ void f64_store(const BwdParams<T, H, W>& p, int64_t o
     double b, be;
     two_sum(a, -m, b, be);
     const double b_lo = be + (ae - me);
-    dx[j] = fma_rn(w.rstd, b, fma_rn(w.rstd, b_lo, fma_rn(w.rstd_lo, b, r[j])));
+    // rstd * b as a double-double, r[j] (the gradient of the returned h, which may be the
+    // larger term) added to it exactly, then the low parts: rounded once (as the CPU's)
+    const double p0 = mul_rn(w.rstd, b);
+    double q, qe;
+    two_sum(p0, r[j], q, qe);
+    const double lo = qe + fma_rn(w.rstd, b_lo, fma_rn(w.rstd_lo, b, fma_rn(w.rstd, b, -p0)));
+    dx[j] = isfinite(q) ? q + lo : q;
     gx[j] = fma_rn(dy[j], xp, mul_rn(dy[j], xe));
   }
   store_vec<VEC>(p.dh + off, dx);

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import addnorm
 from conftest import DEVICES, DTYPES, call_add_norm, call_norm, make_affine, make_data
-from reference import errors_vs_torch, max_err, meets_bar, reference_ld
+from reference import errors_vs_torch, max_err, meets_bar, reference_ld, to_ld
 
 ACC_SHAPES = [(64, 768), (16, 4096), (1, 100003)]
 DISTRIBUTIONS = {"randn": (1.0, 0.0), "offset": (3.0, 5.0)}  # (scale, offset) of the input
@@ -180,6 +180,38 @@ def test_float64_short_rows_input_grad_accuracy(norm, device):
         if not ok:
             bad.append((n, ratio))
     assert not bad, f"{norm}: grad_input above torch's error for (N, ratio) {bad}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm", NORMS)
+def test_float64_input_grad_with_a_gradient_into_h(norm, device):
+    """float64 with return_residual=True and a gradient into the returned h too: the input's
+    gradient is the norm's plus h's, rounded once (h's was added to the low-order terms and
+    rounded with them first, one rounding more: up to 1.46x torch's error, in 4 of 60
+    seeds at 17x31)."""
+    rms, bad = norm == "rms_norm", []
+    n, eps = 31, 1e-2
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        x, r, dy, gh = (torch.randn(17, n, generator=gen, dtype=torch.float64) for _ in range(4))
+        w = 1 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+        b = None if rms else 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+        errs = []
+        for ours in (True, False):
+            xo, ro = (t.clone().to(device).requires_grad_() for t in (x, r))
+            wd, bd = (None if t is None else t.to(device) for t in (w, b))
+            if ours:
+                out, h = call_add_norm(rms, xo, ro, (n,), wd, bd, eps)
+            else:
+                h = xo + ro
+                out = F.rms_norm(h, [n], wd, eps) if rms else F.layer_norm(h, [n], wd, bd, eps)
+            torch.autograd.backward([out, h], [dy.to(device), gh.to(device)])
+            ref = reference_ld(x + r, w, b, dy, eps, rms)[1] + to_ld(gh)
+            errs.append(max_err(xo.grad.cpu(), ref))
+        ok, ratio = meets_bar(errs[0], errs[1], 1.0, torch.float64)
+        if not ok:
+            bad.append((seed, ratio))
+    assert not bad, f"{norm}: grad_input above torch's error for (seed, ratio) {bad}"
 
 
 def test_reference_is_more_precise_than_float64():

@@ -671,8 +671,9 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     bool memory_efficient) {
   check_input_defined(input);
   // (differentiably: the gradient of a narrower parameter returns to its dtype)
-  const auto weight = widened_param(weight_arg, input);
-  const auto bias = widened_param(bias_arg, input);
+  const auto params = widened_params(weight_arg, bias_arg, input);
+  const std::optional<at::Tensor>& weight = params.first;
+  const std::optional<at::Tensor>& bias = params.second;
   if (inside_functorch_transform()) {
     return norm_composite(input, residual, normalized_shape, weight, bias, eps, is_rms,
                           return_residual, residual_in_fp32, dropout_p, dropout_seed,

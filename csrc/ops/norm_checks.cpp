@@ -58,24 +58,33 @@ void check_param(
   TORCH_CHECK(
       is_allowed_companion_dtype(t.scalar_type(), input.scalar_type()), "addnorm: ", name,
       " must have the input's dtype (", input.scalar_type(),
-      ") or a narrower float dtype (for float16/bfloat16 input, float32 too); got ",
-      t.scalar_type());
+      "), a narrower float dtype, or for float16/bfloat16 input float16, bfloat16 or "
+      "float32; got ", t.scalar_type());
 }
 
 }  // namespace
 
-std::optional<at::Tensor> widened_param(
-    const std::optional<at::Tensor>& param, const at::Tensor& input) {
-  if (!param.has_value() || !param->defined() || !input.defined()) return param;
+std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> widened_params(
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& input) {
   auto is_norm_dtype = [](c10::ScalarType t) {
     return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
   };
+  if (!input.defined() || !is_norm_dtype(input.scalar_type())) return {weight, bias};
   const auto x = input.scalar_type();
-  const auto p = param->scalar_type();
-  if (!is_norm_dtype(x) || !is_norm_dtype(p) || is_allowed_companion_dtype(p, x)) return param;
   const auto read_as = (x == at::kHalf || x == at::kBFloat16) ? at::kFloat : x;
-  if (c10::elementSize(p) >= c10::elementSize(read_as)) return param;
-  return param->to(read_as);
+  auto narrower = [&](const std::optional<at::Tensor>& p) {  // than read_as
+    return p.has_value() && p->defined() && is_norm_dtype(p->scalar_type()) &&
+           c10::elementSize(p->scalar_type()) < c10::elementSize(read_as);
+  };
+  auto refused = [&](const std::optional<at::Tensor>& p) {
+    return narrower(p) && !is_allowed_companion_dtype(p->scalar_type(), x);
+  };
+  if (!refused(weight) && !refused(bias)) return {weight, bias};
+  auto widen = [&](const std::optional<at::Tensor>& p) {
+    return narrower(p) ? std::optional<at::Tensor>(p->to(read_as)) : p;
+  };
+  return {widen(weight), widen(bias)};
 }
 
 void check_input_defined(const at::Tensor& input) {

@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/SymIntArrayRef.h>
@@ -28,13 +29,15 @@ c10::ScalarType check_dropout_apply_inputs(
 // [..., L, S] and value [..., S, D], at least 2-D, the same batch dims, dtype and device.
 void check_dropout_matmul_inputs(const at::Tensor& probs, const at::Tensor& value);
 
-// A weight or bias of a float dtype narrower than the one the kernels read it in (float16
-// or bfloat16 of float32/float64 input, float32 of float64 input, float16 of bfloat16 input
-// and the reverse), widened to that dtype (exactly: the wider dtype holds every value), as
-// torch's rms_norm promotes it; autograd returns its gradient in its own dtype. Any other
-// parameter as it is (check_norm_fwd_inputs judges it).
-std::optional<at::Tensor> widened_param(
-    const std::optional<at::Tensor>& param, const at::Tensor& input);
+// weight and bias, where either has a float dtype narrower than the one the kernels read
+// parameters in (float16 or bfloat16 of float32/float64 input, float32 of float64 input,
+// float16 of bfloat16 input and the reverse): both widened to that dtype (exactly: the
+// wider dtype holds every value; both, as the kernels read one dtype), as torch's rms_norm
+// promotes them; autograd returns their gradients in their own dtypes. Otherwise as they
+// are (check_norm_fwd_inputs judges them).
+std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> widened_params(
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& input);
 
 // A call after its checks: the first normalized dim and the call's dtypes.
 struct NormPlan {

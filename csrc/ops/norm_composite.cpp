@@ -18,10 +18,10 @@ std::tuple<at::Tensor, at::Tensor> norm_forward(
     bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
     bool /*memory_efficient: what autograd keeps*/) {
   check_input_defined(input);
+  const auto [w, b] = widened_params(weight, bias, input);
   auto outs = norm_fwd_op().call(
-      input, residual, normalized_shape, widened_param(weight, input),
-      widened_param(bias, input), eps, is_rms, return_residual, residual_in_fp32, dropout_p,
-      dropout_seed);
+      input, residual, normalized_shape, w, b, eps, is_rms, return_residual, residual_in_fp32,
+      dropout_p, dropout_seed);
   return {std::get<0>(outs), std::get<1>(outs)};
 }
 

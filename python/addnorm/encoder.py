@@ -91,10 +91,9 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     def __prepare_scriptable__(self) -> "TransformerEncoderLayer":
         # (torch.jit.script calls it.) The scripted forward reads activation_relu_or_gelu,
         # which must still describe the activation the layer holds.
-        reason = _unsupported_reason(self)
+        reason, name = _unsupported_reason(self), _activation_name(self.activation)
         code = getattr(self, "activation_relu_or_gelu", None)
-        if reason is None and code != _ACTIVATION_CODES[_activation_name(self.activation)]:
-            name = _activation_name(self.activation)
+        if reason is None and code != _ACTIVATION_CODES[name]:
             reason = (f"activation_relu_or_gelu must be {_ACTIVATION_CODES[name]} for activation "
                       f"{name}, got {code!r} (set it when replacing the activation)")
         if reason is not None:
@@ -110,6 +109,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             if not torch.jit.is_scripting():
                 return super().forward(src, src_mask, src_key_padding_mask, is_causal)
             return self._nested_forward(src, src_mask, src_key_padding_mask)
+        fast_path = torch.backends.mha.get_fastpath_enabled()  # (torch's: off with hooks on it)
         if torch.jit.is_scripting():
             activation = "gelu" if self.activation_relu_or_gelu == 2 else "relu"
             modes = [self.self_attn.training, self.dropout.training, self.dropout1.training,
@@ -128,6 +128,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                     warnings.warn(f"addnorm.TransformerEncoderLayer runs torch's forward: {reason}")
                 return super().forward(src, src_mask, src_key_padding_mask, is_causal)
             activation = _activation_name(self.activation)
+            fast_path = fast_path and not (self._forward_hooks or self._forward_pre_hooks)
             if self.training and self.dropout.p > 0:  # the op draws its dropouts' seeds
                 _check_seed_can_be_drawn("the layer's dropout seeds", "Keep the budget at 1.")
         sa = self.self_attn
@@ -137,7 +138,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
             self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
             self.norm1.weight, self.norm1.bias, self.norm2.weight, self.norm2.bias,
             sa.num_heads, self.dropout.p, activation, self.norm1.eps, sa.batch_first,
-            self.norm_first, self.training, torch.backends.mha.get_fastpath_enabled())
+            self.norm_first, self.training, fast_path)
 
     def _nested_forward(self, src: Tensor, src_mask: Optional[Tensor],
                         src_key_padding_mask: Optional[Tensor]) -> Tensor:

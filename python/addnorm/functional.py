@@ -43,7 +43,8 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tenso
     """Same as ``torch.nn.functional.rms_norm`` (eps=None: float32's epsilon, float64's for
     float64 input)."""
     _check_unnamed(input, weight)
-    if isinstance(input, Tensor) and input.is_nested:  # (as layer_norm)
+    if isinstance(input, Tensor) and (input.is_nested or (  # (as layer_norm; a wider weight)
+            isinstance(weight, Tensor) and weight.dtype == torch.float64 != input.dtype)):
         return torch.nn.functional.rms_norm(input, _as_shape(normalized_shape), weight, eps)
     return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
 
@@ -99,8 +100,7 @@ def _check_seed_can_be_drawn(what: str = "the fused dropout's seed", fix: str = 
 def dropout_mask(seed: Tensor, size: List[int], p: float) -> Tensor:
     """The keep-mask (bool, shape ``size``, on the seed's device) of ``seed`` and ``p``: the
     elements ``add_layer_norm(..., dropout_p=p)`` keeps. For tests and debugging."""
-    ones = torch.ones(size, dtype=torch.float32, device=seed.device)
-    return torch.ops.addnorm._dropout_apply(ones, seed, p) != 0
+    return torch.ops.addnorm._dropout_apply(torch.ones(size, device=seed.device), seed, p) != 0
 
 
 def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_shape: List[int],

@@ -44,7 +44,8 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             F._check_unnamed(input)
-            if isinstance(input, Tensor) and input.is_nested:  # (as LayerNorm)
+            if isinstance(input, Tensor) and (input.is_nested or (  # (as LayerNorm; a wider weight)
+                    self.weight is not None and self.weight.dtype == torch.float64 != input.dtype)):
                 return super().forward(input)
         return torch.ops.addnorm.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 

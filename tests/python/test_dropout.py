@@ -649,6 +649,7 @@ def test_seed_words_are_random_in_all_bits_compiled_too():
         assert seeds.dtype == torch.int64 and seeds.shape == (16, 2)
         assert (seeds >= 0).all()
         assert ((seeds & (2 ** 17 - 1)) != 0).all(), seeds
+        assert (seeds >= 2 ** 60).any(), seeds  # (the top bits too: all 32 below 2^60 is 8^-32)
         assert seeds.unique().numel() == 32
     torch._dynamo.reset()
 

@@ -225,6 +225,23 @@ def test_cpu_autocast_inference_is_torchs_fast_path(dtype, src_dtype):
     _close(masked[~kpm], masked_expected[~kpm], "masked output", 5e-2)
 
 
+def test_a_hook_on_the_layer_keeps_the_fused_kernel_off_as_torchs():
+    # torch's fast path is off while the layer has forward hooks; so is the op's use of the
+    # fused kernel (under CPU autocast it returned bfloat16 where torch's layer returns float32).
+    ref, ours = _pair(batch_first=True)
+    ref.eval()
+    ours.eval()
+    for layer in (ref, ours):
+        layer.register_forward_pre_hook(lambda m, args: None)
+    x = _src(True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, fused = _takes_torchs_fused_kernel(ours, x)
+        expected, torch_fused = _takes_torchs_fused_kernel(ref, x)
+    assert not fused and not torch_fused
+    assert out.dtype == expected.dtype == torch.float32
+    _close(out, expected, "hooked layer under autocast", 5e-2)
+
+
 def test_cpu_autocast_inference_of_a_stack_is_torchs():
     # The second layer gets the first one's bfloat16 output with float32 parameters: torch's
     # fast path takes it, and so does the op (it ran its own ops there: other values).

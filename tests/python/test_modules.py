@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import addnorm
 from conftest import DEVICES, assert_close, make_affine, make_data
@@ -403,3 +404,17 @@ def test_converted_encoder_with_a_hook_on_nested_input():
         with torch.no_grad():
             outs.append(model(x, src_key_padding_mask=pad))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_with_a_wider_weight_is_torchs():
+    """torch's RMSNorm takes a float64 weight with float32 (or float16/bfloat16) input and
+    returns the input's dtype; the ops refuse a wider weight, so the drop-ins hand it to
+    torch's kernel (replace_modules turned such a model, which ran, into one that raised)."""
+    theirs = torch.nn.RMSNorm(8).double()
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    ours = addnorm.replace_modules(copy.deepcopy(theirs))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 8, dtype=dtype)
+        assert torch.equal(ours(x), theirs(x))
+        assert torch.equal(addnorm.rms_norm(x, [8], theirs.weight), F.rms_norm(x, [8], theirs.weight))

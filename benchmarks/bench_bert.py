@@ -11,8 +11,8 @@ Modes (--modes):
            repetitions of --steps steps), on CUDA also the host time to enqueue one step
            (no synchronization inside), and the peak memory of a step
            (torch.cuda.max_memory_allocated above what the model and inputs hold; on CPU,
-           the bytes of the tensors autograd saves, which is what a step holds at its peak
-           beyond the model and the activations it returns).
+           the bytes of the storages autograd saves in a step, the model's parameters and
+           the input left out: the activations kept for backward).
   graph    CUDA only: the whole step captured once with torch.cuda.graph and replayed (the
            fused dropout draws its seed from the CUDA generator inside the graph, so every
            replay gets fresh masks; torch's dropout does the same).
@@ -113,13 +113,17 @@ def make_step(model, x, args, forward=None):
     return step
 
 
-def saved_bytes(step):
-    """Bytes of the distinct storages autograd saves during one step (CPU memory measure)."""
+def saved_bytes(step, exclude):
+    """Bytes of the distinct storages autograd saves during one step (CPU memory measure),
+    but for those of the tensors in exclude (the model's parameters and the input, which a
+    step does not allocate): the activations the step keeps for backward."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen = {}
 
     def pack(t):
         st = t.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -140,9 +144,9 @@ def measure(step, args, cuda):
     return (time.perf_counter() - t0) / args.steps, (host if cuda else None)
 
 
-def peak_bytes(step, cuda):
+def peak_bytes(step, cuda, exclude):
     if not cuda:
-        return saved_bytes(step)
+        return saved_bytes(step, exclude)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -174,7 +178,8 @@ def run(args):
             if mode == "graph":
                 step = sc.capture_cuda_graph(step).replay
             steps[name] = step
-        peak = {n: peak_bytes(s, cuda) for n, s in steps.items()} if mode == "eager" else {}
+        peak = ({n: peak_bytes(s, cuda, [*models[n].parameters(), x]) for n, s in steps.items()}
+                if mode == "eager" else {})
         times = {n: [] for n in steps}
         hosts = {n: [] for n in steps}
         names = list(steps)
@@ -228,12 +233,13 @@ def main(argv=None):
                        "results": results}, f, indent=1)
     if args.md:
         with open(args.md, "w") as f:
-            f.write(f"# addnorm 12-layer encoder training step ({args.device})\n\n"
+            f.write(f"# addnorm {args.layers}-layer encoder training step ({args.device})\n\n"
                     f"Command: `{sc.command_line()}`\n\n"
                     f"Machine: {json.dumps(info)}\n\nConfig: {json.dumps(config)}\n\n"
                     "Times are ms per step (medians); speedup = torch / addnorm from the same "
                     "run; peak: on CUDA max_memory_allocated above the model and input, on "
-                    "CPU the bytes autograd saves in a step.\n\n" + table(results) + "\n")
+                    "CPU the bytes autograd saves in a step, the model's parameters and the "
+                    "input excluded.\n\n" + table(results) + "\n")
     return 0
 
 

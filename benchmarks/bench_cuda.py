@@ -19,8 +19,8 @@ case falls back to events around eager calls and is marked "(eager timing)".
 Host time: for the small cases, the wall time per call of many back-to-back calls (fwd and
 fwd_train), which is then host-bound: the per-call overhead a user sees at small sizes.
 
-Bandwidth: GB/s over the minimal bytes (every input read once, every output written once),
-and that as a fraction of the device-to-device copy bandwidth measured in the same run
+Bandwidth: GB/s over the minimal bytes (every input read once, every output written once;
+fwd_train also counts the write of h), and that as a fraction of the device-to-device copy bandwidth measured in the same run
 (bytes read + written).
 
     python benchmarks/bench_cuda.py --json benchmarks/results/gpu_h100.json --md benchmarks/results/gpu_h100.md
@@ -92,7 +92,7 @@ class Flush:
 
 
 def copy_bandwidth(reps=20):
-    """Median device-to-device copy bandwidth (bytes read + written) on 1 GiB."""
+    """Median device-to-device copy bandwidth (bytes read + written) of a 512 MiB copy."""
     n = (512 << 20) // 4
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
@@ -342,7 +342,9 @@ def main(argv=None):
             f.write("Times are GPU microseconds per call (median of CUDA-graph replays after an L2 flush; "
                     "`*`: not capturable, events around eager calls). Ratios are other / addnorm "
                     "(> 1: addnorm is faster). % of copy: addnorm's bytes (each input read once, each "
-                    "output written once) per second over the copy bandwidth. Host us: wall time per "
+                    "output written once; fwd (train) counts the write of h, which addnorm's "
+                    "training forward makes for backward, post-LN too) per second over the copy "
+                    "bandwidth. Host us: wall time per "
                     "call of back-to-back calls at small sizes.\n\n")
             f.write(sc.format_md_table(header, lines) + "\n")
     print(f"total time {time.perf_counter() - t0:.0f}s")

@@ -11,6 +11,8 @@ Modes (--modes):
            no_grad calls torch._transformer_encoder_layer_fwd; the run checks that it
            does); and torch eager with the fast path off
            (torch.backends.mha.set_fastpath_enabled(False)).
+Every mode also times torch.compile of torch's layer (default inductor; compiled in the
+warm-up, not timed; --no-compile leaves it out).
 Implementations run interleaved, round-robin, each repetition; medians are reported and
 the ratios (torch time / addnorm time, > 1: addnorm faster) come from the same run.
 Dropout is --dropout (default 0.1) in the training modes, off in eval. --norm-first runs
@@ -56,8 +58,6 @@ MODE_LABEL = {"fwd": "training forward", "fwdbwd": "training forward + backward"
 FULL_GRID = [(d, h, s, b) for d, h in ((512, 8), (1024, 16)) for s in (128, 512) for b in (8, 32)]
 CPU_DEFAULT = "512x8x128x8,1024x16x512x8"
 QUICK = {"cpu": "512x8x128x8", "cuda": "512x8x128x8,1024x16x512x32"}
-TRAIN_IMPLS = ("addnorm", "torch")
-EVAL_IMPLS = ("addnorm", "torch_fastpath", "torch_eager")
 
 
 def parse_shapes(text):
@@ -92,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.add_argument("--md", default=None, help="write a Markdown report")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile of torch's layer out")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -139,6 +140,7 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
     g = torch.Generator(device="cpu").manual_seed(args.seed + 1)
     x = torch.randn(b, s, d, generator=g).to(device=device, dtype=dtype)
     grad_out = torch.randn(b, s, d, generator=g).to(device=device, dtype=dtype)
+    ref_c = torch.compile(ref) if cfg["compile"] else None  # (recompiles for eval: guarded)
     rows = []
     base = dict(d_model=d, nhead=h, seq=s, batch=b, dim_feedforward=4 * d, dtype=dtype_name)
 
@@ -171,6 +173,8 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
     if train_modes:
         progress.step(f"d{d} h{h} s{s} b{b} {dtype_name} train")
         impls = {"addnorm": ours, "torch": ref}
+        if ref_c is not None:
+            impls["torch_compile"] = ref_c
         xg = x.detach().clone().requires_grad_(True)
 
         def make_fn(layer):
@@ -190,7 +194,10 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
                 return clock.elapsed(t0, t1), clock.elapsed(t0, t2)
             return fn
 
-        samples = run_reps({k: make_fn(v) for k, v in impls.items()}, 2, "train")
+        fns = {k: make_fn(v) for k, v in impls.items()}
+        if "torch_compile" in fns:
+            fns["torch_compile"]()  # compiles forward and backward (the warm-up runs it again)
+        samples = run_reps(fns, 2, "train")
         for mode, idx in (("fwd", 0), ("fwdbwd", 1)):
             if mode not in modes:
                 continue
@@ -202,21 +209,15 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
         ours.eval()
         ref.eval()
 
-        def fn_ours():
-            with torch.no_grad():
-                t0 = clock.mark()
-                ours(x)
-                t1 = clock.mark()
-            clock.sync()
-            return clock.elapsed(t0, t1)
-
-        def fn_fast():
-            with torch.no_grad():
-                t0 = clock.mark()
-                ref(x)
-                t1 = clock.mark()
-            clock.sync()
-            return clock.elapsed(t0, t1)
+        def make_eval_fn(layer):
+            def fn():
+                with torch.no_grad():
+                    t0 = clock.mark()
+                    layer(x)
+                    t1 = clock.mark()
+                clock.sync()
+                return clock.elapsed(t0, t1)
+            return fn
 
         def fn_eager():
             prev = torch.backends.mha.get_fastpath_enabled()
@@ -245,7 +246,12 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
         diffs = {"torch_fastpath": (out_ours - out_fast).abs().max().item(),
                  "torch_eager": (out_ours - out_eager).abs().max().item()}
         del out_ours, out_fast, out_eager
-        samples = run_reps({"addnorm": fn_ours, "torch_fastpath": fn_fast, "torch_eager": fn_eager}, 1, "eval")
+        fns = {"addnorm": make_eval_fn(ours), "torch_fastpath": make_eval_fn(ref),
+               "torch_eager": fn_eager}
+        if ref_c is not None:
+            fns["torch_compile"] = make_eval_fn(ref_c)
+            fns["torch_compile"]()  # compiles (the warm-up runs it again)
+        samples = run_reps(fns, 1, "eval")
         med = {k: statistics.median(v) for k, v in samples.items()}
         rows.append(dict(base, mode="eval", times=med, reps=len(samples["addnorm"]),
                          ratios={k: med[k] / med["addnorm"] for k in med if k != "addnorm"},
@@ -263,20 +269,24 @@ def table(results, mode):
         return None, []
     if mode == "eval":
         header = ["d_model", "nhead", "seq", "batch", "dtype", "addnorm ms", "torch fast path ms",
-                  "torch eager ms", "x vs fast path", "x vs eager", "fast path used", "max abs diff", "reps"]
+                  "torch eager ms", "torch compile ms", "x vs fast path", "x vs eager", "x vs compile",
+                  "fast path used", "max abs diff", "reps"]
     else:
-        header = ["d_model", "nhead", "seq", "batch", "dtype", "addnorm ms", "torch ms", "x vs torch", "reps"]
+        header = ["d_model", "nhead", "seq", "batch", "dtype", "addnorm ms", "torch ms",
+                  "torch compile ms", "x vs torch", "x vs compile", "reps"]
     rows = []
     for r in sel:
         t, q = r["times"], r["ratios"]
         row = [str(r["d_model"]), str(r["nhead"]), str(r["seq"]), str(r["batch"]), r["dtype"],
                fmt_ms(t["addnorm"])]
+        ratio_c = f"{q['torch_compile']:.2f}" if "torch_compile" in q else "-"
         if mode == "eval":
             row += [fmt_ms(t["torch_fastpath"]), fmt_ms(t["torch_eager"]),
-                    f"{q['torch_fastpath']:.2f}", f"{q['torch_eager']:.2f}",
+                    fmt_ms(t.get("torch_compile")), f"{q['torch_fastpath']:.2f}",
+                    f"{q['torch_eager']:.2f}", ratio_c,
                     "yes" if r["fastpath_used"] else "no", f"{r['max_abs_diff']['torch_eager']:.1e}"]
         else:
-            row += [fmt_ms(t["torch"]), f"{q['torch']:.2f}"]
+            row += [fmt_ms(t["torch"]), fmt_ms(t.get("torch_compile")), f"{q['torch']:.2f}", ratio_c]
         row.append(str(r["reps"]))
         rows.append(row)
     return header, rows
@@ -286,7 +296,7 @@ def summary(results):
     lines = []
     for mode in MODES:
         sel = [r for r in results if r["mode"] == mode]
-        for key in (("torch_fastpath", "torch_eager") if mode == "eval" else ("torch",)):
+        for key in (("torch_fastpath", "torch_eager") if mode == "eval" else ("torch",)) + ("torch_compile",):
             vals = [r["ratios"][key] for r in sel if key in r["ratios"]]
             if vals:
                 gm = math.exp(sum(math.log(v) for v in vals) / len(vals))
@@ -315,6 +325,7 @@ def markdown(sweep):
               "`nn.TransformerEncoderLayer` in eval under `no_grad` "
               "(`torch._transformer_encoder_layer_fwd`; `fast path used` says whether torch took it); "
               "torch eager is the same layer with `torch.backends.mha.set_fastpath_enabled(False)`; "
+              "torch compile is `torch.compile` of torch's layer (inductor, compiled before timing); "
               "`max abs diff` is the largest difference of addnorm's output from torch eager's."
               + (" Half-precision training modes were not run on CPU (`--cpu-bf16-train` runs "
                  "them; torch's bf16 backward is very slow on CPUs without native bf16 matmul)."
@@ -355,7 +366,7 @@ def main(argv=None):
         shapes = FULL_GRID if cuda else parse_shapes(CPU_DEFAULT)
     quick = args.quick
     cfg = {
-        "device": device, "dtypes": dtypes, "modes": modes, "shapes": shapes,
+        "device": device, "dtypes": dtypes, "compile": not args.no_compile, "modes": modes, "shapes": shapes,
         "cpu_bf16_train": args.cpu_bf16_train, "dropout": args.dropout, "norm_first": args.norm_first, "activation": args.activation,
         "warmup": args.warmup if args.warmup is not None else (5 if cuda else 1),
         "target_s": args.target_s if args.target_s is not None else

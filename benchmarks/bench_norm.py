@@ -125,6 +125,9 @@ def main(argv=None) -> int:
         print(f"unknown dtype(s) {bad}; choose from {list(sc.DTYPES)}", file=sys.stderr)
         return 2
     modes = sc.parse_modes(args.modes)
+    if args.fwd_nograd and modes != ["fwd"]:
+        print(f"--fwd-nograd needs --modes fwd alone (got {','.join(modes)})", file=sys.stderr)
+        return 2
     if args.shapes:
         shapes = sc.parse_shapes(args.shapes)
     elif args.quick:
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
         device, modes=modes, repeat=args.repeat, warmup=args.warmup, target_s=target,
         min_reps=args.min_reps, max_reps=max_reps, compile=args.compile,
         liger=not args.no_liger, flush=not args.no_flush,
-        fwd_grad=not (args.fwd_nograd and modes == ["fwd"]), seed=args.seed)
+        fwd_grad=not args.fwd_nograd, seed=args.seed)
 
     info = sc.machine_info(device)
     print(f"addnorm {info['addnorm_version']} | torch {info['torch_version']} | {device} | "
@@ -194,6 +197,9 @@ def main(argv=None) -> int:
             f.write(markdown_report(sweep))
         print(f"wrote {args.md}")
     return 0
+
+
+NOISY = 1.5  # p80 / min above which a case is listed as noisy in the Markdown report
 
 
 def markdown_report(sweep: dict) -> str:
@@ -249,6 +255,17 @@ def markdown_report(sweep: dict) -> str:
         lines.append(f"## {sc.MODE_LABEL[m]}")
         lines.append("")
         lines.append(sc.format_md_table(header, sel))
+        lines.append("")
+    noisy = []
+    for r in sweep["results"]:
+        spread = {k: v["p80_s"] / v["min_s"] for k, v in r["impls"].items()
+                  if v.get("min_s") and v.get("p80_s") and v["p80_s"] > NOISY * v["min_s"]}
+        if spread:
+            noisy.append(f"{r['op']} {r['dtype']} {r['M']}x{r['N']} {r['mode']} ("
+                         + ", ".join(f"{k} {q:.1f}x" for k, q in spread.items()) + ")")
+    if noisy:
+        lines.append(f"Noisy cases: an implementation's 80th-percentile time above {NOISY}x its "
+                     f"minimum (take their ratios with care): {'; '.join(noisy)}.")
         lines.append("")
     compile_times = [(r["op"], r["dtype"], r["M"], r["N"], r["compile_first_call_s"])
                      for r in sweep["results"] if r.get("compile_first_call_s") and r["mode"] == cfg["modes"][0]]

@@ -281,11 +281,13 @@ profile() {
 }
 
 # One encoder layer at the size the targets name (d_model 1024, nhead 16, seq 512,
-# batch 32, bf16): forward+backward vs nn.TransformerEncoderLayer, eval vs its fast path.
+# batch 32, bf16): forward+backward vs nn.TransformerEncoderLayer, eval vs its fast path
+# (without torch.compile of the layer, whose compilations would take this step's time; the
+# bert step compares compiled models).
 encoder_bench() {
   set -x
   "$PY" benchmarks/bench_encoder.py --device cuda --shapes 1024x16x512x32 --dtypes bf16 \
-    --modes fwdbwd,eval --no-progress \
+    --modes fwdbwd,eval --no-compile --no-progress \
     --json "$OUT_DIR/encoder_gpu.json" --md "$OUT_DIR/encoder_gpu.md"
 }
 

@@ -3,8 +3,9 @@
 # The one prepared script for the GPU machine (one H100/H200, torch 2.11 + CUDA 13 in
 # /opt/torch/.venv, no internet): loads a prebuilt addnorm (or builds it against that torch),
 # runs the CUDA tests (the ones that failed on a GPU before first), compute-sanitizer memcheck
-# and racecheck over scripts/sanitize_kernels.py (every kernel path), the GPU benchmark and an
-# Nsight Compute profile of the main kernels.
+# and racecheck over scripts/sanitize_kernels.py (every kernel path), the GPU benchmark, an
+# Nsight Compute profile of the main kernels, the encoder-layer benchmark and profile, the
+# 12-layer training step, and the largest-tensor tests.
 #
 #   scripts/gpu_check.sh OUT_DIR
 #
@@ -19,7 +20,8 @@
 #   scripts/gpu_check.sh /tmp/gpu_check; tar -czf gpu_check.tgz -C /tmp gpu_check
 #
 # OUT_DIR receives one log per step (<step>.log), pytest_*.xml, bench.json / bench.md (the
-# benchmark), profile.txt (ncu) and summary.txt, which is also printed at the end. Every
+# benchmark), profile.txt (ncu), encoder_gpu.json / .md and bert_gpu.json / .md (the encoder
+# layer and the 12-layer step) and summary.txt, which is also printed at the end. Every
 # step has a timeout and the whole run stays within GPU_CHECK_BUDGET_S seconds (default
 # 480): later steps get what is left. A failing step does not stop the run; the exit status
 # is 1 when any step failed.
@@ -207,13 +209,15 @@ run_pytest() {
 }
 
 # The tests that failed on an H100 before (N=1 gradients, NaN propagation of float64 RMSNorm,
-# accuracy against torch's kernels), the tests that pin their causes down, and the CUDA
-# tests of the fused dropout and the memory-efficient backward (never run on a GPU yet: same
-# mask as the CPU, graph replay, backward from the output, fused input gradient), the
-# first-element-outlier rows (accuracy), the tangents-with-a-graph path (autograd) and the
-# float32 backward in double (statistics from h; also the float32 gradients' accuracy), and
-# the encoder layer's CUDA tests (never run on a GPU yet: parity with torch's layer, torch's
-# fused inference kernel for float16/bfloat16 eval).
+# accuracy against torch's kernels), the tests that pin their causes down, the CUDA tests of
+# the fused dropout and the memory-efficient backward (same mask as the CPU, graph replay,
+# backward from the output, fused input gradient), the first-element-outlier rows
+# (accuracy), the tangents-with-a-graph path (autograd), the float32 backward in double
+# (statistics from h; also the float32 gradients' accuracy), and the encoder layer's CUDA
+# tests (parity with torch's layer, and torch's fused inference kernel for float16/bfloat16
+# eval, which has not run on a GPU yet). The float32 weight gradient kept in double and the
+# float64 backward's exact addition of h's gradient (test_accuracy) have not run on a GPU
+# yet either.
 first() {
   set -x
   run_pytest tests/python/test_accuracy.py tests/python/test_errors.py tests/python/test_ops.py \

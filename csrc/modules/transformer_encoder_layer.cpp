@@ -2,9 +2,10 @@
 // torch.compile come from the ops it is made of) and the C++ modules holding its
 // parameters. The math follows torch.nn.TransformerEncoderLayer.forward (its non-fast
 // path: _sa_block, _ff_block, norm_first) and F.multi_head_attention_forward with
-// need_weights=False op for op; the Add & Norm steps run addnorm's fused kernels. The one
-// exception: bfloat16 inference on the CPU calls torch's fused inference kernel, its fast
-// path (see transformer_encoder_layer_impl).
+// need_weights=False op for op; the Add & Norm steps run addnorm's fused kernels. The
+// exception: inference in bfloat16 on the CPU (any dtype under CPU autocast), and in
+// float16/bfloat16 on CUDA, calls torch's fused inference kernel, its fast path (see
+// transformer_encoder_layer_impl).
 //
 // Dropout. In eval mode (and with dropout = 0) nothing is dropped and nothing is drawn:
 // results match torch's. In training every dropout's keep-mask is addnorm's: a function of

@@ -17,6 +17,8 @@
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/python.h>
 
 #include <addnorm/addnorm.h>
@@ -79,6 +81,87 @@ void tag_compile_caches() {
   }
 }
 
+// The public ops called from pybind11 instead of torch.ops, whose Python call path
+// matches every argument against the schema (a few microseconds a call, as much as the
+// kernel of a small tensor): the same ops through the dispatcher (autograd, every backend,
+// dispatch modes), with torch's error types and warnings. The Python wrappers take this
+// path only where nothing at the Python level could see the call (no __torch_function__,
+// not tracing: see functional.py's _check_unnamed).
+template <typename F>
+auto without_gil(const F& f) {
+  py::gil_scoped_release no_gil;
+  return f();
+}
+
+// LayerNorm's eps is a float (None: torch.ops' error).
+void check_eps(const std::optional<double>& eps, const char* op) {
+  TORCH_CHECK(eps.has_value(), "addnorm::", op, "() Expected a value of type 'float' for "
+              "argument 'eps' but instead found type 'NoneType'.");
+}
+
+py::object layer_norm(const at::Tensor& input, const std::vector<int64_t>& normalized_shape,
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, std::optional<double> eps) {
+  HANDLE_TH_ERRORS
+  check_eps(eps, "layer_norm");
+  return py::cast(without_gil([&] {
+    return addnorm::layer_norm(input, normalized_shape, weight, bias, *eps);
+  }));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+py::object rms_norm(const at::Tensor& input, const std::vector<int64_t>& normalized_shape,
+                    const std::optional<at::Tensor>& weight, std::optional<double> eps) {
+  HANDLE_TH_ERRORS
+  return py::cast(without_gil([&] {
+    return addnorm::rms_norm(input, normalized_shape, weight, eps);
+  }));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+py::object add_layer_norm(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                          const std::vector<int64_t>& normalized_shape,
+                          const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias, std::optional<double> eps,
+                          bool return_residual, bool residual_in_fp32, double dropout_p,
+                          const std::optional<at::Tensor>& dropout_seed, bool memory_efficient) {
+  HANDLE_TH_ERRORS
+  check_eps(eps, "add_layer_norm");
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool,
+      double, const std::optional<at::Tensor>&, bool)>("addnorm::add_layer_norm");
+  return py::cast(without_gil([&] {
+    return op.call(input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, bias,
+                   *eps, return_residual, residual_in_fp32, dropout_p, dropout_seed,
+                   memory_efficient);
+  }));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
+py::object add_rms_norm(const at::Tensor& input, const std::optional<at::Tensor>& residual,
+                        const std::vector<int64_t>& normalized_shape,
+                        const std::optional<at::Tensor>& weight, std::optional<double> eps,
+                        bool return_residual, bool residual_in_fp32, double dropout_p,
+                        const std::optional<at::Tensor>& dropout_seed, bool memory_efficient) {
+  HANDLE_TH_ERRORS
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
+      const std::optional<at::Tensor>&, std::optional<double>, bool, bool, double,
+      const std::optional<at::Tensor>&, bool)>("addnorm::add_rms_norm");
+  return py::cast(without_gil([&] {
+    return op.call(input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, eps,
+                   return_residual, residual_in_fp32, dropout_p, dropout_seed,
+                   memory_efficient);
+  }));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -88,6 +171,19 @@ PYBIND11_MODULE(_C, m) {
         "Instruction set the CPU kernels run with: AVX512, AVX2 or DEFAULT");
   m.def("built_with_cuda", &addnorm::built_with_cuda, "True when built with CUDA kernels");
   tag_compile_caches();
+  // The public ops (see above), called as torch.ops.addnorm.* is.
+  m.def("layer_norm", &layer_norm, py::arg("input"), py::arg("normalized_shape"),
+        py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("rms_norm", &rms_norm, py::arg("input"), py::arg("normalized_shape"),
+        py::arg("weight"), py::arg("eps"));
+  m.def("add_layer_norm", &add_layer_norm, py::arg("input"), py::arg("residual"),
+        py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
+        py::kw_only(), py::arg("return_residual"), py::arg("residual_in_fp32"),
+        py::arg("dropout_p"), py::arg("dropout_seed"), py::arg("memory_efficient"));
+  m.def("add_rms_norm", &add_rms_norm, py::arg("input"), py::arg("residual"),
+        py::arg("normalized_shape"), py::arg("weight"), py::arg("eps"), py::kw_only(),
+        py::arg("return_residual"), py::arg("residual_in_fp32"), py::arg("dropout_p"),
+        py::arg("dropout_seed"), py::arg("memory_efficient"));
 
   // The C++ module addnorm::TransformerEncoderLayer, for tests comparing it with the
   // Python module (addnorm.TransformerEncoderLayer).

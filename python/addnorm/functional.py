@@ -7,22 +7,29 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _C
+
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
-def _check_unnamed(*tensors: Optional[Tensor]) -> None:
-    """Named tensors get torch's answer for its norms (not under torch.compile: no names)."""
+def _check_unnamed(*tensors: Optional[Tensor]) -> bool:
+    """Named tensors get torch's answer for its norms (not under torch.compile: no names).
+    Whether the op may go through addnorm._C (torch.ops' argument matching costs microseconds
+    a call): where Python code cannot see the call (not compiling, no __torch_function__)."""
     if torch.compiler.is_compiling():
-        return
+        return False
+    direct = isinstance(tensors[0], Tensor)
     for t in tensors:
         if isinstance(t, Tensor) and t.has_names():
             raise RuntimeError(
                 f"addnorm: named tensors are not supported (got names {t.names}); drop the "
                 "names with tensor.rename(None), call the op, and set names on the result")
+        direct = direct and (t is None or isinstance(t, Tensor))
+    return direct and not torch._C._has_torch_function(tensors)
 
 
 def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape)
-    if not isinstance(shape, (int, torch.SymInt, Sequence)):  # (a Tensor is not one)
+    if not isinstance(shape, (int, tuple, list, torch.SymInt, Sequence)):  # (a Tensor is not one)
         raise TypeError("addnorm: normalized_shape must be an int or a sequence of ints, got "
                         f"{type(shape).__name__}")
     return [shape] if isinstance(shape, (int, torch.SymInt)) else list(shape)
@@ -30,23 +37,23 @@ def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape)
 
 def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
-    """Same as ``torch.nn.functional.layer_norm``; also takes bf16/fp16 input with fp32
-    weight and bias."""
-    _check_unnamed(input, weight, bias)
+    """Same as ``torch.nn.functional.layer_norm``; also bf16/fp16 input with fp32 weight/bias."""
+    direct = _check_unnamed(input, weight, bias)
     if isinstance(input, Tensor) and input.is_nested:  # (torch's kernel takes nested tensors)
         return torch.nn.functional.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
-    return torch.ops.addnorm.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
+    op = _C.layer_norm if direct else torch.ops.addnorm.layer_norm
+    return op(input, _as_shape(normalized_shape), weight, bias, eps)
 
 
 def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
-    """Same as ``torch.nn.functional.rms_norm`` (eps=None: float32's epsilon, float64's for
-    float64 input)."""
-    _check_unnamed(input, weight)
+    """Same as ``torch.nn.functional.rms_norm`` (eps=None: float32's eps, float64's for float64)."""
+    direct = _check_unnamed(input, weight)
     if isinstance(input, Tensor) and (input.is_nested or (  # (as layer_norm; a wider weight)
             isinstance(weight, Tensor) and weight.dtype == torch.float64 != input.dtype)):
         return torch.nn.functional.rms_norm(input, _as_shape(normalized_shape), weight, eps)
-    return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
+    op = _C.rms_norm if direct else torch.ops.addnorm.rms_norm
+    return op(input, _as_shape(normalized_shape), weight, eps)
 
 
 # What torch.jit.script compiles in place of layer_norm and rms_norm (the hook it calls on
@@ -108,17 +115,20 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
               return_residual: bool, residual_in_fp32: bool, dropout_p: Optional[float],
               generator: Optional[torch.Generator], return_dropout_mask: bool,
               memory_efficient: bool):
+    direct = _check_unnamed(input, residual, weight, bias)
     # dropout_p defaults to None, not 0.0: under torch.compile(dynamic=True) a float default
     # is traced as a symbolic input, and comparing it restarts the trace.
     dropout_p = 0.0 if dropout_p is None else dropout_p
     seed = dropout_seed(input.device, generator) if dropout_p > 0 and input is not None else None
     if rms:
-        out, h = torch.ops.addnorm.add_rms_norm(
+        op = _C.add_rms_norm if direct else torch.ops.addnorm.add_rms_norm
+        out, h = op(
             input, residual, normalized_shape, weight, eps, return_residual=return_residual,
             residual_in_fp32=residual_in_fp32, dropout_p=dropout_p, dropout_seed=seed,
             memory_efficient=memory_efficient)
     else:
-        out, h = torch.ops.addnorm.add_layer_norm(
+        op = _C.add_layer_norm if direct else torch.ops.addnorm.add_layer_norm
+        out, h = op(
             input, residual, normalized_shape, weight, bias, eps,
             return_residual=return_residual, residual_in_fp32=residual_in_fp32,
             dropout_p=dropout_p, dropout_seed=seed, memory_efficient=memory_efficient)
@@ -143,7 +153,6 @@ def add_layer_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: 
     drawn from ``generator``, never stored (backward regenerates it);
     ``return_dropout_mask=True`` appends it to the result. ``memory_efficient=True``:
     autograd keeps ``out`` instead of h (README, "Memory-efficient backward")."""
-    _check_unnamed(input, residual, weight, bias)
     return _add_norm(False, input, residual, _as_shape(normalized_shape), weight, bias, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
                      return_dropout_mask, memory_efficient)
@@ -157,7 +166,6 @@ def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _S
                  memory_efficient: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``h = dropout(input, dropout_p) + residual; out = rms_norm(h)`` in one pass; see
     ``add_layer_norm``."""
-    _check_unnamed(input, residual, weight)
     return _add_norm(True, input, residual, _as_shape(normalized_shape), weight, None, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
                      return_dropout_mask, memory_efficient)

@@ -15,10 +15,6 @@ def _check_p(p: float) -> float:
     return float(p)
 
 
-def _seed(input: Tensor, p: float) -> Optional[Tensor]:  # (None: no dropout)
-    return F.dropout_seed(input.device) if p > 0.0 and input is not None else None
-
-
 _CONSTANTS = ["return_residual", "residual_in_fp32", "dropout", "memory_efficient"]
 
 
@@ -29,25 +25,15 @@ def _extra(m) -> str:
 class LayerNorm(nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm``."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            F._check_unnamed(input)
-            if isinstance(input, Tensor) and input.is_nested:  # (torch's kernel takes them)
-                return super().forward(input)
-        return torch.ops.addnorm.layer_norm(input, self.normalized_shape, self.weight, self.bias,
-                                            self.eps)
+    def forward(self, input: Tensor) -> Tensor:  # (TorchScript compiles the op's call there)
+        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.RMSNorm):
     """Drop-in for ``torch.nn.RMSNorm``."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            F._check_unnamed(input)
-            if isinstance(input, Tensor) and (input.is_nested or (  # (as LayerNorm; a wider weight)
-                    self.weight is not None and self.weight.dtype == torch.float64 != input.dtype)):
-                return super().forward(input)
-        return torch.ops.addnorm.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+    def forward(self, input: Tensor) -> Tensor:  # (as LayerNorm)
+        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
 
 
 class AddLayerNorm(nn.LayerNorm):
@@ -68,13 +54,16 @@ class AddLayerNorm(nn.LayerNorm):
     # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
     # constant return_residual (an annotated Union would reach scripted callers as a Union).
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):
-        if not torch.jit.is_scripting():
-            F._check_unnamed(input, residual)
         p = self.dropout if self.training else 0.0
+        if not torch.jit.is_scripting():  # (F: the op's call without torch.ops' overhead)
+            return F._add_norm(False, input, residual, list(self.normalized_shape), self.weight,
+                               self.bias, self.eps, self.return_residual, self.residual_in_fp32,
+                               p, None, False, self.memory_efficient)
         out, h = torch.ops.addnorm.add_layer_norm(
             input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
-            dropout_p=p, dropout_seed=_seed(input, p), memory_efficient=self.memory_efficient)
+            dropout_p=p, dropout_seed=F.dropout_seed(input.device) if p > 0.0 else None,
+            memory_efficient=self.memory_efficient)
         return (out, h) if self.return_residual else out
 
     def extra_repr(self) -> str:
@@ -95,13 +84,16 @@ class AddRMSNorm(nn.RMSNorm):
         self.dropout, self.memory_efficient = _check_p(dropout), memory_efficient
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # (see AddLayerNorm)
-        if not torch.jit.is_scripting():
-            F._check_unnamed(input, residual)
         p = self.dropout if self.training else 0.0
+        if not torch.jit.is_scripting():
+            return F._add_norm(True, input, residual, list(self.normalized_shape), self.weight,
+                               None, self.eps, self.return_residual, self.residual_in_fp32, p,
+                               None, False, self.memory_efficient)
         out, h = torch.ops.addnorm.add_rms_norm(
             input, residual, self.normalized_shape, self.weight, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
-            dropout_p=p, dropout_seed=_seed(input, p), memory_efficient=self.memory_efficient)
+            dropout_p=p, dropout_seed=F.dropout_seed(input.device) if p > 0.0 else None,
+            memory_efficient=self.memory_efficient)
         return (out, h) if self.return_residual else out
 
     def extra_repr(self) -> str:

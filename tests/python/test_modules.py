@@ -68,6 +68,89 @@ def test_functional_matches_ops(ns, device):
     assert out.dtype == torch.bfloat16 and h.dtype == torch.float32
 
 
+def test_wrappers_skip_torch_ops_only_where_python_cannot_see_the_call(monkeypatch):
+    """The functional forms and modules call the ops through addnorm._C (pybind11 to the
+    dispatcher: torch.ops' argument matching costs microseconds a call) with torch.ops'
+    results, gradients and errors; a __torch_function__ subclass or mode, and a trace, still
+    see torch.ops.addnorm.* called."""
+    from torch.overrides import TorchFunctionMode
+    fn, C = addnorm.functional, addnorm._C
+    direct = []
+    for name in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
+        real = getattr(C, name)
+        monkeypatch.setattr(C, name, lambda *a, _real=real, _name=name, **k: (
+            direct.append(_name), _real(*a, **k))[1])
+    x, r = (make_data((3, 8), torch.float32, "cpu", requires_grad=True) for _ in range(2))
+    w, b = (nn.Parameter(t) for t in make_affine((8,), torch.float32, "cpu"))
+    g = torch.randn(3, 8)
+    seed = torch.tensor([5, 7])
+    calls = {  # name: (the wrapper, torch.ops' call with the same arguments)
+        "layer_norm": (lambda: fn.layer_norm(x, 8, w, b, 0.1),
+                       lambda: torch.ops.addnorm.layer_norm(x, [8], w, b, 0.1)),
+        "rms_norm": (lambda: addnorm.RMSNorm(8)(x), lambda: torch.ops.addnorm.rms_norm(
+            x, [8], addnorm.RMSNorm(8).weight, None)),
+        "add_layer_norm": (lambda: fn.add_layer_norm(x, r, 8, w, b, return_residual=True)[1] * 2
+                           + fn.add_layer_norm(x, r, 8, w, b, memory_efficient=True),
+                           lambda: torch.ops.addnorm.add_layer_norm(x, r, [8], w, b)[1] * 2
+                           + torch.ops.addnorm.add_layer_norm(x, r, [8], w, b, memory_efficient=True)[0]),
+        "add_rms_norm": (lambda: addnorm.AddRMSNorm(8, dropout=0.5)(x, r),
+                         lambda: torch.ops.addnorm.add_rms_norm(
+                             x, r, [8], addnorm.AddRMSNorm(8).weight, None, return_residual=False,
+                             dropout_p=0.5, dropout_seed=seed)[0]),
+    }
+    for name, (ours, theirs) in calls.items():
+        results = []
+        for f in (ours, theirs):
+            with monkeypatch.context() as m:  # the modules' seeds: one fixed draw
+                m.setattr(fn, "dropout_seed", lambda *a, **k: seed)
+                out = f()
+            grads = torch.autograd.grad(out, [x, r, w, b], g, allow_unused=True)
+            results.append([out] + [t for t in grads if t is not None])
+        assert all(torch.equal(a, e) for a, e in zip(*results)), name
+        assert direct.count(name) >= 1, name
+    # torch.ops' errors and their types
+    for bad in (lambda op: op(x, r, [9], w, b, 1e-5, return_residual=True, residual_in_fp32=False,
+                              dropout_p=0.0, dropout_seed=None, memory_efficient=False),
+                lambda op: op(x, r, [8], w, b, None, return_residual=True, residual_in_fp32=False,
+                              dropout_p=0.0, dropout_seed=None, memory_efficient=False)):
+        errors = []
+        for op in (C.add_layer_norm, torch.ops.addnorm.add_layer_norm):
+            with pytest.raises(RuntimeError) as e:
+                bad(op)
+            errors.append(str(e.value).splitlines()[0])
+        assert errors[0] == errors[1]
+
+    # Python-level code that must see the call: a subclass's __torch_function__, a mode, a trace
+    seen = []
+
+    class Sub(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    direct.clear()
+    fn.add_layer_norm(x.detach().as_subclass(Sub), r, 8, w, b)
+    addnorm.LayerNorm(8)(x.detach().as_subclass(Sub))
+    with Mode():
+        fn.rms_norm(x, 8)
+        addnorm.AddLayerNorm(8)(x, r)
+    ops = [f for f in seen if isinstance(f, (torch._ops.OpOverloadPacket, torch._ops.OpOverload))]
+    assert [str(f).split(".")[1] for f in ops] == [
+        "add_layer_norm", "layer_norm", "rms_norm", "add_layer_norm"]
+    assert direct == []
+    rd = r.detach()
+    traced = torch.jit.trace(lambda x: fn.add_layer_norm(x, rd, 8), (x.detach(),))
+    assert "addnorm::add_layer_norm" in str(traced.graph)
+    y = torch.randn(3, 8)
+    assert torch.equal(traced(y), fn.add_layer_norm(y, rd, 8))
+
+
 # --------------------------------------------------------------------------- LayerNorm / RMSNorm
 
 LN_CONFIGS = [

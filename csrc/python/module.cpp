@@ -93,28 +93,40 @@ auto without_gil(const F& f) {
   return f();
 }
 
+// normalized_shape as a list of ints, or a TypeError that names it (pybind11's own, for a
+// std::vector argument, would print every argument, tensors included).
+std::vector<int64_t> shape_of(const py::handle& normalized_shape) {
+  py::detail::make_caster<std::vector<int64_t>> caster;
+  TORCH_CHECK_TYPE(caster.load(normalized_shape, /*convert=*/true),
+                   "addnorm: normalized_shape must be a sequence of ints, got ",
+                   py::str(normalized_shape).cast<std::string>());
+  return py::detail::cast_op<std::vector<int64_t>>(std::move(caster));
+}
+
 // LayerNorm's eps is a float (None: torch.ops' error).
 void check_eps(const std::optional<double>& eps, const char* op) {
   TORCH_CHECK(eps.has_value(), "addnorm::", op, "() Expected a value of type 'float' for "
               "argument 'eps' but instead found type 'NoneType'.");
 }
 
-py::object layer_norm(const at::Tensor& input, const std::vector<int64_t>& normalized_shape,
+py::object layer_norm(const at::Tensor& input, const py::handle& normalized_shape,
                       const std::optional<at::Tensor>& weight,
                       const std::optional<at::Tensor>& bias, std::optional<double> eps) {
   HANDLE_TH_ERRORS
   check_eps(eps, "layer_norm");
+  const auto shape = shape_of(normalized_shape);
   return py::cast(without_gil([&] {
-    return addnorm::layer_norm(input, normalized_shape, weight, bias, *eps);
+    return addnorm::layer_norm(input, shape, weight, bias, *eps);
   }));
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
-py::object rms_norm(const at::Tensor& input, const std::vector<int64_t>& normalized_shape,
+py::object rms_norm(const at::Tensor& input, const py::handle& normalized_shape,
                     const std::optional<at::Tensor>& weight, std::optional<double> eps) {
   HANDLE_TH_ERRORS
+  const auto shape = shape_of(normalized_shape);
   return py::cast(without_gil([&] {
-    return addnorm::rms_norm(input, normalized_shape, weight, eps);
+    return addnorm::rms_norm(input, shape, weight, eps);
   }));
   END_HANDLE_TH_ERRORS_PYBIND
 }
@@ -125,7 +137,7 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 }
 
 py::object add_layer_norm(const at::Tensor& input, const std::optional<at::Tensor>& residual,
-                          const std::vector<int64_t>& normalized_shape,
+                          const py::handle& normalized_shape,
                           const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, std::optional<double> eps,
                           bool return_residual, bool residual_in_fp32, double dropout_p,
@@ -136,8 +148,9 @@ py::object add_layer_norm(const at::Tensor& input, const std::optional<at::Tenso
       const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool,
       double, const std::optional<at::Tensor>&, bool)>("addnorm::add_layer_norm");
+  const auto shape = shape_of(normalized_shape);
   return py::cast(without_gil([&] {
-    return op.call(input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, bias,
+    return op.call(input, residual, c10::fromIntArrayRefSlow(shape), weight, bias,
                    *eps, return_residual, residual_in_fp32, dropout_p, dropout_seed,
                    memory_efficient);
   }));
@@ -145,7 +158,7 @@ py::object add_layer_norm(const at::Tensor& input, const std::optional<at::Tenso
 }
 
 py::object add_rms_norm(const at::Tensor& input, const std::optional<at::Tensor>& residual,
-                        const std::vector<int64_t>& normalized_shape,
+                        const py::handle& normalized_shape,
                         const std::optional<at::Tensor>& weight, std::optional<double> eps,
                         bool return_residual, bool residual_in_fp32, double dropout_p,
                         const std::optional<at::Tensor>& dropout_seed, bool memory_efficient) {
@@ -154,8 +167,9 @@ py::object add_rms_norm(const at::Tensor& input, const std::optional<at::Tensor>
       const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
       const std::optional<at::Tensor>&, std::optional<double>, bool, bool, double,
       const std::optional<at::Tensor>&, bool)>("addnorm::add_rms_norm");
+  const auto shape = shape_of(normalized_shape);
   return py::cast(without_gil([&] {
-    return op.call(input, residual, c10::fromIntArrayRefSlow(normalized_shape), weight, eps,
+    return op.call(input, residual, c10::fromIntArrayRefSlow(shape), weight, eps,
                    return_residual, residual_in_fp32, dropout_p, dropout_seed,
                    memory_efficient);
   }));

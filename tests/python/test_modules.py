@@ -119,6 +119,10 @@ def test_wrappers_skip_torch_ops_only_where_python_cannot_see_the_call(monkeypat
                 bad(op)
             errors.append(str(e.value).splitlines()[0])
         assert errors[0] == errors[1]
+    for call in (lambda: fn.add_layer_norm(x, r, [8.0]), lambda: fn.rms_norm(x, [8, None])):
+        with pytest.raises(TypeError, match=r"addnorm: normalized_shape must be a sequence of "
+                           r"ints, got \[8(\.0|, None)\]$"):  # (pybind11's would print x)
+            call()
 
     # Python-level code that must see the call: a subclass's __torch_function__, a mode, a trace
     seen = []

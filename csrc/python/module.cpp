@@ -84,51 +84,70 @@ void tag_compile_caches() {
 // The public ops called from pybind11 instead of torch.ops, whose Python call path
 // matches every argument against the schema (a few microseconds a call, as much as the
 // kernel of a small tensor): the same ops through the dispatcher (autograd, every backend,
-// dispatch modes), with torch's error types and warnings. The Python wrappers take this
-// path only where nothing at the Python level could see the call (no __torch_function__,
-// not tracing: see functional.py's _check_unnamed).
+// dispatch modes), as torch.ops calls them. The Python wrappers take this path only where
+// nothing at the Python level could see the call (not compiling, no __torch_function__),
+// with tensors or None in the tensor arguments (see functional.py's _check_unnamed). The
+// other arguments are read here only when they have the plain types (normalized_shape a
+// list or tuple of ints, eps a float or int, the flags bools, dropout_p a float): anything
+// else (symbolic sizes of a fake-tensor trace, numpy scalars, a wrong type) goes to torch.ops
+// itself, which converts or refuses it as it always did. C++ warnings go to c10's handler,
+// and errors become torch's Python errors, as from torch.ops.
+
+// Runs op (with the GIL released) and raises a C++ exception as the Python error torch
+// gives for it (c10::TypeError a TypeError, ...).
 template <typename F>
-auto without_gil(const F& f) {
-  py::gil_scoped_release no_gil;
-  return f();
+py::object call_op(const F& op) {
+  try {
+    return py::cast([&] {
+      py::gil_scoped_release no_gil;
+      return op();
+    }());
+  } catch (py::error_already_set&) {
+    throw;
+  } catch (const std::exception&) {
+    torch::translate_exception_to_python(std::current_exception());
+    throw py::error_already_set();
+  }
 }
 
-// normalized_shape as a list of ints, or a TypeError that names it (pybind11's own, for a
-// std::vector argument, would print every argument, tensors included).
-std::vector<int64_t> shape_of(const py::handle& normalized_shape) {
-  py::detail::make_caster<std::vector<int64_t>> caster;
-  TORCH_CHECK_TYPE(caster.load(normalized_shape, /*convert=*/true),
-                   "addnorm: normalized_shape must be a sequence of ints, got ",
-                   py::str(normalized_shape).cast<std::string>());
-  return py::detail::cast_op<std::vector<int64_t>>(std::move(caster));
+// torch.ops.addnorm.<name>: where an argument is not of a plain type.
+py::object torch_op(const char* name) {
+  return py::module_::import("torch").attr("ops").attr("addnorm").attr(name);
 }
 
-// LayerNorm's eps is a float (None: torch.ops' error).
-void check_eps(const std::optional<double>& eps, const char* op) {
-  TORCH_CHECK(eps.has_value(), "addnorm::", op, "() Expected a value of type 'float' for "
-              "argument 'eps' but instead found type 'NoneType'.");
+// normalized_shape as ints, if it is a list or tuple of ints.
+bool plain_shape(const py::handle& obj, std::vector<int64_t>& shape) {
+  if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr())) return false;
+  const auto seq = py::reinterpret_borrow<py::sequence>(obj);
+  shape.resize(seq.size());
+  for (size_t i = 0; i < shape.size(); ++i) {
+    PyObject* item = seq[i].ptr();
+    if (!PyLong_CheckExact(item)) return false;
+    int overflow = 0;
+    shape[i] = PyLong_AsLongLongAndOverflow(item, &overflow);
+    if (overflow != 0) return false;
+  }
+  return true;
 }
 
-py::object layer_norm(const at::Tensor& input, const py::handle& normalized_shape,
-                      const std::optional<at::Tensor>& weight,
-                      const std::optional<at::Tensor>& bias, std::optional<double> eps) {
-  HANDLE_TH_ERRORS
-  check_eps(eps, "layer_norm");
-  const auto shape = shape_of(normalized_shape);
-  return py::cast(without_gil([&] {
-    return addnorm::layer_norm(input, shape, weight, bias, *eps);
-  }));
-  END_HANDLE_TH_ERRORS_PYBIND
+// A float or int as a double.
+bool plain_float(const py::handle& obj, double& value) {
+  if (PyFloat_CheckExact(obj.ptr())) {
+    value = PyFloat_AS_DOUBLE(obj.ptr());
+    return true;
+  }
+  if (!PyLong_CheckExact(obj.ptr())) return false;
+  value = PyLong_AsDouble(obj.ptr());
+  if (value == -1.0 && PyErr_Occurred()) {  // (too large: torch.ops says so)
+    PyErr_Clear();
+    return false;
+  }
+  return true;
 }
 
-py::object rms_norm(const at::Tensor& input, const py::handle& normalized_shape,
-                    const std::optional<at::Tensor>& weight, std::optional<double> eps) {
-  HANDLE_TH_ERRORS
-  const auto shape = shape_of(normalized_shape);
-  return py::cast(without_gil([&] {
-    return addnorm::rms_norm(input, shape, weight, eps);
-  }));
-  END_HANDLE_TH_ERRORS_PYBIND
+bool plain_bool(const py::handle& obj, bool& value) {
+  value = obj.ptr() == Py_True;
+  return PyBool_Check(obj.ptr());
 }
 
 template <typename Sig>
@@ -136,44 +155,95 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-py::object add_layer_norm(const at::Tensor& input, const std::optional<at::Tensor>& residual,
-                          const py::handle& normalized_shape,
-                          const std::optional<at::Tensor>& weight,
-                          const std::optional<at::Tensor>& bias, std::optional<double> eps,
-                          bool return_residual, bool residual_in_fp32, double dropout_p,
-                          const std::optional<at::Tensor>& dropout_seed, bool memory_efficient) {
-  HANDLE_TH_ERRORS
-  check_eps(eps, "add_layer_norm");
-  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
-      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, bool, bool,
-      double, const std::optional<at::Tensor>&, bool)>("addnorm::add_layer_norm");
-  const auto shape = shape_of(normalized_shape);
-  return py::cast(without_gil([&] {
-    return op.call(input, residual, c10::fromIntArrayRefSlow(shape), weight, bias,
-                   *eps, return_residual, residual_in_fp32, dropout_p, dropout_seed,
-                   memory_efficient);
-  }));
-  END_HANDLE_TH_ERRORS_PYBIND
+using Opt = std::optional<at::Tensor>;
+using Pair = std::tuple<at::Tensor, at::Tensor>;
+
+py::object layer_norm(const at::Tensor& input, const py::handle& normalized_shape,
+                      const Opt& weight, const Opt& bias, const py::handle& eps) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, at::IntArrayRef, const Opt&,
+                                              const Opt&, double)>("addnorm::layer_norm");
+  std::vector<int64_t> shape;
+  double e = 0.0;
+  if (!plain_shape(normalized_shape, shape) || !plain_float(eps, e)) {
+    return torch_op("layer_norm")(input, normalized_shape, weight, bias, eps);
+  }
+  return call_op([&] { return op.call(input, shape, weight, bias, e); });
 }
 
-py::object add_rms_norm(const at::Tensor& input, const std::optional<at::Tensor>& residual,
-                        const py::handle& normalized_shape,
-                        const std::optional<at::Tensor>& weight, std::optional<double> eps,
-                        bool return_residual, bool residual_in_fp32, double dropout_p,
-                        const std::optional<at::Tensor>& dropout_seed, bool memory_efficient) {
-  HANDLE_TH_ERRORS
-  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const std::optional<at::Tensor>&, c10::SymIntArrayRef,
-      const std::optional<at::Tensor>&, std::optional<double>, bool, bool, double,
-      const std::optional<at::Tensor>&, bool)>("addnorm::add_rms_norm");
-  const auto shape = shape_of(normalized_shape);
-  return py::cast(without_gil([&] {
-    return op.call(input, residual, c10::fromIntArrayRefSlow(shape), weight, eps,
-                   return_residual, residual_in_fp32, dropout_p, dropout_seed,
-                   memory_efficient);
-  }));
-  END_HANDLE_TH_ERRORS_PYBIND
+py::object rms_norm(const at::Tensor& input, const py::handle& normalized_shape,
+                    const Opt& weight, const py::handle& eps) {
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, at::IntArrayRef, const Opt&,
+                                              std::optional<double>)>("addnorm::rms_norm");
+  std::vector<int64_t> shape;
+  double e = 0.0;
+  if (!plain_shape(normalized_shape, shape) || !(eps.is_none() || plain_float(eps, e))) {
+    return torch_op("rms_norm")(input, normalized_shape, weight, eps);
+  }
+  const auto opt_e = eps.is_none() ? std::nullopt : std::optional<double>(e);
+  return call_op([&] { return op.call(input, shape, weight, opt_e); });
+}
+
+// The keyword-only arguments of add_layer_norm / add_rms_norm.
+struct AddNormFlags {
+  py::handle return_residual, residual_in_fp32, dropout_p, memory_efficient;
+  bool rr = false, fp32 = false, me = false;
+  double p = 0.0;
+  bool plain() {
+    return plain_bool(return_residual, rr) && plain_bool(residual_in_fp32, fp32) &&
+           plain_bool(memory_efficient, me) && plain_float(dropout_p, p);
+  }
+  py::object to_torch_op(py::object op, py::args args, const Opt& dropout_seed) const {
+    return op(*args, py::arg("return_residual") = return_residual,
+              py::arg("residual_in_fp32") = residual_in_fp32, py::arg("dropout_p") = dropout_p,
+              py::arg("dropout_seed") = dropout_seed,
+              py::arg("memory_efficient") = memory_efficient);
+  }
+};
+
+py::object add_layer_norm(const at::Tensor& input, const Opt& residual,
+                          const py::handle& normalized_shape, const Opt& weight, const Opt& bias,
+                          const py::handle& eps, const py::handle& return_residual,
+                          const py::handle& residual_in_fp32, const py::handle& dropout_p,
+                          const Opt& dropout_seed, const py::handle& memory_efficient) {
+  static const auto op = op_handle<Pair(const at::Tensor&, const Opt&, at::IntArrayRef,
+                                        const Opt&, const Opt&, double, bool, bool, double,
+                                        const Opt&, bool)>("addnorm::add_layer_norm");
+  AddNormFlags f{return_residual, residual_in_fp32, dropout_p, memory_efficient};
+  std::vector<int64_t> shape;
+  double e = 0.0;
+  if (!plain_shape(normalized_shape, shape) || !plain_float(eps, e) || !f.plain()) {
+    return f.to_torch_op(torch_op("add_layer_norm"),
+                         py::make_tuple(input, residual, normalized_shape, weight, bias, eps),
+                         dropout_seed);
+  }
+  return call_op([&] {
+    return op.call(input, residual, shape, weight, bias, e, f.rr, f.fp32, f.p, dropout_seed,
+                   f.me);
+  });
+}
+
+py::object add_rms_norm(const at::Tensor& input, const Opt& residual,
+                        const py::handle& normalized_shape, const Opt& weight,
+                        const py::handle& eps, const py::handle& return_residual,
+                        const py::handle& residual_in_fp32, const py::handle& dropout_p,
+                        const Opt& dropout_seed, const py::handle& memory_efficient) {
+  static const auto op = op_handle<Pair(const at::Tensor&, const Opt&, at::IntArrayRef,
+                                        const Opt&, std::optional<double>, bool, bool, double,
+                                        const Opt&, bool)>("addnorm::add_rms_norm");
+  AddNormFlags f{return_residual, residual_in_fp32, dropout_p, memory_efficient};
+  std::vector<int64_t> shape;
+  double e = 0.0;
+  if (!plain_shape(normalized_shape, shape) || !(eps.is_none() || plain_float(eps, e)) ||
+      !f.plain()) {
+    return f.to_torch_op(torch_op("add_rms_norm"),
+                         py::make_tuple(input, residual, normalized_shape, weight, eps),
+                         dropout_seed);
+  }
+  const auto opt_e = eps.is_none() ? std::nullopt : std::optional<double>(e);
+  return call_op([&] {
+    return op.call(input, residual, shape, weight, opt_e, f.rr, f.fp32, f.p, dropout_seed,
+                   f.me);
+  });
 }
 
 }  // namespace

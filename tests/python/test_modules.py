@@ -3,6 +3,7 @@ AddRMSNorm) with torch's parameters / state_dict / extra_repr, and replace_modul
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -119,10 +120,21 @@ def test_wrappers_skip_torch_ops_only_where_python_cannot_see_the_call(monkeypat
                 bad(op)
             errors.append(str(e.value).splitlines()[0])
         assert errors[0] == errors[1]
-    for call in (lambda: fn.add_layer_norm(x, r, [8.0]), lambda: fn.rms_norm(x, [8, None])):
-        with pytest.raises(TypeError, match=r"addnorm: normalized_shape must be a sequence of "
-                           r"ints, got \[8(\.0|, None)\]$"):  # (pybind11's would print x)
-            call()
+    # arguments of other than the plain types go to torch.ops, which converts or refuses them
+    # as before: numpy scalars, a float in the shape, symbolic sizes (kept symbolic)
+    assert torch.equal(fn.layer_norm(x, [np.int64(8)], w, b, np.float64(0.1)),
+                       torch.ops.addnorm.layer_norm(x, [8], w, b, 0.1))
+    with pytest.raises(RuntimeError, match=r"addnorm::add_layer_norm\(\) Expected a value of "
+                       r"type 'List\[int\]' for argument 'normalized_shape'"):
+        fn.add_layer_norm(x, r, [8.0])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    shape_env = ShapeEnv()
+    with FakeTensorMode(shape_env=shape_env) as mode:
+        fake = mode.from_tensor(torch.randn(2, 8), symbolic_context=StatelessSymbolicContext(
+            dynamic_sizes=[DimDynamic.DYNAMIC] * 2))
+        assert fn.add_rms_norm(fake, fake, fake.shape[-1]).shape == fake.shape
+    assert not shape_env.guards  # (a size read as an int would have been guarded)
 
     # Python-level code that must see the call: a subclass's __torch_function__, a mode, a trace
     seen = []

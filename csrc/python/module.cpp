@@ -117,11 +117,12 @@ py::object torch_op(const char* name) {
 
 // normalized_shape as ints, if it is a list or tuple of ints.
 bool plain_shape(const py::handle& obj, std::vector<int64_t>& shape) {
-  if (!PyList_Check(obj.ptr()) && !PyTuple_Check(obj.ptr())) return false;
-  const auto seq = py::reinterpret_borrow<py::sequence>(obj);
-  shape.resize(seq.size());
+  PyObject* seq = obj.ptr();
+  const bool list = PyList_Check(seq);
+  if (!list && !PyTuple_Check(seq)) return false;
+  shape.resize(list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq));
   for (size_t i = 0; i < shape.size(); ++i) {
-    PyObject* item = seq[i].ptr();
+    PyObject* item = list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
     if (!PyLong_CheckExact(item)) return false;
     int overflow = 0;
     shape[i] = PyLong_AsLongLongAndOverflow(item, &overflow);
@@ -160,19 +161,19 @@ using Pair = std::tuple<at::Tensor, at::Tensor>;
 
 py::object layer_norm(const at::Tensor& input, const py::handle& normalized_shape,
                       const Opt& weight, const Opt& bias, const py::handle& eps) {
-  static const auto op = op_handle<at::Tensor(const at::Tensor&, at::IntArrayRef, const Opt&,
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, c10::SymIntArrayRef, const Opt&,
                                               const Opt&, double)>("addnorm::layer_norm");
   std::vector<int64_t> shape;
   double e = 0.0;
   if (!plain_shape(normalized_shape, shape) || !plain_float(eps, e)) {
     return torch_op("layer_norm")(input, normalized_shape, weight, bias, eps);
   }
-  return call_op([&] { return op.call(input, shape, weight, bias, e); });
+  return call_op([&] { return op.call(input, c10::fromIntArrayRefSlow(shape), weight, bias, e); });
 }
 
 py::object rms_norm(const at::Tensor& input, const py::handle& normalized_shape,
                     const Opt& weight, const py::handle& eps) {
-  static const auto op = op_handle<at::Tensor(const at::Tensor&, at::IntArrayRef, const Opt&,
+  static const auto op = op_handle<at::Tensor(const at::Tensor&, c10::SymIntArrayRef, const Opt&,
                                               std::optional<double>)>("addnorm::rms_norm");
   std::vector<int64_t> shape;
   double e = 0.0;
@@ -180,7 +181,7 @@ py::object rms_norm(const at::Tensor& input, const py::handle& normalized_shape,
     return torch_op("rms_norm")(input, normalized_shape, weight, eps);
   }
   const auto opt_e = eps.is_none() ? std::nullopt : std::optional<double>(e);
-  return call_op([&] { return op.call(input, shape, weight, opt_e); });
+  return call_op([&] { return op.call(input, c10::fromIntArrayRefSlow(shape), weight, opt_e); });
 }
 
 // The keyword-only arguments of add_layer_norm / add_rms_norm.
@@ -205,7 +206,7 @@ py::object add_layer_norm(const at::Tensor& input, const Opt& residual,
                           const py::handle& eps, const py::handle& return_residual,
                           const py::handle& residual_in_fp32, const py::handle& dropout_p,
                           const Opt& dropout_seed, const py::handle& memory_efficient) {
-  static const auto op = op_handle<Pair(const at::Tensor&, const Opt&, at::IntArrayRef,
+  static const auto op = op_handle<Pair(const at::Tensor&, const Opt&, c10::SymIntArrayRef,
                                         const Opt&, const Opt&, double, bool, bool, double,
                                         const Opt&, bool)>("addnorm::add_layer_norm");
   AddNormFlags f{return_residual, residual_in_fp32, dropout_p, memory_efficient};
@@ -217,8 +218,8 @@ py::object add_layer_norm(const at::Tensor& input, const Opt& residual,
                          dropout_seed);
   }
   return call_op([&] {
-    return op.call(input, residual, shape, weight, bias, e, f.rr, f.fp32, f.p, dropout_seed,
-                   f.me);
+    return op.call(input, residual, c10::fromIntArrayRefSlow(shape), weight, bias, e, f.rr,
+                   f.fp32, f.p, dropout_seed, f.me);
   });
 }
 
@@ -227,7 +228,7 @@ py::object add_rms_norm(const at::Tensor& input, const Opt& residual,
                         const py::handle& eps, const py::handle& return_residual,
                         const py::handle& residual_in_fp32, const py::handle& dropout_p,
                         const Opt& dropout_seed, const py::handle& memory_efficient) {
-  static const auto op = op_handle<Pair(const at::Tensor&, const Opt&, at::IntArrayRef,
+  static const auto op = op_handle<Pair(const at::Tensor&, const Opt&, c10::SymIntArrayRef,
                                         const Opt&, std::optional<double>, bool, bool, double,
                                         const Opt&, bool)>("addnorm::add_rms_norm");
   AddNormFlags f{return_residual, residual_in_fp32, dropout_p, memory_efficient};
@@ -241,8 +242,8 @@ py::object add_rms_norm(const at::Tensor& input, const Opt& residual,
   }
   const auto opt_e = eps.is_none() ? std::nullopt : std::optional<double>(e);
   return call_op([&] {
-    return op.call(input, residual, shape, weight, opt_e, f.rr, f.fp32, f.p, dropout_seed,
-                   f.me);
+    return op.call(input, residual, c10::fromIntArrayRefSlow(shape), weight, opt_e, f.rr,
+                   f.fp32, f.p, dropout_seed, f.me);
   });
 }
 

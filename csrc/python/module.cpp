@@ -86,7 +86,7 @@ void tag_compile_caches() {
 // kernel of a small tensor): the same ops through the dispatcher (autograd, every backend,
 // dispatch modes), as torch.ops calls them. The Python wrappers take this path only where
 // nothing at the Python level could see the call (not compiling, no __torch_function__),
-// with tensors or None in the tensor arguments (see functional.py's _check_unnamed). The
+// with tensors or None in the tensor arguments (see functional.py's _check_tensors). The
 // other arguments are read here only when they have the plain types (normalized_shape a
 // list or tuple of ints, eps a float or int, the flags bools, dropout_p a float): anything
 // else (symbolic sizes of a fake-tensor trace, numpy scalars, a wrong type) goes to torch.ops

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import _check_seed_can_be_drawn, _check_unnamed
+from .functional import _check_seed_can_be_drawn, _check_tensors
 from .modules import LayerNorm
 
 
@@ -103,7 +103,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if not torch.jit.is_scripting():
-            _check_unnamed(src, src_mask, src_key_padding_mask)
+            _check_tensors(src, src_mask, src_key_padding_mask)
         if src.is_nested:
             # (from nn.TransformerEncoder's inference fast path) torch's own fused kernel
             if not torch.jit.is_scripting():

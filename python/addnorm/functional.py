@@ -12,9 +12,9 @@ from . import _C
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
-def _check_unnamed(*tensors: Optional[Tensor]) -> bool:
-    """Named tensors get torch's answer for its norms (not under torch.compile: no names).
-    Whether the op may go through addnorm._C (torch.ops' argument matching costs microseconds
+def _check_tensors(*tensors: Optional[Tensor]) -> bool:
+    """Refuses named tensors, as torch's norms do (not under torch.compile: no names). Returns
+    whether the op may go through addnorm._C (torch.ops' argument matching costs microseconds
     a call): where Python code cannot see the call (not compiling, no __torch_function__)."""
     if torch.compiler.is_compiling():
         return False
@@ -38,7 +38,7 @@ def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape)
 def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Same as ``torch.nn.functional.layer_norm``; also bf16/fp16 input with fp32 weight/bias."""
-    direct = _check_unnamed(input, weight, bias)
+    direct = _check_tensors(input, weight, bias)
     if isinstance(input, Tensor) and input.is_nested:  # (torch's kernel takes nested tensors)
         return torch.nn.functional.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
     op = _C.layer_norm if direct else torch.ops.addnorm.layer_norm
@@ -48,7 +48,7 @@ def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Ten
 def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """Same as ``torch.nn.functional.rms_norm`` (eps=None: float32's eps, float64's for float64)."""
-    direct = _check_unnamed(input, weight)
+    direct = _check_tensors(input, weight)
     if isinstance(input, Tensor) and (input.is_nested or (  # (as layer_norm; a wider weight)
             isinstance(weight, Tensor) and weight.dtype == torch.float64 != input.dtype)):
         return torch.nn.functional.rms_norm(input, _as_shape(normalized_shape), weight, eps)
@@ -115,7 +115,7 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
               return_residual: bool, residual_in_fp32: bool, dropout_p: Optional[float],
               generator: Optional[torch.Generator], return_dropout_mask: bool,
               memory_efficient: bool):
-    direct = _check_unnamed(input, residual, weight, bias)
+    direct = _check_tensors(input, residual, weight, bias)
     # dropout_p defaults to None, not 0.0: under torch.compile(dynamic=True) a float default
     # is traced as a symbolic input, and comparing it restarts the trace.
     dropout_p = 0.0 if dropout_p is None else dropout_p

@@ -21,7 +21,7 @@ struct Kernels {
   const char* name;
   void (*fwd)(const NormFwdArgs&);
   void (*bwd)(const NormBwdArgs&, const at::Tensor&);
-  void (*reduce)(const at::Tensor&, const at::Tensor&);
+  void (*reduce)(const at::Tensor&, const at::Tensor&, const at::Tensor&);
   void (*dropout)(const DropoutApplyArgs&);
 };
 
@@ -57,16 +57,7 @@ void norm_bwd(const NormBwdArgs& args) {
   }
   kernels().bwd(args, partials);
   if (partials.defined()) {
-    // One chunk of double partials (a few rows, or long ones) already holds the sums.
-    at::Tensor sums;
-    if (partials.size(0) == 1 && partials.size(1) == 2) {
-      sums = partials[0];
-    } else {
-      sums = at::empty({2, args.N}, partials.options());
-      kernels().reduce(partials, sums);
-    }
-    if (args.grad_gamma.defined()) args.grad_gamma.copy_(sums[0]);
-    if (args.grad_beta.defined()) args.grad_beta.copy_(sums[1]);
+    kernels().reduce(partials, args.grad_gamma, args.grad_beta);
   }
 }
 

@@ -1950,44 +1950,77 @@ void dropout_apply_kernel(const DropoutApplyArgs& args) {
   return run(float{}, float{});
 }
 
-void norm_bwd_reduce_kernel(const at::Tensor& partials, const at::Tensor& sums) {
+namespace {
+
+// n doubles at src into t from element j0, rounded to t's dtype as copy_ rounds them.
+void store_as(const at::Tensor& t, int64_t j0, const double* src, int64_t n) {
+  switch (t.scalar_type()) {
+    case at::kDouble:
+      return at::vec::convert(src, t.mutable_data_ptr<double>() + j0, n);
+    case at::kFloat:
+      return at::vec::convert(src, t.mutable_data_ptr<float>() + j0, n);
+    case at::kBFloat16:
+      return at::vec::convert(src, t.mutable_data_ptr<c10::BFloat16>() + j0, n);
+    case at::kHalf:
+      return at::vec::convert(src, t.mutable_data_ptr<c10::Half>() + j0, n);
+    default:
+      TORCH_CHECK(false, "addnorm: unsupported parameter gradient dtype ", t.scalar_type());
+  }
+}
+
+}  // namespace
+
+void norm_bwd_reduce_kernel(const at::Tensor& partials, const at::Tensor& grad_gamma,
+                            const at::Tensor& grad_beta) {
   const int64_t chunks = partials.size(0);
   const int64_t K = partials.size(1);  // 2: double partials; 4: double-double partials
   const int64_t N = partials.size(2);
   TORCH_CHECK(K == 2 || K == 4, "addnorm: backward partials with ", K, " rows per chunk");
   const double* p = partials.const_data_ptr<double>();
-  double* out = sums.mutable_data_ptr<double>();
-  // Columns are independent: each is summed over the chunks in chunk order, whichever
-  // thread takes it.
+  // Columns are independent: each is summed over the chunks in chunk order (starting from
+  // the first chunk's value: one chunk's sums pass unchanged), whichever thread takes it,
+  // a tile at a time, and rounded to the gradient's dtype.
+  constexpr int64_t kTile = 512;
   at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    double sums[kTile];
     for (int64_t q = 0; q < 2; ++q) {
+      const at::Tensor& out = q == 0 ? grad_gamma : grad_beta;
+      if (!out.defined()) continue;
       const int64_t row = K == 2 ? q : 2 * q;  // the row of output q in each chunk
-      int64_t j = begin;
-      for (; j + VD::size() <= end; j += VD::size()) {
-        VD hi(0.0), lo(0.0);
-        for (int64_t c = 0; c < chunks; ++c) {
-          const double* src = p + (c * K + row) * N + j;
-          if (K == 2) {
-            hi = hi + VD::loadu(src);
-          } else {
-            dd_add(hi, lo, VD::loadu(src));
-            lo = lo + VD::loadu(src + N);
+      for (int64_t t0 = begin; t0 < end; t0 += kTile) {
+        const int64_t t1 = std::min(end, t0 + kTile);
+        int64_t j = t0;
+        for (; j + VD::size() <= t1; j += VD::size()) {
+          const double* src = p + row * N + j;
+          VD hi = VD::loadu(src);
+          VD lo = K == 2 ? VD(0.0) : VD::loadu(src + N);
+          for (int64_t c = 1; c < chunks; ++c) {
+            src = p + (c * K + row) * N + j;
+            if (K == 2) {
+              hi = hi + VD::loadu(src);
+            } else {
+              dd_add(hi, lo, VD::loadu(src));
+              lo = lo + VD::loadu(src + N);
+            }
           }
+          (K == 2 ? hi : dd_value(hi, lo)).store(sums + (j - t0));
         }
-        dd_value(hi, lo).store(out + q * N + j);
-      }
-      for (; j < end; ++j) {
-        double hi = 0.0, lo = 0.0;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const double* src = p + (c * K + row) * N + j;
-          if (K == 2) {
-            hi += *src;
-          } else {
-            dd_add(hi, lo, *src);
-            lo += src[N];
+        for (; j < t1; ++j) {
+          const double* src = p + row * N + j;
+          double hi = *src;
+          double lo = K == 2 ? 0.0 : src[N];
+          for (int64_t c = 1; c < chunks; ++c) {
+            src = p + (c * K + row) * N + j;
+            if (K == 2) {
+              hi += *src;
+            } else {
+              dd_add(hi, lo, *src);
+              lo += src[N];
+            }
           }
+          sums[j - t0] = K == 2 ? hi : dd_value(hi, lo);
         }
-        out[q * N + j] = dd_value(hi, lo);
+        store_as(out, t0, sums, t1 - t0);
       }
     }
   });

@@ -39,8 +39,10 @@ inline int64_t bwd_chunks(int64_t M, int64_t N) {
   /* dbeta) for float32/float16/bfloat16 h, K = 4 (dgamma and dbeta as double-double  */  \
   /* hi, lo pairs) for float64 h; undefined when neither gradient is wanted.          */  \
   void norm_bwd_kernel(const NormBwdArgs& args, const at::Tensor& partials);              \
-  /* sums: [2, N] float64, the chunks' partials added in chunk order.                  */ \
-  void norm_bwd_reduce_kernel(const at::Tensor& partials, const at::Tensor& sums);       \
+  /* The chunks' partials added in chunk order, into grad_gamma and grad_beta ([N],    */ \
+  /* each in its own dtype; either may be undefined).                                  */ \
+  void norm_bwd_reduce_kernel(const at::Tensor& partials, const at::Tensor& grad_gamma,  \
+                              const at::Tensor& grad_beta);                              \
   /* _dropout_apply: input times the fused dropout's mask and scale, in out's dtype.   */ \
   void dropout_apply_kernel(const DropoutApplyArgs& args);                                \
   }

@@ -1,10 +1,11 @@
 #pragma once
 
-// What one call of an internal op hands to a backend's kernel (cpu/, cuda/): the tensors as
-// [M, N] row-major views and every dtype of the call, decided once in ops/norm_checks.cpp
-// (see docs/architecture.md, "Where dtypes are decided"). Tensors the call does not have
-// are undefined (a null data pointer): the kernels take an absent weight as 1 and an absent
-// bias as 0 without building either.
+// What one call of an internal op hands to a backend's kernel (cpu/, cuda/): the tensors,
+// contiguous, holding the [M, N] rows and [N] parameters below (in the callers' shapes: the
+// kernels read only their data, M and N), and every dtype of the call, decided once in
+// ops/norm_checks.cpp (see docs/architecture.md, "Where dtypes are decided"). Tensors the
+// call does not have are undefined (a null data pointer): the kernels take an absent weight
+// as 1 and an absent bias as 0 without building either.
 
 #include <optional>
 

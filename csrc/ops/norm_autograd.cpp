@@ -205,6 +205,46 @@ at::Tensor dropout_input_grad(const at::Tensor& grad_h, const at::Tensor& seed, 
   return dropout_apply_op().call(grad_h, seed, p, dtype);
 }
 
+// The node's flags, dtypes and normalized_shape's length, as one saved_data entry (each
+// entry costs a string key, made, hashed and freed at every call).
+struct NodeState {
+  bool from_output = false;  // backward recovers xhat from out (memory_efficient)
+  bool kept = false;         // h was written for backward alone (h_kept)
+  bool has_residual = false;
+  bool has_bias = false;     // (LayerNorm with a bias)
+  bool weight_grad = false;
+  bool bias_grad = false;
+  bool is_rms = false;
+  bool returned_h = false;
+  c10::ScalarType h_dtype = at::kFloat;
+  c10::ScalarType input_dtype = at::kFloat;
+  c10::ScalarType residual_dtype = at::kFloat;
+  c10::ScalarType bias_dtype = at::kFloat;
+  int64_t ndim = 0;
+
+  int64_t pack() const {
+    const bool flags[] = {from_output, kept,      has_residual, has_bias,
+                          weight_grad, bias_grad, is_rms,       returned_h};
+    const c10::ScalarType dtypes[] = {h_dtype, input_dtype, residual_dtype, bias_dtype};
+    int64_t v = ndim << 40;
+    for (int i = 0; i < 8; ++i) v |= int64_t{flags[i]} << i;
+    for (int i = 0; i < 4; ++i) v |= int64_t{static_cast<uint8_t>(dtypes[i])} << (8 + 8 * i);
+    return v;
+  }
+  static NodeState unpack(int64_t v) {
+    NodeState s;
+    bool* flags[] = {&s.from_output, &s.kept,      &s.has_residual, &s.has_bias,
+                     &s.weight_grad, &s.bias_grad, &s.is_rms,       &s.returned_h};
+    c10::ScalarType* dtypes[] = {&s.h_dtype, &s.input_dtype, &s.residual_dtype, &s.bias_dtype};
+    for (int i = 0; i < 8; ++i) *flags[i] = (v >> i) & 1;
+    for (int i = 0; i < 4; ++i) {
+      *dtypes[i] = static_cast<c10::ScalarType>(static_cast<int8_t>((v >> (8 + 8 * i)) & 0xff));
+    }
+    s.ndim = v >> 40;
+    return s;
+  }
+};
+
 class NormFunction : public torch::autograd::Function<NormFunction> {
  public:
   // Returns {out, h, h_kept} (see the top of this file). Used only when a gradient can flow
@@ -239,7 +279,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     auto [out, h, mean, rstd] = norm_fwd_op().call(
         input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
         residual_in_fp32, dropout_p, dropout_seed);
-    at::Tensor h_returned = return_residual ? h : at::empty({0}, h.options());
+    // (h is empty, [0], where it is not stored)
+    at::Tensor h_returned = return_residual || !store_residual ? h : at::empty({0}, h.options());
     at::Tensor h_kept = kept ? h : at::empty({0}, h.options());
     // (No mark_non_differentiable, which compiled autograd refuses in C++ nodes: the caller
     // detaches a returned h that is not differentiable; an empty h_kept gets no gradient.)
@@ -249,8 +290,22 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         from_output ? out : return_residual ? h_returned : (kept ? h_kept : input);
     const at::Tensor bias_kept = from_output && !is_rms ? bias.value_or(at::Tensor()) : at::Tensor();
     ctx->save_for_backward({normalized, mean, rstd, weight.value_or(at::Tensor()), bias_kept});
-    ctx->saved_data["from_output"] = from_output;
-    ctx->saved_data["h_dtype"] = h.scalar_type();
+    NodeState state;
+    state.from_output = from_output;
+    state.kept = kept;
+    state.has_residual = has_residual;
+    state.has_bias = bias.has_value() && !is_rms;
+    state.weight_grad = requires_grad(weight);
+    state.bias_grad = requires_grad(bias);
+    state.is_rms = is_rms;
+    state.returned_h = return_residual;
+    state.h_dtype = h.scalar_type();
+    state.input_dtype = input.scalar_type();
+    state.residual_dtype = has_residual ? residual->scalar_type() : input.scalar_type();
+    state.bias_dtype = bias.has_value() ? bias->scalar_type() : input.scalar_type();
+    state.ndim = static_cast<int64_t>(normalized_shape.size());
+    ctx->saved_data["state"] = state.pack();
+    ctx->saved_data["eps"] = eps;
     // The seed (int64 [2], never differentiated) is kept as data, not as a saved variable:
     // its 16 bytes need no saved-tensor hooks, and backward reads it whichever path it takes.
     // Its version is kept too: backward refuses a seed changed in place since (the mask it
@@ -260,41 +315,29 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                                  : dropout_seed->is_inference() ? dropout_seed->clone()
                                                                 : *dropout_seed;
     ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
-    ctx->saved_data["dropout_seed"] = seed_kept;
-    ctx->saved_data["dropout_seed_version"] = drop ? seed_kept._version() : int64_t{0};
-    ctx->saved_data["kept"] = kept;
-    ctx->saved_data["input_dtype"] = input.scalar_type();
-    ctx->saved_data["residual_dtype"] = has_residual ? residual->scalar_type() : input.scalar_type();
-    ctx->saved_data["has_residual"] = has_residual;
-    ctx->saved_data["has_bias"] = bias.has_value() && !is_rms;
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? bias->scalar_type() : input.scalar_type();
-    ctx->saved_data["weight_grad"] = requires_grad(weight);
-    ctx->saved_data["bias_grad"] = requires_grad(bias);
-    ctx->saved_data["is_rms"] = is_rms;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["ndim"] = static_cast<int64_t>(normalized_shape.size());
-    ctx->saved_data["returned_h"] = return_residual;
-    ctx->saved_data["norm_backward_done"] = false;
+    ctx->saved_data["seed"] = seed_kept;
+    ctx->saved_data["seed_version"] = drop ? seed_kept._version() : int64_t{0};
+    ctx->saved_data["bwd_done"] = false;  // (see release_variables below)
     return {out, h_returned, h_kept};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const auto input_dtype = ctx->saved_data["input_dtype"].toScalarType();
-    const auto residual_dtype = ctx->saved_data["residual_dtype"].toScalarType();
-    const bool has_residual = ctx->saved_data["has_residual"].toBool();
-    const bool is_rms = ctx->saved_data["is_rms"].toBool();
+    const NodeState state = NodeState::unpack(ctx->saved_data["state"].toInt());
+    const auto input_dtype = state.input_dtype;
+    const auto residual_dtype = state.residual_dtype;
+    const bool has_residual = state.has_residual;
+    const bool is_rms = state.is_rms;
     const at::Tensor& grad_out = grad_outputs[0];
     // The gradient flowing into h: from its users (the returned h) and, in higher-order
     // backward, into the kept h. (The empty outputs' gradients, which a tracer may
     // materialize, are not gradients of h.)
-    const bool returned_h = ctx->saved_data["returned_h"].toBool();
     const at::Tensor grad_h_in =
-        sum_defined(returned_h ? grad_outputs[1] : at::Tensor(),
-                    ctx->saved_data["kept"].toBool() ? grad_outputs[2] : at::Tensor());
+        sum_defined(state.returned_h ? grad_outputs[1] : at::Tensor(),
+                    state.kept ? grad_outputs[2] : at::Tensor());
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
-    const at::Tensor dropout_seed = ctx->saved_data["dropout_seed"].toTensor();
+    const at::Tensor dropout_seed = ctx->saved_data["seed"].toTensor();
     if (dropout_seed.defined()) {
-      const int64_t saved_version = ctx->saved_data["dropout_seed_version"].toInt();
+      const int64_t saved_version = ctx->saved_data["seed_version"].toInt();
       TORCH_CHECK(dropout_seed._version() == saved_version,
                   "addnorm: dropout_seed was modified by an inplace operation after the forward "
                   "(it is at version ", dropout_seed._version(), "; expected version ",
@@ -318,21 +361,20 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       return grads;
     }
 
-    ctx->saved_data["norm_backward_done"] = true;
+    ctx->saved_data["bwd_done"] = true;
     const auto saved = ctx->get_saved_variables();
     const at::Tensor& h = saved[0];  // the tensor that was normalized
     const at::Tensor& mean = saved[1];
     const at::Tensor& rstd = saved[2];
     const at::Tensor& weight = saved[3];
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool weight_grad = ctx->saved_data["weight_grad"].toBool();
-    const bool bias_grad = has_bias && ctx->saved_data["bias_grad"].toBool();
-    const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
+    const bool weight_grad = state.weight_grad;
+    const bool bias_grad = state.has_bias && state.bias_grad;
+    const auto bias_dtype = state.bias_dtype;
 
     const bool higher_order = at::GradMode::is_enabled() || isFwGradDefined(grad_out) ||
                               isFwGradDefined(grad_h_in) || isFwGradDefined(h) ||
                               isFwGradDefined(weight);
-    const bool from_output = ctx->saved_data["from_output"].toBool();
+    const bool from_output = state.from_output;
     TORCH_CHECK(
         !(higher_order && from_output),
         "addnorm: memory_efficient=True keeps no h, which second derivatives (create_graph=True, "
@@ -343,7 +385,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     if (higher_order) {
       auto [dh, dw, db] = norm_backward_composite(
           grad_out, h, weight, weight_grad, bias_grad, is_rms, ctx->saved_data["eps"].toDouble(),
-          ctx->saved_data["ndim"].toInt());
+          state.ndim);
       set_input_grads(sum_defined(dh.to(h.scalar_type()), grad_h_in));
       if (weight_grad) grads[3] = dw.to(weight.scalar_type());
       if (bias_grad) grads[4] = db.to(bias_dtype);
@@ -361,11 +403,13 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool drop = dropout_p > 0.0;
     std::optional<at::Tensor> seed;
     if (drop) seed = dropout_seed;
+    // (First order, no graph is built: straight to the backend kernel, as the forward.)
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_h, grad_weight, grad_bias, grad_input] =
         from_output
             ? norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
                                  weight_grad, std::nullopt, /*from_output=*/true, b,
-                                 ctx->saved_data["h_dtype"].toScalarType(), dropout_p, seed,
+                                 state.h_dtype, dropout_p, seed,
                                  !drop || has_residual)
             : norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
                                  weight_grad, ctx->saved_data["eps"].toDouble(), false,
@@ -388,13 +432,23 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
 
 namespace torch::autograd {
 
+// As the template's apply, with the node's name (for error messages) made once: Node::name()
+// demangles the type's name at every call, a microsecond or more of each backward.
+template <>
+variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
+  static const std::string kName = name();
+  std::lock_guard<std::mutex> lock(mutex_);
+  return CppNode_apply_functional<addnorm::NormFunction>(
+      std::move(inputs), ctx_, is_variable_input_, output_info_, kName);
+}
+
 // The saved tensors of a NormFunction node stay until its norm backward has run: a backward
 // that reaches the node through h alone needs none of them, and a later backward through
 // out must still find them (torch's separate add and layer_norm nodes behave so).
 template <>
 void CppNode<addnorm::NormFunction>::release_variables() {
   std::lock_guard<std::mutex> lock(mutex_);
-  const auto done = ctx_.saved_data.find("norm_backward_done");
+  const auto done = ctx_.saved_data.find("bwd_done");
   if (done != ctx_.saved_data.end() && !done->second.toBool()) {
     return;
   }

@@ -2,7 +2,6 @@
 // to a backend kernel's args struct and back.
 
 #include <limits>
-#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,27 +32,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
     rstd.fill_(std::numeric_limits<double>::quiet_NaN());
     return {out, residual_out, mean, rstd};
   }
-  const std::vector<int64_t> shape2d{args.M, args.N};
-  args.x = input.contiguous().view(shape2d);
+  args.x = input.contiguous();
   args.dtypes = plan.dtypes;
   if (residual.has_value()) {
-    args.residual = residual->to(plan.dtypes.residual).contiguous().view(shape2d);
+    args.residual = residual->to(plan.dtypes.residual).contiguous();
   }
   if (weight.has_value()) {
-    args.gamma = weight->to(plan.dtypes.param).contiguous().view({args.N});
+    args.gamma = weight->to(plan.dtypes.param).contiguous();
   }
   if (bias.has_value() && !is_rms) {
-    args.beta = bias->to(plan.dtypes.param).contiguous().view({args.N});
+    args.beta = bias->to(plan.dtypes.param).contiguous();
   }
   // The kernels write contiguous rows; an output in another memory format gets them copied.
   const at::Tensor out_rows =
       out.is_contiguous()
           ? out
           : at::empty(out.sizes(), out.options().memory_format(at::MemoryFormat::Contiguous));
-  args.out = out_rows.view(shape2d);
-  if (store_residual) args.residual_out = residual_out.view(shape2d);
-  if (!is_rms) args.mean = mean.view({args.M});
-  args.rstd = rstd.view({args.M});
+  args.out = out_rows;
+  if (store_residual) args.residual_out = residual_out;
+  if (!is_rms) args.mean = mean;
+  args.rstd = rstd;
   args.eps = eps;
   args.rms = is_rms;
   if (dropout_p > 0.0) {
@@ -89,23 +87,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     if (has_bias) grad_bias.zero_();
     return {grad_h, grad_weight, grad_bias, grad_input};
   }
-  const std::vector<int64_t> shape2d{args.M, args.N};
   args.dtypes = plan.dtypes;
-  args.grad_out = grad_out.contiguous().view(shape2d);
+  args.grad_out = grad_out.contiguous();
   if (grad_residual_out.has_value()) {
-    args.grad_residual_out = grad_residual_out->contiguous().view(shape2d);
+    args.grad_residual_out = grad_residual_out->contiguous();
   }
-  args.h = h.contiguous().view(shape2d);
-  if (!is_rms && !from_output) args.mean = mean.contiguous().view({args.M});
-  args.rstd = rstd.contiguous().view({args.M});
+  args.h = h.contiguous();
+  if (!is_rms && !from_output) args.mean = mean.contiguous();
+  args.rstd = rstd.contiguous();
   if (weight.has_value()) {
-    args.gamma = weight->to(plan.dtypes.param).contiguous().view({args.N});
-    if (weight_grad) args.grad_gamma = grad_weight.view({args.N});
+    args.gamma = weight->to(plan.dtypes.param).contiguous();
+    if (weight_grad) args.grad_gamma = grad_weight;
   }
-  if (has_bias) args.grad_beta = grad_bias.view({args.N});
-  if (grad_h_wanted) args.grad_h = grad_h.view(shape2d);
+  if (has_bias) args.grad_beta = grad_bias;
+  if (grad_h_wanted) args.grad_h = grad_h;
   if (drop) {
-    args.grad_input = grad_input.view(shape2d);
+    args.grad_input = grad_input;
     args.dropout_p = dropout_p;
     args.dropout_seed = dropout_seed->contiguous();
   }
@@ -113,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
   args.from_output = from_output;
   if (from_output) {
     if (bias.has_value() && !is_rms) {
-      args.beta = bias->to(plan.dtypes.param).contiguous().view({args.N});
+      args.beta = bias->to(plan.dtypes.param).contiguous();
     }
   } else {
     args.eps = eps;

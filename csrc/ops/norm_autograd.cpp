@@ -432,7 +432,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
 
 namespace torch::autograd {
 
-// As the template's apply, with the node's name (for error messages) made once: Node::name()
+// As the template's apply (torch 2.11's body, the version requirements.txt pins: check it
+// on an upgrade), with the node's name (for error messages) made once: Node::name()
 // demangles the type's name at every call, a microsecond or more of each backward.
 template <>
 variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {

@@ -1,8 +1,8 @@
 #pragma once
 
 // The device kernels of the internal ops, for any backend: launch_norm_fwd/bwd run the
-// checks, allocate the outputs, build the args structs (2-D contiguous views, tensors in
-// the call's dtypes) and call the backend's kernel; each backend registers them for its
+// checks, allocate the outputs, build the args structs (contiguous tensors of M rows of N,
+// in the call's dtypes) and call the backend's kernel; each backend registers them for its
 // dispatch key through ops/norm_register.h.
 
 #include <optional>

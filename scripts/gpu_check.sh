@@ -215,9 +215,10 @@ run_pytest() {
 # (accuracy), the tangents-with-a-graph path (autograd), the float32 backward in double
 # (statistics from h; also the float32 gradients' accuracy), and the encoder layer's CUDA
 # tests (parity with torch's layer, and torch's fused inference kernel for float16/bfloat16
-# eval, which has not run on a GPU yet). The float32 weight gradient kept in double and the
-# float64 backward's exact addition of h's gradient (test_accuracy) have not run on a GPU
-# yet either.
+# eval, which has not run on a GPU yet). The float32 weight gradient kept in double, the
+# float64 backward's exact addition of h's gradient (test_accuracy) and the autograd node's
+# cheaper call path (kernels given contiguous tensors without [M, N] views; every CUDA test
+# goes through it) have not run on a GPU yet either.
 first() {
   set -x
   run_pytest tests/python/test_accuracy.py tests/python/test_errors.py tests/python/test_ops.py \

@@ -211,9 +211,8 @@ struct NodeState {
   bool from_output = false;  // backward recovers xhat from out (memory_efficient)
   bool kept = false;         // h was written for backward alone (h_kept)
   bool has_residual = false;
-  bool has_bias = false;     // (LayerNorm with a bias)
   bool weight_grad = false;
-  bool bias_grad = false;
+  bool bias_grad = false;    // (LayerNorm with a bias that requires grad)
   bool is_rms = false;
   bool returned_h = false;
   c10::ScalarType h_dtype = at::kFloat;
@@ -223,20 +222,20 @@ struct NodeState {
   int64_t ndim = 0;
 
   int64_t pack() const {
-    const bool flags[] = {from_output, kept,      has_residual, has_bias,
-                          weight_grad, bias_grad, is_rms,       returned_h};
+    const bool flags[] = {from_output, kept,   has_residual, weight_grad,
+                          bias_grad,   is_rms, returned_h};
     const c10::ScalarType dtypes[] = {h_dtype, input_dtype, residual_dtype, bias_dtype};
     int64_t v = ndim << 40;
-    for (int i = 0; i < 8; ++i) v |= int64_t{flags[i]} << i;
+    for (int i = 0; i < 7; ++i) v |= int64_t{flags[i]} << i;
     for (int i = 0; i < 4; ++i) v |= int64_t{static_cast<uint8_t>(dtypes[i])} << (8 + 8 * i);
     return v;
   }
   static NodeState unpack(int64_t v) {
     NodeState s;
-    bool* flags[] = {&s.from_output, &s.kept,      &s.has_residual, &s.has_bias,
-                     &s.weight_grad, &s.bias_grad, &s.is_rms,       &s.returned_h};
+    bool* flags[] = {&s.from_output, &s.kept,   &s.has_residual, &s.weight_grad,
+                     &s.bias_grad,   &s.is_rms, &s.returned_h};
     c10::ScalarType* dtypes[] = {&s.h_dtype, &s.input_dtype, &s.residual_dtype, &s.bias_dtype};
-    for (int i = 0; i < 8; ++i) *flags[i] = (v >> i) & 1;
+    for (int i = 0; i < 7; ++i) *flags[i] = (v >> i) & 1;
     for (int i = 0; i < 4; ++i) {
       *dtypes[i] = static_cast<c10::ScalarType>(static_cast<int8_t>((v >> (8 + 8 * i)) & 0xff));
     }
@@ -294,9 +293,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     state.from_output = from_output;
     state.kept = kept;
     state.has_residual = has_residual;
-    state.has_bias = bias.has_value() && !is_rms;
     state.weight_grad = requires_grad(weight);
-    state.bias_grad = requires_grad(bias);
+    state.bias_grad = !is_rms && requires_grad(bias);
     state.is_rms = is_rms;
     state.returned_h = return_residual;
     state.h_dtype = h.scalar_type();
@@ -368,7 +366,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const at::Tensor& rstd = saved[2];
     const at::Tensor& weight = saved[3];
     const bool weight_grad = state.weight_grad;
-    const bool bias_grad = state.has_bias && state.bias_grad;
+    const bool bias_grad = state.bias_grad;
     const auto bias_dtype = state.bias_dtype;
 
     const bool higher_order = at::GradMode::is_enabled() || isFwGradDefined(grad_out) ||

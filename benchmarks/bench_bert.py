@@ -113,24 +113,6 @@ def make_step(model, x, args, forward=None):
     return step
 
 
-def saved_bytes(step, exclude):
-    """Bytes of the distinct storages autograd saves during one step (CPU memory measure),
-    but for those of the tensors in exclude (the model's parameters and the input, which a
-    step does not allocate): the activations the step keeps for backward."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in skip:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step()
-    return sum(seen.values())
-
-
 def measure(step, args, cuda):
     """(seconds per step, host seconds per step or None): one repetition of args.steps."""
     if cuda:
@@ -142,17 +124,6 @@ def measure(step, args, cuda):
     if cuda:
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / args.steps, (host if cuda else None)
-
-
-def peak_bytes(step, cuda, exclude):
-    if not cuda:
-        return saved_bytes(step, exclude)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
 
 
 def run(args):
@@ -178,8 +149,8 @@ def run(args):
             if mode == "graph":
                 step = sc.capture_cuda_graph(step).replay
             steps[name] = step
-        peak = ({n: peak_bytes(s, cuda, [*models[n].parameters(), x]) for n, s in steps.items()}
-                if mode == "eager" else {})
+        peak = ({n: sc.step_memory_bytes(s, cuda, [*models[n].parameters(), x])
+                 for n, s in steps.items()} if mode == "eager" else {})
         times = {n: [] for n in steps}
         hosts = {n: [] for n in steps}
         names = list(steps)

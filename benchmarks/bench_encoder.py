@@ -5,7 +5,11 @@ torch.nn.TransformerEncoderLayer (same weights, batch_first, dim_feedforward 4 *
 Modes (--modes):
   fwd      training forward (train mode, parameters and input require grad)
   fwdbwd   training forward + backward (``out.backward(grad)``); fwd and fwdbwd come
-           from the same repetitions (a clock mark between forward and backward)
+           from the same repetitions (a clock mark between forward and backward). Also the
+           memory of a step, addnorm's and torch's: on CUDA the peak of
+           torch.cuda.max_memory_allocated above what the step starts with, on the CPU the
+           bytes of the storages autograd saves (the layer's parameters and the input left
+           out), and how many tensors of the input's size that is fewer for addnorm
   eval     inference forward: eval mode under torch.no_grad(). Three implementations:
            addnorm; torch's inference fast path (nn.TransformerEncoderLayer in eval under
            no_grad calls torch._transformer_encoder_layer_fwd; the run checks that it
@@ -198,12 +202,23 @@ def bench_case(shape, dtype_name, modes, device, args, cfg, progress):
         if "torch_compile" in fns:
             fns["torch_compile"]()  # compiles forward and backward (the warm-up runs it again)
         samples = run_reps(fns, 2, "train")
+        # The memory of a training step (after the timed runs: warm caches), from a start
+        # without gradients: on CUDA the peak above that start, on the CPU the bytes
+        # autograd saves.
+        def step_memory(k):
+            for p in impls[k].parameters():
+                p.grad = None
+            xg.grad = None
+            return sc.step_memory_bytes(fns[k], cuda, [*impls[k].parameters(), xg])
+        memory = {k: step_memory(k) for k in ("addnorm", "torch")}
         for mode, idx in (("fwd", 0), ("fwdbwd", 1)):
             if mode not in modes:
                 continue
             med = {k: statistics.median(t[idx] for t in v) for k, v in samples.items()}
             rows.append(dict(base, mode=mode, times=med, reps=len(samples["addnorm"]),
-                             ratios={k: med[k] / med["addnorm"] for k in med if k != "addnorm"}))
+                             ratios={k: med[k] / med["addnorm"] for k in med if k != "addnorm"},
+                             **(dict(memory=memory, mn_bytes=x.numel() * x.element_size())
+                                if mode == "fwdbwd" else {})))
     if "eval" in modes:
         progress.step(f"d{d} h{h} s{s} b{b} {dtype_name} eval")
         ours.eval()
@@ -273,7 +288,9 @@ def table(results, mode):
                   "fast path used", "max abs diff", "reps"]
     else:
         header = ["d_model", "nhead", "seq", "batch", "dtype", "addnorm ms", "torch ms",
-                  "torch compile ms", "x vs torch", "x vs compile", "reps"]
+                  "torch compile ms", "x vs torch", "x vs compile"]
+        header += ["addnorm MiB", "torch MiB", "M×N fewer"] if mode == "fwdbwd" else []
+        header += ["reps"]
     rows = []
     for r in sel:
         t, q = r["times"], r["ratios"]
@@ -287,6 +304,10 @@ def table(results, mode):
                     "yes" if r["fastpath_used"] else "no", f"{r['max_abs_diff']['torch_eager']:.1e}"]
         else:
             row += [fmt_ms(t["torch"]), fmt_ms(t.get("torch_compile")), f"{q['torch']:.2f}", ratio_c]
+            if mode == "fwdbwd":
+                mem = r["memory"]
+                row += [f"{mem['addnorm'] / 2**20:.1f}", f"{mem['torch'] / 2**20:.1f}",
+                        f"{(mem['torch'] - mem['addnorm']) / r['mn_bytes']:.1f}"]
         row.append(str(r["reps"]))
         rows.append(row)
     return header, rows
@@ -302,6 +323,11 @@ def summary(results):
                 gm = math.exp(sum(math.log(v) for v in vals) / len(vals))
                 lines.append(f"{MODE_LABEL[mode]}: {key} time / addnorm time, geometric mean "
                              f"{gm:.2f}x over {len(vals)} cases (min {min(vals):.2f}, max {max(vals):.2f})")
+    fewer = [(r["memory"]["torch"] - r["memory"]["addnorm"]) / r["mn_bytes"]
+             for r in results if r.get("memory")]
+    if fewer:
+        lines.append(f"training step memory: addnorm holds {min(fewer):.1f} to {max(fewer):.1f} "
+                     f"tensors of the input's size (M×N) fewer than torch over {len(fewer)} cases")
     return lines
 
 
@@ -326,7 +352,14 @@ def markdown(sweep):
               "(`torch._transformer_encoder_layer_fwd`; `fast path used` says whether torch took it); "
               "torch eager is the same layer with `torch.backends.mha.set_fastpath_enabled(False)`; "
               "torch compile is `torch.compile` of torch's layer (inductor, compiled before timing); "
-              "`max abs diff` is the largest difference of addnorm's output from torch eager's."
+              "`max abs diff` is the largest difference of addnorm's output from torch eager's. "
+              "Memory of a training step (forward + backward, measured once after the timed runs): "
+              + ("the peak of `torch.cuda.max_memory_allocated` above what was allocated before "
+                 "the step" if cfg["device"] == "cuda" else
+                 "the bytes of the distinct storages autograd saves for backward, the layer's "
+                 "parameters and the input left out")
+              + "; `M×N fewer` = (torch's - addnorm's) / the bytes of one tensor of the input's "
+              "size."
               + (" Half-precision training modes were not run on CPU (`--cpu-bf16-train` runs "
                  "them; torch's bf16 backward is very slow on CPUs without native bf16 matmul)."
                  if cfg["device"] == "cpu" and not cfg.get("cpu_bf16_train") else ""), ""]

@@ -456,6 +456,37 @@ def capture_cuda_graph(step: Callable, k: int = 1):
     return graph
 
 
+def saved_bytes(step: Callable, exclude: Sequence[torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd saves during one call of step, but for those
+    of the tensors in exclude (a model's parameters and its input, which a step does not
+    allocate): the activations the step keeps for backward (the CPU's memory measure)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in skip:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def step_memory_bytes(step: Callable, cuda: bool, exclude: Sequence[torch.Tensor]) -> int:
+    """Memory of one training step: on CUDA the peak of torch.cuda.max_memory_allocated
+    above what was allocated before the step; on the CPU saved_bytes(step, exclude)."""
+    if not cuda:
+        return saved_bytes(step, exclude)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 class Clock:
     def __init__(self, device: str):
         self.cuda = device == "cuda"

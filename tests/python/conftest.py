@@ -7,6 +7,7 @@ benchmarks/selfcheck.py); the names the test files import from here are re-expor
 """
 
 import functools
+import importlib.util
 import os
 import sys
 
@@ -23,6 +24,17 @@ from reference import (  # noqa: E402,F401  (re-exported: the test files import 
     h_dtype_for,
     reference_add_norm,
 )
+
+
+def load_benchmark(name):
+    """The module benchmarks/<name>.py, loaded from its file (benchmarks/ is no package)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.path.join(root, "benchmarks", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
 
 # --------------------------------------------------------------------------- devices
 

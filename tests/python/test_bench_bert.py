@@ -3,37 +3,27 @@ sizes on the CPU and records what it claims: a row per mode with both models' ti
 the bytes autograd saves per step, addnorm's smaller (memory_efficient norms, fused residual
 dropouts keeping no mask)."""
 
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def load_bench_bert():
-    spec = importlib.util.spec_from_file_location(
-        "bench_bert", os.path.join(ROOT, "benchmarks", "bench_bert.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_benchmark
 
 
 def test_saved_bytes_leave_out_parameters_and_input():
     # The Linear saves its input (for the weight's gradient; x needs none, so not the
     # weight), relu its output: only relu's output is the step's.
     import torch
-    mod = load_bench_bert()
+    mod = load_benchmark("bench_bert")
     lin = torch.nn.Linear(8, 8)
     x = torch.randn(4, 8)
 
     def step():
         lin(x).relu().sum().backward()
-    assert mod.saved_bytes(step, [*lin.parameters(), x]) == 4 * 8 * 4
-    assert mod.saved_bytes(step, []) == 2 * 4 * 8 * 4
+    assert mod.sc.saved_bytes(step, [*lin.parameters(), x]) == 4 * 8 * 4
+    assert mod.sc.saved_bytes(step, []) == 2 * 4 * 8 * 4
 
 
 def test_bench_bert_quick(tmp_path):
-    mod = load_bench_bert()
+    mod = load_benchmark("bench_bert")
     out = tmp_path / "bert.json"
     assert mod.main(["--quick", "--device", "cpu", "--json", str(out), "--no-progress"]) == 0
     rows = json.loads(out.read_text())["results"]

@@ -3,20 +3,14 @@ GPU clocks replaced: every implementation's step for every mode computes what it
 (outputs, and gradients for every input), a row per mode comes out with ratios and the
 bandwidth fraction, and the table formats. The timing itself needs a GPU."""
 
-import importlib.util
-import os
-
 import pytest
 import torch
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from conftest import load_benchmark
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_cuda", os.path.join(ROOT, "benchmarks", "bench_cuda.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_cuda")
     monkeypatch.setattr(mod, "DEVICE", "cpu")
     calls = []
 

@@ -64,6 +64,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include "ops/norm_public.h"
 
@@ -430,9 +431,12 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
 
 namespace torch::autograd {
 
-// As the template's apply (torch 2.11's body, the version requirements.txt pins: check it
-// on an upgrade), with the node's name (for error messages) made once: Node::name()
-// demangles the type's name at every call, a microsecond or more of each backward.
+// As the template's apply, with the node's name (for error messages) made once:
+// Node::name() demangles the type's name at every call, a microsecond or more of each
+// backward. The body is torch 2.11's (the version requirements.txt pins), so only that
+// version takes it; any other builds with the template's own (check its body before adding
+// a version here).
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 11
 template <>
 variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
   static const std::string kName = name();
@@ -440,6 +444,7 @@ variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
   return CppNode_apply_functional<addnorm::NormFunction>(
       std::move(inputs), ctx_, is_variable_input_, output_info_, kName);
 }
+#endif
 
 // The saved tensors of a NormFunction node stay until its norm backward has run: a backward
 // that reaches the node through h alone needs none of them, and a later backward through

@@ -68,7 +68,8 @@ void dropout_apply(const DropoutApplyArgs& args) { kernels().dropout(args); }
 const char* capability() { return kernels().name; }
 
 TORCH_LIBRARY_IMPL(addnorm, CPU, m) {
-  register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply>(m);
+  // (The CPU backward reads each element of h before it writes grad_h there, never after.)
+  register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply, /*kBwdReusesH=*/true>(m);
 }
 
 }  // namespace addnorm::cpu

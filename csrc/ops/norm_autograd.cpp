@@ -66,6 +66,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "ops/norm_launch.h"
 #include "ops/norm_public.h"
 
 namespace addnorm {
@@ -74,6 +75,35 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::isFwGradDefined;
 using torch::autograd::variable_list;
+
+// True on this thread while the engine runs a NormFunction node whose saved tensors are
+// released after it (not retain_graph), the tensor that was normalized saved without
+// saved-tensor hooks: the node's backward is then the last reader of h, and the reference
+// counts of held_by_node_alone hold.
+thread_local bool last_backward = false;
+
+struct LastBackward {
+  explicit LastBackward(bool last) : prev(last_backward) { last_backward = last; }
+  ~LastBackward() { last_backward = prev; }
+  LastBackward(const LastBackward&) = delete;
+  LastBackward& operator=(const LastBackward&) = delete;
+  const bool prev;
+};
+
+// Whether the saved h, a forward output of the node, is held by the node alone: its saved
+// copy and the unpacked one (torch 2.11's SavedVariable of an output keeps its own TensorImpl
+// of the storage), no other tensor or view on its memory (a user's, another node's saved
+// variable), no Python object of it or of its storage (Python's references are not all in
+// these counts: a saved-tensor hook may keep the tensor it packs); a plain tensor, outside
+// any dispatch mode.
+bool held_by_node_alone(const at::Tensor& h) {
+  if (at::isTensorSubclassLike(h) || !h.has_storage() || h.use_count() != 1 ||
+      h.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj() != nullptr) {
+    return false;
+  }
+  const c10::StorageImpl* storage = h.storage().unsafeGetStorageImpl();
+  return h.storage().use_count() == 2 && storage->pyobj_slot()->load_pyobj() == nullptr;
+}
 
 bool requires_grad(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() && t->requires_grad();
@@ -404,6 +434,14 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     if (drop) seed = dropout_seed;
     // (First order, no graph is built: straight to the backend kernel, as the forward.)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // Where this backward is the last reader of an h that the forward wrote and nothing else
+    // holds, grad_h takes h's memory (where the backend's kernel allows it: the CPU's):
+    // no new [M, N] tensor, and the kernel writes where it has just read.
+    std::optional<ReuseH> reuse_h;
+    if (last_backward && !from_output && (state.kept || state.returned_h) &&
+        held_by_node_alone(h)) {
+      reuse_h.emplace(h);
+    }
     auto [grad_h, grad_weight, grad_bias, grad_input] =
         from_output
             ? norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
@@ -436,11 +474,16 @@ namespace torch::autograd {
 // backward. The body is torch 2.11's (the version requirements.txt pins), so only that
 // version takes it; any other builds with the template's own (check its body before adding
 // a version here).
+// It also tells the node's backward whether the engine frees the graph after it (there h
+// may give its memory to grad_h; see NormFunction::backward): only this version takes that.
 #if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 11
 template <>
 variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
   static const std::string kName = name();
   std::lock_guard<std::mutex> lock(mutex_);
+  const addnorm::LastBackward last(!get_current_graph_task_keep_graph() &&
+                                   !ctx_.saved_variables_.empty() &&
+                                   !ctx_.saved_variables_[0].has_hooks());
   return CppNode_apply_functional<addnorm::NormFunction>(
       std::move(inputs), ctx_, is_variable_input_, output_info_, kName);
 }

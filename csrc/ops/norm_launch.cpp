@@ -65,20 +65,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
   return {out, residual_out, mean, rstd};
 }
 
+namespace {
+thread_local const c10::TensorImpl* reuse_h_impl = nullptr;  // (see ReuseH)
+}  // namespace
+
+ReuseH::ReuseH(const at::Tensor& h) : prev_(reuse_h_impl) {
+  reuse_h_impl = h.unsafeGetTensorImpl();
+}
+
+ReuseH::~ReuseH() { reuse_h_impl = prev_; }
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     NormBwdKernel kernel, const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& h,
     const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
     bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps, bool from_output,
     const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype,
-    double dropout_p, const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted) {
+    double dropout_p, const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted,
+    bool h_reusable) {
   const NormPlan plan = check_norm_bwd_inputs(
       grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps, from_output, bias,
       h_dtype, dropout_p, dropout_seed, grad_h_wanted);
   const int64_t axis = plan.axis;
   const bool drop = dropout_p > 0.0;
-  auto [grad_h, grad_weight, grad_bias, grad_input] =
-      empty_norm_bwd_outputs(h, weight, has_bias, weight_grad, plan, drop, grad_h_wanted);
+  const bool reuse_h = h_reusable && grad_h_wanted && !from_output &&
+                       h.unsafeGetTensorImpl() == reuse_h_impl && h.is_contiguous() &&
+                       h.scalar_type() == plan.dtypes.h;
+  auto [grad_h, grad_weight, grad_bias, grad_input] = empty_norm_bwd_outputs(
+      h, weight, has_bias, weight_grad, plan, drop, grad_h_wanted && !reuse_h);
+  if (reuse_h) {  // a tensor of its own (no autograd metadata) on h's memory
+    grad_h.set_(h.storage(), h.storage_offset(), h.sizes(), h.strides());
+  }
   NormBwdArgs args;
   args.N = c10::multiply_integers(h.sizes().slice(axis));
   args.M = c10::multiply_integers(h.sizes().slice(0, axis));

@@ -16,8 +16,10 @@
 namespace addnorm {
 
 // Registers _norm_fwd, _norm_bwd and _dropout_apply for the library's dispatch key (inside
-// TORCH_LIBRARY_IMPL(addnorm, <key>, m)) with the kernels kFwd, kBwd and kDropout.
-template <NormFwdKernel kFwd, NormBwdKernel kBwd, DropoutApplyKernel kDropout>
+// TORCH_LIBRARY_IMPL(addnorm, <key>, m)) with the kernels kFwd, kBwd and kDropout;
+// kBwdReusesH: kBwd may write grad_h over h (launch_norm_bwd's h_reusable).
+template <NormFwdKernel kFwd, NormBwdKernel kBwd, DropoutApplyKernel kDropout,
+          bool kBwdReusesH = false>
 void register_norm_kernels(torch::Library& m) {
   m.impl("_dropout_apply",
          [](const at::Tensor& input, const at::Tensor& seed, double p,
@@ -44,7 +46,8 @@ void register_norm_kernels(torch::Library& m) {
             bool grad_h_wanted) {
            return launch_norm_bwd(kBwd, grad_out, grad_residual_out, h, mean, rstd, weight,
                                   has_bias, is_rms, weight_grad, eps, from_output, bias,
-                                  h_dtype, dropout_p, dropout_seed, grad_h_wanted);
+                                  h_dtype, dropout_p, dropout_seed, grad_h_wanted,
+                                  kBwdReusesH);
          });
 }
 

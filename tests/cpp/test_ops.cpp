@@ -136,6 +136,34 @@ TEST(AddNormOps, GradientsFromCpp) {
   }
 }
 
+// Where the backward is the last reader of an h nothing else holds, the CPU backward
+// writes grad_h over it: the same gradients, bitwise, as a backward that keeps the graph;
+// an h the caller still holds is left as it was.
+TEST(AddNormOps, GradientOverHFromCpp) {
+  torch::manual_seed(4);
+  auto x = torch::randn({6, 32}, torch::requires_grad());
+  auto r = torch::randn({6, 32}, torch::requires_grad());
+  auto w = torch::randn({32}, torch::requires_grad());
+  auto b = torch::randn({32}, torch::requires_grad());
+  auto g = torch::randn({6, 32});
+  auto grads_of = [&](bool keep_h, bool retain) {
+    auto [out, h] = addnorm::add_layer_norm(x, r, {32}, w, b, 1e-5, keep_h);
+    const auto before = h.defined() && h.numel() > 0 ? h.detach().clone() : at::Tensor();
+    auto grads = torch::autograd::grad({(out * g).sum()}, {x, r, w, b}, {}, retain);
+    if (before.defined()) {
+      EXPECT_TRUE(torch::equal(h.detach(), before));
+    }
+    return grads;
+  };
+  const auto kept = grads_of(false, true);
+  for (bool keep_h : {false, true}) {
+    const auto grads = grads_of(keep_h, false);
+    for (size_t i = 0; i < grads.size(); ++i) {
+      EXPECT_TRUE(torch::equal(grads[i], kept[i])) << "gradient " << i;
+    }
+  }
+}
+
 // The returned h's gradient holds only that of its uses outside the norm (the fused
 // backward adds the norm's part in its own pass): a hook changing it, retain_grad, or
 // asking for h's gradient raises.

@@ -437,9 +437,12 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     // Where this backward is the last reader of an h that the forward wrote and nothing else
     // holds, grad_h takes h's memory (where the backend's kernel allows it: the CPU's):
     // no new [M, N] tensor, and the kernel writes where it has just read.
+    // (Not for batched or wrapped gradients: a batching fallback calls the kernel once per
+    // slice, each reading h.)
     std::optional<ReuseH> reuse_h;
     if (last_backward && !from_output && (state.kept || state.returned_h) &&
-        held_by_node_alone(h)) {
+        held_by_node_alone(h) && !at::isTensorSubclassLike(grad_out) &&
+        !(grad_h_in.defined() && at::isTensorSubclassLike(grad_h_in))) {
       reuse_h.emplace(h);
     }
     auto [grad_h, grad_weight, grad_bias, grad_input] =
@@ -452,6 +455,12 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                                  weight_grad, ctx->saved_data["eps"].toDouble(), false,
                                  std::nullopt, std::nullopt, dropout_p, seed,
                                  !drop || has_residual);
+    if (reuse_h && grad_h.defined() && grad_h.is_alias_of(h)) {
+      // h's memory holds the gradient now: a later unpack of h (a backward retried after an
+      // exception in a hook, the node called by hand) raises autograd's in-place error
+      // instead of reading it.
+      h.unsafeGetTensorImpl()->bump_version();
+    }
     if (drop) {
       grads[0] = grad_input;
       if (has_residual) grads[1] = grad_h.to(residual_dtype);

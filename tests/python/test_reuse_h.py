@@ -180,3 +180,45 @@ def test_not_reused_from_the_output_or_without_a_written_h():
     F.layer_norm(y, (N,), w, b).sum().backward()
     assert torch.equal(y.detach(), before)
     gc.collect()
+
+
+def test_batched_gradients_read_h_for_every_slice():
+    # A batched backward (is_grads_batched, jacobian(vectorize=True), vmap over grad) calls
+    # the kernel once per slice through the batching fallback: h must survive each call.
+    x, r, w, b = _inputs(torch.float64)
+    G = torch.randn(3, 3, 5, N, dtype=torch.float64)
+
+    def batched(retain):
+        out = _call("add_layer_norm", x, r, w, b)
+        return torch.autograd.grad(out, x, G, is_grads_batched=True, retain_graph=retain)[0]
+
+    def vmapped(retain):
+        out = _call("add_layer_norm", x, r, w, b)
+        return torch.func.vmap(
+            lambda g: torch.autograd.grad(out, x, g, retain_graph=retain)[0])(G)
+
+    for run in (batched, vmapped):
+        assert torch.equal(run(False), run(True))
+    xs = x.detach()[0, :2].clone().requires_grad_(True)
+
+    def f(v):
+        return F.add_layer_norm(v, r.detach()[0, :2], (N,), w.detach(), b.detach())
+    torch.testing.assert_close(torch.autograd.functional.jacobian(f, xs, vectorize=True),
+                               torch.autograd.functional.jacobian(f, xs), rtol=0, atol=0)
+
+
+def test_backward_retried_after_a_hook_raised_refuses_the_overwritten_h():
+    # A post hook of the node runs after its backward, before the graph is freed: if it
+    # raises, h already holds the gradient, and a retried backward raises autograd's in-place
+    # error instead of reading it.
+    x, r, w, b = _inputs(torch.float32)
+    out = F.add_layer_norm(x, r, (N,), w, b)
+
+    def post(grad_inputs, grad_outputs):
+        raise RuntimeError("failure in a hook")
+    handle = out.grad_fn.register_hook(post)
+    with pytest.raises(RuntimeError, match="failure in a hook"):
+        out.sum().backward()
+    handle.remove()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -6,8 +6,6 @@ new [M, N] tensor is allocated then, and the gradients are bitwise those of a ba
 allocates (retain_graph=True, which never reuses). Wherever anything else can still see h,
 h is left as it was."""
 
-import gc
-
 import pytest
 import torch
 
@@ -179,7 +177,6 @@ def test_not_reused_from_the_output_or_without_a_written_h():
     before = y.detach().clone()
     F.layer_norm(y, (N,), w, b).sum().backward()
     assert torch.equal(y.detach(), before)
-    gc.collect()
 
 
 def test_batched_gradients_read_h_for_every_slice():

@@ -1,9 +1,9 @@
 """addnorm.TransformerEncoderLayer: a subclass of torch.nn.TransformerEncoderLayer (same
 constructor, submodules, state_dict) whose forward is the op
-torch.ops.addnorm.transformer_encoder_layer: torch's layer op for op with fused Add & Norm, in
-training every dropout's mask from a seed of addnorm's (README). A layer the op cannot run
-(e.g. a submodule subclassed, hooked, or in another training mode) runs torch's forward, with
-a warning. TorchScript compiles it (activation from ``activation_relu_or_gelu``)."""
+torch.ops.addnorm.transformer_encoder_layer: torch's layer op for op with fused Add & Norm,
+in training every dropout's mask from a seed of addnorm's (docs/encoder_layer.md). A layer
+the op cannot run (e.g. a submodule subclassed, hooked, or in another training mode) runs
+torch's forward, warning once. TorchScript compiles it (activation: activation_relu_or_gelu)."""
 
 import inspect
 import warnings

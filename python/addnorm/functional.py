@@ -1,6 +1,6 @@
 """Functional forms of the addnorm ops, with the signatures of torch.nn.functional.
 TorchScript compiles ``layer_norm`` and ``rms_norm``, not ``add_layer_norm`` /
-``add_rms_norm`` (their return type depends on ``return_residual``; see README)."""
+``add_rms_norm`` (their return type depends on ``return_residual``; docs/semantics.md)."""
 
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -76,7 +76,7 @@ rms_norm.__prepare_scriptable__ = lambda: _rms_norm_scripted
 def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
     """The seed of one fused-dropout call (int64 ``[2]`` on ``device``), drawn from
     ``generator`` (default: the device's); the keep-mask is a function of it. See the
-    README's "Fused dropout" (why it raises under an activation memory budget < 1)."""
+    docs/training.md, "Fused dropout" (why it raises under an activation memory budget < 1)."""
     if not torch.jit.is_scripting():
         _check_seed_can_be_drawn(explicit_generator=generator is not None)
     return torch.randint(0, 9223372036854775807, [2], generator=generator, device=device)  # 2^63-1
@@ -152,7 +152,7 @@ def add_layer_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: 
     ``dropout_p > 0`` drops input elements (always: pass 0 or None in eval), with a mask
     drawn from ``generator``, never stored (backward regenerates it);
     ``return_dropout_mask=True`` appends it to the result. ``memory_efficient=True``:
-    autograd keeps ``out`` instead of h (README, "Memory-efficient backward")."""
+    autograd keeps ``out`` instead of h (docs/training.md, "Memory-efficient backward")."""
     return _add_norm(False, input, residual, _as_shape(normalized_shape), weight, bias, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
                      return_dropout_mask, memory_efficient)

@@ -489,7 +489,7 @@ def test_autocast_dtypes_and_values_are_torchs(dtype):
     the input's dtype: addnorm's modules return torch's dtypes, and values within the bar.
     add_layer_norm of a half input and a float32 residual (the residual stream under
     autocast) is eager's F.layer_norm(x + r): h exactly, out in float32; with a half
-    residual h is eager's, and out keeps the half dtype (README, "Autocast")."""
+    residual h is eager's, and out keeps the half dtype (docs/semantics.md, "Autocast")."""
     torch.manual_seed(0)
     n = 256
     for name, torch_cls in (("LayerNorm", torch.nn.LayerNorm), ("RMSNorm", torch.nn.RMSNorm)):

@@ -134,7 +134,7 @@ def test_accuracy(op, dtype, weight, device):
     its own float64 reference) plus 2 units of the dtype's rounding of the largest value.
     Against the true float64 gradients, the same bound holds when |weight| >= 1: the
     rounding of out costs xhat about ulp(out) / |weight|, large where |weight| is small
-    (the README's "Memory-efficient backward")."""
+    (docs/training.md, "Memory-efficient backward")."""
     shape = (64, 768)
     x, r, w, b, dy = data(op, shape, dtype, device)
     if weight == "away_from_zero":
@@ -257,7 +257,7 @@ def test_weight_with_zero_keeps_h(op, device):
     """A weight with a zero leaves out without the normalized values there. CPU (eager):
     the op then keeps h (as without memory_efficient), and the gradients are those of that
     path, bitwise. CUDA: the weight is not read (no synchronization); the op keeps out, and
-    the rows' input gradients and that column's weight gradient come out NaN (README)."""
+    the rows' input gradients and that column's weight gradient come out NaN (docs/training.md)."""
     x, r, w, b, dy = data(op, (5, 24), torch.float32, device)
     with torch.no_grad():
         w[3] = 0.0

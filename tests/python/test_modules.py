@@ -288,7 +288,7 @@ def test_autocast_cuda_dtypes_without_a_gpu(half):
     """The AutocastCUDA kernels run on fake CUDA tensors (no GPU needed): the dtypes of out
     and h against torch's eager F.layer_norm(x + r) / F.rms_norm under CUDA autocast, for a
     half input with a float32 residual (eager's h float32: out float32, as torch's), a half
-    residual (h half as eager's; out half, where torch's is float32: README), another half
+    residual (h half as eager's; out half, where torch's is float32: docs/semantics.md), another half
     residual (promoted to float32), residual_in_fp32, no residual, and h returned."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -69,7 +69,7 @@ const char* capability() { return kernels().name; }
 
 TORCH_LIBRARY_IMPL(addnorm, CPU, m) {
   // (The CPU backward reads each element of h before it writes grad_h there, never after.)
-  register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply, /*kBwdReusesH=*/true>(m);
+  register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply, /*kBwdOverInputs=*/true>(m);
 }
 
 }  // namespace addnorm::cpu

@@ -1203,7 +1203,9 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // Pass 2 writes grad_h and adds dy * xhat to the chunk's dgamma partial (dy to its dbeta
 // partial: float data in pass 1, float64 in pass 2); float data takes d again from h, whose
 // row is still in cache, rather than keeping a double row of it. Rows are processed in the
-// chunks of bwd_chunk_rows, each chunk by one thread.
+// chunks of bwd_chunk_rows, each chunk by one thread. Every element of h (or y) and of dy is
+// read before grad_h and grad_input are written at its place, and never after: those may
+// be written over h or dy (launch_norm_bwd's over_inputs, ops/norm_launch.h).
 //
 // From the output (memory_efficient): the passes read y instead of h and take d = xhat =
 // (y - beta) * (1 / gamma) in float lanes, widened (float64: a scratch row of (y - beta) /
@@ -1831,10 +1833,10 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
           const V v = f64_dx(V::loadu(gs.get() + j), V::loadu(gs_lo + j), xp, xe, neg_c1_v,
                              c1_lo_v, c2_v, c2_lo_v, rstd_v, rstd_lo_v,
                              dres ? V::loadu(dres + j) : V(0.0));
+          const V d = V::loadu(dy + j);  // (before the stores: dx or dxin may be dy's memory)
           if (dx) v.store(dx + j);
           if (dxin) (v * V::loadu(fac.get() + j)).store(dxin + j);
           if (pg) {
-            const V d = V::loadu(dy + j);
             V gh = V::loadu(pg + j), gl = V::loadu(pg_lo + j);
             dd_add_prod(gh, gl, d, xp, xe);
             gh.store(pg + j);
@@ -1850,11 +1852,12 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
           f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
           const double v = f64_dx(gs[j], gs_lo[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd,
                                   rstd_lo, dres ? dres[j] : 0.0);
+          const double d = dy[j];
           if (dx) dx[j] = v;
           if (dxin) dxin[j] = v * fac[j];
           if (pg) {
-            dd_add_prod(pg[j], pg_lo[j], dy[j], xp, xe);
-            dd_add(pb[j], pb_lo[j], dy[j]);
+            dd_add_prod(pg[j], pg_lo[j], d, xp, xe);
+            dd_add(pb[j], pb_lo[j], d);
           }
         }
       }

@@ -76,18 +76,25 @@ using torch::autograd::AutogradContext;
 using torch::autograd::isFwGradDefined;
 using torch::autograd::variable_list;
 
-// True on this thread while the engine runs a NormFunction node whose saved tensors are
-// released after it (not retain_graph), the tensor that was normalized saved without
-// saved-tensor hooks: the node's backward is then the last reader of h, and the reference
-// counts of held_by_node_alone hold.
-thread_local bool last_backward = false;
+// While the engine runs a NormFunction node through its apply specialization (below), on
+// this thread: last, when the node's saved tensors are released after it (not
+// retain_graph) and the tensor that was normalized was saved without saved-tensor hooks
+// (the node's backward is then the last reader of h, and the reference counts of
+// held_by_node_alone hold); engine_grads, always there: the gradients reached the backward
+// moved from the engine's buffer, which with the backward's own argument makes two
+// references to each (held_by_backward_alone).
+struct NodeCall {
+  bool last = false;
+  bool engine_grads = false;
+};
+thread_local NodeCall node_call;
 
-struct LastBackward {
-  explicit LastBackward(bool last) : prev(last_backward) { last_backward = last; }
-  ~LastBackward() { last_backward = prev; }
-  LastBackward(const LastBackward&) = delete;
-  LastBackward& operator=(const LastBackward&) = delete;
-  const bool prev;
+struct InNodeCall {
+  explicit InNodeCall(bool last) : prev(node_call) { node_call = NodeCall{last, true}; }
+  ~InNodeCall() { node_call = prev; }
+  InNodeCall(const InNodeCall&) = delete;
+  InNodeCall& operator=(const InNodeCall&) = delete;
+  const NodeCall prev;
 };
 
 // Whether the saved h, a forward output of the node, is held by the node alone: its saved
@@ -103,6 +110,22 @@ bool held_by_node_alone(const at::Tensor& h) {
   }
   const c10::StorageImpl* storage = h.storage().unsafeGetStorageImpl();
   return h.storage().use_count() == 2 && storage->pyobj_slot()->load_pyobj() == nullptr;
+}
+
+// Whether a gradient the node's backward received (engine_grads) is held by the backward
+// alone: the engine's moved buffer and the backward's argument (two references; a hook that
+// kept it, a capture for torch.autograd.grad, the same tensor reaching another output or
+// node, add more), the only tensor on its memory (a view's base, or another view of it, is
+// another), no Python object of either (a tensor made or seen in Python keeps one), a plain
+// tensor (not batched, wrapped, or in a dispatch mode).
+bool held_by_backward_alone(const at::Tensor& grad) {
+  if (!grad.defined() || at::isTensorSubclassLike(grad) || !grad.has_storage() ||
+      grad.use_count() != 2 ||
+      grad.unsafeGetTensorImpl()->pyobj_slot()->load_pyobj() != nullptr) {
+    return false;
+  }
+  const c10::StorageImpl* storage = grad.storage().unsafeGetStorageImpl();
+  return grad.storage().use_count() == 1 && storage->pyobj_slot()->load_pyobj() == nullptr;
 }
 
 bool requires_grad(const std::optional<at::Tensor>& t) {
@@ -435,15 +458,20 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     // (First order, no graph is built: straight to the backend kernel, as the forward.)
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     // Where this backward is the last reader of an h that the forward wrote and nothing else
-    // holds, grad_h takes h's memory (where the backend's kernel allows it: the CPU's):
-    // no new [M, N] tensor, and the kernel writes where it has just read.
+    // holds, or of a grad_out that nothing else holds, the kernel's outputs take their
+    // memory (where the backend's kernel allows it: the CPU's): fewer new [M, N] tensors,
+    // and the kernel writes where it has just read.
     // (Not for batched or wrapped gradients: a batching fallback calls the kernel once per
-    // slice, each reading h.)
-    std::optional<ReuseH> reuse_h;
-    if (last_backward && !from_output && (state.kept || state.returned_h) &&
-        held_by_node_alone(h) && !at::isTensorSubclassLike(grad_out) &&
-        !(grad_h_in.defined() && at::isTensorSubclassLike(grad_h_in))) {
-      reuse_h.emplace(h);
+    // slice, each reading h and grad_out.)
+    const bool plain_grads = !at::isTensorSubclassLike(grad_out) &&
+                             !(grad_h_in.defined() && at::isTensorSubclassLike(grad_h_in));
+    const bool over_h = node_call.last && !from_output && (state.kept || state.returned_h) &&
+                        plain_grads && held_by_node_alone(h);
+    const bool over_grad_out =
+        node_call.engine_grads && plain_grads && held_by_backward_alone(grad_out);
+    std::optional<WriteOver> write_over;
+    if (over_h || over_grad_out) {
+      write_over.emplace(over_h ? &h : nullptr, over_grad_out ? &grad_out : nullptr);
     }
     auto [grad_h, grad_weight, grad_bias, grad_input] =
         from_output
@@ -455,7 +483,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                                  weight_grad, ctx->saved_data["eps"].toDouble(), false,
                                  std::nullopt, std::nullopt, dropout_p, seed,
                                  !drop || has_residual);
-    if (reuse_h && grad_h.defined() && grad_h.is_alias_of(h)) {
+    if (over_h && grad_h.defined() && grad_h.is_alias_of(h)) {
       // h's memory holds the gradient now: a later unpack of h (a backward retried after an
       // exception in a hook, the node called by hand) raises autograd's in-place error
       // instead of reading it.
@@ -490,9 +518,9 @@ template <>
 variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
   static const std::string kName = name();
   std::lock_guard<std::mutex> lock(mutex_);
-  const addnorm::LastBackward last(!get_current_graph_task_keep_graph() &&
-                                   !ctx_.saved_variables_.empty() &&
-                                   !ctx_.saved_variables_[0].has_hooks());
+  const addnorm::InNodeCall call(!get_current_graph_task_keep_graph() &&
+                                 !ctx_.saved_variables_.empty() &&
+                                 !ctx_.saved_variables_[0].has_hooks());
   return CppNode_apply_functional<addnorm::NormFunction>(
       std::move(inputs), ctx_, is_variable_input_, output_info_, kName);
 }

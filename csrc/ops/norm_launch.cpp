@@ -66,14 +66,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
 }
 
 namespace {
-thread_local const c10::TensorImpl* reuse_h_impl = nullptr;  // (see ReuseH)
+// (see WriteOver)
+thread_local const c10::TensorImpl* over_h_impl = nullptr;
+thread_local const c10::TensorImpl* over_grad_out_impl = nullptr;
+
+const c10::TensorImpl* impl_or_null(const at::Tensor* t) {
+  return t ? t->unsafeGetTensorImpl() : nullptr;
+}
 }  // namespace
 
-ReuseH::ReuseH(const at::Tensor& h) : prev_(reuse_h_impl) {
-  reuse_h_impl = h.unsafeGetTensorImpl();
+WriteOver::WriteOver(const at::Tensor* h, const at::Tensor* grad_out)
+    : prev_h_(over_h_impl), prev_grad_out_(over_grad_out_impl) {
+  over_h_impl = impl_or_null(h);
+  over_grad_out_impl = impl_or_null(grad_out);
 }
 
-ReuseH::~ReuseH() { reuse_h_impl = prev_; }
+WriteOver::~WriteOver() {
+  over_h_impl = prev_h_;
+  over_grad_out_impl = prev_grad_out_;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     NormBwdKernel kernel, const at::Tensor& grad_out,
@@ -82,20 +93,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps, bool from_output,
     const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted,
-    bool h_reusable) {
+    bool over_inputs) {
   const NormPlan plan = check_norm_bwd_inputs(
       grad_out, grad_residual_out, h, mean, rstd, weight, is_rms, eps, from_output, bias,
       h_dtype, dropout_p, dropout_seed, grad_h_wanted);
   const int64_t axis = plan.axis;
   const bool drop = dropout_p > 0.0;
-  const bool reuse_h = h_reusable && grad_h_wanted && !from_output &&
-                       h.unsafeGetTensorImpl() == reuse_h_impl && h.is_contiguous() &&
-                       h.scalar_type() == plan.dtypes.h;
+  // Which outputs take an input's memory (see WriteOver): t, named by the scope, laid out as
+  // the output (contiguous, h's sizes) in its dtype.
+  auto can_take = [&](const at::Tensor& t, const c10::TensorImpl* named, c10::ScalarType dtype) {
+    return over_inputs && named != nullptr && t.unsafeGetTensorImpl() == named &&
+           t.is_contiguous() && t.sizes().equals(h.sizes()) && t.scalar_type() == dtype;
+  };
+  const bool grad_h_over_h =
+      grad_h_wanted && !from_output && can_take(h, over_h_impl, plan.dtypes.h);
+  const bool grad_h_over_grad_out =
+      grad_h_wanted && !grad_h_over_h && can_take(grad_out, over_grad_out_impl, plan.dtypes.h);
+  const bool grad_input_over_grad_out =
+      drop && !grad_h_over_grad_out && can_take(grad_out, over_grad_out_impl, plan.dtypes.x);
   auto [grad_h, grad_weight, grad_bias, grad_input] = empty_norm_bwd_outputs(
-      h, weight, has_bias, weight_grad, plan, drop, grad_h_wanted && !reuse_h);
-  if (reuse_h) {  // a tensor of its own (no autograd metadata) on h's memory
-    grad_h.set_(h.storage(), h.storage_offset(), h.sizes(), h.strides());
-  }
+      h, weight, has_bias, weight_grad, plan, drop && !grad_input_over_grad_out,
+      grad_h_wanted && !grad_h_over_h && !grad_h_over_grad_out);
+  // (tensors of their own, without autograd metadata, on the input's memory)
+  auto take = [](at::Tensor& out, const at::Tensor& t) {
+    out.set_(t.storage(), t.storage_offset(), t.sizes(), t.strides());
+  };
+  if (grad_h_over_h) take(grad_h, h);
+  if (grad_h_over_grad_out) take(grad_h, grad_out);
+  if (grad_input_over_grad_out) take(grad_input, grad_out);
   NormBwdArgs args;
   args.N = c10::multiply_integers(h.sizes().slice(axis));
   args.M = c10::multiply_integers(h.sizes().slice(0, axis));

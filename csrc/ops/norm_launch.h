@@ -26,9 +26,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
     bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed);
 
 // _norm_bwd with the given kernel: (grad_h, grad_weight, grad_bias, grad_input).
-// h_reusable: the kernel reads each element of h before it writes grad_h at the same place
-// and never after, so grad_h may take h's memory where a ReuseH scope allows it (the CPU
-// kernels; not CUDA's, whose weight-gradient kernel reads h after grad_h is written).
+// over_inputs: the kernel reads each element of h and of grad_out before it writes grad_h
+// and grad_input at the same place, and never after, so these may take the memory of h or
+// grad_out where a WriteOver scope allows it (the CPU kernels; not CUDA's, whose
+// weight-gradient kernel reads h and grad_out after grad_h is written).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     NormBwdKernel kernel, const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& h,
@@ -36,22 +37,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     bool has_bias, bool is_rms, bool weight_grad, std::optional<double> eps, bool from_output,
     const std::optional<at::Tensor>& bias, std::optional<c10::ScalarType> h_dtype,
     double dropout_p, const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted,
-    bool h_reusable = false);
+    bool over_inputs = false);
 
-// While in scope, on this thread, a launch_norm_bwd of the tensor h (this TensorImpl) with
-// a kernel that allows it writes grad_h over h (the kernel reads from h, writes there, and
-// returns a tensor on h's memory) instead of allocating it: no new [M, N] tensor, and the
-// writes go where the backward has just read. For the autograd node's backward only, for an
-// h that nothing else holds and whose graph is freed after it (norm_autograd.cpp).
-class ReuseH {
+// While in scope, on this thread, a launch_norm_bwd of these tensors h and grad_out (these
+// TensorImpls; either may be null) with a kernel that allows it writes its outputs over
+// them instead of allocating them: grad_h over h where the dtypes allow, else over
+// grad_out, and the fused dropout's grad_input over grad_out where grad_h did not take it.
+// The outputs are then tensors on those memories: fewer new [M, N] tensors, and the writes
+// go where the backward has just read. For the autograd node's backward only, for tensors
+// that nothing else holds (norm_autograd.cpp).
+class WriteOver {
  public:
-  explicit ReuseH(const at::Tensor& h);
-  ~ReuseH();
-  ReuseH(const ReuseH&) = delete;
-  ReuseH& operator=(const ReuseH&) = delete;
+  WriteOver(const at::Tensor* h, const at::Tensor* grad_out);
+  ~WriteOver();
+  WriteOver(const WriteOver&) = delete;
+  WriteOver& operator=(const WriteOver&) = delete;
 
  private:
-  const c10::TensorImpl* prev_;
+  const c10::TensorImpl* prev_h_;
+  const c10::TensorImpl* prev_grad_out_;
 };
 
 using DropoutApplyKernel = void (*)(const DropoutApplyArgs&);

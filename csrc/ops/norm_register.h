@@ -17,9 +17,10 @@ namespace addnorm {
 
 // Registers _norm_fwd, _norm_bwd and _dropout_apply for the library's dispatch key (inside
 // TORCH_LIBRARY_IMPL(addnorm, <key>, m)) with the kernels kFwd, kBwd and kDropout;
-// kBwdReusesH: kBwd may write grad_h over h (launch_norm_bwd's h_reusable).
+// kBwdOverInputs: kBwd may write its outputs over h and grad_out (launch_norm_bwd's
+// over_inputs).
 template <NormFwdKernel kFwd, NormBwdKernel kBwd, DropoutApplyKernel kDropout,
-          bool kBwdReusesH = false>
+          bool kBwdOverInputs = false>
 void register_norm_kernels(torch::Library& m) {
   m.impl("_dropout_apply",
          [](const at::Tensor& input, const at::Tensor& seed, double p,
@@ -47,7 +48,7 @@ void register_norm_kernels(torch::Library& m) {
            return launch_norm_bwd(kBwd, grad_out, grad_residual_out, h, mean, rstd, weight,
                                   has_bias, is_rms, weight_grad, eps, from_output, bias,
                                   h_dtype, dropout_p, dropout_seed, grad_h_wanted,
-                                  kBwdReusesH);
+                                  kBwdOverInputs);
          });
 }
 

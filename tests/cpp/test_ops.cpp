@@ -164,6 +164,29 @@ TEST(AddNormOps, GradientOverHFromCpp) {
   }
 }
 
+// A LibTorch program's backward: where the norm's incoming gradient is the engine's alone
+// (here mul's backward makes it), the CPU kernel writes the input's gradient over it; the
+// gradients are bitwise those of a backward whose incoming gradient the caller holds, and a
+// gradient the caller holds is left as it was.
+TEST(AddNormOps, GradientOverIncomingGradientFromCpp) {
+  torch::manual_seed(6);
+  for (auto dtype : {torch::kFloat, torch::kDouble}) {
+    auto x = torch::randn({6, 32}, torch::dtype(dtype).requires_grad(true));
+    auto w = torch::randn({32}, torch::dtype(dtype).requires_grad(true));
+    auto b = torch::randn({32}, torch::dtype(dtype).requires_grad(true));
+    auto c = torch::randn({6, 32}, dtype);
+    const auto held = c.clone();
+    const auto expected = torch::autograd::grad(
+        {addnorm::layer_norm(x, {32}, w, b, 1e-5)}, {x, w, b}, {c});
+    EXPECT_TRUE(torch::equal(c, held));
+    const auto grads = torch::autograd::grad(
+        {(addnorm::layer_norm(x, {32}, w, b, 1e-5) * c).sum()}, {x, w, b});
+    for (size_t i = 0; i < grads.size(); ++i) {
+      EXPECT_TRUE(torch::equal(grads[i], expected[i])) << "gradient " << i << " " << dtype;
+    }
+  }
+}
+
 // The returned h's gradient holds only that of its uses outside the norm (the fused
 // backward adds the norm's part in its own pass): a hook changing it, retain_grad, or
 // asking for h's gradient raises.

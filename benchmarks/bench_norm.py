@@ -90,6 +90,10 @@ def parse_args(argv=None):
                    help="CPU: re-run with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 so that large outputs "
                         "get transparent huge pages (fewer page faults on fresh allocations; not "
                         "the default environment of a torch user)")
+    p.add_argument("--grad-from-op", action="store_true",
+                   help="backward of sum((out * g).sum()) instead of out.backward(g): the "
+                        "gradients reach the norm from an op's backward, as in a model (the "
+                        "bwd times then include mul's backward, one more pass over M x N)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all results (with samples summary) as JSON")
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
         device, modes=modes, repeat=args.repeat, warmup=args.warmup, target_s=target,
         min_reps=args.min_reps, max_reps=max_reps, compile=args.compile,
         liger=not args.no_liger, flush=not args.no_flush,
-        fwd_grad=not args.fwd_nograd, seed=args.seed)
+        fwd_grad=not args.fwd_nograd, seed=args.seed, grad_from_op=args.grad_from_op)
 
     info = sc.machine_info(device)
     print(f"addnorm {info['addnorm_version']} | torch {info['torch_version']} | {device} | "
@@ -235,7 +239,10 @@ def markdown_report(sweep: dict) -> str:
                  "h and weight and writes grad_h once (grad_x = grad_r; with dropout grad_x and grad_r), "
                  "grad_weight, grad_bias. "
                  "`% of copy` = that GB/s / the copy bandwidth. bwd = the `.backward()` call alone "
-                 "on a fresh forward graph each repetition. "
+                 "on a fresh forward graph each repetition"
+                 + (" (of `sum((out * g).sum())`, which the forward's time leaves out: mul's "
+                    "backward makes the norm's gradient, one more pass over M x N that the "
+                    "minimal bytes do not count). " if cfg.get("grad_from_op") else ". ")
                  + ("fwd = the training forward (inputs require grad). " if cfg["fwd_grad"] else "fwd = inference (no grad). ")
                  + ("Caches flushed before each repetition. " if cfg["flush"] else "")
                  + ("On CPU every call allocates its outputs; tensors above glibc's mmap threshold "

@@ -550,7 +550,7 @@ class _Flusher:
 class BenchConfig:
     def __init__(self, device="cpu", modes=MODES, repeat=None, warmup=None, target_s=None,
                  min_reps=None, max_reps=None, compile="static", liger=True, flush=True,
-                 fwd_grad=True, seed=0):
+                 fwd_grad=True, seed=0, grad_from_op=False):
         cuda = device == "cuda"
         self.device = device
         self.modes = list(modes)
@@ -564,6 +564,9 @@ class BenchConfig:
         self.flush = flush
         self.fwd_grad = fwd_grad        # fwd mode with inputs requiring grad (training forward)
         self.seed = seed
+        # backward of sum((out * g).sum()): the gradients reach the norm from mul's backward,
+        # tensors only autograd holds (as a model's do), not the caller's g itself
+        self.grad_from_op = grad_from_op
 
     def as_dict(self):
         return dict(self.__dict__)
@@ -646,6 +649,8 @@ def bench_group(op: str, dtype, M: int, N: int, cfg: BenchConfig, flusher: _Flus
             m2 = None
             kept = outs[0].detach() if keep else None
             if need_bwd:
+                # (the forward of mul and sum is not timed; their backward is)
+                loss = sum((o * g).sum() for o, g in zip(outs, gs)) if cfg.grad_from_op else None
                 if clock.cuda:
                     # The GPU is idle by now: flush first, so that it is still busy while the
                     # host runs autograd and enqueues the backward (the marks then bracket
@@ -653,7 +658,12 @@ def bench_group(op: str, dtype, M: int, N: int, cfg: BenchConfig, flusher: _Flus
                     clock.sync()
                     flusher()
                     m1 = clock.mark()
-                torch.autograd.backward(outs, gs[: len(outs)])
+                elif loss is not None:
+                    m1 = clock.mark()
+                if loss is not None:
+                    loss.backward()
+                else:
+                    torch.autograd.backward(outs, gs[: len(outs)])
                 m2 = clock.mark()
             clock.sync()
         finally:

@@ -47,6 +47,7 @@
 // Under torch.compile both internal ops land in the traced graphs.
 
 #include <algorithm>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -461,14 +462,16 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     // holds, or of a grad_out that nothing else holds, the kernel's outputs take their
     // memory (where the backend's kernel allows it: the CPU's): fewer new [M, N] tensors,
     // and the kernel writes where it has just read.
-    // (Not for batched or wrapped gradients: a batching fallback calls the kernel once per
-    // slice, each reading h and grad_out.)
-    const bool plain_grads = !at::isTensorSubclassLike(grad_out) &&
-                             !(grad_h_in.defined() && at::isTensorSubclassLike(grad_h_in));
+    // Only where the call goes straight to the kernel: not when any argument is a tensor
+    // subclass, batched or wrapped, or a dispatch mode is on (a batching fallback calls the
+    // kernel once per slice, each reading h and grad_out; Python code around the kernel
+    // would see, or call it again on, the overwritten tensors).
+    const bool plain_call = !at::areAnyTensorSubclassLike(
+        {grad_out, grad_h_in, h, mean, rstd, weight, saved[4], dropout_seed});
     const bool over_h = node_call.last && !from_output && (state.kept || state.returned_h) &&
-                        plain_grads && held_by_node_alone(h);
+                        plain_call && held_by_node_alone(h);
     const bool over_grad_out =
-        node_call.engine_grads && plain_grads && held_by_backward_alone(grad_out);
+        node_call.engine_grads && plain_call && held_by_backward_alone(grad_out);
     std::optional<WriteOver> write_over;
     if (over_h || over_grad_out) {
       write_over.emplace(over_h ? &h : nullptr, over_grad_out ? &grad_out : nullptr);
@@ -500,6 +503,12 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     return grads;
   }
 };
+
+// held_by_backward_alone counts the backward's own argument as one of the gradient's two
+// references: backward must take its gradients by value.
+static_assert(std::is_same_v<decltype(&NormFunction::backward),
+                             variable_list (*)(AutogradContext*, variable_list)>,
+              "NormFunction::backward takes its gradients by value");
 
 }  // namespace
 }  // namespace addnorm

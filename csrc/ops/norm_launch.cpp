@@ -111,6 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
       grad_h_wanted && !grad_h_over_h && can_take(grad_out, over_grad_out_impl, plan.dtypes.h);
   const bool grad_input_over_grad_out =
       drop && !grad_h_over_grad_out && can_take(grad_out, over_grad_out_impl, plan.dtypes.x);
+  // (once per scope: a second call in it, were there one, allocates)
+  over_h_impl = over_grad_out_impl = nullptr;
   auto [grad_h, grad_weight, grad_bias, grad_input] = empty_norm_bwd_outputs(
       h, weight, has_bias, weight_grad, plan, drop && !grad_input_over_grad_out,
       grad_h_wanted && !grad_h_over_h && !grad_h_over_grad_out);

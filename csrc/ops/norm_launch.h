@@ -44,8 +44,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
 // them instead of allocating them: grad_h over h where the dtypes allow, else over
 // grad_out, and the fused dropout's grad_input over grad_out where grad_h did not take it.
 // The outputs are then tensors on those memories: fewer new [M, N] tensors, and the writes
-// go where the backward has just read. For the autograd node's backward only, for tensors
-// that nothing else holds (norm_autograd.cpp).
+// go where the backward has just read. The first launch in the scope consumes it. For the
+// autograd node's backward only, for tensors that nothing else holds (norm_autograd.cpp).
 class WriteOver {
  public:
   WriteOver(const at::Tensor* h, const at::Tensor* grad_out);

@@ -27,11 +27,11 @@ def _norm_bwd_allocated(backward):
     return sum(e.cpu_memory_usage for e in prof.events() if e.name == "addnorm::_norm_bwd")
 
 
-def _leaves(dtype, seed=0, param_dtype=None):
+def _leaves(dtype, seed=0, n=N):
     torch.manual_seed(seed)
-    x = make_data(SHAPE, dtype, "cpu", requires_grad=True)
-    r = make_data(SHAPE, dtype, "cpu", requires_grad=True)
-    w, b = make_affine((N,), param_dtype or dtype, "cpu", requires_grad=True)
+    x = make_data(SHAPE[:-1] + (n,), dtype, "cpu", requires_grad=True)
+    r = make_data(SHAPE[:-1] + (n,), dtype, "cpu", requires_grad=True)
+    w, b = make_affine((n,), dtype, "cpu", requires_grad=True)
     return x, r, w, b
 
 
@@ -48,23 +48,24 @@ def _same(got, expected):
                for a, e in zip(got, expected))
 
 
-CALLS = {
-    "layer_norm": lambda x, r, w, b: F.layer_norm(x, (N,), w, b),
-    "rms_norm": lambda x, r, w, b: F.rms_norm(x, (N,), w),
+CALLS = {  # (the norm over the last dim, whatever its size)
+    "layer_norm": lambda x, r, w, b: F.layer_norm(x, w.shape, w, b),
+    "rms_norm": lambda x, r, w, b: F.rms_norm(x, w.shape, w),
     "add_layer_norm_memory_efficient":
-        lambda x, r, w, b: F.add_layer_norm(x, r, (N,), w, b, memory_efficient=True),
+        lambda x, r, w, b: F.add_layer_norm(x, r, w.shape, w, b, memory_efficient=True),
     "add_rms_norm_memory_efficient":
-        lambda x, r, w, b: F.add_rms_norm(x, r, (N,), w, memory_efficient=True),
+        lambda x, r, w, b: F.add_rms_norm(x, r, w.shape, w, memory_efficient=True),
     "add_layer_norm_no_residual_dropout":
-        lambda x, r, w, b: F.add_layer_norm(x, None, (N,), w, b, dropout_p=0.25),
+        lambda x, r, w, b: F.add_layer_norm(x, None, w.shape, w, b, dropout_p=0.25),
 }
 
 
+@pytest.mark.parametrize("n", [N, 67])  # (67: the kernels' scalar tails)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op", list(CALLS))
-def test_gradient_from_an_op_takes_its_memory_bitwise_the_same(op, dtype):
-    x, r, w, b = _leaves(dtype)
-    c = torch.randn(SHAPE, dtype=dtype)
+def test_gradient_from_an_op_takes_its_memory_bitwise_the_same(op, dtype, n):
+    x, r, w, b = _leaves(dtype, n=n)
+    c = torch.randn(x.shape, dtype=dtype)
     # Reference: grad_out is c itself, which the caller holds: the backward allocates.
     torch.manual_seed(1)  # (the same dropout mask in both calls)
     out = CALLS[op](x, r, w, b)
@@ -168,3 +169,41 @@ def test_one_gradient_reaching_out_and_the_returned_h():
         return _grads(x, r, w, b)
     expected = run(True)
     assert _same(run(False), expected)
+
+
+class _Twice(torch.Tensor):
+    """A wrapper subclass whose ops run twice on the unwrapped tensors (as a determinism
+    check might): Python code around the kernel that calls it again on its arguments."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        return torch.Tensor._make_wrapper_subclass(cls, elem.shape, dtype=elem.dtype,
+                                                   device=elem.device)
+
+    def __init__(self, elem):
+        self.elem = elem
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def unwrap(t):
+            return t.elem if isinstance(t, _Twice) else t
+        args, kwargs = torch.utils._pytree.tree_map(unwrap, (args, kwargs or {}))
+        func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "add_layer_norm"])
+def test_a_subclass_argument_keeps_the_call_allocating(op):
+    # A subclass weight sends the backward kernel's call through Python: neither grad_out
+    # nor h may be written over there (the second call reads them again).
+    x, r, w, b = _leaves(torch.float32)
+    c = torch.randn(SHAPE)
+
+    def call(weight):
+        if op == "layer_norm":
+            return F.layer_norm(x, (N,), weight, b)
+        return F.add_layer_norm(x, r, (N,), weight, b)
+    call(w.detach()).backward(c, retain_graph=True)
+    expected = _grads(x, r)
+    (call(_Twice(w.detach())) * c).sum().backward()
+    assert _same(_grads(x, r), expected)

@@ -68,7 +68,8 @@ void dropout_apply(const DropoutApplyArgs& args) { kernels().dropout(args); }
 const char* capability() { return kernels().name; }
 
 TORCH_LIBRARY_IMPL(addnorm, CPU, m) {
-  // (The CPU backward reads each element of h before it writes grad_h there, never after.)
+  // (The CPU backward reads each element of h and grad_out before it writes its outputs
+  // there, never after: see norm_kernel.cpp's Backward.)
   register_norm_kernels<&norm_fwd, &norm_bwd, &dropout_apply, /*kBwdOverInputs=*/true>(m);
 }
 

@@ -47,8 +47,8 @@
 // Under torch.compile both internal ops land in the traced graphs.
 
 #include <algorithm>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/FuncTorchTLS.h>

@@ -100,10 +100,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
   const int64_t axis = plan.axis;
   const bool drop = dropout_p > 0.0;
   // Which outputs take an input's memory (see WriteOver): t, named by the scope, laid out as
-  // the output (contiguous, h's sizes) in its dtype.
+  // the output (contiguous; h's shape, which the checks above ask of grad_out) in its dtype.
   auto can_take = [&](const at::Tensor& t, const c10::TensorImpl* named, c10::ScalarType dtype) {
     return over_inputs && named != nullptr && t.unsafeGetTensorImpl() == named &&
-           t.is_contiguous() && t.sizes().equals(h.sizes()) && t.scalar_type() == dtype;
+           t.is_contiguous() && t.scalar_type() == dtype;
   };
   const bool grad_h_over_h =
       grad_h_wanted && !from_output && can_take(h, over_h_impl, plan.dtypes.h);

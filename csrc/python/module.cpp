@@ -19,6 +19,7 @@
 #include <pybind11/stl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/python.h>
 
 #include <addnorm/addnorm.h>
@@ -84,14 +85,16 @@ void tag_compile_caches() {
 // The public ops called from pybind11 instead of torch.ops, whose Python call path
 // matches every argument against the schema (a few microseconds a call, as much as the
 // kernel of a small tensor): the same ops through the dispatcher (autograd, every backend,
-// dispatch modes), as torch.ops calls them. The Python wrappers take this path only where
-// nothing at the Python level could see the call (not compiling, no __torch_function__),
-// with tensors or None in the tensor arguments (see functional.py's _check_tensors). The
-// other arguments are read here only when they have the plain types (normalized_shape a
-// list or tuple of ints, eps a float or int, the flags bools, dropout_p a float): anything
-// else (symbolic sizes of a fake-tensor trace, numpy scalars, a wrong type) goes to torch.ops
-// itself, which converts or refuses it as it always did. C++ warnings go to c10's handler,
-// and errors become torch's Python errors, as from torch.ops.
+// dispatch modes), as torch.ops calls them. The Python wrappers try this path only where
+// nothing at the Python level could see the call (not compiling, no __torch_function__;
+// see functional.py). It takes the call where every argument has a plain type: the tensor
+// arguments tensors (without names; the input not nested) or None, normalized_shape an int
+// or a list or tuple of ints, eps a float or int, the flags bools, dropout_p a float. For
+// anything else (symbolic sizes of a fake-tensor trace, numpy scalars, named or nested
+// tensors, a wrong type) it returns NotImplemented, and the wrapper calls torch.ops (or
+// torch's function, for nested tensors), which converts or refuses the argument as it
+// always did. C++ warnings go to c10's handler, and errors become torch's Python errors,
+// as from torch.ops.
 
 // Runs op (with the GIL released) and raises a C++ exception as the Python error torch
 // gives for it (c10::TypeError a TypeError, ...).
@@ -110,21 +113,35 @@ py::object call_op(const F& op) {
   }
 }
 
-// torch.ops.addnorm.<name>: where an argument is not of a plain type.
-py::object torch_op(const char* name) {
-  return py::module_::import("torch").attr("ops").attr("addnorm").attr(name);
+py::object not_plain() { return py::reinterpret_borrow<py::object>(Py_NotImplemented); }
+
+// A tensor argument: a tensor without names, or None (absent, unless required).
+bool plain_tensor(const py::handle& obj, std::optional<at::Tensor>& t, bool required = false) {
+  if (obj.is_none()) return !required;
+  if (!THPVariable_Check(obj.ptr())) return false;
+  t = THPVariable_Unpack(obj.ptr());
+  return !t->has_names();
 }
 
-// normalized_shape as ints, if it is a list or tuple of ints.
+// The input: a plain tensor, not nested.
+bool plain_input(const py::handle& obj, std::optional<at::Tensor>& t) {
+  return plain_tensor(obj, t, /*required=*/true) && !t->is_nested();
+}
+
+// normalized_shape as ints, if it is an int or a list or tuple of ints.
 bool plain_shape(const py::handle& obj, std::vector<int64_t>& shape) {
   PyObject* seq = obj.ptr();
+  int overflow = 0;
+  if (PyLong_CheckExact(seq)) {
+    shape.assign(1, PyLong_AsLongLongAndOverflow(seq, &overflow));
+    return overflow == 0;
+  }
   const bool list = PyList_Check(seq);
   if (!list && !PyTuple_Check(seq)) return false;
   shape.resize(list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq));
   for (size_t i = 0; i < shape.size(); ++i) {
     PyObject* item = list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);
     if (!PyLong_CheckExact(item)) return false;
-    int overflow = 0;
     shape[i] = PyLong_AsLongLongAndOverflow(item, &overflow);
     if (overflow != 0) return false;
   }
@@ -146,6 +163,15 @@ bool plain_float(const py::handle& obj, double& value) {
   return true;
 }
 
+// eps of the RMSNorm ops: None (absent) or a float or int.
+bool plain_opt_float(const py::handle& obj, std::optional<double>& value) {
+  double v = 0.0;
+  if (obj.is_none()) return true;
+  if (!plain_float(obj, v)) return false;
+  value = v;
+  return true;
+}
+
 bool plain_bool(const py::handle& obj, bool& value) {
   value = obj.ptr() == Py_True;
   return PyBool_Check(obj.ptr());
@@ -159,91 +185,95 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 using Opt = std::optional<at::Tensor>;
 using Pair = std::tuple<at::Tensor, at::Tensor>;
 
-py::object layer_norm(const at::Tensor& input, const py::handle& normalized_shape,
-                      const Opt& weight, const Opt& bias, const py::handle& eps) {
+py::object layer_norm(const py::handle& input, const py::handle& normalized_shape,
+                      const py::handle& weight, const py::handle& bias, const py::handle& eps) {
   static const auto op = op_handle<at::Tensor(const at::Tensor&, c10::SymIntArrayRef, const Opt&,
                                               const Opt&, double)>("addnorm::layer_norm");
+  Opt x, w, b;
   std::vector<int64_t> shape;
   double e = 0.0;
-  if (!plain_shape(normalized_shape, shape) || !plain_float(eps, e)) {
-    return torch_op("layer_norm")(input, normalized_shape, weight, bias, eps);
+  if (!plain_input(input, x) || !plain_tensor(weight, w) || !plain_tensor(bias, b) ||
+      !plain_shape(normalized_shape, shape) || !plain_float(eps, e)) {
+    return not_plain();
   }
-  return call_op([&] { return op.call(input, c10::fromIntArrayRefSlow(shape), weight, bias, e); });
+  return call_op([&] { return op.call(*x, c10::fromIntArrayRefSlow(shape), w, b, e); });
 }
 
-py::object rms_norm(const at::Tensor& input, const py::handle& normalized_shape,
-                    const Opt& weight, const py::handle& eps) {
+py::object rms_norm(const py::handle& input, const py::handle& normalized_shape,
+                    const py::handle& weight, const py::handle& eps) {
   static const auto op = op_handle<at::Tensor(const at::Tensor&, c10::SymIntArrayRef, const Opt&,
                                               std::optional<double>)>("addnorm::rms_norm");
+  Opt x, w;
   std::vector<int64_t> shape;
-  double e = 0.0;
-  if (!plain_shape(normalized_shape, shape) || !(eps.is_none() || plain_float(eps, e))) {
-    return torch_op("rms_norm")(input, normalized_shape, weight, eps);
+  std::optional<double> e;
+  // (a float64 weight of other input: torch's function, which computes in float64)
+  if (!plain_input(input, x) || !plain_tensor(weight, w) ||
+      !plain_shape(normalized_shape, shape) || !plain_opt_float(eps, e) ||
+      (w.has_value() && w->scalar_type() == at::kDouble && x->scalar_type() != at::kDouble)) {
+    return not_plain();
   }
-  const auto opt_e = eps.is_none() ? std::nullopt : std::optional<double>(e);
-  return call_op([&] { return op.call(input, c10::fromIntArrayRefSlow(shape), weight, opt_e); });
+  return call_op([&] { return op.call(*x, c10::fromIntArrayRefSlow(shape), w, e); });
 }
 
-// The keyword-only arguments of add_layer_norm / add_rms_norm.
-struct AddNormFlags {
-  py::handle return_residual, residual_in_fp32, dropout_p, memory_efficient;
+// The arguments add_layer_norm and add_rms_norm share, read if they are plain.
+struct AddNormArgs {
+  Opt x, r, w, seed;
+  std::vector<int64_t> shape;
   bool rr = false, fp32 = false, me = false;
   double p = 0.0;
-  bool plain() {
-    return plain_bool(return_residual, rr) && plain_bool(residual_in_fp32, fp32) &&
+  bool read(const py::handle& input, const py::handle& residual,
+            const py::handle& normalized_shape, const py::handle& weight,
+            const py::handle& return_residual, const py::handle& residual_in_fp32,
+            const py::handle& dropout_p, const py::handle& dropout_seed,
+            const py::handle& memory_efficient) {
+    return plain_input(input, x) && plain_tensor(residual, r) && plain_tensor(weight, w) &&
+           plain_tensor(dropout_seed, seed) && plain_shape(normalized_shape, shape) &&
+           plain_bool(return_residual, rr) && plain_bool(residual_in_fp32, fp32) &&
            plain_bool(memory_efficient, me) && plain_float(dropout_p, p);
-  }
-  py::object to_torch_op(py::object op, py::args args, const Opt& dropout_seed) const {
-    return op(*args, py::arg("return_residual") = return_residual,
-              py::arg("residual_in_fp32") = residual_in_fp32, py::arg("dropout_p") = dropout_p,
-              py::arg("dropout_seed") = dropout_seed,
-              py::arg("memory_efficient") = memory_efficient);
   }
 };
 
-py::object add_layer_norm(const at::Tensor& input, const Opt& residual,
-                          const py::handle& normalized_shape, const Opt& weight, const Opt& bias,
-                          const py::handle& eps, const py::handle& return_residual,
-                          const py::handle& residual_in_fp32, const py::handle& dropout_p,
-                          const Opt& dropout_seed, const py::handle& memory_efficient) {
+py::object add_layer_norm(const py::handle& input, const py::handle& residual,
+                          const py::handle& normalized_shape, const py::handle& weight,
+                          const py::handle& bias, const py::handle& eps,
+                          const py::handle& return_residual, const py::handle& residual_in_fp32,
+                          const py::handle& dropout_p, const py::handle& dropout_seed,
+                          const py::handle& memory_efficient) {
   static const auto op = op_handle<Pair(const at::Tensor&, const Opt&, c10::SymIntArrayRef,
                                         const Opt&, const Opt&, double, bool, bool, double,
                                         const Opt&, bool)>("addnorm::add_layer_norm");
-  AddNormFlags f{return_residual, residual_in_fp32, dropout_p, memory_efficient};
-  std::vector<int64_t> shape;
+  AddNormArgs a;
+  Opt b;
   double e = 0.0;
-  if (!plain_shape(normalized_shape, shape) || !plain_float(eps, e) || !f.plain()) {
-    return f.to_torch_op(torch_op("add_layer_norm"),
-                         py::make_tuple(input, residual, normalized_shape, weight, bias, eps),
-                         dropout_seed);
+  if (!a.read(input, residual, normalized_shape, weight, return_residual, residual_in_fp32,
+              dropout_p, dropout_seed, memory_efficient) ||
+      !plain_tensor(bias, b) || !plain_float(eps, e)) {
+    return not_plain();
   }
   return call_op([&] {
-    return op.call(input, residual, c10::fromIntArrayRefSlow(shape), weight, bias, e, f.rr,
-                   f.fp32, f.p, dropout_seed, f.me);
+    return op.call(*a.x, a.r, c10::fromIntArrayRefSlow(a.shape), a.w, b, e, a.rr, a.fp32, a.p,
+                   a.seed, a.me);
   });
 }
 
-py::object add_rms_norm(const at::Tensor& input, const Opt& residual,
-                        const py::handle& normalized_shape, const Opt& weight,
+py::object add_rms_norm(const py::handle& input, const py::handle& residual,
+                        const py::handle& normalized_shape, const py::handle& weight,
                         const py::handle& eps, const py::handle& return_residual,
                         const py::handle& residual_in_fp32, const py::handle& dropout_p,
-                        const Opt& dropout_seed, const py::handle& memory_efficient) {
+                        const py::handle& dropout_seed, const py::handle& memory_efficient) {
   static const auto op = op_handle<Pair(const at::Tensor&, const Opt&, c10::SymIntArrayRef,
                                         const Opt&, std::optional<double>, bool, bool, double,
                                         const Opt&, bool)>("addnorm::add_rms_norm");
-  AddNormFlags f{return_residual, residual_in_fp32, dropout_p, memory_efficient};
-  std::vector<int64_t> shape;
-  double e = 0.0;
-  if (!plain_shape(normalized_shape, shape) || !(eps.is_none() || plain_float(eps, e)) ||
-      !f.plain()) {
-    return f.to_torch_op(torch_op("add_rms_norm"),
-                         py::make_tuple(input, residual, normalized_shape, weight, eps),
-                         dropout_seed);
+  AddNormArgs a;
+  std::optional<double> e;
+  if (!a.read(input, residual, normalized_shape, weight, return_residual, residual_in_fp32,
+              dropout_p, dropout_seed, memory_efficient) ||
+      !plain_opt_float(eps, e)) {
+    return not_plain();
   }
-  const auto opt_e = eps.is_none() ? std::nullopt : std::optional<double>(e);
   return call_op([&] {
-    return op.call(input, residual, c10::fromIntArrayRefSlow(shape), weight, opt_e, f.rr,
-                   f.fp32, f.p, dropout_seed, f.me);
+    return op.call(*a.x, a.r, c10::fromIntArrayRefSlow(a.shape), a.w, e, a.rr, a.fp32, a.p,
+                   a.seed, a.me);
   });
 }
 
@@ -263,10 +293,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weight"), py::arg("eps"));
   m.def("add_layer_norm", &add_layer_norm, py::arg("input"), py::arg("residual"),
         py::arg("normalized_shape"), py::arg("weight"), py::arg("bias"), py::arg("eps"),
-        py::kw_only(), py::arg("return_residual"), py::arg("residual_in_fp32"),
+        py::arg("return_residual"), py::arg("residual_in_fp32"),
         py::arg("dropout_p"), py::arg("dropout_seed"), py::arg("memory_efficient"));
   m.def("add_rms_norm", &add_rms_norm, py::arg("input"), py::arg("residual"),
-        py::arg("normalized_shape"), py::arg("weight"), py::arg("eps"), py::kw_only(),
+        py::arg("normalized_shape"), py::arg("weight"), py::arg("eps"),
         py::arg("return_residual"), py::arg("residual_in_fp32"), py::arg("dropout_p"),
         py::arg("dropout_seed"), py::arg("memory_efficient"));
 

@@ -12,20 +12,13 @@ from . import _C
 _ShapeLike = Union[int, Sequence[int], torch.Size]
 
 
-def _check_tensors(*tensors: Optional[Tensor]) -> bool:
-    """Refuses named tensors, as torch's norms do (not under torch.compile: no names). Returns
-    whether the op may go through addnorm._C (torch.ops' argument matching costs microseconds
-    a call): where Python code cannot see the call (not compiling, no __torch_function__)."""
-    if torch.compiler.is_compiling():
-        return False
-    direct = isinstance(tensors[0], Tensor)
+def _check_tensors(*tensors: Optional[Tensor]) -> None:
+    """Refuses named tensors, as torch's norms do (not under torch.compile: no names)."""
     for t in tensors:
-        if isinstance(t, Tensor) and t.has_names():
+        if isinstance(t, Tensor) and not torch.compiler.is_compiling() and t.has_names():
             raise RuntimeError(
                 f"addnorm: named tensors are not supported (got names {t.names}); drop the "
                 "names with tensor.rename(None), call the op, and set names on the result")
-        direct = direct and (t is None or isinstance(t, Tensor))
-    return direct and not torch._C._has_torch_function(tensors)
 
 
 def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape)
@@ -35,25 +28,31 @@ def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape)
     return [shape] if isinstance(shape, (int, torch.SymInt)) else list(shape)
 
 
+# The wrappers offer calls no Python code could see (not compiling, no __torch_function__) to
+# _C, which takes those with plain argument types (else NotImplemented: torch.ops takes them).
 def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Same as ``torch.nn.functional.layer_norm``; also bf16/fp16 input with fp32 weight/bias."""
-    direct = _check_tensors(input, weight, bias)
+    if not torch.compiler.is_compiling() and not torch._C._has_torch_function((input, weight, bias)) and (
+            out := _C.layer_norm(input, normalized_shape, weight, bias, eps)) is not NotImplemented:
+        return out
+    _check_tensors(input, weight, bias)
     if isinstance(input, Tensor) and input.is_nested:  # (torch's kernel takes nested tensors)
         return torch.nn.functional.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
-    op = _C.layer_norm if direct else torch.ops.addnorm.layer_norm
-    return op(input, _as_shape(normalized_shape), weight, bias, eps)
+    return torch.ops.addnorm.layer_norm(input, _as_shape(normalized_shape), weight, bias, eps)
 
 
 def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
              eps: Optional[float] = None) -> Tensor:
     """Same as ``torch.nn.functional.rms_norm`` (eps=None: float32's eps, float64's for float64)."""
-    direct = _check_tensors(input, weight)
+    if not torch.compiler.is_compiling() and not torch._C._has_torch_function((input, weight)) and (
+            out := _C.rms_norm(input, normalized_shape, weight, eps)) is not NotImplemented:
+        return out
+    _check_tensors(input, weight)
     if isinstance(input, Tensor) and (input.is_nested or (  # (as layer_norm; a wider weight)
             isinstance(weight, Tensor) and weight.dtype == torch.float64 != input.dtype)):
         return torch.nn.functional.rms_norm(input, _as_shape(normalized_shape), weight, eps)
-    op = _C.rms_norm if direct else torch.ops.addnorm.rms_norm
-    return op(input, _as_shape(normalized_shape), weight, eps)
+    return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
 
 
 # What torch.jit.script compiles in place of layer_norm and rms_norm (the hook it calls on
@@ -110,28 +109,29 @@ def dropout_mask(seed: Tensor, size: List[int], p: float) -> Tensor:
     return torch.ops.addnorm._dropout_apply(torch.ones(size, device=seed.device), seed, p) != 0
 
 
-def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_shape: List[int],
+_FLAGS = ("return_residual", "residual_in_fp32", "dropout_p", "dropout_seed", "memory_efficient")
+
+
+def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_shape: _ShapeLike,
               weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
               return_residual: bool, residual_in_fp32: bool, dropout_p: Optional[float],
               generator: Optional[torch.Generator], return_dropout_mask: bool,
               memory_efficient: bool):
-    direct = _check_tensors(input, residual, weight, bias)
+    direct = not torch.compiler.is_compiling() and not torch._C._has_torch_function(
+        (input, residual, weight, bias))
     # dropout_p defaults to None, not 0.0: under torch.compile(dynamic=True) a float default
     # is traced as a symbolic input, and comparing it restarts the trace.
     dropout_p = 0.0 if dropout_p is None else dropout_p
     seed = dropout_seed(input.device, generator) if dropout_p > 0 and input is not None else None
-    if rms:
-        op = _C.add_rms_norm if direct else torch.ops.addnorm.add_rms_norm
-        out, h = op(
-            input, residual, normalized_shape, weight, eps, return_residual=return_residual,
-            residual_in_fp32=residual_in_fp32, dropout_p=dropout_p, dropout_seed=seed,
-            memory_efficient=memory_efficient)
-    else:
-        op = _C.add_layer_norm if direct else torch.ops.addnorm.add_layer_norm
-        out, h = op(
-            input, residual, normalized_shape, weight, bias, eps,
-            return_residual=return_residual, residual_in_fp32=residual_in_fp32,
-            dropout_p=dropout_p, dropout_seed=seed, memory_efficient=memory_efficient)
+    head = (input, residual, normalized_shape, weight) + (() if rms else (bias,)) + (eps,)
+    flags = (return_residual, residual_in_fp32, dropout_p, seed, memory_efficient)
+    out_h = (_C.add_rms_norm if rms else _C.add_layer_norm)(*head, *flags) if direct else (
+        NotImplemented)
+    if out_h is NotImplemented:  # (torch.ops: the flags are keyword-only)
+        _check_tensors(input, residual, weight, bias)
+        op = torch.ops.addnorm.add_rms_norm if rms else torch.ops.addnorm.add_layer_norm
+        out_h = op(*head[:2], _as_shape(normalized_shape), *head[3:], **dict(zip(_FLAGS, flags)))
+    out, h = out_h
     if not return_dropout_mask:
         return (out, h) if return_residual else out
     mask = dropout_mask(seed, list(input.shape), dropout_p) if seed is not None else (
@@ -153,7 +153,7 @@ def add_layer_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: 
     drawn from ``generator``, never stored (backward regenerates it);
     ``return_dropout_mask=True`` appends it to the result. ``memory_efficient=True``:
     autograd keeps ``out`` instead of h (docs/training.md, "Memory-efficient backward")."""
-    return _add_norm(False, input, residual, _as_shape(normalized_shape), weight, bias, eps,
+    return _add_norm(False, input, residual, normalized_shape, weight, bias, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
                      return_dropout_mask, memory_efficient)
 
@@ -166,7 +166,7 @@ def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _S
                  memory_efficient: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``h = dropout(input, dropout_p) + residual; out = rms_norm(h)`` in one pass; see
     ``add_layer_norm``."""
-    return _add_norm(True, input, residual, _as_shape(normalized_shape), weight, None, eps,
+    return _add_norm(True, input, residual, normalized_shape, weight, None, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
                      return_dropout_mask, memory_efficient)
 

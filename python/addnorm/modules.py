@@ -56,7 +56,7 @@ class AddLayerNorm(nn.LayerNorm):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):
         p = self.dropout if self.training else 0.0
         if not torch.jit.is_scripting():  # (F: the op's call without torch.ops' overhead)
-            return F._add_norm(False, input, residual, list(self.normalized_shape), self.weight,
+            return F._add_norm(False, input, residual, self.normalized_shape, self.weight,
                                self.bias, self.eps, self.return_residual, self.residual_in_fp32,
                                p, None, False, self.memory_efficient)
         out, h = torch.ops.addnorm.add_layer_norm(
@@ -86,7 +86,7 @@ class AddRMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # (see AddLayerNorm)
         p = self.dropout if self.training else 0.0
         if not torch.jit.is_scripting():
-            return F._add_norm(True, input, residual, list(self.normalized_shape), self.weight,
+            return F._add_norm(True, input, residual, self.normalized_shape, self.weight,
                                None, self.eps, self.return_residual, self.residual_in_fp32, p,
                                None, False, self.memory_efficient)
         out, h = torch.ops.addnorm.add_rms_norm(

@@ -109,17 +109,20 @@ def test_wrappers_skip_torch_ops_only_where_python_cannot_see_the_call(monkeypat
             results.append([out] + [t for t in grads if t is not None])
         assert all(torch.equal(a, e) for a, e in zip(*results)), name
         assert direct.count(name) >= 1, name
-    # torch.ops' errors and their types
-    for bad in (lambda op: op(x, r, [9], w, b, 1e-5, return_residual=True, residual_in_fp32=False,
-                              dropout_p=0.0, dropout_seed=None, memory_efficient=False),
-                lambda op: op(x, r, [8], w, b, None, return_residual=True, residual_in_fp32=False,
-                              dropout_p=0.0, dropout_seed=None, memory_efficient=False)):
+    # torch.ops' errors and their types: from _C's call, and where _C declines an argument
+    # of other than the plain types (NotImplemented), from the wrapper's call of torch.ops
+    kw = dict(return_residual=True, residual_in_fp32=False, dropout_p=0.0, dropout_seed=None,
+              memory_efficient=False)
+    for args, direct_call in (((x, r, [9], w, b, 1e-5), True), ((x, r, [8], w, b, None), False)):
         errors = []
-        for op in (C.add_layer_norm, torch.ops.addnorm.add_layer_norm):
+        for call in (lambda: C.add_layer_norm(*args, **kw) if direct_call else
+                     fn.add_layer_norm(*args, return_residual=True),
+                     lambda: torch.ops.addnorm.add_layer_norm(*args, **kw)):
             with pytest.raises(RuntimeError) as e:
-                bad(op)
+                call()
             errors.append(str(e.value).splitlines()[0])
         assert errors[0] == errors[1]
+        assert direct_call or C.add_layer_norm(*args, **kw) is NotImplemented
     # arguments of other than the plain types go to torch.ops, which converts or refuses them
     # as before: numpy scalars, a float in the shape, symbolic sizes (kept symbolic)
     assert torch.equal(fn.layer_norm(x, [np.int64(8)], w, b, np.float64(0.1)),

@@ -463,6 +463,30 @@ def test_replace_modules(dtype, device):
     assert torch.equal(traced(x), model(x))
 
 
+def test_setting_the_classes_back_undoes_replace_modules():
+    """docs/semantics.md's recipe for ONNX export (the ops have no ONNX form): setting each
+    drop-in's class back to its base gives torch's modules, whose export holds no addnorm op
+    and gives the converted model's outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(TinyPreLN(), nn.TransformerEncoderLayer(32, 4, 64, batch_first=True))
+    model = addnorm.replace_modules(model).eval()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        expected = model(x)
+    ours = (addnorm.LayerNorm, addnorm.RMSNorm, addnorm.TransformerEncoderLayer)
+    assert sum(type(m) in ours for m in model.modules()) == 10
+    for m in model.modules():
+        if type(m) in ours:
+            m.__class__ = type(m).__bases__[0]
+    assert not any(isinstance(m, ours) for m in model.modules())
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert not any("addnorm" in t for t in targets), targets
+    assert "aten.layer_norm.default" in targets
+    with torch.no_grad():
+        assert_close(exported.module()(x), expected.double(), name="out")
+
+
 @pytest.mark.parametrize("name,layout", [("LayerNorm", torch.strided), ("LayerNorm", torch.jagged),
                                          ("RMSNorm", torch.jagged)])  # (torch's nested support)
 def test_nested_tensor_input_runs_torchs_kernel(name, layout):

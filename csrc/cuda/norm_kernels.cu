@@ -1340,8 +1340,9 @@ struct WeightGradOutputs {
   c10::ScalarType dtype[2];   // their dtypes
 };
 
-// out[which][col] = sum over p of part[which, p, col] in double (double-double for fp64
-// partials), p in increasing order per row lane, then the 16 lanes in order. Block (32, 16),
+// out[which][col] = sum over p of part[which, p, col] (stat_t: in double for float partials,
+// double-double for double ones, i.e. float32 and float64 data), p in increasing order per
+// row lane, then the 16 lanes in order. Block (32, 16),
 // grid (ceil(N / 32), number of outputs).
 template <typename A>
 __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_finalize_kernel(

@@ -19,6 +19,7 @@
 #include <pybind11/stl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/Size.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/python.h>
 
@@ -89,12 +90,13 @@ void tag_compile_caches() {
 // nothing at the Python level could see the call (not compiling, no __torch_function__;
 // see functional.py). It takes the call where every argument has a plain type: the tensor
 // arguments tensors (without names; the input not nested) or None, normalized_shape an int
-// or a list or tuple of ints, eps a float or int, the flags bools, dropout_p a float. For
-// anything else (symbolic sizes of a fake-tensor trace, numpy scalars, named or nested
-// tensors, a wrong type) it returns NotImplemented, and the wrapper calls torch.ops (or
-// torch's function, for nested tensors), which converts or refuses the argument as it
-// always did. C++ warnings go to c10's handler, and errors become torch's Python errors,
-// as from torch.ops.
+// or a list, tuple or torch.Size of ints, eps a float or int, the flags bools, dropout_p a
+// float. For anything else (symbolic sizes of a fake-tensor trace, numpy scalars, named or
+// nested tensors, a wrong type) it returns NotImplemented, and the wrapper calls torch.ops
+// (or torch's function, for nested tensors), which converts or refuses the argument as it
+// always did. (The tensors' names and nesting are read here, in C++: a subclass overriding
+// them in Python without __torch_function__ is read as what it is.) C++ warnings go to
+// c10's handler, and errors become torch's Python errors, as from torch.ops.
 
 // Runs op (with the GIL released) and raises a C++ exception as the Python error torch
 // gives for it (c10::TypeError a TypeError, ...).
@@ -128,7 +130,8 @@ bool plain_input(const py::handle& obj, std::optional<at::Tensor>& t) {
   return plain_tensor(obj, t, /*required=*/true) && !t->is_nested();
 }
 
-// normalized_shape as ints, if it is an int or a list or tuple of ints.
+// normalized_shape as ints, if it is an int or a list, tuple or torch.Size of ints (exactly
+// those types: a subclass may iterate differently).
 bool plain_shape(const py::handle& obj, std::vector<int64_t>& shape) {
   PyObject* seq = obj.ptr();
   int overflow = 0;
@@ -136,8 +139,8 @@ bool plain_shape(const py::handle& obj, std::vector<int64_t>& shape) {
     shape.assign(1, PyLong_AsLongLongAndOverflow(seq, &overflow));
     return overflow == 0;
   }
-  const bool list = PyList_Check(seq);
-  if (!list && !PyTuple_Check(seq)) return false;
+  const bool list = PyList_CheckExact(seq);
+  if (!list && !PyTuple_CheckExact(seq) && !THPSize_Check(seq)) return false;
   shape.resize(list ? PyList_GET_SIZE(seq) : PyTuple_GET_SIZE(seq));
   for (size_t i = 0; i < shape.size(); ++i) {
     PyObject* item = list ? PyList_GET_ITEM(seq, i) : PyTuple_GET_ITEM(seq, i);

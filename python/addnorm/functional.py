@@ -28,8 +28,7 @@ def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape)
     return [shape] if isinstance(shape, (int, torch.SymInt)) else list(shape)
 
 
-# The wrappers offer calls no Python code could see (not compiling, no __torch_function__) to
-# _C, which takes those with plain argument types (else NotImplemented: torch.ops takes them).
+# The wrappers: _C where no Python code could see the call, if it takes it (else NotImplemented).
 def layer_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """Same as ``torch.nn.functional.layer_norm``; also bf16/fp16 input with fp32 weight/bias."""
@@ -109,28 +108,29 @@ def dropout_mask(seed: Tensor, size: List[int], p: float) -> Tensor:
     return torch.ops.addnorm._dropout_apply(torch.ones(size, device=seed.device), seed, p) != 0
 
 
-_FLAGS = ("return_residual", "residual_in_fp32", "dropout_p", "dropout_seed", "memory_efficient")
-
-
 def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_shape: _ShapeLike,
               weight: Optional[Tensor], bias: Optional[Tensor], eps: Optional[float],
               return_residual: bool, residual_in_fp32: bool, dropout_p: Optional[float],
               generator: Optional[torch.Generator], return_dropout_mask: bool,
               memory_efficient: bool):
-    direct = not torch.compiler.is_compiling() and not torch._C._has_torch_function(
-        (input, residual, weight, bias))
-    # dropout_p defaults to None, not 0.0: under torch.compile(dynamic=True) a float default
-    # is traced as a symbolic input, and comparing it restarts the trace.
+    # (dropout_p's default is None: torch.compile(dynamic=True) traces a float one as symbolic)
     dropout_p = 0.0 if dropout_p is None else dropout_p
-    seed = dropout_seed(input.device, generator) if dropout_p > 0 and input is not None else None
+    seed, out_h, tensors = None, NotImplemented, (input, residual, weight, bias)
+    if dropout_p > 0 and input is not None:  # (checked first: a failing call draws no seed)
+        _as_shape(normalized_shape)
+        _check_tensors(*tensors)
+        seed = dropout_seed(input.device, generator)
     head = (input, residual, normalized_shape, weight) + (() if rms else (bias,)) + (eps,)
-    flags = (return_residual, residual_in_fp32, dropout_p, seed, memory_efficient)
-    out_h = (_C.add_rms_norm if rms else _C.add_layer_norm)(*head, *flags) if direct else (
-        NotImplemented)
+    if not torch.compiler.is_compiling() and not torch._C._has_torch_function(tensors):
+        out_h = (_C.add_rms_norm if rms else _C.add_layer_norm)(
+            *head, return_residual, residual_in_fp32, dropout_p, seed, memory_efficient)
     if out_h is NotImplemented:  # (torch.ops: the flags are keyword-only)
-        _check_tensors(input, residual, weight, bias)
+        shape = _as_shape(normalized_shape)  # (checked before the names)
+        _check_tensors(*tensors)
         op = torch.ops.addnorm.add_rms_norm if rms else torch.ops.addnorm.add_layer_norm
-        out_h = op(*head[:2], _as_shape(normalized_shape), *head[3:], **dict(zip(_FLAGS, flags)))
+        out_h = op(*head[:2], shape, *head[3:], return_residual=return_residual,
+                   residual_in_fp32=residual_in_fp32, dropout_p=dropout_p, dropout_seed=seed,
+                   memory_efficient=memory_efficient)
     out, h = out_h
     if not return_dropout_mask:
         return (out, h) if return_residual else out

@@ -85,6 +85,40 @@ def test_named_tensors():
             call()
 
 
+@pytest.mark.parametrize("rms", [False, True])
+def test_failing_call_with_dropout_draws_no_seed(rms):
+    """The fused dropout's seed is drawn after the arguments are checked: a call refused for
+    its normalized_shape's type or a named tensor leaves the generator (the given one and
+    the default) where it was; the shape's type is reported before the names, as always."""
+    fn = addnorm.add_rms_norm if rms else addnorm.add_layer_norm
+    module = (addnorm.AddRMSNorm if rms else addnorm.AddLayerNorm)(8, dropout=0.3)
+    x, named = _x(), torch.randn(2, 8, names=("N", "C"))
+    gen = torch.Generator().manual_seed(7)
+    calls = [(TypeError, "normalized_shape", lambda: fn(x, x, 8.0, dropout_p=0.1, generator=gen)),
+             (TypeError, "normalized_shape", lambda: fn(named, x, None, dropout_p=0.1)),
+             (RuntimeError, "named tensors", lambda: fn(x, named, 8, dropout_p=0.1, generator=gen)),
+             (RuntimeError, "named tensors", lambda: module(named, x))]
+    for error, match, call in calls:
+        states = (gen.get_state(), torch.get_rng_state())
+        with pytest.raises(error, match=match):
+            call()
+        assert torch.equal(gen.get_state(), states[0]) and torch.equal(torch.get_rng_state(), states[1])
+
+
+def test_normalized_shape_sequence_subclass_is_iterated():
+    """A list subclass as normalized_shape is read through its own iteration (list(shape)),
+    as any sequence; exact lists, tuples and torch.Size go to the op as they are."""
+    class Reversed(list):
+        def __iter__(self):
+            return reversed(list(list.__iter__(self)))
+
+    x = torch.randn(3, 2, 4)
+    expected = torch.nn.functional.layer_norm(x, [2, 4])
+    for fn in (addnorm.layer_norm, lambda x, s: addnorm.add_layer_norm(x, torch.zeros_like(x), s)):
+        torch.testing.assert_close(fn(x, Reversed([4, 2])), expected)
+        torch.testing.assert_close(fn(x, torch.Size([2, 4])), expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
 @pytest.mark.parametrize("op", list(OPS))
 def test_integer_input(op, dtype):

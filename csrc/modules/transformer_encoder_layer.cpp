@@ -463,39 +463,6 @@ namespace {
 OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 }  // namespace
 
-LayerNormImpl::LayerNormImpl(LayerNormOptions options_) : options(std::move(options_)) {
-  reset();
-}
-
-void LayerNormImpl::reset() {
-  if (options.elementwise_affine()) {
-    weight = register_parameter("weight", at::empty(options.normalized_shape()));
-    if (options.bias()) {
-      bias = register_parameter("bias", at::empty(options.normalized_shape()));
-    } else {
-      bias = at::Tensor();
-    }
-  } else {
-    weight = bias = at::Tensor();
-  }
-  reset_parameters();
-}
-
-void LayerNormImpl::reset_parameters() {
-  if (weight.defined()) torch::nn::init::ones_(weight);
-  if (bias.defined()) torch::nn::init::zeros_(bias);
-}
-
-void LayerNormImpl::pretty_print(std::ostream& stream) const {
-  stream << "addnorm::LayerNorm(" << at::IntArrayRef(options.normalized_shape())
-         << ", eps=" << options.eps() << ", elementwise_affine=" << std::boolalpha
-         << options.elementwise_affine() << ", bias=" << options.bias() << ")";
-}
-
-at::Tensor LayerNormImpl::forward(const at::Tensor& input) {
-  return addnorm::layer_norm(input, options.normalized_shape(), opt(weight), opt(bias), options.eps());
-}
-
 TransformerEncoderLayerImpl::TransformerEncoderLayerImpl(TransformerEncoderLayerOptions options_)
     : options(std::move(options_)) {
   reset();

@@ -24,6 +24,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <addnorm/export.h>
+#include <addnorm/norm_modules.h>
 
 namespace addnorm {
 
@@ -46,32 +47,6 @@ ADDNORM_API at::Tensor transformer_encoder_layer(
     const at::Tensor& norm2_weight, const std::optional<at::Tensor>& norm2_bias, int64_t nhead,
     double dropout, c10::string_view activation, double layer_norm_eps, bool batch_first,
     bool norm_first, bool training, bool fast_path = true);
-
-// Options of addnorm::LayerNorm (those of Python's nn.LayerNorm).
-struct LayerNormOptions {
-  /* implicit */ LayerNormOptions(std::vector<int64_t> normalized_shape)
-      : normalized_shape_(std::move(normalized_shape)) {}
-  TORCH_ARG(std::vector<int64_t>, normalized_shape);
-  TORCH_ARG(double, eps) = 1e-5;
-  TORCH_ARG(bool, elementwise_affine) = true;
-  TORCH_ARG(bool, bias) = true;
-};
-
-// LayerNorm module running addnorm::layer_norm. Unlike torch::nn::LayerNorm it has
-// Python's `bias` option (weight without bias).
-class ADDNORM_API LayerNormImpl : public torch::nn::Cloneable<LayerNormImpl> {
- public:
-  explicit LayerNormImpl(LayerNormOptions options_);
-  void reset() override;
-  void reset_parameters();
-  void pretty_print(std::ostream& stream) const override;
-  at::Tensor forward(const at::Tensor& input);
-
-  LayerNormOptions options;
-  at::Tensor weight;  // undefined without elementwise_affine
-  at::Tensor bias;    // undefined without elementwise_affine or bias
-};
-TORCH_MODULE(LayerNorm);
 
 // Options of addnorm::TransformerEncoderLayer: those of Python's nn.TransformerEncoderLayer.
 struct TransformerEncoderLayerOptions {

@@ -48,7 +48,7 @@ std::ostream& print_eps(std::ostream& stream, std::optional<double> eps) {
   return stream << "None";
 }
 
-// The fused add's options, as Python's extra_repr prints them.
+// The fused add's options in LibTorch's pretty_print style, with Python's option names.
 template <typename Options>
 void print_add_options(std::ostream& stream, const Options& o) {
   stream << ", return_residual=" << o.return_residual()

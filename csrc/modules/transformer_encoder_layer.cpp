@@ -54,7 +54,6 @@
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/ScalarType.h>
 #include <torch/library.h>
-#include <torch/nn/init.h>
 
 #include <addnorm/ops.h>
 #include <addnorm/transformer_encoder_layer.h>

@@ -48,34 +48,57 @@ TEST(NormModules, ParametersAsPythonsModules) {
             "residual_in_fp32=false, dropout=0.5, memory_efficient=false)");
 }
 
+// Fills a module's parameters with random values (the defaults, ones and zeros, would hide
+// a dropped weight or bias).
+void randomize(torch::nn::Module& m) {
+  torch::NoGradGuard no_grad;
+  for (auto& p : m.parameters()) p.normal_();
+}
+
 TEST(NormModules, ForwardIsTheFunctionWithTheOptions) {
   torch::manual_seed(0);
   auto x = torch::randn({3, 5, 8});
   auto r = torch::randn({3, 5, 8});
-  addnorm::RMSNorm rms(addnorm::RMSNormOptions({8}).eps(1e-3));
-  addnorm::AddLayerNorm add_ln(addnorm::AddLayerNormOptions({8}).eps(1e-3).return_residual(true));
-  addnorm::AddRMSNorm add_rms(addnorm::AddRMSNormOptions({8}));
-  for (auto* w : {&rms->weight, &add_ln->weight, &add_rms->weight}) {
-    torch::NoGradGuard no_grad;
-    w->normal_();
+  addnorm::LayerNorm ln(addnorm::LayerNormOptions({8}).eps(0.5));
+  addnorm::RMSNorm rms(addnorm::RMSNormOptions({8}).eps(0.25));
+  addnorm::AddLayerNorm add_ln(addnorm::AddLayerNormOptions({8}).eps(0.5).return_residual(true));
+  addnorm::AddRMSNorm add_rms(addnorm::AddRMSNormOptions({8}).eps(0.25));
+  for (torch::nn::Module* m : std::vector<torch::nn::Module*>{ln.get(), rms.get(), add_ln.get(),
+                                                               add_rms.get()}) {
+    randomize(*m);
   }
-  {
-    torch::NoGradGuard no_grad;
-    add_ln->bias.normal_();
-  }
-  EXPECT_TRUE(torch::equal(rms(x), addnorm::rms_norm(x, {8}, rms->weight, 1e-3)));
+  // (ATen's own norms as the reference; eps large enough that a default one would show)
+  auto close = [](const at::Tensor& a, const at::Tensor& b) {
+    return torch::allclose(a, b, 1e-5, 1e-5);
+  };
+  EXPECT_TRUE(close(ln(x), at::layer_norm(x, {8}, ln->weight, ln->bias, 0.5)));
+  EXPECT_TRUE(close(rms(x), at::rms_norm(x, {8}, rms->weight, 0.25)));
   auto [out, h] = add_ln(x, r);
-  EXPECT_TRUE(torch::allclose(out, at::layer_norm(x + r, {8}, add_ln->weight, add_ln->bias, 1e-3),
-                              1e-5, 1e-5));
+  EXPECT_TRUE(close(out, at::layer_norm(x + r, {8}, add_ln->weight, add_ln->bias, 0.5)));
   EXPECT_TRUE(torch::equal(h, x + r));
   auto [out2, h2] = add_rms(x, r);
-  EXPECT_TRUE(torch::equal(out2, std::get<0>(addnorm::add_rms_norm(x, r, {8}, add_rms->weight))));
+  EXPECT_TRUE(close(out2, at::rms_norm(x + r, {8}, add_rms->weight, 0.25)));
   EXPECT_EQ(h2.numel(), 0);  // (no return_residual)
+  // eps None: the compute type's machine epsilon, as at::rms_norm's default
+  addnorm::RMSNorm rms_default(addnorm::RMSNormOptions({8}));
+  auto tiny = x * 1e-4;
+  EXPECT_TRUE(close(rms_default(tiny), at::rms_norm(tiny, {8}, rms_default->weight, std::nullopt)));
   // no residual: the norm of the input; the parameters get gradients
   auto [alone, unused] = add_rms(x);
-  EXPECT_TRUE(torch::equal(alone, addnorm::rms_norm(x, {8}, add_rms->weight)));
+  EXPECT_TRUE(close(alone, at::rms_norm(x, {8}, add_rms->weight, 0.25)));
   std::get<0>(add_ln(x, r)).sum().backward();
   EXPECT_TRUE(add_ln->weight.grad().defined() && add_ln->bias.grad().defined());
+  // without affine parameters, and residual_in_fp32: h in float32 for bfloat16 input
+  addnorm::AddLayerNorm plain(addnorm::AddLayerNormOptions({8}).elementwise_affine(false));
+  EXPECT_TRUE(plain->parameters().empty());
+  EXPECT_TRUE(close(std::get<0>(plain(x, r)), at::layer_norm(x + r, {8}, {}, {}, 1e-5)));
+  addnorm::AddRMSNorm wide(
+      addnorm::AddRMSNormOptions({8}).residual_in_fp32(true).return_residual(true));
+  auto xb = x.to(torch::kBFloat16), rb = r.to(torch::kBFloat16);
+  auto [out_b, h_b] = wide(xb, rb);
+  EXPECT_EQ(out_b.scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(h_b.scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::equal(h_b, xb.to(torch::kFloat) + rb.to(torch::kFloat)));
 }
 
 TEST(NormModules, DropoutInTrainingModeOnly) {
@@ -104,25 +127,33 @@ TEST(NormModules, DropoutInTrainingModeOnly) {
   EXPECT_TRUE(torch::equal(gen.get_state(), state));
   addnorm::AddRMSNorm rms(addnorm::AddRMSNormOptions({32}).dropout(1.0).return_residual(true));
   EXPECT_TRUE(torch::equal(std::get<1>(rms(x, r)), r));  // p = 1: h = r
+  rms->options.dropout(0.5);
+  rms->eval();
+  EXPECT_TRUE(torch::equal(std::get<1>(rms(x, r)), x + r));
 }
 
-TEST(NormModules, MemoryEfficientGivesTheSameGradients) {
+TEST(NormModules, MemoryEfficientIsPassedOn) {
+  // The module's gradients are bitwise those of the function called with the same flag (the
+  // memory-efficient backward works from the output, so its bits differ from the other's).
   torch::manual_seed(3);
   auto x = torch::randn({6, 16}, torch::requires_grad());
   auto r = torch::randn({6, 16}, torch::requires_grad());
-  std::vector<std::vector<at::Tensor>> grads;
   for (bool memory_efficient : {false, true}) {
     addnorm::AddLayerNorm m(addnorm::AddLayerNormOptions({16}).memory_efficient(memory_efficient));
+    randomize(*m);
     auto out = std::get<0>(m(x, r));
-    grads.push_back(torch::autograd::grad({out}, {x, r, m->weight, m->bias},
-                                          {torch::ones_like(out)}));
-  }
-  for (size_t i = 0; i < grads[0].size(); ++i) {
-    EXPECT_TRUE(torch::allclose(grads[0][i], grads[1][i], 1e-5, 1e-5)) << i;
+    auto ref = std::get<0>(addnorm::add_layer_norm(x, r, {16}, m->weight, m->bias, 1e-5, false,
+                                                   false, 0.0, std::nullopt, memory_efficient));
+    auto ours = torch::autograd::grad({out}, {x, r, m->weight, m->bias}, {torch::ones_like(out)});
+    auto theirs =
+        torch::autograd::grad({ref}, {x, r, m->weight, m->bias}, {torch::ones_like(ref)});
+    for (size_t i = 0; i < ours.size(); ++i) {
+      EXPECT_TRUE(torch::equal(ours[i], theirs[i])) << memory_efficient << " " << i;
+    }
   }
 }
 
-TEST(NormModules, CloneAndStateDictNames) {
+TEST(NormModules, CloneAndLoadFromLibTorchsLayerNorm) {
   addnorm::AddLayerNorm m(addnorm::AddLayerNormOptions({8}).dropout(0.1));
   {
     torch::NoGradGuard no_grad;
@@ -133,9 +164,21 @@ TEST(NormModules, CloneAndStateDictNames) {
   EXPECT_TRUE(torch::equal(copy->weight, m->weight));
   EXPECT_NE(copy->weight.data_ptr(), m->weight.data_ptr());
   EXPECT_EQ(copy->options.dropout(), 0.1);
-  // torch::nn::LayerNorm's parameters load into it (same names and shapes)
-  torch::nn::LayerNorm theirs(torch::nn::LayerNormOptions({8}));
-  EXPECT_EQ(parameter_names(*theirs), parameter_names(*m));
+  // Parameters saved from torch::nn::LayerNorm load into it, and into addnorm::LayerNorm
+  torch::nn::LayerNorm theirs(torch::nn::LayerNormOptions({8}).eps(1e-3));
+  randomize(*theirs);
+  std::stringstream archive;
+  torch::save(theirs, archive);
+  addnorm::LayerNorm ours(addnorm::LayerNormOptions({8}).eps(1e-3));
+  for (torch::nn::Module* into : std::vector<torch::nn::Module*>{m.get(), ours.get()}) {
+    archive.seekg(0);
+    torch::serialize::InputArchive in;
+    in.load_from(archive);
+    into->load(in);
+  }
+  auto x = torch::randn({4, 8});
+  EXPECT_TRUE(torch::allclose(ours(x), theirs(x), 1e-5, 1e-5));
+  EXPECT_TRUE(torch::equal(m->weight, theirs->weight) && torch::equal(m->bias, theirs->bias));
 }
 
 TEST(NormModules, BadDropoutIsRefusedByName) {

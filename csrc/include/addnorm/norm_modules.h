@@ -1,10 +1,10 @@
 #pragma once
 
 // LibTorch norm modules, counterparts of the Python modules addnorm.LayerNorm, RMSNorm,
-// AddLayerNorm and AddRMSNorm: the same options and parameter names (weight, bias), so a
-// state_dict moves between them and torch's norms. Their forward calls the C++ functions
-// of addnorm/ops.h (through the dispatcher: autograd, every backend). See
-// csrc/modules/norm_modules.cpp.
+// AddLayerNorm and AddRMSNorm: the same options and parameter names (weight, bias).
+// Parameters saved from LibTorch's torch::nn::LayerNorm load into LayerNorm and
+// AddLayerNorm. Their forward calls the C++ functions of addnorm/ops.h (through the
+// dispatcher: autograd, every backend). See csrc/modules/norm_modules.cpp.
 
 #include <optional>
 #include <ostream>

@@ -886,6 +886,10 @@ def _norm2_eps(layer):
     layer.norm2.eps = 0.5
 
 
+def _norm1_weight_none(layer):  # (elementwise_affine still True)
+    layer.norm1.weight = None
+
+
 def _dropout1(layer):
     layer.dropout1.p = 0.5
 
@@ -927,7 +931,8 @@ def _mc_dropout(layer):  # (eval, with the dropouts left training)
     _dropout_modes(layer, layer_training=False)
 
 
-@pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _dropout1, _tanh, _pruned,
+@pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _norm1_weight_none,
+                                    _dropout1, _tanh, _pruned,
                                     _hooked_relu, _backward_hooked_relu, _instance_forward,
                                     _instance_sa_block, _dropout_modes, _mc_dropout],
                          ids=lambda f: f.__name__.strip("_"))
@@ -936,7 +941,8 @@ def test_layers_changed_after_construction_run_torchs_forward(change):
     op cannot run (a submodule whose forward is not its parameters': a subclass, a forward
     or backward hook, a forward set on the instance, a parametrization or pruning; a block
     method set on the instance; a norm that is not a LayerNorm; eps or dropout
-    probabilities that differ between the norms or dropouts; dropouts in another training
+    probabilities that differ between the norms or dropouts; a norm's weight set to None;
+    dropouts in another training
     mode than the layer, either way; another activation) runs
     torch's forward, which calls the submodules, with a warning naming why: the same
     output and gradients as torch's layer with the same change (the op would ignore the

@@ -116,7 +116,7 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
     # (dropout_p's default is None: torch.compile(dynamic=True) traces a float one as symbolic)
     dropout_p = 0.0 if dropout_p is None else dropout_p
     seed, out_h, tensors = None, NotImplemented, (input, residual, weight, bias)
-    if dropout_p > 0 and input is not None:  # (checked first: a failing call draws no seed)
+    if dropout_p > 0 and input is not None:  # (what Python checks, first: refused, no draw)
         _as_shape(normalized_shape)
         _check_tensors(*tensors)
         seed = dropout_seed(input.device, generator)

@@ -816,7 +816,7 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     const std::optional<at::Tensor>& bias_arg, double eps, bool is_rms, bool return_residual,
     bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
     bool memory_efficient) {
-  check_input_defined(input);
+  check_input_tensor(input);
   // (differentiably: the gradient of a narrower parameter returns to its dtype)
   const auto params = widened_params(weight_arg, bias_arg, input);
   const std::optional<at::Tensor>& weight = params.first;
@@ -929,7 +929,7 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
 
 at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& seed, double p,
                                   std::optional<c10::ScalarType> dtype) {
-  check_input_defined(input);
+  check_input_tensor(input);
   TORCH_CHECK(!inside_functorch_transform(),
               "addnorm: the regenerated-mask dropout (_dropout_apply, which "
               "addnorm.TransformerEncoderLayer uses in training) is not supported inside "
@@ -988,7 +988,7 @@ class DropoutMatmulFunction : public torch::autograd::Function<DropoutMatmulFunc
 
 at::Tensor dropout_matmul_autograd(const at::Tensor& probs, const at::Tensor& value,
                                    const at::Tensor& seed, double p) {
-  check_input_defined(probs);
+  check_input_tensor(probs);
   TORCH_CHECK(!inside_functorch_transform(),
               "addnorm: the attention-probability dropout (_dropout_matmul, which "
               "addnorm.TransformerEncoderLayer uses in training) is not supported inside "

@@ -87,8 +87,12 @@ std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> widened_params(
   return {widen(weight), widen(bias)};
 }
 
-void check_input_defined(const at::Tensor& input) {
+void check_input_tensor(const at::Tensor& input) {
   TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");
+  TORCH_CHECK(!input.is_nested(),
+              "addnorm: input must be a strided tensor, got a nested tensor (addnorm.layer_norm, "
+              "rms_norm and their modules hand nested input to torch's kernels; the other ops "
+              "take none: apply them to a jagged tensor's values() or to a padded tensor)");
 }
 
 void check_dropout_args(
@@ -112,7 +116,7 @@ void check_dropout_args(
 c10::ScalarType check_dropout_apply_inputs(
     const at::Tensor& input, const at::Tensor& seed, double p,
     std::optional<c10::ScalarType> dtype) {
-  check_input_defined(input);
+  check_input_tensor(input);
   TORCH_CHECK(
       is_supported_float(input.scalar_type()),
       "addnorm: input must be a float32, float64, float16 or bfloat16 tensor, got ",
@@ -128,7 +132,7 @@ c10::ScalarType check_dropout_apply_inputs(
 }
 
 void check_dropout_matmul_inputs(const at::Tensor& probs, const at::Tensor& value) {
-  check_input_defined(probs);
+  check_input_tensor(probs);
   TORCH_CHECK(value.defined(), "addnorm: value must be a tensor, got None");
   const int64_t d = probs.dim();
   const auto batch = [d](const at::Tensor& t) { return t.sym_sizes().slice(0, d - 2); };
@@ -148,7 +152,7 @@ NormPlan check_norm_fwd_inputs(
     c10::SymIntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, bool residual_in_fp32, double dropout_p,
     const std::optional<at::Tensor>& dropout_seed) {
-  check_input_defined(input);
+  check_input_tensor(input);
   const auto dtype = input.scalar_type();
   TORCH_CHECK(
       is_supported_float(dtype),

@@ -15,9 +15,9 @@
 
 namespace addnorm {
 
-// addnorm's ops take a tensor input; a None input gets this error rather than the
-// dispatcher's.
-void check_input_defined(const at::Tensor& input);
+// addnorm's ops take a strided tensor input; a None or nested input gets this error rather
+// than the dispatcher's (or a nested kernel's).
+void check_input_tensor(const at::Tensor& input);
 
 // Checks of _dropout_apply; the output dtype: dtype, or the input's (float32 input may
 // round to float16/bfloat16, as h's gradient of float16/bfloat16 input does).

@@ -39,7 +39,7 @@ void register_public_norm_ops(torch::Library& m) {
   m.impl("rms_norm",
          [](const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
             const std::optional<at::Tensor>& weight, std::optional<double> eps) {
-           check_input_defined(input);
+           check_input_tensor(input);
            return std::get<0>(impl(input, std::nullopt, normalized_shape, weight, std::nullopt,
                                    eps.value_or(default_rms_eps(input.scalar_type())),
                                    /*is_rms=*/true, false, false, 0.0, std::nullopt, false));
@@ -60,7 +60,7 @@ void register_public_norm_ops(torch::Library& m) {
             std::optional<double> eps, bool return_residual, bool residual_in_fp32,
             double dropout_p, const std::optional<at::Tensor>& dropout_seed,
             bool memory_efficient) {
-           check_input_defined(input);
+           check_input_tensor(input);
            return impl(input, residual, normalized_shape, weight, std::nullopt,
                        eps.value_or(default_rms_eps(input.scalar_type())), /*is_rms=*/true,
                        return_residual, residual_in_fp32, dropout_p, dropout_seed,

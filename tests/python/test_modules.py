@@ -514,6 +514,27 @@ def test_nested_tensor_input_runs_torchs_kernel(name, layout):
                 torch.testing.assert_close(ai, ei, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+@pytest.mark.parametrize("call", ["add_layer_norm", "add_rms_norm", "AddLayerNorm", "AddRMSNorm",
+                                  "dropout", "op"])
+def test_add_ops_refuse_nested_input_by_name(call, layout):
+    """The add ops take no nested tensors: a clear error naming the input (the dispatcher's
+    "Could not run ... NestedTensorCPU", NJT's bare NotImplementedError or "NestedTensorImpl
+    doesn't support sizes" before), with gradients enabled and, strided, in inference mode."""
+    x = torch.nested.nested_tensor([torch.randn(n, 8) for n in (2, 3)], layout=layout)
+    calls = {"add_layer_norm": lambda: addnorm.add_layer_norm(x, x, 8),
+             "add_rms_norm": lambda: addnorm.add_rms_norm(x, None, [8]),
+             "AddLayerNorm": lambda: addnorm.AddLayerNorm(8)(x),
+             "AddRMSNorm": lambda: addnorm.AddRMSNorm(8)(x, x),
+             "dropout": lambda: addnorm.add_layer_norm(x, None, 8, dropout_p=0.5),
+             "op": lambda: torch.ops.addnorm.layer_norm(x, [8])}
+    # (inference mode skips the Autograd kernel; the jagged tensor's own dispatch then
+    # raises NotImplementedError naming the op)
+    for mode in (torch.enable_grad,) + ((torch.inference_mode,) if layout == torch.strided else ()):
+        with mode(), pytest.raises(RuntimeError, match="input must be a strided tensor, got a nes"):
+            calls[call]()
+
+
 def test_converted_encoder_with_a_hook_on_nested_input():
     """nn.TransformerEncoder hands nested tensors to its layers in eval under no_grad with a
     padding mask; a hook makes torch's layer take its slow path, which calls the norms (the

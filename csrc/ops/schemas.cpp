@@ -1,8 +1,9 @@
 // Every addnorm op schema, in one place. Kernels are registered next to their code:
 // cpu/norm_cpu.cpp (CPU) and cuda/norm_kernels.cu (CUDA) for the internal ops,
 // ops/norm_meta.cpp (Meta) for the internal ops, ops/norm_composite.cpp
-// (CompositeExplicitAutograd), ops/norm_autograd.cpp (Autograd) and ops/norm_autocast.cpp
-// (AutocastCUDA, the LayerNorm ones) for the public ones and _dropout_matmul,
+// (CompositeExplicitAutograd; NestedTensor*, to refuse nested input), ops/norm_autograd.cpp
+// (Autograd) and ops/norm_autocast.cpp (AutocastCUDA, the LayerNorm ones) for the public
+// ones and _dropout_matmul,
 // modules/transformer_encoder_layer.cpp (CompositeImplicitAutograd). See
 // docs/architecture.md.
 

@@ -5,8 +5,10 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/layer_norm.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randint.h>
+#include <ATen/ops/rms_norm.h>
 
 #include <addnorm/ops.h>
 
@@ -33,6 +35,9 @@ at::Tensor layer_norm(
   static const auto op = public_op<at::Tensor(
       const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
       const std::optional<at::Tensor>&, double)>("addnorm::layer_norm");
+  if (input.is_nested()) {  // (torch's kernel takes nested tensors; the op does not)
+    return at::layer_norm(input, normalized_shape, opt(weight), opt(bias), eps);
+  }
   return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), opt(weight), opt(bias),
                  eps);
 }
@@ -43,6 +48,9 @@ at::Tensor rms_norm(
   static const auto op = public_op<at::Tensor(
       const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
       std::optional<double>)>("addnorm::rms_norm");
+  if (input.is_nested()) {  // (as layer_norm)
+    return at::rms_norm(input, normalized_shape, opt(weight), eps);
+  }
   return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), opt(weight), eps);
 }
 

@@ -90,9 +90,10 @@ std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> widened_params(
 void check_input_tensor(const at::Tensor& input) {
   TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");
   TORCH_CHECK(!input.is_nested(),
-              "addnorm: input must be a strided tensor, got a nested tensor (addnorm.layer_norm, "
-              "rms_norm and their modules hand nested input to torch's kernels; the other ops "
-              "take none: apply them to a jagged tensor's values() or to a padded tensor)");
+              "addnorm: input must be a strided tensor, got a nested tensor (the layer_norm and "
+              "rms_norm functions and modules, Python and C++, hand nested input to torch's "
+              "kernels; the ops and the add functions take none: apply them to a jagged "
+              "tensor's values() or to a padded tensor)");
 }
 
 void check_dropout_args(

@@ -1,6 +1,6 @@
 // The LibTorch norm modules (addnorm/norm_modules.h): parameters and options as Python's
 // modules have them, forward as the C++ functions with those options, dropout in training
-// mode only, and the errors for a bad dropout probability.
+// mode only, the errors for a bad dropout probability, and nested input.
 
 #include <sstream>
 #include <string>
@@ -194,6 +194,32 @@ TEST(NormModules, BadDropoutIsRefusedByName) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what_without_backtrace())
                   .find("addnorm::AddRMSNorm: dropout must be in [0, 1], got 2"),
+              std::string::npos)
+        << e.what_without_backtrace();
+  }
+}
+
+// Nested input: LayerNorm (module and function) gives ATen's layer_norm of it, as the Python
+// drop-ins do; the add modules refuse it by name.
+TEST(NormModules, NestedInputGoesToATensLayerNorm) {
+  torch::manual_seed(0);
+  const auto nt = torch::nested::nested_tensor({torch::randn({2, 8}), torch::randn({3, 8})});
+  addnorm::LayerNorm ln(addnorm::LayerNormOptions({8}).eps(0.5));
+  randomize(*ln);
+  const auto expected = at::layer_norm(nt, {8}, ln->weight, ln->bias, 0.5).unbind();
+  for (const auto& got : {ln(nt), addnorm::layer_norm(nt, {8}, ln->weight, ln->bias, 0.5)}) {
+    ASSERT_TRUE(got.is_nested());
+    const auto rows = got.unbind();
+    ASSERT_EQ(rows.size(), expected.size());
+    for (size_t i = 0; i < rows.size(); ++i) EXPECT_TRUE(torch::equal(rows[i], expected[i]));
+  }
+  addnorm::AddLayerNorm add_ln(addnorm::AddLayerNormOptions({8}));
+  try {
+    add_ln(nt, nt);
+    FAIL() << "no error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find("input must be a strided tensor, got "
+                                                           "a nested tensor"),
               std::string::npos)
         << e.what_without_backtrace();
   }

@@ -45,6 +45,7 @@ $(EXAMPLE_STAMP): examples/cpp/CMakeLists.txt $(DEPS_STAMP) | install
 example: install $(EXAMPLE_STAMP) $(EXAMPLE_DIR)/inputs.pt
 	$(VENV_PATH) cmake --build $(EXAMPLE_DIR)
 	$(EXAMPLE_DIR)/app $(EXAMPLE_DIR)/inputs.pt
+	$(EXAMPLE_DIR)/dispatcher_only
 
 # AddressSanitizer + UndefinedBehaviorSanitizer (CPU): libaddnorm, _C and the GoogleTest
 # suite built with -DADDNORM_SANITIZE=ON in $(SAN_DIR) (CUDA off), then the GoogleTest suite

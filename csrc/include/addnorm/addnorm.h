@@ -6,7 +6,3 @@
 #include <addnorm/norm_modules.h>
 #include <addnorm/ops.h>
 #include <addnorm/transformer_encoder_layer.h>
-
-namespace addnorm::detail {
-[[maybe_unused]] inline const int ops_registered = ensure_ops_registered();
-}  // namespace addnorm::detail

@@ -19,6 +19,7 @@
 #include <torch/nn/pimpl.h>
 
 #include <addnorm/export.h>
+#include <addnorm/ops.h>
 
 namespace addnorm {
 

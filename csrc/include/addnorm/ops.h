@@ -87,9 +87,12 @@ ADDNORM_API const char* cpu_kernel_capability();
 ADDNORM_API bool built_with_cuda();
 
 namespace detail {
-// Referenced from every translation unit that includes addnorm.h, so that a linker
-// using --as-needed keeps libaddnorm (whose static initializers register the ops).
+// Referenced from every translation unit that includes an addnorm header (all include
+// this one), so that a linker using --as-needed keeps libaddnorm, whose static
+// initializers register the ops, in an app that calls them only through the dispatcher.
+// (The CMake package also links it with --no-as-needed.)
 ADDNORM_API int ensure_ops_registered();
+[[maybe_unused]] inline const int ops_registered = ensure_ops_registered();
 }  // namespace detail
 
 }  // namespace addnorm

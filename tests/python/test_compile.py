@@ -79,6 +79,14 @@ def f_functional_fp32_residual(x, r, w, b):
     return out, h
 
 
+def f_functional_layer_norm(x, r, w, b):  # (the wrappers, which offer eager calls to _C)
+    return addnorm.layer_norm(x + r, x.shape[-1], w, b)
+
+
+def f_functional_rms_norm(x, r, w, b):
+    return addnorm.rms_norm(x - r, [x.shape[-1]], w)
+
+
 FUNCTIONS = {
     "add_layer_norm": (f_add_layer_norm, torch.ops.addnorm.add_layer_norm.default),
     "add_rms_norm": (f_add_rms_norm, torch.ops.addnorm.add_rms_norm.default),
@@ -87,6 +95,8 @@ FUNCTIONS = {
     "functional_prenorm": (f_functional_prenorm, torch.ops.addnorm.add_layer_norm.default),
     "functional_postnorm": (f_functional_postnorm, torch.ops.addnorm.add_rms_norm.default),
     "functional_fp32_residual": (f_functional_fp32_residual, torch.ops.addnorm.add_layer_norm.default),
+    "functional_layer_norm": (f_functional_layer_norm, torch.ops.addnorm.layer_norm.default),
+    "functional_rms_norm": (f_functional_rms_norm, torch.ops.addnorm.rms_norm.default),
 }
 
 

@@ -6,6 +6,8 @@ C++ module (addnorm._C) against the Python one; gradcheck; nn.TransformerEncoder
 replace_modules; torch.compile."""
 
 import copy
+import types
+import warnings
 
 import pytest
 import torch
@@ -894,6 +896,14 @@ def _dropout1(layer):
     layer.dropout1.p = 0.5
 
 
+def _dropout2(layer):
+    layer.dropout2.p = 0.5
+
+
+def _hooked_dropout2(layer):  # (a hook runs with p = 0 too)
+    layer.dropout2.register_forward_hook(lambda m, i, o: o * 2)
+
+
 def _tanh(layer):
     layer.activation = torch.tanh
 
@@ -916,6 +926,11 @@ def _instance_forward(layer):  # (how device-map and adapter tools wrap a submod
     layer.linear2.forward = lambda h, f=layer.linear2.forward: 0.5 * f(h)
 
 
+def _instance_method_forward(layer):  # (a bound method, as types.MethodType makes)
+    layer.linear2.forward = types.MethodType(lambda self, h: 0.5 * nn.Linear.forward(self, h),
+                                             layer.linear2)
+
+
 def _instance_sa_block(layer):
     layer._sa_block = lambda *a, f=layer._sa_block, **k: 0.5 * f(*a, **k)
 
@@ -932,9 +947,10 @@ def _mc_dropout(layer):  # (eval, with the dropouts left training)
 
 
 @pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _norm1_weight_none,
-                                    _dropout1, _tanh, _pruned,
+                                    _dropout1, _dropout2, _hooked_dropout2, _tanh, _pruned,
                                     _hooked_relu, _backward_hooked_relu, _instance_forward,
-                                    _instance_sa_block, _dropout_modes, _mc_dropout],
+                                    _instance_method_forward, _instance_sa_block, _dropout_modes,
+                                    _mc_dropout],
                          ids=lambda f: f.__name__.strip("_"))
 def test_layers_changed_after_construction_run_torchs_forward(change):
     """A layer whose submodules or attributes changed after construction in a way the fused
@@ -969,6 +985,60 @@ def test_layers_changed_after_construction_run_torchs_forward(change):
     assert torch.equal(xo.grad, xr.grad)
     change(theirs)
     assert type(addnorm.replace_modules(theirs)) is nn.TransformerEncoderLayer
+
+
+def test_dropout_modes_do_not_matter_at_p_zero():
+    """With dropout 0 the dropouts' training modes change nothing: a layer whose dropout
+    submodules are in another mode than the layer runs the op, without a warning, and
+    replace_modules swaps such a torch layer."""
+    ref, ours = _pair(dropout=0.0)
+    x = _src(False)
+    for m in (ref, ours):
+        m.train()
+        m.dropout1.eval()
+        m.self_attn.eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="addnorm.TransformerEncoderLayer runs torch's")
+        got = ours(x)
+    torch.testing.assert_close(got, ref(x), rtol=1e-5, atol=1e-5)
+    assert type(addnorm.replace_modules(ref)) is addnorm.TransformerEncoderLayer
+
+
+def test_fallback_warns_once_per_reason():
+    """A layer that falls back to torch's forward warns at its first call for a reason, not
+    at every call; a new reason warns again."""
+    _, ours = _pair(dropout=0.0)
+    x = _src(False)
+    ours.norm2.eps = 0.5
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours(x)
+        ours(x)
+        assert len(caught) == 1, [str(w.message) for w in caught]
+        ours.norm2.eps, ours.dropout1.p = ours.norm1.eps, 0.5
+        ours(x)
+        ours(x)
+    assert len(caught) == 2, [str(w.message) for w in caught]
+    assert "dropout" in str(caught[1].message)
+
+
+def test_eager_nested_input_meets_torchs_checks():
+    """Nested input in eager mode goes through torch's forward, so torch's own refusals hold
+    (with its fast path off, torch's attention refuses nested tensors), in eval and in
+    training."""
+    ref, ours = _pair(batch_first=True)
+    src = torch.randn(3, 5, E)
+    keep = torch.tensor([[1] * 5, [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    nested = torch._nested_tensor_from_mask(src, keep, mask_check=False)
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        for layer, training in ((ref, False), (ours, False), (ours, True)):
+            layer.train(training)
+            with torch.no_grad(), pytest.raises(AssertionError, match="does not support Nested"):
+                layer(nested)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def test_global_module_hooks_run_torchs_forward():

@@ -159,13 +159,17 @@ def test_residual_dtype_mismatch(op, x_dtype, r_dtype):
         OPS[op](_x(dtype=x_dtype), r, [8])
 
 
-@CUDA_SKIP
+# The other device: CUDA, or meta (which runs without a GPU).
+OTHER_DEVICES = [pytest.param("cuda", marks=CUDA_SKIP), "meta"]
+
+
+@pytest.mark.parametrize("other", OTHER_DEVICES)
 @pytest.mark.parametrize("op", ADD_OPS)
-def test_residual_device_mismatch(op):
+def test_residual_device_mismatch(op, other):
     with pytest.raises(RuntimeError, match=_match("residual")):
-        OPS[op](_x(device="cuda"), torch.randn(3, 8), [8])
+        OPS[op](_x(device=other), torch.randn(3, 8), [8])
     with pytest.raises(RuntimeError, match=_match("residual")):
-        OPS[op](_x(), torch.randn(3, 8, device="cuda"), [8])
+        OPS[op](_x(), torch.randn(3, 8, device=other), [8])
 
 
 # --------------------------------------------------------------------------- weight / bias
@@ -279,14 +283,27 @@ def test_eps_zero_allowed(op):
     assert torch.isfinite(out).all()
 
 
+def test_weight_and_bias_of_two_allowed_dtypes_are_refused():
+    """The kernels read weight and bias in one dtype: a float32 weight with a bfloat16 bias
+    of bfloat16 input (each allowed alone, neither narrower than the other's reading) is
+    refused by name, by the public op and by the internal one."""
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    w, b = torch.ones(8), torch.zeros(8, dtype=torch.bfloat16)
+    msg = r"bias must have the weight's dtype \(Float\), got BFloat16"
+    with pytest.raises(RuntimeError, match=msg):
+        torch.ops.addnorm._norm_fwd(x, None, [8], w, b, 1e-5, False, False, False)
+    with pytest.raises(RuntimeError, match=msg):
+        addnorm.layer_norm(x, [8], w, b)
+
+
 # --------------------------------------------------------------------------- devices
 
 
-@CUDA_SKIP
+@pytest.mark.parametrize("other", OTHER_DEVICES)
 @pytest.mark.parametrize("op,which", [(op, "weight") for op in OPS] + [(op, "bias") for op in LN_OPS])
-def test_device_mismatch(op, which):
+def test_device_mismatch(op, which, other):
     """weight/bias on another device than the input."""
-    for dx, dp in [("cuda", "cpu"), ("cpu", "cuda")]:
+    for dx, dp in [(other, "cpu"), ("cpu", other)]:
         x = _x(device=dx)
         w = torch.ones(8, device=dp if which == "weight" else dx)
         b = torch.zeros(8, device=dp) if which == "bias" else None

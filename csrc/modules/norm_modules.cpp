@@ -1,5 +1,6 @@
 // The LibTorch norm modules (addnorm/norm_modules.h): parameter holders whose forward calls
-// the C++ functions of addnorm/ops.h with the module's options and parameters.
+// the C++ functions of addnorm/ops.h with the module's options and parameters (an
+// undefined parameter or residual means none there).
 
 #include <ios>
 #include <optional>
@@ -18,10 +19,6 @@
 
 namespace addnorm {
 namespace {
-
-std::optional<at::Tensor> opt(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
 
 // Registers weight (ones) and, if with_bias, bias (zeros) of shape on m when affine; the
 // others are left undefined.
@@ -77,7 +74,7 @@ void LayerNormImpl::pretty_print(std::ostream& stream) const {
 }
 
 at::Tensor LayerNormImpl::forward(const at::Tensor& input) {
-  return addnorm::layer_norm(input, options.normalized_shape(), opt(weight), opt(bias),
+  return addnorm::layer_norm(input, options.normalized_shape(), weight, bias,
                              options.eps());
 }
 
@@ -98,7 +95,7 @@ void RMSNormImpl::pretty_print(std::ostream& stream) const {
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& input) {
-  return addnorm::rms_norm(input, options.normalized_shape(), opt(weight), options.eps());
+  return addnorm::rms_norm(input, options.normalized_shape(), weight, options.eps());
 }
 
 AddLayerNormImpl::AddLayerNormImpl(AddLayerNormOptions options_)
@@ -127,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> AddLayerNormImpl::forward(const at::Tensor& i
   // (the probability is read at each call, as Python's module reads its attribute)
   check_dropout(options.dropout(), "AddLayerNorm");
   return addnorm::add_layer_norm(
-      input, opt(residual), options.normalized_shape(), opt(weight), opt(bias), options.eps(),
+      input, residual, options.normalized_shape(), weight, bias, options.eps(),
       options.return_residual(), options.residual_in_fp32(),
       is_training() ? options.dropout() : 0.0, std::nullopt, options.memory_efficient());
 }
@@ -156,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> AddRMSNormImpl::forward(const at::Tensor& inp
                                                            const at::Tensor& residual) {
   check_dropout(options.dropout(), "AddRMSNorm");
   return addnorm::add_rms_norm(
-      input, opt(residual), options.normalized_shape(), opt(weight), options.eps(),
+      input, residual, options.normalized_shape(), weight, options.eps(),
       options.return_residual(), options.residual_in_fp32(),
       is_training() ? options.dropout() : 0.0, std::nullopt, options.memory_efficient());
 }

@@ -1,7 +1,8 @@
 #pragma once
 
 // C++ entry points of the addnorm ops. Each call goes through the PyTorch dispatcher,
-// so it gets autograd, every backend (CPU, CUDA) and works under tracing.
+// so it gets autograd, every backend (CPU, CUDA) and works under tracing. An undefined
+// tensor given for an optional tensor argument means none, as for torch's own ops.
 
 #include <optional>
 #include <tuple>

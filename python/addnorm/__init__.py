@@ -1,7 +1,5 @@
-"""addnorm: fused residual-add + LayerNorm / RMSNorm for PyTorch (CPU and CUDA).
-
-Importing the package loads libaddnorm, which registers the ops in ``torch.ops.addnorm``.
-"""
+"""addnorm: fused residual-add + LayerNorm / RMSNorm for PyTorch (CPU and CUDA). Importing
+the package loads libaddnorm, which registers the ops in ``torch.ops.addnorm``."""
 
 import torch  # noqa: F401  (loads libtorch before libaddnorm)
 

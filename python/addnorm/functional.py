@@ -127,6 +127,9 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
     if out_h is NotImplemented:  # (torch.ops: the flags are keyword-only)
         shape = _as_shape(normalized_shape)  # (checked before the names)
         _check_tensors(*tensors)
+        if isinstance(input, Tensor) and input.is_nested:  # (inference mode skips the op's check)
+            raise RuntimeError("addnorm: input must be a strided tensor, got a nested tensor (the "
+                               "add ops take none: apply them to a jagged tensor's values())")
         op = torch.ops.addnorm.add_rms_norm if rms else torch.ops.addnorm.add_layer_norm
         out_h = op(*head[:2], shape, *head[3:], return_residual=return_residual,
                    residual_in_fp32=residual_in_fp32, dropout_p=dropout_p, dropout_seed=seed,

@@ -18,8 +18,8 @@ def _check_p(p: float) -> float:
 _CONSTANTS = ["return_residual", "residual_in_fp32", "dropout", "memory_efficient"]
 
 
-def _extra(m) -> str:
-    return ", ".join(f"{k}={getattr(m, k)}" for k in _CONSTANTS)
+def _extra_repr(base: type):  # (the add modules' extra_repr: base's, then the flags)
+    return lambda m: ", ".join([base.extra_repr(m)] + [f"{k}={getattr(m, k)}" for k in _CONSTANTS])
 
 
 class LayerNorm(nn.LayerNorm):
@@ -66,8 +66,7 @@ class AddLayerNorm(nn.LayerNorm):
             memory_efficient=self.memory_efficient)
         return (out, h) if self.return_residual else out
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {_extra(self)}"
+    extra_repr = _extra_repr(nn.LayerNorm)
 
 
 class AddRMSNorm(nn.RMSNorm):
@@ -96,8 +95,7 @@ class AddRMSNorm(nn.RMSNorm):
             memory_efficient=self.memory_efficient)
         return (out, h) if self.return_residual else out
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {_extra(self)}"
+    extra_repr = _extra_repr(nn.RMSNorm)
 
 
 __all__ = ["AddLayerNorm", "AddRMSNorm", "LayerNorm", "RMSNorm"]

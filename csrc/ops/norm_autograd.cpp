@@ -13,8 +13,9 @@
 //   norm's backward has run, so backpropagating h and then out works, as with torch's
 //   separate add and layer_norm.
 // - Higher order: with create_graph (or forward-mode tangents in backward), backward
-//   computes the same gradients with differentiable ATen ops from the saved h; since h is
-//   an output of this node, second derivatives flow back through it to input and residual.
+//   computes the same gradients with differentiable ATen ops from the saved h, for their
+//   graph, and takes their values from _norm_bwd (with_values_of); since h is an output of
+//   this node, second derivatives flow back through it to input and residual.
 // - Forward mode: the tangents of out and h follow from those of input, residual, weight
 //   and bias (set_tangents below). With a graph node as well (forward-over-reverse), h is
 //   built from differentiable ops first, so that the h the node keeps carries its tangent
@@ -58,6 +59,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -232,6 +235,30 @@ bool output_invertible(const std::optional<at::Tensor>& weight,
   // as 0 where denormals are flushed, so a zero weight would pass)
   const at::Tensor a = weight->abs().to(at::kDouble);
   return a.ge(min_recoverable_weight(out_dtype)).logical_and_(a.lt(kInf)).all().item<bool>();
+}
+
+// values + (graph - graph.detach()): the values of `values` with the derivatives (graph node
+// and forward-mode tangent) of `graph`, computed in another way (in `values`' dtype; where
+// graph is not finite, values alone, with no derivative there).
+at::Tensor with_values_of(const at::Tensor& values, const at::Tensor& graph) {
+  const at::Tensor g = graph.to(values.scalar_type());
+  const at::Tensor plain = g.detach();
+  return values + at::where(plain.isfinite(), g - plain, at::zeros_like(plain));
+}
+
+// The first-order gradients (grad_h, grad_weight, grad_bias) of the fused backward kernel,
+// as plain values (no graph, no tangents), for the higher-order path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> exact_first_order(
+    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& mean,
+    const at::Tensor& rstd, const at::Tensor& weight, bool weight_grad, bool bias_grad,
+    bool is_rms, double eps) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  std::optional<at::Tensor> w;
+  if (weight.defined()) w = weight;
+  auto [gh, gw, gb, unused] = norm_bwd_op().call(
+      grad_out, std::nullopt, h, mean, rstd, w, bias_grad, is_rms, weight_grad, eps, false,
+      std::nullopt, std::nullopt, 0.0, std::nullopt, /*grad_h_wanted=*/true);
+  return {gh, gw, gb};
 }
 
 at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
@@ -436,12 +463,16 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         "it keeps h; on the CPU its attention, as torch's layer's, is then twice "
         "differentiable under torch.nn.attention.sdpa_kernel(SDPBackend.MATH))");
     if (higher_order) {
-      auto [dh, dw, db] = norm_backward_composite(
-          grad_out, h, weight, weight_grad, bias_grad, is_rms, ctx->saved_data["eps"].toDouble(),
-          state.ndim);
-      set_input_grads(sum_defined(dh.to(h.scalar_type()), grad_h_in));
-      if (weight_grad) grads[3] = dw.to(weight.scalar_type());
-      if (bias_grad) grads[4] = db.to(bias_dtype);
+      const double eps = ctx->saved_data["eps"].toDouble();
+      auto [dh, dw, db] = norm_backward_composite(grad_out, h, weight, weight_grad, bias_grad,
+                                                  is_rms, eps, state.ndim);
+      // The values are the fused kernel's, as without create_graph (the composite's, in the
+      // compute type, were up to 9x torch's error); the graph and tangents are the composite's.
+      const auto kernel = exact_first_order(grad_out, h, mean, rstd, weight, weight_grad,
+                                            bias_grad, is_rms, eps);
+      set_input_grads(sum_defined(with_values_of(std::get<0>(kernel), dh), grad_h_in));
+      if (weight_grad) grads[3] = with_values_of(std::get<1>(kernel), dw);
+      if (bias_grad) grads[4] = with_values_of(std::get<2>(kernel), db).to(bias_dtype);
       return grads;
     }
 
@@ -792,17 +823,30 @@ std::tuple<at::Tensor, at::Tensor> norm_composite(
   const at::Tensor h = residual.has_value()
                            ? (input.to(acc) + residual->to(acc)).to(plan.dtypes.h)
                            : input.to(plan.dtypes.h);
-  at::Tensor y = normalize_composite(h.to(acc), static_cast<int64_t>(normalized_shape.size()),
-                                     is_rms, eps).first;
+  // The norm in double: the transforms' derivatives are those of these ops (in float, the
+  // input gradient had up to 2.7x and the weight gradient up to 9x torch's error).
+  at::Tensor y = normalize_composite(h.to(at::kDouble),
+                                     static_cast<int64_t>(normalized_shape.size()), is_rms, eps)
+                     .first;
   if (weight.has_value()) {
-    y = y * weight->to(acc);
+    y = y * weight->to(at::kDouble);
   }
   if (bias.has_value() && !is_rms) {
-    y = y + bias->to(acc);
+    y = y + bias->to(at::kDouble);
   }
-  if (!return_residual) return {y.to(input.scalar_type()), at::empty({0}, h.options())};
+  // out has the fused kernel's values (the composite's, in the compute type, were up to 1.8x
+  // torch's error) and the composite's derivatives. (The kernel runs on the transforms' plain
+  // or batched values, detached.)
+  auto detached = [](const std::optional<at::Tensor>& t) {
+    return t.has_value() ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
+  };
+  const at::Tensor values = std::get<0>(norm_fwd_op().call(
+      input.detach(), detached(residual), normalized_shape, detached(weight), detached(bias), eps,
+      is_rms, /*store_residual=*/false, residual_in_fp32, 0.0, std::nullopt));
+  at::Tensor out = with_values_of(values, y);
+  if (!return_residual) return {out, at::empty({0}, h.options())};
   // The returned h is a tensor of its own (input.to(its own dtype) is input itself).
-  return {y.to(input.scalar_type()), h.is_same(input) ? input.clone() : h};
+  return {out, h.is_same(input) ? input.clone() : h};
 }
 
 at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& seed, double p,

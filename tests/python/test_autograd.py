@@ -13,6 +13,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import addnorm
 from conftest import DEVICES, make_affine, make_data
+from reference import errors_vs_torch, meets_bar
 
 F64 = torch.float64
 
@@ -613,6 +614,40 @@ def test_double_backward_from_cpp_api_path():
     torch.testing.assert_close(gw, gwr, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms,residual", [(False, False), (True, False), (False, True),
+                                          (True, True)], ids=["ln", "rms", "add_ln", "add_rms"])
+def test_create_graph_first_order_values_are_the_kernels(rms, residual, dtype, device):
+    """With create_graph=True (gradient penalties, Hessian-vector products) the first-order
+    gradients are the fused backward's values, bitwise, as torch's are its kernel's with and
+    without it (they came from ATen ops in the compute type: up to 9x torch's error on rows
+    whose first element is an outlier); second derivatives still flow (gradgradcheck above)."""
+    torch.manual_seed(0)
+    n = 17
+    x = make_data((32, n), torch.float64, device)
+    x[:, 0] = 3e4  # (an outlier first: the composite's statistics lose most there)
+    x = x.to(dtype)
+    r = make_data((32, n), dtype, device) if residual else None
+    w, b = make_affine(n, dtype, device)
+    dy = torch.randn(32, n, dtype=dtype, device=device)
+
+    def grads(create_graph):
+        leaves = [t.clone().requires_grad_() for t in (x, r, w, b) if t is not None]
+        xi, ri = leaves[0], (leaves[1] if residual else None)
+        wi, bi = leaves[-2:]
+        out = (addnorm.add_rms_norm(xi, ri, n, wi, 1e-5) if rms
+               else addnorm.add_layer_norm(xi, ri, n, wi, bi))
+        inputs = leaves[:-1] if rms else leaves
+        gs = torch.autograd.grad(out, inputs, dy, create_graph=create_graph)
+        assert gs[0].requires_grad == create_graph  # (the bias's, sum(dy), has no graph)
+        return gs
+
+    for got, want in zip(grads(True), grads(False)):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------- forward mode
 
 
@@ -733,6 +768,64 @@ def test_functorch_transforms_match_torch(device):
     xs = make_data((4, 3, 6), F64, device)
     torch.testing.assert_close(torch.vmap(lambda x: addnorm.layer_norm(x, 6, w, b))(xs),
                                F_.layer_norm(xs, [6], w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
+def test_functorch_outputs_are_the_kernels(op, dtype, device):
+    """Inside torch.func transforms (vjp, jvp, vmap) the output has the fused kernel's values,
+    bitwise those of a call outside them (the ATen composite the transforms differentiate
+    gave up to 1.8x torch's error in float32 and float64); the derivatives are the
+    composite's (test_functorch_transforms_match_torch)."""
+    torch.manual_seed(0)
+    x = make_data((16, 768), dtype, device)
+    x[:, 0] = 3e4  # (an outlier first)
+    r = make_data((16, 768), dtype, device)
+    w, b = make_affine((768,), dtype, device)
+    f = {"layer_norm": lambda x, r: addnorm.layer_norm(x, 768, w, b),
+         "rms_norm": lambda x, r: addnorm.rms_norm(x, 768, w, 1e-5),
+         "add_layer_norm": lambda x, r: addnorm.add_layer_norm(x, r, 768, w, b),
+         "add_rms_norm": lambda x, r: addnorm.add_rms_norm(x, r, 768, w, 1e-5)}[op]
+    want = f(x, r)
+    assert torch.equal(torch.func.vjp(f, x, r)[0], want)
+    assert torch.equal(torch.func.jvp(f, (x, r), (torch.ones_like(x), torch.ones_like(r)))[0], want)
+    assert torch.equal(torch.func.vmap(f)(x.unsqueeze(1), r.unsqueeze(1)).squeeze(1), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["add_ln", "add_rms"])
+@pytest.mark.parametrize("n,outlier", [(17, True), (768, False), (768, True)])
+def test_functorch_gradients_meet_the_bar(rms, dtype, n, outlier, device):
+    """torch.func's gradients are the derivatives of the ATen composite, taken in double for
+    float32 / bfloat16 / float16 input: within the accuracy bar (in float, up to 2.7x torch's
+    error for the input's gradient and 9x for the weight's on rows with an outlier first)."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = make_data((32, n), torch.float64, device)
+        if outlier:
+            x[:, 0] = 3e4
+        x = x.to(dtype)
+        r = make_data((32, n), dtype, device, scale=1.0, offset=0.0)
+        w, b = make_affine((n,), dtype, device)
+        b = None if rms else b
+        dy = torch.randn(32, n, dtype=dtype, device=device)
+
+        def f(x, r, w, *b):
+            return (addnorm.add_rms_norm(x, r, n, w, 1e-5) if rms
+                    else addnorm.add_layer_norm(x, r, n, w, *b))
+
+        primals = (x, r, w) + (() if rms else (b,))
+        out, vjp = torch.func.vjp(f, *primals)
+        grads = vjp(dy)
+        ours = {"out": out, "grad_x": grads[0], "grad_residual": grads[1], "grad_weight": grads[2]}
+        if not rms:
+            ours["grad_bias"] = grads[3]
+        errs, _ = errors_vs_torch(ours, x, r, [n], w, b, 1e-5, rms, grad_out=dy)
+        for q, (e_ours, e_torch, ref_max) in errs.items():
+            ok, ratio = meets_bar(e_ours, e_torch, ref_max, dtype)
+            assert ok, f"seed {seed} {q}: {ratio:.2f}x torch's error"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -296,6 +296,35 @@ def table(rows):
     return header, out
 
 
+def write_results(args, info, rows, copy, elapsed_s, done, total):
+    """Writes the rows measured so far to args.json / args.md; a run cut short (done of total
+    cases) says so in both."""
+    partial = f"partial: {done} of {total} cases" if done < total else None
+    result = {"machine": info, "copy_bandwidth": copy, "reps": args.reps, "elapsed_s": elapsed_s,
+              "cases_done": done, "cases_total": total, "results": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.md:
+        header, lines = table(rows)
+        with open(args.md, "w") as f:
+            f.write(f"# addnorm CUDA benchmark: {info.get('gpu', 'GPU')}\n\n")
+            if partial:
+                f.write(f"**{partial}** (the run stopped before the end).\n\n")
+            f.write(f"Command: `{info['command']}`  \n")
+            f.write(f"Date: {info['date']}; torch {info['torch_version']} (CUDA {info.get('torch_cuda')}), "
+                    f"triton {info.get('triton_version', '-')}, liger-kernel {info.get('liger_kernel_version', '-')}  \n")
+            f.write(f"Device-to-device copy bandwidth (read + write) in the same run: {copy['gbps']:.0f} GB/s.  \n")
+            f.write("Times are GPU microseconds per call (median of CUDA-graph replays after an L2 flush; "
+                    "`*`: not capturable, events around eager calls). Ratios are other / addnorm "
+                    "(> 1: addnorm is faster). % of copy: addnorm's bytes (each input read once, each "
+                    "output written once; fwd (train) counts the write of h, which addnorm's "
+                    "training forward makes for backward, post-LN too) per second over the copy "
+                    "bandwidth. Host us: wall time per "
+                    "call of back-to-back calls at small sizes.\n\n")
+            f.write(sc.format_md_table(header, lines) + "\n")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not (torch.cuda.is_available() and addnorm.cuda_available()):
@@ -314,39 +343,21 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name(0)}; copy bandwidth {copy['gbps']:.0f} GB/s; "
           f"{len(cases)} cases", flush=True)
     flush = Flush()
+    info = sc.machine_info("cuda")
     bar = sc.Progress(len(cases), enabled=not args.no_progress)
     rows = []
-    for g, op, dt, M, N, modes in cases:
+    for i, (g, op, dt, M, N, modes) in enumerate(cases):
         bar.step(f"{g} {op} {dt} {M}x{N}")
         try:
             rows += bench_case(g, op, dt, M, N, modes, args, flush, copy["gbps"])
         except Exception as e:
             print(f"\n{op} {dt} {M}x{N}: skipped ({type(e).__name__}: {str(e)[:200]})", flush=True)
             torch.cuda.empty_cache()
+        # (after every case: a run stopped by a time limit keeps what it measured)
+        write_results(args, info, rows, copy, time.perf_counter() - t0, i + 1, len(cases))
     bar.done()
     header, lines = table(rows)
     print(sc.format_text_table(header, lines))
-    info = sc.machine_info("cuda")
-    result = {"machine": info, "copy_bandwidth": copy, "reps": args.reps,
-              "elapsed_s": time.perf_counter() - t0, "results": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    if args.md:
-        with open(args.md, "w") as f:
-            f.write(f"# addnorm CUDA benchmark: {info.get('gpu', 'GPU')}\n\n")
-            f.write(f"Command: `{info['command']}`  \n")
-            f.write(f"Date: {info['date']}; torch {info['torch_version']} (CUDA {info.get('torch_cuda')}), "
-                    f"triton {info.get('triton_version', '-')}, liger-kernel {info.get('liger_kernel_version', '-')}  \n")
-            f.write(f"Device-to-device copy bandwidth (read + write) in the same run: {copy['gbps']:.0f} GB/s.  \n")
-            f.write("Times are GPU microseconds per call (median of CUDA-graph replays after an L2 flush; "
-                    "`*`: not capturable, events around eager calls). Ratios are other / addnorm "
-                    "(> 1: addnorm is faster). % of copy: addnorm's bytes (each input read once, each "
-                    "output written once; fwd (train) counts the write of h, which addnorm's "
-                    "training forward makes for backward, post-LN too) per second over the copy "
-                    "bandwidth. Host us: wall time per "
-                    "call of back-to-back calls at small sizes.\n\n")
-            f.write(sc.format_md_table(header, lines) + "\n")
     print(f"total time {time.perf_counter() - t0:.0f}s")
     return 0
 

@@ -3,6 +3,8 @@ GPU clocks replaced: every implementation's step for every mode computes what it
 (outputs, and gradients for every input), a row per mode comes out with ratios and the
 bandwidth fraction, and the table formats. The timing itself needs a GPU."""
 
+import json
+
 import pytest
 import torch
 from conftest import load_benchmark
@@ -73,3 +75,26 @@ def test_minimal_bytes_count_grads_once_only_where_they_alias(bench):
                             grads_alias=sc.grads_aliased("dropout_add_layer_norm"))
     assert sc.grads_aliased("add_layer_norm") and not sc.grads_aliased("dropout_add_layer_norm")
     assert drop["bwd"] - plain["bwd"] == size and drop["fwd"] == plain["fwd"]
+
+
+def test_results_written_after_every_case(bench, tmp_path):
+    """main writes the JSON and the Markdown table after every case (a run stopped by a time
+    limit keeps what it measured), marking a partial run in both."""
+    rows = bench.bench_case("small", "add_layer_norm", "fp32", 8, 64, bench.MODES, Args(),
+                            lambda: None, 1000.0)
+
+    class Out(Args):
+        json = str(tmp_path / "bench.json")
+        md = str(tmp_path / "bench.md")
+
+    info = {"command": "bench_cuda.py", "date": "today", "torch_version": torch.__version__}
+    copy = {"gbps": 1000.0}
+    bench.write_results(Out(), info, rows, copy, 1.0, 1, 3)
+    with open(Out.json) as f:
+        saved = json.load(f)
+    assert (saved["cases_done"], saved["cases_total"]) == (1, 3)
+    assert len(saved["results"]) == len(rows)
+    md = (tmp_path / "bench.md").read_text()
+    assert "partial: 1 of 3 cases" in md and md.count("\n| ") >= len(rows)
+    bench.write_results(Out(), info, rows, copy, 2.0, 3, 3)
+    assert "partial" not in (tmp_path / "bench.md").read_text()

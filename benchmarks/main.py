@@ -4,8 +4,9 @@ short benchmark table.
 
 1. `python -m addnorm`'s install check: versions, the CPU kernels' instruction set, the
    CUDA kernels, one parity check per op on each device.
-2. Self-check (selfcheck.py): every op, forward and gradients, against PyTorch on the
-   available device(s), several dtypes, shapes and argument combinations, one PASS/FAIL
+2. Self-check (selfcheck.py): the norm ops (add_layer_norm pre- and post-LN, layer_norm,
+   add_rms_norm, rms_norm; without dropout or memory_efficient, which the test suite
+   covers), forward and gradients, against PyTorch on the available device(s), several dtypes, shapes and argument combinations, one PASS/FAIL
    line per check with its max error. Exits 1 if any check fails.
 3. A short benchmark: addnorm vs torch eager vs torch.compile (2 ops x 2 shapes x fp32/bf16,
    forward and forward+backward), with speedups and bandwidth measured in the same run and

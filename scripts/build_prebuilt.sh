@@ -20,8 +20,12 @@ if [ ! -x "$PY" ]; then
   py312=python3.12
   # pyenv's shim fails unless 3.12 is selected: take pyenv's newest 3.12 directly
   if ! "$py312" -c '' 2>/dev/null && command -v pyenv >/dev/null; then
-    v=$(pyenv versions --bare | grep -E '^3[.]12([.]|$)' | tail -n 1)
+    v=$(pyenv versions --bare | grep -E '^3[.]12([.]|$)' | tail -n 1 || true)
     if [ -n "$v" ]; then py312="$(pyenv root)/versions/$v/bin/python3.12"; fi
+  fi
+  if ! "$py312" -c '' 2>/dev/null; then
+    echo "error: no python3.12 found (on PATH or in pyenv); set PYTHON to a Python 3.12 with torch" >&2
+    exit 1
   fi
   "$py312" -m venv "$ROOT/.venv-py312"
   "$ROOT/.venv-py312/bin/python" -m pip install --disable-pip-version-check -r requirements.txt

@@ -244,7 +244,7 @@ HALF_SLACK = 1e-6
 
 # The kernels meet the bar for every dtype on test_accuracy's inputs (the CUDA kernels also
 # in the CUDA emulation, tests/cuda_emulation, against torch's CPU kernels). The CPU's
-# float32 output is computed in double lanes and rounded once, so it is within half an ulp
+# float32 output is computed in double lanes and rounded once, so it is within about half an ulp
 # of the exact value; the self-check's cases reach a ratio of at most 1.00 (an earlier
 # float-lane output reached 1.27 on its float32 LayerNorm over rows of 64).
 def meets_bar(err_ours, err_torch, ref_max, dtype):

@@ -302,12 +302,14 @@ def write_results(args, info, rows, copy, elapsed_s, done, total):
     partial = f"partial: {done} of {total} cases" if done < total else None
     result = {"machine": info, "copy_bandwidth": copy, "reps": args.reps, "elapsed_s": elapsed_s,
               "cases_done": done, "cases_total": total, "results": rows}
+    # (each file written whole, then renamed over the last: a kill mid-write leaves the last)
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json + ".tmp", "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
     if args.md:
         header, lines = table(rows)
-        with open(args.md, "w") as f:
+        with open(args.md + ".tmp", "w") as f:
             f.write(f"# addnorm CUDA benchmark: {info.get('gpu', 'GPU')}\n\n")
             if partial:
                 f.write(f"**{partial}** (the run stopped before the end).\n\n")
@@ -323,6 +325,7 @@ def write_results(args, info, rows, copy, elapsed_s, done, total):
                     "bandwidth. Host us: wall time per "
                     "call of back-to-back calls at small sizes.\n\n")
             f.write(sc.format_md_table(header, lines) + "\n")
+        os.replace(args.md + ".tmp", args.md)
 
 
 def main(argv=None):

@@ -246,19 +246,20 @@ at::Tensor with_values_of(const at::Tensor& values, const at::Tensor& graph) {
   return values + at::where(plain.isfinite(), g - plain, at::zeros_like(plain));
 }
 
-// The first-order gradients (grad_h, grad_weight, grad_bias) of the fused backward kernel,
-// as plain values (no graph, no tangents), for the higher-order path.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> exact_first_order(
-    const at::Tensor& grad_out, const at::Tensor& h, const at::Tensor& mean,
-    const at::Tensor& rstd, const at::Tensor& weight, bool weight_grad, bool bias_grad,
-    bool is_rms, double eps) {
+// The first-order gradients (grad_h with grad_h_in added, grad_weight, grad_bias, and with
+// dropout grad_input) of the fused backward kernel, as plain values (no graph, no tangents),
+// for the higher-order path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> exact_first_order(
+    const at::Tensor& grad_out, const at::Tensor& grad_h_in, const at::Tensor& h,
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight, bool weight_grad,
+    bool bias_grad, bool is_rms, double eps, double dropout_p, const at::Tensor& seed) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  std::optional<at::Tensor> w;
-  if (weight.defined()) w = weight;
-  auto [gh, gw, gb, unused] = norm_bwd_op().call(
-      grad_out, std::nullopt, h, mean, rstd, w, bias_grad, is_rms, weight_grad, eps, false,
-      std::nullopt, std::nullopt, 0.0, std::nullopt, /*grad_h_wanted=*/true);
-  return {gh, gw, gb};
+  auto opt = [](const at::Tensor& t) {
+    return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+  };
+  return norm_bwd_op().call(grad_out, opt(grad_h_in), h, mean, rstd, opt(weight), bias_grad,
+                            is_rms, weight_grad, eps, false, std::nullopt, std::nullopt,
+                            dropout_p, opt(seed), /*grad_h_wanted=*/true);
 }
 
 at::Tensor sum_defined(const at::Tensor& a, const at::Tensor& b) {
@@ -468,11 +469,15 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
                                                   is_rms, eps, state.ndim);
       // The values are the fused kernel's, as without create_graph (the composite's, in the
       // compute type, were up to 9x torch's error); the graph and tangents are the composite's.
-      const auto kernel = exact_first_order(grad_out, h, mean, rstd, weight, weight_grad,
-                                            bias_grad, is_rms, eps);
-      set_input_grads(sum_defined(with_values_of(std::get<0>(kernel), dh), grad_h_in));
-      if (weight_grad) grads[3] = with_values_of(std::get<1>(kernel), dw);
-      if (bias_grad) grads[4] = with_values_of(std::get<2>(kernel), db).to(bias_dtype);
+      const bool drop = dropout_p > 0.0;
+      const auto [k_h, k_w, k_b, k_input] =
+          exact_first_order(grad_out, grad_h_in, h, mean, rstd, weight, weight_grad, bias_grad,
+                            is_rms, eps, dropout_p, drop ? dropout_seed : at::Tensor());
+      set_input_grads(sum_defined(dh.to(h.scalar_type()), grad_h_in));
+      grads[0] = with_values_of(drop ? k_input : k_h.to(input_dtype), grads[0]);
+      if (has_residual) grads[1] = with_values_of(k_h.to(residual_dtype), grads[1]);
+      if (weight_grad) grads[3] = with_values_of(k_w, dw);
+      if (bias_grad) grads[4] = with_values_of(k_b, db).to(bias_dtype);
       return grads;
     }
 

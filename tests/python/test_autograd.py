@@ -4,6 +4,7 @@ AD against torch, functorch transforms, partial requires_grad, unused and separa
 backpropagated outputs, and determinism of the weight/bias gradients."""
 
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -615,31 +616,41 @@ def test_double_backward_from_cpp_api_path():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("rms,residual", [(False, False), (True, False), (False, True),
-                                          (True, True)], ids=["ln", "rms", "add_ln", "add_rms"])
-def test_create_graph_first_order_values_are_the_kernels(rms, residual, dtype, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("case", ["ln", "rms", "add_ln", "add_rms", "prenorm", "dropout",
+                                  "prenorm_dropout_rms"])
+def test_create_graph_first_order_values_are_the_kernels(case, dtype, device):
     """With create_graph=True (gradient penalties, Hessian-vector products) the first-order
     gradients are the fused backward's values, bitwise, as torch's are its kernel's with and
     without it (they came from ATen ops in the compute type: up to 9x torch's error on rows
-    whose first element is an outlier); second derivatives still flow (gradgradcheck above)."""
+    whose first element is an outlier), also with a gradient into the returned h and with
+    the fused dropout, which the kernel adds and applies in its pass; second derivatives
+    still flow (gradgradcheck above)."""
     torch.manual_seed(0)
-    n = 17
+    n, rms = 17, case.endswith("rms")
+    residual = case not in ("ln", "rms")
+    prenorm = case.startswith("prenorm")
+    p = 0.3 if "dropout" in case else 0.0
+    seed = addnorm.dropout_seed(device) if p else None
     x = make_data((32, n), torch.float64, device)
     x[:, 0] = 3e4  # (an outlier first: the composite's statistics lose most there)
     x = x.to(dtype)
     r = make_data((32, n), dtype, device) if residual else None
     w, b = make_affine(n, dtype, device)
     dy = torch.randn(32, n, dtype=dtype, device=device)
+    dh = torch.randn(32, n, dtype=dtype, device=device)
 
     def grads(create_graph):
         leaves = [t.clone().requires_grad_() for t in (x, r, w, b) if t is not None]
         xi, ri = leaves[0], (leaves[1] if residual else None)
         wi, bi = leaves[-2:]
-        out = (addnorm.add_rms_norm(xi, ri, n, wi, 1e-5) if rms
-               else addnorm.add_layer_norm(xi, ri, n, wi, bi))
+        op = torch.ops.addnorm.add_rms_norm if rms else torch.ops.addnorm.add_layer_norm
+        out, h = op(xi, ri, [n], wi, *(() if rms else (bi,)), 1e-5, return_residual=prenorm,
+                    dropout_p=p, dropout_seed=seed)
         inputs = leaves[:-1] if rms else leaves
-        gs = torch.autograd.grad(out, inputs, dy, create_graph=create_graph)
+        outs, gouts = ((out, h), (dy, dh)) if prenorm else ((out,), (dy,))
+        gs = torch.autograd.grad(outs, inputs, gouts, create_graph=create_graph)
         assert gs[0].requires_grad == create_graph  # (the bias's, sum(dy), has no graph)
         return gs
 
@@ -790,7 +801,9 @@ def test_functorch_outputs_are_the_kernels(op, dtype, device):
     want = f(x, r)
     assert torch.equal(torch.func.vjp(f, x, r)[0], want)
     assert torch.equal(torch.func.jvp(f, (x, r), (torch.ones_like(x), torch.ones_like(r)))[0], want)
-    assert torch.equal(torch.func.vmap(f)(x.unsqueeze(1), r.unsqueeze(1)).squeeze(1), want)
+    # (vmap over vjp: the composite's kernel call on batched values, through the vmap rule)
+    out = torch.func.vmap(lambda x, r: torch.func.vjp(f, x, r)[0])(x.unsqueeze(1), r.unsqueeze(1))
+    assert torch.equal(out.squeeze(1), want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -826,6 +839,50 @@ def test_functorch_gradients_meet_the_bar(rms, dtype, n, outlier, device):
         for q, (e_ours, e_torch, ref_max) in errs.items():
             ok, ratio = meets_bar(e_ours, e_torch, ref_max, dtype)
             assert ok, f"seed {seed} {q}: {ratio:.2f}x torch's error"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_rule_runs_the_op_once_and_matches_entry_by_entry(device):
+    """The ops' vmap rule (FuncTorchBatched): a batch dimension of input and residual (at any
+    position, either or both) runs the op once, bitwise as entry by entry, without torch's
+    fallback and its warning, also for a batch of size 0 and per-sample gradients
+    (vmap(grad)); a batched weight runs entry by entry; the fused dropout with one seed
+    gives every entry the mask of a call on it (vmap's semantics)."""
+    torch.manual_seed(0)
+    x = make_data((5, 4, 16), torch.float32, device)
+    r = make_data((5, 4, 16), torch.float32, device)
+    w, b = make_affine((16,), torch.float32, device)
+    ws = make_data((3, 16), torch.float32, device)
+    vmap, F_ = torch.func.vmap, torch.nn.functional
+
+    def each(f, *ts):
+        return torch.stack([f(*(t[i] for t in ts)) for i in range(ts[0].shape[0])])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (torch's fallback warns of a performance drop)
+        cases = [
+            (lambda a, c: addnorm.add_layer_norm(a, c, 16, w, b), (x, r), 0),
+            (lambda a: addnorm.add_layer_norm(a, r[0], 16, w, b), (x,), 0),
+            (lambda c: addnorm.add_rms_norm(x[0], c, 16, w, return_residual=True)[1], (r,), 0),
+            (lambda a: addnorm.layer_norm(a, 16, w, b), (x,), 1),
+            (lambda a: addnorm.rms_norm(a, 16, w), (x,), 0),
+        ]
+        for f, args, dim in cases:
+            moved = tuple(t.movedim(0, dim) for t in args)
+            assert torch.equal(vmap(f, in_dims=dim)(*moved), each(f, *args))
+        assert vmap(lambda a: addnorm.layer_norm(a, 16, w, b))(x[:0]).shape == (0, 4, 16)
+        f = lambda ww: addnorm.layer_norm(x[0], 16, ww, b)  # noqa: E731
+        assert torch.equal(vmap(f)(ws), each(f, ws))
+        seed = addnorm.dropout_seed(device)
+        f = lambda a: torch.ops.addnorm.add_layer_norm(  # noqa: E731
+            a, None, [16], dropout_p=0.5, dropout_seed=seed)[0]
+        assert torch.equal(vmap(f)(x), each(f, x))
+        loss = lambda ln: lambda ww, xx: ln(xx, (16,), ww, b).pow(2).sum()  # noqa: E731
+        per_sample = vmap(torch.func.grad(loss(addnorm.layer_norm)), in_dims=(None, 0))(w, x)
+        expected = vmap(torch.func.grad(loss(F_.layer_norm)), in_dims=(None, 0))(w, x)
+        torch.testing.assert_close(per_sample, expected)
+        assert vmap(torch.func.grad(loss(addnorm.layer_norm)), in_dims=(None, 0))(
+            w, x[:0]).shape == (0, 16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,141 @@
+// vmap rules (the FuncTorchBatched key) of the public norm ops and _norm_fwd. The ops are
+// row-wise in input and residual: a batch dimension of those two moves to the front as one
+// more row dimension, and the op runs once on all entries (the kernels' rows are computed
+// alone, so each entry's result is bitwise that of a call on it). Where a weight, bias or
+// dropout seed is batched (an ensemble), or the fused dropout is on (its mask is a function
+// of an element's index in the call: entries must each be called alone to get the mask of
+// a call on them), the op runs once per entry, as functorch's fallback would, which is not
+// exported to extensions. Without these rules that fallback ran every vmap of the ops entry
+// by entry, with a warning, and refused a batch of size 0.
+
+#include <ATen/functorch/BatchedTensorImpl.h>
+#include <ATen/ops/stack.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+namespace addnorm {
+namespace {
+
+// Whether return j of the op is an empty placeholder ([0], not one per row): h where it is
+// not stored or returned, mean of RMSNorm.
+bool placeholder(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args, size_t j) {
+  auto flag = [&](const char* name) {
+    const auto i = schema.argumentIndexWithName(name);
+    return i.has_value() && args[*i].toBool();
+  };
+  if (schema.name() == "addnorm::_norm_fwd") {
+    return (j == 1 && !flag("store_residual")) || (j == 2 && flag("is_rms"));
+  }
+  return j == 1 && !flag("return_residual");
+}
+
+// The vmap level that is batched here: the innermost one among the arguments (functorch's
+// DynamicLayer, which names the current level, is not usable from extensions: its header
+// includes one that torch does not ship). A level above it that batches none of them passes
+// the call through to this one, as a rule of its own would.
+int64_t batched_level(c10::ArrayRef<c10::IValue> args) {
+  int64_t level = -1;
+  for (const auto& a : args) {
+    if (!a.isTensor()) continue;
+    if (const auto* impl = at::functorch::maybeGetBatchedImpl(a.toTensor())) {
+      level = std::max(level, impl->level());
+    }
+  }
+  return level;
+}
+
+void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t n_args = schema.arguments().size();
+  const size_t n_rets = schema.returns().size();
+  c10::impl::ExcludeDispatchKeyGuard no_batching(c10::DispatchKey::FuncTorchBatched);
+  const size_t first = stack->size() - n_args;
+  const int64_t level = batched_level(c10::ArrayRef<c10::IValue>(*stack).slice(first));
+  auto arg = [&](size_t i) -> c10::IValue& { return (*stack)[first + i]; };
+  auto batched = [&](size_t i) {
+    if (!arg(i).isTensor()) return false;
+    const auto* impl = at::functorch::maybeGetBatchedImpl(arg(i).toTensor());
+    return impl != nullptr && impl->level() == level;
+  };
+  std::vector<size_t> rows;  // input, residual
+  bool row_batched = false, other_batched = false;
+  for (size_t i = 0; i < n_args; ++i) {
+    const std::string& name = schema.arguments()[i].name();
+    if (name == "input" || name == "residual") {
+      rows.push_back(i);
+      row_batched = row_batched || batched(i);
+    } else {
+      other_batched = other_batched || batched(i);
+    }
+  }
+  if (!row_batched && !other_batched) {
+    op.callBoxed(stack);
+    return;
+  }
+  const auto p = schema.argumentIndexWithName("dropout_p");
+  const bool drop = p.has_value() && arg(*p).toDouble() > 0.0;
+
+  // The batch size, and each batched argument with its batch dimension in front.
+  int64_t batch = -1;
+  std::vector<bool> was_batched(n_args, false);
+  for (size_t i = 0; i < n_args; ++i) {
+    if (!batched(i)) continue;
+    const auto* impl = at::functorch::maybeGetBatchedImpl(arg(i).toTensor());
+    const at::Tensor value = impl->value().movedim(impl->bdim(), 0);
+    batch = value.size(0);
+    arg(i) = value;
+    was_batched[i] = true;
+  }
+
+  if (!other_batched && !drop) {
+    // One call: the unbatched one of input and residual expanded to the batch.
+    for (size_t i : rows) {
+      if (!was_batched[i] && arg(i).isTensor()) {
+        const at::Tensor t = arg(i).toTensor();
+        std::vector<int64_t> sizes{batch};
+        sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
+        arg(i) = t.unsqueeze(0).expand(sizes);
+      }
+    }
+    const std::vector<c10::IValue> args(stack->begin() + first, stack->end());
+    op.callBoxed(stack);
+    const size_t ret0 = stack->size() - n_rets;
+    for (size_t j = 0; j < n_rets; ++j) {
+      if (!placeholder(schema, args, j)) {
+        (*stack)[ret0 + j] = at::functorch::makeBatched((*stack)[ret0 + j].toTensor(), 0, level);
+      }
+    }
+    return;
+  }
+
+  // Entry by entry.
+  TORCH_CHECK(batch > 0, "addnorm: vmap over a dimension of size 0 is not supported with a "
+              "batched weight, bias or dropout seed, or with dropout_p > 0");
+  const std::vector<c10::IValue> args(stack->begin() + first, stack->end());
+  stack->erase(stack->begin() + first, stack->end());
+  std::vector<std::vector<at::Tensor>> rets(n_rets);
+  for (int64_t b = 0; b < batch; ++b) {
+    torch::jit::Stack entry;
+    for (size_t i = 0; i < n_args; ++i) {
+      entry.push_back(was_batched[i] ? c10::IValue(args[i].toTensor().select(0, b)) : args[i]);
+    }
+    op.callBoxed(&entry);
+    for (size_t j = 0; j < n_rets; ++j) rets[j].push_back(entry[j].toTensor());
+  }
+  for (size_t j = 0; j < n_rets; ++j) {
+    stack->push_back(at::functorch::makeBatched(at::stack(rets[j]), 0, level));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(addnorm, FuncTorchBatched, m) {
+  for (const char* op : {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&batched_norm>());
+  }
+}
+
+}  // namespace addnorm

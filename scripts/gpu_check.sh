@@ -224,10 +224,10 @@ run_pytest() {
 # float64 backward's exact addition of h's gradient (test_accuracy) and the autograd node's
 # cheaper call path (kernels given contiguous tensors without [M, N] views; every CUDA test
 # goes through it) have not run on a GPU yet either, nor have the kernels' values under
-# create_graph and inside torch.func transforms (test_autograd: create_graph_first_order,
-# functorch).
+# create_graph and inside torch.func transforms, and the ops' vmap rule (test_autograd:
+# create_graph_first_order, functorch, vmap_rule).
 FIRST_FILES="test_accuracy.py test_errors.py test_ops.py test_dropout.py test_memory_efficient.py test_autograd.py test_encoder_layer.py"
-FIRST_SEL="encoder_layer or accuracy or nan_inf or one_element or 4097-1 or dropout or mask or replay or keeping_h or from_output or fused_input or weight_with_zero or tangents or forward_mode_add_norm or gradgradcheck_add_norm or statistics_from_h or create_graph_first_order or functorch"
+FIRST_SEL="encoder_layer or accuracy or nan_inf or one_element or 4097-1 or dropout or mask or replay or keeping_h or from_output or fused_input or weight_with_zero or tangents or forward_mode_add_norm or gradgradcheck_add_norm or statistics_from_h or create_graph_first_order or functorch or vmap_rule"
 first() {
   set -x
   local f files=()

@@ -448,8 +448,13 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const at::Tensor& mean = saved[1];
     const at::Tensor& rstd = saved[2];
     const at::Tensor& weight = saved[3];
-    const bool weight_grad = state.weight_grad;
-    const bool bias_grad = state.bias_grad;
+    // Only the parameter gradients this backward is asked for (torch.autograd.grad with the
+    // input alone, a pipeline schedule's input-gradient pass): the edges are the tensor
+    // arguments present, in order (input, residual, weight, bias, seed).
+    const size_t weight_edge = has_residual ? 2 : 1;
+    const bool weight_grad = state.weight_grad && ctx->needs_input_grad(weight_edge);
+    const bool bias_grad =
+        state.bias_grad && ctx->needs_input_grad(weight_edge + (weight.defined() ? 1 : 0));
     const auto bias_dtype = state.bias_dtype;
 
     const bool higher_order = at::GradMode::is_enabled() || isFwGradDefined(grad_out) ||

@@ -1,11 +1,13 @@
-// vmap rules (the FuncTorchBatched key) of the public norm ops and _norm_fwd. The ops are
-// row-wise in input and residual: a batch dimension of those two moves to the front as one
-// more row dimension, and the op runs once on all entries (the kernels' rows are computed
-// alone, so each entry's result is bitwise that of a call on it). Where a weight, bias or
-// dropout seed is batched (an ensemble), or the fused dropout is on (its mask is a function
-// of an element's index in the call: entries must each be called alone to get the mask of
-// a call on them), the op runs once per entry, as functorch's fallback would, which is not
-// exported to extensions. Without these rules that fallback ran every vmap of the ops entry
+// vmap rules (the FuncTorchBatched key) of the public norm ops, _norm_fwd and _norm_bwd.
+// The ops are row-wise in input and residual (_norm_bwd: in grad_out, grad_residual_out, h,
+// mean and rstd, where it computes no weight or bias gradient, as for a batch of
+// gradients with respect to the input): a batch dimension of those moves to the front as
+// one more row dimension, and the op runs once on all entries (the kernels' rows are
+// computed alone, so each entry's result is bitwise that of a call on it). Where a weight,
+// bias or dropout seed is batched (an ensemble), the weight or bias gradients are summed,
+// or the fused dropout is on (its mask is a function of an element's index in the call:
+// entries must each be called alone to get the mask of a call on them), the op runs once
+// per entry, as functorch's fallback would, which is not exported to extensions. Without these rules that fallback ran every vmap of the ops entry
 // by entry, with a warning, and refused a batch of size 0.
 
 #include <ATen/functorch/BatchedTensorImpl.h>
@@ -19,17 +21,34 @@
 namespace addnorm {
 namespace {
 
+// Reads a bool argument by name (false where the op has none).
+bool flag(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args, const char* name) {
+  const auto i = schema.argumentIndexWithName(name);
+  return i.has_value() && args[*i].toBool();
+}
+
 // Whether return j of the op is an empty placeholder ([0], not one per row): h where it is
-// not stored or returned, mean of RMSNorm.
+// not stored or returned, mean of RMSNorm; _norm_bwd's gradients not asked for.
 bool placeholder(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args, size_t j) {
-  auto flag = [&](const char* name) {
-    const auto i = schema.argumentIndexWithName(name);
-    return i.has_value() && args[*i].toBool();
-  };
+  auto on = [&](const char* name) { return flag(schema, args, name); };
   if (schema.name() == "addnorm::_norm_fwd") {
-    return (j == 1 && !flag("store_residual")) || (j == 2 && flag("is_rms"));
+    return (j == 1 && !on("store_residual")) || (j == 2 && on("is_rms"));
   }
-  return j == 1 && !flag("return_residual");
+  if (schema.name() == "addnorm::_norm_bwd") {
+    const auto w = schema.argumentIndexWithName("weight");
+    const auto p = schema.argumentIndexWithName("dropout_p");
+    return (j == 0 && !on("grad_h_wanted")) ||
+           (j == 1 && !(args[*w].isTensor() && on("weight_grad"))) ||
+           (j == 2 && !on("has_bias")) || (j == 3 && !(args[*p].toDouble() > 0.0));
+  }
+  return j == 1 && !on("return_residual");
+}
+
+// Whether the op's results depend on each row alone: not _norm_bwd's weight and bias
+// gradients, which are sums over the rows.
+bool row_wise(const c10::FunctionSchema& schema, c10::ArrayRef<c10::IValue> args) {
+  return schema.name() != "addnorm::_norm_bwd" ||
+         (placeholder(schema, args, 1) && placeholder(schema, args, 2));
 }
 
 // The vmap level that is batched here: the innermost one among the arguments (functorch's
@@ -64,7 +83,8 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   bool row_batched = false, other_batched = false;
   for (size_t i = 0; i < n_args; ++i) {
     const std::string& name = schema.arguments()[i].name();
-    if (name == "input" || name == "residual") {
+    if (name == "input" || name == "residual" || name == "grad_out" ||
+        name == "grad_residual_out" || name == "h" || name == "mean" || name == "rstd") {
       rows.push_back(i);
       row_batched = row_batched || batched(i);
     } else {
@@ -90,10 +110,13 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     was_batched[i] = true;
   }
 
-  if (!other_batched && !drop) {
-    // One call: the unbatched one of input and residual expanded to the batch.
+  const bool one_call =
+      !other_batched && !drop && row_wise(schema, c10::ArrayRef<c10::IValue>(*stack).slice(first));
+  if (one_call) {
+    // One call: the unbatched row arguments expanded to the batch (not the placeholders).
     for (size_t i : rows) {
-      if (!was_batched[i] && arg(i).isTensor()) {
+      if (!was_batched[i] && arg(i).isTensor() &&
+          !(arg(i).toTensor().dim() == 1 && arg(i).toTensor().numel() == 0)) {
         const at::Tensor t = arg(i).toTensor();
         std::vector<int64_t> sizes{batch};
         sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
@@ -133,7 +156,8 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(addnorm, FuncTorchBatched, m) {
-  for (const char* op : {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd"}) {
+  for (const char* op :
+       {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd", "_norm_bwd"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&batched_norm>());
   }
 }

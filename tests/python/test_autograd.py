@@ -4,7 +4,6 @@ AD against torch, functorch transforms, partial requires_grad, unused and separa
 backpropagated outputs, and determinism of the weight/bias gradients."""
 
 import itertools
-import warnings
 
 import pytest
 import torch
@@ -845,44 +844,61 @@ def test_functorch_gradients_meet_the_bar(rms, dtype, n, outlier, device):
 def test_vmap_rule_runs_the_op_once_and_matches_entry_by_entry(device):
     """The ops' vmap rule (FuncTorchBatched): a batch dimension of input and residual (at any
     position, either or both) runs the op once, bitwise as entry by entry, without torch's
-    fallback and its warning, also for a batch of size 0 and per-sample gradients
-    (vmap(grad)); a batched weight runs entry by entry; the fused dropout with one seed
+    fallback (disabled here: an op reaching it raises), also for a batch of size 0,
+    per-sample gradients (vmap(grad)) and vmap over a backward (Jacobians); a batched weight runs entry by entry; the fused dropout with one seed
     gives every entry the mask of a call on it (vmap's semantics)."""
     torch.manual_seed(0)
     x = make_data((5, 4, 16), torch.float32, device)
     r = make_data((5, 4, 16), torch.float32, device)
     w, b = make_affine((16,), torch.float32, device)
     ws = make_data((3, 16), torch.float32, device)
+    # (without torch's fallback, which an op with no rule of its own would reach: it raises)
+    fallback = torch._C._functorch._is_vmap_fallback_enabled()
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        _check_vmap_rule(x, r, w, b, ws, device)
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(fallback)
+
+
+def _check_vmap_rule(x, r, w, b, ws, device):
     vmap, F_ = torch.func.vmap, torch.nn.functional
 
     def each(f, *ts):
         return torch.stack([f(*(t[i] for t in ts)) for i in range(ts[0].shape[0])])
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # (torch's fallback warns of a performance drop)
-        cases = [
-            (lambda a, c: addnorm.add_layer_norm(a, c, 16, w, b), (x, r), 0),
-            (lambda a: addnorm.add_layer_norm(a, r[0], 16, w, b), (x,), 0),
-            (lambda c: addnorm.add_rms_norm(x[0], c, 16, w, return_residual=True)[1], (r,), 0),
-            (lambda a: addnorm.layer_norm(a, 16, w, b), (x,), 1),
-            (lambda a: addnorm.rms_norm(a, 16, w), (x,), 0),
-        ]
-        for f, args, dim in cases:
-            moved = tuple(t.movedim(0, dim) for t in args)
-            assert torch.equal(vmap(f, in_dims=dim)(*moved), each(f, *args))
-        assert vmap(lambda a: addnorm.layer_norm(a, 16, w, b))(x[:0]).shape == (0, 4, 16)
-        f = lambda ww: addnorm.layer_norm(x[0], 16, ww, b)  # noqa: E731
-        assert torch.equal(vmap(f)(ws), each(f, ws))
-        seed = addnorm.dropout_seed(device)
-        f = lambda a: torch.ops.addnorm.add_layer_norm(  # noqa: E731
-            a, None, [16], dropout_p=0.5, dropout_seed=seed)[0]
-        assert torch.equal(vmap(f)(x), each(f, x))
-        loss = lambda ln: lambda ww, xx: ln(xx, (16,), ww, b).pow(2).sum()  # noqa: E731
-        per_sample = vmap(torch.func.grad(loss(addnorm.layer_norm)), in_dims=(None, 0))(w, x)
-        expected = vmap(torch.func.grad(loss(F_.layer_norm)), in_dims=(None, 0))(w, x)
-        torch.testing.assert_close(per_sample, expected)
-        assert vmap(torch.func.grad(loss(addnorm.layer_norm)), in_dims=(None, 0))(
-            w, x[:0]).shape == (0, 16)
+    cases = [
+        (lambda a, c: addnorm.add_layer_norm(a, c, 16, w, b), (x, r), 0),
+        (lambda a: addnorm.add_layer_norm(a, r[0], 16, w, b), (x,), 0),
+        (lambda c: addnorm.add_rms_norm(x[0], c, 16, w, return_residual=True)[1], (r,), 0),
+        (lambda a: addnorm.layer_norm(a, 16, w, b), (x,), 1),
+        (lambda a: addnorm.rms_norm(a, 16, w), (x,), 0),
+    ]
+    for f, args, dim in cases:
+        moved = tuple(t.movedim(0, dim) for t in args)
+        assert torch.equal(vmap(f, in_dims=dim)(*moved), each(f, *args))
+    assert vmap(lambda a: addnorm.layer_norm(a, 16, w, b))(x[:0]).shape == (0, 4, 16)
+    f = lambda ww: addnorm.layer_norm(x[0], 16, ww, b)  # noqa: E731
+    assert torch.equal(vmap(f)(ws), each(f, ws))
+    seed = addnorm.dropout_seed(device)
+    f = lambda a: torch.ops.addnorm.add_layer_norm(  # noqa: E731
+        a, None, [16], dropout_p=0.5, dropout_seed=seed)[0]
+    assert torch.equal(vmap(f)(x), each(f, x))
+    loss = lambda ln: lambda ww, xx: ln(xx, (16,), ww, b).pow(2).sum()  # noqa: E731
+    per_sample = vmap(torch.func.grad(loss(addnorm.layer_norm)), in_dims=(None, 0))(w, x)
+    expected = vmap(torch.func.grad(loss(F_.layer_norm)), in_dims=(None, 0))(w, x)
+    torch.testing.assert_close(per_sample, expected)
+    assert vmap(torch.func.grad(loss(addnorm.layer_norm)), in_dims=(None, 0))(
+        w, x[:0]).shape == (0, 16)
+    # vmap over a backward (a Jacobian, row by row): _norm_bwd once for the input's
+    # gradients, entry by entry with the weight's (its gradient sums over rows)
+    xd, rd, wd, bd = (t.double().requires_grad_() for t in (x[0], r[0], w, b))
+    basis = torch.eye(4 * 16, dtype=F64, device=device).reshape(-1, 4, 16)
+    for inputs in ([xd], [xd, wd]):
+        rows = []
+        for out in (addnorm.add_layer_norm(xd, rd, 16, wd, bd), F_.layer_norm(xd + rd, (16,), wd, bd)):
+            rows.append(vmap(lambda v: torch.autograd.grad(out, inputs, v, retain_graph=True))(basis))
+        torch.testing.assert_close(rows[0], rows[1], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)

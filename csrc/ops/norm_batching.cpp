@@ -12,6 +12,7 @@
 
 #include <ATen/functorch/BatchedTensorImpl.h>
 #include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -113,10 +114,13 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const bool one_call =
       !other_batched && !drop && row_wise(schema, c10::ArrayRef<c10::IValue>(*stack).slice(first));
   if (one_call) {
-    // One call: the unbatched row arguments expanded to the batch (not the placeholders).
+    // One call: the unbatched row arguments expanded to the batch (not _norm_bwd's mean of
+    // RMSNorm, an empty placeholder).
+    const auto mean = schema.argumentIndexWithName("mean");
+    const bool mean_placeholder =
+        mean.has_value() && flag(schema, c10::ArrayRef<c10::IValue>(*stack).slice(first), "is_rms");
     for (size_t i : rows) {
-      if (!was_batched[i] && arg(i).isTensor() &&
-          !(arg(i).toTensor().dim() == 1 && arg(i).toTensor().numel() == 0)) {
+      if (!was_batched[i] && arg(i).isTensor() && !(mean_placeholder && i == *mean)) {
         const at::Tensor t = arg(i).toTensor();
         std::vector<int64_t> sizes{batch};
         sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
@@ -134,22 +138,27 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     return;
   }
 
-  // Entry by entry.
-  TORCH_CHECK(batch > 0, "addnorm: vmap over a dimension of size 0 is not supported with a "
-              "batched weight, bias or dropout seed, or with dropout_p > 0");
+  // Entry by entry. (A batch of none: one call on zeros shaped as an entry gives the
+  // results' shapes and dtypes, of which none are returned.)
   const std::vector<c10::IValue> args(stack->begin() + first, stack->end());
   stack->erase(stack->begin() + first, stack->end());
   std::vector<std::vector<at::Tensor>> rets(n_rets);
-  for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t b = 0; b < std::max<int64_t>(batch, 1); ++b) {
     torch::jit::Stack entry;
     for (size_t i = 0; i < n_args; ++i) {
-      entry.push_back(was_batched[i] ? c10::IValue(args[i].toTensor().select(0, b)) : args[i]);
+      if (!was_batched[i]) {
+        entry.push_back(args[i]);
+        continue;
+      }
+      const at::Tensor t = args[i].toTensor();
+      entry.push_back(batch > 0 ? t.select(0, b) : at::zeros(t.sizes().slice(1), t.options()));
     }
     op.callBoxed(&entry);
     for (size_t j = 0; j < n_rets; ++j) rets[j].push_back(entry[j].toTensor());
   }
   for (size_t j = 0; j < n_rets; ++j) {
-    stack->push_back(at::functorch::makeBatched(at::stack(rets[j]), 0, level));
+    const at::Tensor out = batch > 0 ? at::stack(rets[j]) : rets[j][0].unsqueeze(0).narrow(0, 0, 0);
+    stack->push_back(at::functorch::makeBatched(out, 0, level));
   }
 }
 

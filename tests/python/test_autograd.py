@@ -899,6 +899,19 @@ def _check_vmap_rule(x, r, w, b, ws, device):
         for out in (addnorm.add_layer_norm(xd, rd, 16, wd, bd), F_.layer_norm(xd + rd, (16,), wd, bd)):
             rows.append(vmap(lambda v: torch.autograd.grad(out, inputs, v, retain_graph=True))(basis))
         torch.testing.assert_close(rows[0], rows[1], rtol=1e-10, atol=1e-12)
+    # empty shapes: rows of none (a mean and rstd of shape [0] are statistics, not
+    # placeholders), rows of zero elements, a batch of none where entries run one by one
+    x0 = xd[:0].detach().requires_grad_()
+    out = addnorm.layer_norm(x0, 16, wd)
+    g0 = torch.zeros(3, 0, 16, dtype=F64, device=device)
+    assert vmap(lambda v: torch.autograd.grad(out, x0, v, retain_graph=True)[0])(g0).shape == (3, 0, 16)
+    empty = torch.zeros(0, device=device)
+    assert vmap(lambda a: addnorm.add_layer_norm(a, empty, 0))(x[:3, 0, :0]).shape == (3, 0)
+    out = addnorm.layer_norm(xd, 16, wd)
+    none = torch.zeros(0, 4, 16, dtype=F64, device=device)
+    got = vmap(lambda v: torch.autograd.grad(out, [xd, wd], v, retain_graph=True))(none)
+    assert [t.shape for t in got] == [(0, 4, 16), (0, 16)]
+    assert vmap(lambda ww: addnorm.layer_norm(x[0], 16, ww))(ws[:0]).shape == (0, 4, 16)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -60,7 +60,6 @@
 #include <ATen/ops/matmul.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
@@ -243,7 +242,7 @@ bool output_invertible(const std::optional<at::Tensor>& weight,
 at::Tensor with_values_of(const at::Tensor& values, const at::Tensor& graph) {
   const at::Tensor g = graph.to(values.scalar_type());
   const at::Tensor plain = g.detach();
-  return values + at::where(plain.isfinite(), g - plain, at::zeros_like(plain));
+  return values + at::where(plain.isfinite(), g - plain, 0);
 }
 
 // The first-order gradients (grad_h with grad_h_in added, grad_weight, grad_bias, and with

@@ -7,8 +7,9 @@
 // bias or dropout seed is batched (an ensemble), the weight or bias gradients are summed,
 // or the fused dropout is on (its mask is a function of an element's index in the call:
 // entries must each be called alone to get the mask of a call on them), the op runs once
-// per entry, as functorch's fallback would, which is not exported to extensions. Without these rules that fallback ran every vmap of the ops entry
-// by entry, with a warning, and refused a batch of size 0.
+// per entry, as functorch's fallback would (it is not exported to extensions). Without
+// these rules that fallback ran every vmap of the ops entry by entry, with a warning, and
+// refused a batch of size 0.
 
 #include <ATen/functorch/BatchedTensorImpl.h>
 #include <ATen/ops/stack.h>
@@ -80,7 +81,7 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     const auto* impl = at::functorch::maybeGetBatchedImpl(arg(i).toTensor());
     return impl != nullptr && impl->level() == level;
   };
-  std::vector<size_t> rows;  // input, residual
+  std::vector<size_t> rows;  // the row arguments, by name
   bool row_batched = false, other_batched = false;
   for (size_t i = 0; i < n_args; ++i) {
     const std::string& name = schema.arguments()[i].name();
@@ -124,7 +125,7 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
         const at::Tensor t = arg(i).toTensor();
         std::vector<int64_t> sizes{batch};
         sizes.insert(sizes.end(), t.sizes().begin(), t.sizes().end());
-        arg(i) = t.unsqueeze(0).expand(sizes);
+        arg(i) = t.expand(sizes);  // (a leading dimension of size batch, a view)
       }
     }
     const std::vector<c10::IValue> args(stack->begin() + first, stack->end());

@@ -428,7 +428,10 @@ def test_training_step_in_a_cuda_graph(dropout):
         y = ours(x)
         return [y] + list(torch.autograd.grad(y.square().sum(), [x] + params))
 
-    eager = step()
+    # (detached: the eager step's graph would stay alive with its parameters' gradient
+    # accumulators, made on the default stream; the captured backward would then sync with
+    # that stream, which capture refuses, whichever layer runs)
+    eager = [t.detach() for t in step()]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

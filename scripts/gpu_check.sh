@@ -16,8 +16,9 @@
 # build/prebuilt) is used when it holds a _C for this Python, built against this torch from
 # this tree's sources (scripts/source_hash.sh); else the script builds.
 #
-# To carry the results off the GPU machine as few files, pack the folder:
-#   scripts/gpu_check.sh /tmp/gpu_check; tar -czf gpu_check.tgz -C /tmp gpu_check
+# To carry the results off the GPU machine as one file, PACK=1 packs OUT_DIR into
+# OUT_DIR.tgz (and removes the folder):
+#   PACK=1 scripts/gpu_check.sh /tmp/out/gpu_check     # -> /tmp/out/gpu_check.tgz
 #
 # OUT_DIR receives one log per step (<step>.log), pytest_*.xml, bench.json / bench.md (the
 # benchmark), profile.txt (ncu), encoder_gpu.json / .md and bert_gpu.json / .md (the encoder
@@ -31,7 +32,7 @@
 # GPU_CHECK_BUDGET_S, STEPS (comma list, default env,build,first,test_cuda,tests,memcheck,
 # racecheck,bench,profile,encoder,encoder_profile,bert,large), PYTEST_K (pytest -k expression for
 # the rest of the suite; default cuda), PYTEST_JOBS (pytest-xdist workers when available;
-# default 8), BENCH_ARGS (replaces the benchmark's default arguments), TORCH_CUDA_ARCH_LIST
+# default 8), PYTEST_TIMEOUT (seconds per test, with pytest-timeout; default 90), PACK, BENCH_ARGS (replaces the benchmark's default arguments), TORCH_CUDA_ARCH_LIST
 # (default: the GPU's compute capability).
 set -u
 
@@ -204,13 +205,27 @@ torch.testing.assert_close(addnorm.layer_norm(x, 64), torch.nn.functional.layer_
   return $rc
 }
 
-# pytest with pytest-xdist workers when it is installed.
+# pytest with pytest-xdist workers when it is installed. Each worker gets its share of the
+# cores for torch's CPU threads (the references and the CPU side of every comparison): with
+# each of 8 workers running 16 OpenMP threads on 16 cores, the first tests with rows large
+# enough for parallel CPU loops (N >= 16392 in test_cuda.py) stalled the whole step. With
+# pytest-timeout, a test running past PYTEST_TIMEOUT seconds (default 90) has every
+# thread's stack dumped into the log and its worker ended, so a hang names itself; the ten
+# slowest tests are listed at the end.
 run_pytest() {
-  local xdist=()
-  if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_JOBS:-8}" -gt 1 ]; then
-    xdist=(-n "${PYTEST_JOBS:-8}")
+  local jobs=${PYTEST_JOBS:-8} xdist=() timeout=()
+  if "$PY" -c "import xdist" 2>/dev/null && [ "$jobs" -gt 1 ]; then
+    xdist=(-n "$jobs")
+  else
+    jobs=1
   fi
-  "$PY" -m pytest "${xdist[@]}" -q -ra -p no:cacheprovider "$@"
+  if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    timeout=(--timeout "${PYTEST_TIMEOUT:-90}" --timeout-method thread)
+  fi
+  local threads=$((NPROC / jobs))
+  [ "$threads" -ge 1 ] || threads=1
+  OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads "$PY" -m pytest "${xdist[@]}" \
+    "${timeout[@]}" -q -ra --durations 10 -p no:cacheprovider -p no:benchmark "$@"
 }
 
 # The tests that failed on an H100 before (N=1 gradients, NaN propagation of float64 RMSNorm,
@@ -300,14 +315,18 @@ profile() {
 }
 
 # One encoder layer at the size the targets name (d_model 1024, nhead 16, seq 512,
-# batch 32, bf16): forward+backward vs nn.TransformerEncoderLayer, eval vs its fast path
+# batch 32, bf16; post-LN, then pre-LN): forward+backward vs nn.TransformerEncoderLayer, eval vs its fast path
 # (without torch.compile of the layer, whose compilations would take this step's time; the
 # bert step compares compiled models).
 encoder_bench() {
   set -x
   "$PY" benchmarks/bench_encoder.py --device cuda --shapes 1024x16x512x32 --dtypes bf16 \
     --modes fwdbwd,eval --no-compile --no-progress \
-    --json "$OUT_DIR/encoder_gpu.json" --md "$OUT_DIR/encoder_gpu.md"
+    --json "$OUT_DIR/encoder_gpu.json" --md "$OUT_DIR/encoder_gpu.md" || return 1
+  # and pre-LN (the targets name both)
+  "$PY" benchmarks/bench_encoder.py --device cuda --shapes 1024x16x512x32 --dtypes bf16 \
+    --modes fwdbwd,eval --no-compile --no-progress --norm-first \
+    --json "$OUT_DIR/encoder_gpu_prenorm.json" --md "$OUT_DIR/encoder_gpu_prenorm.md"
 }
 
 # Where the encoder layer's eval forward spends its GPU time, addnorm's against torch's
@@ -428,5 +447,11 @@ TOTAL=$(($(date +%s) - START))
     echo "ALL PASSED"
   fi
 } | tee "$OUT_DIR/summary.txt"
+
+# PACK=1: OUT_DIR packed into OUT_DIR.tgz and removed (one file to carry off the machine).
+if [ "${PACK:-0}" = 1 ]; then
+  tar -czf "$OUT_DIR.tgz" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")" &&
+    rm -rf "$OUT_DIR" && echo "packed into $OUT_DIR.tgz"
+fi
 
 exit $FAILED

@@ -59,6 +59,11 @@ PLAN = [
     ("long", "add_rms_norm", BOTH, LONG, ("fwd", "bwd")),
     ("long", "add_layer_norm", BF16, LONG, ("fwd", "bwd")),
     ("small", "add_layer_norm", BF16, SMALL, ("fwd", "fwd_train", "fwdbwd")),
+    # training-step fusion: dropout + add + LN (eager: F.dropout(x, p) + r, then the norm)
+    # and the backward from the output
+    ("dropout", "dropout_add_layer_norm", BF16, [(16384, 1024), (8192, 8192)],
+     ("fwd_train", "fwdbwd")),
+    ("dropout", "add_layer_norm_memory_efficient", ("fp32",), [(16384, 1024)], ("fwdbwd",)),
 ]
 QUICK_PLAN = [
     ("large", "add_layer_norm", BF16, [(32768, 768), (8192, 8192)], ("fwd", "bwd", "fwdbwd")),
@@ -71,7 +76,7 @@ QUICK_PLAN = [
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few cases, fewer repetitions")
-    p.add_argument("--only", default=None, help="comma list of groups to run: large, long, small")
+    p.add_argument("--only", default=None, help="comma list of groups to run: large, long, small, dropout")
     p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 25; --quick 10)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--no-liger", action="store_true", help="leave Liger-Kernel out")

@@ -136,7 +136,13 @@ struct BwdParams {
   const A* rstd;     // [M]
   const W* gamma;    // [N]; nullptr when absent
   const W* beta;     // [N]; from the output only; nullptr when absent
-  H* dh;             // [M, N] grad of h (output)
+  H* dh;             // [M, N] grad of h (output); nullptr when not wanted (dropout only)
+  // The forward's fused dropout: the input's gradient, grad_h (as rounded to H) times the
+  // regenerated keep-mask and scale, in T, written in the same pass; nullptr without dropout.
+  T* dx;
+  const int64_t* drop_seed;  // [2] on the device, with dx only
+  uint64_t drop_threshold;
+  at::opmath_type<H> drop_scale;
   part_t<T>* part_gamma;  // [P, N] per-chunk partial sums of dy * xhat; nullptr: not wanted
   part_t<T>* part_beta;   // [P, N] per-chunk partial sums of dy; nullptr when not wanted
   int64_t M;
@@ -176,6 +182,42 @@ __device__ __forceinline__ void apply_dropout(const int64_t* __restrict__ seed,
     // Rounded here (never fused with the residual's add: h rounds twice, as torch's dropout
     // then add and the CPU kernels); a dropped inf gives NaN, as torch's.
     v[j] = mul_rn(v[j], dropout_keep(k, b) ? scale : A(0));
+  }
+}
+
+// grad_h for VEC elements at element offset off (when wanted) and, with the fused dropout,
+// the input's gradient from it: bitwise what _dropout_apply over the stored grad_h gives
+// (dropout_apply_kernel<H, T>), without grad_h's round trip through memory.
+// (Not inlined: the mask's generator would otherwise raise the register pressure of every
+// backward kernel, with or without dropout, into spills; a call only where dropout runs.)
+template <int VEC, typename T, typename H>
+__device__ __noinline__ void store_dropout_grad(const int64_t* __restrict__ seed,
+                                                uint64_t threshold, at::opmath_type<H> scale,
+                                                int64_t off, Vec<H, VEC> grad_h,
+                                                T* __restrict__ dx) {
+  using AH = at::opmath_type<H>;
+  AH g[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    g[j] = static_cast<AH>(grad_h.val[j]);
+  }
+  apply_dropout<VEC>(seed, threshold, scale, off, g);
+  store_vec<VEC>(dx + off, g);
+}
+
+template <int VEC, typename T, typename H, typename W, typename V>
+__device__ __forceinline__ void store_grads(const BwdParams<T, H, W>& p, int64_t off,
+                                            const V (&dx)[VEC]) {
+  if (p.dh != nullptr) {
+    store_vec<VEC>(p.dh + off, dx);
+  }
+  if (p.dx != nullptr) {
+    Vec<H, VEC> g;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      g.val[j] = static_cast<H>(dx[j]);
+    }
+    store_dropout_grad<VEC, T, H>(p.drop_seed, p.drop_threshold, p.drop_scale, off, g, p.dx);
   }
 }
 
@@ -645,7 +687,7 @@ __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t o
       dx[j] += r[j];
     }
   }
-  store_vec<VEC>(p.dh + off, dx);
+  store_grads<VEC>(p, off, dx);
 }
 
 // The wide backward, float32 data: as the CPU kernels, in double, grad_h rounded once.
@@ -759,7 +801,7 @@ __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t 
     dx[j] = static_cast<float>(fma(g - w.c1, w.rstd, fma(xh, w.b, static_cast<double>(r[j]))));
     gx[j] = static_cast<double>(dy[j]) * xh;  // (summed in double: part_t)
   }
-  store_vec<VEC>(p.dh + off, dx);
+  store_grads<VEC>(p, off, dx);
 }
 
 // The float64 backward: as the CPU kernels, in double-double. d = h - shift exactly (dh + dl,
@@ -900,7 +942,7 @@ __device__ __forceinline__ void f64_store(const BwdParams<T, H, W>& p, int64_t o
     dx[j] = isfinite(q) ? q + lo : q;
     gx[j] = fma_rn(dy[j], xp, mul_rn(dy[j], xe));
   }
-  store_vec<VEC>(p.dh + off, dx);
+  store_grads<VEC>(p, off, dx);
 }
 
 // The float32 (wide) and float64 backward's steps, by the data's type.
@@ -1563,7 +1605,11 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   p.rstd = a.rstd.const_data_ptr<A>();
   p.gamma = ptr_or_null<W>(a.gamma);
   p.beta = ptr_or_null<W>(a.beta);
-  p.dh = a.grad_h.mutable_data_ptr<H>();
+  p.dh = mutable_ptr_or_null<H>(a.grad_h);
+  p.dx = mutable_ptr_or_null<T>(a.grad_input);
+  p.drop_seed = a.grad_input.defined() ? a.dropout_seed.const_data_ptr<int64_t>() : nullptr;
+  p.drop_threshold = dropout_threshold(a.dropout_p);
+  p.drop_scale = dropout_scale<at::opmath_type<H>>(a.dropout_p);
   p.part_gamma = nullptr;
   p.part_beta = nullptr;
   p.M = a.M;
@@ -1599,7 +1645,8 @@ void launch_norm_bwd(const NormBwdArgs& a) {
                           is_aligned(p.y, sizeof(Vec<T, VEC>)) &&
                           is_aligned(p.gamma, sizeof(Vec<W, VEC>)) &&
                           is_aligned(p.beta, sizeof(Vec<W, VEC>)) &&
-                          is_aligned(p.dh, sizeof(Vec<H, VEC>));
+                          is_aligned(p.dh, sizeof(Vec<H, VEC>)) &&
+                          is_aligned(p.dx, sizeof(Vec<T, VEC>));
   const int64_t nvec = a.N / VEC;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -1696,28 +1743,12 @@ void norm_fwd(const NormFwdArgs& args) {
                                   [&] { dispatch_fwd<scalar_t>(args); });
 }
 
-void dropout_apply(const DropoutApplyArgs& args);
-
-// With the forward's fused dropout, grad_input is the dropout kernel's pass over grad_h
-// (a scratch tensor when grad_h itself is not wanted): the same values as the CPU
-// kernels' fused pass, not fused here.
-void norm_bwd(const NormBwdArgs& args_in) {
-  const c10::cuda::CUDAGuard guard(args_in.h.device());
-  NormBwdArgs args = args_in;
-  const bool drop = args.grad_input.defined();
-  if (drop && !args.grad_h.defined()) {
-    args.grad_h = at::empty(args.grad_input.sizes(), args.grad_input.options().dtype(args.dtypes.h));
-  }
+// With the forward's fused dropout the kernels also write grad_input, from grad_h in the
+// same pass (store_grads; grad_h itself only when wanted): the CPU kernels' values.
+void norm_bwd(const NormBwdArgs& args) {
+  const c10::cuda::CUDAGuard guard(args.h.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, args.dtypes.x, "addnorm_norm_bwd_cuda",
                                   [&] { dispatch_bwd<scalar_t>(args); });
-  if (drop) {
-    DropoutApplyArgs d;
-    d.input = args.grad_h;
-    d.seed = args.dropout_seed;
-    d.out = args.grad_input;
-    d.p = args.dropout_p;
-    dropout_apply(d);
-  }
 }
 
 // _dropout_apply: out = input * keep-mask / (1 - p), the mask regenerated from the seed

@@ -323,6 +323,43 @@ def test_emulated_fused_dropout_like_cpu(n, dtype, norm, emu):
             assert_close(a, c.double(), reduced=name in ("grad_weight", "grad_bias"), name=name)
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                    (torch.float32, torch.float32), (torch.float64, torch.float64)],
+                         ids=lambda d: f"{str(d[0])[6:]}-h_{str(d[1])[6:]}")
+@pytest.mark.parametrize("n", [768, 1001, 8200])
+def test_emulated_dropout_input_gradient_in_the_backward_pass(n, dtypes, norm, emu):
+    """With the fused dropout, the backward kernels write the input's gradient in the pass
+    that computes grad_h (register, looping and scalar paths; h of the input's dtype or
+    float32): bitwise _dropout_apply of that grad_h, as the separate pass it replaces wrote
+    it, and the same when grad_h itself is not wanted (then not written)."""
+    rms = norm == "rms_norm"
+    x_dtype, h_dtype = dtypes
+    m, p = 5, 0.3
+    x = make_data((m, n), x_dtype, "cpu")
+    r = make_data((m, n), x_dtype, "cpu", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), x_dtype, "cpu")
+    b = None if rms else b
+    seed = torch.tensor([20261129, 12], dtype=torch.int64)
+    eps = EPS[norm]
+    fp32_h = h_dtype != x_dtype
+    _, h, mean, rstd = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, fp32_h, p, seed)
+    assert h.dtype == h_dtype
+    dy = torch.randn(m, n).to(x_dtype)
+    both = emu.norm_bwd(dy, None, h, mean, rstd, w, not rms, rms, True, eps, False, None, p, seed,
+                        True)
+    grad_h, grad_input = both[0], both[3]
+    assert grad_input.dtype == x_dtype
+    expected = torch.ops.addnorm._dropout_apply(grad_h, seed, p, x_dtype)
+    assert torch.equal(grad_input, expected), "grad_input is not _dropout_apply of grad_h"
+    assert (grad_input == 0).any() and (grad_input != 0).any()
+    alone = emu.norm_bwd(dy, None, h, mean, rstd, w, not rms, rms, True, eps, False, None, p,
+                         seed, False)
+    assert alone[0].numel() == 0, "grad_h written though not wanted"
+    for k in (1, 2, 3):
+        assert torch.equal(alone[k], both[k]), f"result {k} differs without grad_h"
+
+
 def test_emulated_one_element_rows_pass_no_gradient(emu):
     """LayerNorm over one-element rows (4097 of them, several rows per warp): h - mean is
     exactly 0, so the input gets exactly no gradient, as from torch's kernels (the CUDA

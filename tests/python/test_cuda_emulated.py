@@ -294,6 +294,15 @@ def test_emulated_float64_short_rows_input_grad_accuracy(norm, emu):
     assert not bad, f"{norm}: grad_input above torch's error for (N, ratio) {bad}"
 
 
+def _dropout_case(m, n, dtype, norm, seed):
+    """x, residual, weight, bias (None for RMSNorm), a dropout seed and eps for an (m, n) case."""
+    x = make_data((m, n), dtype, "cpu")
+    r = make_data((m, n), dtype, "cpu", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), dtype, "cpu")
+    b = None if norm == "rms_norm" else b
+    return x, r, w, b, torch.tensor(seed, dtype=torch.int64), EPS[norm]
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [768, 1001, 8200])
@@ -303,12 +312,7 @@ def test_emulated_fused_dropout_like_cpu(n, dtype, norm, emu):
     grad_input (the residual's gradient grad_h too) as the CPU's."""
     rms = norm == "rms_norm"
     m, p = 3, 0.15
-    x = make_data((m, n), dtype, "cpu")
-    r = make_data((m, n), dtype, "cpu", scale=1.0, offset=0.0)
-    w, b = make_affine((n,), dtype, "cpu")
-    b = None if rms else b
-    seed = torch.tensor([123456789, 4096], dtype=torch.int64)
-    eps = EPS[norm]
+    x, r, w, b, seed, eps = _dropout_case(m, n, dtype, norm, [123456789, 4096])
     cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, False, p, seed)
     got = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, False, p, seed)
     assert torch.equal(got[1], cpu[1]), "h differs from the CPU kernels'"
@@ -336,12 +340,7 @@ def test_emulated_dropout_input_gradient_in_the_backward_pass(n, dtypes, norm, e
     rms = norm == "rms_norm"
     x_dtype, h_dtype = dtypes
     m, p = 5, 0.3
-    x = make_data((m, n), x_dtype, "cpu")
-    r = make_data((m, n), x_dtype, "cpu", scale=1.0, offset=0.0)
-    w, b = make_affine((n,), x_dtype, "cpu")
-    b = None if rms else b
-    seed = torch.tensor([20261129, 12], dtype=torch.int64)
-    eps = EPS[norm]
+    x, r, w, b, seed, eps = _dropout_case(m, n, x_dtype, norm, [20261129, 12])
     fp32_h = h_dtype != x_dtype
     _, h, mean, rstd = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, fp32_h, p, seed)
     assert h.dtype == h_dtype

@@ -327,33 +327,63 @@ def test_emulated_fused_dropout_like_cpu(n, dtype, norm, emu):
             assert_close(a, c.double(), reduced=name in ("grad_weight", "grad_bias"), name=name)
 
 
+def _misaligned(t):
+    """t's values in a view whose data starts one element past an aligned allocation (the
+    kernels' one-element path, whatever N)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["plain", "grad_residual", "from_output", "no_weight",
+                                     "misaligned"])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                    (torch.float32, torch.float32), (torch.float64, torch.float64)],
+                                    (torch.float16, torch.float16), (torch.float32, torch.float32),
+                                    (torch.float64, torch.float64)],
                          ids=lambda d: f"{str(d[0])[6:]}-h_{str(d[1])[6:]}")
 @pytest.mark.parametrize("n", [768, 1001, 8200])
-def test_emulated_dropout_input_gradient_in_the_backward_pass(n, dtypes, norm, emu):
+def test_emulated_dropout_input_gradient_in_the_backward_pass(n, dtypes, norm, variant, emu):
     """With the fused dropout, the backward kernels write the input's gradient in the pass
     that computes grad_h (register, looping and scalar paths; h of the input's dtype or
-    float32): bitwise _dropout_apply of that grad_h, as the separate pass it replaces wrote
-    it, and the same when grad_h itself is not wanted (then not written)."""
+    float32; with a gradient into the returned residual, from the output, without weight, and
+    from misaligned rows): bitwise _dropout_apply of that grad_h, as the separate pass it
+    replaces wrote it, and the same when grad_h itself is not wanted (then not written)."""
     rms = norm == "rms_norm"
     x_dtype, h_dtype = dtypes
     m, p = 5, 0.3
     x, r, w, b, seed, eps = _dropout_case(m, n, x_dtype, norm, [20261129, 12])
+    if variant == "no_weight":
+        w = b = None
     fp32_h = h_dtype != x_dtype
-    _, h, mean, rstd = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, fp32_h, p, seed)
+    out, h, mean, rstd = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, fp32_h, p, seed)
     assert h.dtype == h_dtype
     dy = torch.randn(m, n).to(x_dtype)
-    both = emu.norm_bwd(dy, None, h, mean, rstd, w, not rms, rms, True, eps, False, None, p, seed,
-                        True)
+    gres = torch.randn(m, n).to(h_dtype) if variant == "grad_residual" else None
+    saved, from_output = (out, True) if variant == "from_output" else (h, False)
+    if variant == "misaligned":
+        dy, saved = _misaligned(dy), _misaligned(saved)
+
+    def bwd(grad_h_wanted):
+        return emu.norm_bwd(dy, gres, saved, mean, rstd, w, b is not None, rms, w is not None,
+                            eps, from_output, b if from_output else None, p, seed,
+                            grad_h_wanted, h_dtype=h_dtype)
+
+    both = bwd(True)
     grad_h, grad_input = both[0], both[3]
-    assert grad_input.dtype == x_dtype
+    assert grad_input.dtype == x_dtype and grad_h.dtype == h_dtype
     expected = torch.ops.addnorm._dropout_apply(grad_h, seed, p, x_dtype)
     assert torch.equal(grad_input, expected), "grad_input is not _dropout_apply of grad_h"
     assert (grad_input == 0).any() and (grad_input != 0).any()
-    alone = emu.norm_bwd(dy, None, h, mean, rstd, w, not rms, rms, True, eps, False, None, p,
-                         seed, False)
+    if variant == "grad_residual":  # grad_h includes the residual's gradient
+        plain = emu.norm_bwd(dy, None, saved, mean, rstd, w, b is not None, rms, True, eps,
+                             False, None, p, seed, True, h_dtype=h_dtype)[0]
+        # plain is rounded to h's dtype once, grad_h once after the sum: within two roundings
+        bound = torch.finfo(h_dtype).eps * (plain.double().abs() + gres.double().abs())
+        err = (grad_h.double() - plain.double() - gres.double()).abs()
+        assert (err <= bound + 1e-300).all(), f"grad_h is not grad_h without it + gres: {err.max()}"
+    alone = bwd(False)
     assert alone[0].numel() == 0, "grad_h written though not wanted"
     for k in (1, 2, 3):
         assert torch.equal(alone[k], both[k]), f"result {k} differs without grad_h"

@@ -29,7 +29,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_fwd(
 // over_inputs: the kernel reads each element of h and of grad_out before it writes grad_h
 // and grad_input at the same place, and never after, so these may take the memory of h or
 // grad_out where a WriteOver scope allows it (the CPU kernels; not CUDA's, whose
-// weight-gradient kernel reads h after grad_h is written).
+// weight-gradient kernel reads h and grad_out after grad_h and the fused dropout's
+// grad_input are written, and whose row kernels load both through the read-only cache).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> launch_norm_bwd(
     NormBwdKernel kernel, const at::Tensor& grad_out,
     const std::optional<at::Tensor>& grad_residual_out, const at::Tensor& h,

@@ -3,8 +3,9 @@
 //
 // Forward, per row of N elements: h = x (+ residual) in fp32 (fp64 for fp64), rounded to h's
 // dtype (and stored when asked for); mean and rstd of the rounded h with the row sums in
-// double (double-double for fp64): two-pass in registers, or sums of h - shift (shift = the
-// row's first h) in one sweep when looping; out = (h - mean) * rstd * gamma + beta in x's
+// double (double-double for fp64; bfloat16/float16 on the register path: each thread's
+// partial in float, see kHalfData): two-pass in registers, or sums of h - shift (shift =
+// the row's first h) in one sweep when looping; out = (h - mean) * rstd * gamma + beta in x's
 // dtype, with the float32 mean and rstd carrying the rounding error of their double values
 // (so the output is as accurate as if the statistics were exact); float64: mean and rstd as
 // double-doubles, h - mean kept exactly, the affine step rounded once (as the CPU kernels).
@@ -12,7 +13,8 @@
 // (RMS drops mean(g)), plus grad_residual_out. float32 data ("the wide backward"): as the
 // CPU kernels, in double from the statistics of h itself (given the forward's eps), g exact,
 // grad_h rounded once; float64 the same in double-double. bfloat16/float16: the saved
-// statistics, float lanes with g rounded once, the row sums in double.
+// statistics, float lanes with g rounded once, the row sums in double (each vector's terms
+// summed in float first).
 // grad_gamma / grad_beta from per-chunk partials (fp64 for float32 and float64 data, the
 // float64 looping path's from double-double sums; fp32 for bfloat16/float16) summed in
 // double (double-double for fp64 partials) by a finalize kernel
@@ -308,6 +310,21 @@ __device__ __forceinline__ Normalizer<double> make_normalizer(const DdMoments& m
   return Normalizer<double>(m, eps);
 }
 
+// bfloat16 / float16 data: a few terms are summed in float and only that partial is added
+// to the double row sums (the register path's forward: a thread's VPT * VEC elements; the
+// backward: a vector's VEC). Conversions to double per element, which issue at a fraction
+// of float arithmetic's rate, had left the kernels short of memory bandwidth. A partial of
+// so few terms is within a few ulps; where it left float's range (not finite, or a sum of
+// squares below 2^-100, where float's subnormals would lose bits), the same terms are summed
+// again in double, as before.
+template <typename T>
+constexpr bool kHalfData = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
+__device__ __forceinline__ bool float_sum_ok(float s) { return isfinite(s); }
+__device__ __forceinline__ bool float_squares_ok(float s) {
+  return s >= 0x1p-100f && s <= std::numeric_limits<float>::max();  // NaN: false
+}
+
 // VEC elements at ptr + i converted to A, or fill where ptr is null (an absent gamma reads
 // as 1, an absent beta or grad_residual_out as 0).
 template <int VEC, typename U, typename A>
@@ -441,11 +458,26 @@ __global__ void __launch_bounds__(kMaxThreads)
     double mean = 0.0;  // RMSNorm: deviations from 0
     if constexpr (!RMS) {
       stat_zero(s[0]);
+      bool summed = false;
+      if constexpr (kHalfData<T>) {
+        float t = 0.0f;
 #pragma unroll
-      for (int i = 0; i < VPT; ++i) {
+        for (int i = 0; i < VPT; ++i) {
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          stat_add(s[0], static_cast<double>(h[i][j]));  // out-of-range slots hold zeros
+          for (int j = 0; j < VEC; ++j) {
+            t += h[i][j];  // out-of-range slots hold zeros
+          }
+        }
+        summed = float_sum_ok(t);
+        s[0] = summed ? static_cast<double>(t) : 0.0;
+      }
+      if (!summed) {
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            stat_add(s[0], static_cast<double>(h[i][j]));  // out-of-range slots hold zeros
+          }
         }
       }
       row_allreduce(s, red);
@@ -475,13 +507,34 @@ __global__ void __launch_bounds__(kMaxThreads)
         return make_normalizer(dd_moments(d, p.len, mean), p.eps);
       } else {
         stat_zero(s[0]);
+        bool summed = false;
+        if constexpr (kHalfData<T>) {
+          float q = 0.0f;
+          // d = h - mean with the mean as float plus its rounding error (Normalizer<float>)
+          const float mean_hi = static_cast<float>(mean);
+          const float mean_lo = static_cast<float>(mean - static_cast<double>(mean_hi));
 #pragma unroll
-        for (int i = 0; i < VPT; ++i) {
-          if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
+          for (int i = 0; i < VPT; ++i) {
+            if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-              const double d = static_cast<double>(h[i][j]) - mean;
-              stat_add_prod(s[0], d, d);
+              for (int j = 0; j < VEC; ++j) {
+                const float d = sub_rn(sub_rn(h[i][j], mean_hi), mean_lo);
+                q = fma_rn(d, d, q);
+              }
+            }
+          }
+          summed = float_squares_ok(q);
+          s[0] = summed ? static_cast<double>(q) : 0.0;
+        }
+        if (!summed) {
+#pragma unroll
+          for (int i = 0; i < VPT; ++i) {
+            if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
+#pragma unroll
+              for (int j = 0; j < VEC; ++j) {
+                const double d = static_cast<double>(h[i][j]) - mean;
+                stat_add_prod(s[0], d, d);
+              }
             }
           }
         }
@@ -642,13 +695,16 @@ __device__ __forceinline__ void xhat_from_output(const T* y, const W* gamma, con
   }
 }
 
-// dy and xhat = (h - mean) * rstd (from the output: (y - beta) / gamma) for VEC elements;
-// adds g = dy * gamma to the row sums in double / double-double (sums[K-1] += g * xhat,
-// exact in double for float data, and sums[0] += g for LayerNorm).
-template <bool RMS, int VEC, typename T, typename H, typename W, typename A, int K, typename S>
+// dy and xhat = (h - mean) * rstd (from the output: (y - beta) / gamma) for VEC elements of
+// bfloat16 / float16 data; adds g = dy * gamma to the row sums in double (sums[K-1] += g *
+// xhat, and sums[0] += g for LayerNorm): the VEC terms summed in float, then added in
+// double (kHalfData); where their float sum is not finite, each term in double (g * xhat
+// exact there).
+template <bool RMS, int VEC, typename T, typename H, typename W, int K>
 __device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
-                                         A mean, A rstd, A (&dy)[VEC], A (&xhat)[VEC],
-                                         S (&sums)[K]) {
+                                         float mean, float rstd, float (&dy)[VEC],
+                                         float (&xhat)[VEC], double (&sums)[K]) {
+  static_assert(kHalfData<T>, "bwd_load: bfloat16 / float16 data");
   load_vec<VEC>(p.dy + off, dy);
   const bool from_output = p.y != nullptr;
   if (from_output) {
@@ -656,14 +712,28 @@ __device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t of
   } else {
     load_vec<VEC>(p.h + off, xhat);
   }
-  A g[VEC];
+  float g[VEC];
   times_gamma<VEC>(p.gamma, col, dy, g);
+  float gx = 0.0f;
+  float gs = 0.0f;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     if (!from_output) xhat[j] = mul_rn(sub_rn(xhat[j], mean), rstd);
-    stat_add_prod(sums[K - 1], static_cast<double>(g[j]), static_cast<double>(xhat[j]));
+    gx = fma_rn(g[j], xhat[j], gx);
+    gs += g[j];
+  }
+  if (float_sum_ok(gx) && (RMS || float_sum_ok(gs))) {
+    sums[K - 1] += static_cast<double>(gx);
     if constexpr (!RMS) {
-      stat_add(sums[0], static_cast<double>(g[j]));
+      sums[0] += static_cast<double>(gs);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      stat_add_prod(sums[K - 1], static_cast<double>(g[j]), static_cast<double>(xhat[j]));
+      if constexpr (!RMS) {
+        stat_add(sums[0], static_cast<double>(g[j]));
+      }
     }
   }
 }

@@ -146,6 +146,44 @@ def test_plain_norm_and_stats_agreement(affine, hidden_size, dtype, norm):
             assert_close(got, exp.double(), name=f"{name} vs CPU")
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("hidden_size", [40, 768, 4096, 8200, 16392, 100003])
+@pytest.mark.parametrize("scale", [3e38, 1e-25], ids=["huge", "tiny"])
+def test_bfloat16_statistics_past_float_range(scale, hidden_size, norm):
+    """bfloat16 rows whose float partial sums leave float's range (sums past 3.4e38 and a
+    constant row of such values; squares below 2^-100 with eps = 0): the kernels sum those
+    terms again in double, so out, mean, rstd and grad_h (dy of 3e37, of xhat's sign) are
+    the CPU kernels', whose sums are double."""
+    rms = _rms(norm)
+    n, m = hidden_size, 3
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(m, n, generator=gen, dtype=torch.float64) * scale / 3).clamp(-scale, scale)
+    huge = scale > 1
+    if huge:
+        x[0] = scale
+    eps = _eps(rms) if huge else 0.0
+    x = x.to(torch.bfloat16)
+    w, b = make_affine((n,), torch.bfloat16, "cpu")
+    b = None if rms else b
+    args = ([n], w, b, eps, rms, True, False)
+    cpu = torch.ops.addnorm._norm_fwd(x, None, *args)
+    got = torch.ops.addnorm._norm_fwd(x.cuda(), None, [n], w.cuda(),
+                                      None if b is None else b.cuda(), *args[3:])
+    assert got[0].isfinite().all(), "out not finite"
+    for k, name in ((0, "out"), (2, "mean"), (3, "rstd")):
+        if not (rms and k == 2):
+            assert_close(got[k], cpu[k].double(), name=name)
+    _, h, mean, rstd = cpu
+    centered = h.double() - (0.0 if rms else h.double().mean(-1, keepdim=True))
+    dy = (centered.sign() * 3e37 * (0.5 + torch.rand(m, n, generator=gen, dtype=torch.float64))
+          ).to(torch.bfloat16)
+    bwd = [(dy, None, h, mean, rstd, w, not rms, rms, True, eps)]
+    theirs = torch.ops.addnorm._norm_bwd(*bwd[0])
+    ours = torch.ops.addnorm._norm_bwd(*(t.cuda() if isinstance(t, torch.Tensor) else t
+                                         for t in bwd[0]))
+    assert_close(ours[0], theirs[0].double(), name="grad_h")
+
+
 MIXED = [
     # (input dtype, residual dtype, weight dtype, residual_in_fp32)
     (x, r, w, f)

@@ -389,6 +389,42 @@ def test_emulated_dropout_input_gradient_in_the_backward_pass(n, dtypes, norm, v
         assert torch.equal(alone[k], both[k]), f"result {k} differs without grad_h"
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("scale", [3e38, 1e-25], ids=["huge", "tiny"])
+def test_emulated_bfloat16_statistics_past_float_range_like_cpu(scale, shape, norm, emu):
+    """bfloat16 rows whose per-thread float partial sums leave float's range (a sum or square
+    sum past 3.4e38, a constant row among them; squares below 2^-100, with eps = 0 so that
+    the variance counts): the statistics are summed again in double, and out, mean, rstd and (with dy of 3e37, of
+    xhat's sign) the backward come out as the CPU kernels', whose sums are double."""
+    rms = norm == "rms_norm"
+    m, n = shape
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(m, n, generator=gen, dtype=torch.float64) * scale / 3).clamp(-scale, scale)
+    huge = scale > 1
+    if huge:  # a constant row: its sum overflows in float, its squares are all zero
+        x[0] = scale
+    eps = EPS[norm] if huge else 0.0
+    x = x.to(torch.bfloat16)
+    w, b = make_affine((n,), torch.bfloat16, "cpu")
+    b = None if rms else b
+    cpu = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, eps, rms, True, False, 0.0, None)
+    got = emu.norm_fwd(x, None, [n], w, b, eps, rms, True, False, 0.0, None)
+    assert got[0].isfinite().all(), "out not finite"
+    assert_close(got[0], cpu[0].double(), name="out")
+    for k, name in ((2, "mean"), (3, "rstd")):
+        if not (rms and k == 2):
+            assert_close(got[k], cpu[k].double(), name=name)
+    _, h, mean, rstd = cpu
+    # dy of xhat's sign: sum(dy * gamma * xhat) past float's range within a thread
+    centered = h.double() - (0.0 if rms else h.double().mean(-1, keepdim=True))
+    dy = (centered.sign() * 3e37 * (0.5 + torch.rand(m, n, generator=gen, dtype=torch.float64))
+          ).to(torch.bfloat16)
+    theirs = _cpu_bwd(dy, None, h, mean, rstd, w, rms, eps=eps)
+    ours = _emu_bwd(emu, dy, None, h, mean, rstd, w, rms, eps=eps)
+    assert_close(ours[0], theirs[0].double(), name="grad_h")
+
+
 def test_emulated_one_element_rows_pass_no_gradient(emu):
     """LayerNorm over one-element rows (4097 of them, several rows per warp): h - mean is
     exactly 0, so the input gets exactly no gradient, as from torch's kernels (the CUDA

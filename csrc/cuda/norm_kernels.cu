@@ -3,8 +3,8 @@
 //
 // Forward, per row of N elements: h = x (+ residual) in fp32 (fp64 for fp64), rounded to h's
 // dtype (and stored when asked for); mean and rstd of the rounded h with the row sums in
-// double (double-double for fp64; bfloat16/float16 on the register path: each thread's
-// partial in float, see kHalfData): two-pass in registers, or sums of h - shift (shift =
+// double (double-double for fp64; a 16-bit h on the register path: each thread's partial
+// in float, see kFloatPartials): two-pass in registers, or sums of h - shift (shift =
 // the row's first h) in one sweep when looping; out = (h - mean) * rstd * gamma + beta in x's
 // dtype, with the float32 mean and rstd carrying the rounding error of their double values
 // (so the output is as accurate as if the statistics were exact); float64: mean and rstd as
@@ -13,8 +13,8 @@
 // (RMS drops mean(g)), plus grad_residual_out. float32 data ("the wide backward"): as the
 // CPU kernels, in double from the statistics of h itself (given the forward's eps), g exact,
 // grad_h rounded once; float64 the same in double-double. bfloat16/float16: the saved
-// statistics, float lanes with g rounded once, the row sums in double (each vector's terms
-// summed in float first).
+// statistics, float lanes with g rounded once, the row sums in double (with a 16-bit h, each
+// vector's terms summed in float first).
 // grad_gamma / grad_beta from per-chunk partials (fp64 for float32 and float64 data, the
 // float64 looping path's from double-double sums; fp32 for bfloat16/float16) summed in
 // double (double-double for fp64 partials) by a finalize kernel
@@ -310,15 +310,20 @@ __device__ __forceinline__ Normalizer<double> make_normalizer(const DdMoments& m
   return Normalizer<double>(m, eps);
 }
 
-// bfloat16 / float16 data: a few terms are summed in float and only that partial is added
-// to the double row sums (the register path's forward: a thread's VPT * VEC elements; the
-// backward: a vector's VEC). Conversions to double per element, which issue at a fraction
-// of float arithmetic's rate, had left the kernels short of memory bandwidth. A partial of
-// so few terms is within a few ulps; where it left float's range (not finite, or a sum of
-// squares below 2^-100, where float's subnormals would lose bits), the same terms are summed
-// again in double, as before.
+// A 16-bit h (bfloat16 / float16): a few terms are summed in float and only that partial is
+// added to the double row sums (the register path's forward: a thread's VPT * VEC values of
+// h; the backward: a vector's VEC). Conversions to double per element, which issue at a
+// fraction of float arithmetic's rate, had left the kernels short of memory bandwidth. A
+// float sum of a few 16-bit values is exact unless their exponents lie far apart, and a
+// few products' sum is within ulps of float, far below h's own precision; where a partial
+// left float's range (not finite, or a sum of squares below 2^-100, where float's
+// subnormals would lose bits), the same terms are summed again in double, as before. A
+// float32 h (residual_in_fp32) keeps the per-element double sums: a float sum of its values
+// rounds (a constant row's mean would be an ulp off, and its variance not 0).
 template <typename T>
 constexpr bool kHalfData = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+template <typename H>
+constexpr bool kFloatPartials = kHalfData<H>;
 
 __device__ __forceinline__ bool float_sum_ok(float s) { return isfinite(s); }
 __device__ __forceinline__ bool float_squares_ok(float s) {
@@ -422,7 +427,8 @@ __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, 
 // ------------------------------------------------------------------------------------------
 // Forward, register path: each thread holds VPT vectors of VEC elements of its row
 // (vector i*TPR + tid), so the row is read once and both statistics passes (the sum, then the
-// squared deviations from the mean, both in double / double-double) run on registers.
+// squared deviations from the mean, both in double / double-double; see kFloatPartials) run
+// on registers.
 template <typename T, typename R, typename H, typename W, bool RMS, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxThreads)
     norm_fwd_register_kernel(const FwdParams<T, R, H, W> p) {
@@ -459,7 +465,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     if constexpr (!RMS) {
       stat_zero(s[0]);
       bool summed = false;
-      if constexpr (kHalfData<T>) {
+      if constexpr (kFloatPartials<H>) {
         float t = 0.0f;
 #pragma unroll
         for (int i = 0; i < VPT; ++i) {
@@ -508,7 +514,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       } else {
         stat_zero(s[0]);
         bool summed = false;
-        if constexpr (kHalfData<T>) {
+        if constexpr (kFloatPartials<H>) {
           float q = 0.0f;
           // d = h - mean with the mean as float plus its rounding error (Normalizer<float>)
           const float mean_hi = static_cast<float>(mean);
@@ -697,9 +703,9 @@ __device__ __forceinline__ void xhat_from_output(const T* y, const W* gamma, con
 
 // dy and xhat = (h - mean) * rstd (from the output: (y - beta) / gamma) for VEC elements of
 // bfloat16 / float16 data; adds g = dy * gamma to the row sums in double (sums[K-1] += g *
-// xhat, and sums[0] += g for LayerNorm): the VEC terms summed in float, then added in
-// double (kHalfData); where their float sum is not finite, each term in double (g * xhat
-// exact there).
+// xhat, exact there, and sums[0] += g for LayerNorm). With a 16-bit h the VEC terms are
+// summed in float, then added in double (kFloatPartials), each term in double where their
+// float sum is not finite.
 template <bool RMS, int VEC, typename T, typename H, typename W, int K>
 __device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
                                          float mean, float rstd, float (&dy)[VEC],
@@ -719,10 +725,12 @@ __device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t of
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     if (!from_output) xhat[j] = mul_rn(sub_rn(xhat[j], mean), rstd);
-    gx = fma_rn(g[j], xhat[j], gx);
-    gs += g[j];
+    if constexpr (kFloatPartials<H>) {
+      gx = fma_rn(g[j], xhat[j], gx);
+      gs += g[j];
+    }
   }
-  if (float_sum_ok(gx) && (RMS || float_sum_ok(gs))) {
+  if (kFloatPartials<H> && float_sum_ok(gx) && (RMS || float_sum_ok(gs))) {
     sums[K - 1] += static_cast<double>(gx);
     if constexpr (!RMS) {
       sums[0] += static_cast<double>(gs);

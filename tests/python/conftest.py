@@ -73,6 +73,38 @@ def make_affine(normalized_shape, dtype, device, *, requires_grad=False):
     return w.requires_grad_(requires_grad), b.requires_grad_(requires_grad)
 
 
+def past_float_range_case(m, n, scale, rms, eps, gen):
+    """bfloat16 rows of values of about `scale` for the CUDA kernels' float partial sums
+    (3e38: a constant row of them first), their weight, bias (None for RMSNorm), eps (0 for
+    the small scales, so that the variance counts) and a dy: 3e37 of xhat's sign for the
+    large scale (a few g * xhat past float's range), else normal."""
+    x = (torch.randn(m, n, generator=gen, dtype=torch.float64) * scale / 3).clamp(-scale, scale)
+    huge = scale > 1
+    if huge:
+        x[0] = scale  # a constant row: its sum overflows in float, its squares are all zero
+    x = x.to(torch.bfloat16)
+    w, b = make_affine((n,), torch.bfloat16, "cpu")
+    eps = eps if huge else 0.0
+    if huge:
+        h = x.double()
+        centered = h - (0.0 if rms else h.mean(-1, keepdim=True))
+        dy = centered.sign() * 3e37 * (0.5 + torch.rand(m, n, generator=gen, dtype=torch.float64))
+    else:
+        dy = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return x, w, None if rms else b, eps, dy.to(torch.bfloat16)
+
+
+def assert_stats_close(got, cpu, x, rms):
+    """mean and rstd (_norm_fwd's results got, on any device, and the CPU's) within a few
+    float ulps of the CPU's, relative to the rows' scale."""
+    scale = x.double().abs().mean(-1)
+    for k, name, ref_scale in ((2, "mean", scale), (3, "rstd", cpu[3].double().abs())):
+        if rms and k == 2:
+            continue
+        err = (got[k].cpu().double() - cpu[k].double()).abs()
+        assert (err <= 2.0**-20 * ref_scale).all(), f"{name}: {err.max()} off"
+
+
 # --------------------------------------------------------------------------- ops
 
 

@@ -21,12 +21,14 @@ import addnorm
 
 from conftest import (
     assert_close,
+    assert_stats_close,
     call_add_norm,
     call_norm,
     check_add_norm_against_reference,
     grads_of,
     make_affine,
     make_data,
+    past_float_range_case,
     reference_add_norm,
 )
 
@@ -148,39 +150,28 @@ def test_plain_norm_and_stats_agreement(affine, hidden_size, dtype, norm):
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("hidden_size", [40, 768, 4096, 8200, 16392, 100003])
-@pytest.mark.parametrize("scale", [3e38, 1e-25], ids=["huge", "tiny"])
+@pytest.mark.parametrize("scale", [3e38, 1e-25, 3e-22], ids=["huge", "tiny", "subnormal"])
 def test_bfloat16_statistics_past_float_range(scale, hidden_size, norm):
     """bfloat16 rows whose float partial sums leave float's range (sums past 3.4e38 and a
-    constant row of such values; squares below 2^-100 with eps = 0): the kernels sum those
-    terms again in double, so out, mean, rstd and grad_h (dy of 3e37, of xhat's sign) are
-    the CPU kernels', whose sums are double."""
+    constant row of such values; squares below 2^-100 with eps = 0, underflowing or
+    subnormal): the kernels sum those terms again in double, so out, mean, rstd and grad_h
+    (dy of 3e37, of xhat's sign, for the large rows) are the CPU kernels', whose sums are
+    double."""
     rms = _rms(norm)
     n, m = hidden_size, 3
-    gen = torch.Generator().manual_seed(n)
-    x = (torch.randn(m, n, generator=gen, dtype=torch.float64) * scale / 3).clamp(-scale, scale)
-    huge = scale > 1
-    if huge:
-        x[0] = scale
-    eps = _eps(rms) if huge else 0.0
-    x = x.to(torch.bfloat16)
-    w, b = make_affine((n,), torch.bfloat16, "cpu")
-    b = None if rms else b
-    args = ([n], w, b, eps, rms, True, False)
-    cpu = torch.ops.addnorm._norm_fwd(x, None, *args)
-    got = torch.ops.addnorm._norm_fwd(x.cuda(), None, [n], w.cuda(),
-                                      None if b is None else b.cuda(), *args[3:])
+    x, w, b, eps, dy = past_float_range_case(m, n, scale, rms, _eps(rms),
+                                             torch.Generator().manual_seed(n))
+    cuda = [None if t is None else t.cuda() for t in (x, w, b, dy)]
+    cpu = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, eps, rms, True, False)
+    got = torch.ops.addnorm._norm_fwd(cuda[0], None, [n], cuda[1], cuda[2], eps, rms, True, False)
     assert got[0].isfinite().all(), "out not finite"
-    for k, name in ((0, "out"), (2, "mean"), (3, "rstd")):
-        if not (rms and k == 2):
-            assert_close(got[k], cpu[k].double(), name=name)
+    assert_close(got[0], cpu[0].double(), name="out")
+    assert_stats_close(got, cpu, x, rms)
     _, h, mean, rstd = cpu
-    centered = h.double() - (0.0 if rms else h.double().mean(-1, keepdim=True))
-    dy = (centered.sign() * 3e37 * (0.5 + torch.rand(m, n, generator=gen, dtype=torch.float64))
-          ).to(torch.bfloat16)
-    bwd = [(dy, None, h, mean, rstd, w, not rms, rms, True, eps)]
-    theirs = torch.ops.addnorm._norm_bwd(*bwd[0])
-    ours = torch.ops.addnorm._norm_bwd(*(t.cuda() if isinstance(t, torch.Tensor) else t
-                                         for t in bwd[0]))
+    theirs = torch.ops.addnorm._norm_bwd(dy, None, h, mean, rstd, w, not rms, rms, True, eps)
+    ours = torch.ops.addnorm._norm_bwd(cuda[3], None, h.cuda(), mean.cuda(), rstd.cuda(), cuda[1],
+                                       not rms, rms, True, eps)
+    assert ours[0].isfinite().all(), "grad_h not finite"
     assert_close(ours[0], theirs[0].double(), name="grad_h")
 
 

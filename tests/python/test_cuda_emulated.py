@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_close, make_affine, make_data
+from conftest import (assert_close, assert_stats_close, make_affine, make_data,
+                      past_float_range_case)
 from reference import errors_vs_torch, max_err, meets_bar, reference_ld
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cuda_emulation"))
@@ -391,38 +392,50 @@ def test_emulated_dropout_input_gradient_in_the_backward_pass(n, dtypes, norm, v
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("scale", [3e38, 1e-25], ids=["huge", "tiny"])
+@pytest.mark.parametrize("scale", [3e38, 1e-25, 3e-22], ids=["huge", "tiny", "subnormal"])
 def test_emulated_bfloat16_statistics_past_float_range_like_cpu(scale, shape, norm, emu):
-    """bfloat16 rows whose per-thread float partial sums leave float's range (a sum or square
-    sum past 3.4e38, a constant row among them; squares below 2^-100, with eps = 0 so that
-    the variance counts): the statistics are summed again in double, and out, mean, rstd and (with dy of 3e37, of
-    xhat's sign) the backward come out as the CPU kernels', whose sums are double."""
+    """bfloat16 rows whose float partial sums leave float's range (a sum or square sum past
+    3.4e38, a constant row among them; squares below 2^-100, with eps = 0 so that the
+    variance counts: underflowing to 0, or subnormal in float): the statistics are summed
+    again in double, and out, mean, rstd and the backward (with dy of 3e37 for the large
+    rows) come out as the CPU kernels', whose sums are double."""
     rms = norm == "rms_norm"
     m, n = shape
-    gen = torch.Generator().manual_seed(n)
-    x = (torch.randn(m, n, generator=gen, dtype=torch.float64) * scale / 3).clamp(-scale, scale)
-    huge = scale > 1
-    if huge:  # a constant row: its sum overflows in float, its squares are all zero
-        x[0] = scale
-    eps = EPS[norm] if huge else 0.0
-    x = x.to(torch.bfloat16)
-    w, b = make_affine((n,), torch.bfloat16, "cpu")
-    b = None if rms else b
+    x, w, b, eps, dy = past_float_range_case(m, n, scale, rms, EPS[norm],
+                                             torch.Generator().manual_seed(n))
     cpu = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, eps, rms, True, False, 0.0, None)
     got = emu.norm_fwd(x, None, [n], w, b, eps, rms, True, False, 0.0, None)
     assert got[0].isfinite().all(), "out not finite"
     assert_close(got[0], cpu[0].double(), name="out")
-    for k, name in ((2, "mean"), (3, "rstd")):
-        if not (rms and k == 2):
-            assert_close(got[k], cpu[k].double(), name=name)
+    assert_stats_close(got, cpu, x, rms)
     _, h, mean, rstd = cpu
-    # dy of xhat's sign: sum(dy * gamma * xhat) past float's range within a thread
-    centered = h.double() - (0.0 if rms else h.double().mean(-1, keepdim=True))
-    dy = (centered.sign() * 3e37 * (0.5 + torch.rand(m, n, generator=gen, dtype=torch.float64))
-          ).to(torch.bfloat16)
     theirs = _cpu_bwd(dy, None, h, mean, rstd, w, rms, eps=eps)
     ours = _emu_bwd(emu, dy, None, h, mean, rstd, w, rms, eps=eps)
+    assert ours[0].isfinite().all(), "grad_h not finite"
     assert_close(ours[0], theirs[0].double(), name="grad_h")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_emulated_float32_h_constant_rows_have_no_variance(shape, norm, emu):
+    """bfloat16 input with a float32 residual (h in float32): a row of one value that
+    float32 sums would round (12345.678) has its mean exactly and a variance of exactly 0,
+    so out is the bias (RMSNorm: the value times rstd, as the CPU's), as from the CPU
+    kernels. (A float32 h keeps the double sums per element.)"""
+    rms = norm == "rms_norm"
+    m, n = shape
+    x = torch.zeros(m, n, dtype=torch.bfloat16)
+    r = torch.full((m, n), 12345.678, dtype=torch.float32)
+    w, b = make_affine((n,), torch.bfloat16, "cpu")
+    b = None if rms else b
+    eps = 1e-6
+    cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, False, 0.0, None)
+    got = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, False, 0.0, None)
+    assert got[1].dtype == torch.float32
+    assert torch.equal(got[0], cpu[0]), "out differs from the CPU kernels'"
+    assert torch.equal(got[3], cpu[3]), "rstd differs from the CPU kernels'"
+    if not rms:
+        assert torch.equal(got[0], b.expand(m, n)), "out is not the bias"
 
 
 def test_emulated_one_element_rows_pass_no_gradient(emu):

@@ -45,16 +45,18 @@ cmake -S "$ROOT" -B "$ROOT/build/prebuilt-cmake" -G Ninja -DCMAKE_BUILD_TYPE=Rel
   "-DADDNORM_PYTHON_OUTPUT_DIR=$ROOT/build/prebuilt" -DADDNORM_CUDA=ON -DADDNORM_BUILD_TESTS=OFF
 cmake --build "$ROOT/build/prebuilt-cmake" -j "${MAX_JOBS:-$(nproc)}"
 echo "$sources" > "$ROOT/build/prebuilt/sources.sha256"  # gpu_check.sh compares it
-# pytest-xdist (pure Python) for gpu_check.sh's test steps, which find it in pydeps/: the GPU
-# machine's Python may not have it, and its cores cut the suite's time several-fold.
+# pytest-xdist and pytest-timeout (pure Python) for gpu_check.sh's test steps, which find
+# them in pydeps/: the GPU machine's Python may not have them; its cores cut the suite's
+# time several-fold, and a test that hangs is named and ended instead of taking the step.
 deps="$ROOT/build/prebuilt/pydeps"
-if [ ! -d "$deps/xdist" ]; then
+if [ ! -d "$deps/xdist" ] || [ ! -f "$deps/pytest_timeout.py" ]; then
   wheels=$(mktemp -d)
   if "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
-      -d "$wheels" pytest-xdist==3.8.0 execnet==2.1.2; then
+      -d "$wheels" pytest-xdist==3.8.0 execnet==2.1.2 pytest-timeout==2.4.0; then
     for w in "$wheels"/*.whl; do "$PY" -m zipfile -e "$w" "$deps"; done
   else
-    echo "warning: pytest-xdist not downloaded; gpu_check.sh runs pytest in one process" >&2
+    echo "warning: pytest-xdist / pytest-timeout not downloaded; gpu_check.sh runs pytest" \
+      "in one process, without per-test timeouts" >&2
   fi
   rm -rf "$wheels"
 fi

@@ -346,6 +346,11 @@ def main(argv=None):
     cases = [(g, op, dt, M, N, modes) for g, op, dts, shapes, modes in plan for dt in dts for M, N in shapes]
     if not args.no_compile:
         sc._setup_dynamo()
+        # The bwd mode replays the backward of one forward (retain_graph=True), which
+        # AOTAutograd refuses for a graph compiled with donated buffers (fp32 16384x1024 on
+        # an H200: "compiled with non-empty donated buffers"); they only save memory.
+        import torch._functorch.config as functorch_config
+        functorch_config.donated_buffer = False
     t0 = time.perf_counter()
     copy = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name(0)}; copy bandwidth {copy['gbps']:.0f} GB/s; "

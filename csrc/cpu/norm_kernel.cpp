@@ -666,23 +666,27 @@ inline VF normalized_wide(const VF& v, const VF& gamma, const VF& beta, const VD
 
 // The fused dropout's factors of elements [e0, e0 + n) (ops/dropout_mask.h: the same
 // values as dropout_factors). AVX512: sixteen Philox counters per round in 32-bit lanes
-// (products through _mm512_mul_epu32), the keep bits compared into masks, interleaved into
-// element order with pdep and written as masked stores of the scale. AVX2: eight counters
-// per round. The scalar function for the ends.
+// (products through _mm512_mul_epu32), each word's two 16-bit halves compared at once into
+// masks, interleaved into element order with pdep and written as masked stores of the scale.
+// AVX2: eight counters per round. Ties with the threshold (once in 2^16 elements) and the ends
+// go through the scalar functions.
 template <typename A>
 void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A* fac) {
   if (k.threshold > 0xFFFFFFFFu) {  // 1 - p rounds to 1 (p below 2^-53): every element kept
     std::fill(fac, fac + n, scale);
     return;
   }
-#if defined(CPU_CAPABILITY_AVX512)
-  const int64_t head = std::min<int64_t>(n, (4 - (e0 & 3)) & 3);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // threshold < 2^32 (above): its high half fits 16 bits.
+  const auto thr_hi = static_cast<uint16_t>(k.threshold >> 16);
+  const int64_t head = std::min<int64_t>(n, (kDropoutGroup - e0 % kDropoutGroup) % kDropoutGroup);
   dropout_factors(k, scale, e0, head, fac);
   int64_t e = e0 + head;
   const int64_t end = e0 + n;
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  // threshold < 2^32 (above)
-  const __m512i thr = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(k.threshold)));
+  const __m512i thr = _mm512_set1_epi16(static_cast<int16_t>(thr_hi));
   const __m512i sa = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m512i sb = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
   auto mulhilo = [](__m512i a, __m512i x, __m512i& hi) {
@@ -692,8 +696,8 @@ void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A
     return _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
   };
   auto word = [](uint64_t v) { return _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(v))); };
-  for (; e + 64 <= end; e += 64) {
-    const uint64_t g = static_cast<uint64_t>(e) >> 2;
+  for (; e + 16 * kDropoutGroup <= end; e += 16 * kDropoutGroup) {
+    const uint64_t g = static_cast<uint64_t>(e) / kDropoutGroup;
     __m512i c0 = word(k.offset);
     __m512i c1 = word(k.offset >> 32);
     __m512i c2 = _mm512_add_epi32(word(g), lane);
@@ -718,37 +722,48 @@ void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A
       c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), k1);
       c3 = lo0;
     }
-    // Element 4 * i + q is word q of counter i: bit q + 4 * i of keep.
+    // Element 8 i + 2 q + s is half s of word q of counter i: bit 2 i + s of that word's
+    // 16-bit compares, bit 8 i + 2 q + s of keep (keep[0]: counters 0-7, keep[1]: 8-15).
     const __m512i words[4] = {c0, c1, c2, c3};
-    uint64_t keep = 0;
+    uint64_t keep[2] = {0, 0};
+    uint64_t tie[2] = {0, 0};
     for (int q = 0; q < 4; ++q) {
-      const uint64_t bits = _mm512_cmplt_epu32_mask(words[q], thr);
-      keep |= _pdep_u64(bits, 0x1111111111111111ull << q);
+      const uint32_t lt = _mm512_cmplt_epu16_mask(words[q], thr);
+      const uint32_t eq = _mm512_cmpeq_epi16_mask(words[q], thr);
+      const uint64_t at = 0x0303030303030303ull << (2 * q);
+      keep[0] |= _pdep_u64(lt & 0xFFFFu, at);
+      keep[1] |= _pdep_u64(lt >> 16, at);
+      tie[0] |= _pdep_u64(eq & 0xFFFFu, at);
+      tie[1] |= _pdep_u64(eq >> 16, at);
+    }
+    for (int half = 0; half < 2; ++half) {
+      for (uint64_t t = tie[half]; t != 0; t &= t - 1) {
+        const int b = __builtin_ctzll(t);
+        const auto eb = static_cast<uint64_t>(e + 64 * half + b);
+        if (dropout_ties(k, eb, 1u) != 0) keep[half] |= uint64_t{1} << b;
+      }
     }
     A* f = fac + (e - e0);
     if constexpr (std::is_same_v<A, float>) {
       const __m512 sv = _mm512_set1_ps(scale);
-      for (int c = 0; c < 4; ++c) {
-        _mm512_storeu_ps(f + 16 * c, _mm512_maskz_mov_ps(static_cast<__mmask16>(keep >> (16 * c)), sv));
+      for (int c = 0; c < 8; ++c) {
+        const auto m = static_cast<__mmask16>(keep[c / 4] >> (16 * (c % 4)));
+        _mm512_storeu_ps(f + 16 * c, _mm512_maskz_mov_ps(m, sv));
       }
     } else {
       const __m512d sv = _mm512_set1_pd(scale);
-      for (int c = 0; c < 8; ++c) {
-        _mm512_storeu_pd(f + 8 * c, _mm512_maskz_mov_pd(static_cast<__mmask8>(keep >> (8 * c)), sv));
+      for (int c = 0; c < 16; ++c) {
+        const auto m = static_cast<__mmask8>(keep[c / 8] >> (8 * (c % 8)));
+        _mm512_storeu_pd(f + 8 * c, _mm512_maskz_mov_pd(m, sv));
       }
     }
   }
   dropout_factors(k, scale, e, end - e, fac + (e - e0));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const int64_t head = std::min<int64_t>(n, (4 - (e0 & 3)) & 3);
-  dropout_factors(k, scale, e0, head, fac);
-  int64_t e = e0 + head;
-  const int64_t end = e0 + n;
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
-  // threshold < 2^32 (above): the signed compare of sign-flipped words is unsigned.
-  const __m256i thr = _mm256_xor_si256(
-      _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(k.threshold))), sign);
+  const __m256i sign = _mm256_set1_epi16(static_cast<int16_t>(0x8000));
+  // The signed compare of sign-flipped halves is unsigned.
+  const __m256i thr = _mm256_set1_epi16(static_cast<int16_t>(thr_hi ^ 0x8000u));
   const __m256i sa = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i sb = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   auto mulhilo = [](__m256i a, __m256i x, __m256i& hi) {
@@ -758,8 +773,8 @@ void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A
     return _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
   };
   auto word = [](uint64_t v) { return _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(v))); };
-  for (; e + 32 <= end; e += 32) {
-    const uint64_t g = static_cast<uint64_t>(e) >> 2;
+  for (; e + 8 * kDropoutGroup <= end; e += 8 * kDropoutGroup) {
+    const uint64_t g = static_cast<uint64_t>(e) / kDropoutGroup;
     __m256i c0 = word(k.offset);
     __m256i c1 = word(k.offset >> 32);
     __m256i c2 = _mm256_add_epi32(word(g), lane);
@@ -784,15 +799,21 @@ void dropout_factors_fast(const DropoutKey& k, A scale, int64_t e0, int64_t n, A
       c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), k1);
       c3 = lo0;
     }
-    alignas(32) int32_t keep[4][8];
+    // Element 8 i + 2 q + s is half s of word q of counter i: 16-bit lane 2 i + s of keep[q].
+    alignas(32) int16_t keep[4][16];
     const __m256i words[4] = {c0, c1, c2, c3};
+    __m256i any_tie = _mm256_setzero_si256();
     for (int q = 0; q < 4; ++q) {
-      _mm256_store_si256(reinterpret_cast<__m256i*>(keep[q]),
-                         _mm256_cmpgt_epi32(thr, _mm256_xor_si256(words[q], sign)));
+      const __m256i w = _mm256_xor_si256(words[q], sign);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(keep[q]), _mm256_cmpgt_epi16(thr, w));
+      any_tie = _mm256_or_si256(any_tie, _mm256_cmpeq_epi16(thr, w));
     }
     A* f = fac + (e - e0);
     for (int i = 0; i < 8; ++i) {
-      for (int q = 0; q < 4; ++q) f[4 * i + q] = keep[q][i] ? scale : A(0);
+      for (int j = 0; j < 8; ++j) f[8 * i + j] = keep[j >> 1][2 * i + (j & 1)] ? scale : A(0);
+    }
+    if (!_mm256_testz_si256(any_tie, any_tie)) {  // once in 2^16 elements: redo these 64
+      dropout_factors(k, scale, e, 8 * kDropoutGroup, f);
     }
   }
   dropout_factors(k, scale, e, end - e, fac + (e - e0));
@@ -1922,7 +1943,7 @@ void dropout_apply_kernel(const DropoutApplyArgs& args) {
   const int64_t* s = args.seed.const_data_ptr<int64_t>();
   const DropoutKey key = dropout_key(s[0], s[1], args.p);
   const int64_t n = args.input.numel();
-  constexpr int64_t kGrain = 16384;  // a multiple of 32: chunks start on whole Philox groups
+  constexpr int64_t kGrain = 16384;  // a multiple of 128: chunks start on whole Philox blocks
   auto run = [&](auto in_tag, auto out_tag) {
     using In = decltype(in_tag);
     using Out = decltype(out_tag);

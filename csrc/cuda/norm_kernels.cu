@@ -165,25 +165,42 @@ struct BwdParams {
 };
 
 // The fused dropout of VEC elements of x at element offset off (ops/dropout_mask.h): kept
-// ones times the scale, dropped ones 0; the same values as the CPU kernels'.
+// ones times the scale, dropped ones 0; the same values as the CPU kernels'. A vector of
+// more than one element starts at a multiple of VEC (its rows' lengths are multiples of VEC:
+// the one-element path takes every other row), so it lies in one Philox group (VEC divides
+// eight) and takes its halves of the group's words by static index; its ties with the
+// threshold, if any, in one call.
 template <int VEC, typename A>
 __device__ __forceinline__ void apply_dropout(const int64_t* __restrict__ seed,
                                               uint64_t threshold, A scale, int64_t off,
                                               A (&v)[VEC]) {
+  static_assert(kDropoutGroup % VEC == 0, "a vector lies in one Philox group");
   const DropoutKey k{static_cast<uint64_t>(__ldg(seed)), static_cast<uint64_t>(__ldg(seed + 1)),
                      threshold};
-  at::detail::UINT4 bits{};
+  const auto uoff = static_cast<uint64_t>(off);
+  const auto bits = dropout_bits(k, uoff / kDropoutGroup);
+  const int i0 = static_cast<int>(uoff % kDropoutGroup);  // 0 for VEC = 8
+  const uint32_t hi = dropout_threshold_hi(k);
+  uint32_t keep = 0;
+  uint32_t ties = 0;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    const int64_t e = off + j;
-    const int q = static_cast<int>(e & 3);
-    if (j == 0 || q == 0) {
-      bits = dropout_bits(k, static_cast<uint64_t>(e) >> 2);
-    }
-    const uint32_t b = q == 0 ? bits[0] : q == 1 ? bits[1] : q == 2 ? bits[2] : bits[3];
-    // Rounded here (never fused with the residual's add: h rounds twice, as torch's dropout
-    // then add and the CPU kernels); a dropped inf gives NaN, as torch's.
-    v[j] = mul_rn(v[j], dropout_keep(k, b) ? scale : A(0));
+    // Word (i0 + j) / 2 of the group: i0 is a multiple of VEC, so for VEC = 8 word j / 2, for
+    // VEC = 4 word j / 2 or j / 2 + 2, for VEC = 2 any word; half j % 2 (i0 is even) unless
+    // VEC = 1.
+    const int q = VEC == 8 ? j / 2 : VEC == 4 ? j / 2 + (i0 != 0 ? 2 : 0) : i0 / 2;
+    const uint32_t r = dropout_half(dropout_word(bits, q), VEC == 1 ? i0 : j);
+    keep |= static_cast<uint32_t>(r < hi) << j;
+    ties |= static_cast<uint32_t>(r == hi) << j;
+  }
+  if (ties != 0) {  // once in 65536 elements
+    keep |= dropout_ties(k, uoff, ties);
+  }
+  // Rounded here (never fused with the residual's add: h rounds twice, as torch's dropout
+  // then add and the CPU kernels); a dropped inf gives NaN, as torch's.
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    v[j] = mul_rn(v[j], (keep >> j & 1u) != 0 ? scale : A(0));
   }
 }
 
@@ -1831,25 +1848,27 @@ void norm_bwd(const NormBwdArgs& args) {
 
 // _dropout_apply: out = input * keep-mask / (1 - p), the mask regenerated from the seed
 // (ops/dropout_mask.h), the same function as the CPU kernel's. One thread per group of
-// four elements (one Philox call); the seed is read on the device, so a CUDA graph replays
+// eight elements (one Philox call); the seed is read on the device, so a CUDA graph replays
 // with the seed of each replay.
 template <typename In, typename Out>
 __global__ void dropout_apply_kernel(const In* __restrict__ in, Out* __restrict__ out,
                                      int64_t n, const int64_t* __restrict__ seed,
                                      uint64_t threshold, at::opmath_type<In> scale) {
   using A = at::opmath_type<In>;
-  const DropoutKey k{static_cast<uint64_t>(__ldg(seed)), static_cast<uint64_t>(__ldg(seed + 1)),
-                     threshold};
-  const int64_t groups = (n + 3) / 4;
+  const int64_t groups = (n + kDropoutGroup - 1) / kDropoutGroup;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const auto bits = dropout_bits(k, static_cast<uint64_t>(g));
+    const int64_t e0 = g * kDropoutGroup;
+    A v[kDropoutGroup];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t e = g * 4 + q;
-      if (e < n) {
-        const A v = static_cast<A>(in[e]);
-        out[e] = static_cast<Out>(v * (dropout_keep(k, bits[q]) ? scale : A(0)));
+    for (int i = 0; i < kDropoutGroup; ++i) {
+      v[i] = e0 + i < n ? static_cast<A>(in[e0 + i]) : A(0);
+    }
+    apply_dropout<kDropoutGroup>(seed, threshold, scale, e0, v);
+#pragma unroll
+    for (int i = 0; i < kDropoutGroup; ++i) {
+      if (e0 + i < n) {
+        out[e0 + i] = static_cast<Out>(v[i]);
       }
     }
   }
@@ -1858,7 +1877,7 @@ __global__ void dropout_apply_kernel(const In* __restrict__ in, Out* __restrict_
 void dropout_apply(const DropoutApplyArgs& args) {
   const c10::cuda::CUDAGuard guard(args.input.device());
   const int64_t n = args.input.numel();
-  const int64_t groups = (n + 3) / 4;
+  const int64_t groups = (n + kDropoutGroup - 1) / kDropoutGroup;
   constexpr int kThreads = 256;
   const int64_t max_blocks =
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;

@@ -8,6 +8,7 @@ benchmarks/selfcheck.py); the names the test files import from here are re-expor
 
 import functools
 import importlib.util
+import math
 import os
 import sys
 
@@ -106,6 +107,51 @@ def assert_stats_close(got, cpu, x, rms):
 
 
 # --------------------------------------------------------------------------- ops
+
+
+def philox4x32_10(key, counter):
+    """Philox4x32-10 (Salmon et al., the Random123 paper), plain Python integers."""
+    m = 0xFFFFFFFF
+    c = list(counter)
+    k0, k1 = key
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
+        p0 = 0xD2511F53 * c[0]
+        p1 = 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & m, p1 & m, ((p0 >> 32) ^ c[3] ^ k1) & m, p0 & m]
+    return c
+
+
+def dropout_bits(seed, e, tie=False):
+    """The 16 random bits of element e of a fused dropout keyed by seed (int64 [2]): half
+    e % 2 of word (e / 2) % 4 of Philox4x32-10(key = seed[0], counter = (seed[1], e / 8)),
+    or of counter (seed[1], e / 8 + 2^63) for the tie draw (the documented definition,
+    written independently of the kernels)."""
+    s0, s1 = (int(v) & 0xFFFFFFFFFFFFFFFF for v in seed)
+    g = (e // 8) | ((1 << 63) if tie else 0)
+    words = philox4x32_10((s0 & 0xFFFFFFFF, s0 >> 32),
+                          (s1 & 0xFFFFFFFF, s1 >> 32, g & 0xFFFFFFFF, g >> 32))
+    w = words[(e // 2) % 4]
+    return w >> 16 if e % 2 else w & 0xFFFF
+
+
+def dropout_keeps(seed, e, threshold):
+    """Whether element e is kept at threshold (1 - p) * 2^32 rounded down: its bits below
+    the threshold's high 16, or equal to them and the tie draw below its low 16."""
+    r, hi = dropout_bits(seed, e), threshold >> 16
+    return r < hi if r != hi else dropout_bits(seed, e, tie=True) < (threshold & 0xFFFF)
+
+
+def tie_p(seed, e, kept):
+    """A dropout p at which element e's bits equal the threshold's high 16 (a tie) and its
+    tie draw keeps it (kept) or drops it (the threshold one above or at the draw)."""
+    u = dropout_bits(seed, e, tie=True)
+    assert 0 < u < 0xFFFF, "pick another element: its tie draw is at an end of the range"
+    threshold = (dropout_bits(seed, e) << 16) + u + (1 if kept else 0)
+    p = 1.0 - (threshold + 0.5) / 2.0**32
+    assert int(math.ldexp(1.0 - p, 32)) == threshold and dropout_keeps(seed, e, threshold) == kept
+    return p
 
 
 def call_add_norm(rms, x, residual, normalized_shape, weight, bias, eps, *,

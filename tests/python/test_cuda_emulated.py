@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (assert_close, assert_stats_close, make_affine, make_data,
+from conftest import (assert_close, assert_stats_close, make_affine, make_data, tie_p,
                       past_float_range_case)
 from reference import errors_vs_torch, max_err, meets_bar, reference_ld
 
@@ -326,6 +326,31 @@ def test_emulated_fused_dropout_like_cpu(n, dtype, norm, emu):
     for name, a, c in zip(("grad_h", "grad_weight", "grad_bias", "grad_input"), ours, theirs):
         if not (name == "grad_bias" and rms):
             assert_close(a, c.double(), reduced=name in ("grad_weight", "grad_bias"), name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [768, 1001, 8200])
+def test_emulated_dropout_ties_like_cpu(n, dtype, emu):
+    """At p that ties an element's 16 bits with the threshold's high half, once kept and
+    once dropped by its tie draw (elements in a row's middle and at its start, in the
+    vector paths of each dtype and the one-element path of n = 1001): h bitwise the CPU
+    kernels', the element kept or dropped, and the backward's input gradient bitwise
+    _dropout_apply of its grad_h."""
+    m = 3
+    x, r, w, b, seed, eps = _dropout_case(m, n, dtype, "layer_norm", [0x5DEECE66D, 77])
+    for e in (n + n // 2, 2 * n, 2 * n + 3):
+        for kept in (True, False):
+            p = tie_p(seed, e, kept)
+            cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, False, True, False, p, seed)
+            got = emu.norm_fwd(x, r, [n], w, b, eps, False, True, False, p, seed)
+            assert torch.equal(got[1], cpu[1]), f"h differs from the CPU kernels' (tie at {e})"
+            h = got[1].flatten()[e].double()
+            assert (h != r.flatten()[e].double()) == kept, f"element {e} not {kept} at its tie"
+            _, h, mean, rstd = got
+            dy = torch.randn(m, n).to(dtype)
+            grads = emu.norm_bwd(dy, None, h, mean, rstd, w, True, False, True, eps, False, None,
+                                 p, seed, True)
+            assert torch.equal(grads[3], torch.ops.addnorm._dropout_apply(grads[0], seed, p, dtype))
 
 
 def _misaligned(t):

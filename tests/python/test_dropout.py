@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import addnorm
-from conftest import CUDA_SKIP, DEVICES, make_affine, make_data
+from conftest import (CUDA_SKIP, DEVICES, dropout_bits, dropout_keeps, make_affine, make_data,
+                      tie_p)
 
 OPS = ["layer_norm", "rms_norm"]
 
@@ -740,53 +741,68 @@ def test_module_dropout_only_in_training():
     assert torch.equal(a, rms(x, r))
 
 
-def _philox4x32_10(key, counter):
-    """Philox4x32-10 (Salmon et al., the Random123 paper), plain Python integers."""
-    m = 0xFFFFFFFF
-    c = list(counter)
-    k0, k1 = key
-    for r in range(10):
-        if r:
-            k0, k1 = (k0 + 0x9E3779B9) & m, (k1 + 0xBB67AE85) & m
-        p0 = 0xD2511F53 * c[0]
-        p1 = 0xCD9E8D57 * c[2]
-        c = [((p1 >> 32) ^ c[1] ^ k0) & m, p1 & m, ((p0 >> 32) ^ c[3] ^ k1) & m, p0 & m]
-    return c
-
-
 @pytest.mark.parametrize("device", DEVICES)
 def test_mask_is_the_documented_philox_function(device):
-    """Element e is kept when word e % 4 of Philox4x32-10(key = seed[0], counter =
-    (seed[1], e / 4)) is below (1 - p) * 2^32: checked element by element against an
-    independent implementation, across vector-width boundaries and odd lengths."""
+    """Element e is kept when its 16 bits, half e % 2 of word (e / 2) % 4 of
+    Philox4x32-10(key = seed[0], counter = (seed[1], e / 8)), are below the high half of
+    (1 - p) * 2^32 (ties aside, below): checked element by element against an independent
+    implementation, across vector-width boundaries and odd lengths."""
     seed = torch.tensor([0x0123456789ABCDEF, -0x0FEDCBA987654321], dtype=torch.int64)
     p = 0.37
     n = 203
     mask = addnorm.dropout_mask(seed.to(device), [n], p).cpu()
-    s0, s1 = (int(v) & 0xFFFFFFFFFFFFFFFF for v in seed)
     threshold = int(math.ldexp(1.0 - p, 32))
-    expected = []
-    for e in range(n):
-        g = e // 4
-        words = _philox4x32_10((s0 & 0xFFFFFFFF, s0 >> 32),
-                               (s1 & 0xFFFFFFFF, s1 >> 32, g & 0xFFFFFFFF, g >> 32))
-        expected.append(words[e % 4] < threshold)
-    assert mask.tolist() == expected
+    assert mask.tolist() == [dropout_keeps(seed, e, threshold) for e in range(n)]
     # The fused forward uses the same mask, rows split at any length (one row of n).
     x = torch.rand(3, n, dtype=torch.float64, device=device) + 1.0
     h = torch.ops.addnorm.add_layer_norm(x, None, [n], dropout_p=p, dropout_seed=seed.to(device))[1]
     assert torch.equal((h != 0).cpu(), addnorm.dropout_mask(seed, [3, n], p))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1024, 1031])
+def test_ties_with_the_threshold_take_the_tie_draw(n, dtype, device):
+    """Where an element's 16 bits equal the threshold's high half (once in 2^16 elements),
+    the tie draw (counter (seed[1], e / 8 + 2^63)) decides against the threshold's low half,
+    so that the keep probability is (1 - p) rounded to 2^-32, not to 2^-16. At p chosen to
+    tie at an element and to keep, then drop it by one unit of the threshold: the mask, the
+    fused forward's h and the input gradient of its backward, at elements in the kernels'
+    vector bodies, their ends and rows' starts (n = 1031 splits rows off Philox groups)."""
+    seed = torch.tensor([0x2545F4914F6CDD1D, 31337], dtype=torch.int64)
+    m = 3
+    x = (torch.rand(m, n, dtype=torch.float64) + 1.0).to(dtype)
+    dy = torch.randn(m, n, dtype=torch.float64).to(dtype)
+    bits = [dropout_bits(seed, i) for i in range(m * n)]
+    for e in (5, 100, n - 2, n, n + 1, 2 * n - 60):
+        for kept in (True, False):
+            p = tie_p(seed, e, kept)
+            threshold = int(math.ldexp(1.0 - p, 32))
+            mask = addnorm.dropout_mask(seed.to(device), [m, n], p).cpu()
+            assert bool(mask.flatten()[e]) == kept, f"element {e}: not {kept} at its tie"
+            want = [b < threshold >> 16 if b != threshold >> 16 else dropout_keeps(seed, i, threshold)
+                    for i, b in enumerate(bits)]
+            assert mask.flatten().tolist() == want
+            xd = x.to(device).requires_grad_()
+            out, h = torch.ops.addnorm.add_layer_norm(xd, None, [n], dropout_p=p,
+                                                      dropout_seed=seed.to(device))
+            assert torch.equal((h != 0).cpu(), mask)
+            gx, = torch.autograd.grad(out, [xd], dy.to(device))
+            assert bool(gx.flatten()[e] != 0) == kept
+
+
 def test_same_mask_and_gradients_on_every_instruction_set():
     """The CPU kernels' builds (portable, AVX2, AVX512; those this processor runs, chosen
     with ATEN_CPU_CAPABILITY in fresh processes) draw the same mask: the mask itself, the
     fused forward's h (bitwise: the input times the same factors, plus a residual rounded
-    the same way, float32 and float64) and the elements the input gradient written by the
-    norm backward keeps."""
+    the same way, float32 and float64), the elements the input gradient written by the
+    norm backward keeps, and masks at p that tie elements of the vector bodies with the
+    threshold (kept, then dropped: the tie draw's path of each build)."""
     import subprocess
     import sys
 
+    seed = torch.tensor([0x0123456789ABCDEF, 977], dtype=torch.int64)
+    tie_ps = [tie_p(seed, e, kept) for e in (70, 700, 2000) for kept in (True, False)]
     code = (
         "import torch, addnorm, hashlib\n"
         "seed = torch.tensor([0x0123456789ABCDEF, 977], dtype=torch.int64)\n"
@@ -801,6 +817,8 @@ def test_same_mask_and_gradients_on_every_instruction_set():
         "r = torch.rand(5, 1031, generator=g) - 0.5  # (randn's values depend on the build)\n"
         "hr = [torch.ops.addnorm.add_layer_norm(x32.detach().to(dt), r.to(dt), [1031], dropout_p=0.3,\n"
         "                                       dropout_seed=seed)[1] for dt in (torch.float32, torch.float64)]\n"
+        f"ties = torch.stack([addnorm.dropout_mask(seed, [5, 1031], p) for p in {tie_ps!r}])\n"
+        "hr.append(ties)\n"
         "print(addnorm.cpu_capability(), digest(mask), digest(h), digest(gx != 0), *map(digest, hr))\n"
     )
     seen = {}

@@ -278,6 +278,22 @@ def test_p0_is_the_no_dropout_path_and_p1_gives_the_residual(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [1e-6, 1.0 - 1e-6])
+def test_p_is_not_rounded_to_16_bits(p, device):
+    """An element draws 16 bits, but the keep probability is (1 - p) to 2^-32: at p = 1e-6
+    a 16-bit comparison alone would drop none or one in 65536 (15x too many); the dropped
+    count of 2^26 elements is within 5 sigma of p * 2^26, and likewise the kept count at
+    p = 1 - 1e-6."""
+    n = 1 << 26
+    seed = torch.tensor([0x3C6EF372FE94F82B, 5], dtype=torch.int64, device=device)
+    mask = addnorm.dropout_mask(seed, [n], p)
+    rare = 1e-6
+    count = int((~mask if p < 0.5 else mask).sum())
+    mean, sigma = rare * n, math.sqrt(rare * (1 - rare) * n)
+    assert abs(count - mean) < 5 * sigma, f"{count} of {n} where {mean:.0f} +- {sigma:.0f}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [3, 256], ids=["scalar_row", "vector_row"])
 def test_p_below_double_rounding_keeps_every_element(n, device):
     """A p so small that 1 - p rounds to 1 (below 2^-53): torch's dropout keeps every

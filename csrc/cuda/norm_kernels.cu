@@ -167,7 +167,7 @@ struct BwdParams {
 // The fused dropout of VEC elements of x at element offset off (ops/dropout_mask.h): kept
 // ones times the scale, dropped ones 0; the same values as the CPU kernels'. A vector of
 // more than one element starts at a multiple of VEC (its rows' lengths are multiples of VEC:
-// the one-element path takes every other row), so it lies in one Philox group (VEC divides
+// the one-element path takes all other rows), so it lies in one Philox group (VEC divides
 // eight) and takes its halves of the group's words by static index; its ties with the
 // threshold, if any, in one call.
 template <int VEC, typename A>

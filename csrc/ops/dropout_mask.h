@@ -93,7 +93,7 @@ C10_HOST_DEVICE ADDNORM_NOINLINE inline uint32_t dropout_ties(DropoutKey k, uint
   const auto bits = dropout_bits(k, (e0 / kDropoutGroup) | kDropoutTieGroup);
   const auto lo = static_cast<uint32_t>(k.threshold & 0xFFFFu);
   uint32_t kept = 0;
-  for (int j = 0; ties >> j != 0; ++j) {
+  for (int j = 0; j < kDropoutGroup; ++j) {
     const int i = static_cast<int>((e0 + j) % kDropoutGroup);
     if ((ties >> j & 1u) != 0 && dropout_half(dropout_word(bits, i >> 1), i) < lo) {
       kept |= 1u << j;

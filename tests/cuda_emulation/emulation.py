@@ -71,7 +71,8 @@ def host_source(cu_text):
     i = t.index("TORCH_LIBRARY_IMPL(addnorm, CUDA, m)")
     j = t.index("\n}\n", i) + 3
     return t[:i] + ("void emu_norm_fwd(const NormFwdArgs& a) { norm_fwd(a); }\n"
-                    "void emu_norm_bwd(const NormBwdArgs& a) { norm_bwd(a); }\n") + t[j:]
+                    "void emu_norm_bwd(const NormBwdArgs& a) { norm_bwd(a); }\n"
+                    "void emu_dropout_apply(const DropoutApplyArgs& a) { dropout_apply(a); }\n") + t[j:]
 
 
 def load(verbose=False):

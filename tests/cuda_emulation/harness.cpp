@@ -39,6 +39,7 @@ emu_switch_stack:
 namespace addnorm::cuda {
 void emu_norm_fwd(const NormFwdArgs& args);
 void emu_norm_bwd(const NormBwdArgs& args);
+void emu_dropout_apply(const DropoutApplyArgs& args);
 }  // namespace addnorm::cuda
 
 namespace {
@@ -72,6 +73,21 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& grad_out, const OptTensor& gr
       &addnorm::cuda::emu_norm_bwd, grad_out, grad_residual_out, h, mean, rstd, weight, has_bias,
       is_rms, weight_grad, eps, from_output, bias, hd, dropout_p, dropout_seed, grad_h_wanted);
   return {grad_h, grad_weight, grad_bias, grad_input};
+}
+
+// _dropout_apply's kernel: input times the regenerated mask and scale, into a new tensor of
+// out_dtype (the input's, or float16/bfloat16 of a float32 input).
+at::Tensor dropout_apply(const at::Tensor& input, const at::Tensor& seed, double p,
+                         const py::object& out_dtype) {
+  TORCH_CHECK(THPDtype_Check(out_dtype.ptr()), "out_dtype must be a torch.dtype");
+  addnorm::DropoutApplyArgs a;
+  a.input = input.contiguous();
+  a.seed = seed;
+  a.out = at::empty(input.sizes(), input.options().dtype(
+                                       reinterpret_cast<THPDtype*>(out_dtype.ptr())->scalar_type));
+  a.p = p;
+  addnorm::cuda::emu_dropout_apply(a);
+  return a.out;
 }
 
 // A launch of one block whose thread 0 writes byte `at` of its `smem` bytes of dynamic shared
@@ -111,6 +127,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("has_bias"), py::arg("is_rms"), py::arg("weight_grad"),
         py::arg("eps"), py::arg("from_output"), py::arg("bias"), py::arg("dropout_p"),
         py::arg("dropout_seed"), py::arg("grad_h_wanted"), py::arg("h_dtype") = py::none());
+  m.def("dropout_apply", &dropout_apply, "_dropout_apply on the emulated CUDA kernel");
   m.def("set_schedule", &set_schedule, "the order of a block's threads between barriers");
   m.def("smem_write_probe", &smem_write_probe, "the emulator's shared-memory guard, probed");
   m.def("launch_probe", &launch_probe, "the emulator's launch-configuration check, probed");

@@ -154,6 +154,26 @@ def tie_p(seed, e, kept):
     return p
 
 
+# Two elements of one Philox group with equal 16 bits (about one group in 2300 has a pair):
+# a seed and its pairs, found by scanning with dropout_bits.
+TWO_TIES_SEED = (0x1234567890ABCDEF, -77)
+TWO_TIES = [(43834, 43837), (50272, 50275), (53593, 53596), (74965, 74966)]
+
+
+def two_ties_p(seed, e1, e2):
+    """A dropout p at which elements e1 and e2 (one group, equal bits) both tie with the
+    threshold and their tie draws keep the one with the lower draw and drop the other.
+    Returns p and the kept element."""
+    r = dropout_bits(seed, e1)
+    assert e1 // 8 == e2 // 8 and dropout_bits(seed, e2) == r, "not a pair of one group"
+    u1, u2 = dropout_bits(seed, e1, tie=True), dropout_bits(seed, e2, tie=True)
+    assert u1 != u2, "pick another pair: equal tie draws"
+    threshold = (r << 16) + min(u1, u2) + 1
+    p = 1.0 - (threshold + 0.5) / 2.0**32
+    assert int(math.ldexp(1.0 - p, 32)) == threshold
+    return p, (e1 if u1 < u2 else e2)
+
+
 def call_add_norm(rms, x, residual, normalized_shape, weight, bias, eps, *,
                   return_residual=True, residual_in_fp32=False):
     if rms:

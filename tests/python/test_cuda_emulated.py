@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (assert_close, assert_stats_close, make_affine, make_data, tie_p,
-                      past_float_range_case)
+from conftest import (TWO_TIES, TWO_TIES_SEED, assert_close, assert_stats_close, make_affine,
+                      make_data, past_float_range_case, tie_p, two_ties_p)
 from reference import errors_vs_torch, max_err, meets_bar, reference_ld
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cuda_emulation"))
@@ -338,7 +338,7 @@ def test_emulated_dropout_ties_like_cpu(n, dtype, emu):
     _dropout_apply of its grad_h."""
     m = 3
     x, r, w, b, seed, eps = _dropout_case(m, n, dtype, "layer_norm", [0x5DEECE66D, 77])
-    for e in (n + n // 2, 2 * n, 2 * n + 3):
+    for e in (n + n // 2, 2 * n, 2 * n + 3, 2 * n + 7):
         for kept in (True, False):
             p = tie_p(seed, e, kept)
             cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, False, True, False, p, seed)
@@ -351,6 +351,49 @@ def test_emulated_dropout_ties_like_cpu(n, dtype, emu):
             grads = emu.norm_bwd(dy, None, h, mean, rstd, w, True, False, True, eps, False, None,
                                  p, seed, True)
             assert torch.equal(grads[3], torch.ops.addnorm._dropout_apply(grads[0], seed, p, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_emulated_two_ties_in_one_group_like_cpu(dtype, emu):
+    """Two tied elements of one Philox group (in one vector for bfloat16, in one or two for
+    float32 and float64): h of the fused forward and the backward's input gradient bitwise
+    the CPU kernels', one of the two kept and the other dropped."""
+    m, n = 80, 1024
+    x, r, w, b, _, eps = _dropout_case(m, n, dtype, "layer_norm", [0, 0])
+    seed = torch.tensor(TWO_TIES_SEED, dtype=torch.int64)
+    for e1, e2 in TWO_TIES:
+        p, kept = two_ties_p(seed, e1, e2)
+        cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, False, True, False, p, seed)
+        got = emu.norm_fwd(x, r, [n], w, b, eps, False, True, False, p, seed)
+        assert torch.equal(got[1], cpu[1]), f"h differs from the CPU kernels' ({e1}, {e2})"
+        hf, rf = got[1].flatten(), r.flatten()
+        assert hf[kept] != rf[kept] and hf[e1 + e2 - kept] == rf[e1 + e2 - kept]
+        dy = torch.randn(m, n).to(dtype)
+        grads = emu.norm_bwd(dy, None, got[1], got[2], got[3], w, True, False, True, eps, False,
+                             None, p, seed, True)
+        assert torch.equal(grads[3], torch.ops.addnorm._dropout_apply(grads[0], seed, p, dtype))
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float16), (torch.float64, torch.float64),
+                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
+                         ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("n", [1, 7, 9, 1000, 81923])
+def test_emulated_dropout_apply_like_cpu(n, dtypes, emu):
+    """_dropout_apply's CUDA kernel (a thread per group of eight elements, the group's tail
+    past n neither read nor written) bitwise the CPU kernel's: at p = 0.3, at p that tie an
+    element with the threshold (kept, then dropped) and at p that tie two of one group."""
+    in_dtype, out_dtype = dtypes
+    seed = torch.tensor(TWO_TIES_SEED, dtype=torch.int64)
+    x = make_data((n,), in_dtype, "cpu")
+    e = n // 2
+    ps = [0.3, tie_p(seed, e, True), tie_p(seed, e, False)]
+    if n >= 43838:
+        ps.append(two_ties_p(seed, *TWO_TIES[0])[0])
+    for p in ps:
+        got = emu.dropout_apply(x, seed, p, out_dtype)
+        want = torch.ops.addnorm._dropout_apply(x, seed, p, out_dtype)
+        assert torch.equal(got, want), f"p = {p}"
 
 
 def _misaligned(t):

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import addnorm
-from conftest import (CUDA_SKIP, DEVICES, dropout_bits, dropout_keeps, make_affine, make_data,
-                      tie_p)
+from conftest import (CUDA_SKIP, DEVICES, TWO_TIES, TWO_TIES_SEED, dropout_bits, dropout_keeps,
+                      make_affine, make_data, tie_p, two_ties_p)
 
 OPS = ["layer_norm", "rms_norm"]
 
@@ -776,7 +776,7 @@ def test_mask_is_the_documented_philox_function(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("n", [1024, 1031])
 def test_ties_with_the_threshold_take_the_tie_draw(n, dtype, device):
     """Where an element's 16 bits equal the threshold's high half (once in 2^16 elements),
@@ -805,6 +805,30 @@ def test_ties_with_the_threshold_take_the_tie_draw(n, dtype, device):
             assert torch.equal((h != 0).cpu(), mask)
             gx, = torch.autograd.grad(out, [xd], dy.to(device))
             assert bool(gx.flatten()[e] != 0) == kept
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_two_ties_in_one_group(dtype, device):
+    """Two elements of one Philox group with equal bits, both tied with the threshold: each
+    takes its own tie draw (one kept, one dropped), in the mask, the fused forward's h and
+    _dropout_apply; the group's other elements as the reference has them."""
+    seed = torch.tensor(TWO_TIES_SEED, dtype=torch.int64)
+    m, n = 80, 1024
+    x = (torch.rand(m, n, dtype=torch.float64) + 1.0).to(dtype)
+    for e1, e2 in TWO_TIES:
+        p, kept = two_ties_p(seed, e1, e2)
+        threshold = int(math.ldexp(1.0 - p, 32))
+        group = range(e1 // 8 * 8, e1 // 8 * 8 + 8)
+        want = [dropout_keeps(seed, e, threshold) for e in group]
+        assert want[kept % 8] and not want[(e1 + e2 - kept) % 8]
+        mask = addnorm.dropout_mask(seed.to(device), [m, n], p).cpu().flatten()
+        assert mask[group.start:group.stop].tolist() == want, f"group of {e1}, {e2}"
+        h = torch.ops.addnorm.add_layer_norm(x.to(device), None, [n], dropout_p=p,
+                                             dropout_seed=seed.to(device))[1]
+        assert (h.cpu().flatten()[group.start:group.stop] != 0).tolist() == want
+        applied = torch.ops.addnorm._dropout_apply(x.to(device), seed.to(device), p)
+        assert (applied.cpu().flatten()[group.start:group.stop] != 0).tolist() == want
 
 
 def test_same_mask_and_gradients_on_every_instruction_set():

@@ -1,6 +1,6 @@
-"""A pytest plugin that swaps the CPU kernels of addnorm's internal ops _norm_fwd / _norm_bwd
-for the emulated CUDA kernels (emulation.py), so that the suite's CPU tests run the CUDA
-device code, through the ops, autograd, the modules and the encoder layer:
+"""A pytest plugin that swaps the CPU kernels of addnorm's internal ops _norm_fwd, _norm_bwd
+and _dropout_apply for the emulated CUDA kernels (emulation.py), so that the suite's CPU
+tests run the CUDA device code, through the ops, autograd, the modules and the encoder layer:
 
     PYTHONPATH=tests/cuda_emulation python -m pytest -p as_cpu_kernels tests/python/test_ops.py -k cpu
 
@@ -25,7 +25,7 @@ import addnorm  # noqa: E402,F401  (registers the ops)
 
 _emu = emulation.load()
 _lib = torch.library.Library("addnorm", "IMPL")
-_calls = {"_norm_fwd": 0, "_norm_bwd": 0}
+_calls = {"_norm_fwd": 0, "_norm_bwd": 0, "_dropout_apply": 0}
 
 
 def _norm_fwd(input, residual, normalized_shape, weight, bias, eps, is_rms, store_residual,
@@ -45,10 +45,16 @@ def _norm_bwd(grad_out, grad_residual_out, h, mean, rstd, weight, has_bias, is_r
                                dropout_seed, grad_h_wanted, h_dtype))
 
 
+def _dropout_apply(input, dropout_seed, p, dtype=None):
+    _calls["_dropout_apply"] += 1
+    return _emu.dropout_apply(input, dropout_seed, p, dtype)
+
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # ("overriding a previously registered kernel")
     _lib.impl("_norm_fwd", _norm_fwd, "CPU")
     _lib.impl("_norm_bwd", _norm_bwd, "CPU")
+    _lib.impl("_dropout_apply", _dropout_apply, "CPU")
 
 
 def pytest_terminal_summary(terminalreporter):

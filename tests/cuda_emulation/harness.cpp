@@ -75,19 +75,16 @@ std::vector<at::Tensor> norm_bwd(const at::Tensor& grad_out, const OptTensor& gr
   return {grad_h, grad_weight, grad_bias, grad_input};
 }
 
-// _dropout_apply's kernel: input times the regenerated mask and scale, into a new tensor of
-// out_dtype (the input's, or float16/bfloat16 of a float32 input).
+// _dropout_apply on the emulated kernel: input times the regenerated mask and scale, in
+// dtype (None: the input's; float16/bfloat16 of a float32 input), with the op's checks.
 at::Tensor dropout_apply(const at::Tensor& input, const at::Tensor& seed, double p,
-                         const py::object& out_dtype) {
-  TORCH_CHECK(THPDtype_Check(out_dtype.ptr()), "out_dtype must be a torch.dtype");
-  addnorm::DropoutApplyArgs a;
-  a.input = input.contiguous();
-  a.seed = seed;
-  a.out = at::empty(input.sizes(), input.options().dtype(
-                                       reinterpret_cast<THPDtype*>(out_dtype.ptr())->scalar_type));
-  a.p = p;
-  addnorm::cuda::emu_dropout_apply(a);
-  return a.out;
+                         const py::object& dtype) {
+  std::optional<c10::ScalarType> d;
+  if (!dtype.is_none()) {
+    TORCH_CHECK(THPDtype_Check(dtype.ptr()), "dtype must be a torch.dtype or None");
+    d = reinterpret_cast<THPDtype*>(dtype.ptr())->scalar_type;
+  }
+  return addnorm::launch_dropout_apply(&addnorm::cuda::emu_dropout_apply, input, seed, p, d);
 }
 
 // A launch of one block whose thread 0 writes byte `at` of its `smem` bytes of dynamic shared
@@ -127,7 +124,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight"), py::arg("has_bias"), py::arg("is_rms"), py::arg("weight_grad"),
         py::arg("eps"), py::arg("from_output"), py::arg("bias"), py::arg("dropout_p"),
         py::arg("dropout_seed"), py::arg("grad_h_wanted"), py::arg("h_dtype") = py::none());
-  m.def("dropout_apply", &dropout_apply, "_dropout_apply on the emulated CUDA kernel");
+  m.def("dropout_apply", &dropout_apply, "_dropout_apply on the emulated CUDA kernel",
+        py::arg("input"), py::arg("dropout_seed"), py::arg("p"), py::arg("dtype") = py::none());
   m.def("set_schedule", &set_schedule, "the order of a block's threads between barriers");
   m.def("smem_write_probe", &smem_write_probe, "the emulator's shared-memory guard, probed");
   m.def("launch_probe", &launch_probe, "the emulator's launch-configuration check, probed");

@@ -14,7 +14,9 @@ Covered (forward and backward, the backward with weight and bias partials):
     looping path (odd N);
   * unaligned (contiguous, storage offset of one element) input, residual, weight, bias,
     grad_out and h, and a sliced view x[..., 1:];
-  * rows not a multiple of the rows per CTA.
+  * rows not a multiple of the rows per CTA;
+  * _dropout_apply (the fused dropout outside the norm) of every dtype and float32 into
+    bfloat16/float16: whole groups of eight as vectors, a partial last group, unaligned.
 Results are checked against the CPU kernels (loose tolerances: this is a memory/race
 check, the test suite checks accuracy). Exit status 0 when everything ran and matched.
 Use PYTORCH_NO_CUDA_MEMORY_CACHING=1 under memcheck so that every tensor is its own
@@ -134,6 +136,18 @@ def run_internal_bwd(dev, dtype, n, rms):
         close(f"_norm_bwd {dtype} N={n} rms={rms} unaligned: {name}", a, e, TOL[dtype])
 
 
+def run_dropout_apply(dev, in_dtype, out_dtype, n, layout):
+    """_dropout_apply against the CPU kernel's, bitwise (the mask is one function)."""
+    g = torch.Generator().manual_seed(n + 3)
+    x = torch.randn(n, generator=g).to(in_dtype)
+    seed = torch.tensor([5, 7])
+    xs = x.to(dev) if layout == "contiguous" else unaligned(x.to(dev))
+    got = torch.ops.addnorm._dropout_apply(xs, seed.to(dev), 0.1, out_dtype).cpu()
+    ref = torch.ops.addnorm._dropout_apply(x, seed, 0.1, out_dtype)
+    if not torch.equal(got, ref):
+        raise AssertionError(f"_dropout_apply {in_dtype} -> {out_dtype} n={n} {layout}: differs")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and combinations")
@@ -183,6 +197,12 @@ def main():
                 run_case(dev, dtype, n, rms=rms, residual=True, weight=True, bias=False,
                          layout="contiguous", in_fp32=True, w_dtype=torch.float32)
                 count += 2
+    for in_dtype, out_dtype in [(t, t) for t in DTYPES] + [(torch.float32, torch.bfloat16),
+                                                           (torch.float32, torch.float16)]:
+        for n in ((1, 7, 4096, 4101) if not args.quick else (4101,)):
+            for layout in ("contiguous", "unaligned"):
+                run_dropout_apply(dev, in_dtype, out_dtype, n, layout)
+                count += 1
     if dev == "cuda":
         torch.cuda.synchronize()
     print(f"sanitize_kernels: {count} cases ran and matched the CPU kernels")

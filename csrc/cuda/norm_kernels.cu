@@ -1848,27 +1848,38 @@ void norm_bwd(const NormBwdArgs& args) {
 
 // _dropout_apply: out = input * keep-mask / (1 - p), the mask regenerated from the seed
 // (ops/dropout_mask.h), the same function as the CPU kernel's. One thread per group of
-// eight elements (one Philox call); the seed is read on the device, so a CUDA graph replays
-// with the seed of each replay.
+// eight elements (one Philox call), loaded and stored as one vector each where in and out
+// are aligned to it (vectorized) and the group is whole; the seed is read on the device, so
+// a CUDA graph replays with the seed of each replay.
 template <typename In, typename Out>
 __global__ void dropout_apply_kernel(const In* __restrict__ in, Out* __restrict__ out,
                                      int64_t n, const int64_t* __restrict__ seed,
-                                     uint64_t threshold, at::opmath_type<In> scale) {
+                                     uint64_t threshold, at::opmath_type<In> scale,
+                                     bool vectorized) {
   using A = at::opmath_type<In>;
   const int64_t groups = (n + kDropoutGroup - 1) / kDropoutGroup;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e0 = g * kDropoutGroup;
+    const bool whole = vectorized && e0 + kDropoutGroup <= n;
     A v[kDropoutGroup];
+    if (whole) {
+      load_vec<kDropoutGroup>(in + e0, v);
+    } else {
 #pragma unroll
-    for (int i = 0; i < kDropoutGroup; ++i) {
-      v[i] = e0 + i < n ? static_cast<A>(in[e0 + i]) : A(0);
+      for (int i = 0; i < kDropoutGroup; ++i) {
+        v[i] = e0 + i < n ? static_cast<A>(in[e0 + i]) : A(0);
+      }
     }
     apply_dropout<kDropoutGroup>(seed, threshold, scale, e0, v);
+    if (whole) {
+      store_vec<kDropoutGroup>(out + e0, v);
+    } else {
 #pragma unroll
-    for (int i = 0; i < kDropoutGroup; ++i) {
-      if (e0 + i < n) {
-        out[e0 + i] = static_cast<Out>(v[i]);
+      for (int i = 0; i < kDropoutGroup; ++i) {
+        if (e0 + i < n) {
+          out[e0 + i] = static_cast<Out>(v[i]);
+        }
       }
     }
   }
@@ -1889,9 +1900,12 @@ void dropout_apply(const DropoutApplyArgs& args) {
   auto launch = [&](auto in_tag, auto out_tag) {
     using In = decltype(in_tag);
     using Out = decltype(out_tag);
+    const In* in = args.input.const_data_ptr<In>();
+    Out* out = args.out.mutable_data_ptr<Out>();
+    const bool vectorized = is_aligned(in, sizeof(Vec<In, kDropoutGroup>)) &&
+                            is_aligned(out, sizeof(Vec<Out, kDropoutGroup>));
     dropout_apply_kernel<In, Out><<<blocks, kThreads, 0, stream>>>(
-        args.input.const_data_ptr<In>(), args.out.mutable_data_ptr<Out>(), n, seed, threshold,
-        dropout_scale<at::opmath_type<In>>(args.p));
+        in, out, n, seed, threshold, dropout_scale<at::opmath_type<In>>(args.p), vectorized);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   // The dtypes the checks allow: the input's, or float16/bfloat16 out of float32.

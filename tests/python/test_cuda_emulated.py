@@ -378,14 +378,19 @@ def test_emulated_two_ties_in_one_group_like_cpu(dtype, emu):
                                     (torch.float16, torch.float16), (torch.float64, torch.float64),
                                     (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
                          ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("layout", ["aligned", "misaligned"])
 @pytest.mark.parametrize("n", [1, 7, 9, 1000, 81923])
-def test_emulated_dropout_apply_like_cpu(n, dtypes, emu):
-    """_dropout_apply's CUDA kernel (a thread per group of eight elements, the group's tail
-    past n neither read nor written) bitwise the CPU kernel's: at p = 0.3, at p that tie an
-    element with the threshold (kept, then dropped) and at p that tie two of one group."""
+def test_emulated_dropout_apply_like_cpu(n, layout, dtypes, emu):
+    """_dropout_apply's CUDA kernel (a thread per group of eight elements: one vector load
+    and store where aligned and whole, per element at the last group's tail, past n
+    neither read nor written, and everywhere for a misaligned input) bitwise the CPU
+    kernel's: at p = 0.3, at p that tie an element with the threshold (kept, then dropped)
+    and at p that tie two of one group."""
     in_dtype, out_dtype = dtypes
     seed = torch.tensor(TWO_TIES_SEED, dtype=torch.int64)
     x = make_data((n,), in_dtype, "cpu")
+    if layout == "misaligned":
+        x = _misaligned(x)
     e = n // 2
     ps = [0.3, tie_p(seed, e, True), tie_p(seed, e, False)]
     if n >= 43838:

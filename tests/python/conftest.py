@@ -143,15 +143,22 @@ def dropout_keeps(seed, e, threshold):
     return r < hi if r != hi else dropout_bits(seed, e, tie=True) < (threshold & 0xFFFF)
 
 
+def p_at_threshold(threshold):
+    """The dropout p whose threshold (1 - p) * 2^32, rounded down as the kernels round it,
+    is the given integer (checked)."""
+    p = 1.0 - (threshold + 0.5) / 2.0**32
+    assert int(math.ldexp(1.0 - p, 32)) == threshold
+    return p
+
+
 def tie_p(seed, e, kept):
     """A dropout p at which element e's bits equal the threshold's high 16 (a tie) and its
     tie draw keeps it (kept) or drops it (the threshold one above or at the draw)."""
     u = dropout_bits(seed, e, tie=True)
     assert 0 < u < 0xFFFF, "pick another element: its tie draw is at an end of the range"
     threshold = (dropout_bits(seed, e) << 16) + u + (1 if kept else 0)
-    p = 1.0 - (threshold + 0.5) / 2.0**32
-    assert int(math.ldexp(1.0 - p, 32)) == threshold and dropout_keeps(seed, e, threshold) == kept
-    return p
+    assert dropout_keeps(seed, e, threshold) == kept
+    return p_at_threshold(threshold)
 
 
 # Two elements of one Philox group with equal 16 bits (about one group in 2300 has a pair):
@@ -169,9 +176,7 @@ def two_ties_p(seed, e1, e2):
     u1, u2 = dropout_bits(seed, e1, tie=True), dropout_bits(seed, e2, tie=True)
     assert u1 != u2, "pick another pair: equal tie draws"
     threshold = (r << 16) + min(u1, u2) + 1
-    p = 1.0 - (threshold + 0.5) / 2.0**32
-    assert int(math.ldexp(1.0 - p, 32)) == threshold
-    return p, (e1 if u1 < u2 else e2)
+    return p_at_threshold(threshold), (e1 if u1 < u2 else e2)
 
 
 def call_add_norm(rms, x, residual, normalized_shape, weight, bias, eps, *,

@@ -80,10 +80,14 @@ constexpr int vec_acc_bytes(int vectors) {
   return vectors * kVec<T> * static_cast<int>(sizeof(at::opmath_type<T>));
 }
 
+template <typename T>
+constexpr bool kHalfData = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
+
 // Vectors per thread in the register paths (1024 threads, 64 registers): the forward holds
-// 64 bytes of h per thread (16 elements; 8 for fp64); the backward holds dy, xhat and the
-// two weight-gradient accumulators, 8 elements each (2 for fp64, whose arithmetic needs
-// more temporaries; fp32's dy * xhat accumulator in double).
+// 16 elements of h per thread (8 for fp64), whose loads of x and the residual it issues
+// together (load_h_vectors); the backward holds dy, xhat and the two weight-gradient
+// accumulators, 8 elements each (2 for fp64, whose arithmetic needs more temporaries; fp32's
+// dy * xhat accumulator in double).
 template <typename T>
 constexpr int kFwdVpt = std::max(1, 64 / vec_acc_bytes<T>(1));
 template <typename T>
@@ -164,16 +168,16 @@ struct BwdParams {
   double* row_xform;
 };
 
-// The fused dropout of VEC elements of x at element offset off (ops/dropout_mask.h): kept
-// ones times the scale, dropped ones 0; the same values as the CPU kernels'. A vector of
+// The fused dropout's keep-mask of VEC elements of x at element offset off
+// (ops/dropout_mask.h): bit j set where element off + j is kept; the CPU kernels' mask. A
+// vector of
 // more than one element starts at a multiple of VEC (its rows' lengths are multiples of VEC:
 // the one-element path takes all other rows), so it lies in one Philox group (VEC divides
 // eight) and takes its halves of the group's words by static index; its ties with the
 // threshold, if any, in one call.
-template <int VEC, typename A>
-__device__ __forceinline__ void apply_dropout(const int64_t* __restrict__ seed,
-                                              uint64_t threshold, A scale, int64_t off,
-                                              A (&v)[VEC]) {
+template <int VEC>
+__device__ __forceinline__ uint32_t dropout_keep_bits(const int64_t* __restrict__ seed,
+                                                      uint64_t threshold, int64_t off) {
   static_assert(kDropoutGroup % VEC == 0, "a vector lies in one Philox group");
   const DropoutKey k{static_cast<uint64_t>(__ldg(seed)), static_cast<uint64_t>(__ldg(seed + 1)),
                      threshold};
@@ -196,12 +200,25 @@ __device__ __forceinline__ void apply_dropout(const int64_t* __restrict__ seed,
   if (ties != 0) {  // once in 65536 elements
     keep |= dropout_ties(k, uoff, ties);
   }
-  // Rounded here (never fused with the residual's add: h rounds twice, as torch's dropout
-  // then add and the CPU kernels); a dropped inf gives NaN, as torch's.
+  return keep;
+}
+
+// v times the keep bits (dropout_keep_bits) and scale: kept ones times the scale, dropped
+// ones 0. Rounded here (never fused with the residual's add: h rounds twice, as torch's
+// dropout then add and the CPU kernels); a dropped inf gives NaN, as torch's.
+template <int VEC, typename A>
+__device__ __forceinline__ void scale_kept(uint32_t keep, A scale, A (&v)[VEC]) {
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     v[j] = mul_rn(v[j], (keep >> j & 1u) != 0 ? scale : A(0));
   }
+}
+
+template <int VEC, typename A>
+__device__ __forceinline__ void apply_dropout(const int64_t* __restrict__ seed,
+                                              uint64_t threshold, A scale, int64_t off,
+                                              A (&v)[VEC]) {
+  scale_kept<VEC>(dropout_keep_bits<VEC>(seed, threshold, off), scale, v);
 }
 
 // grad_h for VEC elements at element offset off (when wanted) and, with the fused dropout,
@@ -240,26 +257,167 @@ __device__ __forceinline__ void store_grads(const BwdParams<T, H, W>& p, int64_t
   }
 }
 
-// h = dropout(x) (+ residual) for VEC elements at offset off, rounded to H when a residual
-// is added or dropout scales x (x alone is exactly representable in H, which is T or wider).
-template <int VEC, typename T, typename R, typename H, typename W, typename A>
-__device__ __forceinline__ void load_h(const FwdParams<T, R, H, W>& p, int64_t off,
-                                       A (&h)[VEC]) {
-  load_vec<VEC>(p.x + off, h);
-  if (p.drop_seed != nullptr) {
-    apply_dropout<VEC>(p.drop_seed, p.drop_threshold, p.drop_scale, off, h);
+// The bytes of a vector of VEC elements of U as loaded (one or two 16-byte words, or one
+// narrower word), unpacked where they are used: a vector of 16-bit structs assigned under a
+// branch ends up in local memory.
+template <typename U, int VEC>
+struct RawVec {
+  static constexpr int kBytes = static_cast<int>(sizeof(U)) * VEC;
+  static_assert(kBytes % 16 == 0 || kBytes <= 8, "one narrow word or whole 16-byte words");
+  using Word = std::conditional_t<
+      kBytes >= 16, uint4,
+      std::conditional_t<kBytes == 8, uint2,
+                         std::conditional_t<kBytes == 4, unsigned int, unsigned short>>>;
+  Word q[kBytes >= 16 ? kBytes / 16 : 1];
+};
+
+template <typename U, int VEC>
+__device__ __forceinline__ void load_raw(const U* __restrict__ ptr, RawVec<U, VEC>& r) {
+  using Word = typename RawVec<U, VEC>::Word;
+#pragma unroll
+  for (int k = 0; k < static_cast<int>(sizeof(r.q) / sizeof(Word)); ++k) {
+    r.q[k] = __ldg(reinterpret_cast<const Word*>(ptr) + k);
   }
-  if (p.residual != nullptr) {
-    A r[VEC];
-    load_vec<VEC>(p.residual + off, r);
+}
+
+template <int VEC, typename U, typename A>
+__device__ __forceinline__ void unpack_raw(const RawVec<U, VEC>& r, A (&dst)[VEC]) {
+  Vec<U, VEC> v;
+  memcpy(&v, r.q, sizeof(v));
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    dst[j] = static_cast<A>(v.val[j]);
+  }
+}
+
+// VEC values of h held in registers by the forward kernels, in h's own dtype: a bfloat16 /
+// float16 h two to a 32-bit register (half the registers of float values, which leaves room
+// for a row's loads in flight together); exact, h being rounded to its dtype when it is made.
+// float32 / float64 h, and one-element vectors, as the compute type A.
+template <typename H, typename A, int VEC, bool kPacked = kHalfData<H> && VEC % 2 == 0>
+struct HSlot {
+  A v[VEC];
+  __device__ __forceinline__ void zero() {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      h[j] = static_cast<A>(static_cast<H>(h[j] + r[j]));
+      v[j] = A(0);
     }
-  } else if (p.drop_seed != nullptr) {
+  }
+  // h = s rounded to H.
+  __device__ __forceinline__ void set(const A (&s)[VEC]) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      h[j] = static_cast<A>(static_cast<H>(h[j]));
+      v[j] = static_cast<A>(static_cast<H>(s[j]));
+    }
+  }
+  template <typename U>
+  __device__ __forceinline__ void set_bits(const RawVec<U, VEC>& raw) {
+    unpack_raw<VEC>(raw, v);
+  }
+  __device__ __forceinline__ A operator[](int j) const { return v[j]; }
+  __device__ __forceinline__ void get(A (&dst)[VEC]) const {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      dst[j] = v[j];
+    }
+  }
+  __device__ __forceinline__ void store(H* __restrict__ ptr) const { store_vec<VEC>(ptr, v); }
+};
+
+template <typename H, typename A, int VEC>
+struct HSlot<H, A, VEC, true> {
+  static_assert(VEC % 2 == 0, "16-bit values packed in pairs");
+  uint32_t w[VEC / 2];
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int k = 0; k < VEC / 2; ++k) {
+      w[k] = 0u;
+    }
+  }
+  __device__ __forceinline__ void set(const A (&s)[VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC / 2; ++k) {
+      const H lo = static_cast<H>(s[2 * k]);
+      const H hi = static_cast<H>(s[2 * k + 1]);
+      w[k] = static_cast<uint32_t>(lo.x) | static_cast<uint32_t>(hi.x) << 16;
+    }
+  }
+  // h = x itself (x of h's dtype, no residual, no dropout): its bits.
+  __device__ __forceinline__ void set_bits(const RawVec<H, VEC>& raw) {
+    memcpy(w, raw.q, sizeof(w));
+  }
+  __device__ __forceinline__ A operator[](int j) const {
+    const auto bits = static_cast<uint16_t>(w[j / 2] >> (16 * (j % 2)));
+    return static_cast<A>(H(bits, H::from_bits()));
+  }
+  __device__ __forceinline__ void get(A (&dst)[VEC]) const {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      dst[j] = (*this)[j];
+    }
+  }
+  __device__ __forceinline__ void store(H* __restrict__ ptr) const {
+    Vec<H, VEC> v;
+    memcpy(&v, w, sizeof(w));
+    *reinterpret_cast<Vec<H, VEC>*>(ptr) = v;
+  }
+};
+
+// h = dropout(x) (+ residual) for NV vectors of VEC elements of a row, vector i at vector
+// index first + i * stride where it is below row_vecs, into slots: rounded to H once (x's
+// bits where h is x itself). The dropout's keep bits first (a function of the offsets
+// alone), then every load, so that all of them are in flight together (a load consumed
+// before the next is issued waits out the memory latency each time) and the generator's
+// registers are free again before the loads' data arrive.
+template <int VEC, int NV, typename T, typename R, typename H, typename W, typename A>
+__device__ __forceinline__ void load_h_vectors(const FwdParams<T, R, H, W>& p, int64_t row_off,
+                                               int64_t first, int64_t stride, int64_t row_vecs,
+                                               HSlot<H, A, VEC> (&h)[NV]) {
+  static_assert(NV * VEC <= 32, "the keep bits in one word");
+  uint32_t keep = 0;
+  if (p.drop_seed != nullptr) {
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const int64_t vi = first + i * stride;
+      if (vi < row_vecs) {
+        keep |= dropout_keep_bits<VEC>(p.drop_seed, p.drop_threshold, row_off + vi * VEC)
+                << (i * VEC);
+      }
+    }
+  }
+  RawVec<T, VEC> xv[NV] = {};
+  RawVec<R, VEC> rv[NV] = {};
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int64_t vi = first + i * stride;
+    if (vi < row_vecs) {
+      load_raw(p.x + row_off + vi * VEC, xv[i]);
+      if (p.residual != nullptr) {
+        load_raw(p.residual + row_off + vi * VEC, rv[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    if (first + i * stride >= row_vecs) {
+      h[i].zero();
+    } else if (p.residual == nullptr && p.drop_seed == nullptr) {
+      h[i].set_bits(xv[i]);
+    } else {
+      A v[VEC];
+      unpack_raw<VEC>(xv[i], v);
+      if (p.drop_seed != nullptr) {
+        scale_kept<VEC>(keep >> (i * VEC), p.drop_scale, v);
+      }
+      if (p.residual != nullptr) {
+        A r[VEC];
+        unpack_raw<VEC>(rv[i], r);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          v[j] += r[j];
+        }
+      }
+      h[i].set(v);
     }
   }
 }
@@ -337,8 +495,6 @@ __device__ __forceinline__ Normalizer<double> make_normalizer(const DdMoments& m
 // subnormals would lose bits), the same terms are summed again in double, as before. A
 // float32 h (residual_in_fp32) keeps the per-element double sums: a float sum of its values
 // rounds (a constant row's mean would be an ulp off, and its variance not 0).
-template <typename T>
-constexpr bool kHalfData = std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>;
 template <typename H>
 constexpr bool kFloatPartials = kHalfData<H>;
 
@@ -443,7 +599,7 @@ __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, 
 
 // ------------------------------------------------------------------------------------------
 // Forward, register path: each thread holds VPT vectors of VEC elements of its row
-// (vector i*TPR + tid), so the row is read once and both statistics passes (the sum, then the
+// (vector i*TPR + tid; in h's dtype, HSlot), so the row is read once and both statistics passes (the sum, then the
 // squared deviations from the mean, both in double / double-double; see kFloatPartials) run
 // on registers.
 template <typename T, typename R, typename H, typename W, bool RMS, int VEC, int VPT>
@@ -461,19 +617,14 @@ __global__ void __launch_bounds__(kMaxThreads)
     const int64_t row = row0 + threadIdx.y;
     const int64_t row_vecs = row < p.M ? nvec : 0;  // rows past M take part in reductions only
     const int64_t row_off = row * p.N;
-    A h[VPT][VEC];
+    HSlot<H, A, VEC> h[VPT];
+    load_h_vectors<VEC>(p, row_off, tid, tpr, row_vecs, h);
+    if (p.h_out != nullptr) {
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) {
-      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
-      if (vi < row_vecs) {
-        load_h<VEC>(p, row_off + vi * VEC, h[i]);
-        if (p.h_out != nullptr) {
-          store_vec<VEC>(p.h_out + row_off + vi * VEC, h[i]);
-        }
-      } else {
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          h[i][j] = A(0);
+      for (int i = 0; i < VPT; ++i) {
+        const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+        if (vi < row_vecs) {
+          h[i].store(p.h_out + row_off + vi * VEC);
         }
       }
     }
@@ -575,7 +726,9 @@ __global__ void __launch_bounds__(kMaxThreads)
     for (int i = 0; i < VPT; ++i) {
       const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
       if (vi < row_vecs) {
-        normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, h[i], norm);
+        A hv[VEC];
+        h[i].get(hv);
+        normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, hv, norm);
       }
     }
   }
@@ -605,9 +758,9 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     double shift = 0.0;
     if constexpr (!RMS) {
       if (row_vecs > 0) {
-        A h0[1];
-        load_h<1>(p, row_off, h0);
-        shift = static_cast<double>(h0[0]);
+        HSlot<H, A, 1> h0[1];
+        load_h_vectors<1>(p, row_off, 0, 0, 1, h0);
+        shift = static_cast<double>(h0[0][0]);
       }
     }
     S sums[K];
@@ -616,14 +769,8 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
       stat_zero(sums[k]);
     }
     for (int64_t base = tid; base < row_vecs; base += tpr * U) {
-      A h[U][VEC];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t vi = base + u * tpr;
-        if (vi < row_vecs) {
-          load_h<VEC>(p, row_off + vi * VEC, h[u]);
-        }
-      }
+      HSlot<H, A, VEC> h[U];
+      load_h_vectors<VEC>(p, row_off, base, tpr, row_vecs, h);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (base + u * tpr < row_vecs) {
@@ -656,22 +803,18 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
       p.rstd[row] = norm.stored_rstd();
     }
     for (int64_t base = tid; base < row_vecs; base += tpr * U) {
-      A h[U][VEC];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t vi = base + u * tpr;
-        if (vi < row_vecs) {
-          load_h<VEC>(p, row_off + vi * VEC, h[u]);
-        }
-      }
+      HSlot<H, A, VEC> h[U];
+      load_h_vectors<VEC>(p, row_off, base, tpr, row_vecs, h);
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t vi = base + u * tpr;
         if (vi < row_vecs) {
           if (p.h_out != nullptr) {
-            store_vec<VEC>(p.h_out + row_off + vi * VEC, h[u]);
+            h[u].store(p.h_out + row_off + vi * VEC);
           }
-          normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, h[u], norm);
+          A hv[VEC];
+          h[u].get(hv);
+          normalize_store<VEC>(p, row_off + vi * VEC, vi * VEC, hv, norm);
         }
       }
     }

@@ -845,12 +845,11 @@ __device__ __forceinline__ void times_gamma(const W* gamma, int64_t col, const A
   }
 }
 
-// xhat = (y - beta) / gamma for VEC elements of the output y (the backward from the
-// output; gamma has no zeros).
-template <int VEC, typename T, typename W, typename A>
-__device__ __forceinline__ void xhat_from_output(const T* y, const W* gamma, const W* beta,
-                                                 int64_t col, A (&xhat)[VEC]) {
-  load_vec<VEC>(y, xhat);
+// xhat = (y - beta) / gamma for VEC elements of the output y, given in xhat (the backward
+// from the output; gamma has no zeros).
+template <int VEC, typename W, typename A>
+__device__ __forceinline__ void xhat_of_output(const W* gamma, const W* beta, int64_t col,
+                                               A (&xhat)[VEC]) {
   A b[VEC];
   A gm[VEC];
   load_or_fill<VEC>(gamma, col, A(1), gm);
@@ -861,22 +860,59 @@ __device__ __forceinline__ void xhat_from_output(const T* y, const W* gamma, con
   }
 }
 
+template <int VEC, typename T, typename W, typename A>
+__device__ __forceinline__ void xhat_from_output(const T* y, const W* gamma, const W* beta,
+                                                 int64_t col, A (&xhat)[VEC]) {
+  load_vec<VEC>(y, xhat);
+  xhat_of_output<VEC>(gamma, beta, col, xhat);
+}
+
+// The 16-bit backward's inputs of VEC elements as loaded (bwd_load_raw): dy, and h or (from
+// the output) y in hy's first bytes. Loaded ahead of their use, so that a thread's loads are
+// in flight together (the register path loads the next row's while it finishes a row).
+template <typename T, typename H, int VEC>
+struct BwdRaw {
+  using HY = std::conditional_t<(sizeof(H) > sizeof(T)), H, T>;
+  RawVec<T, VEC> dy;
+  RawVec<HY, VEC> hy;
+};
+
+template <int VEC, typename T, typename H, typename W>
+__device__ __forceinline__ void bwd_load_raw(const BwdParams<T, H, W>& p, int64_t off,
+                                             BwdRaw<T, H, VEC>& r) {
+  load_raw(p.dy + off, r.dy);
+  if (p.y != nullptr) {
+    RawVec<T, VEC> y;
+    load_raw(p.y + off, y);
+    memcpy(&r.hy, &y, sizeof(y));
+  } else {
+    RawVec<H, VEC> h;
+    load_raw(p.h + off, h);
+    memcpy(&r.hy, &h, sizeof(h));
+  }
+}
+
 // dy and xhat = (h - mean) * rstd (from the output: (y - beta) / gamma) for VEC elements of
-// bfloat16 / float16 data; adds g = dy * gamma to the row sums in double (sums[K-1] += g *
-// xhat, exact there, and sums[0] += g for LayerNorm). With a 16-bit h the VEC terms are
-// summed in float, then added in double (kFloatPartials), each term in double where their
-// float sum is not finite.
+// bfloat16 / float16 data, from their loaded bytes; adds g = dy * gamma to the row sums in
+// double (sums[K-1] += g * xhat, exact there, and sums[0] += g for LayerNorm). With a 16-bit
+// h the VEC terms are summed in float, then added in double (kFloatPartials), each term in
+// double where their float sum is not finite.
 template <bool RMS, int VEC, typename T, typename H, typename W, int K>
-__device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
-                                         float mean, float rstd, float (&dy)[VEC],
-                                         float (&xhat)[VEC], double (&sums)[K]) {
-  static_assert(kHalfData<T>, "bwd_load: bfloat16 / float16 data");
-  load_vec<VEC>(p.dy + off, dy);
+__device__ __forceinline__ void bwd_terms(const BwdParams<T, H, W>& p, const BwdRaw<T, H, VEC>& r,
+                                          int64_t col, float mean, float rstd, float (&dy)[VEC],
+                                          float (&xhat)[VEC], double (&sums)[K]) {
+  static_assert(kHalfData<T>, "bwd_terms: bfloat16 / float16 data");
+  unpack_raw<VEC>(r.dy, dy);
   const bool from_output = p.y != nullptr;
   if (from_output) {
-    xhat_from_output<VEC>(p.y + off, p.gamma, p.beta, col, xhat);
+    RawVec<T, VEC> y;
+    memcpy(&y, &r.hy, sizeof(y));
+    unpack_raw<VEC>(y, xhat);
+    xhat_of_output<VEC>(p.gamma, p.beta, col, xhat);
   } else {
-    load_vec<VEC>(p.h + off, xhat);
+    RawVec<H, VEC> h;
+    memcpy(&h, &r.hy, sizeof(h));
+    unpack_raw<VEC>(h, xhat);
   }
   float g[VEC];
   times_gamma<VEC>(p.gamma, col, dy, g);
@@ -901,6 +937,36 @@ __device__ __forceinline__ void bwd_load(const BwdParams<T, H, W>& p, int64_t of
       stat_add_prod(sums[K - 1], static_cast<double>(g[j]), static_cast<double>(xhat[j]));
       if constexpr (!RMS) {
         stat_add(sums[0], static_cast<double>(g[j]));
+      }
+    }
+  }
+}
+
+// bwd_terms for NV vectors of a row, vector i at vector index first + i * stride where it is
+// below row_vecs (zeros elsewhere), with every load issued before any is used.
+template <bool RMS, int VEC, int NV, typename T, typename H, typename W, int K>
+__device__ __forceinline__ void bwd_load_terms(const BwdParams<T, H, W>& p, int64_t row_off,
+                                               int64_t first, int64_t stride, int64_t row_vecs,
+                                               float mean, float rstd, float (&dy)[NV][VEC],
+                                               float (&xhat)[NV][VEC], double (&sums)[K]) {
+  BwdRaw<T, H, VEC> in[NV] = {};
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int64_t vi = first + i * stride;
+    if (vi < row_vecs) {
+      bwd_load_raw<VEC>(p, row_off + vi * VEC, in[i]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < NV; ++i) {
+    const int64_t vi = first + i * stride;
+    if (vi < row_vecs) {
+      bwd_terms<RMS, VEC>(p, in[i], vi * VEC, mean, rstd, dy[i], xhat[i], sums);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        dy[i][j] = 0.0f;
+        xhat[i][j] = 0.0f;
       }
     }
   }
@@ -1255,14 +1321,47 @@ __global__ void __launch_bounds__(kMaxThreads)
       acc_beta[i][j] = A(0);
     }
   }
+  // 16-bit data and h: a row's dy and h (or y), mean and rstd are loaded a row ahead, so that
+  // they are in flight while the CTA reduces and stores the row before (at N = 8192 one CTA
+  // of 1024 threads fills an SM's registers: nothing else would be in flight then). (A
+  // float32 h's bytes would spill; it loads the row's vectors together, at the row's start.)
+  constexpr bool kAhead = kHalfData<T> && sizeof(H) == sizeof(T);
+  BwdRaw<T, H, VEC> ahead[VPT] = {};
+  A ahead_mean = A(0);
+  A ahead_rstd = A(0);
+  const auto fetch = [&](int64_t r0) {  // the inputs of row group r0 (nothing past M)
+    const int64_t r = r0 + threadIdx.y;
+    const bool ok = r < p.M;
+    ahead_mean = (RMS || !ok || p.mean == nullptr) ? A(0) : __ldg(p.mean + r);
+    ahead_rstd = ok ? __ldg(p.rstd + r) : A(0);
+#pragma unroll
+    for (int i = 0; i < VPT; ++i) {
+      const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
+      if (ok && vi < nvec) {
+        bwd_load_raw<VEC>(p, r * p.N + vi * VEC, ahead[i]);
+      }
+    }
+  };
+  // The row group after r0 in the CTA's walk: the next of chunk c, else the first of the
+  // CTA's next chunk (as the loop below advances).
+  const auto next_group = [&](int64_t r0, int c) {
+    r0 += blockDim.y;
+    return r0 < p.M && r0 < static_cast<int64_t>(c + 1) * p.chunk_rows
+               ? r0
+               : static_cast<int64_t>(c + static_cast<int>(gridDim.x)) * p.chunk_rows;
+  };
   int chunk = blockIdx.x;
+  if constexpr (kAhead) {
+    fetch(static_cast<int64_t>(chunk) * p.chunk_rows);
+  }
   for (int64_t row0 = static_cast<int64_t>(chunk) * p.chunk_rows; row0 < p.M;) {
     const int64_t row = row0 + threadIdx.y;
     const bool valid = row < p.M;
     const int64_t row_vecs = valid ? nvec : 0;
     const int64_t row_off = row * p.N;
-    const A mean = (RMS || !valid || p.mean == nullptr) ? A(0) : p.mean[row];
-    const A rstd = valid ? p.rstd[row] : A(0);
+    const A mean = kAhead ? ahead_mean
+                          : (RMS || !valid || p.mean == nullptr) ? A(0) : p.mean[row];
+    const A rstd = kAhead ? ahead_rstd : valid ? p.rstd[row] : A(0);
     A dy[VPT][VEC];
     A xhat[VPT][VEC];  // the wide backward: h, or xhat from the output
     S sums[K];
@@ -1282,9 +1381,14 @@ __global__ void __launch_bounds__(kMaxThreads)
       } else if constexpr (kWide || kF64) {
         wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[i], xhat[i]);
         precise_sums<RMS, VEC>(p, vi * VEC, mean, dy[i], xhat[i], sums);
-      } else {
-        bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[i], xhat[i], sums);
+      } else if constexpr (kAhead) {
+        bwd_terms<RMS, VEC>(p, ahead[i], vi * VEC, mean, rstd, dy[i], xhat[i], sums);
       }
+    }
+    if constexpr (kAhead) {
+      fetch(next_group(row0, chunk));
+    } else if constexpr (!(kWide || kF64)) {
+      bwd_load_terms<RMS, VEC, VPT>(p, row_off, tid, tpr, row_vecs, mean, rstd, dy, xhat, sums);
     }
     row_allreduce(sums, red);
     if constexpr (kWide || kF64) {
@@ -1424,18 +1528,17 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     for (int64_t base = tid; base < row_vecs; base += tpr * U) {
       A dy[U][VEC];
       A xhat[U][VEC];  // the wide backward: h, or xhat from the output
+      if constexpr (kWide || kF64) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t vi = base + u * tpr;
-        if (vi < row_vecs) {
-          if constexpr (kWide || kF64) {
+        for (int u = 0; u < U; ++u) {
+          const int64_t vi = base + u * tpr;
+          if (vi < row_vecs) {
             wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[u], xhat[u]);
             precise_sums<RMS, VEC>(p, vi * VEC, mean, dy[u], xhat[u], sums);
-          } else {
-            bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u],
-                               sums);
           }
         }
+      } else {
+        bwd_load_terms<RMS, VEC, U>(p, row_off, base, tpr, row_vecs, mean, rstd, dy, xhat, sums);
       }
     }
     row_allreduce(sums, red);
@@ -1481,14 +1584,8 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
         for (int k = 0; k < K; ++k) {
           stat_zero(unused[k]);
         }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int64_t vi = base + u * tpr;
-          if (vi < row_vecs) {
-            bwd_load<RMS, VEC>(p, row_off + vi * VEC, vi * VEC, mean, rstd, dy[u], xhat[u],
-                               unused);
-          }
-        }
+        bwd_load_terms<RMS, VEC, U>(p, row_off, base, tpr, row_vecs, mean, rstd, dy, xhat,
+                                    unused);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int64_t vi = base + u * tpr;

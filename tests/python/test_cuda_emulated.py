@@ -577,6 +577,51 @@ def test_emulated_unaligned_and_many_rows_like_cpu(dtype, emu):
             assert_close(a, c.double(), reduced=name != "grad_h", name=f"{m}x{n} {name}")
 
 
+@pytest.mark.parametrize("variant", ["from_h", "from_output", "grad_residual", "dropout"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.float32)],
+                         ids=lambda d: f"{str(d[0])[6:]}-h_{str(d[1])[6:]}")
+def test_emulated_backward_walk_over_rows_and_chunks(dtypes, norm, variant, emu, monkeypatch):
+    """The 16-bit register-path backward loads a row's dy, h (or the output), mean and rstd
+    while it finishes the row before. On two emulated SMs (a grid of two CTAs) each CTA walks
+    row groups of several chunks, 37 rows of 768 (row groups of 5 rows, 8 chunks, the last
+    one partial): every result is bitwise the same as on 132 SMs (one chunk per CTA) and
+    agrees with the CPU kernels."""
+    rms = norm == "rms_norm"
+    x_dtype, h_dtype = dtypes
+    m, n = 37, 768
+    p = 0.25 if variant == "dropout" else 0.0
+    x, r, w, b, seed, eps = _dropout_case(m, n, x_dtype, norm, [20261130, 5])
+    seed = seed if p > 0 else None
+    fp32_h = h_dtype != x_dtype
+    out, h, mean, rstd = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, fp32_h,
+                                                     p, seed)
+    dy = torch.randn(m, n).to(x_dtype)
+    gres = torch.randn(m, n).to(h_dtype) if variant == "grad_residual" else None
+    from_output = variant == "from_output"
+    saved = out if from_output else h
+    bias = b if from_output else None
+
+    def emulated():
+        return emu.norm_bwd(dy, gres, saved, mean, rstd, w, not rms, rms, True, eps,
+                            from_output, bias, p, seed, True, h_dtype=h_dtype)
+
+    one_chunk_each = emulated()
+    monkeypatch.setenv("ADDNORM_EMULATION_SMS", "2")
+    walked = emulated()
+    for k, (a, c) in enumerate(zip(walked, one_chunk_each)):
+        assert torch.equal(a, c), f"result {k} depends on the grid"
+    theirs = _cpu_bwd(dy, gres, saved, mean, rstd, w, rms, eps=None if from_output else eps,
+                      from_output=from_output, bias=bias, h_dtype=h_dtype, dropout_p=p,
+                      dropout_seed=seed)
+    names = ("grad_h", "grad_weight", "grad_bias", "grad_input")
+    for name, a, c in zip(names, walked, theirs):
+        if (name == "grad_bias" and rms) or (name == "grad_input" and p == 0):
+            continue
+        assert_close(a, c.double(), reduced=name in ("grad_weight", "grad_bias"), name=name)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_emulated_float32_weight_grad_first_element_outlier(norm, emu):
     """test_accuracy's first-element-outlier rows (64x768, the first element of each row at

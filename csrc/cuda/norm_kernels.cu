@@ -1380,14 +1380,21 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
       } else if constexpr (kWide || kF64) {
         wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[i], xhat[i]);
-        precise_sums<RMS, VEC>(p, vi * VEC, mean, dy[i], xhat[i], sums);
       } else if constexpr (kAhead) {
         bwd_terms<RMS, VEC>(p, ahead[i], vi * VEC, mean, rstd, dy[i], xhat[i], sums);
       }
     }
-    if constexpr (kAhead) {
+    if constexpr (kWide || kF64) {  // (every vector's loads issued above, then the sums)
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+        if (static_cast<int64_t>(i) * tpr + tid < row_vecs) {
+          precise_sums<RMS, VEC>(p, (static_cast<int64_t>(i) * tpr + tid) * VEC, mean, dy[i],
+                                 xhat[i], sums);
+        }
+      }
+    } else if constexpr (kAhead) {
       fetch(next_group(row0, chunk));
-    } else if constexpr (!(kWide || kF64)) {
+    } else {
       bwd_load_terms<RMS, VEC, VPT>(p, row_off, tid, tpr, row_vecs, mean, rstd, dy, xhat, sums);
     }
     row_allreduce(sums, red);
@@ -1534,6 +1541,12 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
           const int64_t vi = base + u * tpr;
           if (vi < row_vecs) {
             wide_load<VEC>(p, row_off + vi * VEC, vi * VEC, dy[u], xhat[u]);
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t vi = base + u * tpr;
+          if (vi < row_vecs) {
             precise_sums<RMS, VEC>(p, vi * VEC, mean, dy[u], xhat[u], sums);
           }
         }

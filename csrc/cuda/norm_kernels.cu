@@ -170,11 +170,10 @@ struct BwdParams {
 
 // The fused dropout's keep-mask of VEC elements of x at element offset off
 // (ops/dropout_mask.h): bit j set where element off + j is kept; the CPU kernels' mask. A
-// vector of
-// more than one element starts at a multiple of VEC (its rows' lengths are multiples of VEC:
-// the one-element path takes all other rows), so it lies in one Philox group (VEC divides
-// eight) and takes its halves of the group's words by static index; its ties with the
-// threshold, if any, in one call.
+// vector of more than one element starts at a multiple of VEC (its rows' lengths are
+// multiples of VEC: the one-element path takes all other rows), so it lies in one Philox
+// group (VEC divides eight) and takes its halves of the group's words by static index; its
+// ties with the threshold, if any, in one call.
 template <int VEC>
 __device__ __forceinline__ uint32_t dropout_keep_bits(const int64_t* __restrict__ seed,
                                                       uint64_t threshold, int64_t off) {
@@ -599,9 +598,9 @@ __device__ __forceinline__ void normalize_store(const FwdParams<T, R, H, W>& p, 
 
 // ------------------------------------------------------------------------------------------
 // Forward, register path: each thread holds VPT vectors of VEC elements of its row
-// (vector i*TPR + tid; in h's dtype, HSlot), so the row is read once and both statistics passes (the sum, then the
-// squared deviations from the mean, both in double / double-double; see kFloatPartials) run
-// on registers.
+// (vector i*TPR + tid; in h's dtype, HSlot), so the row is read once and both statistics
+// passes (the sum, then the squared deviations from the mean, both in double /
+// double-double; see kFloatPartials) run on registers.
 template <typename T, typename R, typename H, typename W, bool RMS, int VEC, int VPT>
 __global__ void __launch_bounds__(kMaxThreads)
     norm_fwd_register_kernel(const FwdParams<T, R, H, W> p) {

@@ -577,28 +577,36 @@ def test_emulated_unaligned_and_many_rows_like_cpu(dtype, emu):
             assert_close(a, c.double(), reduced=name != "grad_h", name=f"{m}x{n} {name}")
 
 
-@pytest.mark.parametrize("variant", ["from_h", "from_output", "grad_residual", "dropout"])
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-                                    (torch.bfloat16, torch.float32)],
-                         ids=lambda d: f"{str(d[0])[6:]}-h_{str(d[1])[6:]}")
-def test_emulated_backward_walk_over_rows_and_chunks(dtypes, norm, variant, emu, monkeypatch):
+_WALKS = [(dtypes, norm, variant, 37) for dtypes in
+          [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+           (torch.bfloat16, torch.float32)]
+          for norm in NORMS for variant in ["from_h", "from_output", "grad_residual", "dropout"]]
+# chunks of two row groups (1300 rows: 260 groups of 5 > 256 chunks), at about 1M elements
+_WALKS += [((torch.bfloat16, torch.bfloat16), "layer_norm", v, 1300)
+           for v in ("from_output", "grad_residual_dropout")]
+
+
+@pytest.mark.parametrize("dtypes,norm,variant,m", _WALKS,
+                         ids=lambda v: f"{str(v[0])[6:]}-h_{str(v[1])[6:]}"
+                         if isinstance(v, tuple) else str(v))
+def test_emulated_backward_walk_over_rows_and_chunks(dtypes, norm, variant, m, emu,
+                                                     monkeypatch):
     """The 16-bit register-path backward loads a row's dy, h (or the output), mean and rstd
     while it finishes the row before. On two emulated SMs (a grid of two CTAs) each CTA walks
-    row groups of several chunks, 37 rows of 768 (row groups of 5 rows, 8 chunks, the last
-    one partial): every result is bitwise the same as on 132 SMs (one chunk per CTA) and
-    agrees with the CPU kernels."""
+    the row groups of several chunks: 37 rows of 768 (row groups of 5 rows, a chunk each, 8
+    chunks, the last one partial) and 1300 rows (chunks of two row groups). Every result is
+    bitwise the same as on 132 SMs and agrees with the CPU kernels."""
     rms = norm == "rms_norm"
     x_dtype, h_dtype = dtypes
-    m, n = 37, 768
-    p = 0.25 if variant == "dropout" else 0.0
+    n = 768
+    p = 0.25 if "dropout" in variant else 0.0
     x, r, w, b, seed, eps = _dropout_case(m, n, x_dtype, norm, [20261130, 5])
     seed = seed if p > 0 else None
     fp32_h = h_dtype != x_dtype
     out, h, mean, rstd = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, fp32_h,
                                                      p, seed)
     dy = torch.randn(m, n).to(x_dtype)
-    gres = torch.randn(m, n).to(h_dtype) if variant == "grad_residual" else None
+    gres = torch.randn(m, n).to(h_dtype) if "grad_residual" in variant else None
     from_output = variant == "from_output"
     saved = out if from_output else h
     bias = b if from_output else None
@@ -607,6 +615,7 @@ def test_emulated_backward_walk_over_rows_and_chunks(dtypes, norm, variant, emu,
         return emu.norm_bwd(dy, gres, saved, mean, rstd, w, not rms, rms, True, eps,
                             from_output, bias, p, seed, True, h_dtype=h_dtype)
 
+    monkeypatch.delenv("ADDNORM_EMULATION_SMS", raising=False)
     one_chunk_each = emulated()
     monkeypatch.setenv("ADDNORM_EMULATION_SMS", "2")
     walked = emulated()

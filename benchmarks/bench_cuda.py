@@ -80,6 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=None, help="timed replays per case (default 25; --quick 10)")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
     p.add_argument("--no-liger", action="store_true", help="leave Liger-Kernel out")
+    p.add_argument("--baseline", default=None,
+                   help="comma list of JSON results of an earlier run (the same GPU): a column "
+                        "of addnorm's time there over its time now, per matching case")
     p.add_argument("--json", default=None)
     p.add_argument("--md", default=None)
     p.add_argument("--no-progress", action="store_true")
@@ -277,11 +280,36 @@ OP_LABEL = {"add_layer_norm": "add+LN", "add_layer_norm_prenorm": "add+LN pre-LN
             "layer_norm": "LN", "rms_norm": "RMS"}
 
 
+def load_baseline(paths):
+    """addnorm's GPU seconds per (op, dtype, M, N, mode) in earlier runs' JSON results (the
+    last file that has a case wins)."""
+    base = {}
+    for path in paths.split(",") if paths else []:
+        with open(path.strip()) as f:
+            for r in json.load(f)["results"]:
+                a = r["impls"].get("addnorm")
+                if a:
+                    base[(r["op"], r["dtype"], r["M"], r["N"], r["mode"])] = a["gpu_s"]
+    return base
+
+
+def add_baseline(rows, base):
+    """vs_baseline: addnorm's time in the baseline over its time now (> 1: faster now)."""
+    for r in rows:
+        a = r["impls"].get("addnorm")
+        was = base.get((r["op"], r["dtype"], r["M"], r["N"], r["mode"]))
+        if a and was:
+            r["baseline_s"] = was
+            r["vs_baseline"] = was / a["gpu_s"]
+
+
 def table(rows):
     impls = [n for n in IMPLS if any(n in r["impls"] for r in rows)]
     others = impls[1:]
+    with_base = any("vs_baseline" in r for r in rows)
     header = (["case", "dtype", "MxN", "mode"] + [f"{n} us" for n in impls]
-              + [f"x vs {n}" for n in others] + ["% of copy", "host us (addnorm / eager)"])
+              + [f"x vs {n}" for n in others] + ["% of copy", "host us (addnorm / eager)"]
+              + (["baseline us", "x vs baseline"] if with_base else []))
     out = []
     for r in rows:
         a = r["impls"].get("addnorm")
@@ -297,6 +325,9 @@ def table(rows):
         ha = a.get("host_s") if a else None
         he = r["impls"].get("eager", {}).get("host_s")
         line.append(f"{ha * 1e6:.1f} / {he * 1e6:.1f}" if ha and he else "-")
+        if with_base:
+            b = r.get("baseline_s")
+            line += [f"{b * 1e6:.1f}", f"{r['vs_baseline']:.2f}x"] if b else ["-", "-"]
         out.append(line)
     return header, out
 
@@ -322,6 +353,9 @@ def write_results(args, info, rows, copy, elapsed_s, done, total):
             f.write(f"Date: {info['date']}; torch {info['torch_version']} (CUDA {info.get('torch_cuda')}), "
                     f"triton {info.get('triton_version', '-')}, liger-kernel {info.get('liger_kernel_version', '-')}  \n")
             f.write(f"Device-to-device copy bandwidth (read + write) in the same run: {copy['gbps']:.0f} GB/s.  \n")
+            if getattr(args, "baseline", None):
+                f.write(f"Baseline (addnorm's times of an earlier run, x vs baseline = then / now): "
+                        f"`{args.baseline}`.  \n")
             f.write("Times are GPU microseconds per call (median of CUDA-graph replays after an L2 flush; "
                     "`*`: not capturable, events around eager calls). Ratios are other / addnorm "
                     "(> 1: addnorm is faster). % of copy: addnorm's bytes (each input read once, each "
@@ -358,11 +392,13 @@ def main(argv=None):
     flush = Flush()
     info = sc.machine_info("cuda")
     bar = sc.Progress(len(cases), enabled=not args.no_progress)
+    base = load_baseline(args.baseline)
     rows = []
     for i, (g, op, dt, M, N, modes) in enumerate(cases):
         bar.step(f"{g} {op} {dt} {M}x{N}")
         try:
             rows += bench_case(g, op, dt, M, N, modes, args, flush, copy["gbps"])
+            add_baseline(rows, base)
         except Exception as e:
             print(f"\n{op} {dt} {M}x{N}: skipped ({type(e).__name__}: {str(e)[:200]})", flush=True)
             torch.cuda.empty_cache()

@@ -32,7 +32,7 @@
 # GPU_CHECK_BUDGET_S, STEPS (comma list, default env,build,first,test_cuda,tests,memcheck,
 # racecheck,bench,profile,encoder,encoder_profile,bert,large), PYTEST_K (pytest -k expression for
 # the rest of the suite; default cuda), PYTEST_JOBS (pytest-xdist workers when available;
-# default 8), PYTEST_TIMEOUT (seconds per test, with pytest-timeout; default 90), PACK, BENCH_ARGS (replaces the benchmark's default arguments), TORCH_CUDA_ARCH_LIST
+# default 8), PYTEST_TIMEOUT (seconds per test, with pytest-timeout; default 90), PACK, BENCH_ARGS (replaces the benchmark's default arguments), BENCH_BASELINE (see bench), TORCH_CUDA_ARCH_LIST
 # (default: the GPU's compute capability).
 set -u
 
@@ -289,11 +289,17 @@ racecheck() {
     "$PY" scripts/sanitize_kernels.py --quick
 }
 
+# BENCH_BASELINE: earlier results for bench_cuda.py's --baseline column (default on an H200:
+# the last committed H200 run's; "none": no column).
 bench() {
+  local base=${BENCH_BASELINE:-}
+  if [ -z "$base" ] && nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200; then
+    base=benchmarks/results/gpu_h200_large_r2.json,benchmarks/results/gpu_h200_dropout_r2.json
+  fi
   set -x
   # shellcheck disable=SC2086
-  "$PY" benchmarks/bench_cuda.py ${BENCH_ARGS:-} --no-progress \
-    --json "$OUT_DIR/bench.json" --md "$OUT_DIR/bench.md"
+  "$PY" benchmarks/bench_cuda.py ${BENCH_ARGS:-} ${base:+$([ "$base" != none ] && echo --baseline "$base")} \
+    --no-progress --json "$OUT_DIR/bench.json" --md "$OUT_DIR/bench.md"
 }
 
 # Nsight Compute on the main kernels (register and looping paths, forward and backward).

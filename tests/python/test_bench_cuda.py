@@ -98,3 +98,38 @@ def test_results_written_after_every_case(bench, tmp_path):
     assert "partial: 1 of 3 cases" in md and md.count("\n| ") >= len(rows)
     bench.write_results(Out(), info, rows, copy, 2.0, 3, 3)
     assert "partial" not in (tmp_path / "bench.md").read_text()
+
+
+def test_baseline_column(bench, tmp_path):
+    """--baseline: addnorm's time of the same case (op, dtype, M x N, mode) in an earlier run's
+    JSON over its time now, as a column of the table; cases the baseline lacks show '-'."""
+    rows = bench.bench_case("small", "add_layer_norm", "fp32", 8, 64, bench.MODES, Args(),
+                            lambda: None, 1000.0)
+    then = json.loads(json.dumps(rows))
+    for r in then:
+        r["impls"]["addnorm"]["gpu_s"] *= 3.0
+    then[0]["M"] = 16  # another shape: no match for the first mode
+    path = tmp_path / "then.json"
+    path.write_text(json.dumps({"results": then}))
+    bench.add_baseline(rows, bench.load_baseline(str(path)))
+    assert "vs_baseline" not in rows[0]
+    for r in rows[1:]:
+        assert r["vs_baseline"] == pytest.approx(3.0)
+        assert r["baseline_s"] == pytest.approx(3.0 * r["impls"]["addnorm"]["gpu_s"])
+    header, lines = bench.table(rows)
+    assert header[-2:] == ["baseline us", "x vs baseline"]
+    assert lines[0][-2:] == ["-", "-"] and lines[1][-1] == "3.00x"
+    assert "x vs baseline" not in bench.table(rows[:1])[0]
+
+
+def test_committed_results_load_as_baseline(bench):
+    """The committed H200 results (the baseline of the next GPU run) load, keyed by cases of
+    the benchmark's plan."""
+    import os
+    results = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results")
+    files = ",".join(os.path.join(results, f"gpu_h200_{g}_r2.json") for g in ("large", "dropout"))
+    base = bench.load_baseline(files)
+    planned = {(op, dt, M, N, mode) for _, op, dts, shapes, modes in bench.PLAN
+               for dt in dts for M, N in shapes for mode in modes}
+    assert len(base) > 20 and set(base) <= planned
+    assert all(0 < s < 1 for s in base.values())

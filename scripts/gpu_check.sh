@@ -292,14 +292,17 @@ racecheck() {
 # BENCH_BASELINE: earlier results for bench_cuda.py's --baseline column (default on an H200:
 # the last committed H200 run's; "none": no column).
 bench() {
-  local base=${BENCH_BASELINE:-}
+  local base=${BENCH_BASELINE:-} baseline=()
   if [ -z "$base" ] && nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200; then
     base=benchmarks/results/gpu_h200_large_r2.json,benchmarks/results/gpu_h200_dropout_r2.json
   fi
+  if [ -n "$base" ] && [ "$base" != none ]; then
+    baseline=(--baseline "$base")
+  fi
   set -x
   # shellcheck disable=SC2086
-  "$PY" benchmarks/bench_cuda.py ${BENCH_ARGS:-} ${base:+$([ "$base" != none ] && echo --baseline "$base")} \
-    --no-progress --json "$OUT_DIR/bench.json" --md "$OUT_DIR/bench.md"
+  "$PY" benchmarks/bench_cuda.py ${BENCH_ARGS:-} "${baseline[@]}" --no-progress \
+    --json "$OUT_DIR/bench.json" --md "$OUT_DIR/bench.md"
 }
 
 # Nsight Compute on the main kernels (register and looping paths, forward and backward).

@@ -272,11 +272,7 @@ struct RawVec {
 
 template <typename U, int VEC>
 __device__ __forceinline__ void load_raw(const U* __restrict__ ptr, RawVec<U, VEC>& r) {
-  using Word = typename RawVec<U, VEC>::Word;
-#pragma unroll
-  for (int k = 0; k < static_cast<int>(sizeof(r.q) / sizeof(Word)); ++k) {
-    r.q[k] = __ldg(reinterpret_cast<const Word*>(ptr) + k);
-  }
+  r = load_readonly(reinterpret_cast<const RawVec<U, VEC>*>(ptr));
 }
 
 template <int VEC, typename U, typename A>

@@ -100,13 +100,15 @@ void check_dropout_args(
     const at::Tensor& input, double p, const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(
       p >= 0.0 && p <= 1.0, "addnorm: dropout_p must be a probability in [0, 1], got ", p);
-  if (p == 0.0) {
+  // A seed given is checked whatever p is: one on another device would take the call to
+  // that device's kernel (or the meta kernel), and a kernel reads it even at p = 0.
+  if (!seed.has_value()) {
+    TORCH_CHECK(
+        p == 0.0, "addnorm: dropout_p = ", p,
+        " needs dropout_seed, an int64 tensor of 2 elements on the input's device (the "
+        "functional forms and modules draw it from torch's generator)");
     return;
   }
-  TORCH_CHECK(
-      seed.has_value(), "addnorm: dropout_p = ", p,
-      " needs dropout_seed, an int64 tensor of 2 elements on the input's device (the "
-      "functional forms and modules draw it from torch's generator)");
   check_same_device(*seed, input, "dropout_seed");
   TORCH_CHECK(
       seed->scalar_type() == at::kLong && seed->sym_numel() == 2,

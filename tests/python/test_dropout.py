@@ -398,6 +398,30 @@ def test_seed_is_required_and_checked():
                                          dropout_seed=torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("seed,match", [
+    (torch.zeros(2, dtype=torch.long, device="meta"), "dropout_seed must be on the input's device cpu"),
+    (torch.zeros(0, dtype=torch.long), r"got Long of shape \[0\]"),
+    (torch.zeros(1, dtype=torch.long), r"got Long of shape \[1\]"),
+    (torch.zeros(2), "dropout_seed must be an int64 tensor of 2 elements, got Float")])
+def test_seed_given_with_p_zero_is_checked(seed, match):
+    """A seed is checked whatever dropout_p is. Unchecked at p = 0, a seed on another device
+    took the call to that device's kernel (the meta kernel returned the CPU tensors it made,
+    never written), and an empty one was read past its end (a crash in dropout_mask)."""
+    x, r = torch.randn(4, 8), torch.randn(4, 8)
+    calls = [lambda: torch.ops.addnorm.add_layer_norm(x, r, [8], dropout_p=0.0, dropout_seed=seed),
+             lambda: torch.ops.addnorm.add_rms_norm(x, r, [8], dropout_p=0.0, dropout_seed=seed),
+             lambda: torch.ops.addnorm._dropout_apply(x, seed, 0.0),
+             lambda: torch.ops.addnorm._dropout_matmul(x.view(1, 4, 8), r.view(1, 8, 4), seed, 0.0)]
+    if seed.device.type == "cpu":  # (dropout_mask: the seed's device is the mask's)
+        calls.append(lambda: addnorm.dropout_mask(seed, [4, 8], 0.0))
+    for call in calls:
+        with pytest.raises(RuntimeError, match=match):
+            call()
+    good = addnorm.dropout_seed("cpu")  # (a seed given with p = 0 is otherwise unused)
+    torch.testing.assert_close(torch.ops.addnorm._dropout_apply(x, good, 0.0), x, rtol=0, atol=0)
+    assert addnorm.dropout_mask(good, [4, 8], 0.0).all()
+
+
 def test_functorch_transforms_refuse_dropout_clearly():
     x = torch.randn(2, 8)
     seed = addnorm.dropout_seed("cpu")

@@ -21,11 +21,12 @@ def _check_tensors(*tensors: Optional[Tensor]) -> None:
                 "names with tensor.rename(None), call the op, and set names on the result")
 
 
-def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape)
-    if not isinstance(shape, (int, tuple, list, torch.SymInt, Sequence)):  # (a Tensor is not one)
-        raise TypeError("addnorm: normalized_shape must be an int or a sequence of ints, got "
-                        f"{type(shape).__name__}")
-    return [shape] if isinstance(shape, (int, torch.SymInt)) else list(shape)
+def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape; no bools, as torch's)
+    out = [shape] if isinstance(shape, (int, torch.SymInt)) else list(shape) if isinstance(
+        shape, Sequence) and not isinstance(shape, (str, bytes)) else None  # (a Tensor: not one)
+    if out is None or any(isinstance(s, bool) for s in out):
+        raise TypeError(f"addnorm: normalized_shape must be an int or a sequence of ints, got {shape!r}")
+    return out
 
 
 # The wrappers: _C where no Python code could see the call, if it takes it (else NotImplemented).

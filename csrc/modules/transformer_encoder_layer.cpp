@@ -69,9 +69,15 @@ using OptTensor = std::optional<at::Tensor>;
 // (true -> -inf); a float mask is used as is, or cast to src's dtype where attention would
 // refuse its dtype (neither float32 nor src's: numpy's float64, say), as torch's inference
 // fast path takes it (its slow path refuses it).
-OptTensor canonical_mask(const OptTensor& mask, const char* name, c10::ScalarType target) {
+OptTensor canonical_mask(
+    const OptTensor& mask, const char* name, c10::ScalarType target, c10::Device device) {
   if (!mask.has_value()) return std::nullopt;
   const auto& m = *mask;
+  // (attention takes a mask on another device, meta's too, without a word: its values are
+  // then garbage)
+  TORCH_CHECK(
+      m.device() == device, "addnorm: transformer_encoder_layer: ", name,
+      " must be on src's device ", device, ", got device ", m.device());
   if (m.scalar_type() == at::kBool) {
     return at::zeros_like(m, m.options().dtype(target))
         .masked_fill(m, -std::numeric_limits<double>::infinity());
@@ -124,6 +130,21 @@ at::Tensor self_attention(
       !is_causal || attn_mask.has_value(),
       "addnorm: transformer_encoder_layer: is_causal=True needs src_mask (the causal mask); "
       "nn.Transformer.generate_square_subsequent_mask makes one");
+  // The masks' shapes, also where is_causal stands for src_mask below (a mask of another
+  // shape, say a 4-D causal and padding mask, is refused, not dropped).
+  if (attn_mask.has_value()) {
+    if (attn_mask->dim() == 2) {
+      check_shape(*attn_mask, {S, S}, "the 2-D src_mask");
+    } else {
+      TORCH_CHECK(
+          attn_mask->dim() == 3, "addnorm: transformer_encoder_layer: src_mask must have 2 or 3 "
+          "dimensions, got ", attn_mask->dim());
+      check_shape(*attn_mask, {NH, S, S}, "the 3-D src_mask");
+    }
+  }
+  if (key_padding_mask.has_value()) {
+    check_shape(*key_padding_mask, {N, S}, "src_key_padding_mask");
+  }
   if (is_causal && !key_padding_mask.has_value()) {
     attn_mask = std::nullopt;  // scaled_dot_product_attention applies the causal mask
   } else if (key_padding_mask.has_value()) {
@@ -144,19 +165,10 @@ at::Tensor self_attention(
   };
   const auto q = to_heads(qkv[0]), k = to_heads(qkv[1]), v = to_heads(qkv[2]);
 
-  if (attn_mask.has_value()) {
-    if (attn_mask->dim() == 2) {
-      check_shape(*attn_mask, {S, S}, "the 2-D src_mask");
-      attn_mask = attn_mask->unsqueeze(0);
-    } else {
-      TORCH_CHECK(
-          attn_mask->dim() == 3, "addnorm: transformer_encoder_layer: src_mask must have 2 or 3 "
-          "dimensions, got ", attn_mask->dim());
-      check_shape(*attn_mask, {NH, S, S}, "the 3-D src_mask");
-    }
+  if (attn_mask.has_value() && attn_mask->dim() == 2) {
+    attn_mask = attn_mask->unsqueeze(0);
   }
   if (key_padding_mask.has_value()) {
-    check_shape(*key_padding_mask, {N, S}, "src_key_padding_mask");
     auto kpm = key_padding_mask->view_symint({N, 1, 1, S})
                    .expand_symint({-1, nhead, -1, -1})
                    .reshape_symint({NH, 1, S});
@@ -334,8 +346,9 @@ at::Tensor transformer_encoder_layer_impl(
   }
 
   // TransformerEncoderLayer.forward's mask canonicalization.
-  const auto kpm = canonical_mask(src_key_padding_mask, "src_key_padding_mask", src.scalar_type());
-  const auto mask = canonical_mask(src_mask, "src_mask", src.scalar_type());
+  const auto kpm = canonical_mask(
+      src_key_padding_mask, "src_key_padding_mask", src.scalar_type(), src.device());
+  const auto mask = canonical_mask(src_mask, "src_mask", src.scalar_type(), src.device());
 
   const std::vector<int64_t> d_model{E.guard_int(__FILE__, __LINE__)};
   auto sa_block = [&](const at::Tensor& x) {

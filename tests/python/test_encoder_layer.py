@@ -477,6 +477,25 @@ def test_op_errors():
         ours(x, src_mask=torch.zeros(S, S + 1))
     with pytest.raises(RuntimeError, match="src_mask"):
         ours(x, src_mask=torch.zeros(S, S, dtype=torch.int32))
+    # With is_causal the mask's shape is checked too (it was dropped unchecked: a 4-D causal
+    # and padding mask lost its padding), and a mask on another device is refused (attention
+    # read a meta mask as garbage).
+    causal = nn.Transformer.generate_square_subsequent_mask(S)
+    padded = causal.expand(N, H, S, S).clone()
+    padded[1, :, :, 3:] = float("-inf")
+    for mask, match in ((padded, "src_mask must have 2 or 3 dimensions, got 4"),
+                        (torch.zeros(S), "src_mask must have 2 or 3 dimensions, got 1"),
+                        (causal[:-1], r"the 2-D src_mask must have shape \[5, 5\], got \[4, 5\]"),
+                        (padded.view(N * H, S, S)[:-1], r"the 3-D src_mask must have shape \[12, 5, 5\]")):
+        for training in (False, True):
+            with pytest.raises(RuntimeError, match=match):
+                ours.train(training)(x, src_mask=mask, is_causal=True)
+    ours.eval()
+    for kwargs, name in ((dict(src_mask=torch.zeros(S, S, device="meta")), "src_mask"),
+                         (dict(src_key_padding_mask=torch.zeros(N, S, dtype=torch.bool, device="meta")),
+                          "src_key_padding_mask")):
+        with torch.no_grad(), pytest.raises(RuntimeError, match=f"{name} must be on src's device cpu, got device meta"):
+            ours(x, **kwargs)
     sa = ours.self_attn
     args = [x, None, None, False, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight,
             sa.out_proj.bias, ours.linear1.weight, ours.linear1.bias, ours.linear2.weight,

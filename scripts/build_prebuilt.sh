@@ -10,6 +10,12 @@
 # PYTHON must have torch (the version requirements.txt pins), pybind11, cmake and ninja.
 # Default: .venv-py312/bin/python, created with python3.12 and requirements.txt when absent.
 # TORCH_CUDA_ARCH_LIST defaults to 9.0 (H100/H200).
+#
+# A second build of the same sources with other CMake options, for gpu_check.sh's ab step
+# (its benchmark beside the first build's, same run): PREBUILT_DIR (default build/prebuilt;
+# the CMake folder is PREBUILT_DIR-cmake) and PREBUILT_CMAKE_ARGS, recorded in
+# PREBUILT_DIR/cmake_args.txt, e.g.
+#   PREBUILT_DIR=build/prebuilt-b PREBUILT_CMAKE_ARGS=-DADDNORM_CUDA_BWD_AHEAD=OFF scripts/build_prebuilt.sh
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -40,15 +46,19 @@ fi
 prefix=$("$PY" -c "import torch, pybind11; print(torch.utils.cmake_prefix_path + ';' + pybind11.get_cmake_dir())")
 bin=$(dirname "$PY")
 export PATH="$bin:$PATH" TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-cmake -S "$ROOT" -B "$ROOT/build/prebuilt-cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-  "-DCMAKE_PREFIX_PATH=$prefix" "-DPython_EXECUTABLE=$PY" \
-  "-DADDNORM_PYTHON_OUTPUT_DIR=$ROOT/build/prebuilt" -DADDNORM_CUDA=ON -DADDNORM_BUILD_TESTS=OFF
-cmake --build "$ROOT/build/prebuilt-cmake" -j "${MAX_JOBS:-$(nproc)}"
-echo "$sources" > "$ROOT/build/prebuilt/sources.sha256"  # gpu_check.sh compares it
+out=$(realpath -m "${PREBUILT_DIR:-$ROOT/build/prebuilt}")
+read -r -a extra <<<"${PREBUILT_CMAKE_ARGS:-}"
+# (options left out of PREBUILT_CMAKE_ARGS: their defaults, not what the cache last held)
+cmake -S "$ROOT" -B "$out-cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  "-DCMAKE_PREFIX_PATH=$prefix" "-DPython_EXECUTABLE=$PY" -UADDNORM_CUDA_BWD_AHEAD \
+  "-DADDNORM_PYTHON_OUTPUT_DIR=$out" -DADDNORM_CUDA=ON -DADDNORM_BUILD_TESTS=OFF "${extra[@]}"
+cmake --build "$out-cmake" -j "${MAX_JOBS:-$(nproc)}"
+echo "$sources" > "$out/sources.sha256"  # gpu_check.sh compares it
+echo "${PREBUILT_CMAKE_ARGS:-}" > "$out/cmake_args.txt"
 # pytest-xdist and pytest-timeout (pure Python) for gpu_check.sh's test steps, which find
 # them in pydeps/: the GPU machine's Python may not have them; its cores cut the suite's
 # time several-fold, and a test that hangs is named and ended instead of taking the step.
-deps="$ROOT/build/prebuilt/pydeps"
+deps="$out/pydeps"
 if [ ! -d "$deps/xdist" ] || [ ! -f "$deps/pytest_timeout.py" ]; then
   wheels=$(mktemp -d)
   if "$PY" -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: \
@@ -60,4 +70,4 @@ if [ ! -d "$deps/xdist" ] || [ ! -f "$deps/pytest_timeout.py" ]; then
   fi
   rm -rf "$wheels"
 fi
-ls -la "$ROOT/build/prebuilt"
+ls -la "$out"

@@ -30,7 +30,7 @@
 #
 # Knobs: PYTHON (default /opt/torch/.venv/bin/python3 when present, else python3),
 # GPU_CHECK_BUDGET_S, STEPS (comma list, default env,build,first,test_cuda,tests,memcheck,
-# racecheck,bench,profile,encoder,encoder_profile,bert,large), PYTEST_K (pytest -k expression for
+# racecheck,bench,profile,encoder,encoder_profile,bert,large; also ab, below), PYTEST_K (pytest -k expression for
 # the rest of the suite; default cuda), PYTEST_JOBS (pytest-xdist workers when available;
 # default 8), PYTEST_TIMEOUT (seconds per test, with pytest-timeout; default 90), PACK, BENCH_ARGS (replaces the benchmark's default arguments), BENCH_BASELINE (see bench), TORCH_CUDA_ARCH_LIST
 # (default: the GPU's compute capability).
@@ -305,6 +305,35 @@ bench() {
     --json "$OUT_DIR/bench.json" --md "$OUT_DIR/bench.md"
 }
 
+# A second build's benchmark beside the first's (same run): AB_PREBUILT (default
+# build/prebuilt-b), built by scripts/build_prebuilt.sh from the same sources with other
+# CMake options (its cmake_args.txt), runs bench_cuda.py with AB_ARGS (default BENCH_ARGS)
+# and the bench step's results as the baseline: "x vs baseline" is then the first build's
+# time / the second's. Results: bench_b.json / .md.
+ab() {
+  local b=${AB_PREBUILT:-$ROOT/build/prebuilt-b} ext dir
+  ext=$("$PY" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))") || return 1
+  if [ ! -f "$b/_C$ext" ] || [ ! -f "$b/libaddnorm.so" ]; then
+    echo "no second build in $b (scripts/build_prebuilt.sh with PREBUILT_DIR)"
+    return 1
+  fi
+  if [ "$(cat "$b/sources.sha256" 2>/dev/null)" != "$("$ROOT/scripts/source_hash.sh")" ]; then
+    echo "the second build in $b was not built from this tree's sources"
+    return 1
+  fi
+  [ -f "$OUT_DIR/bench.json" ] || { echo "no bench.json: the bench step runs first"; return 1; }
+  echo "second build: $b, CMake options: $(cat "$b/cmake_args.txt" 2>/dev/null)"
+  dir=$(mktemp -d) || return 1
+  cp -r "$ROOT/python/addnorm" "$dir/" &&
+    cp "$b/libaddnorm.so" "$b/_C$ext" "$b/_build_info.py" "$dir/addnorm/" || return 1
+  set -x
+  PYTHONPATH="$dir:$PYTHONPATH" "$PY" -c "import addnorm; print(addnorm.__file__)" || return 1
+  # shellcheck disable=SC2086
+  PYTHONPATH="$dir:$PYTHONPATH" "$PY" benchmarks/bench_cuda.py ${AB_ARGS:-${BENCH_ARGS:-}} \
+    --baseline "$OUT_DIR/bench.json" --no-progress --json "$OUT_DIR/bench_b.json" \
+    --md "$OUT_DIR/bench_b.md"
+}
+
 # Nsight Compute on the main kernels (register and looping paths, forward and backward).
 profile() {
   set -x
@@ -357,7 +386,7 @@ bert_bench() {
 
 export PY ROOT OUT_DIR SANITIZER NPROC DEADLINE PREBUILT
 export LARGE_K FIRST_FILES FIRST_SEL STEPS
-export -f env_info build run_pytest first test_cuda large tests memcheck racecheck bench profile \
+export -f env_info build run_pytest first test_cuda large tests memcheck racecheck bench ab profile \
   encoder_bench encoder_profile bert_bench
 
 want() { [[ $STEPS == *",$1,"* ]]; }
@@ -389,6 +418,7 @@ step_spec() {  # name -> "max_seconds function"
     memcheck) echo "120 memcheck" ;;
     racecheck) echo "90 racecheck" ;;
     bench) echo "300 bench" ;;
+    ab) echo "300 ab" ;;
     profile) echo "90 profile" ;;
     encoder) echo "120 encoder_bench" ;;
     encoder_profile) echo "60 encoder_profile" ;;
@@ -443,9 +473,11 @@ TOTAL=$(($(date +%s) - START))
       echo "$s: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|sanitize_kernels:' "$OUT_DIR/$s.log" | grep -v '^+' | tr '\n' ' ')"
     fi
   done
-  if [ -f "$OUT_DIR/bench.log" ]; then
-    grep -E '^(total time|device:)' "$OUT_DIR/bench.log" | head -n 3
-  fi
+  for s in bench ab; do
+    if [ -f "$OUT_DIR/$s.log" ]; then
+      grep -E '^(total time|device:)' "$OUT_DIR/$s.log" | head -n 3
+    fi
+  done
   echo
   echo "total ${TOTAL}s (budget ${BUDGET}s); logs and results in $OUT_DIR"
   if [ $FAILED -ne 0 ]; then

@@ -53,6 +53,10 @@
 #include "ops/dropout_mask.h"
 #include "ops/norm_register.h"
 
+#ifndef ADDNORM_CUDA_BWD_AHEAD  // (CMake's option of that name; the emulation's build)
+#define ADDNORM_CUDA_BWD_AHEAD 1
+#endif
+
 // Turns a run-time bool into a constexpr bool NAME visible to the lambda body.
 #define ADDNORM_BOOL_SWITCH(COND, NAME, ...) \
   [&] {                                      \
@@ -1320,7 +1324,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   // they are in flight while the CTA reduces and stores the row before (at N = 8192 one CTA
   // of 1024 threads fills an SM's registers: nothing else would be in flight then). (A
   // float32 h's bytes would spill; it loads the row's vectors together, at the row's start.)
-  constexpr bool kAhead = kHalfData<T> && sizeof(H) == sizeof(T);
+  // (ADDNORM_CUDA_BWD_AHEAD=0, CMake's option: at the row's start, as with a float32 h.)
+  constexpr bool kAhead = ADDNORM_CUDA_BWD_AHEAD && kHalfData<T> && sizeof(H) == sizeof(T);
   BwdRaw<T, H, VEC> ahead[VPT] = {};
   A ahead_mean = A(0);
   A ahead_rstd = A(0);

@@ -375,14 +375,27 @@ struct Lanes<float> {
   }
 };
 
+// a where b is finite, else b.
+inline double finite_or(double a, double b) { return std::isfinite(b) ? a : b; }
+inline VD finite_or(const VD& a, const VD& b) {
+  const VD z = b - b;  // 0 where b is finite, NaN elsewhere
+  return VD::blendv(a, b, z != z);
+}
+
 // (v - mean_hi - mean_lo)^2 as p + e (the square of the exact difference to about 2^-104).
+// The difference d + d_lo is renormalized (|d_lo| <= ulp(d) / 2) before it is squared:
+// v - mean_hi is often exact, which leaves -mean_lo as its low part, as large as the high
+// part where v is within an ulp of the mean, and dh^2 + 2 dh dl then lacks dl^2 (a constant
+// row's variance came out as -mean_lo^2: NaN). An infinite v keeps its square, inf, as IEEE
+// arithmetic on the math gives it (renormalized, it would be NaN).
 template <typename S>
 inline void sq_dev(const S& v, const S& neg_mean_hi, const S& mean_lo, S& p, S& e) {
-  S dh, dl;
+  S dh, dl, d, d_lo;
   two_sum(v, neg_mean_hi, dh, dl);
-  dl = dl - mean_lo;
-  two_prod(dh, dh, p, e);
-  e = fma_of(dh + dh, dl, e);
+  two_sum(dh, dl - mean_lo, d, d_lo);
+  d = finite_or(d, dh);
+  two_prod(d, d, p, e);
+  e = fma_of(d + d, d_lo, e);
 }
 
 template <>

@@ -222,3 +222,57 @@ def test_eps_zero_subnormal_float32_rows(norm):
     assert torch.equal(torch.isinf(dx), ~fits)
     assert torch.equal(torch.sign(dx[~fits]), torch.sign(ref_dx[~fits]))
     assert_close(dx[fits] * 2.0 ** k, ref_grads[0][fits], dtype=torch.float32, name="grad_input")
+
+
+# --------------------------------------------------------------------------- rows near their mean
+
+
+def _exact_layer_norm(row, eps):
+    """LayerNorm of a float64 row without weight, exactly (fractions), rounded once."""
+    from decimal import Decimal, getcontext
+    from fractions import Fraction
+    getcontext().prec = 60
+    v = [Fraction(t) for t in row]
+    mean = sum(v) / len(v)
+    var = sum((t - mean) ** 2 for t in v) / len(v) + Fraction(eps)
+    if var == 0:
+        return [math.nan] * len(v)
+    s = (Decimal(var.numerator) / Decimal(var.denominator)).sqrt()
+    return [float(Decimal((t - mean).numerator) / Decimal((t - mean).denominator) / s) for t in v]
+
+
+def _near_mean_rows():
+    """float64 rows whose elements are within an ulp or a few of their mean, where the mean's
+    double-double low part is as large as an element's difference from its high part."""
+    rows = []
+    for a in (1.0, 12345.678, 1e16, 2.0 ** 53, 1e30, 7e13):
+        b = math.nextafter(a, math.inf)
+        rows += [[a, b], [a, b, a], [a, a, b, a, a], [a, math.nextafter(b, math.inf), a]]
+    g = torch.Generator().manual_seed(3)
+    rows += (1.7e9 + torch.randn(4, 64, generator=g, dtype=torch.float64)).tolist()
+    return rows
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-12, 1e-5])
+def test_float64_rows_near_their_mean(eps):
+    """The float64 variance is the sum of (h - mean)^2 with the mean a double-double: each
+    difference is renormalized before it is squared. Squared as dh^2 + 2 dh dl, a difference
+    whose low part was as large as its high part (h within an ulp of the mean) lost dl^2, and
+    a constant row's variance came out below zero: NaN rows (about 9% of constant rows of
+    |h| >= 1e14 with eps 1e-5), and errors of up to 1e3 ulps near a large mean. torch's
+    kernel gives [0, 1.414] for [1, 1 + 2^-52] with eps = 0 (exactly [-1, 1])."""
+    for row in _near_mean_rows():
+        x = torch.tensor([row], dtype=torch.float64)
+        got = torch.ops.addnorm.layer_norm(x, [len(row)], None, None, eps)[0]
+        ref = torch.tensor(_exact_layer_norm(row, eps), dtype=torch.float64)
+        if ref.isnan().any():  # (a constant row with eps = 0: 0 / 0, as torch)
+            continue
+        err = ((got - ref).abs() / (ref.abs() * 2.0 ** -52).clamp_min(2.0 ** -1074)).max()
+        assert err <= 2, f"eps={eps} row {row[:3]}...: {err:.3g} ulps off, {got[:3].tolist()}"
+    g = torch.Generator().manual_seed(4)
+    const = torch.exp(torch.rand(300, 1, generator=g, dtype=torch.float64) * 40).expand(300, 5)
+    for fn in (lambda x: torch.ops.addnorm.layer_norm(x, [5], None, None, eps),
+               lambda x: torch.ops.addnorm.add_layer_norm(x, torch.zeros_like(x), [5], None, None, eps)[0]):
+        out = fn(const.contiguous())
+        if eps > 0:
+            assert torch.equal(out, torch.zeros_like(out)), "constant rows: not all zero"

@@ -276,6 +276,10 @@ at::Tensor transformer_encoder_layer_impl(
   TORCH_CHECK(
       dropout >= 0.0 && dropout <= 1.0,
       "addnorm: transformer_encoder_layer: dropout must be in [0, 1], got ", dropout);
+  TORCH_CHECK(
+      layer_norm_eps >= 0.0,
+      "addnorm: transformer_encoder_layer: layer_norm_eps must be a non-negative number, got ",
+      layer_norm_eps);
   const bool gelu = activation == "gelu";
   TORCH_CHECK(
       gelu || activation == "relu",
@@ -493,6 +497,9 @@ void TransformerEncoderLayerImpl::reset() {
   TORCH_CHECK(
       o.dropout() >= 0.0 && o.dropout() <= 1.0,
       "addnorm::TransformerEncoderLayer: dropout must be in [0, 1], got ", o.dropout());
+  TORCH_CHECK(o.layer_norm_eps() >= 0.0,  // (NaN too)
+              "addnorm::TransformerEncoderLayer: layer_norm_eps must be a non-negative number, "
+              "got ", o.layer_norm_eps());
   // (LibTorch's Linear cannot initialize a layer of 0 inputs: linear2 would have them.)
   TORCH_CHECK(o.dim_feedforward() > 0,
               "addnorm::TransformerEncoderLayer: dim_feedforward must be positive, got ",

@@ -123,6 +123,16 @@ TEST(TransformerEncoderLayer, OptionsAreRespected) {
     EXPECT_NE(std::string(e.what_without_backtrace()).find("dim_feedforward must be positive, got 0"),
               std::string::npos);
   }
+  // And a negative or NaN layer_norm_eps (the first forward refused it as the norm's "eps").
+  for (double eps : {-1.0, std::nan("")}) {
+    try {
+      addnorm::TransformerEncoderLayer bad(addnorm::TransformerEncoderLayerOptions(8, 2).layer_norm_eps(eps));
+      FAIL() << "expected an error";
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what_without_backtrace()).find("layer_norm_eps must be a non-negative number"),
+                std::string::npos);
+    }
+  }
 }
 
 TEST(TransformerEncoderLayer, ForwardBackwardMatchReference) {

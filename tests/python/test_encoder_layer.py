@@ -510,6 +510,11 @@ def test_op_errors():
     bad[16] = 3
     with pytest.raises(RuntimeError, match="divisible by nhead"):
         op(*bad)
+    for eps in (-1.0, float("nan")):
+        bad = list(args)
+        bad[19] = eps
+        with pytest.raises(RuntimeError, match="layer_norm_eps must be a non-negative number"):
+            op(*bad)
     bad = list(args)
     bad[8] = torch.randn(FF, E + 1)
     with pytest.raises(RuntimeError, match="linear1_weight"):

@@ -1007,6 +1007,12 @@ __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t o
 template <bool RMS>
 constexpr int kPreciseSums = RMS ? 2 : 4;
 
+// The backward kernels that take this path: float32 data, and bfloat16/float16 data with a
+// float32 h (a float32 residual, or residual_in_fp32), whose saved float32 mean, rounded,
+// would enter every xhat (the statistics of h itself instead, as the CPU takes them).
+template <typename T, typename H>
+constexpr bool kWideBwd = std::is_same_v<T, float> || (kHalfData<T> && std::is_same_v<H, float>);
+
 // dy and v (h, or xhat from the output) for VEC elements (also for the float64 backward).
 template <int VEC, typename T, typename H, typename W, typename A>
 __device__ __forceinline__ void wide_load(const BwdParams<T, H, W>& p, int64_t off,
@@ -1086,12 +1092,12 @@ __device__ __forceinline__ WideRow wide_row(const BwdParams<T, H, W>& p, float s
   return w;
 }
 
-// grad_h for VEC elements (+ grad_residual_out), rounded once; gx: dy * xhat in float, the
-// terms of the weight gradient.
-template <int VEC, typename T, typename H, typename W>
+// grad_h for VEC elements (+ grad_residual_out), rounded once; gx: dy * xhat, the terms of
+// the weight gradient (double for float32 data; float for 16-bit data with a float32 h).
+template <int VEC, typename T, typename H, typename W, typename G>
 __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t off,
                                            int64_t col, const WideRow& w, const float (&dy)[VEC],
-                                           const float (&v)[VEC], double (&gx)[VEC]) {
+                                           const float (&v)[VEC], G (&gx)[VEC]) {
   float gm[VEC];
   load_or_fill<VEC>(p.gamma, col, 1.0f, gm);
   float r[VEC];
@@ -1102,7 +1108,7 @@ __device__ __forceinline__ void wide_store(const BwdParams<T, H, W>& p, int64_t 
     const double xh = fma(static_cast<double>(v[j]) - w.shift, wide_xs(p, w), w.x_off);
     const double g = static_cast<double>(dy[j]) * static_cast<double>(gm[j]);
     dx[j] = static_cast<float>(fma(g - w.c1, w.rstd, fma(xh, w.b, static_cast<double>(r[j]))));
-    gx[j] = static_cast<double>(dy[j]) * xh;  // (summed in double: part_t)
+    gx[j] = static_cast<G>(static_cast<double>(dy[j]) * xh);  // (part_t: float32 data's double)
   }
   store_grads<VEC>(p, off, dx);
 }
@@ -1253,7 +1259,7 @@ template <bool RMS, int VEC, typename T, typename H, typename W, typename A, typ
 __device__ __forceinline__ void precise_sums(const BwdParams<T, H, W>& p, int64_t col,
                                              double shift, const A (&dy)[VEC],
                                              const A (&v)[VEC], S (&sums)[K]) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (kWideBwd<T, H>) {
     wide_sums<RMS, VEC>(p, col, shift, dy, v, sums);
   } else {
     f64_sums<RMS, VEC>(p, col, shift, dy, v, sums);
@@ -1262,7 +1268,7 @@ __device__ __forceinline__ void precise_sums(const BwdParams<T, H, W>& p, int64_
 template <bool RMS, typename T, typename H, typename W, typename A, typename S, int K>
 __device__ __forceinline__ auto precise_row(const BwdParams<T, H, W>& p, A shift, A saved_rstd,
                                             const S (&sums)[K]) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (kWideBwd<T, H>) {
     return wide_row<RMS>(p, shift, saved_rstd, sums);
   } else {
     return f64_row<RMS>(p, shift, saved_rstd, sums);
@@ -1272,7 +1278,7 @@ template <int VEC, typename T, typename H, typename W, typename R, typename A>
 __device__ __forceinline__ void precise_store(const BwdParams<T, H, W>& p, int64_t off,
                                               int64_t col, const R& w, const A (&dy)[VEC],
                                               const A (&v)[VEC], part_t<T> (&gx)[VEC]) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (kWideBwd<T, H>) {
     wide_store<VEC>(p, off, col, w, dy, v, gx);
   } else {
     f64_store<VEC>(p, off, col, w, dy, v, gx);
@@ -1291,7 +1297,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     norm_bwd_register_kernel(const BwdParams<T, H, W> p) {
   using A = at::opmath_type<T>;
   using S = stat_t<A>;
-  constexpr bool kWide = std::is_same_v<T, float>;  // the wide backward (above)
+  constexpr bool kWide = kWideBwd<T, H>;  // the wide backward (above)
   constexpr bool kF64 = std::is_same_v<T, double>;  // the float64 backward (above)
   constexpr int K = (kWide || kF64) ? kPreciseSums<RMS> : RMS ? 1 : 2;
   constexpr int E = VPT * VEC;
@@ -1511,7 +1517,7 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
     norm_bwd_looping_kernel(const BwdParams<T, H, W> p) {
   using A = at::opmath_type<T>;
   using S = stat_t<A>;
-  constexpr bool kWide = std::is_same_v<T, float>;  // the wide backward (above)
+  constexpr bool kWide = kWideBwd<T, H>;  // the wide backward (above)
   constexpr bool kF64 = std::is_same_v<T, double>;  // the float64 backward (above)
   constexpr int K = (kWide || kF64) ? kPreciseSums<RMS> : RMS ? 1 : 2;
   constexpr int U = kLoopUnroll<A, VEC>;
@@ -1964,7 +1970,7 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   p.N = a.N;
   p.len = {static_cast<double>(a.N), 1.0 / static_cast<double>(a.N)};
   p.chunk_rows = 0;  // register path: set below
-  constexpr bool kOwnStats = std::is_same_v<T, float> || std::is_same_v<T, double>;
+  constexpr bool kOwnStats = kWideBwd<T, H> || std::is_same_v<T, double>;
   p.own_stats = kOwnStats && a.eps.has_value() && !a.from_output;
   p.eps = a.eps.value_or(0.0);
   p.row_xform = nullptr;
@@ -2020,7 +2026,7 @@ void launch_norm_bwd(const NormBwdArgs& a) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       if (kOwnStats && want_gamma && !a.from_output) {
-        row_xform = at::empty({std::is_same_v<T, float> ? 3 : 4, a.M},
+        row_xform = at::empty({std::is_same_v<T, double> ? 4 : 3, a.M},
                               a.h.options().dtype(at::kDouble));
         p.row_xform = row_xform.mutable_data_ptr<double>();
       }

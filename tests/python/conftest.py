@@ -74,6 +74,32 @@ def make_affine(normalized_shape, dtype, device, *, requires_grad=False):
     return w.requires_grad_(requires_grad), b.requires_grad_(requires_grad)
 
 
+def half_data_float32_h_failures(n, dtype, fwd, bwd):
+    """(seed, rms, result, ratio to torch's error) where the backward of bfloat16/float16 data
+    with a float32 residual (a float32 h), rows near a large mean, fails the accuracy bar.
+    fwd(x, r, w, b, rms) -> (h, mean, rstd); bwd(dy, h, mean, rstd, w, rms) -> (grad_h,
+    grad_weight, grad_bias); results as CPU tensors."""
+    from reference import errors_vs_torch, meets_bar
+    bad = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        c = 1000.0
+        x = torch.stack([c + torch.randn(n), c + 10 * torch.randn(n), torch.full((n,), c)]).to(dtype)
+        r = 0.1 * torch.randn(3, n)
+        w, b = torch.randn(n) * 0.5 + 1, torch.randn(n)
+        dy = torch.randn(3, n).to(dtype)
+        for rms in (False, True):
+            bb = None if rms else b
+            g = bwd(dy, *fwd(x, r, w, bb, rms), w, rms)
+            ours = {"grad_residual": g[0], "grad_weight": g[1]}
+            if not rms:
+                ours["grad_bias"] = g[2]
+            errs, _ = errors_vs_torch(ours, x, r, [n], w, bb, 1e-5, rms, grad_out=dy)
+            bad += [(seed, rms, q, round(e / t, 2)) for q, (e, t, m) in errs.items()
+                    if not meets_bar(e, t, m, dtype)[0]]
+    return bad
+
+
 def past_float_range_case(m, n, scale, rms, eps, gen):
     """bfloat16 rows of values of about `scale` for the CUDA kernels' float partial sums
     (3e38: a constant row of them first), their weight, bias (None for RMSNorm), eps (0 for

@@ -26,6 +26,7 @@ from conftest import (
     call_norm,
     check_add_norm_against_reference,
     grads_of,
+    half_data_float32_h_failures,
     make_affine,
     make_data,
     past_float_range_case,
@@ -173,6 +174,27 @@ def test_bfloat16_statistics_past_float_range(scale, hidden_size, norm):
                                        not rms, rms, True, eps)
     assert ours[0].isfinite().all(), "grad_h not finite"
     assert_close(ours[0], theirs[0].double(), name="grad_h")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("n", [768, 1001], ids=["register", "looping"])
+def test_half_data_float32_h_backward_meets_bar(n, dtype):
+    """test_cuda_emulated.test_emulated_half_data_float32_h_backward_meets_bar on the GPU:
+    bfloat16/float16 data with a float32 residual, rows near a large mean; the backward takes
+    the statistics of h itself (with the saved float32 mean, weight gradients were up to 10x
+    torch's error)."""
+    def fwd(x, r, w, b, rms):
+        return torch.ops.addnorm._norm_fwd(x.cuda(), r.cuda(), [n], w.cuda(),
+                                           None if b is None else b.cuda(), 1e-5, rms, True,
+                                           False)[1:]
+
+    def bwd(dy, h, mean, rstd, w, rms):
+        g = torch.ops.addnorm._norm_bwd(dy.cuda(), None, h, mean, rstd, w.cuda(), not rms, rms,
+                                        True, 1e-5)
+        return [None if t is None else t.cpu() for t in g]
+
+    bad = half_data_float32_h_failures(n, dtype, fwd, bwd)
+    assert not bad, f"above torch's error: (seed, rms, result, ratio) {bad}"
 
 
 MIXED = [

@@ -1318,12 +1318,19 @@ __global__ void __launch_bounds__(kMaxThreads)
   using P = part_t<T>;
   P acc_gamma[VPT][VEC];
   A acc_beta[VPT][VEC];
+  // float64: the accumulators' rounding errors (double-double sums, as the looping path's
+  // partials and the CPU take them: plain double sums over a chunk's rows were up to 8x
+  // torch's error for rows of a few elements); unused otherwise.
+  P acc_gamma_lo[VPT][VEC];
+  A acc_beta_lo[VPT][VEC];
 #pragma unroll
   for (int i = 0; i < VPT; ++i) {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       acc_gamma[i][j] = P(0);
       acc_beta[i][j] = A(0);
+      acc_gamma_lo[i][j] = P(0);
+      acc_beta_lo[i][j] = A(0);
     }
   }
   // 16-bit data and h: a row's dy and h (or y), mean and rstd are loaded a row ahead, so that
@@ -1414,8 +1421,13 @@ __global__ void __launch_bounds__(kMaxThreads)
           precise_store<VEC>(p, row_off + vi * VEC, vi * VEC, w, dy[i], xhat[i], gx);
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
-            acc_gamma[i][j] += gx[j];
-            acc_beta[i][j] += dy[i][j];
+            if constexpr (kF64) {
+              dd_accumulate(acc_gamma[i][j], acc_gamma_lo[i][j], gx[j]);
+              dd_accumulate(acc_beta[i][j], acc_beta_lo[i][j], dy[i][j]);
+            } else {
+              acc_gamma[i][j] += gx[j];
+              acc_beta[i][j] += dy[i][j];
+            }
           }
         }
       }
@@ -1449,6 +1461,18 @@ __global__ void __launch_bounds__(kMaxThreads)
     row0 = static_cast<int64_t>(chunk) * p.chunk_rows;
     if (!want_gamma && !want_beta) {
       continue;
+    }
+    if constexpr (kF64) {  // (each slot's double-double rounded once)
+#pragma unroll
+      for (int i = 0; i < VPT; ++i) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          acc_gamma[i][j] += acc_gamma_lo[i][j];
+          acc_beta[i][j] += acc_beta_lo[i][j];
+          acc_gamma_lo[i][j] = P(0);
+          acc_beta_lo[i][j] = A(0);
+        }
+      }
     }
     if (blockDim.y == 1) {
 #pragma unroll
@@ -1489,9 +1513,15 @@ __global__ void __launch_bounds__(kMaxThreads)
           const int k = v / tpr;  // which value of the thread
           const int t = v % tpr;  // of which thread of the row
           P sum = buf[k * tpr + t];
+          P sum_lo = P(0);  // (float64: a double-double sum, as above)
           for (int y = 1; y < rows; ++y) {
-            sum += buf[(y * E + k) * tpr + t];
+            if constexpr (kF64) {
+              dd_accumulate(sum, sum_lo, buf[(y * E + k) * tpr + t]);
+            } else {
+              sum += buf[(y * E + k) * tpr + t];
+            }
           }
+          sum += sum_lo;
           const int64_t vi = static_cast<int64_t>(k / VEC) * tpr + t;
           if (vi < nvec) {
             part[part_off + vi * VEC + k % VEC] = sum;

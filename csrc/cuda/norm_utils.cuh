@@ -122,6 +122,15 @@ __device__ __forceinline__ void two_sum(double a, double b, double& s, double& e
   e = (a - (s - bb)) + (b - bb);
 }
 
+// hi + lo += v (a double-double accumulator); an infinite or NaN sum keeps no error term
+// (inf - inf would turn it into NaN).
+__device__ __forceinline__ void dd_accumulate(double& hi, double& lo, double v) {
+  double t, e;
+  two_sum(hi, v, t, e);
+  hi = t;
+  lo = isfinite(t) ? lo + e : 0.0;
+}
+
 __device__ __forceinline__ void stat_add(double& s, double v) { s += v; }
 __device__ __forceinline__ void stat_add(DoubleDouble& s, double v) {
   double t, e;

@@ -100,6 +100,28 @@ def half_data_float32_h_failures(n, dtype, fwd, bwd):
     return bad
 
 
+def float64_short_rows_weight_grad_failures(fwd, bwd):
+    """(M, N, rms, seed, ratio to torch's error) where the weight or bias gradient of float64
+    rows of a few elements fails the accuracy bar. fwd(x, w, b, rms) -> (mean, rstd);
+    bwd(dy, x, mean, rstd, w, rms) -> (grad_h, grad_weight, grad_bias); CPU tensors."""
+    from reference import errors_vs_torch, meets_bar
+    bad = []
+    for m, n in ((200, 2), (200, 8), (4096, 8)):
+        for rms in (False, True):
+            for seed in range(4):
+                torch.manual_seed(seed)
+                x = torch.randn(m, n, dtype=torch.float64) * 2 + 1
+                w = torch.randn(n, dtype=torch.float64) * 0.5 + 1
+                b = None if rms else torch.randn(n, dtype=torch.float64)
+                dy = torch.randn(m, n, dtype=torch.float64)
+                g = bwd(dy, x, *fwd(x, w, b, rms), w, rms)
+                ours = {"grad_weight": g[1]} if rms else {"grad_weight": g[1], "grad_bias": g[2]}
+                errs, _ = errors_vs_torch(ours, x, None, [n], w, b, 1e-5, rms, grad_out=dy)
+                bad += [(m, n, rms, seed, round(e / t, 2)) for e, t, k in errs.values()
+                        if not meets_bar(e, t, k, torch.float64)[0]]
+    return bad
+
+
 def past_float_range_case(m, n, scale, rms, eps, gen):
     """bfloat16 rows of values of about `scale` for the CUDA kernels' float partial sums
     (3e38: a constant row of them first), their weight, bias (None for RMSNorm), eps (0 for

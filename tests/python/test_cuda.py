@@ -25,6 +25,7 @@ from conftest import (
     call_add_norm,
     call_norm,
     check_add_norm_against_reference,
+    float64_short_rows_weight_grad_failures,
     grads_of,
     half_data_float32_h_failures,
     make_affine,
@@ -195,6 +196,23 @@ def test_half_data_float32_h_backward_meets_bar(n, dtype):
 
     bad = half_data_float32_h_failures(n, dtype, fwd, bwd)
     assert not bad, f"above torch's error: (seed, rms, result, ratio) {bad}"
+
+
+def test_float64_short_rows_weight_grads_meet_bar():
+    """test_cuda_emulated.test_emulated_float64_short_rows_weight_grads_meet_bar on the GPU:
+    the register path's float64 weight and bias gradients summed as double-doubles."""
+    def fwd(x, w, b, rms):
+        return torch.ops.addnorm._norm_fwd(x.cuda(), None, [x.shape[1]], w.cuda(),
+                                           None if b is None else b.cuda(), 1e-5, rms, False,
+                                           False)[2:]
+
+    def bwd(dy, x, mean, rstd, w, rms):
+        g = torch.ops.addnorm._norm_bwd(dy.cuda(), None, x.cuda(), mean, rstd, w.cuda(), not rms,
+                                        rms, True, 1e-5)
+        return [None if t is None else t.cpu() for t in g]
+
+    bad = float64_short_rows_weight_grad_failures(fwd, bwd)
+    assert not bad, f"above torch's error: (M, N, rms, seed, ratio) {bad}"
 
 
 MIXED = [

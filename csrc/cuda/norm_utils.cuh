@@ -133,11 +133,7 @@ __device__ __forceinline__ void dd_accumulate(double& hi, double& lo, double v) 
 
 __device__ __forceinline__ void stat_add(double& s, double v) { s += v; }
 __device__ __forceinline__ void stat_add(DoubleDouble& s, double v) {
-  double t, e;
-  two_sum(s.hi, v, t, e);
-  // Inf/NaN: no compensation (inf - inf would turn an infinite sum into NaN).
-  s.lo = isfinite(t) ? s.lo + e : 0.0;
-  s.hi = t;
+  dd_accumulate(s.hi, s.lo, v);
 }
 
 // a += b; symmetric (merge(a, b) and merge(b, a) are bitwise equal), so both partners of a

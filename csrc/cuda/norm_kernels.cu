@@ -165,6 +165,7 @@ struct BwdParams {
   // forward's eps is given and the backward reads h: the row statistics of h itself, with
   // that eps.
   bool own_stats;
+  bool eps_given;  // the forward's eps is given and the backward reads h
   double eps;
   // Looping path, float32 / float64 from h with the weight's gradient wanted, for the partials
   // kernel: per row, float32 [3, M] shift, xs and x_off (xhat = (h - shift) * xs + x_off);
@@ -429,18 +430,36 @@ struct Normalizer;
 
 template <>
 struct Normalizer<float> {
-  float mean_hi, mean_lo, rstd_hi, rstd_lo;
+  // An rstd past 2^100 (eps = 0 or tiny, rows of float's subnormal size, where it can leave
+  // float's range): h - mean_hi is scaled by pre = 2^k (exact: it is small) before mean_lo,
+  // scaled alike, is subtracted, and rstd_hi + rstd_lo is rstd / 2^k, in [1, 2); else pre = 1
+  // and the fma is the plain subtraction. A finite rstd still past float's range after that
+  // (a constant row, eps below 1e-152, where h - mean is exactly 0) is clamped to float's
+  // largest value, so the row gives 0 * rstd = 0 as the CPU's; an infinite one stays inf.
+  float mean_hi, mean_lo, rstd_hi, rstd_lo, pre;
   double mean, rstd;  // for float32 output (see normalize_store)
   __device__ __forceinline__ Normalizer(double m, double r) : mean(m), rstd(r) {
     mean_hi = static_cast<float>(mean);
-    mean_lo = isfinite(mean_hi) ? static_cast<float>(mean - static_cast<double>(mean_hi)) : 0.0f;
-    rstd_hi = static_cast<float>(rstd);
-    rstd_lo = isfinite(rstd_hi) ? static_cast<float>(rstd - static_cast<double>(rstd_hi)) : 0.0f;
+    double scaled = rstd;
+    pre = 1.0f;
+    if (rstd > 0x1p100 && !isinf(rstd)) {
+      const int e = ilogb(rstd);
+      const int k = e < 126 ? e : 126;
+      pre = ldexpf(1.0f, k);
+      scaled = fmin(ldexp(rstd, -k), static_cast<double>(std::numeric_limits<float>::max()));
+    }
+    mean_lo = isfinite(mean_hi)
+                  ? static_cast<float>((mean - static_cast<double>(mean_hi)) * pre)
+                  : 0.0f;
+    rstd_hi = static_cast<float>(scaled);
+    rstd_lo = isfinite(rstd_hi) ? static_cast<float>(scaled - static_cast<double>(rstd_hi)) : 0.0f;
   }
   __device__ __forceinline__ float stored_mean() const { return mean_hi; }
-  __device__ __forceinline__ float stored_rstd() const { return rstd_hi; }
+  // float(rstd): rstd_hi * pre rounds as rstd does (the scaling by a power of two is exact,
+  // and overflows to inf where rstd rounds to it)
+  __device__ __forceinline__ float stored_rstd() const { return mul_rn(rstd_hi, pre); }
   __device__ __forceinline__ float operator()(float v) const {
-    const float d = sub_rn(sub_rn(v, mean_hi), mean_lo);
+    const float d = fma_rn(sub_rn(v, mean_hi), pre, -mean_lo);
     return fma_rn(d, rstd_hi, mul_rn(d, rstd_lo));
   }
 };
@@ -971,6 +990,24 @@ __device__ __forceinline__ void bwd_load_terms(const BwdParams<T, H, W>& p, int6
   }
 }
 
+// The 16-bit backward's row constants for grad_h = rstd * (g - c_g - xhat * c_gx): c_gx =
+// mean(g * xhat) and c_g = mean(g) (0 for RMSNorm) from the row sums. RMSNorm rows of one
+// element: g - xhat * g * xhat = g * (1 - xhat^2) cancels almost to nothing, and xhat's
+// rounding left up to twice torch's error in it; with the forward's eps, 1 - xhat^2 =
+// eps * rstd^2, so grad_h = g * eps * rstd^3, taken as the row's rstd with c_gx = 0.
+template <bool RMS, int K, typename T, typename H, typename W>
+__device__ __forceinline__ void bwd_row_constants(const BwdParams<T, H, W>& p,
+                                                  const double (&sums)[K], float& rstd,
+                                                  float& c_g, float& c_gx) {
+  c_gx = static_cast<float>(stat_mean(sums[K - 1], p.len));
+  c_g = RMS ? 0.0f : static_cast<float>(stat_mean(sums[0], p.len));
+  if (RMS && p.N == 1 && p.eps_given) {
+    const double r = rstd;
+    rstd = static_cast<float>(p.eps * r * r * r);
+    c_gx = 0.0f;
+  }
+}
+
 // grad_h = rstd * (g - c_g - xhat * c_gx) (+ grad_residual_out) for VEC elements.
 template <int VEC, typename T, typename H, typename W, typename A>
 __device__ __forceinline__ void bwd_store(const BwdParams<T, H, W>& p, int64_t off, int64_t col,
@@ -1432,13 +1469,14 @@ __global__ void __launch_bounds__(kMaxThreads)
         }
       }
     } else {
-      const A c_gx = static_cast<A>(stat_mean(sums[K - 1], p.len));
-      const A c_g = RMS ? A(0) : static_cast<A>(stat_mean(sums[0], p.len));
+      A row_rstd = rstd;
+      A c_g, c_gx;
+      bwd_row_constants<RMS>(p, sums, row_rstd, c_g, c_gx);
 #pragma unroll
       for (int i = 0; i < VPT; ++i) {
         const int64_t vi = static_cast<int64_t>(i) * tpr + tid;
         if (vi < row_vecs) {
-          bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, rstd, c_g, c_gx, dy[i], xhat[i]);
+          bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, row_rstd, c_g, c_gx, dy[i], xhat[i]);
         }
       }
       // Out-of-range slots hold zeros, so they add nothing.
@@ -1623,8 +1661,9 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
         }
       }
     } else {
-      const A c_gx = static_cast<A>(stat_mean(sums[K - 1], p.len));
-      const A c_g = RMS ? A(0) : static_cast<A>(stat_mean(sums[0], p.len));
+      A row_rstd = rstd;
+      A c_g, c_gx;
+      bwd_row_constants<RMS>(p, sums, row_rstd, c_g, c_gx);
       for (int64_t base = tid; base < row_vecs; base += tpr * U) {
         A dy[U][VEC];
         A xhat[U][VEC];
@@ -1639,7 +1678,8 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
         for (int u = 0; u < U; ++u) {
           const int64_t vi = base + u * tpr;
           if (vi < row_vecs) {
-            bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, rstd, c_g, c_gx, dy[u], xhat[u]);
+            bwd_store<VEC>(p, row_off + vi * VEC, vi * VEC, row_rstd, c_g, c_gx, dy[u],
+                           xhat[u]);
           }
         }
       }
@@ -2001,7 +2041,8 @@ void launch_norm_bwd(const NormBwdArgs& a) {
   p.len = {static_cast<double>(a.N), 1.0 / static_cast<double>(a.N)};
   p.chunk_rows = 0;  // register path: set below
   constexpr bool kOwnStats = kWideBwd<T, H> || std::is_same_v<T, double>;
-  p.own_stats = kOwnStats && a.eps.has_value() && !a.from_output;
+  p.eps_given = a.eps.has_value() && !a.from_output;
+  p.own_stats = kOwnStats && p.eps_given;
   p.eps = a.eps.value_or(0.0);
   p.row_xform = nullptr;
 

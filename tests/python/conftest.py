@@ -100,6 +100,27 @@ def half_data_float32_h_failures(n, dtype, fwd, bwd):
     return bad
 
 
+def one_element_rms_failures(dtype, fwd, bwd):
+    """(seed, eps, result, ratio to torch's error) where the backward of bfloat16/float16
+    RMSNorm over one-element rows, whose input gradient g * (1 - xhat^2) * rstd nearly cancels,
+    fails the accuracy bar. fwd(x, w, eps) -> (h, mean, rstd); bwd(dy, h, mean, rstd, w, eps)
+    -> (grad_h, grad_weight); results as CPU tensors."""
+    from reference import errors_vs_torch, meets_bar
+    bad = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        x = torch.randn(64, 1).to(dtype)
+        w = (torch.randn(1) * 0.5 + 1).to(dtype)
+        dy = torch.randn(64, 1).to(dtype)
+        for eps in (1e-6, 1e-3):
+            g = bwd(dy, *fwd(x, w, eps), w, eps)
+            errs, _ = errors_vs_torch({"grad_x": g[0], "grad_weight": g[1]}, x, None, [1], w,
+                                      None, eps, True, grad_out=dy)
+            bad += [(seed, eps, q, round(e / t, 2)) for q, (e, t, m) in errs.items()
+                    if not meets_bar(e, t, m, dtype)[0]]
+    return bad
+
+
 def float64_short_rows_weight_grad_failures(fwd, bwd):
     """(M, N, rms, seed, ratio to torch's error) where the weight or bias gradient of float64
     rows of a few elements fails the accuracy bar. fwd(x, w, b, rms) -> (mean, rstd);
@@ -141,6 +162,21 @@ def past_float_range_case(m, n, scale, rms, eps, gen):
     else:
         dy = torch.randn(m, n, generator=gen, dtype=torch.float64)
     return x, w, None if rms else b, eps, dy.to(torch.bfloat16)
+
+
+def rstd_past_float_cases(m, n, gen):
+    """(label, x, residual, eps) whose rstd lies past float's range, for bfloat16 output:
+    bfloat16 rows of float's subnormal size (1e-39, 3e-40) with eps = 0; the same through a
+    float32 residual (a float32 h) of 1e-41; constant rows (3.0, 1e-39; a normal row between)
+    with eps = 1e-300."""
+    def tiny(scale):
+        return torch.randn(m, n, generator=gen, dtype=torch.float64) * scale
+    x = torch.cat([tiny(1e-39), tiny(3e-40)]).to(torch.bfloat16)
+    const = torch.stack([torch.full((n,), 3.0), torch.randn(n, generator=gen),
+                         torch.full((n,), 1e-39)]).to(torch.bfloat16)
+    return [("subnormal rows", x, None, 0.0),
+            ("float32 h", torch.zeros(m, n, dtype=torch.bfloat16), tiny(1e-41).float(), 0.0),
+            ("constant rows", const, None, 1e-300)]
 
 
 def assert_stats_close(got, cpu, x, rms):

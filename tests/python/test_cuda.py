@@ -30,8 +30,10 @@ from conftest import (
     half_data_float32_h_failures,
     make_affine,
     make_data,
+    one_element_rms_failures,
     past_float_range_case,
     reference_add_norm,
+    rstd_past_float_cases,
 )
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -175,6 +177,43 @@ def test_bfloat16_statistics_past_float_range(scale, hidden_size, norm):
                                        not rms, rms, True, eps)
     assert ours[0].isfinite().all(), "grad_h not finite"
     assert_close(ours[0], theirs[0].double(), name="grad_h")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("hidden_size", [40, 768, 4096, 1001, 8200, 16392])
+def test_rstd_past_float_range(hidden_size, norm):
+    """test_cuda_emulated.test_emulated_rstd_past_float_range_like_cpu on the GPU: bfloat16
+    output of rows whose rstd lies past float's range (subnormal-size rows with eps = 0, from
+    a bfloat16 or a float32 h; constant rows with eps = 1e-300) gives the CPU kernels' out
+    and rstd, out finite."""
+    rms = _rms(norm)
+    n = hidden_size
+    w, b = make_affine((n,), torch.bfloat16, "cpu")
+    b = None if rms else b
+    wc, bc = w.cuda(), None if b is None else b.cuda()
+    for label, x, r, eps in rstd_past_float_cases(3, n, torch.Generator().manual_seed(n)):
+        cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, False)
+        got = torch.ops.addnorm._norm_fwd(x.cuda(), None if r is None else r.cuda(), [n], wc, bc,
+                                          eps, rms, True, False)
+        assert got[0].isfinite().all(), f"{label}: out not finite"
+        assert_close(got[0], cpu[0].double(), name=f"{label}: out")
+        assert_close(got[3], cpu[3].double(), name=f"{label}: rstd")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_one_element_rms_rows_meet_bar(dtype):
+    """test_cuda_emulated.test_emulated_one_element_rms_rows_meet_bar on the GPU: RMSNorm over
+    one-element bfloat16/float16 rows, whose input gradient nearly cancels, meets the bar."""
+    def fwd(x, w, eps):
+        return torch.ops.addnorm._norm_fwd(x.cuda(), None, [1], w.cuda(), None, eps, True, True,
+                                           False)[1:]
+
+    def bwd(dy, h, mean, rstd, w, eps):
+        g = torch.ops.addnorm._norm_bwd(dy.cuda(), None, h, mean, rstd, w.cuda(), False, True,
+                                        True, eps)
+        return [t.cpu() for t in g]
+
+    assert one_element_rms_failures(dtype, fwd, bwd) == []
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

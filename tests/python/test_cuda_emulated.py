@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from conftest import (TWO_TIES, TWO_TIES_SEED, assert_close, assert_stats_close,
                       float64_short_rows_weight_grad_failures, half_data_float32_h_failures,
+                      one_element_rms_failures,
                       make_affine,
-                      make_data, past_float_range_case, tie_p, two_ties_p)
+                      make_data, past_float_range_case, rstd_past_float_cases, tie_p, two_ties_p)
 from reference import errors_vs_torch, max_err, meets_bar, reference_ld
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cuda_emulation"))
@@ -524,6 +525,25 @@ def test_emulated_bfloat16_statistics_past_float_range_like_cpu(scale, shape, no
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_emulated_rstd_past_float_range_like_cpu(shape, norm, emu):
+    """bfloat16 output of rows whose rstd lies past float's range (rows of float's subnormal
+    size with eps = 0, from a bfloat16 or a float32 h; constant rows with eps = 1e-300): out
+    and rstd come out as the CPU kernels' (out finite; a constant row's LayerNorm the bias),
+    where the float normalizer's rstd had become inf (out +-inf or NaN)."""
+    rms = norm == "rms_norm"
+    m, n = shape
+    w, b = make_affine((n,), torch.bfloat16, "cpu")
+    b = None if rms else b
+    for label, x, r, eps in rstd_past_float_cases(m, n, torch.Generator().manual_seed(n)):
+        cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, False, 0.0, None)
+        got = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, False, 0.0, None)
+        assert cpu[0].isfinite().all(), f"{label}: the CPU's out not finite"
+        assert_close(got[0], cpu[0].double(), name=f"{label}: out")
+        assert_close(got[3], cpu[3].double(), name=f"{label}: rstd")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_emulated_float32_h_constant_rows_have_no_variance(shape, norm, emu):
     """bfloat16 input with a float32 residual (h in float32): a row of one value that
     float32 sums would round (12345.678) has its mean exactly and a variance of exactly 0,
@@ -543,6 +563,20 @@ def test_emulated_float32_h_constant_rows_have_no_variance(shape, norm, emu):
     assert torch.equal(got[3], cpu[3]), "rstd differs from the CPU kernels'"
     if not rms:
         assert torch.equal(got[0], b.expand(m, n)), "out is not the bias"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_one_element_rms_rows_meet_bar(dtype, emu):
+    """RMSNorm over one-element rows of bfloat16/float16: the input gradient, g * (1 - xhat^2)
+    * rstd, nearly cancels; with the forward's eps it is taken as g * eps * rstd^3, and meets
+    the accuracy bar (from xhat, in float, it was up to twice torch's error)."""
+    def fwd(x, w, eps):
+        return emu.norm_fwd(x, None, [1], w, None, eps, True, True, False, 0.0, None)[1:]
+
+    def bwd(dy, h, mean, rstd, w, eps):
+        return _emu_bwd(emu, dy, None, h, mean, rstd, w, True, eps=eps)
+
+    assert one_element_rms_failures(dtype, fwd, bwd) == []
 
 
 def test_emulated_one_element_rows_pass_no_gradient(emu):

@@ -126,9 +126,9 @@ build: $(BUILD_STAMP)
 # libaddnorm and _C into python/addnorm; the GoogleTest suite is built alongside.
 # pip -v shows the build's progress ([n/m] lines) as it goes.
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES) $(TORCH_VERSION_FILE)
-	ADDNORM_BUILD_TESTS=1 ADDNORM_BUILD_DIR=$(BUILD_DIR) \
+	$(VENV_PATH) ADDNORM_BUILD_TESTS=1 ADDNORM_BUILD_DIR=$(BUILD_DIR) \
 	  $(PY) -m pip install -v --disable-pip-version-check --no-build-isolation --no-deps -e .
 	mkdir -p build && touch $@
 
 clean:
-	rm -rf build python/addnorm/*.so python/addnorm.egg-info
+	rm -rf build python/addnorm/*.so python/addnorm/_build_info.py python/addnorm.egg-info

@@ -34,8 +34,19 @@ class CMakeBuild(build_ext):
             out_dir = ROOT / "python" / "addnorm"
         build_dir = Path(os.environ.get("ADDNORM_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
         build_dir.mkdir(parents=True, exist_ok=True)
+        # A build folder configured with another torch (or Python) keeps that torch's paths in
+        # its CMake cache: configure it afresh.
+        stamp, origin = build_dir / "addnorm_torch.txt", f"{sys.executable}\n{torch.__file__}\n"
+        if stamp.exists() and stamp.read_text() != origin:
+            print(f"addnorm: {build_dir} was configured for another torch or Python; reconfiguring")
+            (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+        # cmake and ninja of this environment (the pinned ones) before those on PATH
+        tools = str(Path(sys.executable).parent)
+        cmake = shutil.which("cmake", path=tools) or "cmake"
+        ninja = shutil.which("ninja", path=tools)
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            *([f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []),
             f"-DCMAKE_BUILD_TYPE={os.environ.get('CMAKE_BUILD_TYPE', 'Release')}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path};{pybind11.get_cmake_dir()}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -44,8 +55,9 @@ class CMakeBuild(build_ext):
             f"-DADDNORM_CUDA={os.environ.get('ADDNORM_CUDA', 'AUTO')}",
         ]
         subprocess.check_call(configure)
+        stamp.write_text(origin)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 2))
-        subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+        subprocess.check_call([cmake, "--build", str(build_dir), "-j", jobs])
         if out_dir != ext_path.parent:  # setuptools expects the module at ext_path too
             ext_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(out_dir / ext_path.name, ext_path)

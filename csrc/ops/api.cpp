@@ -1,6 +1,7 @@
 // The C++ API (include/addnorm/ops.h): each entry calls its op through the dispatcher, so
 // callers get autograd and every backend; and what the library says about itself.
 
+#include <atomic>
 #include <limits>
 
 #include <ATen/core/Tensor.h>
@@ -9,10 +10,12 @@
 #include <ATen/ops/ones.h>
 #include <ATen/ops/randint.h>
 #include <ATen/ops/rms_norm.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <addnorm/ops.h>
 
 #include "cpu/norm_cpu.h"
+#include "ops/seed_draw.h"
 
 namespace addnorm {
 
@@ -54,7 +57,18 @@ at::Tensor rms_norm(
   return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), opt(weight), eps);
 }
 
+namespace detail {
+namespace {
+std::atomic<SeedDrawCheck> seed_draw_check{nullptr};
+}  // namespace
+void set_seed_draw_check(SeedDrawCheck check) { seed_draw_check.store(check); }
+}  // namespace detail
+
 at::Tensor dropout_seed(c10::Device device, std::optional<at::Generator> generator) {
+  if (const auto check = detail::seed_draw_check.load();
+      check != nullptr && c10::impl::TorchDispatchModeTLS::any_modes_set()) {
+    check();  // (ops/seed_draw.h)
+  }
   // Two integers in [0, 2^63 - 1), as addnorm.dropout_seed draws them (so the same
   // generator state gives the same seed from Python and from C++): one kernel, and every
   // bit random under inductor too (which draws a float64 uniform as a widened float32).

@@ -25,6 +25,8 @@
 
 #include <addnorm/addnorm.h>
 
+#include "ops/seed_draw.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -284,6 +286,18 @@ py::object add_rms_norm(const py::handle& input, const py::handle& residual,
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "addnorm native module: fused residual-add + LayerNorm/RMSNorm ops";
+  // The C++ code's seed draws under tracing (the encoder layer op's, in its decomposition)
+  // pass addnorm.functional's check, as the Python draws do.
+  addnorm::detail::set_seed_draw_check([] {
+    py::gil_scoped_acquire gil;
+    try {
+      py::module_::import("addnorm.functional")
+          .attr("_check_seed_can_be_drawn")("the encoder layer op's dropout seeds",
+                                            "Keep the budget at 1.");
+    } catch (py::error_already_set& e) {
+      TORCH_CHECK(false, py::str(e.value()).cast<std::string>());
+    }
+  });
   m.def("version", &addnorm::version, "Version of libaddnorm");
   m.def("cpu_capability", &addnorm::cpu_kernel_capability,
         "Instruction set the CPU kernels run with: AVX512, AVX2 or DEFAULT");

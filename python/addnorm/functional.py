@@ -85,7 +85,7 @@ def _check_seed_can_be_drawn(what: str = "the fused dropout's seed", fix: str = 
         "Draw it outside (seed = addnorm.dropout_seed(device)) and pass it to torch.ops."
         "addnorm.add_layer_norm / add_rms_norm(..., dropout_seed=seed)"),
         explicit_generator: bool = False) -> None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None:
         from torch._functorch import config as functorch_config
         budget = functorch_config.activation_memory_budget
         if budget < 1.0:

@@ -6,6 +6,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/SymIntArrayRef.h>
 
 #include "ops/norm_checks.h"
 
@@ -42,6 +43,13 @@ c10::ScalarType param_dtype_of(
   return (w == b && (p == x || p == at::kFloat)) ? p : at::kFloat;
 }
 
+// Equal shapes. A symbolic size with a value to guard on is compared as ==; an unbacked one
+// (a data-dependent size under torch.compile) is assumed equal and asserted when the graph
+// runs, as torch's own ops do, instead of failing the trace.
+bool same_shape(c10::SymIntArrayRef a, c10::SymIntArrayRef b) {
+  return c10::sym_equals(a, b).expect_true(__FILE__, __LINE__);
+}
+
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
   TORCH_CHECK(
       t.device() == input.device(), "addnorm: ", name, " must be on the input's device ",
@@ -53,7 +61,7 @@ void check_param(
     const char* name) {
   check_same_device(t, input, name);
   TORCH_CHECK(
-      t.sym_sizes().equals(normalized_shape), "addnorm: ", name,
+      same_shape(t.sym_sizes(), normalized_shape), "addnorm: ", name,
       " must have shape normalized_shape = ", normalized_shape, ", got ", t.sym_sizes());
   TORCH_CHECK(
       is_allowed_companion_dtype(t.scalar_type(), input.scalar_type()), "addnorm: ", name,
@@ -169,7 +177,7 @@ NormPlan check_norm_fwd_inputs(
       " has more dimensions than the input of shape ", input.sym_sizes());
   const int64_t axis = input.dim() - ndim;
   TORCH_CHECK(
-      input.sym_sizes().slice(axis).equals(normalized_shape), "addnorm: normalized_shape ",
+      same_shape(input.sym_sizes().slice(axis), normalized_shape), "addnorm: normalized_shape ",
       normalized_shape, " must equal the trailing dims of the input, got input of shape ",
       input.sym_sizes());
   TORCH_CHECK(
@@ -190,8 +198,9 @@ NormPlan check_norm_fwd_inputs(
     const auto& r = *residual;
     check_same_device(r, input, "residual");
     TORCH_CHECK(
-        r.sym_sizes().equals(input.sym_sizes()), "addnorm: residual must have the input's shape ",
-        input.sym_sizes(), ", got ", r.sym_sizes());
+        same_shape(r.sym_sizes(), input.sym_sizes()),
+        "addnorm: residual must have the input's shape ", input.sym_sizes(), ", got ",
+        r.sym_sizes());
     TORCH_CHECK(
         is_allowed_companion_dtype(r.scalar_type(), dtype),
         "addnorm: residual must have the input's dtype (", dtype,
@@ -247,7 +256,7 @@ NormPlan check_norm_bwd_inputs(
       ", got rstd of shape ", rstd.sym_sizes(), " and ", h_name, " of shape ", h.sym_sizes());
   const int64_t axis = rstd.dim();
   TORCH_CHECK(
-      rstd.sym_sizes().equals(h.sym_sizes().slice(0, axis)), "addnorm: rstd must have the "
+      same_shape(rstd.sym_sizes(), h.sym_sizes().slice(0, axis)), "addnorm: rstd must have the "
       "leading shape of ", h_name, " ", h.sym_sizes().slice(0, axis), ", got ", rstd.sym_sizes());
   const auto stat_dtype = stat_dtype_of(h.scalar_type());
   TORCH_CHECK(
@@ -255,7 +264,7 @@ NormPlan check_norm_bwd_inputs(
       rstd.scalar_type());
   if (!is_rms && !from_output) {
     TORCH_CHECK(
-        mean.sym_sizes().equals(rstd.sym_sizes()) && mean.scalar_type() == stat_dtype,
+        same_shape(mean.sym_sizes(), rstd.sym_sizes()) && mean.scalar_type() == stat_dtype,
         "addnorm: mean must match rstd (", stat_dtype, ", shape ", rstd.sym_sizes(), "), got ",
         mean.scalar_type(), " of shape ", mean.sym_sizes());
     check_same_device(mean, h, "mean");
@@ -263,7 +272,7 @@ NormPlan check_norm_bwd_inputs(
   check_same_device(rstd, h, "rstd");
   check_same_device(grad_out, h, "grad_out");
   TORCH_CHECK(
-      grad_out.sym_sizes().equals(h.sym_sizes()), "addnorm: grad_out must have the shape of ",
+      same_shape(grad_out.sym_sizes(), h.sym_sizes()), "addnorm: grad_out must have the shape of ",
       h_name, " ", h.sym_sizes(), ", got ", grad_out.sym_sizes());
   const auto x = grad_out.scalar_type();
   c10::ScalarType grad_h_dtype = h.scalar_type();
@@ -288,7 +297,7 @@ NormPlan check_norm_bwd_inputs(
   if (grad_residual_out.has_value()) {
     check_same_device(*grad_residual_out, h, "grad_residual_out");
     TORCH_CHECK(
-        grad_residual_out->sym_sizes().equals(h.sym_sizes()) &&
+        same_shape(grad_residual_out->sym_sizes(), h.sym_sizes()) &&
             grad_residual_out->scalar_type() == grad_h_dtype,
         "addnorm: grad_residual_out must match h (", grad_h_dtype, ", shape ", h.sym_sizes(),
         "), got ", grad_residual_out->scalar_type(), " of shape ", grad_residual_out->sym_sizes());
@@ -297,13 +306,13 @@ NormPlan check_norm_bwd_inputs(
   if (weight.has_value()) {
     check_same_device(*weight, h, "weight");
     TORCH_CHECK(
-        weight->sym_sizes().equals(param_shape), "addnorm: weight must have shape ",
+        same_shape(weight->sym_sizes(), param_shape), "addnorm: weight must have shape ",
         param_shape, ", got ", weight->sym_sizes());
   }
   if (bias.has_value()) {
     check_same_device(*bias, h, "bias");
     TORCH_CHECK(
-        bias->sym_sizes().equals(param_shape), "addnorm: bias must have shape ", param_shape,
+        same_shape(bias->sym_sizes(), param_shape), "addnorm: bias must have shape ", param_shape,
         ", got ", bias->sym_sizes());
     TORCH_CHECK(
         !weight.has_value() || weight->scalar_type() == bias->scalar_type(),

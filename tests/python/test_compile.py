@@ -177,6 +177,32 @@ def test_compile_mark_dynamic_no_recompile(device):
     assert backend.frame_count == 1, f"recompiled: {backend.frame_count} frames"
 
 
+def test_compile_unbacked_sizes():
+    """Data-dependent (unbacked) sizes, as after boolean indexing: an input and a residual with
+    independent unbacked rows, and an unbacked normalized dim against a weight of static
+    size, compile with fullgraph=True (the shape checks become runtime assertions there,
+    where they had failed the trace: "Could not guard on data-dependent expression"), and the
+    compiled forward and backward are eager's."""
+    x, r = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+    cases = [(lambda x, r, w: addnorm.add_layer_norm(x, r, 8, w), [(x, 0), (r, 0)]),
+             (lambda x, r, w: addnorm.add_rms_norm(x, r, 8, w, memory_efficient=True),
+              [(x, 0), (r, 0)]),
+             (lambda x, r, w: addnorm.layer_norm(x, x.shape[-1], w), [(x, 1)]),
+             (lambda x, r, w: addnorm.rms_norm(x, [x.shape[-1]], w), [(x, 1)])]
+    for fn, marks in cases:
+        torch._dynamo.reset()
+        for t, d in marks:
+            torch._dynamo.decorators.mark_unbacked(t, d)
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, r, w)
+        exp = fn(x, r, w)
+        assert torch.equal(got, exp)
+        g = torch.randn_like(exp)
+        for a, e in zip(torch.autograd.grad(got, (x, r, w), g, allow_unused=True),
+                        torch.autograd.grad(exp, (x, r, w), g, allow_unused=True)):
+            assert (a is None) == (e is None) and (a is None or torch.equal(a, e))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_module(device):
     """A model with addnorm modules (pre-LN residual stream) compiles with fullgraph=True."""

@@ -40,10 +40,11 @@ class CMakeBuild(build_ext):
         if stamp.exists() and stamp.read_text() != origin:
             print(f"addnorm: {build_dir} was configured for another torch or Python; reconfiguring")
             (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
-        # cmake and ninja of this environment (the pinned ones) before those on PATH
-        tools = str(Path(sys.executable).parent)
-        cmake = shutil.which("cmake", path=tools) or "cmake"
-        ninja = shutil.which("ninja", path=tools)
+        # In a virtual environment its cmake and ninja (requirements.txt pins them) before
+        # those on PATH (pip's isolated build environment puts its own first on PATH).
+        tools = str(Path(sys.executable).parent) if sys.prefix != sys.base_prefix else None
+        cmake = (tools and shutil.which("cmake", path=tools)) or "cmake"
+        ninja = (tools and shutil.which("ninja", path=tools)) or shutil.which("ninja")
         configure = [
             cmake, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             *([f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []),

@@ -148,7 +148,7 @@ void check_dropout_matmul_inputs(const at::Tensor& probs, const at::Tensor& valu
   const int64_t d = probs.dim();
   const auto batch = [d](const at::Tensor& t) { return t.sym_sizes().slice(0, d - 2); };
   TORCH_CHECK(
-      d >= 2 && value.dim() == d && batch(probs).equals(batch(value)) &&
+      d >= 2 && value.dim() == d && same_shape(batch(probs), batch(value)) &&
           probs.sym_size(d - 1) == value.sym_size(d - 2),
       "addnorm: probs [..., L, S] and value [..., S, D] must have the same batch dims and S, "
       "got probs of shape ", probs.sym_sizes(), " and value of shape ", value.sym_sizes());

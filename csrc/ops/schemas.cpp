@@ -64,8 +64,9 @@ TORCH_LIBRARY(addnorm, m) {
   // Internal backward: (grad_h, grad_weight, grad_bias, grad_input). eps: the forward's; with it the
   // CPU kernels, and the CUDA kernels for float32 and float64 data, take the row statistics from
   // h itself, in double (double-double for float64; mean as the saved mean plus a correction,
-  // rstd = 1 / sqrt(var + eps)); without it (and on CUDA for float16/bfloat16, where eps
-  // serves only RMSNorm rows of one element: grad_h = g * eps * rstd^3) mean and rstd as given.
+  // rstd = 1 / sqrt(var + eps)); without it (and on CUDA for float16/bfloat16 data with a 16-bit
+  // h, where eps serves only RMSNorm rows of one element: grad_h = g * eps * rstd^3) mean and
+  // rstd as given.
   // from_output: h is the forward's output y instead (grad_out's dtype), the normalized
   // values are (y - bias) / weight (RMSNorm: y / weight), mean and eps are not used, and
   // grad_h has dtype h_dtype (default: y's); weight must have no zeros.

@@ -292,8 +292,9 @@ PYBIND11_MODULE(_C, m) {
     py::gil_scoped_acquire gil;
     try {
       py::module_::import("addnorm.functional")
-          .attr("_check_seed_can_be_drawn")("the encoder layer op's dropout seeds",
-                                            "Keep the budget at 1.");
+          .attr("_check_seed_can_be_drawn")(
+              "the dropout seeds of addnorm's C++ code (the encoder layer op's)",
+              "Keep the budget at 1.");
     } catch (py::error_already_set& e) {
       TORCH_CHECK(false, py::str(e.value()).cast<std::string>());
     }

@@ -53,7 +53,6 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/core/ScalarType.h>
-#include <c10/core/SymIntArrayRef.h>
 #include <torch/library.h>
 
 #include <addnorm/ops.h>
@@ -89,11 +88,9 @@ OptTensor canonical_mask(
   return m.scalar_type() == target || m.scalar_type() == at::kFloat ? m : m.to(target);
 }
 
-// (An unbacked size, under torch.compile, is asserted when the graph runs: expect_true.)
 void check_shape(const at::Tensor& t, c10::SymIntArrayRef expected, const char* name) {
   TORCH_CHECK(
-      c10::sym_equals(t.sym_sizes(), expected).expect_true(__FILE__, __LINE__),
-      "addnorm: transformer_encoder_layer: ", name,
+      same_shape(t.sym_sizes(), expected), "addnorm: transformer_encoder_layer: ", name,
       " must have shape ", expected, ", got ", t.sym_sizes());
 }
 

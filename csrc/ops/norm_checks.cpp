@@ -43,13 +43,6 @@ c10::ScalarType param_dtype_of(
   return (w == b && (p == x || p == at::kFloat)) ? p : at::kFloat;
 }
 
-// Equal shapes. A symbolic size with a value to guard on is compared as ==; an unbacked one
-// (a data-dependent size under torch.compile) is assumed equal and asserted when the graph
-// runs, as torch's own ops do, instead of failing the trace.
-bool same_shape(c10::SymIntArrayRef a, c10::SymIntArrayRef b) {
-  return c10::sym_equals(a, b).expect_true(__FILE__, __LINE__);
-}
-
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
   TORCH_CHECK(
       t.device() == input.device(), "addnorm: ", name, " must be on the input's device ",
@@ -344,6 +337,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_bwd_output
 double default_rms_eps(c10::ScalarType dtype) {
   return dtype == at::kDouble ? std::numeric_limits<double>::epsilon()
                               : static_cast<double>(std::numeric_limits<float>::epsilon());
+}
+
+bool same_shape(c10::SymIntArrayRef a, c10::SymIntArrayRef b) {
+  return c10::sym_equals(a, b).expect_true(__FILE__, __LINE__);
 }
 
 }  // namespace addnorm

@@ -19,6 +19,11 @@ namespace addnorm {
 // than the dispatcher's (or a nested kernel's).
 void check_input_tensor(const at::Tensor& input);
 
+// Equal shapes. A symbolic size with a value to guard on is compared as ==; an unbacked one
+// (a data-dependent size under torch.compile) is assumed equal and asserted when the graph
+// runs, as torch's own ops do, instead of failing the trace.
+bool same_shape(c10::SymIntArrayRef a, c10::SymIntArrayRef b);
+
 // Checks of _dropout_apply; the output dtype: dtype, or the input's (float32 input may
 // round to float16/bfloat16, as h's gradient of float16/bfloat16 input does).
 c10::ScalarType check_dropout_apply_inputs(

@@ -448,6 +448,13 @@ TORCH_LIBRARY_IMPL(addnorm, CompositeImplicitAutograd, m) {
   m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
 }
 
+// Under vmap, the decomposition too (torch's fallback would run it entry by entry below
+// vmap, where each entry drew seeds of its own whatever vmap's randomness asked for): its
+// ops' vmap rules batch it, and its seed draws (at::randint) follow the randomness flag.
+TORCH_LIBRARY_IMPL(addnorm, FuncTorchBatched, m) {
+  m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
+}
+
 at::Tensor transformer_encoder_layer(
     const at::Tensor& src, const OptTensor& src_mask, const OptTensor& src_key_padding_mask,
     bool is_causal, const at::Tensor& in_proj_weight, const OptTensor& in_proj_bias,

@@ -1,4 +1,5 @@
-// vmap rules (the FuncTorchBatched key) of the public norm ops, _norm_fwd and _norm_bwd.
+// vmap rules (the FuncTorchBatched key) of the public norm ops, _norm_fwd and _norm_bwd, and
+// of the separate dropout ops (_dropout_apply, _dropout_matmul: always entry by entry).
 // The ops are row-wise in input and residual (_norm_bwd: in grad_out, grad_residual_out, h,
 // mean and rstd, where it computes no weight or bias gradient, as for a batch of
 // gradients with respect to the input): a batch dimension of those moves to the front as
@@ -97,8 +98,11 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
     op.callBoxed(stack);
     return;
   }
+  // (_dropout_apply and _dropout_matmul: each entry alone, as their masks are.)
   const auto p = schema.argumentIndexWithName("dropout_p");
-  const bool drop = p.has_value() && arg(*p).toDouble() > 0.0;
+  const bool drop = (p.has_value() && arg(*p).toDouble() > 0.0) ||
+                    schema.name() == "addnorm::_dropout_apply" ||
+                    schema.name() == "addnorm::_dropout_matmul";
 
   // The batch size, and each batched argument with its batch dimension in front.
   int64_t batch = -1;
@@ -167,7 +171,8 @@ void batched_norm(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 TORCH_LIBRARY_IMPL(addnorm, FuncTorchBatched, m) {
   for (const char* op :
-       {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd", "_norm_bwd"}) {
+       {"layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "_norm_fwd", "_norm_bwd",
+        "_dropout_apply", "_dropout_matmul"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&batched_norm>());
   }
 }

@@ -93,9 +93,6 @@ def _check_seed_can_be_drawn(what: str = "the fused dropout's seed", fix: str = 
                 f"addnorm: {what} cannot be drawn inside a graph compiled with "
                 f"activation_memory_budget = {budget} < 1 (torch.compile may recompute the draw in "
                 f"backward with fresh randomness: gradients of another mask). {fix}")
-    elif torch._C._functorch.peek_interpreter_stack():
-        raise RuntimeError(f"addnorm: {what}: dropout is not supported inside torch.func "
-                           "transforms (vmap would give every entry one mask); use F.dropout there")
     elif explicit_generator and torch._C._current_graph_task_id() != -1:
         fix = fix.replace("(device)", "(device, generator)")
         raise RuntimeError(f"addnorm: {what} drawn from an explicit generator in a backward "

@@ -431,24 +431,63 @@ def test_functorch_transforms_refuse_dropout_clearly():
 
 
 @pytest.mark.parametrize("randomness", ["error", "different", "same"])
-def test_vmap_refuses_drawing_dropout_seeds(randomness):
-    """vmap runs the ops (no batching rule) once per entry, with the one seed drawn in Python:
-    every entry got the same mask, whatever randomness asked for, and 'error' raised nothing.
-    Drawing a seed inside a transform now refuses; without dropout, and in eval, vmap runs."""
+def test_vmap_dropout_follows_randomness(randomness):
+    """Under vmap the seeds are drawn as torch's random ops are: 'error' raises torch's error;
+    'same' draws one seed, so every entry equals a call on it after the same manual_seed;
+    'different' draws one seed per entry (a [B, 2] draw), each entry the call with its seed.
+    (Without vmap rules of their own, the encoder layer op and the separate dropout ran
+    entry by entry below vmap: 'error' raised nothing and 'same' gave every entry its own
+    masks.) Without dropout, and in eval, vmap runs as before."""
     x, r = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
-
-    def vmapped(f):
-        return torch.func.vmap(f, randomness=randomness)
-
-    for f in (lambda x, r: addnorm.add_layer_norm(x, r, 8, dropout_p=0.5),
-              lambda x, r: addnorm.add_rms_norm(x, r, 8, dropout_p=0.5),
-              lambda x, r: addnorm.AddLayerNorm(8, dropout=0.5)(x, r)):
-        with pytest.raises(RuntimeError, match="not supported inside torch.func transforms"):
-            vmapped(f)(x, r)
     layer = addnorm.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
     src = torch.randn(3, 2, 5, 8)
-    with pytest.raises(RuntimeError, match="not supported inside torch.func transforms"):
-        vmapped(layer)(src)
+    fused = [(lambda x, r: addnorm.add_layer_norm(x, r, 8, dropout_p=0.5), "add_layer_norm"),
+             (lambda x, r: addnorm.add_rms_norm(x, r, 8, dropout_p=0.5), "add_rms_norm"),
+             (lambda x, r: addnorm.AddLayerNorm(8, dropout=0.5)(x, r), "add_layer_norm")]
+    vmapped = lambda f: torch.func.vmap(f, randomness=randomness)  # noqa: E731
+
+    def at_seed(f, *args):
+        torch.manual_seed(7)
+        return f(*args)
+
+    if randomness == "error":
+        for f, _ in fused:
+            with pytest.raises(RuntimeError, match="randomness error mode"):
+                vmapped(f)(x, r)
+        with pytest.raises(RuntimeError, match="randomness error mode"):
+            vmapped(layer)(src)
+    elif randomness == "same":
+        for f, _ in fused:
+            y = at_seed(vmapped(f), x, r)
+            assert torch.equal(y, torch.stack([at_seed(f, x[b], r[b]) for b in range(3)]))
+        # The layer: its outputs and the parameters' gradients (summed over the entries).
+        y = at_seed(vmapped(layer), src)
+        expected = [at_seed(layer, src[b]) for b in range(3)]
+        torch.testing.assert_close(y, torch.stack(expected))
+        grads = torch.autograd.grad(y.sum(), list(layer.parameters()))
+        expected_grads = torch.autograd.grad(sum(e.sum() for e in expected),
+                                             list(layer.parameters()))
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e)
+    else:
+        for f, name in fused:
+            y = at_seed(vmapped(f), x, r)
+            seeds = at_seed(torch.randint, 0, 2**63 - 1, [3, 2])
+            assert len(set(map(tuple, seeds.tolist()))) == 3
+            op = getattr(torch.ops.addnorm, name)
+            assert torch.equal(y, torch.stack([op(x[b], r[b], [8], dropout_p=0.5,
+                                                  dropout_seed=seeds[b])[0] for b in range(3)]))
+        y = at_seed(vmapped(layer), src[:1].expand(3, -1, -1, -1))  # one input, three entries
+        assert not torch.allclose(y[0], y[1]) and not torch.allclose(y[1], y[2])
+        # The separate dropout: each entry its own seed's mask; a batch of none.
+        seeds = torch.stack([addnorm.dropout_seed("cpu") for _ in range(3)])
+        ones = torch.ones(3, 4, 8)
+        masks = torch.func.vmap(torch.ops.addnorm._dropout_apply, in_dims=(0, 0, None))(
+            ones, seeds, 0.5)
+        for b in range(3):
+            assert torch.equal(masks[b] != 0, addnorm.dropout_mask(seeds[b], [4, 8], 0.5))
+        assert torch.func.vmap(torch.ops.addnorm._dropout_apply, in_dims=(0, 0, None))(
+            ones[:0], seeds[:0], 0.5).shape == (0, 4, 8)
     torch.testing.assert_close(vmapped(lambda x, r: addnorm.add_layer_norm(x, r, 8))(x, r),
                                F.layer_norm(x + r, (8,)))
     layer.eval()

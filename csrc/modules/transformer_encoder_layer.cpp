@@ -205,8 +205,11 @@ at::Tensor self_attention(
     // Dropped probabilities times v in one op whose node keeps the probabilities (softmax's
     // node keeps them anyway), not the dropped copy: backward regenerates it.
     // (v contiguous, as matmul would copy it: the node then keeps that copy, not the whole
-    // projection v is a view of.)
-    out = dropout_matmul_op().call(at::_safe_softmax(scores, -1), v.contiguous(),
+    // projection v is a view of. In the probabilities' dtype: under vmap and autocast the
+    // projection is a matmul and a bias add, float32, while the scores' matmul is
+    // float16/bfloat16, as the product's would be.)
+    const auto probs = at::_safe_softmax(scores, -1);
+    out = dropout_matmul_op().call(probs, v.to(probs.scalar_type()).contiguous(),
                                    addnorm::dropout_seed(x.device(), std::nullopt), dropout_p);
   } else {
     out = at::scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal);
@@ -448,10 +451,16 @@ TORCH_LIBRARY_IMPL(addnorm, CompositeImplicitAutograd, m) {
   m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
 }
 
-// Under vmap, the decomposition too (torch's fallback would run it entry by entry below
-// vmap, where each entry drew seeds of its own whatever vmap's randomness asked for): its
-// ops' vmap rules batch it, and its seed draws (at::randint) follow the randomness flag.
+// Under vmap, the decomposition too, its seed draws (at::randint) following vmap's
+// randomness: at FuncTorchBatched (a batched argument: torch's fallback would run the op
+// entry by entry below vmap, each entry drawing seeds of its own whatever randomness asked
+// for, and its ops' vmap rules batch it) and at FuncTorchVmapMode (none batched at this
+// level: the op would run outside the vmap, as one call whose draws vmap never sees).
 TORCH_LIBRARY_IMPL(addnorm, FuncTorchBatched, m) {
+  m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
+}
+
+TORCH_LIBRARY_IMPL(addnorm, FuncTorchVmapMode, m) {
   m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
 }
 

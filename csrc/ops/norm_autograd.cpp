@@ -798,7 +798,7 @@ void set_tangents(
   }
 }
 
-// Inside functorch transforms (torch.func.grad, vjp, jacrev, vmap, ...), which cannot use a
+// Inside functorch transforms (torch.func.grad, vjp, jacrev, jvp, ...), which cannot use a
 // C++ autograd Function: true when the Function would refuse to run.
 bool inside_functorch_transform() {
   const auto& tls = at::functorch::functorchTLSAccessor();
@@ -826,8 +826,8 @@ std::tuple<at::Tensor, at::Tensor> norm_composite(
       dropout_seed);
   TORCH_CHECK(dropout_p == 0.0,
               "addnorm: the fused dropout (dropout_p > 0) is not supported inside torch.func "
-              "transforms (grad, vmap, jacrev, ...); apply torch.nn.functional.dropout to the "
-              "input and call addnorm with dropout_p=0 there");
+              "transforms that differentiate (grad, vjp, jacrev, jvp, ...); apply "
+              "torch.nn.functional.dropout to the input and call addnorm with dropout_p=0 there");
   const auto acc = compute_dtype(input.scalar_type());
   const at::Tensor h = residual.has_value()
                            ? (input.to(acc) + residual->to(acc)).to(plan.dtypes.h)
@@ -986,7 +986,7 @@ at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& see
   TORCH_CHECK(!inside_functorch_transform(),
               "addnorm: the regenerated-mask dropout (_dropout_apply, which "
               "addnorm.TransformerEncoderLayer uses in training) is not supported inside "
-              "torch.func transforms (grad, vmap, jacrev, ...)");
+              "torch.func transforms that differentiate (grad, vjp, jacrev, jvp, ...)");
   at::Tensor out;
   if (input.requires_grad()) {
     c10::AutoFwGradMode no_fw_grad(false);  // the tangent is set below
@@ -1045,7 +1045,7 @@ at::Tensor dropout_matmul_autograd(const at::Tensor& probs, const at::Tensor& va
   TORCH_CHECK(!inside_functorch_transform(),
               "addnorm: the attention-probability dropout (_dropout_matmul, which "
               "addnorm.TransformerEncoderLayer uses in training) is not supported inside "
-              "torch.func transforms (grad, vmap, jacrev, ...)");
+              "torch.func transforms that differentiate (grad, vjp, jacrev, jvp, ...)");
   at::Tensor out;
   {
     c10::AutoFwGradMode no_fw_grad(false);  // the tangent is set below

@@ -437,7 +437,9 @@ def test_vmap_dropout_follows_randomness(randomness):
     'different' draws one seed per entry (a [B, 2] draw), each entry the call with its seed.
     (Without vmap rules of their own, the encoder layer op and the separate dropout ran
     entry by entry below vmap: 'error' raised nothing and 'same' gave every entry its own
-    masks.) Without dropout, and in eval, vmap runs as before."""
+    masks; a layer whose arguments the vmap does not batch ran outside it, one draw for all
+    entries.) CPU autocast in training runs. Without dropout, and in eval, vmap runs as
+    before."""
     x, r = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
     layer = addnorm.TransformerEncoderLayer(8, 2, 16, dropout=0.5, batch_first=True)
     src = torch.randn(3, 2, 5, 8)
@@ -445,6 +447,8 @@ def test_vmap_dropout_follows_randomness(randomness):
              (lambda x, r: addnorm.add_rms_norm(x, r, 8, dropout_p=0.5), "add_rms_norm"),
              (lambda x, r: addnorm.AddLayerNorm(8, dropout=0.5)(x, r), "add_layer_norm")]
     vmapped = lambda f: torch.func.vmap(f, randomness=randomness)  # noqa: E731
+    shared = lambda t: layer(src[0]) + t  # noqa: E731  (the layer's arguments not batched)
+    ts = torch.zeros(3, 1, 1)
 
     def at_seed(f, *args):
         torch.manual_seed(7)
@@ -454,8 +458,9 @@ def test_vmap_dropout_follows_randomness(randomness):
         for f, _ in fused:
             with pytest.raises(RuntimeError, match="randomness error mode"):
                 vmapped(f)(x, r)
-        with pytest.raises(RuntimeError, match="randomness error mode"):
-            vmapped(layer)(src)
+        for f, args in ((layer, src), (shared, ts)):
+            with pytest.raises(RuntimeError, match="randomness error mode"):
+                vmapped(f)(args)
     elif randomness == "same":
         for f, _ in fused:
             y = at_seed(vmapped(f), x, r)
@@ -469,6 +474,7 @@ def test_vmap_dropout_follows_randomness(randomness):
                                              list(layer.parameters()))
         for g, e in zip(grads, expected_grads):
             torch.testing.assert_close(g, e)
+        assert torch.equal(at_seed(vmapped(shared), ts), at_seed(layer, src[0]).expand(3, -1, -1, -1))
     else:
         for f, name in fused:
             y = at_seed(vmapped(f), x, r)
@@ -477,8 +483,9 @@ def test_vmap_dropout_follows_randomness(randomness):
             op = getattr(torch.ops.addnorm, name)
             assert torch.equal(y, torch.stack([op(x[b], r[b], [8], dropout_p=0.5,
                                                   dropout_seed=seeds[b])[0] for b in range(3)]))
-        y = at_seed(vmapped(layer), src[:1].expand(3, -1, -1, -1))  # one input, three entries
-        assert not torch.allclose(y[0], y[1]) and not torch.allclose(y[1], y[2])
+        for y in (at_seed(vmapped(layer), src[:1].expand(3, -1, -1, -1)),  # one input, 3 entries
+                  at_seed(vmapped(shared), ts)):
+            assert not torch.allclose(y[0], y[1]) and not torch.allclose(y[1], y[2])
         # The separate dropout: each entry its own seed's mask; a batch of none.
         seeds = torch.stack([addnorm.dropout_seed("cpu") for _ in range(3)])
         ones = torch.ones(3, 4, 8)
@@ -488,6 +495,10 @@ def test_vmap_dropout_follows_randomness(randomness):
             assert torch.equal(masks[b] != 0, addnorm.dropout_mask(seeds[b], [4, 8], 0.5))
         assert torch.func.vmap(torch.ops.addnorm._dropout_apply, in_dims=(0, 0, None))(
             ones[:0], seeds[:0], 0.5).shape == (0, 4, 8)
+    if randomness != "error":  # (the projection float32 under vmap, the scores' product not)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = at_seed(vmapped(layer), src[:1].expand(3, -1, -1, -1))
+        assert y.dtype == torch.float32 and torch.equal(y[0], y[1]) == (randomness == "same")
     torch.testing.assert_close(vmapped(lambda x, r: addnorm.add_layer_norm(x, r, 8))(x, r),
                                F.layer_norm(x + r, (8,)))
     layer.eval()

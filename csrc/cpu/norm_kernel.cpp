@@ -318,8 +318,15 @@ inline void dd_div(const DD& s, double n, double& q, double& q_lo) {
 
 // r + r_lo = 1 / sqrt(a + b) (a + b a double-double, a >= 0) to about 2^-100 relative:
 // the double result refined by one Newton step evaluated in double-double. Zero gives
-// inf, inf gives 0, NaN gives NaN (r_lo = 0 in all three).
+// inf, inf gives 0, NaN gives NaN (r_lo = 0 in all three). Below 2^-900 (a subnormal eps),
+// where r^2 overflows, a + b is scaled by 2^200 and r by 2^100 (exact).
 inline void dd_rsqrt(double a, double b, double& r, double& r_lo) {
+  if (a > 0.0 && a < 0x1p-900) {
+    dd_rsqrt(a * 0x1p200, b * 0x1p200, r, r_lo);
+    r *= 0x1p100;
+    r_lo *= 0x1p100;
+    return;
+  }
   r = 1.0 / std::sqrt(a);
   r_lo = 0.0;
   if (!std::isfinite(r) || r == 0.0) return;
@@ -554,7 +561,10 @@ F64Stats f64_stats(const double* v, int64_t n, double eps, bool rms, const DD& s
                   a1 = VD::loadu(v + j + VD::size()) * scale_v;
                 },
                 [&](int64_t j) { return v[j] * scale; });
-  return f64_stats_at(v, n, eps, rms, scale, scaled_sum);
+  const F64Stats scaled = f64_stats_at(v, n, eps, rms, scale, scaled_sum);
+  // (A constant row has no deviations at any scale: eps alone, at the row's own scale, as
+  // eps * scale^2 underflows for scale < 1.)
+  return scaled.sum_sq == 0.0 ? st : scaled;
 }
 
 // The forward's row moments in one sweep: the sums of d = v - shift and of d * d in double

@@ -269,12 +269,16 @@ __device__ __forceinline__ double rsqrt_of(double v) {
 
 // r + r_lo = 1 / sqrt(var + eps) (var = var_hi + var_lo) to about 2^-100 relative: rsqrt_of
 // refined by a Newton step in double-double. Zero gives inf, inf gives 0, NaN gives NaN
-// (r_lo = 0 in all three).
+// (r_lo = 0 in all three). Below 2^-900 (a subnormal eps), where r^2 overflows, var + eps
+// is scaled by 2^200 and r by 2^100 (exact).
 __device__ __forceinline__ void dd_rstd(double var_hi, double var_lo, double eps, double& r,
                                         double& r_lo) {
   double a, b;
   two_sum(var_hi, eps, a, b);
   b = isfinite(a) ? b + var_lo : 0.0;
+  const double scale = a > 0.0 && a < 0x1p-900 ? 0x1p200 : 1.0;
+  a *= scale;
+  b *= scale;
   r = rsqrt_of(a);
   r_lo = 0.0;
   if (!isfinite(r) || r == 0.0) {
@@ -284,6 +288,10 @@ __device__ __forceinline__ void dd_rstd(double var_hi, double var_lo, double eps
   const double qe = fma(r, r, -q);  // r^2 = q + qe
   const double t = fma(-a, q, 1.0) - (a * qe + b * q);  // 1 - (a + b) r^2
   r_lo = 0.5 * r * t;
+  if (scale != 1.0) {
+    r *= 0x1p100;
+    r_lo *= 0x1p100;
+  }
 }
 
 __device__ __forceinline__ double shfl_xor(double v, int off) {

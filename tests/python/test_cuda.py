@@ -200,6 +200,33 @@ def test_rstd_past_float_range(hidden_size, norm):
         assert_close(got[3], cpu[3].double(), name=f"{label}: rstd")
 
 
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("hidden_size", [40, 768, 4096, 1001, 8200])
+def test_subnormal_eps_float64_constant_rows(hidden_size, norm):
+    """test_cuda_emulated.test_emulated_subnormal_eps_float64_like_cpu on the GPU: float64
+    constant rows with a subnormal eps give finite out, rstd and gradients, as the CPU's."""
+    rms = _rms(norm)
+    n = hidden_size
+    w, b = make_affine((n,), torch.float64, "cpu")
+    b = None if rms else b
+    x = torch.tensor([0.0, 3.0, -1e-300], dtype=torch.float64).unsqueeze(1).repeat(1, n)
+    dy = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    dev = [None if t is None else t.cuda() for t in (x, w, b, dy)]
+    for eps in (1e-310, 5e-324):
+        cpu = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, eps, rms, False, False)
+        got = torch.ops.addnorm._norm_fwd(dev[0], None, [n], dev[1], dev[2], eps, rms, False,
+                                          False)
+        cpu_g = torch.ops.addnorm._norm_bwd(dy, None, x, cpu[2], cpu[3], w, not rms, rms, True,
+                                            eps)
+        got_g = torch.ops.addnorm._norm_bwd(dev[3], None, dev[0], got[2], got[3], dev[1], not rms,
+                                            rms, True, eps)
+        for a, e, what in ((got[0], cpu[0], "out"), (got[3], cpu[3], "rstd"),
+                           (got_g[0], cpu_g[0], "grad_h")):
+            assert a.isfinite().all(), f"eps={eps:g}: {what} not finite"
+            assert_close(a.cpu(), e, name=f"eps={eps:g}: {what}")
+        assert_close(got_g[1].cpu(), cpu_g[1], reduced=True, name=f"eps={eps:g}: grad_weight")
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_one_element_rms_rows_meet_bar(dtype):
     """test_cuda_emulated.test_emulated_one_element_rms_rows_meet_bar on the GPU: RMSNorm over

@@ -544,6 +544,33 @@ def test_emulated_rstd_past_float_range_like_cpu(shape, norm, emu):
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_emulated_subnormal_eps_float64_like_cpu(shape, norm, emu):
+    """float64 constant rows (zeros, 3.0, -1e-300) with a subnormal eps: rstd = 1 / sqrt(eps)
+    squares past double's range, where the double-double Newton step had given a NaN rstd
+    (NaN out and gradients); out, rstd and the backward (from h with eps) come out finite
+    and as the CPU kernels'."""
+    rms = norm == "rms_norm"
+    m, n = shape
+    w, b = make_affine((n,), torch.float64, "cpu")
+    b = None if rms else b
+    fills = torch.tensor([0.0, 3.0, -1e-300], dtype=torch.float64)
+    x = fills[torch.arange(m) % 3].unsqueeze(1).expand(m, n).contiguous()
+    dy = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    for eps in (1e-310, 5e-324):
+        cpu = _cpu_fwd(x, None, n, w, b, eps, rms)
+        got = emu.norm_fwd(x, None, [n], w, b, eps, rms, False, False, 0.0, None)
+        for i, what in ((0, "out"), (3, "rstd")):
+            assert got[i].isfinite().all(), f"eps={eps:g}: {what} not finite"
+            assert_close(got[i], cpu[i], name=f"eps={eps:g}: {what}")
+        cpu_g = _cpu_bwd(dy, None, x, cpu[2], cpu[3], w, rms, eps=eps)
+        got_g = _emu_bwd(emu, dy, None, x, got[2], got[3], w, rms, eps=eps)
+        assert got_g[0].isfinite().all(), f"eps={eps:g}: grad_h not finite"
+        assert_close(got_g[0], cpu_g[0], name=f"eps={eps:g}: grad_h")
+        assert_close(got_g[1], cpu_g[1], reduced=True, name=f"eps={eps:g}: grad_weight")
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_emulated_float32_h_constant_rows_have_no_variance(shape, norm, emu):
     """bfloat16 input with a float32 residual (h in float32): a row of one value that
     float32 sums would round (12345.678) has its mean exactly and a variance of exactly 0,

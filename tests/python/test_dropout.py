@@ -474,7 +474,8 @@ def test_vmap_dropout_follows_randomness(randomness):
                                              list(layer.parameters()))
         for g, e in zip(grads, expected_grads):
             torch.testing.assert_close(g, e)
-        assert torch.equal(at_seed(vmapped(shared), ts), at_seed(layer, src[0]).expand(3, -1, -1, -1))
+        assert torch.equal(at_seed(vmapped(shared), ts),
+                           at_seed(layer, src[0]).expand(3, -1, -1, -1))
     else:
         for f, name in fused:
             y = at_seed(vmapped(f), x, r)

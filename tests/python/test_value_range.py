@@ -197,6 +197,21 @@ def test_eps_zero_tiny_float64_inputs(scale, norm):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("eps", [1e-310, 5e-324])
+def test_subnormal_eps_float64_constant_rows(eps, norm):
+    """A subnormal eps with float64 rows that are constant or nearly so: rstd = 1 / sqrt(eps)
+    squares past double's range (its Newton step once gave NaN), and rows of large values
+    were rescaled by a power of two below 1, where eps underflowed (NaN output); torch's
+    kernel gives NaN gradients for some of these rows."""
+    rows = [torch.zeros(768), torch.full((768,), 3.0), torch.full((768,), -1e-300),
+            torch.arange(768) * 1e-320]
+    x = torch.stack([r.double() for r in rows])
+    w, b, gout = _affine(768, torch.float64, seed=9)
+    k = math.frexp(math.sqrt(eps))[1]  # grad_input scales like 1 / sqrt(eps)
+    _check_f64_ld(norm, x, w, b, gout.double().repeat(2, 1), eps, k, f"{norm} eps={eps:g}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_eps_zero_subnormal_float32_rows(norm):
     """eps = 0, float32 rows of subnormal numbers: rstd exceeds float32's range and is saved
     as inf, yet the output is right (normalized in double), and so are the gradients (the

@@ -88,14 +88,21 @@ OptTensor canonical_mask(
   return m.scalar_type() == target || m.scalar_type() == at::kFloat ? m : m.to(target);
 }
 
-void check_shape(const at::Tensor& t, c10::SymIntArrayRef expected, const char* name) {
+// A parameter's shape and device (src's: the linears take a weight on another device,
+// meta's too, without a word, and their values are then garbage).
+void check_shape(const at::Tensor& t, c10::SymIntArrayRef expected, const char* name,
+                 c10::Device device) {
   TORCH_CHECK(
       same_shape(t.sym_sizes(), expected), "addnorm: transformer_encoder_layer: ", name,
       " must have shape ", expected, ", got ", t.sym_sizes());
+  TORCH_CHECK(
+      t.device() == device, "addnorm: transformer_encoder_layer: ", name,
+      " must be on src's device ", device, ", got device ", t.device());
 }
 
-void check_opt_shape(const OptTensor& t, c10::SymIntArrayRef expected, const char* name) {
-  if (t.has_value()) check_shape(*t, expected, name);
+void check_opt_shape(const OptTensor& t, c10::SymIntArrayRef expected, const char* name,
+                     c10::Device device) {
+  if (t.has_value()) check_shape(*t, expected, name, device);
 }
 
 // torch's dropout (nothing drawn or dropped outside training or at p = 0) with addnorm's
@@ -134,16 +141,16 @@ at::Tensor self_attention(
   // shape, say a 4-D causal and padding mask, is refused, not dropped).
   if (attn_mask.has_value()) {
     if (attn_mask->dim() == 2) {
-      check_shape(*attn_mask, {S, S}, "the 2-D src_mask");
+      check_shape(*attn_mask, {S, S}, "the 2-D src_mask", x.device());
     } else {
       TORCH_CHECK(
           attn_mask->dim() == 3, "addnorm: transformer_encoder_layer: src_mask must have 2 or 3 "
           "dimensions, got ", attn_mask->dim());
-      check_shape(*attn_mask, {NH, S, S}, "the 3-D src_mask");
+      check_shape(*attn_mask, {NH, S, S}, "the 3-D src_mask", x.device());
     }
   }
   if (key_padding_mask.has_value()) {
-    check_shape(*key_padding_mask, {N, S}, "src_key_padding_mask");
+    check_shape(*key_padding_mask, {N, S}, "src_key_padding_mask", x.device());
   }
   if (is_causal && !key_padding_mask.has_value()) {
     attn_mask = std::nullopt;  // scaled_dot_product_attention applies the causal mask
@@ -243,6 +250,14 @@ at::Tensor transformer_encoder_layer_impl(
       src.dim() == 3 || src.dim() == 2,
       "addnorm: transformer_encoder_layer: src must be 3-D ([S, N, E], or [N, S, E] with "
       "batch_first) or unbatched 2-D [S, E], got shape ", src.sym_sizes());
+  // The layer's d_model comes from its weights; src must match it.
+  TORCH_CHECK(
+      in_proj_weight.dim() == 2, "addnorm: transformer_encoder_layer: in_proj_weight must be "
+      "[3 * d_model, d_model], got shape ", in_proj_weight.sym_sizes());
+  const c10::SymInt E = in_proj_weight.sym_size(1);
+  TORCH_CHECK(
+      src.sym_size(-1) == E, "addnorm: transformer_encoder_layer: was expecting embedding "
+      "dimension of ", E, " (the layer's d_model), but got src of shape ", src.sym_sizes());
   if (src.dim() == 2) {
     // Unbatched, as MultiheadAttention does it: batch_first does not apply.
     OptTensor kpm;
@@ -265,14 +280,6 @@ at::Tensor transformer_encoder_layer_impl(
       src.scalar_type());
   TORCH_CHECK(
       nhead > 0, "addnorm: transformer_encoder_layer: nhead must be positive, got ", nhead);
-  // The layer's d_model comes from its weights; src must match it.
-  TORCH_CHECK(
-      in_proj_weight.dim() == 2, "addnorm: transformer_encoder_layer: in_proj_weight must be "
-      "[3 * d_model, d_model], got shape ", in_proj_weight.sym_sizes());
-  const c10::SymInt E = in_proj_weight.sym_size(1);
-  TORCH_CHECK(
-      src.sym_size(2) == E, "addnorm: transformer_encoder_layer: was expecting embedding "
-      "dimension of ", E, " (the layer's d_model), but got src of shape ", src.sym_sizes());
   TORCH_CHECK(
       E % nhead == 0, "addnorm: transformer_encoder_layer: d_model (", E,
       ") must be divisible by nhead (", nhead, ")");
@@ -293,18 +300,21 @@ at::Tensor transformer_encoder_layer_impl(
       "[dim_feedforward, d_model], got shape ", linear1_weight.sym_sizes());
   const c10::SymInt FF = linear1_weight.sym_size(0);
   const c10::SymInt E3 = E * 3;
-  check_shape(in_proj_weight, {E3, E}, "in_proj_weight");
-  check_opt_shape(in_proj_bias, {E3}, "in_proj_bias");
-  check_shape(out_proj_weight, {E, E}, "out_proj_weight");
-  check_opt_shape(out_proj_bias, {E}, "out_proj_bias");
-  check_shape(linear1_weight, {FF, E}, "linear1_weight");
-  check_opt_shape(linear1_bias, {FF}, "linear1_bias");
-  check_shape(linear2_weight, {E, FF}, "linear2_weight");
-  check_opt_shape(linear2_bias, {E}, "linear2_bias");
-  check_shape(norm1_weight, {E}, "norm1_weight");
-  check_opt_shape(norm1_bias, {E}, "norm1_bias");
-  check_shape(norm2_weight, {E}, "norm2_weight");
-  check_opt_shape(norm2_bias, {E}, "norm2_bias");
+  const auto device = src.device();
+  check_shape(in_proj_weight, {E3, E}, "in_proj_weight", device);
+  check_opt_shape(in_proj_bias, {E3}, "in_proj_bias", device);
+  check_shape(out_proj_weight, {E, E}, "out_proj_weight", device);
+  check_opt_shape(out_proj_bias, {E}, "out_proj_bias", device);
+  check_shape(linear1_weight, {FF, E}, "linear1_weight", device);
+  check_opt_shape(linear1_bias, {FF}, "linear1_bias (dim_feedforward from linear1_weight)",
+                  device);
+  check_shape(linear2_weight, {E, FF}, "linear2_weight (dim_feedforward from linear1_weight)",
+              device);
+  check_opt_shape(linear2_bias, {E}, "linear2_bias", device);
+  check_shape(norm1_weight, {E}, "norm1_weight", device);
+  check_opt_shape(norm1_bias, {E}, "norm1_bias", device);
+  check_shape(norm2_weight, {E}, "norm2_weight", device);
+  check_opt_shape(norm2_bias, {E}, "norm2_bias", device);
 
   // Inference in bfloat16 on the CPU, and in float16/bfloat16 on CUDA: torch's fused
   // inference kernel, which nn.TransformerEncoderLayer's fast path calls, so the result is
@@ -323,7 +333,6 @@ at::Tensor transformer_encoder_layer_impl(
   // dtype, and so its result), and so does this one for CPU input of any dtype, also with
   // parameters of another dtype (a stack's second layer gets the first one's bfloat16).
   const auto dtype = src.scalar_type();
-  const auto device = src.device();
   const bool cpu_autocast = device.is_cpu() && at::autocast::is_autocast_enabled(at::kCPU);
   const bool fast_dtype = device.is_cpu()
       ? dtype == at::kBFloat16 || cpu_autocast

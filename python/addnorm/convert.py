@@ -1,5 +1,7 @@
 """One-call conversion of an existing model to addnorm's modules."""
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -14,22 +16,23 @@ _REPLACEMENTS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
                  nn.TransformerEncoderLayer: TransformerEncoderLayer}
 
 
-def _convertible(module: nn.Module) -> bool:  # (layers the op cannot run stay torch's)
-    return type(module) in _REPLACEMENTS and (
-        type(module) is not nn.TransformerEncoderLayer or _unsupported_reason(module) is None)
-
-
 def replace_modules(model: nn.Module) -> nn.Module:
     """Swap every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.TransformerEncoderLayer`` (those
     the op can run; others stay torch's) in ``model`` (including ``model`` itself) for
-    addnorm's drop-in, in place, keeping weights, device and dtype. Returns ``model``."""
+    addnorm's drop-in, in place, keeping weights, device and dtype. Returns ``model``. A
+    module left as it is (a layer the op cannot run, a subclass such as one that FSDP's
+    ``fully_shard`` made: convert before wrapping) gets a warning naming why."""
     if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         raise TypeError("addnorm.replace_modules: model holds a ScriptModule, whose modules are "
                         "compiled: convert the nn.Module first, then script it")
     for module in list(model.modules()):
-        if _convertible(module):
-            # Same object, new class: parameters, buffers, hooks, device, dtype kept as-is.
-            module.__class__ = _REPLACEMENTS[type(module)]
+        kind = type(module)
+        why = (_unsupported_reason(module) if kind is nn.TransformerEncoderLayer else None
+               if kind in _REPLACEMENTS else "a subclass, whose forward may differ")
+        if why is None:  # Same object, new class: parameters, hooks, device, dtype kept.
+            module.__class__ = _REPLACEMENTS[kind]
+        elif isinstance(module, tuple(_REPLACEMENTS)) and not kind.__module__.startswith("addnorm"):
+            warnings.warn(f"addnorm.replace_modules: {kind.__name__} stays as it is: {why}")
     return model
 
 

@@ -523,6 +523,23 @@ def test_op_errors():
     bad[0] = torch.randn(2, 3, 4, 5)
     with pytest.raises(RuntimeError, match="src must be 3-D"):
         op(*bad)
+    # Every weight and bias on src's device, by name (the linears took a meta weight and
+    # returned garbage; a meta bias got torch's message without a name).
+    names = ["in_proj_weight", "in_proj_bias", "out_proj_weight", "out_proj_bias",
+             "linear1_weight", "linear1_bias", "linear2_weight", "linear2_bias", "norm1_weight",
+             "norm1_bias", "norm2_weight", "norm2_bias"]
+    for i, name in enumerate(names, start=4):
+        bad = list(args)
+        bad[i] = bad[i].detach().to("meta")
+        with torch.no_grad(), pytest.raises(RuntimeError, match=rf"{name}.* must be on src's "
+                                                                 "device cpu, got device meta"):
+            op(*bad)
+    # dim_feedforward comes from linear1_weight: a bias that disagrees says so.
+    bad = list(args)
+    bad[8] = torch.randn(FF + 1, E)
+    with pytest.raises(RuntimeError, match=rf"linear1_bias \(dim_feedforward from "
+                                           rf"linear1_weight\) must have shape \[{FF + 1}\]"):
+        op(*bad)
 
 
 def test_wrong_src_width_blames_src():
@@ -534,6 +551,9 @@ def test_wrong_src_width_blames_src():
     layer = addnorm.TransformerEncoderLayer(16, 4, 24, dropout=0.0)
     with pytest.raises(RuntimeError, match=r"expecting embedding dimension of 16.*src of shape \[2, 5, 12\]"):
         layer(torch.randn(2, 5, 12))
+    # Unbatched src: its own shape (it named the internal [5, 1, 12]).
+    with pytest.raises(RuntimeError, match=r"expecting embedding dimension of 16.*src of shape \[5, 12\]"):
+        layer(torch.randn(5, 12))
 
 
 # --------------------------------------------------------------------------- dropout
@@ -1011,7 +1031,8 @@ def test_layers_changed_after_construction_run_torchs_forward(change):
     got.sum().backward()
     assert torch.equal(xo.grad, xr.grad)
     change(theirs)
-    assert type(addnorm.replace_modules(theirs)) is nn.TransformerEncoderLayer
+    with pytest.warns(UserWarning, match="TransformerEncoderLayer stays as it is: "):
+        assert type(addnorm.replace_modules(theirs)) is nn.TransformerEncoderLayer
 
 
 def test_dropout_modes_do_not_matter_at_p_zero():

@@ -2,6 +2,7 @@
 AddRMSNorm) with torch's parameters / state_dict / extra_repr, and replace_modules."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -461,6 +462,31 @@ def test_replace_modules(dtype, device):
     targets = {str(n.target) for n in traced.graph.nodes if n.op == "call_function"}
     assert {"addnorm.layer_norm", "addnorm.rms_norm"} <= targets, targets
     assert torch.equal(traced(x), model(x))
+
+
+def test_replace_modules_warns_about_subclasses_it_leaves():
+    """A subclass of a module replace_modules converts (a user's, or the class FSDP's
+    fully_shard makes) may change forward: it stays as it is, with a warning naming it (it
+    was skipped silently). addnorm's own modules, converted ones included, are no warning."""
+
+    class ShardedLayerNorm(nn.LayerNorm):
+        pass
+
+    class MyLayer(nn.TransformerEncoderLayer):
+        pass
+
+    model = nn.Sequential(ShardedLayerNorm(8), MyLayer(8, 2, 16), nn.LayerNorm(8),
+                          addnorm.AddLayerNorm(8), addnorm.AddRMSNorm(8), nn.Linear(8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        addnorm.replace_modules(model)
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == [f"addnorm.replace_modules: {name} stays as it is: a subclass, whose "
+                        "forward may differ" for name in ("MyLayer", "ShardedLayerNorm")]
+    assert [type(m) for m in model[:3]] == [ShardedLayerNorm, MyLayer, addnorm.LayerNorm]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="addnorm.replace_modules")
+        addnorm.replace_modules(nn.Sequential(*model[2:]))
 
 
 def test_setting_the_classes_back_undoes_replace_modules():

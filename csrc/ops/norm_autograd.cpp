@@ -869,7 +869,8 @@ std::tuple<at::Tensor, at::Tensor> norm_autograd(
     const std::optional<at::Tensor>& bias_arg, double eps, bool is_rms, bool return_residual,
     bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
     bool memory_efficient) {
-  check_input_tensor(input);
+  check_tensor_args(input, {{residual, "residual"}, {weight_arg, "weight"}, {bias_arg, "bias"},
+                            {dropout_seed, "dropout_seed"}});
   // (differentiably: the gradient of a narrower parameter returns to its dtype)
   const auto params = widened_params(weight_arg, bias_arg, input);
   const std::optional<at::Tensor>& weight = params.first;

@@ -44,6 +44,16 @@ c10::ScalarType param_dtype_of(
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  // (an undefined tensor in an optional, which only a C++ caller can pass, and a tensor of
+  // another layout: the dispatcher's message would name an internal op or none)
+  TORCH_CHECK(t.defined(), "addnorm: ", name, " must be a tensor or None, got an undefined "
+              "tensor");
+  TORCH_CHECK(
+      t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized(), "addnorm: ", name,
+      " must be a strided tensor, got ", t.is_nested() ? "a nested tensor"
+                                         : t.is_quantized() ? "a quantized tensor"
+                                                            : "a tensor of layout ",
+      t.is_nested() || t.is_quantized() ? "" : c10::str(t.layout()));
   TORCH_CHECK(
       t.device() == input.device(), "addnorm: ", name, " must be on the input's device ",
       input.device(), ", got device ", t.device());
@@ -86,6 +96,15 @@ std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> widened_params(
     return narrower(p) ? std::optional<at::Tensor>(p->to(read_as)) : p;
   };
   return {widen(weight), widen(bias)};
+}
+
+void check_tensor_args(
+    const at::Tensor& input,
+    std::initializer_list<std::pair<const std::optional<at::Tensor>&, const char*>> others) {
+  check_input_tensor(input);
+  for (const auto& [t, name] : others) {
+    if (t.has_value()) check_same_device(*t, input, name);
+  }
 }
 
 void check_input_tensor(const at::Tensor& input) {
@@ -301,6 +320,10 @@ NormPlan check_norm_bwd_inputs(
     TORCH_CHECK(
         same_shape(weight->sym_sizes(), param_shape), "addnorm: weight must have shape ",
         param_shape, ", got ", weight->sym_sizes());
+    TORCH_CHECK(
+        is_allowed_companion_dtype(weight->scalar_type(), x), "addnorm: weight must have "
+        "grad_out's dtype (", x, ") or, for float16/bfloat16 grad_out, float32; got ",
+        weight->scalar_type());
   }
   if (bias.has_value()) {
     check_same_device(*bias, h, "bias");

@@ -4,6 +4,7 @@
 // every kernel that runs them: the device kernels (through ops/norm_launch.cpp) and the Meta
 // kernels (ops/norm_meta.cpp), which run the same checks on symbolic shapes.
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -18,6 +19,13 @@ namespace addnorm {
 // addnorm's ops take a strided tensor input; a None or nested input gets this error rather
 // than the dispatcher's (or a nested kernel's).
 void check_input_tensor(const at::Tensor& input);
+
+// check_input_tensor, then each tensor given of the optional ones: defined, strided, on the
+// input's device (what the public ops' kernels check before they call the internal ones,
+// whose dispatch would fail first on a nested, sparse or quantized argument).
+void check_tensor_args(
+    const at::Tensor& input,
+    std::initializer_list<std::pair<const std::optional<at::Tensor>&, const char*>> others);
 
 // Equal shapes. A symbolic size with a value to guard on is compared as ==; an unbacked one
 // (a data-dependent size under torch.compile) is assumed equal and asserted when the graph

@@ -17,7 +17,8 @@ std::tuple<at::Tensor, at::Tensor> norm_forward(
     const std::optional<at::Tensor>& bias, double eps, bool is_rms, bool return_residual,
     bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
     bool /*memory_efficient: what autograd keeps*/) {
-  check_input_tensor(input);
+  check_tensor_args(input, {{residual, "residual"}, {weight, "weight"}, {bias, "bias"},
+                            {dropout_seed, "dropout_seed"}});
   const auto [w, b] = widened_params(weight, bias, input);
   auto outs = norm_fwd_op().call(
       input, residual, normalized_shape, w, b, eps, is_rms, return_residual, residual_in_fp32,

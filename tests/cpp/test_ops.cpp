@@ -351,6 +351,40 @@ TEST(AddNormErrors, DropoutMaskOfAnUndefinedSeed) {
   EXPECT_NE(msg.find("dropout_mask: seed must be a tensor"), std::string::npos) << msg;
 }
 
+TEST(AddNormErrors, UndefinedOrNonStridedTensorsThroughTheDispatcher) {
+  // The op called through the dispatcher, which passes an undefined tensor in an optional as
+  // it is (the C++ functions turn it into none): named, where it was "tensor does not have
+  // a device"; a sparse weight is named too, where the dispatcher named an internal op.
+  const auto op = c10::Dispatcher::singleton()
+                      .findSchemaOrThrow("addnorm::add_layer_norm", "")
+                      .typed<std::tuple<at::Tensor, at::Tensor>(
+                          const at::Tensor&, const std::optional<at::Tensor>&,
+                          c10::SymIntArrayRef, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&, double, bool, bool, double,
+                          const std::optional<at::Tensor>&, bool)>();
+  const auto x = torch::randn({4, 8});
+  const std::optional<at::Tensor> undefined = at::Tensor();
+  const std::optional<at::Tensor> sparse = torch::ones({8}).to_sparse();
+  const c10::SymInt n(8);
+  auto call = [&](const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& w,
+                  const std::optional<at::Tensor>& b, const std::optional<at::Tensor>& seed) {
+    return error_of([&] {
+      op.call(x, r, c10::SymIntArrayRef(&n, 1), w, b, 1e-5, true, false, 0.0, seed, false);
+    });
+  };
+  for (const auto& [msg, name] :
+       {std::pair{call(undefined, {}, {}, {}), "residual"}, {call({}, undefined, {}, {}), "weight"},
+        {call({}, {}, undefined, {}), "bias"}, {call({}, {}, {}, undefined), "dropout_seed"}}) {
+    EXPECT_NE(msg.find(std::string(name) + " must be a tensor or None, got an undefined tensor"),
+              std::string::npos)
+        << msg;
+  }
+  const auto msg = call({}, sparse, {}, {});
+  EXPECT_NE(msg.find("weight must be a strided tensor, got a tensor of layout Sparse"),
+            std::string::npos)
+      << msg;
+}
+
 TEST(AddNormErrors, NegativeOrNanEps) {
   auto msg = error_of([] { addnorm::layer_norm(torch::randn({4, 8}), {8}, {}, {}, -1.0); });
   EXPECT_NE(msg.find("eps must be a non-negative number"), std::string::npos) << msg;

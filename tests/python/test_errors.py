@@ -1,6 +1,8 @@
 """Bad inputs raise RuntimeError naming the offending argument (one test per case of the
 spec); empty tensors give empty results; NaN/Inf propagate as in torch."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -311,6 +313,50 @@ def test_device_mismatch(op, which, other):
         b = torch.zeros(8, device=dp) if which == "bias" else None
         with pytest.raises(RuntimeError, match=_match("device")):
             OPS[op](x, torch.zeros_like(x), [8], w, b)
+
+
+@pytest.mark.parametrize("kind", ["nested", "sparse", "quantized"])
+@pytest.mark.parametrize("op,which", [(op, "residual") for op in ADD_OPS] +
+                         [(op, "weight") for op in OPS] + [(op, "bias") for op in LN_OPS])
+def test_non_strided_argument_is_named(op, which, kind):
+    """A nested, sparse or quantized residual, weight or bias is refused by name, eager and
+    under inference mode (where the ops' internal call raised NotImplementedError, or the
+    dispatcher's message named the internal op). (A jagged tensor under inference mode
+    reaches its own dispatch, which refuses ops it does not know, before the ops' kernels; a
+    jagged weight of rms_norm meets torch's nested rms_norm check, which takes the op for
+    torch's function by its name and fails as F.rms_norm does there: strided nested there.)"""
+    x = _x((2, 8))
+    plain = {"residual": x.clone(), "weight": torch.ones(8), "bias": torch.zeros(8)}
+    cases = []
+    for mode in (torch.enable_grad, torch.inference_mode):
+        t = plain[which]
+        if kind == "nested":
+            jagged = mode is torch.enable_grad and op != "rms_norm"
+            layout = torch.jagged if jagged else torch.strided
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (strided nested tensors: a prototype)
+                t = torch.nested.nested_tensor(list(t.reshape(-1, 8)), layout=layout)
+        elif kind == "sparse":
+            t = t.to_sparse()
+        else:
+            t = torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
+        cases.append((mode, dict(plain, **{which: t})))
+    got = "a nested tensor" if kind == "nested" else (
+        "a tensor of layout Sparse" if kind == "sparse" else "a quantized tensor")
+    for mode, args in cases:
+        with mode(), pytest.raises(RuntimeError, match=f"{which} must be a strided tensor, got {got}"):
+            OPS[op](x, args["residual"], [8], args["weight"], args["bias"])
+
+
+def test_norm_bwd_weight_dtype_is_checked():
+    """The internal backward checks the weight's dtype as the forward does (an integer weight
+    raised only once its gradient was asked for; a complex one lost its imaginary part)."""
+    h, g, rstd = torch.randn(3, 8), torch.randn(3, 8), torch.ones(3)
+    for dtype in (torch.long, torch.complex64, torch.float64):
+        for weight_grad in (True, False):
+            with pytest.raises(RuntimeError, match="weight must have grad_out's dtype .*got "):
+                torch.ops.addnorm._norm_bwd(g, None, h, rstd, rstd, torch.ones(8, dtype=dtype),
+                                            False, True, weight_grad, 1e-5)
 
 
 # --------------------------------------------------------------------------- empty tensors

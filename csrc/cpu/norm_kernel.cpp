@@ -562,9 +562,13 @@ F64Stats f64_stats(const double* v, int64_t n, double eps, bool rms, const DD& s
                 },
                 [&](int64_t j) { return v[j] * scale; });
   const F64Stats scaled = f64_stats_at(v, n, eps, rms, scale, scaled_sum);
-  // (A constant row has no deviations at any scale: eps alone, at the row's own scale, as
-  // eps * scale^2 underflows for scale < 1.)
-  return scaled.sum_sq == 0.0 ? st : scaled;
+  if (rms || scaled.sum_sq != 0.0) return scaled;
+  // A constant row (LayerNorm): its mean is v[0] exactly and rstd is 1 / sqrt(eps), at scale
+  // 1 (its sum may overflow, and eps * scale^2 underflows for scale < 1): out is the bias.
+  F64Stats c;
+  c.mean_hi = v[0];
+  dd_rsqrt(eps, 0.0, c.rstd_hi, c.rstd_lo);
+  return c;
 }
 
 // The forward's row moments in one sweep: the sums of d = v - shift and of d * d in double

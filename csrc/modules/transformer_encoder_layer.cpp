@@ -460,15 +460,11 @@ TORCH_LIBRARY_IMPL(addnorm, CompositeImplicitAutograd, m) {
   m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
 }
 
-// Under vmap, the decomposition too, its seed draws (at::randint) following vmap's
-// randomness: at FuncTorchBatched (a batched argument: torch's fallback would run the op
-// entry by entry below vmap, each entry drawing seeds of its own whatever randomness asked
-// for, and its ops' vmap rules batch it) and at FuncTorchVmapMode (none batched at this
-// level: the op would run outside the vmap, as one call whose draws vmap never sees).
-TORCH_LIBRARY_IMPL(addnorm, FuncTorchBatched, m) {
-  m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
-}
-
+// Under vmap, the decomposition too (FuncTorchVmapMode, which every call under vmap meets
+// first, batched arguments or not): its ops' vmap rules batch it, and its seed draws
+// (at::randint) follow vmap's randomness. Without it, a call with a batched argument ran
+// torch's fallback, entry by entry below vmap, each entry drawing seeds of its own whatever
+// randomness asked for; one without ran outside the vmap, one draw for all entries.
 TORCH_LIBRARY_IMPL(addnorm, FuncTorchVmapMode, m) {
   m.impl("transformer_encoder_layer", &transformer_encoder_layer_impl);
 }

@@ -983,7 +983,7 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
 
 at::Tensor dropout_apply_autograd(const at::Tensor& input, const at::Tensor& seed, double p,
                                   std::optional<c10::ScalarType> dtype) {
-  check_input_tensor(input);
+  check_tensor_args(input, {{std::optional<at::Tensor>(seed), "dropout_seed"}});
   TORCH_CHECK(!inside_functorch_transform(),
               "addnorm: the regenerated-mask dropout (_dropout_apply, which "
               "addnorm.TransformerEncoderLayer uses in training) is not supported inside "
@@ -1042,7 +1042,8 @@ class DropoutMatmulFunction : public torch::autograd::Function<DropoutMatmulFunc
 
 at::Tensor dropout_matmul_autograd(const at::Tensor& probs, const at::Tensor& value,
                                    const at::Tensor& seed, double p) {
-  check_input_tensor(probs);
+  check_tensor_args(probs, {{std::optional<at::Tensor>(value), "value"},
+                            {std::optional<at::Tensor>(seed), "dropout_seed"}});
   TORCH_CHECK(!inside_functorch_transform(),
               "addnorm: the attention-probability dropout (_dropout_matmul, which "
               "addnorm.TransformerEncoderLayer uses in training) is not supported inside "

@@ -109,6 +109,11 @@ void check_tensor_args(
 
 void check_input_tensor(const at::Tensor& input) {
   TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");
+  TORCH_CHECK(
+      input.is_nested() || (input.layout() == at::kStrided && !input.is_quantized()),
+      "addnorm: input must be a strided tensor, got ",
+      input.is_quantized() ? "a quantized tensor" : "a tensor of layout ",
+      input.is_quantized() ? "" : c10::str(input.layout()));
   TORCH_CHECK(!input.is_nested(),
               "addnorm: input must be a strided tensor, got a nested tensor (the layer_norm and "
               "rms_norm functions and modules, Python and C++, hand nested input to torch's "

@@ -26,12 +26,12 @@ def replace_modules(model: nn.Module) -> nn.Module:
         raise TypeError("addnorm.replace_modules: model holds a ScriptModule, whose modules are "
                         "compiled: convert the nn.Module first, then script it")
     for module in list(model.modules()):
-        kind = type(module)
+        kind, ours = type(module), type(module).__module__.split(".")[0] == __package__
         why = (_unsupported_reason(module) if kind is nn.TransformerEncoderLayer else None
                if kind in _REPLACEMENTS else "a subclass, whose forward may differ")
         if why is None:  # Same object, new class: parameters, hooks, device, dtype kept.
             module.__class__ = _REPLACEMENTS[kind]
-        elif isinstance(module, tuple(_REPLACEMENTS)) and not kind.__module__.startswith("addnorm"):
+        elif isinstance(module, tuple(_REPLACEMENTS)) and not ours:
             warnings.warn(f"addnorm.replace_modules: {kind.__name__} stays as it is: {why}")
     return model
 

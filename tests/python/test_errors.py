@@ -348,6 +348,22 @@ def test_non_strided_argument_is_named(op, which, kind):
             OPS[op](x, args["residual"], [8], args["weight"], args["bias"])
 
 
+def test_non_strided_input_and_seed_are_named():
+    """A sparse, quantized or mkldnn input of every op, and a sparse seed of the separate
+    dropout, are refused by name (the dispatcher's message named _norm_fwd)."""
+    x = _x((2, 8))
+    for t, got in ((x.to_sparse(), "a tensor of layout Sparse"),
+                   (torch.quantize_per_tensor(x, 0.1, 0, torch.qint8), "a quantized tensor"),
+                   (x.to_mkldnn(), "a tensor of layout Mkldnn")):
+        for f in OPS.values():
+            with pytest.raises(RuntimeError, match=f"input must be a strided tensor, got {got}"):
+                f(t, x.clone(), [8])
+    seed = addnorm.dropout_seed("cpu")
+    with pytest.raises(RuntimeError, match="dropout_seed must be a strided tensor, got a tensor "
+                                           "of layout Sparse"):
+        torch.ops.addnorm._dropout_apply(x, seed.to_sparse(), 0.5)
+
+
 def test_norm_bwd_weight_dtype_is_checked():
     """The internal backward checks the weight's dtype as the forward does (an integer weight
     raised only once its gradient was asked for; a complex one lost its imaginary part)."""

@@ -212,6 +212,23 @@ def test_subnormal_eps_float64_constant_rows(eps, norm):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("eps", [1e-5, 1e-310])
+def test_constant_float64_rows_whose_sums_overflow(eps, norm):
+    """Constant float64 rows whose sum (LayerNorm) or sum of squares overflows: summed again
+    at a scale below 1, where a constant row has no deviations and eps * scale^2 underflows;
+    LayerNorm's statistics are then the row's value and 1 / sqrt(eps) (out = bias: it was
+    NaN, with NaN or zero gradients)."""
+    x = torch.tensor([1e307, -1.2e307, 5e306, 1.7e308], dtype=torch.float64)
+    x = x.unsqueeze(1).repeat(1, 768)
+    w, b, gout = _affine(768, torch.float64, seed=10)
+    rms = norm == "rms_norm"
+    k = math.frexp(1 / 1e307)[1] if rms else math.frexp(math.sqrt(eps))[1]
+    rows = slice(0, 3) if rms else slice(None)  # (RMSNorm of 1.7e308: a gradient of ~1e-308)
+    _check_f64_ld(norm, x[rows], w, b, gout.double().repeat(2, 1)[rows], eps, k,
+                  f"{norm} eps={eps:g}")
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_eps_zero_subnormal_float32_rows(norm):
     """eps = 0, float32 rows of subnormal numbers: rstd exceeds float32's range and is saved
     as inf, yet the output is right (normalized in double), and so are the gradients (the

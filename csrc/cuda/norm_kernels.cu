@@ -436,30 +436,38 @@ struct Normalizer<float> {
   // and the fma is the plain subtraction. A finite rstd still past float's range after that
   // (a constant row, eps below 1e-152, where h - mean is exactly 0) is clamped to float's
   // largest value, so the row gives 0 * rstd = 0 as the CPU's; an infinite one stays inf.
-  float mean_hi, mean_lo, rstd_hi, rstd_lo, pre;
+  // An rstd below 2^-100 (16-bit rows of values near float's largest, whose h - mean can
+  // leave float's range): h and mean_hi are halved first (pin = 1/2, exact there) and
+  // rstd_hi + rstd_lo is 2 rstd; else pin = 1 and the product is h itself.
+  float mean_hi, mean_lo, rstd_hi, rstd_lo, pre, pin;
   double mean, rstd;  // for float32 output (see normalize_store)
   __device__ __forceinline__ Normalizer(double m, double r) : mean(m), rstd(r) {
-    mean_hi = static_cast<float>(mean);
+    const float mean_f = static_cast<float>(mean);
     double scaled = rstd;
     pre = 1.0f;
+    pin = 1.0f;
     if (rstd > 0x1p100 && !isinf(rstd)) {
       const int e = ilogb(rstd);
       const int k = e < 126 ? e : 126;
       pre = ldexpf(1.0f, k);
       scaled = fmin(ldexp(rstd, -k), static_cast<double>(std::numeric_limits<float>::max()));
+    } else if (rstd < 0x1p-100) {
+      pin = 0.5f;
+      scaled = rstd * 2.0;
     }
-    mean_lo = isfinite(mean_hi)
-                  ? static_cast<float>((mean - static_cast<double>(mean_hi)) * pre)
+    mean_hi = mul_rn(mean_f, pin);
+    mean_lo = isfinite(mean_f)
+                  ? static_cast<float>((mean - static_cast<double>(mean_f)) * pre * pin)
                   : 0.0f;
     rstd_hi = static_cast<float>(scaled);
     rstd_lo = isfinite(rstd_hi) ? static_cast<float>(scaled - static_cast<double>(rstd_hi)) : 0.0f;
   }
-  __device__ __forceinline__ float stored_mean() const { return mean_hi; }
-  // float(rstd): rstd_hi * pre rounds as rstd does (the scaling by a power of two is exact,
-  // and overflows to inf where rstd rounds to it)
-  __device__ __forceinline__ float stored_rstd() const { return mul_rn(rstd_hi, pre); }
+  __device__ __forceinline__ float stored_mean() const { return static_cast<float>(mean); }
+  // float(rstd): rstd_hi * pre * pin rounds as rstd does (the scalings by powers of two are
+  // exact, and overflow to inf where rstd rounds to it)
+  __device__ __forceinline__ float stored_rstd() const { return mul_rn(mul_rn(rstd_hi, pre), pin); }
   __device__ __forceinline__ float operator()(float v) const {
-    const float d = fma_rn(sub_rn(v, mean_hi), pre, -mean_lo);
+    const float d = fma_rn(sub_rn(mul_rn(v, pin), mean_hi), pre, -mean_lo);
     return fma_rn(d, rstd_hi, mul_rn(d, rstd_lo));
   }
 };
@@ -936,9 +944,13 @@ __device__ __forceinline__ void bwd_terms(const BwdParams<T, H, W>& p, const Bwd
   times_gamma<VEC>(p.gamma, col, dy, g);
   float gx = 0.0f;
   float gs = 0.0f;
+  // (h - mean halved first where it can leave float's range: Normalizer<float>'s pin)
+  const float pin = rstd < 0x1p-100f ? 0.5f : 1.0f;
+  const float mean_in = mul_rn(mean, pin);
+  const float rstd_in = pin == 1.0f ? rstd : mul_rn(rstd, 2.0f);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    if (!from_output) xhat[j] = mul_rn(sub_rn(xhat[j], mean), rstd);
+    if (!from_output) xhat[j] = mul_rn(sub_rn(mul_rn(xhat[j], pin), mean_in), rstd_in);
     if constexpr (kFloatPartials<H>) {
       gx = fma_rn(g[j], xhat[j], gx);
       gs += g[j];
@@ -1746,7 +1758,15 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
           xhat = div_rn(sub_rn(static_cast<A>(y[r * N + col]), y_shift), y_scale);
         } else {
           const A m = mean != nullptr ? mean[r] : A(0);
-          xhat = (static_cast<A>(h[r * N + col]) - m) * rstd[r];
+          if constexpr (kHalfData<T>) {
+            // (16-bit rows near float's largest, where h - m can leave float's range: both
+            // halved first, as Normalizer<float>'s pin)
+            const A rs = rstd[r];
+            const A pin = rs < A(0x1p-100) ? A(0.5) : A(1);
+            xhat = (static_cast<A>(h[r * N + col]) * pin - m * pin) * (rs * (A(1) / pin));
+          } else {
+            xhat = (static_cast<A>(h[r * N + col]) - m) * rstd[r];
+          }
         }
         if constexpr (kF64) {
           stat_add_prod(g, d, xhat);

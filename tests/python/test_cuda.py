@@ -200,6 +200,33 @@ def test_rstd_past_float_range(hidden_size, norm):
         assert_close(got[3], cpu[3].double(), name=f"{label}: rstd")
 
 
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+@pytest.mark.parametrize("hidden_size", [40, 768, 4096, 1001, 8200, 16392])
+def test_bfloat16_rows_near_float_max(hidden_size, aligned):
+    """test_cuda_emulated.test_emulated_bfloat16_rows_near_float_max_like_cpu on the GPU:
+    bfloat16 LayerNorm rows of 3.3e38 and -3.3e38 (h - mean beyond float's range) give the
+    CPU kernels' out, statistics and gradients, all finite."""
+    n = hidden_size
+    base = torch.full((4, n + 1), -3.3e38).to(torch.bfloat16)
+    base[:, 1] = 3.3e38
+    base[1::2] *= 0.5
+    x = base[:, :n].contiguous() if aligned else base[:, 1:]
+    w, b = make_affine((n,), torch.bfloat16, "cpu")
+    dy = torch.randn(4, n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    xc = base.cuda()[:, :n] if aligned else base.cuda()[:, 1:]
+    cpu = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, 1e-5, False, False, False)
+    got = torch.ops.addnorm._norm_fwd(xc, None, [n], w.cuda(), b.cuda(), 1e-5, False, False,
+                                      False)
+    cpu_g = torch.ops.addnorm._norm_bwd(dy, None, x, cpu[2], cpu[3], w, True, False, True, 1e-5)
+    got_g = torch.ops.addnorm._norm_bwd(dy.cuda(), None, xc, cpu[2].cuda(), cpu[3].cuda(),
+                                        w.cuda(), True, False, True, 1e-5)
+    for a, e, what in ((got[0], cpu[0], "out"), (got[2], cpu[2], "mean"), (got[3], cpu[3], "rstd"),
+                       (got_g[0], cpu_g[0], "grad_h"), (got_g[1], cpu_g[1], "grad_weight"),
+                       (got_g[2], cpu_g[2], "grad_bias")):
+        assert a.isfinite().all(), f"{what} not finite"
+        assert_close(a.cpu(), e.double(), reduced=what in ("grad_weight", "grad_bias"), name=what)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("hidden_size", [40, 768, 4096, 1001, 8200])
 def test_subnormal_eps_float64_constant_rows(hidden_size, norm):

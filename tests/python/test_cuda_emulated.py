@@ -542,6 +542,33 @@ def test_emulated_rstd_past_float_range_like_cpu(shape, norm, emu):
         assert_close(got[3], cpu[3].double(), name=f"{label}: rstd")
 
 
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+@pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_emulated_bfloat16_rows_near_float_max_like_cpu(shape, aligned, emu):
+    """bfloat16 LayerNorm rows of finite values near float's largest (3.3e38 and -3.3e38):
+    h - mean leaves float's range, where the float normalizer, the register backward's xhat
+    and the looping path's weight-gradient partials gave NaN/inf (h and the mean are halved
+    first now); out, the statistics and every gradient as the CPU kernels' (an offset view
+    takes the looping paths)."""
+    m, n = shape
+    base = torch.full((m, n + 1), -3.3e38).to(torch.bfloat16)
+    base[:, 1] = 3.3e38
+    base[1::2] *= 0.5
+    x = base[:, :n].contiguous() if aligned else base[:, 1:]
+    w, b = make_affine((n,), torch.bfloat16, "cpu")
+    cpu = _cpu_fwd(x, None, n, w, b, 1e-5, False)
+    got = emu.norm_fwd(x, None, [n], w, b, 1e-5, False, False, False, 0.0, None)
+    for i, what in ((0, "out"), (2, "mean"), (3, "rstd")):
+        assert got[i].isfinite().all(), f"{what} not finite"
+        assert_close(got[i], cpu[i].double(), name=what)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    cpu_g = _cpu_bwd(dy, None, x, cpu[2], cpu[3], w, False, eps=1e-5)
+    got_g = _emu_bwd(emu, dy, None, x, cpu[2], cpu[3], w, False, eps=1e-5)
+    for i, what in ((0, "grad_h"), (1, "grad_weight"), (2, "grad_bias")):
+        assert got_g[i].isfinite().all(), f"{what} not finite"
+        assert_close(got_g[i], cpu_g[i].double(), reduced=i > 0, name=what)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_emulated_subnormal_eps_float64_like_cpu(shape, norm, emu):

@@ -787,6 +787,9 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
         HSlot<H, A, 1> h0[1];
         load_h_vectors<1>(p, row_off, 0, 0, 1, h0);
         shift = static_cast<double>(h0[0][0]);
+        // (an infinite first element: no shift, so that the mean is the plain sum's, +-inf
+        // or NaN as the CPU's, not inf - inf)
+        shift = isfinite(shift) ? shift : 0.0;
       }
     }
     S sums[K];

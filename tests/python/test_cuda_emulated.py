@@ -8,6 +8,7 @@ The emulated kernels are built on first use (about 45 s on 2 cores; rebuilt when
 csrc/cuda/norm_kernels.cu changes) and run slowly (thousands of threads per launch), so the
 shapes are small."""
 
+import math
 import os
 import sys
 
@@ -540,6 +541,23 @@ def test_emulated_rstd_past_float_range_like_cpu(shape, norm, emu):
         assert cpu[0].isfinite().all(), f"{label}: the CPU's out not finite"
         assert_close(got[0], cpu[0].double(), name=f"{label}: out")
         assert_close(got[3], cpu[3].double(), name=f"{label}: rstd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
+def test_emulated_infinite_first_element_mean_like_cpu(aligned, dtype, emu):
+    """LayerNorm rows whose first element is infinite: the saved mean is the CPU's (-inf,
+    inf, NaN for both signs), on the looping path too, whose shift (the row's first element)
+    made it inf - inf = NaN (float data) or the shift itself (float64)."""
+    for n in (8, 1001):
+        base = torch.randn(3, n + 1, generator=torch.Generator().manual_seed(n)).to(dtype)
+        base[0, 1], base[1, 1] = -math.inf, math.inf
+        base[2, 1], base[2, 6] = math.inf, -math.inf
+        x = base[:, 1:].contiguous() if aligned else base[:, 1:]
+        cpu = _cpu_fwd(x, None, n, None, None, 1e-5, False)
+        got = emu.norm_fwd(x, None, [n], None, None, 1e-5, False, False, False, 0.0, None)
+        torch.testing.assert_close(got[2], cpu[2], rtol=0, atol=0, equal_nan=True)
+        assert got[0].isnan().all() and cpu[0].isnan().all()
 
 
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])

@@ -207,13 +207,15 @@ def test_bfloat16_rows_near_float_max(hidden_size, aligned):
     bfloat16 LayerNorm rows of 3.3e38 and -3.3e38 (h - mean beyond float's range) give the
     CPU kernels' out, statistics and gradients, all finite."""
     n = hidden_size
-    base = torch.full((4, n + 1), -3.3e38).to(torch.bfloat16)
-    base[:, 1] = 3.3e38
-    base[1::2] *= 0.5
-    x = base[:, :n].contiguous() if aligned else base[:, 1:]
+    x = torch.full((4, n), -3.3e38).to(torch.bfloat16)
+    x[:, 0] = 3.3e38
+    x[1::2] *= 0.5
     w, b = make_affine((n,), torch.bfloat16, "cpu")
     dy = torch.randn(4, n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
-    xc = base.cuda()[:, :n] if aligned else base.cuda()[:, 1:]
+    # (offset: a contiguous view one element into its storage: misaligned vector loads)
+    xc = (x.cuda() if aligned else
+          torch.empty(4 * n + 1, dtype=x.dtype, device="cuda")[1:].view(4, n))
+    xc.copy_(x)
     cpu = torch.ops.addnorm._norm_fwd(x, None, [n], w, b, 1e-5, False, False, False)
     got = torch.ops.addnorm._norm_fwd(xc, None, [n], w.cuda(), b.cuda(), 1e-5, False, False,
                                       False)

@@ -548,12 +548,14 @@ def test_emulated_rstd_past_float_range_like_cpu(shape, norm, emu):
 def test_emulated_infinite_first_element_mean_like_cpu(aligned, dtype, emu):
     """LayerNorm rows whose first element is infinite: the saved mean is the CPU's (-inf,
     inf, NaN for both signs), on the looping path too, whose shift (the row's first element)
-    made it inf - inf = NaN (float data) or the shift itself (float64)."""
+    made it inf - inf = NaN (float data) or the shift itself (float64); an offset view, one
+    element into its storage, takes it at every length."""
     for n in (8, 1001):
-        base = torch.randn(3, n + 1, generator=torch.Generator().manual_seed(n)).to(dtype)
-        base[0, 1], base[1, 1] = -math.inf, math.inf
-        base[2, 1], base[2, 6] = math.inf, -math.inf
-        x = base[:, 1:].contiguous() if aligned else base[:, 1:]
+        rows = torch.randn(3, n, generator=torch.Generator().manual_seed(n)).to(dtype)
+        rows[0, 0], rows[1, 0] = -math.inf, math.inf
+        rows[2, 0], rows[2, 5] = math.inf, -math.inf
+        x = rows if aligned else torch.empty(3 * n + 1, dtype=dtype)[1:].view(3, n)
+        x.copy_(rows)
         cpu = _cpu_fwd(x, None, n, None, None, 1e-5, False)
         got = emu.norm_fwd(x, None, [n], None, None, 1e-5, False, False, False, 0.0, None)
         torch.testing.assert_close(got[2], cpu[2], rtol=0, atol=0, equal_nan=True)
@@ -566,13 +568,16 @@ def test_emulated_bfloat16_rows_near_float_max_like_cpu(shape, aligned, emu):
     """bfloat16 LayerNorm rows of finite values near float's largest (3.3e38 and -3.3e38):
     h - mean leaves float's range, where the float normalizer, the register backward's xhat
     and the looping path's weight-gradient partials gave NaN/inf (h and the mean are halved
-    first now); out, the statistics and every gradient as the CPU kernels' (an offset view
-    takes the looping paths)."""
+    first now); out, the statistics and every gradient as the CPU kernels' (an offset view,
+    one element into its storage, takes the looping paths)."""
     m, n = shape
-    base = torch.full((m, n + 1), -3.3e38).to(torch.bfloat16)
-    base[:, 1] = 3.3e38
-    base[1::2] *= 0.5
-    x = base[:, :n].contiguous() if aligned else base[:, 1:]
+    rows = torch.full((m, n), -3.3e38).to(torch.bfloat16)
+    rows[:, 0] = 3.3e38
+    rows[1::2] *= 0.5
+    # (offset: a contiguous view one element into its storage, so the vector loads are
+    # misaligned and the kernels take their one-element paths)
+    x = rows if aligned else torch.empty(m * n + 1, dtype=torch.bfloat16)[1:].view(m, n)
+    x.copy_(rows)
     w, b = make_affine((n,), torch.bfloat16, "cpu")
     cpu = _cpu_fwd(x, None, n, w, b, 1e-5, False)
     got = emu.norm_fwd(x, None, [n], w, b, 1e-5, False, False, False, 0.0, None)

@@ -1765,8 +1765,9 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
             // (16-bit rows near float's largest, where h - m can leave float's range: both
             // halved first, as Normalizer<float>'s pin)
             const A rs = rstd[r];
-            const A pin = rs < A(0x1p-100) ? A(0.5) : A(1);
-            xhat = (static_cast<A>(h[r * N + col]) * pin - m * pin) * (rs * (A(1) / pin));
+            const bool big = rs < A(0x1p-100);
+            const A pin = big ? A(0.5) : A(1);
+            xhat = (static_cast<A>(h[r * N + col]) * pin - m * pin) * (big ? rs * A(2) : rs);
           } else {
             xhat = (static_cast<A>(h[r * N + col]) - m) * rstd[r];
           }

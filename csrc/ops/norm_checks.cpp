@@ -43,17 +43,22 @@ c10::ScalarType param_dtype_of(
   return (w == b && (p == x || p == at::kFloat)) ? p : at::kFloat;
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
-  // (an undefined tensor in an optional, which only a C++ caller can pass, and a tensor of
-  // another layout: the dispatcher's message would name an internal op or none)
-  TORCH_CHECK(t.defined(), "addnorm: ", name, " must be a tensor or None, got an undefined "
-              "tensor");
+// A plain strided tensor: not nested, sparse, quantized or mkldnn (the dispatcher's message
+// for those would name an internal op, or none).
+void check_strided(const at::Tensor& t, const char* name) {
   TORCH_CHECK(
       t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized(), "addnorm: ", name,
       " must be a strided tensor, got ", t.is_nested() ? "a nested tensor"
                                          : t.is_quantized() ? "a quantized tensor"
                                                             : "a tensor of layout ",
       t.is_nested() || t.is_quantized() ? "" : c10::str(t.layout()));
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  // (an undefined tensor in an optional: only a C++ caller can pass one)
+  TORCH_CHECK(t.defined(), "addnorm: ", name, " must be a tensor or None, got an undefined "
+              "tensor");
+  check_strided(t, name);
   TORCH_CHECK(
       t.device() == input.device(), "addnorm: ", name, " must be on the input's device ",
       input.device(), ", got device ", t.device());
@@ -109,16 +114,12 @@ void check_tensor_args(
 
 void check_input_tensor(const at::Tensor& input) {
   TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");
-  TORCH_CHECK(
-      input.is_nested() || (input.layout() == at::kStrided && !input.is_quantized()),
-      "addnorm: input must be a strided tensor, got ",
-      input.is_quantized() ? "a quantized tensor" : "a tensor of layout ",
-      input.is_quantized() ? "" : c10::str(input.layout()));
   TORCH_CHECK(!input.is_nested(),
               "addnorm: input must be a strided tensor, got a nested tensor (the layer_norm and "
               "rms_norm functions and modules, Python and C++, hand nested input to torch's "
               "kernels; the ops and the add functions take none: apply them to a jagged "
               "tensor's values() or to a padded tensor)");
+  check_strided(input, "input");
 }
 
 void check_dropout_args(

@@ -485,3 +485,24 @@ def test_functional_not_scriptable_raises_clearly():
     # Eager mode is unaffected.
     x = torch.randn(3, 16)
     assert torch.equal(_functional_add_layer_norm(x), torch.ops.addnorm.add_layer_norm(x, x, [16])[0])
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_trace_functional_forms_with_shape_from_the_input():
+    """torch.jit.trace of the functional forms with normalized_shape taken from the input
+    (``x.shape[-1:]``, ``[x.size(-1)]``, ``x.shape[-1]``: 0-dim tensors while tracing). The
+    trace keeps the value, as torch warns: other leading shapes give eager's results, another
+    width the op's shape error (torch's F.layer_norm traces the size itself)."""
+    x, r = torch.randn(2, 4, 16), torch.randn(2, 4, 16)
+    fns = [lambda x, r: addnorm.layer_norm(x, x.shape[-1:]),
+           lambda x, r: addnorm.rms_norm(x, [x.size(-1)]),
+           lambda x, r: addnorm.add_layer_norm(x, r, x.shape[-1]),
+           lambda x, r: addnorm.add_rms_norm(x, r, x.shape[-2:], return_residual=True)[0]]
+    for fn in fns:
+        with pytest.warns(torch.jit.TracerWarning, match="Python integer"):
+            traced = torch.jit.trace(fn, (x, r))
+        x2, r2 = torch.randn(3, 4, 16), torch.randn(3, 4, 16)
+        assert torch.equal(traced(x2, r2), fn(x2, r2))
+        with pytest.raises(RuntimeError, match="normalized_shape"):
+            traced(torch.randn(3, 4, 8), torch.randn(3, 4, 8))

@@ -205,7 +205,8 @@ def main(argv=None):
     if args.md:
         with open(args.md, "w") as f:
             f.write(f"# addnorm {args.layers}-layer encoder training step ({args.device})\n\n"
-                    f"Command: `{sc.command_line()}`\n\n"
+                    f"Command: `{sc.command_line()}`  \nDate: {info['date']}; source: "
+                    f"{info['source_revision']}\n\n"
                     f"Machine: {json.dumps(info)}\n\nConfig: {json.dumps(config)}\n\n"
                     "Times are ms per step (medians); speedup = torch / addnorm from the same "
                     "run; peak: on CUDA max_memory_allocated above the model and input, on "

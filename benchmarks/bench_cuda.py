@@ -350,7 +350,7 @@ def write_results(args, info, rows, copy, elapsed_s, done, total):
             if partial:
                 f.write(f"**{partial}** (the run stopped before the end).\n\n")
             f.write(f"Command: `{info['command']}`  \n")
-            f.write(f"Date: {info['date']}; torch {info['torch_version']} (CUDA {info.get('torch_cuda')}), "
+            f.write(f"Date: {info['date']}; source: {info.get('source_revision', 'unknown')}; torch {info['torch_version']} (CUDA {info.get('torch_cuda')}), "
                     f"triton {info.get('triton_version', '-')}, liger-kernel {info.get('liger_kernel_version', '-')}  \n")
             f.write(f"Device-to-device copy bandwidth (read + write) in the same run: {copy['gbps']:.0f} GB/s.  \n")
             if getattr(args, "baseline", None):

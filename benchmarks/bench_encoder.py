@@ -334,7 +334,7 @@ def summary(results):
 def markdown(sweep):
     info, cfg = sweep["machine"], sweep["config"]
     lines = [f"# addnorm encoder-layer benchmark ({cfg['device']})", "",
-             f"Command: `{info['command']}`  ", f"Date: {info['date']}", "",
+             f"Command: `{info['command']}`  ", f"Date: {info['date']}; source: {info.get('source_revision', 'unknown')}", "",
              "| machine | |", "|---|---|"]
     for k, label in (("cpu_model", "CPU"), ("cpu_cores", "cores"), ("torch_threads", "torch threads"),
                      ("gpu", "GPU"), ("torch_version", "torch"), ("torch_cuda", "torch CUDA"),

@@ -213,7 +213,7 @@ def markdown_report(sweep: dict) -> str:
     dev = cfg["device"]
     lines = [f"# addnorm benchmark ({dev})", ""]
     lines.append(f"Command: `{info['command']}`  ")
-    lines.append(f"Date: {info['date']}")
+    lines.append(f"Date: {info['date']}; source: {info.get('source_revision', 'unknown')}")
     lines.append("")
     lines.append("| machine | |")
     lines.append("|---|---|")

@@ -21,6 +21,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -123,6 +124,21 @@ def command_line() -> str:
     return shlex.join([exe, *sys.argv])
 
 
+def source_revision() -> str:
+    """The commit the benchmark ran at: ``git rev-parse`` of this checkout, with "+changes"
+    where tracked files differ from it; else ``ADDNORM_SOURCE_REVISION`` (scripts/gpu_check.sh
+    sets it from the prebuilt library's record, on a machine with a copy of the tree and no
+    git history); else "unknown"."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,  # noqa: E731
+                                        timeout=30, check=True).stdout.strip()
+        rev = git("rev-parse", "--short=12", "HEAD")
+        return rev + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("ADDNORM_SOURCE_REVISION", "unknown")
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -156,6 +172,7 @@ def machine_info(device: str) -> dict:
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": command_line(),
+        "source_revision": source_revision(),
         "hostname": platform.node(),
         "python": platform.python_version(),
         "platform": platform.platform(),

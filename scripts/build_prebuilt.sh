@@ -54,6 +54,10 @@ cmake -S "$ROOT" -B "$out-cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   "-DADDNORM_PYTHON_OUTPUT_DIR=$out" -DADDNORM_CUDA=ON -DADDNORM_BUILD_TESTS=OFF "${extra[@]}"
 cmake --build "$out-cmake" -j "${MAX_JOBS:-$(nproc)}"
 echo "$sources" > "$out/sources.sha256"  # gpu_check.sh compares it
+# (the commit, for the benchmarks' result files on a machine with the tree but not its history)
+rev=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then rev="$rev+changes"; fi
+echo "$rev" > "$out/revision.txt"
 echo "${PREBUILT_CMAKE_ARGS:-}" > "$out/cmake_args.txt"
 # pytest-xdist and pytest-timeout (pure Python) for gpu_check.sh's test steps, which find
 # them in pydeps/: the GPU machine's Python may not have them; its cores cut the suite's

@@ -171,6 +171,9 @@ build() {
   fi
   if [ -f "$so" ] && [ -f "$PREBUILT/libaddnorm.so" ]; then
     echo "using the prebuilt library in $PREBUILT (built against torch ${built_torch:-unknown})"
+    # (the benchmarks record it where git cannot tell: benchmarks/common.py, source_revision)
+    ADDNORM_SOURCE_REVISION=$(cat "$PREBUILT/revision.txt" 2>/dev/null || echo unknown)
+    export ADDNORM_SOURCE_REVISION
     cp "$PREBUILT/libaddnorm.so" "$so" "$PREBUILT/_build_info.py" python/addnorm/ || return 1
   else
     local arch=${TORCH_CUDA_ARCH_LIST:-}

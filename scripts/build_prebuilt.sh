@@ -59,6 +59,7 @@ rev=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then rev="$rev+changes"; fi
 echo "$rev" > "$out/revision.txt"
 echo "${PREBUILT_CMAKE_ARGS:-}" > "$out/cmake_args.txt"
+echo "$TORCH_CUDA_ARCH_LIST" > "$out/cuda_arch.txt"  # gpu_check.sh builds for another GPU
 # pytest-xdist and pytest-timeout (pure Python) for gpu_check.sh's test steps, which find
 # them in pydeps/: the GPU machine's Python may not have them; its cores cut the suite's
 # time several-fold, and a test that hangs is named and ended instead of taking the step.

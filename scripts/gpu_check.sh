@@ -16,9 +16,9 @@
 # build/prebuilt) is used when it holds a _C for this Python, built against this torch from
 # this tree's sources (scripts/source_hash.sh); else the script builds.
 #
-# To carry the results off the GPU machine as one file, PACK=1 packs OUT_DIR into
-# OUT_DIR.tgz (and removes the folder):
-#   PACK=1 scripts/gpu_check.sh /tmp/out/gpu_check     # -> /tmp/out/gpu_check.tgz
+# To carry the results off the GPU machine as one file, PACK=1 packs what OUT_DIR holds into
+# OUT_DIR/gpu_check.tgz (and removes the rest; OUT_DIR may be the folder that comes back):
+#   PACK=1 scripts/gpu_check.sh /tmp/out     # -> /tmp/out/gpu_check.tgz
 #
 # OUT_DIR receives one log per step (<step>.log), pytest_*.xml, bench.json / bench.md (the
 # benchmark), profile.txt (ncu), encoder_gpu.json / .md and bert_gpu.json / .md (the encoder
@@ -83,7 +83,10 @@ record() {  # name result seconds note (result PASS, FAIL, or SKIP: not run for 
 
 # run_step NAME MAX_SECONDS FUNCTION: runs the shell function FUNCTION (exported, in a
 # child bash) with stdout/stderr in OUT_DIR/NAME.log under a timeout of
-# min(MAX_SECONDS, time left).
+# min(MAX_SECONDS, time left). The time limit sends SIGINT (then, 20 s on, SIGKILL): pytest
+# stopped by it still prints its summary and writes its XML report. Each test that fails is
+# also named in OUT_DIR/NAME.failed as it fails (tests/python/conftest.py), for a run that
+# ends before its summary.
 run_step() {
   local name=$1 max_s=$2 fn=$3
   local now left limit t0 rc
@@ -96,13 +99,16 @@ run_step() {
   fi
   echo "[gpu_check] $name: running (timeout ${limit}s, log $OUT_DIR/$name.log)"
   t0=$(date +%s)
-  timeout -k 10 "$limit" bash -c "$fn" >"$OUT_DIR/$name.log" 2>&1
+  ADDNORM_FAILED_LOG="$OUT_DIR/$name.failed" timeout -s INT -k 20 "$limit" bash -c "$fn" \
+    >"$OUT_DIR/$name.log" 2>&1
   rc=$?
   local dt=$(($(date +%s) - t0))
   if [ $rc -eq 0 ]; then
     record "$name" PASS "$dt" ""
   elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    record "$name" FAIL "$dt" "timed out after ${limit}s; see $name.log"
+    local why="timed out after ${limit}s"
+    [ "$limit" -lt "$max_s" ] && why="$why (the time budget's end; the step's own limit ${max_s}s)"
+    record "$name" FAIL "$dt" "$why; see $name.log"
   else
     record "$name" FAIL "$dt" "exit $rc; see $name.log"
   fi
@@ -167,6 +173,13 @@ build() {
   if [ -f "$so" ] && [ "$built_src" != "$have_src" ]; then
     echo "the prebuilt library was not built from this tree's sources (scripts/source_hash.sh:" \
       "${built_src:-none recorded} there, $have_src here): building"
+    so=/nonexistent
+  fi
+  local cap built_arch
+  cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || return 1
+  built_arch=$(cat "$PREBUILT/cuda_arch.txt" 2>/dev/null || echo 9.0)  # (older builds: 9.0)
+  if [ -f "$so" ] && ! [[ " ${built_arch//;/ } " =~ \ $cap(\+PTX)?\  ]]; then
+    echo "the prebuilt library holds kernels for $built_arch, this GPU is $cap: building"
     so=/nonexistent
   fi
   if [ -f "$so" ] && [ -f "$PREBUILT/libaddnorm.so" ]; then
@@ -283,13 +296,17 @@ memcheck() {
   # Without the caching allocator every tensor is its own allocation: out-of-bounds
   # accesses land outside it and are reported.
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
-    --leak-check no --print-limit 50 "$PY" scripts/sanitize_kernels.py
+    --leak-check no --print-limit 50 "$PY" scripts/sanitize_kernels.py || return 1
+  # Grids of two CTAs: each walks several row chunks (the backward's weight partials fetch
+  # the next chunk's rows ahead), which the sanitizer's few rows never give a larger grid.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 ADDNORM_CUDA_MAX_GRID=2 "$SANITIZER" --tool memcheck \
+    --error-exitcode 1 --leak-check no --print-limit 50 "$PY" scripts/sanitize_kernels.py --quick
 }
 
-racecheck() {
+racecheck() {  # (grids of two CTAs, as memcheck's second run: shared memory across chunks)
   set -x
-  "$SANITIZER" --tool racecheck --racecheck-report hazard --error-exitcode 1 --print-limit 50 \
-    "$PY" scripts/sanitize_kernels.py --quick
+  ADDNORM_CUDA_MAX_GRID=2 "$SANITIZER" --tool racecheck --racecheck-report hazard \
+    --error-exitcode 1 --print-limit 50 "$PY" scripts/sanitize_kernels.py --quick
 }
 
 # BENCH_BASELINE: earlier results for bench_cuda.py's --baseline column (default on an H200:
@@ -418,7 +435,7 @@ step_spec() {  # name -> "max_seconds function"
     test_cuda) echo "150 test_cuda" ;;
     tests) echo "240 tests" ;;
     large) echo "150 large" ;;
-    memcheck) echo "120 memcheck" ;;
+    memcheck) echo "150 memcheck" ;;
     racecheck) echo "90 racecheck" ;;
     bench) echo "300 bench" ;;
     ab) echo "300 ab" ;;
@@ -469,6 +486,10 @@ TOTAL=$(($(date +%s) - START))
     if [ -f "$OUT_DIR/$s.log" ]; then
       echo "$s: $(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$OUT_DIR/$s.log" | tail -n 1)"
       grep -E '^(FAILED|ERROR) ' "$OUT_DIR/$s.log" | head -n 8
+      if [ -s "$OUT_DIR/$s.failed" ] && ! grep -qE '^(FAILED|ERROR) ' "$OUT_DIR/$s.log"; then
+        echo "  failed before the run was stopped ($s.failed):"
+        head -n 8 "$OUT_DIR/$s.failed" | sed 's/^/  /'
+      fi
     fi
   done
   for s in memcheck racecheck; do
@@ -492,10 +513,12 @@ TOTAL=$(($(date +%s) - START))
   fi
 } | tee "$OUT_DIR/summary.txt"
 
-# PACK=1: OUT_DIR packed into OUT_DIR.tgz and removed (one file to carry off the machine).
+# PACK=1: what OUT_DIR holds packed into OUT_DIR/gpu_check.tgz, the rest removed (one file
+# to carry off the machine; the archive is made outside OUT_DIR, then moved in).
 if [ "${PACK:-0}" = 1 ]; then
-  tar -czf "$OUT_DIR.tgz" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")" &&
-    rm -rf "$OUT_DIR" && echo "packed into $OUT_DIR.tgz"
+  pack=$(mktemp "${TMPDIR:-/tmp}/gpu_check.XXXXXX") &&
+    chmod 644 "$pack" && tar -czf "$pack" -C "$OUT_DIR" . && find "$OUT_DIR" -mindepth 1 -delete &&
+    mv "$pack" "$OUT_DIR/gpu_check.tgz" && echo "packed into $OUT_DIR/gpu_check.tgz"
 fi
 
 exit $FAILED

@@ -52,6 +52,16 @@ def pytest_make_parametrize_id(config, val, argname):
     return None
 
 
+def pytest_runtest_logreport(report):
+    """ADDNORM_FAILED_LOG: each failing test's id appended to that file as it fails (by the
+    process that prints the results: not in pytest-xdist's workers), for a run stopped before
+    pytest's summary (scripts/gpu_check.sh)."""
+    path = os.environ.get("ADDNORM_FAILED_LOG")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as f:
+            f.write(f"{report.nodeid} ({report.when})\n")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same RNG state (tests may reseed explicitly too)."""

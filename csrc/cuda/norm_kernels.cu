@@ -277,7 +277,7 @@ struct RawVec {
 
 template <typename U, int VEC>
 __device__ __forceinline__ void load_raw(const U* __restrict__ ptr, RawVec<U, VEC>& r) {
-  r = load_readonly(reinterpret_cast<const RawVec<U, VEC>*>(ptr));
+  r = load_readonly<RawVec<U, VEC>>(ptr);
 }
 
 template <int VEC, typename U, typename A>
@@ -1982,10 +1982,11 @@ void launch_norm_fwd(const NormFwdArgs& a) {
   p.drop_threshold = dropout_threshold(a.dropout_p);
   p.drop_scale = dropout_scale<A>(a.dropout_p);
 
-  const bool vectorized = a.N % VEC == 0 && is_aligned(p.x, sizeof(Vec<T, VEC>)) &&
-                          is_aligned(p.residual, sizeof(Vec<R, VEC>)) &&
-                          is_aligned(p.gamma, sizeof(Vec<W, VEC>)) &&
-                          is_aligned(p.beta, sizeof(Vec<W, VEC>)) &&
+  // (what the kernels only read: load_readonly's alignment; what they write: the vector's)
+  const bool vectorized = a.N % VEC == 0 && is_aligned(p.x, kLoadAlign<T, VEC>) &&
+                          is_aligned(p.residual, kLoadAlign<R, VEC>) &&
+                          is_aligned(p.gamma, kLoadAlign<W, VEC>) &&
+                          is_aligned(p.beta, kLoadAlign<W, VEC>) &&
                           is_aligned(p.out, sizeof(Vec<T, VEC>)) &&
                           is_aligned(p.h_out, sizeof(Vec<H, VEC>));
   const int64_t nvec = a.N / VEC;
@@ -2088,12 +2089,13 @@ void launch_norm_bwd(const NormBwdArgs& a) {
     p.part_beta = want_beta ? base + (want_gamma ? P * a.N : 0) : nullptr;
   };
 
-  const bool vectorized = a.N % VEC == 0 && is_aligned(p.dy, sizeof(Vec<T, VEC>)) &&
-                          is_aligned(p.dres, sizeof(Vec<H, VEC>)) &&
-                          is_aligned(p.h, sizeof(Vec<H, VEC>)) &&
-                          is_aligned(p.y, sizeof(Vec<T, VEC>)) &&
-                          is_aligned(p.gamma, sizeof(Vec<W, VEC>)) &&
-                          is_aligned(p.beta, sizeof(Vec<W, VEC>)) &&
+  // (as the forward's: read-only pointers to load_readonly's alignment)
+  const bool vectorized = a.N % VEC == 0 && is_aligned(p.dy, kLoadAlign<T, VEC>) &&
+                          is_aligned(p.dres, kLoadAlign<H, VEC>) &&
+                          is_aligned(p.h, kLoadAlign<H, VEC>) &&
+                          is_aligned(p.y, kLoadAlign<T, VEC>) &&
+                          is_aligned(p.gamma, kLoadAlign<W, VEC>) &&
+                          is_aligned(p.beta, kLoadAlign<W, VEC>) &&
                           is_aligned(p.dh, sizeof(Vec<H, VEC>)) &&
                           is_aligned(p.dx, sizeof(Vec<T, VEC>));
   const int64_t nvec = a.N / VEC;
@@ -2117,7 +2119,8 @@ void launch_norm_bwd(const NormBwdArgs& a) {
       if (outputs > 0) {
         alloc_partials(chunks);
       }
-      kernel<<<static_cast<unsigned int>(grid), dim3(cfg.tpr, cfg.rows), smem, stream>>>(p);
+      norm_bwd_register_kernel<T, H, W, RMS, VEC, VPT>
+          <<<static_cast<unsigned int>(grid), dim3(cfg.tpr, cfg.rows), smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       if (kOwnStats && want_gamma && !a.from_output) {
@@ -2256,7 +2259,7 @@ void dropout_apply(const DropoutApplyArgs& args) {
     using Out = decltype(out_tag);
     const In* in = args.input.const_data_ptr<In>();
     Out* out = args.out.mutable_data_ptr<Out>();
-    const bool vectorized = is_aligned(in, sizeof(Vec<In, kDropoutGroup>)) &&
+    const bool vectorized = is_aligned(in, kLoadAlign<In, kDropoutGroup>) &&
                             is_aligned(out, sizeof(Vec<Out, kDropoutGroup>));
     dropout_apply_kernel<In, Out><<<blocks, kThreads, 0, stream>>>(
         in, out, n, seed, threshold, dropout_scale<at::opmath_type<In>>(args.p), vectorized);

@@ -26,10 +26,12 @@ struct alignas(sizeof(U) * VEC) Vec {
   U val[VEC];
 };
 
-// Loads a V at ptr (aligned to sizeof(V)) through the read-only data path (ld.global.nc):
-// the kernels' inputs are never written while a kernel runs.
+// Loads a V at ptr through the read-only data path (ld.global.nc): the kernels' inputs are
+// never written while a kernel runs. ptr is aligned to min(sizeof(V), 16) bytes
+// (kLoadAlign): a 32-byte V (eight float32 values of a weight, bias, residual or h beside
+// 16-bit data) is two 16-byte loads, so a view 16 bytes into a buffer takes the vector paths.
 template <typename V>
-__device__ __forceinline__ V load_readonly(const V* ptr) {
+__device__ __forceinline__ V load_readonly(const void* ptr) {
   V v;
   if constexpr (sizeof(V) == 32) {
     const uint4 a = __ldg(reinterpret_cast<const uint4*>(ptr));
@@ -49,15 +51,19 @@ __device__ __forceinline__ V load_readonly(const V* ptr) {
     const unsigned short a = __ldg(reinterpret_cast<const unsigned short*>(ptr));
     memcpy(&v, &a, 2);
   } else {
-    v = *ptr;
+    v = *static_cast<const V*>(ptr);
   }
   return v;
 }
 
-// Loads VEC elements at ptr (aligned to sizeof(Vec<U, VEC>)) converted to A.
+// The alignment load_readonly needs of VEC elements of U (the stores need sizeof(Vec)).
+template <typename U, int VEC>
+constexpr size_t kLoadAlign = sizeof(U) * VEC < 16 ? sizeof(U) * VEC : 16;
+
+// Loads VEC elements at ptr (aligned to kLoadAlign<U, VEC>) converted to A.
 template <int VEC, typename U, typename A>
 __device__ __forceinline__ void load_vec(const U* __restrict__ ptr, A (&dst)[VEC]) {
-  const Vec<U, VEC> v = load_readonly(reinterpret_cast<const Vec<U, VEC>*>(ptr));
+  const Vec<U, VEC> v = load_readonly<Vec<U, VEC>>(ptr);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
     dst[j] = static_cast<A>(v.val[j]);

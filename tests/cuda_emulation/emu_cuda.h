@@ -200,9 +200,19 @@ inline T __shfl_xor_sync(unsigned mask, T v, int off) {
   return r;
 }
 
+// A load's address must be aligned to its type's size on the GPU (a misaligned vector load
+// faults): the first misaligned one fails the launch (read here with memcpy, which takes any
+// address, so that the launch ends and says so).
+inline const void* g_misaligned_load = nullptr;
+
 template <typename T>
 inline T __ldg(const T* p) {
-  return *p;
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0 && g_misaligned_load == nullptr) {
+    g_misaligned_load = p;
+  }
+  T v;
+  std::memcpy(&v, static_cast<const void*>(p), sizeof(T));
+  return v;
 }
 
 // Rounded arithmetic (the sliced kernels are compiled with -ffp-contract=off, so no
@@ -259,6 +269,14 @@ inline void resume(Fiber& f) {
 #else
   swapcontext(&g_block.sched, &f.ctx);
 #endif
+}
+
+// The names of the kernels launched (as the launch wrote them, template arguments
+// unresolved; the last 64), for tests of which path a call takes.
+inline std::vector<std::string> g_launched;
+inline void note_launch(const char* kernel) {
+  if (g_launched.size() >= 64) g_launched.erase(g_launched.begin());
+  g_launched.emplace_back(kernel);
 }
 
 // kernel<<<grid, block, smem>>>(args...): the blocks one after another.
@@ -377,6 +395,11 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
   }
   b.body = nullptr;
   g_dyn_smem = nullptr;
+  if (const void* at = ::g_misaligned_load) {
+    ::g_misaligned_load = nullptr;
+    throw std::runtime_error("cuda emulation: a misaligned load (__ldg) at " +
+                             std::to_string(reinterpret_cast<uintptr_t>(at)));
+  }
 }
 
 }  // namespace emu

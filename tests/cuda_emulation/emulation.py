@@ -3,7 +3,7 @@ the CUDA kernels' logic runs (slowly) on a machine without a GPU.
 
 The .cu file is rewritten mechanically: the CUDA runtime headers and the dispatcher
 registration go, kernel launches ``k<<<grid, block, smem, stream>>>(args)`` become
-``emu::launch(grid, block, smem, k, args)``, the stream, device properties and occupancy
+``emu::launch(grid, block, smem, k, args)`` (the kernel's name noted: ``launched()``), the stream, device properties and occupancy
 queries become constants (132 SMs, one resident CTA per SM), and the dynamic shared memory
 declaration points at the emulator's buffer. The kernels' own code is compiled as it is.
 ``load()`` builds (once per source change, in build/cuda_emulation or
@@ -60,10 +60,11 @@ def host_source(cu_text):
     if n == 0:
         raise RuntimeError("cuda emulation: no CUDAGuard found: update emulation.py")
 
-    def launch(m):
+    def launch(m):  # (the kernel's name, as written, noted first: emu::launched)
         grid, block, smem = _split_top(m.group(2))[:3]
-        return (f"emu::launch(dim3({grid}), dim3({block}), {smem}, {m.group(1).strip()}, "
-                f"{m.group(3).strip()});")
+        name = " ".join(m.group(1).split())
+        return (f'emu::note_launch("{name}"), emu::launch(dim3({grid}), dim3({block}), {smem}, '
+                f"{m.group(1).strip()}, {m.group(3).strip()});")
 
     t, n = _LAUNCH.subn(launch, t)
     if n == 0 or "<<<" in t:

@@ -115,6 +115,13 @@ void set_schedule(const std::string& order, bool greedy, int64_t seed) {
   emu::set_schedule(s, greedy, static_cast<uint64_t>(seed));
 }
 
+// The kernels launched since the last call (their names as the launches wrote them).
+std::vector<std::string> launched() {
+  std::vector<std::string> names;
+  names.swap(emu::g_launched);
+  return names;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -129,4 +136,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_schedule", &set_schedule, "the order of a block's threads between barriers");
   m.def("smem_write_probe", &smem_write_probe, "the emulator's shared-memory guard, probed");
   m.def("launch_probe", &launch_probe, "the emulator's launch-configuration check, probed");
+  m.def("launched", &launched, "the kernels launched since the last call, by name");
 }

@@ -671,18 +671,20 @@ def test_emulated_one_element_rows_pass_no_gradient(emu):
         assert torch.equal(gh, torch.zeros_like(gh)), f"{dtype}: grad_h not exactly 0"
 
 
+def _mixed_case(norm, r_dtype, m=5, n=768):
+    """bfloat16 input, a residual of r_dtype, float32 weight and bias (None for RMSNorm)."""
+    x = make_data((m, n), torch.bfloat16, "cpu")
+    r = make_data((m, n), r_dtype, "cpu", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), torch.float32, "cpu")
+    return x, r, w, None if norm == "rms_norm" else b, EPS[norm]
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("residual_in_fp32", [False, True])
 def test_emulated_mixed_dtypes_like_cpu(residual_in_fp32, norm, emu):
     """bfloat16 input and residual with float32 weight and bias (mixed-precision training),
     h in bfloat16 or float32 (residual_in_fp32): forward and backward as the CPU kernels."""
-    rms = norm == "rms_norm"
-    m, n = 5, 768
-    x = make_data((m, n), torch.bfloat16, "cpu")
-    r = make_data((m, n), torch.bfloat16, "cpu", scale=1.0, offset=0.0)
-    w, b = make_affine((n,), torch.float32, "cpu")
-    b = None if rms else b
-    eps = EPS[norm]
+    rms, (m, n), (x, r, w, b, eps) = norm == "rms_norm", (5, 768), _mixed_case(norm, torch.bfloat16)
     cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, residual_in_fp32)
     got = emu.norm_fwd(x, r, [n], w, b, eps, rms, True, residual_in_fp32, 0.0, None)
     assert torch.equal(got[1], cpu[1]), "h differs"
@@ -696,6 +698,55 @@ def test_emulated_mixed_dtypes_like_cpu(residual_in_fp32, norm, emu):
     for name, a, c in zip(("grad_h", "grad_weight", "grad_bias"), ours, theirs):
         if not (name == "grad_bias" and rms):
             assert_close(a, c.double(), reduced=name != "grad_h", name=name)
+
+
+def _floats_in(t, k):
+    """t's values in a view k elements into a fresh buffer (64-byte aligned, as the CPU
+    allocator's): k float32 elements are 4k bytes off 64-byte alignment."""
+    buf = torch.empty(t.numel() + k, dtype=t.dtype)
+    assert buf.data_ptr() % 64 == 0
+    view = buf[k:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_emulated_float32_params_16_bytes_into_a_buffer_take_the_vector_paths(norm, emu):
+    """bfloat16 data with a float32 weight, bias, residual, h and h's gradient each 16 bytes
+    into its buffer (views of a flat buffer, as FSDP's): a vector of eight float32 values is
+    two 16-byte loads, so the register paths run, results bitwise those of aligned copies
+    and close to the CPU kernels'. (The check once asked 32 bytes of such pointers and sent
+    the call to the one-element looping path.) 8 bytes in, the looping path runs. Every
+    emulated load checks its alignment."""
+    rms, (m, n), (x, r, w, b, eps) = norm == "rms_norm", (5, 768), _mixed_case(norm, torch.float32)
+    dy = torch.randn(m, n).to(torch.bfloat16)
+    gres = torch.randn(m, n)
+    cpu = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, False)
+    _, h, mean, rstd = cpu
+    cpu_bwd = _cpu_bwd(dy, gres, h, mean, rstd, w, rms, eps=eps)
+
+    def run(k):  # k float32 elements (4k bytes) into their buffers
+        rk, wk, hk, gk = (t if k == 0 else _floats_in(t, k) for t in (r, w, h, gres))
+        bk = None if b is None else b if k == 0 else _floats_in(b, k)
+        emu.launched()
+        fwd = emu.norm_fwd(x, rk, [n], wk, bk, eps, rms, True, False, 0.0, None)
+        bwd = _emu_bwd(emu, dy, gk, hk, mean, rstd, wk, rms, eps=eps)
+        return fwd, bwd, " ".join(emu.launched())
+
+    aligned = run(0)
+    for k, path in ((4, "register"), (2, "looping")):
+        fwd, bwd, kernels = run(k)
+        for d in ("fwd", "bwd"):
+            assert f"norm_{d}_{path}_kernel" in kernels, f"{4 * k} bytes in: {kernels}"
+        if path == "register":
+            for a, c in zip(fwd + bwd, aligned[0] + aligned[1]):
+                assert torch.equal(a, c), f"{4 * k} bytes in: not the aligned results"
+        assert torch.equal(fwd[1], h), "h differs"
+        for name, a, c in zip(("out", "mean", "rstd"), fwd[::2] + fwd[3:], cpu[::2] + cpu[3:]):
+            assert_close(a, c.double(), dtype=a.dtype, name=f"{4 * k} bytes in: {name}")
+        for name, a, c in zip(("grad_h", "grad_weight", "grad_bias"), bwd, cpu_bwd):
+            if not (name == "grad_bias" and rms):
+                assert_close(a, c.double(), reduced=name != "grad_h", name=f"{4 * k}: {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -200,6 +200,44 @@ def test_rstd_past_float_range(hidden_size, norm):
         assert_close(got[3], cpu[3].double(), name=f"{label}: rstd")
 
 
+@pytest.mark.parametrize("floats_in", [4, 2])
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_float32_params_views_into_a_buffer(norm, floats_in):
+    """test_cuda_emulated's test of the vector paths for float32 views 16 bytes into their
+    buffers, on the GPU: bfloat16 data with a float32 weight, bias, residual, h and h's
+    gradient 16 bytes (the register paths, two 16-byte loads per vector of eight) or 8 bytes
+    (the one-element looping path) into a buffer give the results of aligned copies
+    (bitwise where the paths are the same) and no misaligned-address fault."""
+    rms, (m, n) = norm == "rms_norm", (5, 768)
+    x = make_data((m, n), torch.bfloat16, "cuda")
+    r = make_data((m, n), torch.float32, "cuda", scale=1.0, offset=0.0)
+    w, b = make_affine((n,), torch.float32, "cuda")
+    b = None if rms else b
+    dy, gres = torch.randn(m, n, device="cuda").to(torch.bfloat16), torch.randn(m, n, device="cuda")
+
+    def into(t, k):
+        view = torch.empty(t.numel() + k, dtype=t.dtype, device="cuda")[k:].view(t.shape)
+        return view.copy_(t)
+
+    def run(r, w, b, gres, h=None):
+        out = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, 1e-5, rms, True, False)
+        h = out[1] if h is None else h
+        return out + torch.ops.addnorm._norm_bwd(dy, gres, h, out[2], out[3], w, not rms, rms,
+                                                 True, 1e-5)
+
+    ref = run(r, w, b, gres)
+    k = floats_in
+    got = run(into(r, k), into(w, k), None if b is None else into(b, k), into(gres, k),
+              into(ref[1], k))
+    assert into(w, k).data_ptr() % 32 == 4 * k
+    for i, (a, e) in enumerate(zip(got, ref)):
+        if k == 4:
+            assert torch.equal(a, e), f"result {i} differs from the aligned call's"
+        else:
+            assert_close(a.cpu(), e.cpu().double(), dtype=a.dtype, reduced=i in (5, 6),
+                         name=f"result {i}")
+
+
 @pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset"])
 @pytest.mark.parametrize("hidden_size", [40, 768, 4096, 1001, 8200, 16392])
 def test_bfloat16_rows_near_float_max(hidden_size, aligned):

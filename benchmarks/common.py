@@ -133,6 +133,8 @@ def source_revision() -> str:
     try:
         git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,  # noqa: E731
                                         timeout=30, check=True).stdout.strip()
+        if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(root):
+            raise OSError("not this tree's repository")  # (a copy inside another one)
         rev = git("rev-parse", "--short=12", "HEAD")
         return rev + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):

@@ -17,7 +17,8 @@
 # this tree's sources (scripts/source_hash.sh); else the script builds.
 #
 # To carry the results off the GPU machine as one file, PACK=1 packs what OUT_DIR holds into
-# OUT_DIR/gpu_check.tgz (and removes the rest; OUT_DIR may be the folder that comes back):
+# OUT_DIR/gpu_check.tgz and removes the rest, so OUT_DIR must be empty at the start (it may
+# be the folder that comes back):
 #   PACK=1 scripts/gpu_check.sh /tmp/out     # -> /tmp/out/gpu_check.tgz
 #
 # OUT_DIR receives one log per step (<step>.log), pytest_*.xml, bench.json / bench.md (the
@@ -44,6 +45,10 @@ mkdir -p "$1" || exit 2
 OUT_DIR=$(cd "$1" && pwd)
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
+if [ "${PACK:-0}" = 1 ] && [ -n "$(ls -A "$OUT_DIR")" ]; then
+  echo "PACK=1 removes what it packs: OUT_DIR ($OUT_DIR) must be empty" >&2
+  exit 2
+fi
 
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
@@ -61,6 +66,13 @@ STEPS=",${STEPS:-env,build,first,test_cuda,tests,memcheck,racecheck,bench,profil
 PREBUILT=${PREBUILT:-$ROOT/build/prebuilt}
 # pytest-xdist carried with the prebuilt library (scripts/build_prebuilt.sh), if any
 if [ -d "$PREBUILT/pydeps" ]; then export PYTHONPATH="$PYTHONPATH:$PREBUILT/pydeps"; fi
+# The commit, for the benchmarks' result files where the tree has no git history
+# (benchmarks/common.py, source_revision): the prebuilt library's, if built from this tree.
+if [ -z "${ADDNORM_SOURCE_REVISION:-}" ] && [ -f "$PREBUILT/revision.txt" ] &&
+  [ "$(cat "$PREBUILT/sources.sha256" 2>/dev/null)" = "$("$ROOT/scripts/source_hash.sh")" ]; then
+  ADDNORM_SOURCE_REVISION=$(cat "$PREBUILT/revision.txt")
+  export ADDNORM_SOURCE_REVISION
+fi
 DEADLINE=$((START + BUDGET))
 NPROC=$(nproc 2>/dev/null || echo 4)
 
@@ -99,6 +111,7 @@ run_step() {
   fi
   echo "[gpu_check] $name: running (timeout ${limit}s, log $OUT_DIR/$name.log)"
   t0=$(date +%s)
+  rm -f "$OUT_DIR/$name.failed"
   ADDNORM_FAILED_LOG="$OUT_DIR/$name.failed" timeout -s INT -k 20 "$limit" bash -c "$fn" \
     >"$OUT_DIR/$name.log" 2>&1
   rc=$?
@@ -184,9 +197,6 @@ build() {
   fi
   if [ -f "$so" ] && [ -f "$PREBUILT/libaddnorm.so" ]; then
     echo "using the prebuilt library in $PREBUILT (built against torch ${built_torch:-unknown})"
-    # (the benchmarks record it where git cannot tell: benchmarks/common.py, source_revision)
-    ADDNORM_SOURCE_REVISION=$(cat "$PREBUILT/revision.txt" 2>/dev/null || echo unknown)
-    export ADDNORM_SOURCE_REVISION
     cp "$PREBUILT/libaddnorm.so" "$so" "$PREBUILT/_build_info.py" python/addnorm/ || return 1
   else
     local arch=${TORCH_CUDA_ARCH_LIST:-}

@@ -29,18 +29,18 @@ struct alignas(sizeof(U) * VEC) Vec {
 // Loads a V at ptr through the read-only data path (ld.global.nc): the kernels' inputs are
 // never written while a kernel runs. ptr is aligned to min(sizeof(V), 16) bytes
 // (kLoadAlign): a 32-byte V (eight float32 values of a weight, bias, residual or h beside
-// 16-bit data) is two 16-byte loads, so a view 16 bytes into a buffer takes the vector paths.
+// 16-bit data) is two 16-byte loads, so a view 16 bytes into a buffer takes the vector paths;
+// a 64-byte one (eight float64 values of the dropout) four.
 template <typename V>
 __device__ __forceinline__ V load_readonly(const void* ptr) {
   V v;
-  if constexpr (sizeof(V) == 32) {
-    const uint4 a = __ldg(reinterpret_cast<const uint4*>(ptr));
-    const uint4 b = __ldg(reinterpret_cast<const uint4*>(ptr) + 1);
-    memcpy(&v, &a, 16);
-    memcpy(reinterpret_cast<char*>(&v) + 16, &b, 16);
-  } else if constexpr (sizeof(V) == 16) {
-    const uint4 a = __ldg(reinterpret_cast<const uint4*>(ptr));
-    memcpy(&v, &a, 16);
+  if constexpr (sizeof(V) >= 16) {  // 16-byte words (float64 dropout vectors: 64 bytes)
+    static_assert(sizeof(V) % 16 == 0, "whole 16-byte words");
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(V) / 16); ++i) {
+      const uint4 a = __ldg(reinterpret_cast<const uint4*>(ptr) + i);
+      memcpy(reinterpret_cast<char*>(&v) + 16 * i, &a, 16);
+    }
   } else if constexpr (sizeof(V) == 8) {
     const uint2 a = __ldg(reinterpret_cast<const uint2*>(ptr));
     memcpy(&v, &a, 8);
@@ -51,6 +51,7 @@ __device__ __forceinline__ V load_readonly(const void* ptr) {
     const unsigned short a = __ldg(reinterpret_cast<const unsigned short*>(ptr));
     memcpy(&v, &a, 2);
   } else {
+    static_assert(sizeof(V) == 1, "a load of 1, 2, 4, 8 or 16k bytes");
     v = *static_cast<const V*>(ptr);
   }
   return v;

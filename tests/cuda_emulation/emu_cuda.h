@@ -282,6 +282,7 @@ inline void note_launch(const char* kernel) {
 // kernel<<<grid, block, smem>>>(args...): the blocks one after another.
 template <typename K, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
+  ::g_misaligned_load = nullptr;  // (one left by a launch that failed otherwise)
   if (smem > kMaxDynSmem) {
     throw std::runtime_error("cuda emulation: more than 48 KiB of dynamic shared memory");
   }

@@ -414,19 +414,22 @@ def test_emulated_two_ties_in_one_group_like_cpu(dtype, emu):
                                     (torch.float16, torch.float16), (torch.float64, torch.float64),
                                     (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
                          ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
-@pytest.mark.parametrize("layout", ["aligned", "misaligned"])
+@pytest.mark.parametrize("layout", ["aligned", "misaligned", "16_bytes_in"])
 @pytest.mark.parametrize("n", [1, 7, 9, 1000, 81923])
 def test_emulated_dropout_apply_like_cpu(n, layout, dtypes, emu):
     """_dropout_apply's CUDA kernel (a thread per group of eight elements: one vector load
     and store where aligned and whole, per element at the last group's tail, past n
     neither read nor written, and everywhere for a misaligned input) bitwise the CPU
     kernel's: at p = 0.3, at p that tie an element with the threshold (kept, then dropped)
-    and at p that tie two of one group."""
+    and at p that tie two of one group. An input 16 bytes into its buffer is read as vectors
+    of 16-byte loads (eight float64 values: four)."""
     in_dtype, out_dtype = dtypes
     seed = torch.tensor(TWO_TIES_SEED, dtype=torch.int64)
     x = make_data((n,), in_dtype, "cpu")
     if layout == "misaligned":
         x = _misaligned(x)
+    elif layout == "16_bytes_in":
+        x = _elements_in(x, 16 // x.element_size())
     e = n // 2
     ps = [0.3, tie_p(seed, e, True), tie_p(seed, e, False)]
     if n >= 43838:
@@ -700,9 +703,9 @@ def test_emulated_mixed_dtypes_like_cpu(residual_in_fp32, norm, emu):
             assert_close(a, c.double(), reduced=name != "grad_h", name=name)
 
 
-def _floats_in(t, k):
+def _elements_in(t, k):
     """t's values in a view k elements into a fresh buffer (64-byte aligned, as the CPU
-    allocator's): k float32 elements are 4k bytes off 64-byte alignment."""
+    allocator's): k * t.element_size() bytes off 64-byte alignment."""
     buf = torch.empty(t.numel() + k, dtype=t.dtype)
     assert buf.data_ptr() % 64 == 0
     view = buf[k:].view(t.shape)
@@ -726,8 +729,8 @@ def test_emulated_float32_params_16_bytes_into_a_buffer_take_the_vector_paths(no
     cpu_bwd = _cpu_bwd(dy, gres, h, mean, rstd, w, rms, eps=eps)
 
     def run(k):  # k float32 elements (4k bytes) into their buffers
-        rk, wk, hk, gk = (t if k == 0 else _floats_in(t, k) for t in (r, w, h, gres))
-        bk = None if b is None else b if k == 0 else _floats_in(b, k)
+        rk, wk, hk, gk = (t if k == 0 else _elements_in(t, k) for t in (r, w, h, gres))
+        bk = None if b is None else b if k == 0 else _elements_in(b, k)
         emu.launched()
         fwd = emu.norm_fwd(x, rk, [n], wk, bk, eps, rms, True, False, 0.0, None)
         bwd = _emu_bwd(emu, dy, gk, hk, mean, rstd, wk, rms, eps=eps)

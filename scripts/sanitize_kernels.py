@@ -13,10 +13,12 @@ Covered (forward and backward, the backward with weight and bias partials):
     (N just above the register limits: forward and backward limits differ) and the scalar
     looping path (odd N);
   * unaligned (contiguous, storage offset of one element) input, residual, weight, bias,
-    grad_out and h, and a sliced view x[..., 1:];
+    grad_out and h, and a sliced view x[..., 1:]; 16 bytes into their buffers (float32
+    residual, weight and bias beside bf16/fp16 data: 32-byte vectors read as 16-byte loads);
   * rows not a multiple of the rows per CTA;
   * _dropout_apply (the fused dropout outside the norm) of every dtype and float32 into
-    bfloat16/float16: whole groups of eight as vectors, a partial last group, unaligned.
+    bfloat16/float16: whole groups of eight as vectors, a partial last group, unaligned,
+    16 bytes into its buffer.
 Results are checked against the CPU kernels (loose tolerances: this is a memory/race
 check, the test suite checks accuracy). Exit status 0 when everything ran and matched.
 Use PYTORCH_NO_CUDA_MEMORY_CACHING=1 under memcheck so that every tensor is its own
@@ -54,6 +56,16 @@ def unaligned(t):
     return view
 
 
+def bytes_in(t, nbytes=16):
+    """A contiguous copy of t whose data starts nbytes past an aligned allocation: 16 bytes
+    in, the vector paths read a 32- or 64-byte vector (float32 beside 16-bit data, the
+    float64 dropout) as 16-byte loads."""
+    k = nbytes // t.element_size()
+    view = torch.empty(t.numel() + k, dtype=t.dtype, device=t.device)[k:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
 def close(name, a, b, tol):
     a = a.detach().double().cpu()
     b = b.detach().double().cpu()
@@ -86,6 +98,8 @@ def run_case(dev, dtype, n, *, rms, residual, weight, bias, layout, r_dtype=None
             t = t.to(device=device, dtype=dt)
             if label == "test" and layout == "unaligned":
                 t = unaligned(t)
+            elif label == "test" and layout == "16_bytes_in":
+                t = bytes_in(t)
             elif label == "test" and layout == "sliced" and t.dim() == 2:
                 wide = torch.zeros(t.shape[0], t.shape[1] + 1, dtype=t.dtype, device=device)
                 wide[:, 1:] = t
@@ -141,7 +155,8 @@ def run_dropout_apply(dev, in_dtype, out_dtype, n, layout):
     g = torch.Generator().manual_seed(n + 3)
     x = torch.randn(n, generator=g).to(in_dtype)
     seed = torch.tensor([5, 7])
-    xs = x.to(dev) if layout == "contiguous" else unaligned(x.to(dev))
+    place = {"contiguous": lambda t: t, "unaligned": unaligned, "16_bytes_in": bytes_in}[layout]
+    xs = place(x.to(dev))
     got = torch.ops.addnorm._dropout_apply(xs, seed.to(dev), 0.1, out_dtype).cpu()
     ref = torch.ops.addnorm._dropout_apply(x, seed, 0.1, out_dtype)
     if not torch.equal(got, ref):
@@ -196,11 +211,14 @@ def main():
                          layout="contiguous", r_dtype=torch.float32, w_dtype=torch.float32)
                 run_case(dev, dtype, n, rms=rms, residual=True, weight=True, bias=False,
                          layout="contiguous", in_fp32=True, w_dtype=torch.float32)
-                count += 2
+                run_case(dev, dtype, n, rms=rms, residual=True, weight=True, bias=True,
+                         layout="16_bytes_in", r_dtype=torch.float32, w_dtype=torch.float32,
+                         in_fp32=True)
+                count += 3
     for in_dtype, out_dtype in [(t, t) for t in DTYPES] + [(torch.float32, torch.bfloat16),
                                                            (torch.float32, torch.float16)]:
         for n in ((1, 7, 4096, 4101) if not args.quick else (4101,)):
-            for layout in ("contiguous", "unaligned"):
+            for layout in ("contiguous", "unaligned", "16_bytes_in"):
                 run_dropout_apply(dev, in_dtype, out_dtype, n, layout)
                 count += 1
     if dev == "cuda":

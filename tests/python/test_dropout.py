@@ -737,11 +737,30 @@ def test_torch_compile_fullgraph_traces_the_seed_draw_and_keeps_the_mask():
     check(x, r, seed)
 
 
+def test_inductor_draws_the_seed_from_the_default_generator_as_eager():
+    """Under inductor the seed's randint (its generator overload) stays a call on the
+    default generator, where torch's compiled dropout takes inductor's own random numbers:
+    after the same manual_seed a compiled call gives the eager call's result and leaves the
+    generator where eager leaves it (docs/training.md)."""
+    n = 64
+    x, r = torch.randn(8, n), torch.randn(8, n)
+    fn = lambda x, r: addnorm.add_layer_norm(x, r, n, dropout_p=0.5)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)
+    results = []
+    for f in (fn, compiled):
+        torch.manual_seed(0)
+        results.append((f(x, r), torch.get_rng_state()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(compiled(x, r), results[1][0])  # (and it advances)
+    torch._dynamo.reset()
+
+
 def test_seed_words_are_random_in_all_bits_compiled_too():
     """A seed is two integers in [0, 2^63 - 1), drawn with one randint, in eager and under
-    inductor (which compiles torch's random ops to its own generator). It was two float64
-    uniforms times 2^53: inductor draws those as float32, so every word had 17 or more
-    trailing zero bits there (about 48 random bits a seed)."""
+    inductor. It was two float64 uniforms times 2^53: inductor drew those as float32, so
+    every word had 17 or more trailing zero bits there (about 48 random bits a seed)."""
     torch.manual_seed(0)
     draw = lambda: addnorm.dropout_seed(torch.device("cpu"))  # noqa: E731
     torch._dynamo.reset()

@@ -17,7 +17,9 @@ namespace addnorm::cpu {
 // order. The split depends on M and N only, never on the thread count, so the weight
 // gradients are bitwise the same however many threads run: at least 4 rows and 16384
 // elements per chunk (the partial row costs as much as a few rows of data), at most 64
-// chunks (the partials stay a small fraction of the data).
+// chunks (the partials stay a small fraction of the data from a few thousand rows on; with
+// few long rows, 64 chunks of 4 rows, 16 bytes per column each outgrow 16-bit data:
+// docs/semantics.md, "Temporary memory").
 inline int64_t bwd_chunk_rows(int64_t M, int64_t N) {
   constexpr int64_t kMinRows = 4;
   constexpr int64_t kMinElements = 16384;

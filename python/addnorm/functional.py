@@ -75,9 +75,8 @@ rms_norm.__prepare_scriptable__ = lambda: _rms_norm_scripted
 
 
 def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
-    """The seed of one fused-dropout call (int64 ``[2]`` on ``device``), drawn from
-    ``generator`` (default: the device's); the keep-mask is a function of it. See the
-    docs/training.md, "Fused dropout" (why it raises under an activation memory budget < 1)."""
+    """The seed of one fused-dropout call (int64 ``[2]`` on ``device``; the keep-mask is a function
+    of it), drawn from ``generator`` (default: the device's): docs/training.md, "Fused dropout"."""
     if not torch.jit.is_scripting():
         _check_seed_can_be_drawn(explicit_generator=generator is not None)
     return torch.randint(0, 9223372036854775807, [2], generator=generator, device=device)  # 2^63-1
@@ -115,6 +114,8 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
               memory_efficient: bool):
     # (dropout_p's default is None: torch.compile(dynamic=True) traces a float one as symbolic)
     dropout_p = 0.0 if dropout_p is None else dropout_p
+    if generator is not None and not isinstance(generator, torch.Generator):  # (any dropout_p)
+        raise TypeError(f"addnorm: generator must be a torch.Generator or None, got {generator!r}")
     seed, out_h, tensors = None, NotImplemented, (input, residual, weight, bias)
     if dropout_p > 0 and input is not None:  # (what Python checks, first: refused, no draw)
         _as_shape(normalized_shape)
@@ -150,12 +151,11 @@ def add_layer_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: 
                    memory_efficient: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``h = dropout(input, dropout_p) + residual; out = layer_norm(h)`` in one pass.
 
-    Returns ``out``, or ``(out, h)`` with ``return_residual=True`` (pre-LN models carry h
-    to the next layer). h has the residual's dtype, or float32 with ``residual_in_fp32``.
-    ``dropout_p > 0`` drops input elements (always: pass 0 or None in eval), with a mask
-    drawn from ``generator``, never stored (backward regenerates it);
-    ``return_dropout_mask=True`` appends it to the result. ``memory_efficient=True``:
-    autograd keeps ``out`` instead of h (docs/training.md, "Memory-efficient backward")."""
+    Returns ``out``, or ``(out, h)`` with ``return_residual=True`` (pre-LN models carry h to
+    the next layer); h has the residual's dtype, or float32 with ``residual_in_fp32``.
+    ``dropout_p > 0`` drops input elements (always: pass 0 or None in eval) with a mask drawn
+    from ``generator``, never stored (backward regenerates it; ``return_dropout_mask=True``
+    appends it). ``memory_efficient=True``: autograd keeps ``out``, not h (docs/training.md)."""
     return _add_norm(False, input, residual, normalized_shape, weight, bias, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
                      return_dropout_mask, memory_efficient)
@@ -175,10 +175,9 @@ def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _S
 
 
 # torch.jit.script raises "TorchScript error: <message>" for functions carrying this.
-_NOT_SCRIPTABLE = (
-    "addnorm.{name} cannot be compiled by TorchScript (keyword-only arguments, and a "
-    "return type that depends on return_residual); in scripted code use addnorm.{module} "
-    "or torch.ops.addnorm.{name}, which returns (out, h)")
+_NOT_SCRIPTABLE = ("addnorm.{name} cannot be compiled by TorchScript (keyword-only arguments, "
+                   "and a return type that depends on return_residual); in scripted code use "
+                   "addnorm.{module} or torch.ops.addnorm.{name}, which returns (out, h)")
 add_layer_norm.__script_unsupported = _NOT_SCRIPTABLE.format(name="add_layer_norm", module="AddLayerNorm")
 add_rms_norm.__script_unsupported = _NOT_SCRIPTABLE.format(name="add_rms_norm", module="AddRMSNorm")
 

@@ -1,6 +1,7 @@
 """Bad inputs raise RuntimeError naming the offending argument (one test per case of the
 spec); empty tensors give empty results; NaN/Inf propagate as in torch."""
 
+import re
 import warnings
 
 import pytest
@@ -105,6 +106,22 @@ def test_failing_call_with_dropout_draws_no_seed(rms):
         with pytest.raises(error, match=match):
             call()
         assert torch.equal(gen.get_state(), states[0]) and torch.equal(torch.get_rng_state(), states[1])
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_generator_that_is_not_a_generator_is_refused_by_name(rms):
+    """generator= takes a torch.Generator or None, at any dropout_p (with dropout_p > 0 torch's
+    randint named itself, not the argument; with 0 the value went unchecked)."""
+    fn = addnorm.add_rms_norm if rms else addnorm.add_layer_norm
+    x = _x()
+    for bad in (5, "cpu", torch.device("cpu")):
+        for p in (None, 0.0, 0.3):
+            with pytest.raises(TypeError, match=r"addnorm: generator must be a torch.Generator "
+                                                r"or None, got " + re.escape(repr(bad))):
+                fn(x, x, 8, dropout_p=p, generator=bad)
+    gen = torch.Generator().manual_seed(3)
+    assert torch.equal(fn(x, x, 8, dropout_p=0.3, generator=gen),
+                       fn(x, x, 8, dropout_p=0.3, generator=torch.Generator().manual_seed(3)))
 
 
 def test_normalized_shape_sequence_subclass_is_iterated():

@@ -926,6 +926,22 @@ __device__ __forceinline__ void bwd_load_raw(const BwdParams<T, H, W>& p, int64_
 // double (sums[K-1] += g * xhat, exact there, and sums[0] += g for LayerNorm). With a 16-bit
 // h the VEC terms are summed in float, then added in double (kFloatPartials), each term in
 // double where their float sum is not finite.
+// xhat = (h - mean) * rstd of a 16-bit row's element, in float. For rows of values near
+// float's largest (rstd below 2^-100), whose h - mean can leave float's range, h and mean
+// are halved first, exact there, and rstd doubled (Normalizer<float>'s pin).
+struct HalfRowXhat {
+  float pin, mean, rstd;
+  __device__ __forceinline__ HalfRowXhat(float m, float r) {
+    const bool big = r < 0x1p-100f;
+    pin = big ? 0.5f : 1.0f;
+    mean = mul_rn(m, pin);
+    rstd = big ? mul_rn(r, 2.0f) : r;
+  }
+  __device__ __forceinline__ float operator()(float h) const {
+    return mul_rn(sub_rn(mul_rn(h, pin), mean), rstd);
+  }
+};
+
 template <bool RMS, int VEC, typename T, typename H, typename W, int K>
 __device__ __forceinline__ void bwd_terms(const BwdParams<T, H, W>& p, const BwdRaw<T, H, VEC>& r,
                                           int64_t col, float mean, float rstd, float (&dy)[VEC],
@@ -947,13 +963,10 @@ __device__ __forceinline__ void bwd_terms(const BwdParams<T, H, W>& p, const Bwd
   times_gamma<VEC>(p.gamma, col, dy, g);
   float gx = 0.0f;
   float gs = 0.0f;
-  // (h - mean halved first where it can leave float's range: Normalizer<float>'s pin)
-  const float pin = rstd < 0x1p-100f ? 0.5f : 1.0f;
-  const float mean_in = mul_rn(mean, pin);
-  const float rstd_in = pin == 1.0f ? rstd : mul_rn(rstd, 2.0f);
+  const HalfRowXhat of_h(mean, rstd);
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
-    if (!from_output) xhat[j] = mul_rn(sub_rn(mul_rn(xhat[j], pin), mean_in), rstd_in);
+    if (!from_output) xhat[j] = of_h(xhat[j]);
     if constexpr (kFloatPartials<H>) {
       gx = fma_rn(g[j], xhat[j], gx);
       gs += g[j];
@@ -1762,12 +1775,7 @@ __global__ void __launch_bounds__(kColTile * kColRows) norm_bwd_weight_partials_
         } else {
           const A m = mean != nullptr ? mean[r] : A(0);
           if constexpr (kHalfData<T>) {
-            // (16-bit rows near float's largest, where h - m can leave float's range: both
-            // halved first, as Normalizer<float>'s pin)
-            const A rs = rstd[r];
-            const bool big = rs < A(0x1p-100);
-            const A pin = big ? A(0.5) : A(1);
-            xhat = (static_cast<A>(h[r * N + col]) * pin - m * pin) * (big ? rs * A(2) : rs);
+            xhat = HalfRowXhat(m, rstd[r])(static_cast<A>(h[r * N + col]));
           } else {
             xhat = (static_cast<A>(h[r * N + col]) - m) * rstd[r];
           }

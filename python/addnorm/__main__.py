@@ -41,16 +41,13 @@ def main(argv=None) -> int:
     argparse.ArgumentParser(prog="python -m addnorm", description=__doc__).parse_args(argv)
     print(f"addnorm {addnorm.__version__}, built against torch {_build_info.torch_version}; "
           f"running torch {torch.__version__}, python {sys.version.split()[0]}")
-    print(f"CPU kernels: {addnorm.cpu_capability()}")
-    print(f"CUDA: {cuda_status()}")
-    devices = ["cpu"] + (["cuda"] if addnorm.cuda_available() else [])
-    failed = 0
+    print(f"CPU kernels: {addnorm.cpu_capability()}\nCUDA: {cuda_status()}")
+    devices, failed = ["cpu"] + (["cuda"] if addnorm.cuda_available() else []), 0
     for device in devices:
         for op in ("layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"):
             try:
                 err, tol = _parity(op, device)
-                ok = err <= tol
-                detail = f"max |addnorm - torch| = {err:.1e} (output and input gradient)"
+                ok, detail = err <= tol, f"max |addnorm - torch| = {err:.1e} (output and input gradient)"
             except Exception as e:  # a failure, reported
                 ok, detail = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             failed += not ok

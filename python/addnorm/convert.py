@@ -8,10 +8,9 @@ from torch import nn
 from .encoder import TransformerEncoderLayer, _unsupported_reason
 from .modules import LayerNorm, RMSNorm
 
-# torch module type -> addnorm replacement. Exact types only: subclasses of torch's
-# modules may change forward, and addnorm's own modules are subclasses too. Each
-# replacement subclasses the type it replaces and adds no state, so the attribute layout
-# is identical and a class swap is a complete conversion.
+# torch module type -> addnorm replacement. Exact types only: subclasses of torch's modules may
+# change forward (addnorm's own modules are subclasses too). Each replacement subclasses the type
+# it replaces and adds no state: the attribute layout is identical, a class swap a conversion.
 _REPLACEMENTS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
                  nn.TransformerEncoderLayer: TransformerEncoderLayer}
 
@@ -22,10 +21,14 @@ def replace_modules(model: nn.Module) -> nn.Module:
     addnorm's drop-in, in place, keeping weights, device and dtype. Returns ``model``. A
     module left as it is (a layer the op cannot run, a subclass such as one that FSDP's
     ``fully_shard`` made: convert before wrapping) gets a warning naming why."""
-    if any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+    modules = list(model.modules())
+    if any(isinstance(m, torch.jit.ScriptModule) for m in modules):
         raise TypeError("addnorm.replace_modules: model holds a ScriptModule, whose modules are "
                         "compiled: convert the nn.Module first, then script it")
-    for module in list(model.modules()):
+    if any(type(m).__name__ == "OptimizedModule" for m in modules):  # (Module.compile guards the class)
+        warnings.warn("addnorm.replace_modules: model holds a torch.compile'd module, whose graphs compiled "
+                      "before the conversion keep running torch's modules: convert, then compile")
+    for module in modules:
         kind, ours = type(module), type(module).__module__.split(".")[0] == __package__
         why = (_unsupported_reason(module) if kind is nn.TransformerEncoderLayer else None
                if kind in _REPLACEMENTS else "a subclass, whose forward may differ")

@@ -489,6 +489,38 @@ def test_replace_modules_warns_about_subclasses_it_leaves():
         addnorm.replace_modules(nn.Sequential(*model[2:]))
 
 
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_replace_modules_warns_about_a_compiled_model(how):
+    """A torch.compile'd model run before the conversion keeps its graph, which runs torch's
+    modules (Dynamo does not guard on a module's class): the conversion warns (it reported
+    addnorm's classes and ran none of its ops). Module.compile guards it: no warning, and
+    the next call runs addnorm's op; nor has an uncompiled model one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    x = torch.randn(4, 8)
+    compiled = torch.compile(model, backend="eager") if how == "torch.compile" else model
+    if how == "Module.compile":
+        model.compile(backend="eager")
+    torch._dynamo.reset()
+    compiled(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        addnorm.replace_modules(compiled)
+    assert [str(w.message) for w in caught] == [
+        "addnorm.replace_modules: model holds a torch.compile'd module, whose graphs compiled "
+        "before the conversion keep running torch's modules: convert, then compile"
+    ] * (how == "torch.compile")
+    assert type(model[1]) is addnorm.LayerNorm
+    with torch.profiler.profile() as prof:
+        compiled(x)
+    ran = any(e.name.startswith("addnorm::") for e in prof.events())
+    assert ran == (how == "Module.compile")
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="addnorm.replace_modules")
+        addnorm.replace_modules(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)))
+
+
 def test_setting_the_classes_back_undoes_replace_modules():
     """docs/semantics.md's recipe for ONNX export (the ops have no ONNX form): setting each
     drop-in's class back to its base gives torch's modules, whose export holds no addnorm op

@@ -885,6 +885,26 @@ def test_transformer_encoder_nested_fast_path():
     torch.testing.assert_close(b, a)
 
 
+def test_fx_traces_the_layer_as_a_leaf():
+    """torch.fx: FX's default tracer stops in the layer's forward (it branches on its input)
+    with FX's own error; docs/semantics.md's tracer, which takes the layer as a leaf as FX
+    takes torch's, gives a graph that calls the module and returns its output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(E, E), addnorm.TransformerEncoderLayer(E, H, FF, batch_first=True),
+                          nn.LayerNorm(E)).eval()
+    with pytest.raises(torch.fx.proxy.TraceError, match="control flow"):
+        torch.fx.symbolic_trace(model)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return isinstance(m, addnorm.TransformerEncoderLayer) or super().is_leaf_module(m, name)
+
+    gm = torch.fx.GraphModule(model, Tracer().trace(model))
+    assert [n.op for n in gm.graph.nodes].count("call_module") == 3
+    x = torch.randn(2, 5, E)
+    assert torch.equal(gm(x), model(x))
+
+
 def test_replace_modules_swaps_encoder_layers():
     model = nn.Sequential(
         nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, dropout=0.0), 2,

@@ -239,12 +239,15 @@ def bench_case(group, op, dt, M, N, modes, args, flush, copy_gbps):
     for mode in modes:
         row = {"group": group, "op": op, "dtype": dt, "M": M, "N": N, "mode": mode,
                "bytes": nbytes[mode], "k": k, "impls": {}, "method": {}, "errors": {}}
+        def step_of(name, fn):
+            # Liger may write its input gradient into the upstream gradient (common.py's
+            # clone_grads): it gets its own copy, so the others see the original values.
+            own = [g.clone() for g in grads] if name == "liger" else grads
+            return steps_for(fn, mode, x, r, w, b, own)
+
         for name, fn in fns.items():
             try:
-                # Liger may write its input gradient into the upstream gradient (common.py's
-                # clone_grads): it gets its own copy, so the others see the original values.
-                own = [g.clone() for g in grads] if name == "liger" else grads
-                step = steps_for(fn, mode, x, r, w, b, own)
+                step = step_of(name, fn)
                 try:
                     t = time_graph(step, flush, k, args.reps)
                     row["method"][name] = "graph"
@@ -262,6 +265,14 @@ def bench_case(group, op, dt, M, N, modes, args, flush, copy_gbps):
                 row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
                 if DEVICE == "cuda":
                     torch.cuda.synchronize()
+        # One method per row: where a step could not be captured, the others are timed as it
+        # was (events around eager calls), so that no ratio sets a replay against eager calls.
+        if "eager" in row["method"].values():
+            for name in [n for n, m in row["method"].items() if m == "graph"]:
+                step = step_of(name, fns[name])
+                row["impls"][name]["gpu_s"] = time_eager(step, flush, k, args.reps)
+                row["method"][name] = "eager"
+                del step
         a = row["impls"].get("addnorm")
         if a:
             row["addnorm_gbps"] = nbytes[mode] / a["gpu_s"] / 1e9
@@ -357,7 +368,8 @@ def write_results(args, info, rows, copy, elapsed_s, done, total):
                 f.write(f"Baseline (addnorm's times of an earlier run, x vs baseline = then / now): "
                         f"`{args.baseline}`.  \n")
             f.write("Times are GPU microseconds per call (median of CUDA-graph replays after an L2 flush; "
-                    "`*`: not capturable, events around eager calls). Ratios are other / addnorm "
+                    "`*`: events around eager calls, for every implementation of a row where one step could "
+                    "not be captured). Ratios are other / addnorm "
                     "(> 1: addnorm is faster). % of copy: addnorm's bytes (each input read once, each "
                     "output written once; fwd (train) counts the write of h, which addnorm's "
                     "training forward makes for backward, post-LN too) per second over the copy "

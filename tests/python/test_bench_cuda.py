@@ -48,6 +48,35 @@ def test_bench_case_rows(bench, op):
     assert len(lines) == len(rows) and all(len(line) == len(header) for line in lines)
 
 
+def test_a_step_not_captured_times_its_whole_row_eagerly(bench, monkeypatch):
+    """When one implementation's step cannot be captured in a CUDA graph, every
+    implementation of that row is timed with the fallback (events around eager calls), so
+    no ratio sets a graph replay against eager calls; the other rows keep the graphs."""
+    def graph_or_refuse(step, flush, k, reps):
+        if bench.calls_refused < 1:
+            bench.calls_refused += 1
+            raise RuntimeError("capture invalidated")
+        return 1e-5
+
+    bench.calls_refused = 0
+    monkeypatch.setattr(bench, "time_graph", graph_or_refuse)
+    monkeypatch.setattr(bench, "time_eager", lambda step, flush, k, reps: (step(), 4e-5)[1])
+    monkeypatch.setattr(bench, "impl_fns", lambda op, n, w, b, *a: {
+        "addnorm": addnorm_ref, "eager": addnorm_ref})
+    rows = bench.bench_case("small", "add_layer_norm", "fp32", 8, 64, ("fwd", "bwd"), Args(),
+                            lambda: None, 1000.0)
+    first, second = rows
+    assert first["method"] == {"addnorm": "eager", "eager": "eager"}
+    assert first["speedup"]["eager"] == 1.0 and "addnorm_graph" in first["errors"]
+    assert second["method"] == {"addnorm": "graph", "eager": "graph"}
+    header, lines = bench.table(rows)
+    assert lines[0][4:6] == ["40.0*", "40.0*"] and lines[1][4:6] == ["10.0", "10.0"]
+
+
+def addnorm_ref(x, r, w, b):
+    return torch.nn.functional.layer_norm(x + r, x.shape[-1:], w, b)
+
+
 def test_steps_compute_gradients(bench):
     """bwd and fwdbwd steps return a gradient for every input (x, residual, weight, bias),
     equal for addnorm and eager; fwd returns the output without a graph."""

@@ -2,10 +2,12 @@
 // blocks of a launch one after another, a block's threads as fibers of the calling thread.
 // __syncthreads is a barrier of the block's threads, __shfl_xor_sync one of the warp's lanes
 // (a warp: 32 consecutive linear thread indices); __shared__ arrays are statics (one block
-// runs at a time); dynamic shared memory is a buffer of the launch's size, filled with a
-// garbage pattern before each block. A barrier that not every thread reaches aborts with a
-// message; a block that writes past its dynamic shared memory fails the launch (a guard band
-// checked after each block), and with AddressSanitizer any access past it is reported.
+// runs at a time), set to NaN bytes for each block; dynamic shared memory is a buffer of the
+// launch's size, filled with a garbage pattern before each block. A barrier that not every
+// thread reaches, threads at different __syncthreads, and lanes at different shuffles (or
+// reading a lane past a partial warp) abort with a message; a block that writes past its
+// dynamic shared memory fails the launch (a guard band checked after each block), and with
+// AddressSanitizer any access past it is reported; so does a misaligned vector load or store.
 //
 // The order in which a block's threads run between barriers is set by set_schedule: thread
 // index order (the default), reversed, or shuffled (seeded, per block); round robin (the
@@ -87,6 +89,7 @@ struct Fiber {
   std::vector<char> stack;
   dim3 tid;
   bool done = false;
+  uint64_t shuffles = 0;           // the shuffles it has made in this block
   const uint64_t* wait = nullptr;  // the generation of the barrier it waits at, if any
   uint64_t wait_gen = 0;           // (open once *wait differs from it)
 };
@@ -107,6 +110,20 @@ struct Block {
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_gen;
   std::vector<uint64_t> warp_slot;  // [warps * 32] shuffle values
+  // Where the open barriers were reached first: every thread must wait at the same
+  // __syncthreads (call site), every lane of a warp at the same shuffle (call site, count
+  // of the lane's shuffles so far, offset). On a GPU, threads at different barriers are
+  // undefined behaviour (a hang, or a barrier that opens for the wrong threads), which the
+  // generations alone would take as one barrier.
+  int barrier_line = 0;
+  const char* barrier_file = nullptr;
+  struct ShuffleSite {
+    int line;
+    uint64_t count;
+    int offset;
+  };
+  std::vector<ShuffleSite> warp_site;
+  uint64_t serial = 0;  // blocks run so far (static shared memory's poisoning)
   std::function<void()> body;
 };
 
@@ -173,14 +190,26 @@ inline int emu_linear_tid() {
   return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
 
-inline void __syncthreads() {
-  emu::barrier(emu::g_block.block_arrived, emu::g_block.block_gen, emu::g_block.nt);
+// (The call site's line and file, as default arguments: those of the kernel's call.)
+inline void __syncthreads(int line = __builtin_LINE(), const char* file = __builtin_FILE()) {
+  emu::Block& b = emu::g_block;
+  if (b.block_arrived == 0) {
+    b.barrier_line = line;
+    b.barrier_file = file;
+  } else if (line != b.barrier_line || std::strcmp(file, b.barrier_file) != 0) {
+    std::fprintf(stderr, "cuda emulation: divergent __syncthreads: thread %d of block %u at "
+                 "%s:%d, others at %s:%d\n", emu_linear_tid(), blockIdx.x, file, line,
+                 b.barrier_file, b.barrier_line);
+    std::abort();
+  }
+  emu::barrier(b.block_arrived, b.block_gen, b.nt);
 }
 
 template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T v, int off) {
+inline T __shfl_xor_sync(unsigned mask, T v, int off, int width = 32,
+                         int line = __builtin_LINE()) {
   static_assert(sizeof(T) <= 8, "shuffles of up to 8 bytes");
-  if (mask != 0xffffffffu) {
+  if (mask != 0xffffffffu || width != 32) {
     std::fprintf(stderr, "cuda emulation: only full-warp shuffles are emulated\n");
     std::abort();
   }
@@ -189,6 +218,22 @@ inline T __shfl_xor_sync(unsigned mask, T v, int off) {
   const int w = t / 32;
   const int lane = t % 32;
   const int n = std::min(32, b.nt - 32 * w);
+  const uint64_t count = b.fibers[b.current].shuffles++;
+  if ((lane ^ off) >= n) {  // (a lane past a partial warp's last: no value on a GPU)
+    std::fprintf(stderr, "cuda emulation: lane %d of warp %d reads lane %d of %d at line %d\n",
+                 lane, w, lane ^ off, n, line);
+    std::abort();
+  }
+  emu::Block::ShuffleSite& site = b.warp_site[w];
+  if (b.warp_arrived[w] == 0) {
+    site = {line, count, off};
+  } else if (line != site.line || count != site.count || off != site.offset) {
+    std::fprintf(stderr, "cuda emulation: divergent shuffle in warp %d: lane %d at line %d "
+                 "(shuffle %llu, offset %d), others at line %d (shuffle %llu, offset %d)\n",
+                 w, lane, line, static_cast<unsigned long long>(count), off, site.line,
+                 static_cast<unsigned long long>(site.count), site.offset);
+    std::abort();
+  }
   uint64_t bits = 0;
   std::memcpy(&bits, &v, sizeof(T));
   b.warp_slot[w * 32 + lane] = bits;
@@ -215,16 +260,61 @@ inline T __ldg(const T* p) {
   return v;
 }
 
-// Rounded arithmetic (the sliced kernels are compiled with -ffp-contract=off, so no
-// operation fuses unless the code asks for an fma).
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline double __dmul_rn(double a, double b) { return a * b; }
-inline double __dsub_rn(double a, double b) { return a - b; }
-inline double __ddiv_rn(double a, double b) { return a / b; }
-inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
+// A vector store's address must be aligned to the vector's alignment (a misaligned store
+// faults on the GPU): the first misaligned one fails the launch (written here with memcpy).
+// emulation.py rewrites the kernels' `*reinterpret_cast<Vec<...>*>(ptr) = v;` into this.
+inline const void* g_misaligned_store = nullptr;
+
+namespace emu {
+template <typename V>
+inline void store_vector(V* p, const V& v) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(V) != 0 && g_misaligned_store == nullptr) {
+    g_misaligned_store = p;
+  }
+  std::memcpy(static_cast<void*>(p), &v, sizeof(V));
+}
+
+// Static __shared__ arrays (emulation.py adds the call after each declaration): their bytes
+// set to 0xFF (NaN in floating point) by the first thread of each block to reach the
+// declaration, so that a read before the block's own write shows (a plain static keeps the
+// previous block's values, which a GPU gives no block).
+inline void poison_shared(void* p, size_t bytes) {
+  static std::vector<std::pair<void*, uint64_t>> last;  // array -> block that poisoned it
+  for (auto& [q, serial] : last) {
+    if (q == p) {
+      if (serial != g_block.serial) {
+        serial = g_block.serial;
+        std::memset(p, 0xFF, bytes);
+      }
+      return;
+    }
+  }
+  last.emplace_back(p, g_block.serial);
+  std::memset(p, 0xFF, bytes);
+}
+
+// The rounded intrinsics' results, hidden from the host compiler's contraction: nvcc never
+// fuses __fmul_rn and its kind into an fma, so a build with contraction on
+// (ADDNORM_EMULATION_CONTRACT=1, emulation.py) fuses only what nvcc may fuse.
+template <typename F>
+inline F opaque(F v) {
+#if defined(__x86_64__)
+  asm volatile("" : "+x"(v));
+#endif
+  return v;
+}
+}  // namespace emu
+
+// Rounded arithmetic (the emulated kernels are compiled with -ffp-contract=off unless
+// ADDNORM_EMULATION_CONTRACT=1, so no operation fuses unless the code asks for an fma).
+inline float __fmul_rn(float a, float b) { return emu::opaque(a * b); }
+inline float __fsub_rn(float a, float b) { return emu::opaque(a - b); }
+inline float __fdiv_rn(float a, float b) { return emu::opaque(a / b); }
+inline float __fmaf_rn(float a, float b, float c) { return emu::opaque(std::fma(a, b, c)); }
+inline double __dmul_rn(double a, double b) { return emu::opaque(a * b); }
+inline double __dsub_rn(double a, double b) { return emu::opaque(a - b); }
+inline double __ddiv_rn(double a, double b) { return emu::opaque(a / b); }
+inline double __fma_rn(double a, double b, double c) { return emu::opaque(std::fma(a, b, c)); }
 inline double rsqrt(double v) { return 1.0 / std::sqrt(v); }
 using std::fma;
 using std::isfinite;
@@ -283,6 +373,7 @@ inline void note_launch(const char* kernel) {
 template <typename K, typename... Args>
 void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
   ::g_misaligned_load = nullptr;  // (one left by a launch that failed otherwise)
+  ::g_misaligned_store = nullptr;
   if (smem > kMaxDynSmem) {
     throw std::runtime_error("cuda emulation: more than 48 KiB of dynamic shared memory");
   }
@@ -342,10 +433,13 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
     b.block_arrived = 0;
     b.warp_arrived.assign(warps, 0);
     b.warp_gen.assign(warps, 0);
+    b.warp_site.assign(warps, {});
+    ++b.serial;
     for (int t = 0; t < nt; ++t) {
       Fiber& f = b.fibers[t];
       f.tid = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
       f.done = false;
+      f.shuffles = 0;
       f.wait = nullptr;
       f.stack.resize(kStack);
       start_fiber(f);
@@ -399,6 +493,11 @@ void launch(dim3 grid, dim3 block, size_t smem, K kernel, Args... args) {
   if (const void* at = ::g_misaligned_load) {
     ::g_misaligned_load = nullptr;
     throw std::runtime_error("cuda emulation: a misaligned load (__ldg) at " +
+                             std::to_string(reinterpret_cast<uintptr_t>(at)));
+  }
+  if (const void* at = ::g_misaligned_store) {
+    ::g_misaligned_store = nullptr;
+    throw std::runtime_error("cuda emulation: a misaligned vector store at " +
                              std::to_string(reinterpret_cast<uintptr_t>(at)));
   }
 }

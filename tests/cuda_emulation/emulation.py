@@ -5,7 +5,10 @@ The .cu file is rewritten mechanically: the CUDA runtime headers and the dispatc
 registration go, kernel launches ``k<<<grid, block, smem, stream>>>(args)`` become
 ``emu::launch(grid, block, smem, k, args)`` (the kernel's name noted: ``launched()``), the stream, device properties and occupancy
 queries become constants (132 SMs, one resident CTA per SM), and the dynamic shared memory
-declaration points at the emulator's buffer. The kernels' own code is compiled as it is.
+declaration points at the emulator's buffer. norm_utils.cuh is inlined; static ``__shared__``
+arrays are poisoned for each block, vector stores go through ``emu::store_vector`` (their
+alignment checked), and ``ADDNORM_CUDA_MAX_GRID`` is read at every launch. The kernels' own
+code is compiled as it is otherwise.
 ``load()`` builds (once per source change, in build/cuda_emulation or
 $ADDNORM_EMULATION_BUILD_DIR) and returns a module
 with ``norm_fwd`` / ``norm_bwd``, which take the internal ops' arguments on CPU tensors."""
@@ -44,6 +47,10 @@ def _replace(text, old, new, count=None):
 def host_source(cu_text):
     """The host C++ translation of norm_kernels.cu's text."""
     t = '#include "emu_cuda.h"\n' + cu_text
+    # norm_utils.cuh inlined, so that the rewrites below reach its code too
+    with open(os.path.join(ROOT, "csrc", "cuda", "norm_utils.cuh")) as f:
+        utils = _replace(f.read(), "#pragma once\n", "", 1)
+    t = _replace(t, '#include "cuda/norm_utils.cuh"\n', utils, 1)
     t = _replace(t, "#include <ATen/cuda/CUDAContext.h>\n", "", 1)
     t = _replace(t, "#include <c10/cuda/CUDAGuard.h>\n", "", 1)
     t = _replace(t, '#include "ops/norm_register.h"\n', '#include "ops/norm_args.h"\n', 1)
@@ -59,6 +66,21 @@ def host_source(cu_text):
     t, n = re.subn(r"const c10::cuda::CUDAGuard guard\([^;]*\);", "", t)
     if n == 0:
         raise RuntimeError("cuda emulation: no CUDAGuard found: update emulation.py")
+    # ADDNORM_CUDA_MAX_GRID read at every launch (the library reads it once), so that tests
+    # can cap the grid and make each block walk several row groups.
+    t = _replace(t, "static const int64_t cap = [] {", "const int64_t cap = [] {", 1)
+    # Static __shared__ arrays poisoned for each block (emu::poison_shared).
+    shared = t.count("__shared__")
+    t, n = re.subn(r"(__shared__\s[^;{}()]*?\b(\w+)\s*(?:\[[^\];]*\])+;)",
+                   r"\1 emu::poison_shared(\2, sizeof(\2));", t)
+    if n == 0 or n != shared:
+        raise RuntimeError(f"cuda emulation: {n} of {shared} __shared__ declarations rewritten: "
+                           "update emulation.py")
+    # Vector stores through emu::store_vector (their alignment checked).
+    t, n = re.subn(r"\*reinterpret_cast<(Vec<[^;]*?>)\*>\((\w+)\) = (\w+);",
+                   r"emu::store_vector(reinterpret_cast<\1*>(\2), \3);", t)
+    if n == 0 or re.search(r"\*\s*reinterpret_cast<[^;]*\)\s*=[^=]", t):
+        raise RuntimeError("cuda emulation: vector stores not rewritten: update emulation.py")
 
     def launch(m):  # (the kernel's name, as written, noted first: emu::launched)
         grid, block, smem = _split_top(m.group(2))[:3]
@@ -97,16 +119,26 @@ def load(verbose=False):
     # or write outside a tensor stops the run (python must preload the ASan runtime).
     asan = os.environ.get("ADDNORM_EMULATION_SANITIZE") == "1"
     san = ["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else []
-    build = BUILD + ("-asan" if asan else "")
+    # ADDNORM_EMULATION_CONTRACT=1: products and sums contracted into fma as nvcc does by
+    # default (its -fmad=true; the rounded intrinsics stay unfused, as in nvcc), so that no
+    # result is found to depend on the host compiler's not fusing.
+    contract = os.environ.get("ADDNORM_EMULATION_CONTRACT") == "1"
+    fp = ["-ffp-contract=fast", "-mfma"] if contract else ["-ffp-contract=off"]
+    # ADDNORM_EMULATION_BWD_AHEAD=0: the backward loading a row at its start, as the library
+    # built with CMake's ADDNORM_CUDA_BWD_AHEAD=OFF.
+    ahead = os.environ.get("ADDNORM_EMULATION_BWD_AHEAD", "1") != "0"
+    variant = ("_asan" if asan else "") + ("_contract" if contract else "") + ("" if ahead else "_noahead")
+    build = BUILD + variant.replace("_", "-")
     os.makedirs(build, exist_ok=True)
     return load_extension(
-        name="addnorm_cuda_emulation" + ("_asan" if asan else ""),
+        name="addnorm_cuda_emulation" + variant,
         sources=[os.path.join(HERE, "harness.cpp"), path,
                  os.path.join(ROOT, "csrc", "ops", "norm_launch.cpp"),
                  os.path.join(ROOT, "csrc", "ops", "norm_checks.cpp")],
         extra_include_paths=[HERE, os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include"),
                              os.path.join(_cuda_home(), "include")],
-        extra_cflags=["-O2", "-ffp-contract=off", "-DADDNORM_BUILDING_LIBRARY"] + san,
+        extra_cflags=["-O2", "-DADDNORM_BUILDING_LIBRARY"] + fp + san
+                     + ([] if ahead else ["-DADDNORM_CUDA_BWD_AHEAD=0"]),
         extra_ldflags=san, build_directory=build, verbose=verbose)
 
 

@@ -105,6 +105,55 @@ void launch_probe(std::vector<int64_t> grid, std::vector<int64_t> block, int64_t
   emu::launch(dims(grid), dims(block), static_cast<size_t>(smem), [] {});
 }
 
+// A kernel that breaks one of the GPU's rules, which the emulator must catch: "barrier"
+// (the threads of a block at two different __syncthreads: aborts), "shuffle" (the lanes of a
+// warp at shuffles of different offsets: aborts), "partial_warp" (a lane reading one past a
+// partial warp's last: aborts), "store" (a 16-byte vector stored 8 bytes off its alignment:
+// the launch fails); "none": the same kernels keeping the rules. "shared": a static
+// __shared__ array read before the block writes it (declared as emulation.py rewrites the
+// kernels' ones) gives NaN in every block, not the previous block's values; returns the sum
+// block 1 read.
+double rule_probe(const std::string& rule) {
+  const bool ok = rule == "none";
+  if (rule == "barrier" || ok) {
+    emu::launch(dim3(2), dim3(64), 0, [ok] {
+      if (ok || threadIdx.x < 32) {
+        __syncthreads();
+      } else {
+        __syncthreads();  // (another call site)
+      }
+    });
+  }
+  if (rule == "shuffle" || ok) {
+    emu::launch(dim3(1), dim3(64), 0, [ok] {
+      (void)__shfl_xor_sync(0xffffffffu, 1.0f, ok || threadIdx.x < 16 ? 1 : 2);
+    });
+  }
+  if (rule == "partial_warp" || ok) {
+    emu::launch(dim3(1), dim3(40), 0, [ok] {  // (the second warp: 8 lanes)
+      (void)__shfl_xor_sync(0xffffffffu, 1.0f, ok ? 4 : 8);
+    });
+  }
+  if (rule == "store" || ok) {
+    struct alignas(16) V16 {
+      float v[4];
+    };
+    alignas(16) unsigned char buf[64] = {};
+    emu::launch(dim3(1), dim3(1), 0, [ok, &buf] {
+      emu::store_vector(reinterpret_cast<V16*>(buf + (ok ? 16 : 8)), V16{{1, 2, 3, 4}});
+    });
+  }
+  double read = 0.0;
+  if (rule == "shared") {
+    emu::launch(dim3(2), dim3(32), 0, [&read] {
+      __shared__ float s[32]; emu::poison_shared(s, sizeof(s));
+      if (blockIdx.x == 1) read += s[threadIdx.x];
+      s[threadIdx.x] = 1.0f;
+    });
+  }
+  return read;
+}
+
 // The order of a block's threads between barriers: "forward", "reverse" or "shuffled";
 // round robin or greedy (emu_cuda.h).
 void set_schedule(const std::string& order, bool greedy, int64_t seed) {
@@ -137,4 +186,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("smem_write_probe", &smem_write_probe, "the emulator's shared-memory guard, probed");
   m.def("launch_probe", &launch_probe, "the emulator's launch-configuration check, probed");
   m.def("launched", &launched, "the kernels launched since the last call, by name");
+  m.def("rule_probe", &rule_probe, "a kernel breaking a GPU rule, which the emulator catches");
 }

@@ -70,6 +70,34 @@ def test_emulator_refuses_launches_the_gpu_refuses(emu):
         emu.launch_probe([1, 1, 1], [32, 1, 1], 48 * 1024 + 1)
 
 
+def test_emulator_catches_misaligned_stores_and_stale_shared_memory(emu):
+    """A vector store off its alignment fails the launch (it faults on a GPU), and a static
+    __shared__ array holds NaN for each block until the block writes it (a plain static kept
+    the previous block's values, which no GPU gives a block)."""
+    emu.rule_probe("none")
+    with pytest.raises(RuntimeError, match="a misaligned vector store"):
+        emu.rule_probe("store")
+    assert math.isnan(emu.rule_probe("shared"))
+
+
+@pytest.mark.skipif(os.environ.get("ADDNORM_EMULATION_SANITIZE") == "1",
+                    reason="the probe's process would need the ASan runtime preloaded")
+@pytest.mark.parametrize("rule, message", [
+    ("barrier", "divergent __syncthreads"), ("shuffle", "divergent shuffle in warp 0"),
+    ("partial_warp", "reads lane")])
+def test_emulator_aborts_on_divergent_barriers_and_shuffles(rule, message, emu):
+    """Threads at different __syncthreads, lanes at different shuffles, and a lane reading
+    past a partial warp are undefined on a GPU (a hang, or a barrier that opens for the
+    wrong threads); the emulator took any barrier for any other. Now each aborts with a
+    message (run in a process of its own)."""
+    import subprocess
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(emulation.__file__)!r}); "
+            f"import emulation; emulation.load().rule_probe({rule!r})")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
 def _cpu_fwd(x, r, n, w, b, eps, rms):
     return torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, r is not None, False)
 
@@ -142,11 +170,13 @@ def _every_result(emu, shape, dtype, rms, p):
     return [t for t in (*fwd, *bwd_h, *bwd_y) if t.numel()]
 
 
+@pytest.mark.parametrize("grid", [None, 1, 2], ids=["grid", "grid_cap_1", "grid_cap_2"])
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("shape", PATHS[:-1] + [(1, 8200), (300, 1)],
                          ids=lambda s: f"{s[0]}x{s[1]}")
-def test_emulated_results_do_not_depend_on_thread_order(shape, dtype, norm, emu):
+def test_emulated_results_do_not_depend_on_thread_order(shape, dtype, norm, grid, emu,
+                                                         monkeypatch):
     """Every result of the forward and backward kernels (from h and from the output, with
     the fused dropout) is bitwise the same whether a block's threads run, between
     barriers, in index order, reversed or shuffled, advancing together or the first ones
@@ -155,7 +185,15 @@ def test_emulated_results_do_not_depend_on_thread_order(shape, dtype, norm, emu)
     what another thread has yet to read, gives different results in some order: the data
     race that compute-sanitizer's racecheck finds on a GPU. The blocks of a launch run in
     the same order as the threads (reversed, shuffled), so a block that depends on another's
-    writes in the same launch shows too."""
+    writes in the same launch shows too. With the row kernels' grid capped at one or two
+    blocks (ADDNORM_CUDA_MAX_GRID, which the emulation reads at every launch) a block walks
+    several row groups, so that shared memory reused from one row to the next without a
+    barrier shows as well (RMSNorm reduces once per row: without the cap a block never
+    reused its shared memory)."""
+    if grid is None:
+        monkeypatch.delenv("ADDNORM_CUDA_MAX_GRID", raising=False)
+    else:
+        monkeypatch.setenv("ADDNORM_CUDA_MAX_GRID", str(grid))
     rms = norm == "rms_norm"
     p = 0.2  # (without dropout only the loads of h differ, not the synchronization)
     emu.set_schedule("forward", False, 0)

@@ -171,8 +171,14 @@ def main(argv=None) -> int:
         print(f"copy bandwidth {copy_bw['gbps']:.1f} GB/s; estimated time ~{sc.fmt_duration(est)}")
         return 0
 
+    busy = sc.cpu_snapshot()
     sweep = sc.run_sweep(ops, dtypes, shapes, cfg, copy_bw=copy_bw,
                          progress=not args.no_progress, estimate_stream=sys.stdout)
+    info["other_cpu_share"] = sc.other_cpu_share(busy)
+    if (info["other_cpu_share"] or 0) > 0.05:
+        print(f"warning: other processes kept {100 * info['other_cpu_share']:.0f}% of the cores "
+              "busy during the run: the ratios are biased (eager, with more parallel ops, "
+              "loses more to them); rerun on an idle machine", file=sys.stderr)
     sweep["machine"] = info
     header, rows = sc.table_rows(sweep)
     print()
@@ -224,7 +230,8 @@ def markdown_report(sweep: dict) -> str:
             ("python", "python"), ("platform", "platform"), ("addnorm_version", "addnorm"),
             ("addnorm_cpu_capability", "addnorm.cpu_capability()"),
             ("torch_cpu_capability", "torch CPU capability"), ("glibc_tunables", "GLIBC_TUNABLES"),
-            ("loadavg_1min", "load average before the run")]
+            ("loadavg_1min", "load average before the run"),
+            ("other_cpu_share", "cores' share busy with other processes during the run")]
     for k, label in keys:
         if info.get(k) is not None:
             lines.append(f"| {label} | {info[k]} |")

@@ -168,6 +168,33 @@ def l3_cache_bytes() -> int:
     return 32 << 20
 
 
+def cpu_snapshot():
+    """(wall seconds, the machine's busy CPU seconds from /proc/stat, this process's CPU
+    seconds), or None where /proc/stat is missing: other_cpu_share's start."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    own = os.times()
+    return time.perf_counter(), (sum(fields[:8]) - idle) / tick, own.user + own.system
+
+
+def other_cpu_share(start) -> Optional[float]:
+    """The share of the machine's cores that other processes kept busy since cpu_snapshot()
+    gave start (0: the run had the machine to itself; 0.5 on 2 cores: one core taken). The
+    load average before a run misses load that comes during it, and load steals from the
+    side whose work is split over more parallel regions (eager's more ops), so a ratio
+    measured under it is biased; the reports print this share and warn above 5%."""
+    end = cpu_snapshot() if start is not None else None
+    if end is None or end[0] <= start[0]:
+        return None
+    other = (end[1] - start[1]) - (end[2] - start[2])
+    return round(max(0.0, other) / ((end[0] - start[0]) * (os.cpu_count() or 1)), 3)
+
+
 def machine_info(device: str) -> dict:
     import addnorm
 

@@ -49,3 +49,26 @@ def test_spot_check_passes_over_the_dropout_op(common):
     """The fused dropout's mask is not eager's: no comparison there."""
     g = _group(common, "dropout_add_layer_norm")
     assert "spot_check" not in g["errors"] and "max_abs_diff_vs_eager" not in g
+
+
+def test_other_cpu_share_counts_other_processes_not_this_one(common, monkeypatch):
+    """The share of the cores other processes kept busy during a run: the machine's busy
+    time less this process's, over wall time and cores (a run's ratios are biased under
+    load, so the reports print it); a busy child process shows, None without /proc/stat."""
+    import os
+    import subprocess
+    import sys
+    snaps = iter([(10.0, 115.0, 15.0)])
+    monkeypatch.setattr(common, "cpu_snapshot", lambda: next(snaps))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    # 10 s on 2 cores, 15 busy seconds of which 5 this process's: 10 / 20
+    assert common.other_cpu_share((0.0, 100.0, 10.0)) == 0.5
+    assert common.other_cpu_share(None) is None
+    monkeypatch.undo()
+    if common.cpu_snapshot() is None:
+        pytest.skip("no /proc/stat here")
+    start = common.cpu_snapshot()
+    subprocess.run([sys.executable, "-c",
+                    "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"], check=True)
+    # (the child took one core for 1.5 s: at least 1 / cores of them, less the start-up)
+    assert common.other_cpu_share(start) >= 0.6 / (os.cpu_count() or 1)

@@ -168,23 +168,46 @@ def l3_cache_bytes() -> int:
     return 32 << 20
 
 
+def _tree_cpu_seconds() -> float:
+    """CPU seconds of this process and its descendants (torch.compile's worker processes
+    among them; ended children that were waited for count in their parent's), from /proc."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    rest = f.read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            # (after the name: state ppid ...; utime stime cutime cstime are fields 12-15)
+            procs[int(entry)] = (int(rest[1]), sum(int(v) for v in rest[11:15]))
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, _) in procs.items():
+            if ppid == parent and pid not in tree:
+                tree.add(pid)
+                frontier.append(pid)
+    return sum(procs[pid][1] for pid in tree if pid in procs) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_snapshot():
-    """(wall seconds, the machine's busy CPU seconds from /proc/stat, this process's CPU
-    seconds), or None where /proc/stat is missing: other_cpu_share's start."""
+    """(wall seconds, the machine's busy CPU seconds from /proc/stat, CPU seconds of this
+    process and its descendants), or None where /proc/stat is missing: other_cpu_share's
+    start."""
     try:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
+        own = _tree_cpu_seconds()
     except (OSError, ValueError):
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    tick = os.sysconf("SC_CLK_TCK")
-    own = os.times()
-    return time.perf_counter(), (sum(fields[:8]) - idle) / tick, own.user + own.system
+    return time.perf_counter(), (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own
 
 
 def other_cpu_share(start) -> Optional[float]:
-    """The share of the machine's cores that other processes kept busy since cpu_snapshot()
-    gave start (0: the run had the machine to itself; 0.5 on 2 cores: one core taken). The
+    """The share of the machine's cores that other processes (not this one or its children)
+    kept busy since cpu_snapshot() gave start (0: the run had the machine to itself; 0.5 on 2 cores: one core taken). The
     load average before a run misses load that comes during it, and load steals from the
     side whose work is split over more parallel regions (eager's more ops), so a ratio
     measured under it is biased; the reports print this share and warn above 5%."""

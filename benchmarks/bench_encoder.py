@@ -340,7 +340,8 @@ def markdown(sweep):
                      ("gpu", "GPU"), ("torch_version", "torch"), ("torch_cuda", "torch CUDA"),
                      ("addnorm_version", "addnorm"), ("addnorm_cpu_capability", "addnorm.cpu_capability()"),
                      ("torch_cpu_capability", "torch CPU capability"),
-                     ("loadavg_1min", "load average before the run")):
+                     ("loadavg_1min", "load average before the run"),
+                     ("other_cpu_share", "cores' share busy with other processes during the run")):
         if info.get(k) is not None:
             lines.append(f"| {label} | {info[k]} |")
     lines += ["", f"One layer, batch_first, dim_feedforward = 4 x d_model, activation {cfg['activation']}, "
@@ -422,6 +423,7 @@ def main(argv=None):
         steps += len(shapes) * ((0 if half_cpu else train) + int("eval" in modes))
     progress = sc.Progress(steps, enabled=not args.no_progress)
     t0 = time.perf_counter()
+    busy = None if cuda else sc.cpu_snapshot()
     results = []
     for shape in shapes:
         for dt in dtypes:
@@ -439,6 +441,11 @@ def main(argv=None):
             if cuda:
                 torch.cuda.empty_cache()
     progress.done()
+    if busy is not None:
+        info["other_cpu_share"] = sc.other_cpu_share(busy)
+        if (info["other_cpu_share"] or 0) > 0.05:
+            print(f"warning: other processes kept {100 * info['other_cpu_share']:.0f}% of the "
+                  "cores busy during the run: the ratios are biased", file=sys.stderr)
     good = [r for r in results if r["mode"] != "error"]
     sweep = {"machine": info, "config": {**cfg, "shapes": [list(s) for s in shapes]},
              "results": results, "elapsed_s": time.perf_counter() - t0}

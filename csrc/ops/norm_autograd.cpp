@@ -350,14 +350,15 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const bool drop = dropout_p > 0.0;
     // Rows of 1 to 3 elements keep h: their exact input gradient nearly cancels, so the
     // rounding of out would be most of it (up to 3x torch's error), for little memory. So
-    // does an h wider than out (float32 beside float16/bfloat16 input: a float32 residual
-    // or residual_in_fp32): xhat rebuilt from the rounded out would give the float32
-    // gradients of the residual and the weight 16-bit accuracy.
+    // does an h wider than out (float32 beside float16/bfloat16 input: a float32 residual,
+    // or residual_in_fp32 with a residual or dropout): xhat rebuilt from the rounded out
+    // would give the float32 gradients of the residual and the weight 16-bit accuracy.
+    // (Without either, h is the input widened exactly: nothing to gain.)
     const auto h_dtype = residual_in_fp32 && input.scalar_type() != at::kDouble ? at::kFloat
                          : has_residual ? residual->scalar_type()
                                         : input.scalar_type();
     const bool from_output = memory_efficient && c10::multiply_integers(normalized_shape) > 3 &&
-                             h_dtype == input.scalar_type() &&
+                             (h_dtype == input.scalar_type() || (!has_residual && !drop)) &&
                              output_invertible(weight, is_rms ? std::nullopt : bias,
                                                input.scalar_type());
     // Backward needs h (unless from_output); with a residual or dropout it exists only if

@@ -450,10 +450,16 @@ def test_float32_h_beside_16_bit_output_keeps_h(op, dtype, wide, device):
     assert g1[1].dtype == torch.float32
     for a, e in zip(g1, g0):
         assert a.dtype == e.dtype and torch.equal(a, e)
-    # The same dtype on both sides still keeps the output.
+    # The same dtype on both sides still keeps the output, and so does residual_in_fp32
+    # without a residual or dropout (h is then the input widened exactly); with dropout and
+    # no residual residual_in_fp32's h is kept.
     saved16, out16 = _saved_storages(
         lambda: run(op, x, r.detach().to(dtype), w, b, memory_efficient=True), x.numel())
     assert saved16 == {out16.untyped_storage().data_ptr()}
+    for p, keeps_out in ((None, True), (0.2, False)):
+        saved, out = _saved_storages(lambda: run(op, x, None, w, b, memory_efficient=True,
+                                                 residual_in_fp32=True, dropout_p=p), x.numel())
+        assert (saved == {out.untyped_storage().data_ptr()}) == keeps_out, p
 
 
 def test_modules_and_script():

@@ -269,10 +269,16 @@ def bench_case(group, op, dt, M, N, modes, args, flush, copy_gbps):
         # was (events around eager calls), so that no ratio sets a replay against eager calls.
         if "eager" in row["method"].values():
             for name in [n for n, m in row["method"].items() if m == "graph"]:
-                step = step_of(name, fns[name])
-                row["impls"][name]["gpu_s"] = time_eager(step, flush, k, args.reps)
-                row["method"][name] = "eager"
-                del step
+                try:
+                    step = step_of(name, fns[name])
+                    row["impls"][name]["gpu_s"] = time_eager(step, flush, k, args.reps)
+                    row["method"][name] = "eager"
+                    del step
+                except Exception as e:  # (out of memory outside the graph pool, say)
+                    row["errors"][name + "_eager"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    del row["impls"][name], row["method"][name]
+                    if DEVICE == "cuda":
+                        torch.cuda.synchronize()
         a = row["impls"].get("addnorm")
         if a:
             row["addnorm_gbps"] = nbytes[mode] / a["gpu_s"] / 1e9

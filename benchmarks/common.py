@@ -179,7 +179,7 @@ def _tree_cpu_seconds() -> float:
                     rest = f.read().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            # (after the name: state ppid ...; utime stime cutime cstime are fields 12-15)
+            # (after the name: state ppid ...; utime stime cutime cstime, stat's fields 14-17)
             procs[int(entry)] = (int(rest[1]), sum(int(v) for v in rest[11:15]))
     tree, frontier = {os.getpid()}, [os.getpid()]
     while frontier:
@@ -191,31 +191,43 @@ def _tree_cpu_seconds() -> float:
     return sum(procs[pid][1] for pid in tree if pid in procs) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpus() -> List[int]:
+    """The CPUs this process may run on (all of them where affinity is unknown)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
 def cpu_snapshot():
-    """(wall seconds, the machine's busy CPU seconds from /proc/stat, CPU seconds of this
-    process and its descendants), or None where /proc/stat is missing: other_cpu_share's
-    start."""
+    """(wall seconds, busy CPU seconds of the CPUs this process may run on, from /proc/stat's
+    user, nice and system time, CPU seconds of this process and its descendants), or None
+    where /proc/stat is missing: other_cpu_share's start."""
+    cpus = set(_cpus())
+    busy = 0
     try:
         with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    busy += sum(int(v) for v in fields[:3])
         own = _tree_cpu_seconds()
     except (OSError, ValueError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return time.perf_counter(), (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own
+    return time.perf_counter(), busy / os.sysconf("SC_CLK_TCK"), own
 
 
 def other_cpu_share(start) -> Optional[float]:
-    """The share of the machine's cores that other processes (not this one or its children)
-    kept busy since cpu_snapshot() gave start (0: the run had the machine to itself; 0.5 on 2 cores: one core taken). The
-    load average before a run misses load that comes during it, and load steals from the
+    """The share of the cores this process may use that other processes (not this one or its
+    children) kept busy since cpu_snapshot() gave start (0: the run had them to itself; 0.5
+    on 2 cores: one core taken). The load average before a run misses load that comes during it, and load steals from the
     side whose work is split over more parallel regions (eager's more ops), so a ratio
     measured under it is biased; the reports print this share and warn above 5%."""
     end = cpu_snapshot() if start is not None else None
     if end is None or end[0] <= start[0]:
         return None
     other = (end[1] - start[1]) - (end[2] - start[2])
-    return round(max(0.0, other) / ((end[0] - start[0]) * (os.cpu_count() or 1)), 3)
+    return round(max(0.0, other) / ((end[0] - start[0]) * len(_cpus())), 3)
 
 
 def machine_info(device: str) -> dict:

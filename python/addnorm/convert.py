@@ -8,9 +8,8 @@ from torch import nn
 from .encoder import TransformerEncoderLayer, _unsupported_reason
 from .modules import LayerNorm, RMSNorm
 
-# torch module type -> addnorm replacement. Exact types only: subclasses of torch's modules may
-# change forward (addnorm's own modules are subclasses too). Each replacement subclasses the type
-# it replaces and adds no state: the attribute layout is identical, a class swap a conversion.
+# torch module type -> addnorm replacement: exact types only (a subclass may change forward; addnorm's
+# are subclasses too). Each subclasses the type it replaces and adds no state: a class swap converts.
 _REPLACEMENTS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm,
                  nn.TransformerEncoderLayer: TransformerEncoderLayer}
 
@@ -25,9 +24,10 @@ def replace_modules(model: nn.Module) -> nn.Module:
     if any(isinstance(m, torch.jit.ScriptModule) for m in modules):
         raise TypeError("addnorm.replace_modules: model holds a ScriptModule, whose modules are "
                         "compiled: convert the nn.Module first, then script it")
-    if any(type(m).__name__ == "OptimizedModule" for m in modules):  # (Module.compile guards the class)
+    if any(f"{type(m).__module__}.{type(m).__name__}" == "torch._dynamo.eval_frame.OptimizedModule"
+           for m in modules):  # (Module.compile guards the class; torch.compile's wrapper does not)
         warnings.warn("addnorm.replace_modules: model holds a torch.compile'd module, whose graphs compiled "
-                      "before the conversion keep running torch's modules: convert, then compile")
+                      "before the conversion keep running torch's modules: convert, then compile", stacklevel=2)
     for module in modules:
         kind, ours = type(module), type(module).__module__.split(".")[0] == __package__
         why = (_unsupported_reason(module) if kind is nn.TransformerEncoderLayer else None

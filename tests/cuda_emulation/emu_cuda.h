@@ -300,6 +300,11 @@ template <typename F>
 inline F opaque(F v) {
 #if defined(__x86_64__)
   asm volatile("" : "+x"(v));
+#elif defined(__aarch64__)
+  asm volatile("" : "+w"(v));
+#else
+  volatile F keep = v;  // (elsewhere: through memory)
+  v = keep;
 #endif
   return v;
 }

@@ -71,7 +71,8 @@ def host_source(cu_text):
     t = _replace(t, "static const int64_t cap = [] {", "const int64_t cap = [] {", 1)
     # Static __shared__ arrays poisoned for each block (emu::poison_shared).
     shared = t.count("__shared__")
-    t, n = re.subn(r"(__shared__\s[^;{}()]*?\b(\w+)\s*(?:\[[^\];]*\])+;)",
+    # (one array per declaration: `__shared__ float a[4], b[4];` is not matched, and fails)
+    t, n = re.subn(r"(__shared__\s[^;{}(),]*?\b(\w+)\s*(?:\[[^\];,]*\])+;)",
                    r"\1 emu::poison_shared(\2, sizeof(\2));", t)
     if n == 0 or n != shared:
         raise RuntimeError(f"cuda emulation: {n} of {shared} __shared__ declarations rewritten: "
@@ -79,7 +80,8 @@ def host_source(cu_text):
     # Vector stores through emu::store_vector (their alignment checked).
     t, n = re.subn(r"\*reinterpret_cast<(Vec<[^;]*?>)\*>\((\w+)\) = (\w+);",
                    r"emu::store_vector(reinterpret_cast<\1*>(\2), \3);", t)
-    if n == 0 or re.search(r"\*\s*reinterpret_cast<[^;]*\)\s*=[^=]", t):
+    if n == 0 or re.search(r"\*\s*reinterpret_cast<[^;]*\)\s*=[^=]", t) or t.count(
+            "reinterpret_cast<Vec<") != t.count("emu::store_vector(reinterpret_cast<Vec<"):
         raise RuntimeError("cuda emulation: vector stores not rewritten: update emulation.py")
 
     def launch(m):  # (the kernel's name, as written, noted first: emu::launched)
@@ -123,7 +125,9 @@ def load(verbose=False):
     # default (its -fmad=true; the rounded intrinsics stay unfused, as in nvcc), so that no
     # result is found to depend on the host compiler's not fusing.
     contract = os.environ.get("ADDNORM_EMULATION_CONTRACT") == "1"
-    fp = ["-ffp-contract=fast", "-mfma"] if contract else ["-ffp-contract=off"]
+    import platform
+    fma = ["-mfma"] if platform.machine() in ("x86_64", "AMD64") else []  # (aarch64 has fma)
+    fp = ["-ffp-contract=fast"] + fma if contract else ["-ffp-contract=off"]
     # ADDNORM_EMULATION_BWD_AHEAD=0: the backward loading a row at its start, as the library
     # built with CMake's ADDNORM_CUDA_BWD_AHEAD=OFF.
     ahead = os.environ.get("ADDNORM_EMULATION_BWD_AHEAD", "1") != "0"

@@ -48,29 +48,54 @@ def test_bench_case_rows(bench, op):
     assert len(lines) == len(rows) and all(len(line) == len(header) for line in lines)
 
 
-def test_a_step_not_captured_times_its_whole_row_eagerly(bench, monkeypatch):
+@pytest.mark.parametrize("refused", ["addnorm", "eager"])
+def test_a_step_not_captured_times_its_whole_row_eagerly(bench, monkeypatch, refused):
     """When one implementation's step cannot be captured in a CUDA graph, every
     implementation of that row is timed with the fallback (events around eager calls), so
-    no ratio sets a graph replay against eager calls; the other rows keep the graphs."""
+    no ratio sets a graph replay against eager calls; the other rows keep the graphs. An
+    implementation whose eager re-timing fails leaves the row with an error, not the case."""
+    fns = {"addnorm": addnorm_ref, "eager": lambda *a: addnorm_ref(*a)}
+    state = {"refused": False}
+
     def graph_or_refuse(step, flush, k, reps):
-        if bench.calls_refused < 1:
-            bench.calls_refused += 1
+        if not state["refused"] and step_name[0] == refused:
+            state["refused"] = True
             raise RuntimeError("capture invalidated")
         return 1e-5
 
-    bench.calls_refused = 0
+    step_name = [None]
+    real_steps_for = bench.steps_for
+
+    def steps_for(fn, *a):
+        step_name[0] = next(n for n, f in fns.items() if f is fn)
+        return real_steps_for(fn, *a)
+
+    monkeypatch.setattr(bench, "steps_for", steps_for)
     monkeypatch.setattr(bench, "time_graph", graph_or_refuse)
     monkeypatch.setattr(bench, "time_eager", lambda step, flush, k, reps: (step(), 4e-5)[1])
-    monkeypatch.setattr(bench, "impl_fns", lambda op, n, w, b, *a: {
-        "addnorm": addnorm_ref, "eager": addnorm_ref})
+    monkeypatch.setattr(bench, "impl_fns", lambda *a: fns)
     rows = bench.bench_case("small", "add_layer_norm", "fp32", 8, 64, ("fwd", "bwd"), Args(),
                             lambda: None, 1000.0)
     first, second = rows
     assert first["method"] == {"addnorm": "eager", "eager": "eager"}
-    assert first["speedup"]["eager"] == 1.0 and "addnorm_graph" in first["errors"]
+    assert first["speedup"]["eager"] == 1.0 and f"{refused}_graph" in first["errors"]
     assert second["method"] == {"addnorm": "graph", "eager": "graph"}
     header, lines = bench.table(rows)
     assert lines[0][4:6] == ["40.0*", "40.0*"] and lines[1][4:6] == ["10.0", "10.0"]
+
+    # the eager re-timing of the other implementation fails: its time goes, the row stays
+    state["refused"] = False
+
+    def eager_fails_for_the_other(step, flush, k, reps):
+        if step_name[0] != refused:
+            raise torch.OutOfMemoryError("out of memory")
+        return (step(), 4e-5)[1]
+
+    monkeypatch.setattr(bench, "time_eager", eager_fails_for_the_other)
+    rows = bench.bench_case("small", "add_layer_norm", "fp32", 8, 64, ("fwd",), Args(),
+                            lambda: None, 1000.0)
+    other = "eager" if refused == "addnorm" else "addnorm"
+    assert rows[0]["method"] == {refused: "eager"} and f"{other}_eager" in rows[0]["errors"]
 
 
 def addnorm_ref(x, r, w, b):

@@ -80,6 +80,21 @@ def test_emulator_catches_misaligned_stores_and_stale_shared_memory(emu):
     assert math.isnan(emu.rule_probe("shared"))
 
 
+def test_rewrite_refuses_what_it_would_miss():
+    """emulation.py's rewrite of the kernels (static __shared__ arrays poisoned, vector
+    stores checked) fails the build where new code would slip past it: two arrays in one
+    declaration, a vector store written another way."""
+    with open(os.path.join(emulation.ROOT, "csrc", "cuda", "norm_kernels.cu")) as f:
+        cu = f.read()
+    emulation.host_source(cu)
+    decl = "__shared__ S red[kMaxWarps * 2];"
+    with pytest.raises(RuntimeError, match="6 of 7 __shared__ declarations rewritten"):
+        emulation.host_source(cu.replace(decl, "__shared__ S red[kMaxWarps * 2], more[2];"))
+    buf = "P* buf = reinterpret_cast<P*>(dyn_smem);"
+    with pytest.raises(RuntimeError, match="vector stores not rewritten"):
+        emulation.host_source(cu.replace(buf, buf + " reinterpret_cast<Vec<P, 4>*>(buf)[0] = {};"))
+
+
 @pytest.mark.skipif(os.environ.get("ADDNORM_EMULATION_SANITIZE") == "1",
                     reason="the probe's process would need the ASan runtime preloaded")
 @pytest.mark.parametrize("rule, message", [

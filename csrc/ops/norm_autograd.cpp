@@ -69,6 +69,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "ops/norm_checks.h"
 #include "ops/norm_launch.h"
 #include "ops/norm_public.h"
 
@@ -354,9 +355,9 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     // or residual_in_fp32 with a residual or dropout): xhat rebuilt from the rounded out
     // would give the float32 gradients of the residual and the weight 16-bit accuracy.
     // (Without either, h is the input widened exactly: nothing to gain.)
-    const auto h_dtype = residual_in_fp32 && input.scalar_type() != at::kDouble ? at::kFloat
-                         : has_residual ? residual->scalar_type()
-                                        : input.scalar_type();
+    const auto h_dtype = h_dtype_of(
+        input.scalar_type(), has_residual ? std::optional(residual->scalar_type()) : std::nullopt,
+        residual_in_fp32);
     const bool from_output = memory_efficient && c10::multiply_integers(normalized_shape) > 3 &&
                              (h_dtype == input.scalar_type() || (!has_residual && !drop)) &&
                              output_invertible(weight, is_rms ? std::nullopt : bias,

@@ -211,7 +211,6 @@ NormPlan check_norm_fwd_inputs(
         "addnorm: bias must have the weight's dtype (", weight->scalar_type(), "), got ",
         bias->scalar_type());
   }
-  c10::ScalarType h_dtype = dtype;
   if (residual.has_value()) {
     const auto& r = *residual;
     check_same_device(r, input, "residual");
@@ -223,15 +222,12 @@ NormPlan check_norm_fwd_inputs(
         is_allowed_companion_dtype(r.scalar_type(), dtype),
         "addnorm: residual must have the input's dtype (", dtype,
         ") or, for float16/bfloat16 input, float32; got ", r.scalar_type());
-    h_dtype = r.scalar_type();
-  }
-  if (residual_in_fp32 && dtype != at::kDouble) {
-    h_dtype = at::kFloat;
   }
   // residual_in_fp32 (h float32) reads a float16/bfloat16 residual as it is.
   const auto residual_dtype = residual.has_value() ? residual->scalar_type() : dtype;
-  return {axis, NormDtypes{dtype, residual_dtype, h_dtype, param_dtype_of(dtype, weight, bias),
-                           stat_dtype_of(dtype)}};
+  return {axis, NormDtypes{dtype, residual_dtype,
+                           h_dtype_of(dtype, residual_dtype, residual_in_fp32),
+                           param_dtype_of(dtype, weight, bias), stat_dtype_of(dtype)}};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> empty_norm_fwd_outputs(

@@ -58,6 +58,13 @@ struct NormPlan {
   NormDtypes dtypes;  // see ops/norm_args.h
 };
 
+// h's dtype: float32 with residual_in_fp32 (float64 input stays float64), else the
+// residual's, else the input's.
+inline c10::ScalarType h_dtype_of(c10::ScalarType input, std::optional<c10::ScalarType> residual,
+                                  bool residual_in_fp32) {
+  return residual_in_fp32 && input != at::kDouble ? at::kFloat : residual.value_or(input);
+}
+
 // Checks of a forward call: input float32/float64/float16/bfloat16; normalized_shape its
 // trailing dims; weight, bias and residual on the input's device with the documented shapes
 // and dtypes; eps >= 0. Decides the call's dtypes: h has the residual's dtype, or float32

@@ -442,10 +442,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
     progress.done()
     if busy is not None:
-        info["other_cpu_share"] = sc.other_cpu_share(busy)
-        if (info["other_cpu_share"] or 0) > 0.05:
-            print(f"warning: other processes kept {100 * info['other_cpu_share']:.0f}% of the "
-                  "cores busy during the run: the ratios are biased", file=sys.stderr)
+        sc.note_other_cpu_share(info, busy)
     good = [r for r in results if r["mode"] != "error"]
     sweep = {"machine": info, "config": {**cfg, "shapes": [list(s) for s in shapes]},
              "results": results, "elapsed_s": time.perf_counter() - t0}

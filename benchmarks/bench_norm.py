@@ -174,11 +174,7 @@ def main(argv=None) -> int:
     busy = sc.cpu_snapshot()
     sweep = sc.run_sweep(ops, dtypes, shapes, cfg, copy_bw=copy_bw,
                          progress=not args.no_progress, estimate_stream=sys.stdout)
-    info["other_cpu_share"] = sc.other_cpu_share(busy)
-    if (info["other_cpu_share"] or 0) > 0.05:
-        print(f"warning: other processes kept {100 * info['other_cpu_share']:.0f}% of the cores "
-              "busy during the run: the ratios are biased (eager, with more parallel ops, "
-              "loses more to them); rerun on an idle machine", file=sys.stderr)
+    sc.note_other_cpu_share(info, busy)
     sweep["machine"] = info
     header, rows = sc.table_rows(sweep)
     print()

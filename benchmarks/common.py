@@ -220,14 +220,24 @@ def cpu_snapshot():
 def other_cpu_share(start) -> Optional[float]:
     """The share of the cores this process may use that other processes (not this one or its
     children) kept busy since cpu_snapshot() gave start (0: the run had them to itself; 0.5
-    on 2 cores: one core taken). The load average before a run misses load that comes during it, and load steals from the
-    side whose work is split over more parallel regions (eager's more ops), so a ratio
-    measured under it is biased; the reports print this share and warn above 5%."""
+    on 2 cores: one core taken). The load average before a run misses load that comes
+    during it, and load steals from the side whose work is split over more parallel regions
+    (eager's more ops), so a ratio measured under it is biased: note_other_cpu_share
+    records it for the reports and warns above 5%."""
     end = cpu_snapshot() if start is not None else None
     if end is None or end[0] <= start[0]:
         return None
     other = (end[1] - start[1]) - (end[2] - start[2])
     return round(max(0.0, other) / ((end[0] - start[0]) * len(_cpus())), 3)
+
+
+def note_other_cpu_share(info: dict, start) -> None:
+    """info["other_cpu_share"] = other_cpu_share(start), with a warning above 5%."""
+    share = info["other_cpu_share"] = other_cpu_share(start)
+    if (share or 0) > 0.05:
+        print(f"warning: other processes kept {100 * share:.0f}% of the cores busy during the "
+              "run: the ratios are biased (eager, with more parallel ops, loses more to them); "
+              "rerun on an idle machine", file=sys.stderr)
 
 
 def machine_info(device: str) -> dict:

@@ -17,9 +17,9 @@ from .functional import _check_seed_can_be_drawn, _check_tensors
 from .modules import LayerNorm
 
 
-def _set(obj, name: str, cls) -> bool:  # set on obj, or overridden (ismethod: compile guards it)
-    return not inspect.ismethod(getattr(obj, name)) or name in vars(obj) or getattr(
-        type(obj), name) is not getattr(cls, name)
+def _set(obj, name: str, cls) -> bool:  # set on obj, overridden or patched on the class since
+    return not inspect.ismethod(getattr(obj, name)) or name in vars(obj) or getattr(  # import
+        type(obj), name) is not _AS_IMPORTED.get((cls, name), getattr(cls, name))
 
 
 def _overridden(m: nn.Module) -> bool:
@@ -47,6 +47,9 @@ _PLAIN = [("", n, (t,)) for n, t in (("self_attn", nn.MultiheadAttention), ("lin
                                      ("dropout1", nn.Dropout), ("dropout2", nn.Dropout))]
 _PLAIN += [("self_attn", "out_proj", (nn.modules.linear.NonDynamicallyQuantizableLinear,)),
            ("", "norm1", (nn.LayerNorm, LayerNorm)), ("", "norm2", (nn.LayerNorm, LayerNorm))]
+_AS_IMPORTED = {(t, n): getattr(t, n) for t, n in [(t, "forward") for *_, ts in _PLAIN for t in ts]
+                + [(nn.ReLU, "forward"), (nn.GELU, "forward"), (nn.TransformerEncoderLayer, "_sa_block"),
+                   (nn.TransformerEncoderLayer, "_ff_block")]}
 
 
 def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
@@ -151,9 +154,8 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
                                            self.linear1.bias, self.linear2.weight, self.linear2.bias]
         needs_grad = torch.is_grad_enabled() and any([t is not None and t.requires_grad for t in tensors])
         if self.training or needs_grad or src_mask is not None or src_key_padding_mask is not None:
-            raise RuntimeError("addnorm.TransformerEncoderLayer: nested tensor input is supported "
-                               "only for inference (eval mode, no gradient, no masks), as in "
-                               "torch's layer")
+            raise RuntimeError("addnorm.TransformerEncoderLayer: nested tensor input is supported only "
+                               "for inference (eval mode, no gradient, no masks), as in torch's layer")
         return torch._transformer_encoder_layer_fwd(
             src, sa.embed_dim, sa.num_heads, sa.in_proj_weight, sa.in_proj_bias,
             sa.out_proj.weight, sa.out_proj.bias, self.activation_relu_or_gelu == 2,

@@ -59,9 +59,8 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tenso
 
 # What torch.jit.script compiles in place of layer_norm and rms_norm (the hook it calls on
 # functions): the same ops with TorchScript's types (normalized_shape: List[int]).
-def _layer_norm_scripted(input: Tensor, normalized_shape: List[int],
-                         weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                         eps: float = 1e-5) -> Tensor:
+def _layer_norm_scripted(input: Tensor, normalized_shape: List[int], weight: Optional[Tensor] = None,
+                         bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     return torch.ops.addnorm.layer_norm(input, normalized_shape, weight, bias, eps)
 
 

@@ -85,9 +85,8 @@ class AddRMSNorm(nn.RMSNorm):
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # (see AddLayerNorm)
         p = self.dropout if self.training else 0.0
         if not torch.jit.is_scripting():
-            return F._add_norm(True, input, residual, self.normalized_shape, self.weight,
-                               None, self.eps, self.return_residual, self.residual_in_fp32, p,
-                               None, False, self.memory_efficient)
+            return F._add_norm(True, input, residual, self.normalized_shape, self.weight, None, self.eps,
+                               self.return_residual, self.residual_in_fp32, p, None, False, self.memory_efficient)
         out, h = torch.ops.addnorm.add_rms_norm(
             input, residual, self.normalized_shape, self.weight, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,

@@ -1013,6 +1013,21 @@ def _mc_dropout(layer):  # (eval, with the dropouts left training)
     _dropout_modes(layer, layer_training=False)
 
 
+def _assert_runs_torchs_forward(ref, ours, x):
+    """ours(x) warns that it runs torch's forward and gives ref's output and input gradient
+    (the same seed before each)."""
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(2)
+    expected = ref(xr)
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="runs torch's forward"):
+        got = ours(xo)
+    assert torch.equal(got, expected)
+    expected.sum().backward()
+    got.sum().backward()
+    assert torch.equal(xo.grad, xr.grad)
+
+
 @pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _norm1_weight_none,
                                     _dropout1, _dropout2, _hooked_dropout2, _tanh, _pruned,
                                     _hooked_relu, _backward_hooked_relu, _instance_forward,
@@ -1039,20 +1054,33 @@ def test_layers_changed_after_construction_run_torchs_forward(change):
     torch.manual_seed(1)
     change(ours)
     ours.load_state_dict(ref.state_dict())
-    x = _src(False)
-    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
-    torch.manual_seed(2)
-    expected = ref(xr)
-    torch.manual_seed(2)
-    with pytest.warns(UserWarning, match="runs torch's forward"):
-        got = ours(xo)
-    assert torch.equal(got, expected)
-    expected.sum().backward()
-    got.sum().backward()
-    assert torch.equal(xo.grad, xr.grad)
+    _assert_runs_torchs_forward(ref, ours, _src(False))
     change(theirs)
     with pytest.warns(UserWarning, match="TransformerEncoderLayer stays as it is: "):
         assert type(addnorm.replace_modules(theirs)) is nn.TransformerEncoderLayer
+
+
+@pytest.mark.parametrize("cls, name", [(nn.Linear, "forward"), (nn.LayerNorm, "forward"),
+                                       (nn.MultiheadAttention, "forward"),
+                                       (nn.TransformerEncoderLayer, "_sa_block"),
+                                       (nn.TransformerEncoderLayer, "_ff_block")],
+                         ids=lambda v: v if isinstance(v, str) else v.__name__)
+def test_methods_patched_on_torchs_classes_run_torchs_forward(monkeypatch, cls, name):
+    """A method replaced on torch's class after addnorm was imported (as instrumentation and
+    fake-quantization tools do, for every instance at once) is one the op would not call:
+    the layer runs torch's forward, which calls it, with a warning; the same output and
+    gradients as torch's layer under the same patch."""
+    torch.manual_seed(0)
+    ref, ours = _pair(dropout=0.0)
+    x = _src(False)
+    original = getattr(cls, name)
+    monkeypatch.setattr(cls, name, lambda self, *a, **k: (
+        lambda y: 0.5 * y if torch.is_tensor(y) else (0.5 * y[0], *y[1:]))(original(self, *a, **k)))
+    _assert_runs_torchs_forward(ref, ours, x)
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="addnorm.TransformerEncoderLayer runs torch's")
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_dropout_modes_do_not_matter_at_p_zero():

@@ -379,7 +379,16 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const at::Tensor& normalized =
         from_output ? out : return_residual ? h_returned : (kept ? h_kept : input);
     const at::Tensor bias_kept = from_output && !is_rms ? bias.value_or(at::Tensor()) : at::Tensor();
-    ctx->save_for_backward({normalized, mean, rstd, weight.value_or(at::Tensor()), bias_kept});
+    // The seed (int64 [2], never differentiated) is saved with them, so that whatever
+    // replaces saved tensors (a non-reentrant checkpoint's recompute) replaces it with
+    // them: backward's mask is always that of the h (or out) it reads. An inference tensor
+    // has no version counter (and can still be changed in place under inference_mode): a
+    // copy of it is kept instead.
+    const at::Tensor seed_kept = !drop ? at::Tensor()
+                                 : dropout_seed->is_inference() ? dropout_seed->clone()
+                                                                : *dropout_seed;
+    ctx->save_for_backward(
+        {normalized, mean, rstd, weight.value_or(at::Tensor()), bias_kept, seed_kept});
     NodeState state;
     state.from_output = from_output;
     state.kept = kept;
@@ -395,14 +404,9 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     state.ndim = static_cast<int64_t>(normalized_shape.size());
     ctx->saved_data["state"] = state.pack();
     ctx->saved_data["eps"] = eps;
-    // The seed (int64 [2], never differentiated) is kept as data, not as a saved variable:
-    // its 16 bytes need no saved-tensor hooks, and backward reads it whichever path it takes.
-    // Its version is kept too: backward refuses a seed changed in place since (the mask it
-    // would regenerate is not the forward's). An inference tensor has no version counter (and
-    // can still be changed in place under inference_mode): a copy of it is kept instead.
-    const at::Tensor seed_kept = !drop ? at::Tensor()
-                                 : dropout_seed->is_inference() ? dropout_seed->clone()
-                                                                : *dropout_seed;
+    // The seed is also kept as data, with its version: backward refuses a seed changed in
+    // place since (the mask it would regenerate is not the forward's), with a message that
+    // names it, and reads it where the saved variables are gone (see h_only below).
     ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
     ctx->saved_data["seed"] = seed_kept;
     ctx->saved_data["seed_version"] = drop ? seed_kept._version() : int64_t{0};
@@ -424,7 +428,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         sum_defined(state.returned_h ? grad_outputs[1] : at::Tensor(),
                     state.kept ? grad_outputs[2] : at::Tensor());
     const double dropout_p = ctx->saved_data["dropout_p"].toDouble();
-    const at::Tensor dropout_seed = ctx->saved_data["seed"].toTensor();
+    at::Tensor dropout_seed = ctx->saved_data["seed"].toTensor();
     if (dropout_seed.defined()) {
       const int64_t saved_version = ctx->saved_data["seed_version"].toInt();
       TORCH_CHECK(dropout_seed._version() == saved_version,
@@ -443,8 +447,14 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       }
     };
     if (!grad_out.defined()) {
-      // out is unused: only h's gradient, straight through h = dropout(input) + residual.
+      // out is unused: only h's gradient, straight through h = dropout(input) + residual,
+      // with the saved seed (a checkpoint's recompute's, as torch's dropout's saved mask
+      // would be) while the saved variables are there, else the forward's (after the norm's
+      // backward released them; the same tensor outside a recompute).
       if (grad_h_in.defined()) {
+        if (dropout_seed.defined() && !ctx->saved_data["bwd_done"].toBool()) {
+          dropout_seed = ctx->get_saved_variables()[5];
+        }
         set_input_grads(grad_h_in);
       }
       return grads;
@@ -452,6 +462,9 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
 
     ctx->saved_data["bwd_done"] = true;
     const auto saved = ctx->get_saved_variables();
+    if (dropout_seed.defined()) {
+      dropout_seed = saved[5];  // (see the forward: a recompute's seed beside its h)
+    }
     const at::Tensor& h = saved[0];  // the tensor that was normalized
     const at::Tensor& mean = saved[1];
     const at::Tensor& rstd = saved[2];

@@ -662,6 +662,45 @@ def test_activation_checkpointing_recompute_reproduces_the_mask():
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("case", ["out", "memory_efficient", "h_only"])
+def test_checkpointing_without_preserved_rng_takes_the_recomputes_mask(use_reentrant, case):
+    """With preserve_rng_state=False the recompute draws the next seed: backward then uses
+    everything of the recompute, its h (or out) and statistics and its mask together, as
+    torch's dropout does there: the gradients of that mask, exactly. (The node once kept the
+    forward's seed beside the recompute's h under non-reentrant checkpointing: gradients of
+    no mask at all.)"""
+    n = 64
+    x0 = torch.randn(8, n, dtype=torch.float64)
+    r = torch.randn(8, n, dtype=torch.float64)
+    c = torch.linspace(-1, 1, 8 * n, dtype=torch.float64).view(8, n)
+
+    def block(x, seed=None):
+        kw = dict(dropout_p=0.5, return_residual=case == "h_only",
+                  memory_efficient=case == "memory_efficient")
+        if seed is None:
+            out = addnorm.add_layer_norm(x.sin(), r, n, **kw)
+        else:
+            out = torch.ops.addnorm.add_layer_norm(x.sin(), r, [n], dropout_seed=seed, **kw)
+            out = out if case == "h_only" else out[0]
+        return out[1] if case == "h_only" else out
+
+    torch.manual_seed(0)
+    seeds = [addnorm.dropout_seed("cpu") for _ in range(2)]  # the forward's, the recompute's
+    x = x0.clone().requires_grad_()
+    torch.manual_seed(0)
+    out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=use_reentrant,
+                                            preserve_rng_state=False)
+    (out * c).sum().backward()
+    grads = []
+    for seed in seeds:
+        xs = x0.clone().requires_grad_()
+        (block(xs, seed) * c).sum().backward()
+        grads.append(xs.grad)
+    assert not torch.equal(grads[0], grads[1])
+    assert torch.equal(x.grad, grads[1])
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
 def test_checkpointing_with_an_explicit_generator(use_reentrant):
     """Checkpointing restores the default generators only: a seed drawn from an explicit
     generator would come out different in the recompute (the gradients of another mask), so

@@ -460,7 +460,6 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       return grads;
     }
 
-    ctx->saved_data["bwd_done"] = true;
     const auto saved = ctx->get_saved_variables();
     if (dropout_seed.defined()) {
       dropout_seed = saved[5];  // (see the forward: a recompute's seed beside its h)
@@ -504,6 +503,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       if (has_residual) grads[1] = with_values_of(k_h.to(residual_dtype), grads[1]);
       if (weight_grad) grads[3] = with_values_of(k_w, dw);
       if (bias_grad) grads[4] = with_values_of(k_b, db).to(bias_dtype);
+      ctx->saved_data["bwd_done"] = true;  // (only now: a backward that threw needs them)
       return grads;
     }
 
@@ -562,6 +562,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     }
     if (weight_grad) grads[3] = grad_weight;
     if (bias_grad) grads[4] = grad_bias.to(bias_dtype);
+    ctx->saved_data["bwd_done"] = true;
     return grads;
   }
 };
@@ -600,6 +601,22 @@ variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
 // The saved tensors of a NormFunction node stay until its norm backward has run: a backward
 // that reaches the node through h alone needs none of them, and a later backward through
 // out must still find them (torch's separate add and layer_norm nodes behave so).
+// Where saving the node's tensors throws (a saved-tensor pack hook that raises:
+// non-reentrant checkpointing's early stop does, from the last tensor its recompute
+// needs), torch 2.11 leaves them in the context's to_save_; among them is an output of
+// the node (h or out), whose grad_fn is the node: a reference cycle that kept the node and
+// the recomputed graph behind it alive, every checkpointed step. They are dropped here.
+template <>
+void CppNode<addnorm::NormFunction>::save_variables_to_ctx() {
+  try {
+    ctx_.save_variables();
+  } catch (...) {
+    ctx_.to_save_.clear();
+    ctx_.saved_variables_.clear();
+    throw;
+  }
+}
+
 template <>
 void CppNode<addnorm::NormFunction>::release_variables() {
   std::lock_guard<std::mutex> lock(mutex_);

@@ -3,6 +3,7 @@ and argument combination (including gradients flowing into the returned h), forw
 AD against torch, functorch transforms, partial requires_grad, unused and separately
 backpropagated outputs, and determinism of the weight/bias gradients."""
 
+import gc
 import itertools
 
 import pytest
@@ -1003,6 +1004,77 @@ def test_out_and_h_backpropagate_separately(order, device):
     y.sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("failure", ["create_graph_refused", "unpack_hook_raises"])
+def test_a_failed_norm_backward_keeps_the_saved_tensors(failure):
+    """A norm backward that raised (memory_efficient's refusal of second derivatives, an
+    unpack hook that raised) has not run: a backward through h alone afterwards leaves the
+    saved tensors, and the backward through out still works, with the gradients of a run
+    without the failure."""
+    base = [make_data((4, 8), F64, "cpu"), make_data((4, 8), F64, "cpu"), *make_affine((8,), F64, "cpu")]
+
+    def run(fail):
+        x, r, w, b = (t.clone().requires_grad_() for t in base)
+        state = {"raise": fail and failure == "unpack_hook_raises"}
+
+        def unpack(t):
+            if state["raise"]:
+                state["raise"] = False
+                raise KeyError("unpack")
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack):
+            y, h = addnorm.add_layer_norm(x, r, 8, w, b, return_residual=True,
+                                          memory_efficient=failure == "create_graph_refused")
+        if fail:
+            with pytest.raises((RuntimeError, KeyError), match="second derivatives|unpack"):
+                torch.autograd.grad(y.sum(), w, retain_graph=True,
+                                    create_graph=failure == "create_graph_refused")
+        (h * h).sum().backward()
+        y.pow(2).sum().backward()
+        return [t.grad for t in (x, r, w, b)]
+
+    for a, e in zip(run(True), run(False)):
+        assert torch.equal(a, e)
+
+
+def test_checkpoint_early_stop_frees_the_recomputed_graph():
+    """Non-reentrant checkpointing stops its recompute by raising from the pack hook of the
+    last tensor it needs, here one the norm's node saves: the node once kept its output (h)
+    in its context then, a reference cycle through the output's grad_fn that kept it and
+    the recomputed graph before it alive at every step. Nothing of a step's recompute
+    outlives the step."""
+    import weakref
+
+    class Marker:
+        pass
+
+    alive = []
+
+    class Mark(torch.autograd.Function):  # (one Marker per forward, kept by its node's ctx)
+        @staticmethod
+        def forward(ctx, t):
+            ctx.marker = Marker()
+            alive.append(weakref.ref(ctx.marker))
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    r = torch.randn(4, 8)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    for kw in ({}, {"memory_efficient": True}, {"dropout_p": 0.5}):
+        alive.clear()
+        x = torch.randn(4, 8, requires_grad=True)
+        y = torch.utils.checkpoint.checkpoint(
+            lambda t: addnorm.add_layer_norm(Mark.apply(t), r, 8, w, b, **kw), x, use_reentrant=False)
+        (y * y).sum().backward()
+        del y
+        gc.collect()
+        assert len(alive) == 2  # the forward's marker and the recompute's
+        assert [ref() for ref in alive] == [None, None], kw
 
 
 def test_bias_grad_without_weight_is_not_rounded_to_input_dtype():

@@ -367,12 +367,17 @@ def test_dropped_inf_and_nan_give_nan_as_torch_dropout(device):
 
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
 def test_bad_probability_is_refused(p):
+    """... before anything is drawn: the generators do not advance (as torch's dropout)."""
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
         torch.ops.addnorm.add_layer_norm(x, None, [8], dropout_p=p,
                                          dropout_seed=addnorm.dropout_seed("cpu"))
-    with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
-        addnorm.add_rms_norm(x, None, 8, dropout_p=p)
+    gen = torch.Generator().manual_seed(1)
+    states = torch.get_rng_state(), gen.get_state()
+    for g in (None, gen):
+        with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
+            addnorm.add_rms_norm(x, None, 8, dropout_p=p, generator=g)
+    assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(gen.get_state(), states[1])
     with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
         addnorm.AddLayerNorm(8, dropout=p)
 

@@ -87,10 +87,11 @@ at::Tensor dropout_mask(const at::Tensor& seed, at::IntArrayRef size, double dro
 }
 
 namespace {
-// The seed tensor of a call with dropout, none without.
+// The seed tensor of a call with dropout, none without (nor for a dropout_p outside (0, 1],
+// which the op refuses: nothing is drawn for it).
 std::optional<at::Tensor> seed_for(
     const at::Tensor& input, double dropout_p, const std::optional<at::Generator>& generator) {
-  if (dropout_p == 0.0 || !input.defined()) {
+  if (!(dropout_p > 0.0 && dropout_p <= 1.0) || !input.defined()) {
     return std::nullopt;
   }
   return dropout_seed(input.device(), generator);

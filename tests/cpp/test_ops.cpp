@@ -263,11 +263,16 @@ TEST(AddNormOps, FusedDropoutFromCpp) {
   auto g = torch::randn_like(h);
   auto gx = torch::autograd::grad({h}, {x}, {g})[0];
   EXPECT_TRUE(torch::allclose(gx, g * mask * scale, 1e-14, 1e-14));
+  // Refused before a seed is drawn: the generator does not advance (as torch's dropout).
+  auto gen4 = at::make_generator<at::CPUGeneratorImpl>(23);
+  const auto state = gen4.get_state();
   const auto msg = error_of([&] {
-    addnorm::add_layer_norm(x, r, {40}, std::nullopt, std::nullopt, 1e-5, true, false, 1.5);
+    addnorm::add_layer_norm(x, r, {40}, std::nullopt, std::nullopt, 1e-5, true, false, 1.5,
+                            gen4);
   });
   EXPECT_NE(msg.find("dropout_p must be a probability in [0, 1], got 1.5"), std::string::npos)
       << msg;
+  EXPECT_TRUE(torch::equal(gen4.get_state(), state));
 }
 
 TEST(AddNormOps, MemoryEfficientFromCpp) {

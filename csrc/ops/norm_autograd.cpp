@@ -596,6 +596,31 @@ variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
   return CppNode_apply_functional<addnorm::NormFunction>(
       std::move(inputs), ctx_, is_variable_input_, output_info_, kName);
 }
+
+// Compiled autograd runs the backward on a copy of the context (apply_with_saved, on a
+// cache miss; a hit runs the compiled graph), so the node's own never saw bwd_done and
+// release_variables kept the saved tensors after every compiled backward (a step's h, mean
+// and rstd alive beside the next step's; a second backward without retain_graph ran again).
+// Compiled autograd calls compiled_args for every node of each backward it runs: the node is
+// marked done there, first (the key then does not change after the first backward). So,
+// there, a backward through h alone frees them too, and a later one through out raises, as
+// for any node. The body is then the template's, torch 2.11's.
+template <>
+void CppNode<addnorm::NormFunction>::compiled_args(CompiledNodeArgs& args) const {
+  const_cast<AutogradContext&>(ctx_).saved_data["bwd_done"] = true;
+  args.collect(static_cast<uint64_t>(typeid(addnorm::NormFunction).hash_code()));
+  args.collect(std::string(typeid(addnorm::NormFunction).name()));
+  args.collect(ctx_.saved_data);
+  TORCH_INTERNAL_ASSERT(ctx_.non_differentiable_.empty());
+  TORCH_INTERNAL_ASSERT(ctx_.dirty_inputs_.empty());
+  args.collect(ctx_.saved_variables_, true);  // always unpacked as output in eager
+  TORCH_INTERNAL_ASSERT(ctx_.to_save_.empty());
+  args.collect(ctx_.materialize_grads_);
+  args.collect(ctx_.has_freed_buffers_);
+  args.collect(is_variable_input_);
+  args.collect(input_info_);
+  args.collect(output_info_);
+}
 #endif
 
 // The saved tensors of a NormFunction node stay until its norm backward has run: a backward

@@ -352,3 +352,31 @@ def test_compiled_autograd_over_an_eager_forward(kw):
 
     for a, e in zip(grads(True), grads(False)):
         torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [{}, {"memory_efficient": True}, {"dropout_p": 0.2}], ids=str)
+def test_compiled_autograd_frees_the_saved_tensors(kw):
+    """After a compiled-autograd backward (which runs the node's backward on a copy of its
+    context) the node's saved tensors are freed, as after an eager one, and a second
+    backward without retain_graph raises (it once kept them all and ran again)."""
+    import gc
+    import weakref
+
+    x, r = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32, requires_grad=True)
+    w, b = torch.randn(32, requires_grad=True), torch.randn(32, requires_grad=True)
+    refs = []
+
+    def pack(t):  # (the activations: not the leaves the test holds, nor the dropout seed)
+        if t.is_floating_point() and not any(t is u for u in (x, r, w, b)):
+            refs.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = addnorm.add_layer_norm(x, r, 32, w, b, **kw).pow(2).sum()
+    assert len(refs) >= 3  # (h or out, mean, rstd; pow's input)
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        torch.compile(lambda: loss.backward(), backend="eager")()
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * len(refs)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()

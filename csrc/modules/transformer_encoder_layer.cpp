@@ -428,10 +428,14 @@ at::Tensor transformer_encoder_layer_impl(
   if (norm_first) {
     // x = x + dropout(sa(norm1(x))); x = x + dropout(ff(norm2(x))): the first residual add,
     // its dropout and norm2 fused.
+    // (Under autocast the projections keep a float16/bfloat16 copy of n1, not n1 itself:
+    // keeping n1 would add a tensor where h is src, which its caller holds anyway and
+    // torch's norm keeps too. norm2's h is a tensor of its own: there out costs the same.)
     const auto n1 = std::get<0>(addnorm::add_layer_norm(
         src, std::nullopt, d_model, norm1_weight, norm1_bias, layer_norm_eps,
         /*return_residual=*/false, /*residual_in_fp32=*/false, 0.0, std::nullopt,
-        lean(src, norm1_weight, norm1_bias)));
+        lean(src, norm1_weight, norm1_bias) &&
+            !at::autocast::is_autocast_enabled(src.device().type())));
     const auto [sa, x] = promoted(sa_block(n1), src);
     auto [n2, h] = addnorm::add_layer_norm(
         sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true,

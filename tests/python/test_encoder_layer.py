@@ -1266,6 +1266,39 @@ def test_training_keeps_two_tensors_fewer_per_layer(norm_first, batch_first, dro
         torch.autograd.grad(ours(x).sum(), [x], create_graph=True)
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_under_autocast_keeps_no_more_than_torch(norm_first, dropout):
+    """Under CPU bfloat16 autocast the projections keep bfloat16 copies of the norms'
+    float32 outputs, so keeping an output saves nothing: the bytes of the [M, E] tensors a
+    training step keeps (the input aside, which its caller holds) are never more than
+    torch's (pre-LN's first norm once kept its output where torch's keeps the input), and
+    with dropout at least one float32 [M, E] fewer per layer (the masks)."""
+    torch.manual_seed(0)
+    E, L = 32, 3
+    layers = [nn.TransformerEncoderLayer(E, 4, 64, dropout, batch_first=True,
+                                         norm_first=norm_first) for _ in range(L)]
+    theirs = nn.Sequential(*layers, nn.Linear(E, E)).train()
+    ours = addnorm.replace_modules(copy.deepcopy(theirs)).train()
+    x = torch.randn(5, 7, E, requires_grad=True)
+
+    def saved_bytes(model):
+        storages = {}
+
+        def pack(t):
+            if t.numel() == x.numel() and t.untyped_storage().data_ptr() != x.data_ptr():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(x)
+        return sum(storages.values())
+
+    fewer = (saved_bytes(theirs) - saved_bytes(ours)) / (x.numel() * 4)
+    assert fewer >= (L if dropout else 0), fewer
+
+
 def test_second_derivatives_in_eval_mode_as_the_refusal_says():
     """What the training-mode refusal points to: in eval mode, on the CPU under the math
     attention (as torch's layer needs there), second derivatives are torch's layer's."""

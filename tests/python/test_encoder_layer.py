@@ -1243,6 +1243,16 @@ def _saved_mn_storages(model, x):
     return len(ptrs)
 
 
+def _training_stacks(L, dropout, batch_first, norm_first, E=32):
+    """(torch's stack of L layers and a Linear head, addnorm's copy, an input x), training."""
+    torch.manual_seed(0)
+    layers = [nn.TransformerEncoderLayer(E, 4, 64, dropout, batch_first=batch_first,
+                                         norm_first=norm_first) for _ in range(L)]
+    theirs = nn.Sequential(*layers, nn.Linear(E, E)).train()
+    ours = addnorm.replace_modules(copy.deepcopy(theirs)).train()
+    return theirs, ours, torch.randn(5, 7, E, requires_grad=True)
+
+
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -1252,13 +1262,8 @@ def test_training_keeps_two_tensors_fewer_per_layer(norm_first, batch_first, dro
     projections read x as laid out, no copies kept; with dropout, the fused residual
     dropouts keep no mask), and second derivatives through the training-mode layer are
     refused with a clear error."""
-    torch.manual_seed(0)
-    E, L = 32, 3
-    layers = [nn.TransformerEncoderLayer(E, 4, 64, dropout, batch_first=batch_first,
-                                         norm_first=norm_first) for _ in range(L)]
-    theirs = nn.Sequential(*layers, nn.Linear(E, E)).train()
-    ours = addnorm.replace_modules(copy.deepcopy(theirs)).train()
-    x = torch.randn(5, 7, E, requires_grad=True)
+    L = 3
+    theirs, ours, x = _training_stacks(L, dropout, batch_first, norm_first)
     n_theirs, n_ours = _saved_mn_storages(theirs, x), _saved_mn_storages(ours, x)
     assert n_theirs - n_ours >= 2 * L, (n_theirs, n_ours)
     with pytest.raises(RuntimeError, match=r"memory_efficient=True keeps no h.*run it in eval "
@@ -1274,13 +1279,8 @@ def test_training_under_autocast_keeps_no_more_than_torch(norm_first, dropout):
     training step keeps (the input aside, which its caller holds) are never more than
     torch's (pre-LN's first norm once kept its output where torch's keeps the input), and
     with dropout at least one float32 [M, E] fewer per layer (the masks)."""
-    torch.manual_seed(0)
-    E, L = 32, 3
-    layers = [nn.TransformerEncoderLayer(E, 4, 64, dropout, batch_first=True,
-                                         norm_first=norm_first) for _ in range(L)]
-    theirs = nn.Sequential(*layers, nn.Linear(E, E)).train()
-    ours = addnorm.replace_modules(copy.deepcopy(theirs)).train()
-    x = torch.randn(5, 7, E, requires_grad=True)
+    L = 3
+    theirs, ours, x = _training_stacks(L, dropout, True, norm_first)
 
     def saved_bytes(model):
         storages = {}

@@ -4,14 +4,16 @@
 // stream (empty and non-differentiable unless return_residual); and h kept for backward
 // when it exists but is not returned (post-LN with a residual; never handed to callers,
 // empty otherwise). The node saves the tensor that was normalized (h, an output of the
-// node, or the input when there is no residual), mean, rstd and the weight.
+// node, or the input when there is no residual; memory_efficient: out), mean, rstd, the
+// weight, the bias (memory_efficient) and the fused dropout's seed.
 //
 // - First order: backward calls _norm_bwd, which adds the gradient flowing into the
 //   returned h in the same pass.
 // - A gradient into h alone (out unused) passes straight to input and residual: no norm
-//   backward runs and weight and bias get no gradient. The saved tensors stay until the
-//   norm's backward has run, so backpropagating h and then out works, as with torch's
-//   separate add and layer_norm.
+//   backward runs, weight and bias get no gradient, and no saved tensor is read (the
+//   fused dropout's mask comes from the seed kept as data, the forward's). The saved
+//   tensors stay until the norm's backward has run, so backpropagating h and then out
+//   works, as with torch's separate add and layer_norm.
 // - Higher order: with create_graph (or forward-mode tangents in backward), backward
 //   computes the same gradients with differentiable ATen ops from the saved h, for their
 //   graph, and takes their values from _norm_bwd (with_values_of); since h is an output of
@@ -406,7 +408,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["eps"] = eps;
     // The seed is also kept as data, with its version: backward refuses a seed changed in
     // place since (the mask it would regenerate is not the forward's), with a message that
-    // names it, and reads it where the saved variables are gone (see h_only below).
+    // names it, and the backward through h alone reads it (see there).
     ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
     ctx->saved_data["seed"] = seed_kept;
     ctx->saved_data["seed_version"] = drop ? seed_kept._version() : int64_t{0};
@@ -448,13 +450,11 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     };
     if (!grad_out.defined()) {
       // out is unused: only h's gradient, straight through h = dropout(input) + residual,
-      // with the saved seed (a checkpoint's recompute's, as torch's dropout's saved mask
-      // would be) while the saved variables are there, else the forward's (after the norm's
-      // backward released them; the same tensor outside a recompute).
+      // with the forward's mask (the seed kept as data). No saved tensor is unpacked: a
+      // saved h, out or weight changed in place since does not concern this gradient (as
+      // torch's add node keeps nothing), and a non-reentrant checkpoint recomputes nothing
+      // for it (its gradient is then the forward's mask's, that of the output used).
       if (grad_h_in.defined()) {
-        if (dropout_seed.defined() && !ctx->saved_data["bwd_done"].toBool()) {
-          dropout_seed = ctx->get_saved_variables()[5];
-        }
         set_input_grads(grad_h_in);
       }
       return grads;
@@ -623,9 +623,6 @@ void CppNode<addnorm::NormFunction>::compiled_args(CompiledNodeArgs& args) const
 }
 #endif
 
-// The saved tensors of a NormFunction node stay until its norm backward has run: a backward
-// that reaches the node through h alone needs none of them, and a later backward through
-// out must still find them (torch's separate add and layer_norm nodes behave so).
 // Where saving the node's tensors throws (a saved-tensor pack hook that raises:
 // non-reentrant checkpointing's early stop does, from the last tensor its recompute
 // needs), torch 2.11 leaves them in the context's to_save_; among them is an output of
@@ -642,6 +639,9 @@ void CppNode<addnorm::NormFunction>::save_variables_to_ctx() {
   }
 }
 
+// The saved tensors of a NormFunction node stay until its norm backward has run: a backward
+// that reaches the node through h alone needs none of them, and a later backward through
+// out must still find them (torch's separate add and layer_norm nodes behave so).
 template <>
 void CppNode<addnorm::NormFunction>::release_variables() {
   std::lock_guard<std::mutex> lock(mutex_);

@@ -669,11 +669,13 @@ def test_activation_checkpointing_recompute_reproduces_the_mask():
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("case", ["out", "memory_efficient", "h_only"])
 def test_checkpointing_without_preserved_rng_takes_the_recomputes_mask(use_reentrant, case):
-    """With preserve_rng_state=False the recompute draws the next seed: backward then uses
-    everything of the recompute, its h (or out) and statistics and its mask together, as
-    torch's dropout does there: the gradients of that mask, exactly. (The node once kept the
-    forward's seed beside the recompute's h under non-reentrant checkpointing: gradients of
-    no mask at all.)"""
+    """With preserve_rng_state=False the recompute draws the next seed: the norm's backward
+    then uses everything of the recompute, its h (or out) and statistics and its mask
+    together, as torch's dropout does there: the gradients of that mask, exactly. (The node
+    once kept the forward's seed beside the recompute's h under non-reentrant
+    checkpointing: gradients of no mask at all.) A backward through h alone reads no saved
+    tensor, so a non-reentrant checkpoint recomputes nothing for it: the forward's mask,
+    that of the h used (a reentrant one re-runs the forward: the recompute's)."""
     n = 64
     x0 = torch.randn(8, n, dtype=torch.float64)
     r = torch.randn(8, n, dtype=torch.float64)
@@ -702,7 +704,25 @@ def test_checkpointing_without_preserved_rng_takes_the_recomputes_mask(use_reent
         (block(xs, seed) * c).sum().backward()
         grads.append(xs.grad)
     assert not torch.equal(grads[0], grads[1])
-    assert torch.equal(x.grad, grads[1])
+    assert torch.equal(x.grad, grads[0 if case == "h_only" and not use_reentrant else 1])
+
+
+def test_backward_through_h_alone_reads_no_saved_tensor():
+    """A backward through h alone (out unused) gets the gradient of h = dropout(x) + r,
+    which needs none of the norm's saved tensors: one changed in place since (h itself,
+    out, the weight), as with torch's add and dropout, does not make it raise."""
+    for change in ("h", "out", "weight"):
+        x, r = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+        w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+        seed = addnorm.dropout_seed("cpu")
+        out, h = torch.ops.addnorm.add_layer_norm(
+            x, r, [8], w, b, return_residual=True, dropout_p=0.5, dropout_seed=seed,
+            memory_efficient=change == "out")
+        with torch.no_grad():
+            {"h": h, "out": out, "weight": w}[change].mul_(2)
+        h.sum().backward()
+        mask = addnorm.dropout_mask(seed, [4, 8], 0.5)
+        assert torch.equal(x.grad, mask * 2.0) and torch.equal(r.grad, torch.ones(4, 8))
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

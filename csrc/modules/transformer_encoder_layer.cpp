@@ -435,7 +435,8 @@ at::Tensor transformer_encoder_layer_impl(
         src, std::nullopt, d_model, norm1_weight, norm1_bias, layer_norm_eps,
         /*return_residual=*/false, /*residual_in_fp32=*/false, 0.0, std::nullopt,
         lean(src, norm1_weight, norm1_bias) &&
-            !at::autocast::is_autocast_enabled(src.device().type())));
+            !(at::autocast::is_autocast_available(src.device().type()) &&
+              at::autocast::is_autocast_enabled(src.device().type()))));
     const auto [sa, x] = promoted(sa_block(n1), src);
     auto [n2, h] = addnorm::add_layer_norm(
         sa, x, d_model, norm2_weight, norm2_bias, layer_norm_eps, /*return_residual=*/true,

@@ -452,6 +452,20 @@ def test_training_step_in_a_cuda_graph(dropout):
     else:
         assert not torch.equal(replays[0][0], replays[1][0])
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_training_on_the_meta_device_gives_shapes(norm_first):
+    """A layer on the meta device (shape inference, deferred initialization) trains as
+    torch's: outputs and gradients of the right shapes (the check of autocast for the
+    first pre-LN norm once raised for a device type autocast does not know)."""
+    layer = addnorm.TransformerEncoderLayer(16, 4, 32, 0.1, batch_first=True,
+                                            norm_first=norm_first).to("meta").train()
+    x = torch.empty(2, 5, 16, device="meta", requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and y.device.type == "meta"
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.norm1.weight.grad.shape == (16,)
+
+
 def test_submodules_state_dict_and_isinstance():
     ref, ours = _pair(bias=False)
     assert isinstance(ours, nn.TransformerEncoderLayer)

@@ -602,12 +602,15 @@ variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
 // release_variables kept the saved tensors after every compiled backward (a step's h, mean
 // and rstd alive beside the next step's; a second backward without retain_graph ran again).
 // Compiled autograd calls compiled_args for every node of each backward it runs: the node is
-// marked done there, first (the key then does not change after the first backward). So,
-// there, a backward through h alone frees them too, and a later one through out raises, as
-// for any node. The body is then the template's, torch 2.11's.
+// marked done there, first (the key then does not change after the first backward), unless
+// that backward keeps the graph. So, there, a backward through h alone frees them too, and a
+// later one through out raises, as for any node. The body is then the template's, torch
+// 2.11's.
 template <>
 void CppNode<addnorm::NormFunction>::compiled_args(CompiledNodeArgs& args) const {
-  const_cast<AutogradContext&>(ctx_).saved_data["bwd_done"] = true;
+  if (!get_current_graph_task_keep_graph()) {
+    const_cast<AutogradContext&>(ctx_).saved_data["bwd_done"] = true;
+  }
   args.collect(static_cast<uint64_t>(typeid(addnorm::NormFunction).hash_code()));
   args.collect(std::string(typeid(addnorm::NormFunction).name()));
   args.collect(ctx_.saved_data);

@@ -380,3 +380,19 @@ def test_compiled_autograd_frees_the_saved_tensors(kw):
     assert [ref() for ref in refs] == [None] * len(refs)
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.backward()
+
+
+def test_a_retained_compiled_autograd_backward_leaves_the_node_as_it_was():
+    """A compiled-autograd backward with retain_graph=True does not mark the node done: an
+    eager backward through h alone afterwards leaves its saved tensors, and one through out
+    then works (it once raised "backward through the graph a second time")."""
+    x, r = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
+    out, h = addnorm.add_layer_norm(x, r, 16, return_residual=True)
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        torch.compile(lambda: h.sum().backward(retain_graph=True), backend="eager")()
+    h.sum().backward()
+    out.pow(2).sum().backward()
+    xe, re_ = x.detach().clone().requires_grad_(), r.detach().clone().requires_grad_()
+    oe, he = addnorm.add_layer_norm(xe, re_, 16, return_residual=True)
+    (2 * he.sum() + oe.pow(2).sum()).backward()
+    torch.testing.assert_close(x.grad, xe.grad, rtol=1e-6, atol=1e-6)

@@ -10,10 +10,9 @@
 // - First order: backward calls _norm_bwd, which adds the gradient flowing into the
 //   returned h in the same pass.
 // - A gradient into h alone (out unused) passes straight to input and residual: no norm
-//   backward runs, weight and bias get no gradient, and no saved tensor is read (the
-//   fused dropout's mask comes from the seed kept as data, the forward's). The saved
-//   tensors stay until the norm's backward has run, so backpropagating h and then out
-//   works, as with torch's separate add and layer_norm.
+//   backward runs, weight and bias get no gradient, and no saved tensor but the fused
+//   dropout's seed is read. The saved tensors stay until the norm's backward has run, so
+//   backpropagating h and then out works, as with torch's separate add and layer_norm.
 // - Higher order: with create_graph (or forward-mode tangents in backward), backward
 //   computes the same gradients with differentiable ATen ops from the saved h, for their
 //   graph, and takes their values from _norm_bwd (with_values_of); since h is an output of
@@ -88,15 +87,19 @@ using torch::autograd::variable_list;
 // (the node's backward is then the last reader of h, and the reference counts of
 // held_by_node_alone hold); engine_grads, always there: the gradients reached the backward
 // moved from the engine's buffer, which with the backward's own argument makes two
-// references to each (held_by_backward_alone).
+// references to each (held_by_backward_alone); seed, for a backward through h alone, the
+// fused dropout's saved seed unpacked alone (see the apply specialization).
 struct NodeCall {
   bool last = false;
   bool engine_grads = false;
+  at::Tensor seed;
 };
 thread_local NodeCall node_call;
 
 struct InNodeCall {
-  explicit InNodeCall(bool last) : prev(node_call) { node_call = NodeCall{last, true}; }
+  InNodeCall(bool last, at::Tensor seed) : prev(node_call) {
+    node_call = NodeCall{last, true, std::move(seed)};
+  }
   ~InNodeCall() { node_call = prev; }
   InNodeCall(const InNodeCall&) = delete;
   InNodeCall& operator=(const InNodeCall&) = delete;
@@ -408,7 +411,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["eps"] = eps;
     // The seed is also kept as data, with its version: backward refuses a seed changed in
     // place since (the mask it would regenerate is not the forward's), with a message that
-    // names it, and the backward through h alone reads it (see there).
+    // names it, and the backward through h alone reads it where the saved one is not
+    // at hand (see there).
     ctx->saved_data["dropout_p"] = drop ? dropout_p : 0.0;
     ctx->saved_data["seed"] = seed_kept;
     ctx->saved_data["seed_version"] = drop ? seed_kept._version() : int64_t{0};
@@ -450,11 +454,13 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     };
     if (!grad_out.defined()) {
       // out is unused: only h's gradient, straight through h = dropout(input) + residual,
-      // with the forward's mask (the seed kept as data). No saved tensor is unpacked: a
-      // saved h, out or weight changed in place since does not concern this gradient (as
-      // torch's add node keeps nothing), and a non-reentrant checkpoint recomputes nothing
-      // for it (its gradient is then the forward's mask's, that of the output used).
+      // with the saved seed alone (node_call.seed: a non-reentrant checkpoint's recompute
+      // gives its own, as it does to the ops after h that saved it), else the one kept as
+      // data (no apply specialization, or the saved tensors released). h, out and the
+      // weight are not unpacked: one changed in place since does not concern this
+      // gradient (torch's add node keeps nothing).
       if (grad_h_in.defined()) {
+        if (node_call.seed.defined()) dropout_seed = node_call.seed;
         set_input_grads(grad_h_in);
       }
       return grads;
@@ -590,9 +596,20 @@ template <>
 variable_list CppNode<addnorm::NormFunction>::apply(variable_list&& inputs) {
   static const std::string kName = name();
   std::lock_guard<std::mutex> lock(mutex_);
+  // A backward through h alone (no gradient for out) with the fused dropout reads the saved
+  // seed alone, unpacked here (the context's saved variables are private to it), unless
+  // the seed was changed in place (backward then raises, naming it).
+  at::Tensor seed;
+  const auto kept = ctx_.saved_data.find("seed");
+  if (!inputs.empty() && !inputs[0].defined() && ctx_.saved_variables_.size() > 5 &&
+      kept != ctx_.saved_data.end() && kept->second.toTensor().defined() &&
+      kept->second.toTensor()._version() == ctx_.saved_data.at("seed_version").toInt()) {
+    seed = ctx_.saved_variables_[5].unpack();
+  }
   const addnorm::InNodeCall call(!get_current_graph_task_keep_graph() &&
-                                 !ctx_.saved_variables_.empty() &&
-                                 !ctx_.saved_variables_[0].has_hooks());
+                                     !ctx_.saved_variables_.empty() &&
+                                     !ctx_.saved_variables_[0].has_hooks(),
+                                 std::move(seed));
   return CppNode_apply_functional<addnorm::NormFunction>(
       std::move(inputs), ctx_, is_variable_input_, output_info_, kName);
 }

@@ -660,8 +660,9 @@ void CppNode<addnorm::NormFunction>::save_variables_to_ctx() {
 }
 
 // The saved tensors of a NormFunction node stay until its norm backward has run: a backward
-// that reaches the node through h alone needs none of them, and a later backward through
-// out must still find them (torch's separate add and layer_norm nodes behave so).
+// that reaches the node through h alone needs none of them but the seed, and a later
+// backward through out must still find them (torch's separate add and layer_norm nodes
+// behave so).
 template <>
 void CppNode<addnorm::NormFunction>::release_variables() {
   std::lock_guard<std::mutex> lock(mutex_);

@@ -62,7 +62,7 @@ class AddLayerNorm(nn.LayerNorm):
         out, h = torch.ops.addnorm.add_layer_norm(
             input, residual, self.normalized_shape, self.weight, self.bias, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
-            dropout_p=p, dropout_seed=F.dropout_seed(input.device) if p > 0.0 else None,
+            dropout_p=p, dropout_seed=F.dropout_seed(input.device) if 0.0 < p <= 1.0 else None,
             memory_efficient=self.memory_efficient)
         return (out, h) if self.return_residual else out
 
@@ -90,7 +90,7 @@ class AddRMSNorm(nn.RMSNorm):
         out, h = torch.ops.addnorm.add_rms_norm(
             input, residual, self.normalized_shape, self.weight, self.eps,
             return_residual=self.return_residual, residual_in_fp32=self.residual_in_fp32,
-            dropout_p=p, dropout_seed=F.dropout_seed(input.device) if p > 0.0 else None,
+            dropout_p=p, dropout_seed=F.dropout_seed(input.device) if 0.0 < p <= 1.0 else None,
             memory_efficient=self.memory_efficient)
         return (out, h) if self.return_residual else out
 

@@ -380,6 +380,13 @@ def test_bad_probability_is_refused(p):
     assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(gen.get_state(), states[1])
     with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
         addnorm.AddLayerNorm(8, dropout=p)
+    for cls in (addnorm.AddLayerNorm, addnorm.AddRMSNorm):  # set after the constructor's check
+        m = cls(8)
+        m.dropout = p
+        for module in (m, torch.jit.script(m)):
+            with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
+                module(x, x)
+            assert torch.equal(torch.get_rng_state(), states[0])
 
 
 @pytest.mark.parametrize("cls", [addnorm.AddLayerNorm, addnorm.AddRMSNorm])

@@ -16,7 +16,8 @@
 // statistics, float lanes with g rounded once, the row sums in double (with a 16-bit h, each
 // vector's terms summed in float first).
 // grad_gamma / grad_beta from per-chunk partials (fp64 for float32 and float64 data, the
-// float64 looping path's from double-double sums; fp32 for bfloat16/float16) summed in
+// float64 looping path's from double-double sums; fp32 for bfloat16/float16; the register
+// path's float32 grad_beta partial is a float32 sum of the chunk's dy, widened) summed in
 // double (double-double for fp64 partials) by a finalize kernel
 // in a fixed order, the chunks fixed by M, N and the path (register or looping, below:
 // chosen by N and the pointers' alignment), so bitwise reproducible, also across GPUs and

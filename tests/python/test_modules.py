@@ -466,27 +466,56 @@ def test_replace_modules(dtype, device):
 
 def test_replace_modules_warns_about_subclasses_it_leaves():
     """A subclass of a module replace_modules converts (a user's, or the class FSDP's
-    fully_shard makes) may change forward: it stays as it is, with a warning naming it (it
-    was skipped silently). addnorm's own modules, converted ones included, are no warning."""
+    fully_shard makes) may change forward: it stays as it is, with a warning naming it, by
+    its path in the model and its class's full name (a subclass may share torch's class
+    name), pointing at the caller's line. addnorm's own modules, converted ones included,
+    are no warning."""
 
-    class ShardedLayerNorm(nn.LayerNorm):
+    class LayerNorm(nn.LayerNorm):  # (as timm's)
         pass
 
     class MyLayer(nn.TransformerEncoderLayer):
         pass
 
-    model = nn.Sequential(ShardedLayerNorm(8), MyLayer(8, 2, 16), nn.LayerNorm(8),
+    model = nn.Sequential(LayerNorm(8), MyLayer(8, 2, 16), nn.LayerNorm(8),
                           addnorm.AddLayerNorm(8), addnorm.AddRMSNorm(8), nn.Linear(8, 8))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         addnorm.replace_modules(model)
-    messages = sorted(str(w.message) for w in caught)
-    assert messages == [f"addnorm.replace_modules: {name} stays as it is: a subclass, whose "
-                        "forward may differ" for name in ("MyLayer", "ShardedLayerNorm")]
-    assert [type(m) for m in model[:3]] == [ShardedLayerNorm, MyLayer, addnorm.LayerNorm]
+    prefix = f"{__name__}.test_replace_modules_warns_about_subclasses_it_leaves.<locals>."
+    assert sorted(str(w.message) for w in caught) == [
+        f"addnorm.replace_modules: {i} ({prefix}{name}) stays as it is: a subclass, whose forward "
+        "may differ" for i, name in ((0, "LayerNorm"), (1, "MyLayer"))]
+    assert {w.filename for w in caught} == {__file__}
+    assert [type(m) for m in model[:3]] == [LayerNorm, MyLayer, addnorm.LayerNorm]
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="addnorm.replace_modules")
         addnorm.replace_modules(nn.Sequential(*model[2:]))
+
+
+@pytest.mark.parametrize("kind", [nn.LayerNorm, nn.RMSNorm, nn.TransformerEncoderLayer])
+def test_replace_modules_leaves_a_forward_set_on_the_instance(kind):
+    """A forward set on the instance (accelerate's hooks wrap the bound method so) runs
+    whatever the class is: a class swap would report addnorm's class and run torch's
+    kernels. Such a module stays as it is, with a warning (it was swapped silently);
+    forward hooks, which Module.__call__ runs around the class's forward, are no reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), kind(8, 2, 16) if kind is nn.TransformerEncoderLayer else kind(8))
+    wrapped = model[1].forward
+    model[1].forward = lambda *args, **kwargs: wrapped(*args, **kwargs)
+    model[1].register_forward_hook(lambda m, args, out: None)
+    with pytest.warns(UserWarning) as caught:
+        addnorm.replace_modules(model)
+    assert [str(w.message) for w in caught] == [
+        f"addnorm.replace_modules: 1 ({kind.__module__}.{kind.__qualname__}) stays as it is: its "
+        "forward is set on the instance (as accelerate's hooks do): convert first"]
+    assert type(model[1]) is kind
+    del model[1].forward
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="addnorm.replace_modules")
+        addnorm.replace_modules(model)
+    assert type(model[1]) is {nn.LayerNorm: addnorm.LayerNorm, nn.RMSNorm: addnorm.RMSNorm,
+                              nn.TransformerEncoderLayer: addnorm.TransformerEncoderLayer}[kind]
 
 
 @pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])

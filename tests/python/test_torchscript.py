@@ -388,7 +388,7 @@ def test_replace_modules_keeps_model_scriptable():
 def test_replace_modules_refuses_a_scripted_model():
     """A ScriptModule's submodules are compiled (their types are not torch's): converting it
     would do nothing, silently; replace_modules says to convert before scripting."""
-    with pytest.raises(TypeError, match="ScriptModule.*convert the nn.Module first"):
+    with pytest.raises(TypeError, match=r"ScriptModule \(compiled\): convert, then script it"):
         addnorm.replace_modules(torch.jit.script(_TorchModel()))
 
 

@@ -105,6 +105,25 @@ void check_opt_shape(const OptTensor& t, c10::SymIntArrayRef expected, const cha
   if (t.has_value()) check_shape(*t, expected, name, device);
 }
 
+// A parameter's dtype (the linears and norms would refuse a mismatch in words that name no
+// parameter of the layer, or a norm's `weight`). A Linear's: src's, except under autocast
+// on src's device, which casts the Linears' arguments (and where this layer leaves the
+// dtypes to the ops). A norm's: src's, or a float dtype no wider than the one the norm
+// reads src in (float32 for float16/bfloat16 src), as the norm ops take them.
+void check_dtype(const OptTensor& t, const char* name, c10::ScalarType src, bool norm) {
+  if (!t.has_value()) return;
+  const auto d = t->scalar_type();
+  const bool half = src == at::kHalf || src == at::kBFloat16;
+  const bool ok = !norm ? d == src
+                        : d == src || ((d == at::kHalf || d == at::kBFloat16 || d == at::kFloat ||
+                                        d == at::kDouble) &&
+                                       c10::elementSize(d) <= (half ? 4 : c10::elementSize(src)));
+  TORCH_CHECK(ok, "addnorm: transformer_encoder_layer: ", name, " must have src's dtype (", src,
+              norm ? (half ? "), float16, bfloat16 or float32" : ") or a narrower float dtype")
+                   : ")",
+              ", got ", d);
+}
+
 // torch's dropout (nothing drawn or dropped outside training or at p = 0) with addnorm's
 // regenerated keep-mask (_dropout_apply, differentiable): the graph keeps the seed tensor
 // instead of a mask, and backward regenerates the mask from it.
@@ -315,6 +334,22 @@ at::Tensor transformer_encoder_layer_impl(
   check_opt_shape(norm1_bias, {E}, "norm1_bias", device);
   check_shape(norm2_weight, {E}, "norm2_weight", device);
   check_opt_shape(norm2_bias, {E}, "norm2_bias", device);
+  const auto dtype = src.scalar_type();
+  if (!at::autocast::is_autocast_available(device.type()) ||
+      !at::autocast::is_autocast_enabled(device.type())) {
+    check_dtype(in_proj_weight, "in_proj_weight", dtype, false);
+    check_dtype(in_proj_bias, "in_proj_bias", dtype, false);
+    check_dtype(out_proj_weight, "out_proj_weight", dtype, false);
+    check_dtype(out_proj_bias, "out_proj_bias", dtype, false);
+    check_dtype(linear1_weight, "linear1_weight", dtype, false);
+    check_dtype(linear1_bias, "linear1_bias", dtype, false);
+    check_dtype(linear2_weight, "linear2_weight", dtype, false);
+    check_dtype(linear2_bias, "linear2_bias", dtype, false);
+  }
+  check_dtype(norm1_weight, "norm1_weight", dtype, true);
+  check_dtype(norm1_bias, "norm1_bias", dtype, true);
+  check_dtype(norm2_weight, "norm2_weight", dtype, true);
+  check_dtype(norm2_bias, "norm2_bias", dtype, true);
 
   // Inference in bfloat16 on the CPU, and in float16/bfloat16 on CUDA: torch's fused
   // inference kernel, which nn.TransformerEncoderLayer's fast path calls, so the result is
@@ -332,7 +367,6 @@ at::Tensor transformer_encoder_layer_impl(
   // under CPU autocast its fast path runs (the kernel's products then in the autocast
   // dtype, and so its result), and so does this one for CPU input of any dtype, also with
   // parameters of another dtype (a stack's second layer gets the first one's bfloat16).
-  const auto dtype = src.scalar_type();
   const bool cpu_autocast = device.is_cpu() && at::autocast::is_autocast_enabled(at::kCPU);
   const bool fast_dtype = device.is_cpu()
       ? dtype == at::kBFloat16 || cpu_autocast

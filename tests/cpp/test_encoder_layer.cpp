@@ -339,4 +339,29 @@ TEST(TransformerEncoderLayer, UndefinedTensorsAreRefusedByName) {
       << msg;
 }
 
+// src or a parameter in another dtype: the parameter is named (matmul named neither).
+TEST(TransformerEncoderLayer, DtypeMismatchNamesTheParameter) {
+  addnorm::TransformerEncoderLayer layer(
+      addnorm::TransformerEncoderLayerOptions(16, 2).dim_feedforward(32));
+  layer->eval();
+  torch::NoGradGuard no_grad;
+  auto message = [&](const at::Tensor& src) {
+    try {
+      layer->forward(src);
+    } catch (const c10::Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const auto src = torch::randn({5, 2, 16});
+  auto msg = message(src.to(torch::kDouble));
+  EXPECT_NE(msg.find("in_proj_weight must have src's dtype (Double), got Float"),
+            std::string::npos)
+      << msg;
+  layer->linear2->bias.set_data(layer->linear2->bias.to(torch::kDouble));
+  msg = message(src);
+  EXPECT_NE(msg.find("linear2_bias must have src's dtype (Float), got Double"), std::string::npos)
+      << msg;
+}
+
 }  // namespace

@@ -548,6 +548,38 @@ def test_op_errors():
         with torch.no_grad(), pytest.raises(RuntimeError, match=rf"{name}.* must be on src's "
                                                                  "device cpu, got device meta"):
             op(*bad)
+    # Every weight and bias in a dtype the layer takes, by name (matmul's "mat1 and mat2
+    # must have the same dtype" named none, a norm's error only "weight"). The norms take
+    # what the norm ops take: a narrower float dtype, float32 beside 16-bit src; autocast
+    # casts the linears' arguments.
+    for i, name in enumerate(names, start=4):
+        for dtype, got in ((torch.float64, "Double"), (torch.int32, "Int")):
+            bad = list(args)
+            bad[i] = bad[i].detach().to(dtype)
+            with torch.no_grad(), pytest.raises(RuntimeError, match=rf"transformer_encoder_layer: {name} must have "
+                                                rf"src's dtype \(Float\).*, got {got}$"):
+                op(*bad)
+    with torch.no_grad():
+        for i, name in enumerate(names, start=4):  # a float layer's narrower norm: taken
+            if name.startswith("norm"):
+                good = list(args)
+                good[i] = good[i].detach().bfloat16()
+                assert op(*good).dtype == torch.float32
+        half = [a.bfloat16() if isinstance(a, torch.Tensor) else a for a in args]
+        for i in range(12, 16):  # bfloat16 src and linears, float32 norms: taken
+            half[i] = args[i]
+        assert op(*half).dtype == torch.bfloat16
+        half[4] = args[4].double()
+        with pytest.raises(RuntimeError, match=r"in_proj_weight must have src's dtype \(BFloat16\), got Double"):
+            op(*half)
+        half[4] = args[4]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert op(*half).dtype == torch.bfloat16
+        half[4] = args[4].bfloat16()
+        half[12] = args[12].double()
+        with pytest.raises(RuntimeError, match=r"norm1_weight must have src's dtype \(BFloat16\), float16, "
+                                               r"bfloat16 or float32, got Double"):
+            op(*half)
     # dim_feedforward comes from linear1_weight: a bias that disagrees says so.
     bad = list(args)
     bad[8] = torch.randn(FF + 1, E)

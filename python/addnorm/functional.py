@@ -87,11 +87,10 @@ def _check_seed_can_be_drawn(what: str = "the fused dropout's seed", fix: str = 
         explicit_generator: bool = False) -> None:
     if torch.compiler.is_compiling() or torch._guards.TracingContext.try_get() is not None:
         from torch._functorch import config as functorch_config
-        budget = functorch_config.activation_memory_budget
-        if budget < 1.0:
-            raise RuntimeError(
+        if functorch_config.activation_memory_budget < 1.0:  # (not in the message: with dynamic=True a
+            raise RuntimeError(  # symbolic float, whose formatting broke the graph before the raise)
                 f"addnorm: {what} cannot be drawn inside a graph compiled with "
-                f"activation_memory_budget = {budget} < 1 (torch.compile may recompute the draw in "
+                f"activation_memory_budget < 1 (torch.compile may recompute the draw in "
                 f"backward with fresh randomness: gradients of another mask). {fix}")
     elif explicit_generator and torch._C._current_graph_task_id() != -1:
         fix = fix.replace("(device)", "(device, generator)")
@@ -166,8 +165,7 @@ def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _S
                  dropout_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
                  return_dropout_mask: bool = False,
                  memory_efficient: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
-    """``h = dropout(input, dropout_p) + residual; out = rms_norm(h)`` in one pass; see
-    ``add_layer_norm``."""
+    """``h = dropout(input, dropout_p) + residual; out = rms_norm(h)``; see ``add_layer_norm``."""
     return _add_norm(True, input, residual, normalized_shape, weight, None, eps,
                      return_residual, residual_in_fp32, dropout_p, generator,
                      return_dropout_mask, memory_efficient)

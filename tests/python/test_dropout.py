@@ -845,12 +845,16 @@ def test_seed_words_are_random_in_all_bits_compiled_too():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
 @pytest.mark.parametrize("budget", [0.5, 0.0])
-def test_memory_budget_partitioner(budget):
+def test_memory_budget_partitioner(budget, dynamic):
     """With activation_memory_budget < 1 torch.compile's partitioner recomputes random draws
     in backward with fresh randomness (it does so for torch's own dropout too). A seed drawn
-    inside the graph is refused with a clear error; a seed passed in as a graph input is
-    never recomputed, and the gradients belong to the forward's mask at any budget."""
+    inside the graph is refused with a clear error (fullgraph), or drawn eagerly at a graph
+    break (without fullgraph: gradients of the forward's mask); a seed passed in as a graph
+    input is never recomputed, and the gradients belong to the forward's mask at any budget.
+    With dynamic=True (the budget, a float, traced as symbolic) addnorm's message was lost
+    with fullgraph, and without it the compiled call raised."""
     import torch._functorch.config as fconfig
     x0, r0, fn, check = _compile_case()
 
@@ -859,11 +863,20 @@ def test_memory_budget_partitioner(budget):
 
     with fconfig.patch(activation_memory_budget=budget):
         torch._dynamo.reset()
-        compiled = torch.compile(seeded, fullgraph=True, backend="aot_eager_decomp_partition")
-        with pytest.raises(Exception, match="activation_memory_budget"):
+        compiled = torch.compile(seeded, fullgraph=True, dynamic=dynamic,
+                                 backend="aot_eager_decomp_partition")
+        with pytest.raises(Exception, match=r"addnorm: the fused dropout's seed cannot be drawn inside a "
+                                            r"graph compiled with activation_memory_budget < 1"):
             compiled(x0.clone().requires_grad_(), r0.clone().requires_grad_())
         torch._dynamo.reset()
-        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager_decomp_partition")
+        compiled = torch.compile(seeded, dynamic=dynamic, backend="aot_eager_decomp_partition")
+        x, r = x0.clone().requires_grad_(), r0.clone().requires_grad_()
+        torch.manual_seed(7)
+        compiled(x, r).backward()
+        torch.manual_seed(7)
+        check(x, r, addnorm.dropout_seed("cpu"))
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend="aot_eager_decomp_partition")
         seed = addnorm.dropout_seed("cpu")
         x = x0.clone().requires_grad_()
         r = r0.clone().requires_grad_()

@@ -359,11 +359,14 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     // does an h wider than out (float32 beside float16/bfloat16 input: a float32 residual,
     // or residual_in_fp32 with a residual or dropout): xhat rebuilt from the rounded out
     // would give the float32 gradients of the residual and the weight 16-bit accuracy.
-    // (Without either, h is the input widened exactly: nothing to gain.)
+    // (Without either, h is the input widened exactly: nothing to gain.) A symbolic row
+    // length counts as long only where its range says so: no guard (an unbacked size raised,
+    // and an exported program's range of N was narrowed to N >= 4).
     const auto h_dtype = h_dtype_of(
         input.scalar_type(), has_residual ? std::optional(residual->scalar_type()) : std::nullopt,
         residual_in_fp32);
-    const bool from_output = memory_efficient && c10::multiply_integers(normalized_shape) > 3 &&
+    const bool from_output = memory_efficient &&
+                             TORCH_STATICALLY_KNOWN_TRUE(c10::multiply_integers(normalized_shape).sym_gt(3)) &&
                              (h_dtype == input.scalar_type() || (!has_residual && !drop)) &&
                              output_invertible(weight, is_rms ? std::nullopt : bias,
                                                input.scalar_type());

@@ -182,20 +182,27 @@ def test_compile_unbacked_sizes():
     independent unbacked rows, and an unbacked normalized dim against a weight of static
     size, compile with fullgraph=True (the shape checks become runtime assertions there,
     where they had failed the trace: "Could not guard on data-dependent expression"), and the
-    compiled forward and backward are eager's."""
+    compiled forward and backward are eager's. memory_efficient's short-row rule (rows of 1
+    to 3 keep h) on an unbacked row length adds no guard (it raised): the graph keeps h, and
+    its gradients are bitwise those of memory_efficient=False; with a weight of static size
+    the row length is known (8), and the graph keeps out as eager does."""
     x, r = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     w = torch.randn(8, requires_grad=True)
-    cases = [(lambda x, r, w: addnorm.add_layer_norm(x, r, 8, w), [(x, 0), (r, 0)]),
-             (lambda x, r, w: addnorm.add_rms_norm(x, r, 8, w, memory_efficient=True),
+    ln_me = lambda me: lambda x, r, w: addnorm.add_layer_norm(x, r, x.shape[-1], memory_efficient=me)  # noqa: E731
+    cases = [(lambda x, r, w: addnorm.add_layer_norm(x, r, 8, w), None, [(x, 0), (r, 0)]),
+             (lambda x, r, w: addnorm.add_rms_norm(x, r, 8, w, memory_efficient=True), None,
               [(x, 0), (r, 0)]),
-             (lambda x, r, w: addnorm.layer_norm(x, x.shape[-1], w), [(x, 1)]),
-             (lambda x, r, w: addnorm.rms_norm(x, [x.shape[-1]], w), [(x, 1)])]
-    for fn, marks in cases:
+             (lambda x, r, w: addnorm.layer_norm(x, x.shape[-1], w), None, [(x, 1)]),
+             (lambda x, r, w: addnorm.rms_norm(x, [x.shape[-1]], w), None, [(x, 1)]),
+             (ln_me(True), ln_me(False), [(x, 1), (r, 1)]),
+             (lambda x, r, w: addnorm.add_rms_norm(x, r, x.shape[-1], w, memory_efficient=True), None,
+              [(x, 1), (r, 1)])]
+    for fn, ref, marks in cases:
         torch._dynamo.reset()
         for t, d in marks:
             torch._dynamo.decorators.mark_unbacked(t, d)
         got = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, r, w)
-        exp = fn(x, r, w)
+        exp = (ref or fn)(x, r, w)
         assert torch.equal(got, exp)
         g = torch.randn_like(exp)
         for a, e in zip(torch.autograd.grad(got, (x, r, w), g, allow_unused=True),
@@ -287,6 +294,31 @@ def test_export_keeps_custom_op(rms, device):
         for a, e in zip(got, exp):
             assert a.shape == (bsz, 6, 48)
             assert_close(a, e.double(), name="exported vs eager")
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["ln", "rms"])
+def test_export_memory_efficient_keeps_a_dynamic_row_lengths_range(rms):
+    """memory_efficient=True with a dynamic row length N: the short-row rule (rows of 1 to 3
+    keep h) adds no guard, so the exported program takes every N of its range (the guard
+    N >= 4 failed export with Dim(min=1), and narrowed Dim.DYNAMIC to N >= 4: the program
+    refused N = 3), and its outputs and gradients are eager's at each N."""
+    def fn(x, r):
+        op = addnorm.add_rms_norm if rms else addnorm.add_layer_norm
+        return op(x, r, x.shape[-1], memory_efficient=True)
+
+    class M(nn.Module):
+        def forward(self, x, r):
+            return fn(x, r)
+
+    x, r = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8)
+    for dim in (torch.export.Dim("N", min=1, max=64), torch.export.Dim.DYNAMIC):
+        ep = torch.export.export(M(), (x, r), dynamic_shapes=({1: dim},) * 2)
+        for n in (1, 3, 8, 17):
+            xi, ri = torch.randn(4, n, requires_grad=True), torch.randn(4, n)
+            got, exp = ep.module()(xi, ri), fn(xi, ri)
+            assert torch.equal(got, exp)
+            g = torch.randn_like(exp)
+            assert torch.equal(torch.autograd.grad(got, xi, g)[0], torch.autograd.grad(exp, xi, g)[0])
 
 
 def test_run_decompositions_backward_raises_instead_of_no_gradients():

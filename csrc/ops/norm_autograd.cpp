@@ -365,8 +365,9 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     const auto h_dtype = h_dtype_of(
         input.scalar_type(), has_residual ? std::optional(residual->scalar_type()) : std::nullopt,
         residual_in_fp32);
-    const bool from_output = memory_efficient &&
-                             TORCH_STATICALLY_KNOWN_TRUE(c10::multiply_integers(normalized_shape).sym_gt(3)) &&
+    const bool long_rows =
+        TORCH_STATICALLY_KNOWN_TRUE(c10::multiply_integers(normalized_shape).sym_gt(3));
+    const bool from_output = memory_efficient && long_rows &&
                              (h_dtype == input.scalar_type() || (!has_residual && !drop)) &&
                              output_invertible(weight, is_rms ? std::nullopt : bias,
                                                input.scalar_type());

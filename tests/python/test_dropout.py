@@ -116,7 +116,7 @@ def test_same_seed_same_mask_on_cpu_and_cuda(p):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("p", [0.3, 0.15])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_h_is_torchs_dropout_then_add(dtype, p, device):
     """h = dropout(x) + r is bitwise what torch's CPU dropout computes from the same mask
     (noise = mask / (1 - p), then x * noise), plus r: each step rounded (in float32 for
@@ -527,8 +527,10 @@ def test_vmap_dropout_follows_randomness(randomness):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtypes", [(torch.float64, None), (torch.float32, None),
-                                    (torch.bfloat16, None), (torch.float32, torch.bfloat16)],
-                         ids=["float64", "float32", "bfloat16", "float32_to_bfloat16"])
+                                    (torch.bfloat16, None), (torch.float16, None),
+                                    (torch.float32, torch.bfloat16), (torch.float32, torch.float16)],
+                         ids=["float64", "float32", "bfloat16", "float16", "float32_to_bfloat16",
+                              "float32_to_float16"])
 def test_dropout_apply_gradient_is_the_mask(dtypes, device):
     """out = input * (mask / (1 - p)) in the compute type (float32, or float64 for float64;
     the factor rounded as torch's dropout rounds it), and the input's gradient is grad *
@@ -919,19 +921,24 @@ def test_cuda_graph_replay_draws_a_fresh_mask():
 # --------------------------------------------------------------------------- modules
 
 
-def test_module_dropout_only_in_training():
-    m = addnorm.AddLayerNorm(16, dropout=0.5, return_residual=True)
+@pytest.mark.parametrize("cls", [addnorm.AddLayerNorm, addnorm.AddRMSNorm])
+def test_module_dropout_only_in_training(cls):
+    """Both modules drop in training only (AddRMSNorm's eval mode went unchecked): in eval h
+    is x + r and out the module's without dropout, bit for bit."""
+    m = cls(16, dropout=0.5, return_residual=True)
     x, r = torch.randn(4, 16), torch.randn(4, 16)
     h_train = m(x, r)[1]
     assert torch.count_nonzero(h_train - r) < x.numel()  # some elements dropped
     m.eval()
-    assert torch.equal(m(x, r)[1], x + r)
+    out, h = m(x, r)
+    assert torch.equal(h, x + r)
+    assert torch.equal(out, cls(16)(x, r))
     assert "dropout=0.5" in repr(m)
-    rms = addnorm.AddRMSNorm(16, dropout=0.25).train()
+    m = cls(16, dropout=0.25).train()
     torch.manual_seed(3)
-    a = rms(x, r)
+    a = m(x, r)
     torch.manual_seed(3)
-    assert torch.equal(a, rms(x, r))
+    assert torch.equal(a, m(x, r))
 
 
 @pytest.mark.parametrize("device", DEVICES)

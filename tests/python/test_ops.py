@@ -352,6 +352,29 @@ def test_narrower_params_are_widened(x_dtype, p_dtype, norm, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_float32_bias_without_a_weight_is_read_in_float32(dtype, device):
+    """A float32 bias and no weight beside float16/bfloat16 input: the bias is read in float32
+    (not rounded to the input's dtype first), so out, h and the gradients equal, bit for bit,
+    those of the call with a float32 weight of ones; with and without a residual."""
+    torch.manual_seed(5)
+    x = make_data((64, 40), dtype, device, requires_grad=True)
+    r = make_data((64, 40), dtype, device, scale=1.0, offset=0.0)
+    b = (torch.randn(40, device=device) * 3).requires_grad_()
+    ones = torch.ones(40, device=device)
+    op = torch.ops.addnorm.add_layer_norm
+    for residual in (None, r):
+        out, h = op(x, residual, [40], None, b, 1e-5)
+        ref, ref_h = op(x, residual, [40], ones, b, 1e-5)
+        assert out.dtype == dtype and torch.equal(out, ref) and torch.equal(h, ref_h)
+        g = torch.randn_like(out)
+        for a, e in zip(torch.autograd.grad(out, (x, b), g), torch.autograd.grad(ref, (x, b), g)):
+            assert torch.equal(a, e)
+    ln = torch.ops.addnorm.layer_norm
+    assert not torch.equal(ln(x, [40], None, b, 1e-5), ln(x, [40], None, b.to(dtype), 1e-5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_fp32_residual_keeps_precision(dtype, device):
     """With an fp32 residual stream the small increments are not lost to half rounding:
     h = x + r is computed and kept in fp32 (what pre-LN mixed precision training relies on)."""

@@ -22,8 +22,19 @@ VENV_PATH = PATH="$(abspath $(VENV))/bin:$$PATH"
 run: build
 	$(PY) benchmarks/main.py
 
+# The CPU kernels are built for AVX-512, AVX2 and a portable version, and run the one
+# ATEN_CPU_CAPABILITY allows (this CPU's best by default): the kernels' tests run again with
+# AVX2 and the portable version, whose vector widths (and so row tails) differ.
+ISA_PYTESTS ?= tests/python/test_ops.py tests/python/test_accuracy.py \
+  tests/python/test_memory_efficient.py tests/python/test_value_range.py \
+  tests/python/test_reuse_h.py tests/python/test_reuse_grad_out.py tests/python/test_dropout.py
+
 test: build
 	$(PY) -m pytest tests/python -q
+	for cap in avx2 default; do \
+	  echo "pytest with ATEN_CPU_CAPABILITY=$$cap: $(ISA_PYTESTS)"; \
+	  ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest $(ISA_PYTESTS) -q -p no:cacheprovider || exit 1; \
+	done
 	$(VENV)/bin/ctest --test-dir $(BUILD_DIR) --output-on-failure
 	$(MAKE) --no-print-directory example
 

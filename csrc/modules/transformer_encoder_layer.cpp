@@ -108,16 +108,12 @@ void check_opt_shape(const OptTensor& t, c10::SymIntArrayRef expected, const cha
 // A parameter's dtype (the linears and norms would refuse a mismatch in words that name no
 // parameter of the layer, or a norm's `weight`). A Linear's: src's, except under autocast
 // on src's device, which casts the Linears' arguments (and where this layer leaves the
-// dtypes to the ops). A norm's: src's, or a float dtype no wider than the one the norm
-// reads src in (float32 for float16/bfloat16 src), as the norm ops take them.
+// dtypes to the ops). A norm's: what the norm ops take beside src (param_dtype_taken).
 void check_dtype(const OptTensor& t, const char* name, c10::ScalarType src, bool norm) {
   if (!t.has_value()) return;
   const auto d = t->scalar_type();
   const bool half = src == at::kHalf || src == at::kBFloat16;
-  const bool ok = !norm ? d == src
-                        : d == src || ((d == at::kHalf || d == at::kBFloat16 || d == at::kFloat ||
-                                        d == at::kDouble) &&
-                                       c10::elementSize(d) <= (half ? 4 : c10::elementSize(src)));
+  const bool ok = norm ? param_dtype_taken(d, src) : d == src;
   TORCH_CHECK(ok, "addnorm: transformer_encoder_layer: ", name, " must have src's dtype (", src,
               norm ? (half ? "), float16, bfloat16 or float32" : ") or a narrower float dtype")
                    : ")",

@@ -80,6 +80,12 @@ void check_param(
 
 }  // namespace
 
+bool param_dtype_taken(c10::ScalarType param, c10::ScalarType input) {
+  const auto read_as = (input == at::kHalf || input == at::kBFloat16) ? at::kFloat : input;
+  return is_allowed_companion_dtype(param, input) ||
+         (is_supported_float(param) && c10::elementSize(param) < c10::elementSize(read_as));
+}
+
 std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> widened_params(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& input) {

@@ -52,6 +52,11 @@ std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> widened_params(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& input);
 
+// Whether the public norm ops take a weight or bias of dtype param beside input of dtype
+// input: the input's, float32 beside float16/bfloat16 input, or a float dtype narrower than
+// the one the kernels read parameters in (widened_params widens it).
+bool param_dtype_taken(c10::ScalarType param, c10::ScalarType input);
+
 // A call after its checks: the first normalized dim and the call's dtypes.
 struct NormPlan {
   int64_t axis;       // input.dim() - len(normalized_shape)

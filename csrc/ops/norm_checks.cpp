@@ -46,12 +46,14 @@ c10::ScalarType param_dtype_of(
 // A plain strided tensor: not nested, sparse, quantized or mkldnn (the dispatcher's message
 // for those would name an internal op, or none).
 void check_strided(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(
-      t.layout() == at::kStrided && !t.is_nested() && !t.is_quantized(), "addnorm: ", name,
-      " must be a strided tensor, got ", t.is_nested() ? "a nested tensor"
-                                         : t.is_quantized() ? "a quantized tensor"
-                                                            : "a tensor of layout ",
-      t.is_nested() || t.is_quantized() ? "" : c10::str(t.layout()));
+  // (a quantized tensor's layout is strided: it gets its own message, with what to do)
+  TORCH_CHECK(!t.is_quantized(), "addnorm: ", name, " must be an unquantized tensor, got a "
+              "quantized tensor (", t.scalar_type(), "): dequantize it first (the norms run in "
+              "floating point)");
+  TORCH_CHECK(t.layout() == at::kStrided && !t.is_nested(), "addnorm: ", name,
+              " must be a strided tensor, got ",
+              t.is_nested() ? "a nested tensor" : "a tensor of layout ",
+              t.is_nested() ? "" : c10::str(t.layout()));
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& input, const char* name) {

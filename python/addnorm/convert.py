@@ -30,7 +30,8 @@ def replace_modules(model: nn.Module) -> nn.Module:
         kind, ours = type(module), type(module).__module__.split(".")[0] == __package__
         why = ("its forward is set on the instance (as accelerate's hooks do): convert first" if "forward" in
                vars(module) else _unsupported_reason(module) if kind is nn.TransformerEncoderLayer else None
-               if kind in _REPLACEMENTS else "a subclass, whose forward may differ")
+               if kind in _REPLACEMENTS else "parametrized: convert, then parametrize" if
+               nn.utils.parametrize.is_parametrized(module) else "a subclass, whose forward may differ")
         if why is None:  # Same object, new class: parameters, hooks, device, dtype kept.
             module.__class__ = _REPLACEMENTS[kind]
         elif isinstance(module, tuple(_REPLACEMENTS)) and not ours:

@@ -59,7 +59,7 @@ def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
     for parent, leaf, types in _PLAIN:
         m = (layer._modules[parent]._modules if parent else layer._modules).get(leaf)
         if type(m) not in types:
-            return f"{parent}.{leaf}".lstrip(".") + f" is a {type(m).__name__}, not plain"
+            return f"{parent}.{leaf}".lstrip(".") + f" is a {type(m).__module__}.{type(m).__qualname__}, not plain"
         if _overridden(m):
             return f"{parent}.{leaf}".lstrip(".") + " has hooks or its own forward, not called"
     if any(_set(layer, n, nn.TransformerEncoderLayer) for n in ("_sa_block", "_ff_block")):

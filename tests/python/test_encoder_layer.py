@@ -6,6 +6,7 @@ C++ module (addnorm._C) against the Python one; gradcheck; nn.TransformerEncoder
 replace_modules; torch.compile."""
 
 import copy
+import re
 import types
 import warnings
 
@@ -1072,6 +1073,22 @@ def _assert_runs_torchs_forward(ref, ours, x):
     expected.sum().backward()
     got.sum().backward()
     assert torch.equal(xo.grad, xr.grad)
+
+
+def test_fallback_warning_names_the_submodules_class_in_full():
+    """A submodule of another class is named by its module and class: LoRA adapters' and
+    torch.ao's dynamically quantized Linears are classes called Linear, which read as "a
+    Linear, not plain"."""
+    _, ours = _pair(dropout=0.0)
+    ours.linear1 = _LoRALinear(ours.linear1)
+    with pytest.warns(UserWarning, match=re.escape(
+            f"linear1 is a {__name__}._LoRALinear, not plain")):
+        ours(_src(False))
+    _, ours = _pair(dropout=0.0)
+    torch.ao.quantization.quantize_dynamic(ours, {nn.Linear}, inplace=True)
+    with pytest.warns(UserWarning, match=re.escape(
+            "linear1 is a torch.ao.nn.quantized.dynamic.modules.linear.Linear, not plain")):
+        ours(_src(False))
 
 
 @pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _norm1_weight_none,

@@ -358,10 +358,11 @@ def test_non_strided_argument_is_named(op, which, kind):
         else:
             t = torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)
         cases.append((mode, dict(plain, **{which: t})))
-    got = "a nested tensor" if kind == "nested" else (
-        "a tensor of layout Sparse" if kind == "sparse" else "a quantized tensor")
+    got = "a strided tensor, got a nested tensor" if kind == "nested" else (
+        "a strided tensor, got a tensor of layout Sparse" if kind == "sparse" else
+        r"an unquantized tensor, got a quantized tensor \(QInt8\): dequantize it first")
     for mode, args in cases:
-        with mode(), pytest.raises(RuntimeError, match=f"{which} must be a strided tensor, got {got}"):
+        with mode(), pytest.raises(RuntimeError, match=f"{which} must be {got}"):
             OPS[op](x, args["residual"], [8], args["weight"], args["bias"])
 
 
@@ -369,11 +370,12 @@ def test_non_strided_input_and_seed_are_named():
     """A sparse, quantized or mkldnn input of every op, and a sparse seed of the separate
     dropout, are refused by name (the dispatcher's message named _norm_fwd)."""
     x = _x((2, 8))
-    for t, got in ((x.to_sparse(), "a tensor of layout Sparse"),
-                   (torch.quantize_per_tensor(x, 0.1, 0, torch.qint8), "a quantized tensor"),
-                   (x.to_mkldnn(), "a tensor of layout Mkldnn")):
+    for t, got in ((x.to_sparse(), "a strided tensor, got a tensor of layout Sparse"),
+                   (torch.quantize_per_tensor(x, 0.1, 0, torch.qint8),
+                    r"an unquantized tensor, got a quantized tensor \(QInt8\): dequantize"),
+                   (x.to_mkldnn(), "a strided tensor, got a tensor of layout Mkldnn")):
         for f in OPS.values():
-            with pytest.raises(RuntimeError, match=f"input must be a strided tensor, got {got}"):
+            with pytest.raises(RuntimeError, match=f"input must be {got}"):
                 f(t, x.clone(), [8])
     seed = addnorm.dropout_seed("cpu")
     with pytest.raises(RuntimeError, match="dropout_seed must be a strided tensor, got a tensor "

@@ -493,6 +493,35 @@ def test_replace_modules_warns_about_subclasses_it_leaves():
         addnorm.replace_modules(nn.Sequential(*model[2:]))
 
 
+@pytest.mark.parametrize("kind", [nn.LayerNorm, nn.RMSNorm])
+def test_replace_modules_says_to_convert_a_parametrized_norm_first(kind):
+    """A parametrization makes the module's class a subclass (torch's Parametrized<kind>),
+    which replace_modules leaves: the warning says why, and how (convert, then
+    parametrize), not that its forward may differ; converted first, it parametrizes and
+    runs the parametrized weight as torch's module does."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    ref = kind(8, dtype=torch.float64)
+    parametrize.register_parametrization(ref, "weight", Double())
+    model = nn.Sequential(copy.deepcopy(ref))
+    with pytest.warns(UserWarning) as caught:
+        addnorm.replace_modules(model)
+    assert [str(w.message) for w in caught] == [
+        f"addnorm.replace_modules: 0 (torch.nn.utils.parametrize.Parametrized{kind.__name__}) "
+        "stays as it is: parametrized: convert, then parametrize"]
+    ours = addnorm.replace_modules(nn.Sequential(kind(8, dtype=torch.float64)))[0]
+    parametrize.register_parametrization(ours, "weight", Double())
+    ours.parametrizations.weight.original.data.copy_(ref.parametrizations.weight.original)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    assert isinstance(ours, {nn.LayerNorm: addnorm.LayerNorm, nn.RMSNorm: addnorm.RMSNorm}[kind])
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", [nn.LayerNorm, nn.RMSNorm, nn.TransformerEncoderLayer])
 def test_replace_modules_leaves_a_forward_set_on_the_instance(kind):
     """A forward set on the instance (accelerate's hooks wrap the bound method so) runs

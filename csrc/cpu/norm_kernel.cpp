@@ -1281,7 +1281,7 @@ struct FloatBwdArgs {
   const float* mean;  // nullptr for RMSNorm
   const float* rstd;
   const double* gamma;  // in double
-  X* dx;                // nullptr when grad_h is not wanted (fused dropout)
+  X* dx;                // nullptr when grad_h is not wanted
   double* partials;  // [chunks, 2, N]; nullptr when not wanted
   int64_t M;
   int64_t N;
@@ -1425,7 +1425,7 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const RowD<S, kFromOutput> r
     if (dxin) {
       Pack<X>::round_store(dx ? dx + j : nullptr, o[0], o[1]);
       Pack<G>::store(dxin + j, o[0] * VF::loadu(fac + j), o[1] * VF::loadu(fac + j + V::size()));
-    } else {
+    } else if (dx) {
       Pack<X>::store(dx + j, o[0], o[1]);
     }
   }

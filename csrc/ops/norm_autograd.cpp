@@ -517,15 +517,22 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       return grads;
     }
 
+    // Only the input gradients this backward is asked for: with the parameters' alone (the
+    // input and residual frozen, torch.autograd.grad with the parameters, a pipeline
+    // schedule's weight-gradient pass) the kernel writes no [M, N] gradient, as torch's
+    // layer_norm backward with its output mask. With the fused dropout, input's gradient
+    // comes from the same pass (grad_h itself only for the residual); without the input's,
+    // the kernel runs without the dropout (h is the same, the mask only scales that one).
+    const bool input_grad = ctx->needs_input_grad(0);
+    const bool residual_grad = has_residual && ctx->needs_input_grad(1);
+    const bool drop = dropout_p > 0.0 && input_grad;
+    const bool grad_h_wanted = drop ? residual_grad : input_grad || residual_grad;
     std::optional<at::Tensor> grad_h_out;
-    if (grad_h_in.defined()) grad_h_out = grad_h_in;
+    if (grad_h_in.defined() && (grad_h_wanted || drop)) grad_h_out = grad_h_in;
     std::optional<at::Tensor> w;
     if (weight.defined()) w = weight;
     std::optional<at::Tensor> b;
     if (saved[4].defined()) b = saved[4];
-    // With the fused dropout, input's gradient comes from the same pass (grad_h itself only
-    // for the residual).
-    const bool drop = dropout_p > 0.0;
     std::optional<at::Tensor> seed;
     if (drop) seed = dropout_seed;
     // (First order, no graph is built: straight to the backend kernel, as the forward.)
@@ -552,12 +559,11 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         from_output
             ? norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
                                  weight_grad, std::nullopt, /*from_output=*/true, b,
-                                 state.h_dtype, dropout_p, seed,
-                                 !drop || has_residual)
+                                 state.h_dtype, drop ? dropout_p : 0.0, seed, grad_h_wanted)
             : norm_bwd_op().call(grad_out, grad_h_out, h, mean, rstd, w, bias_grad, is_rms,
                                  weight_grad, ctx->saved_data["eps"].toDouble(), false,
-                                 std::nullopt, std::nullopt, dropout_p, seed,
-                                 !drop || has_residual);
+                                 std::nullopt, std::nullopt, drop ? dropout_p : 0.0, seed,
+                                 grad_h_wanted);
     if (over_h && grad_h.defined() && grad_h.is_alias_of(h)) {
       // h's memory holds the gradient now: a later unpack of h (a backward retried after an
       // exception in a hook, the node called by hand) raises autograd's in-place error
@@ -566,8 +572,8 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     }
     if (drop) {
       grads[0] = grad_input;
-      if (has_residual) grads[1] = grad_h.to(residual_dtype);
-    } else {
+      if (grad_h_wanted) grads[1] = grad_h.to(residual_dtype);
+    } else if (grad_h_wanted) {
       set_input_grads(grad_h);
     }
     if (weight_grad) grads[3] = grad_weight;

@@ -263,10 +263,6 @@ NormPlan check_norm_bwd_inputs(
     const std::optional<at::Tensor>& dropout_seed, bool grad_h_wanted) {
   check_dropout_args(h, dropout_p, dropout_seed);
   TORCH_CHECK(
-      grad_h_wanted || dropout_p > 0.0,
-      "addnorm: grad_h_wanted=False is for dropout_p > 0 (grad_h is the only input gradient "
-      "without dropout)");
-  TORCH_CHECK(
       !eps.has_value() || *eps >= 0.0, "addnorm: eps must be a non-negative number, got ",
       eps.value_or(0.0));
   const char* h_name = from_output ? "the output (h with from_output)" : "h";

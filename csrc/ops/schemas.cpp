@@ -72,8 +72,9 @@ TORCH_LIBRARY(addnorm, m) {
   // grad_h has dtype h_dtype (default: y's); weight must have no zeros.
   // dropout_p > 0: the forward's fused dropout (h = dropout(input) + residual); grad_input
   // is grad_h times its regenerated keep-mask and scale, in grad_out's dtype, written in
-  // the same pass (what _dropout_apply of grad_h gives); grad_h is written only with
-  // grad_h_wanted. Without dropout grad_input is empty.
+  // the same pass (what _dropout_apply of grad_h gives). Without dropout grad_input is
+  // empty. grad_h is written only with grad_h_wanted (without it and without dropout: the
+  // weight and bias gradients alone).
   m.def(
       "_norm_bwd(Tensor grad_out, Tensor? grad_residual_out, Tensor h, Tensor mean, "
       "Tensor rstd, Tensor? weight, bool has_bias, bool is_rms, bool weight_grad=True, "

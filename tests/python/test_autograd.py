@@ -967,6 +967,57 @@ def test_backward_computes_the_parameter_gradients_asked_for(residual, device):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["plain", "dropout"])
+@pytest.mark.parametrize("memory_efficient", [False, True], ids=["h", "from_out"])
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_backward_computes_the_input_gradients_asked_for(op, memory_efficient, p, device):
+    """A backward asked for the parameters' gradients alone (input and residual frozen,
+    torch.autograd.grad with the parameters, a pipeline schedule's weight-gradient pass)
+    writes no [M, N] gradient: the kernel gets grad_h_wanted=False and no dropout (it wrote
+    grad_h, and the dropout's input gradient, for autograd to drop). Asked for the input
+    alone with dropout, it writes the input's gradient and no grad_h; asked for the
+    residual alone, grad_h without the dropout's pass. Every subset's gradients are the
+    full backward's, bitwise."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.addnorm._norm_bwd.default:
+                kw = kwargs or {}
+                seen.append((kw.get("grad_h_wanted", True), kw.get("dropout_p", 0.0) > 0,
+                             out[0].numel() > 0, out[3].numel() > 0))
+            return out
+
+    torch.manual_seed(0)
+    x, r = (_leaf((4, 16), device) for _ in range(2))
+    w, b = _leaf((16,), device, 0.5, 1.0), _leaf((16,), device)
+    params = [w] if op == "add_rms_norm" else [w, b]
+    g = torch.randn(4, 16, dtype=F64, device=device)
+
+    def grads(inputs):
+        torch.manual_seed(1)  # (the same dropout seed for every subset)
+        out = getattr(addnorm, op)(x, r, 16, *params, dropout_p=p,
+                                   memory_efficient=memory_efficient)
+        return torch.autograd.grad(out, inputs, g)
+
+    everything = dict(zip(["x", "r", "w", "b"], grads([x, r, *params])))
+    drop = p > 0
+    # subset: (grad_h_wanted, dropout in the kernel, grad_h written, grad_input written)
+    subsets = {"w": (False, False, False, False), "x": (not drop, drop, not drop, drop),
+               "r": (True, False, True, False), "x,r": (True, drop, True, drop)}
+    if op == "add_layer_norm":
+        subsets["w,b"] = subsets["w"]
+    for name, flags in subsets.items():
+        seen = []
+        with Record():
+            got = grads([{"x": x, "r": r, "w": w, "b": b}[k] for k in name.split(",")])
+        assert seen == [flags], name
+        for k, t in zip(name.split(","), got):
+            assert torch.equal(t, everything[k]), (name, k)
+
+
 # --------------------------------------------------------------------------- separate outputs
 
 

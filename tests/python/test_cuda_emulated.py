@@ -555,6 +555,44 @@ def test_emulated_dropout_input_gradient_in_the_backward_pass(n, dtypes, norm, v
         assert torch.equal(alone[k], both[k]), f"result {k} differs without grad_h"
 
 
+@pytest.mark.parametrize("variant", ["plain", "grad_residual", "from_output", "no_weight"])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_emulated_parameter_gradients_alone(shape, dtype, norm, variant, emu):
+    """The backward asked for the weight and bias gradients alone (grad_h_wanted=False, no
+    dropout: the input and residual frozen) writes no grad_h and gives the gradients of the
+    full backward, bitwise, on the CPU kernels and on the CUDA kernels (register, looping
+    and one-element paths; from the output; with a gradient into the returned residual,
+    which then goes nowhere)."""
+    rms = norm == "rms_norm"
+    m, n = shape
+    x, r, w, b, _, eps = _dropout_case(m, n, dtype, norm, [1, 2])
+    if variant == "no_weight":
+        w = b = None
+    out, h, mean, rstd = torch.ops.addnorm._norm_fwd(x, r, [n], w, b, eps, rms, True, False,
+                                                     0.0, None)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    gres = dy.flip(0) if variant == "grad_residual" else None
+    from_output = variant == "from_output"
+    saved = out if from_output else h
+    bias = b if from_output else None
+    for device, bwd in (("cpu", torch.ops.addnorm._norm_bwd), ("emulated", emu.norm_bwd)):
+        def run(grad_h_wanted):
+            return bwd(dy, gres, saved, mean, rstd, w, b is not None, rms, w is not None,
+                       None if from_output else eps, from_output, bias, 0.0, None,
+                       grad_h_wanted) if device == "emulated" else bwd(
+                dy, gres, saved, mean, rstd, w, b is not None, rms, w is not None,
+                None if from_output else eps, from_output=from_output, bias=bias,
+                grad_h_wanted=grad_h_wanted)
+        both, alone = run(True), run(False)
+        assert both[0].numel() == m * n and alone[0].numel() == 0, device
+        assert alone[3].numel() == 0, device
+        for k in (1, 2):
+            assert torch.equal(alone[k], both[k]), (device, k)
+        assert (w is None) == (alone[1].numel() == 0) and (b is None) == (alone[2].numel() == 0)
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", PATHS, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("scale", [3e38, 1e-25, 3e-22], ids=["huge", "tiny", "subnormal"])

@@ -696,6 +696,8 @@ def sample_inputs(device, *, requires_grad=False):
            {"from_output": True, "h_dtype": torch.float32})
     yield ("_norm_bwd", (g, None, h, mean, rstd, w, True, False),
            {"eps": 1e-5, "dropout_p": 0.25, "dropout_seed": seed, "grad_h_wanted": False})
+    # the parameters' gradients alone
+    yield "_norm_bwd", (g, g * 0.5, h, mean, rstd, w, True, False), {"eps": 1e-5, "grad_h_wanted": False}
 
 
 # Static so that collection does not run any op.
@@ -705,7 +707,7 @@ _SAMPLE_IDS = [
     "add_layer_norm-4", "add_rms_norm-3",
     "_norm_fwd-1", "_norm_fwd-2", "_norm_fwd-3", "_norm_bwd-1", "_norm_bwd-2", "_norm_bwd-3",
     "_norm_bwd-4", "_norm_fwd-4", "_dropout_apply-1", "_dropout_apply-2", "_dropout_matmul-1",
-    "add_layer_norm-5", "add_rms_norm-4", "_norm_bwd-5", "_norm_bwd-6", "_norm_bwd-7",
+    "add_layer_norm-5", "add_rms_norm-4", "_norm_bwd-5", "_norm_bwd-6", "_norm_bwd-7", "_norm_bwd-8",
 ]
 
 

@@ -40,6 +40,13 @@ void check_dropout(double p, const char* module) {
               ": dropout must be in [0, 1], got ", p);
 }
 
+// At construction (reset), as the dropout: the ops refuse it at the first call, without
+// the module's name. (RMSNorm's eps may be unset: the dtype's machine epsilon.)
+void check_eps(std::optional<double> eps, const char* module) {
+  TORCH_CHECK(!eps.has_value() || *eps >= 0.0, "addnorm::", module,  // (NaN too)
+              ": eps must be a non-negative number, got ", eps.value_or(0.0));
+}
+
 std::ostream& print_eps(std::ostream& stream, std::optional<double> eps) {
   if (eps.has_value()) return stream << *eps;
   return stream << "None";
@@ -60,6 +67,7 @@ LayerNormImpl::LayerNormImpl(LayerNormOptions options_) : options(std::move(opti
 }
 
 void LayerNormImpl::reset() {
+  check_eps(options.eps(), "LayerNorm");
   make_params(*this, options.normalized_shape(), options.elementwise_affine(), options.bias(),
               weight, &bias);
   reset_parameters();
@@ -81,6 +89,7 @@ at::Tensor LayerNormImpl::forward(const at::Tensor& input) {
 RMSNormImpl::RMSNormImpl(RMSNormOptions options_) : options(std::move(options_)) { reset(); }
 
 void RMSNormImpl::reset() {
+  check_eps(options.eps(), "RMSNorm");
   make_params(*this, options.normalized_shape(), options.elementwise_affine(), false, weight,
               nullptr);
   reset_parameters();
@@ -105,6 +114,7 @@ AddLayerNormImpl::AddLayerNormImpl(AddLayerNormOptions options_)
 
 void AddLayerNormImpl::reset() {
   check_dropout(options.dropout(), "AddLayerNorm");
+  check_eps(options.eps(), "AddLayerNorm");
   make_params(*this, options.normalized_shape(), options.elementwise_affine(), options.bias(),
               weight, &bias);
   reset_parameters();
@@ -135,6 +145,7 @@ AddRMSNormImpl::AddRMSNormImpl(AddRMSNormOptions options_) : options(std::move(o
 
 void AddRMSNormImpl::reset() {
   check_dropout(options.dropout(), "AddRMSNorm");
+  check_eps(options.eps(), "AddRMSNorm");
   make_params(*this, options.normalized_shape(), options.elementwise_affine(), false, weight,
               nullptr);
   reset_parameters();

@@ -495,9 +495,11 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
         !(higher_order && from_output),
         "addnorm: memory_efficient=True keeps no h, which second derivatives (create_graph=True, "
         "or forward-mode tangents in backward) need; call with memory_efficient=False "
-        "(addnorm.TransformerEncoderLayer uses it in training mode: run it in eval mode, where "
-        "it keeps h; on the CPU its attention, as torch's layer's, is then twice "
-        "differentiable under torch.nn.attention.sdpa_kernel(SDPBackend.MATH))");
+        "(addnorm's TransformerEncoderLayer, Python's and C++'s, uses it for its float32 and "
+        "float64 norms in training mode: run it in eval mode, where it keeps h; on the CPU its "
+        "attention, as torch's layer's, is then twice differentiable with the math backend: "
+        "Python's torch.nn.attention.sdpa_kernel(SDPBackend.MATH), C++'s "
+        "at::globalContext().setSDPUseFlash(false))");
     if (higher_order) {
       const double eps = ctx->saved_data["eps"].toDouble();
       auto [dh, dw, db] = norm_backward_composite(grad_out, h, weight, weight_grad, bias_grad,

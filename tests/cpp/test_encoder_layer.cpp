@@ -155,6 +155,38 @@ TEST(TransformerEncoderLayer, ForwardBackwardMatchReference) {
   EXPECT_FALSE(torch::equal(drop->forward(x), drop->forward(x)));
 }
 
+// Second derivatives (a gradient penalty): the training-mode layer's norms keep no h and
+// refuse them with a message that names the C++ way out; in eval mode, with the math
+// attention backend, they are the reference's.
+TEST(TransformerEncoderLayer, SecondDerivativesInEvalModeWithTheMathBackend) {
+  torch::manual_seed(0);
+  addnorm::TransformerEncoderLayer layer(
+      addnorm::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(0.0));
+  layer->to(torch::kFloat64);
+  auto x = torch::randn({6, 3, 16}, torch::dtype(torch::kFloat64).requires_grad(true));
+  auto penalty = [&](const torch::Tensor& y) {
+    auto gx = torch::autograd::grad({y.pow(2).sum()}, {x}, {}, true, true)[0];
+    return torch::autograd::grad({gx.pow(2).sum()}, {x, layer->linear1->weight});
+  };
+  try {
+    penalty(layer->forward(x));
+    FAIL() << "no error";
+  } catch (const c10::Error& e) {
+    const std::string msg = e.what_without_backtrace();
+    EXPECT_NE(msg.find("memory_efficient=True keeps no h"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("at::globalContext().setSDPUseFlash(false)"), std::string::npos) << msg;
+  }
+  layer->eval();
+  const bool flash = at::globalContext().userEnabledFlashSDP();
+  at::globalContext().setSDPUseFlash(false);
+  const auto ours = penalty(layer->forward(x));
+  const auto theirs = penalty(reference_post_ln(*layer, x));
+  at::globalContext().setSDPUseFlash(flash);
+  for (size_t i = 0; i < ours.size(); ++i) {
+    EXPECT_TRUE(torch::allclose(ours[i], theirs[i], 1e-9, 1e-10)) << "gradient " << i;
+  }
+}
+
 TEST(TransformerEncoderLayer, NormsEpsSetAfterConstructionCounts) {
   torch::manual_seed(0);
   addnorm::TransformerEncoderLayer layer(

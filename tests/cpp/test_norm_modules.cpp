@@ -2,6 +2,7 @@
 // modules have them, forward as the C++ functions with those options, dropout in training
 // mode only, the errors for a bad dropout probability, and nested input.
 
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -197,6 +198,35 @@ TEST(NormModules, BadDropoutIsRefusedByName) {
               std::string::npos)
         << e.what_without_backtrace();
   }
+}
+
+// A negative or NaN eps is refused at construction, naming the module (the ops refused it at
+// the first call, naming neither the module nor the option); RMSNorm's unset eps is taken.
+TEST(NormModules, BadEpsIsRefusedByNameAtConstruction) {
+  auto message = [](const std::function<void()>& make) {
+    try {
+      make();
+    } catch (const c10::Error& e) {
+      return std::string(e.what_without_backtrace());
+    }
+    return std::string("no error");
+  };
+  for (double eps : {-1.0, std::nan("")}) {
+    auto expect = [&](const char* module, const std::function<void()>& make) {
+      EXPECT_NE(message(make).find(std::string("addnorm::") + module +
+                                   ": eps must be a non-negative number, got " + c10::str(eps)),
+                std::string::npos)
+          << module;
+    };
+    expect("LayerNorm", [&] { addnorm::LayerNorm(addnorm::LayerNormOptions({8}).eps(eps)); });
+    expect("RMSNorm", [&] { addnorm::RMSNorm(addnorm::RMSNormOptions({8}).eps(eps)); });
+    expect("AddLayerNorm",
+           [&] { addnorm::AddLayerNorm(addnorm::AddLayerNormOptions({8}).eps(eps)); });
+    expect("AddRMSNorm", [&] { addnorm::AddRMSNorm(addnorm::AddRMSNormOptions({8}).eps(eps)); });
+  }
+  EXPECT_EQ(message([] { addnorm::RMSNorm(addnorm::RMSNormOptions({8})); }), "no error");
+  EXPECT_EQ(message([] { addnorm::AddLayerNorm(addnorm::AddLayerNormOptions({8}).eps(0.0)); }),
+            "no error");
 }
 
 // Nested input: LayerNorm (module and function) gives ATen's layer_norm of it, as the Python

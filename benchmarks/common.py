@@ -648,7 +648,8 @@ class BenchConfig:
         self.repeat = repeat
         self.warmup = warmup if warmup is not None else (5 if cuda else 1)
         self.target_s = target_s if target_s is not None else (0.3 if cuda else 1.0)
-        self.min_reps = min_reps if min_reps is not None else (10 if cuda else 3)
+        # (the CPU's largest shapes fill target_s in a few repetitions: at least 5 of them)
+        self.min_reps = min_reps if min_reps is not None else (10 if cuda else 5)
         self.max_reps = max_reps if max_reps is not None else (200 if cuda else 30)
         self.compile = compile          # "static" | "dynamic-m" | "none"
         self.liger = liger and cuda

@@ -1670,6 +1670,9 @@ __global__ void __launch_bounds__(kLoopMaxThreads, 1)
           f64_rx(p, w, p.row_xform[2 * p.M + row], p.row_xform[3 * p.M + row]);
         }
       }
+      // (the weight gradients alone: the first sweep was for row_xform; the same for every
+      // thread of the block, whose next row_allreduce waits for the others first)
+      if (p.dh == nullptr && p.dx == nullptr) continue;
       for (int64_t base = tid; base < row_vecs; base += tpr * U) {
         A dy[U][VEC];
         A v[U][VEC];
@@ -2137,10 +2140,14 @@ void launch_norm_bwd(const NormBwdArgs& a) {
                               a.h.options().dtype(at::kDouble));
         p.row_xform = row_xform.mutable_data_ptr<double>();
       }
-      if (vectorized) {
-        launch_bwd_looping<T, H, W, RMS, VEC>(p, stream);
-      } else {
-        launch_bwd_looping<T, H, W, RMS, 1>(p, stream);
+      // With nothing for it to write (the weight gradients alone, their xhat from the saved
+      // statistics), the partials kernel below is the whole backward.
+      if (p.dh != nullptr || p.dx != nullptr || p.row_xform != nullptr) {
+        if (vectorized) {
+          launch_bwd_looping<T, H, W, RMS, VEC>(p, stream);
+        } else {
+          launch_bwd_looping<T, H, W, RMS, 1>(p, stream);
+        }
       }
       if (outputs > 0) {
         // About kPartialCtas (column tile, row chunk) CTAs; chunks of >= 16 rows.

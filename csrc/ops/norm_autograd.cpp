@@ -450,9 +450,16 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     }
 
     variable_list grads(12);  // one per forward argument after ctx
-    auto set_input_grads = [&](const at::Tensor& grad_h) {
-      grads[0] = dropout_input_grad(grad_h, dropout_seed, dropout_p, input_dtype);
-      if (has_residual) {
+    // Only the input gradients this backward is asked for (the parameters' alone: the input
+    // and residual frozen, torch.autograd.grad with the parameters, a pipeline schedule's
+    // weight-gradient pass; the residual's alone: no dropout pass for the input's).
+    const bool input_grad = ctx->needs_input_grad(0);
+    const bool residual_grad = has_residual && ctx->needs_input_grad(1);
+    auto set_input_grads = [&](const at::Tensor& grad_h, bool all = false) {
+      if (all || input_grad) {
+        grads[0] = dropout_input_grad(grad_h, dropout_seed, dropout_p, input_dtype);
+      }
+      if (has_residual && (all || residual_grad)) {
         grads[1] = grad_h.to(residual_dtype);
       }
     };
@@ -510,7 +517,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       const auto [k_h, k_w, k_b, k_input] =
           exact_first_order(grad_out, grad_h_in, h, mean, rstd, weight, weight_grad, bias_grad,
                             is_rms, eps, dropout_p, drop ? dropout_seed : at::Tensor());
-      set_input_grads(sum_defined(dh.to(h.scalar_type()), grad_h_in));
+      set_input_grads(sum_defined(dh.to(h.scalar_type()), grad_h_in), /*all=*/true);
       grads[0] = with_values_of(drop ? k_input : k_h.to(input_dtype), grads[0]);
       if (has_residual) grads[1] = with_values_of(k_h.to(residual_dtype), grads[1]);
       if (weight_grad) grads[3] = with_values_of(k_w, dw);
@@ -519,14 +526,10 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       return grads;
     }
 
-    // Only the input gradients this backward is asked for: with the parameters' alone (the
-    // input and residual frozen, torch.autograd.grad with the parameters, a pipeline
-    // schedule's weight-gradient pass) the kernel writes no [M, N] gradient, as torch's
+    // With the parameters' gradients alone the kernel writes no [M, N] gradient, as torch's
     // layer_norm backward with its output mask. With the fused dropout, input's gradient
     // comes from the same pass (grad_h itself only for the residual); without the input's,
     // the kernel runs without the dropout (h is the same, the mask only scales that one).
-    const bool input_grad = ctx->needs_input_grad(0);
-    const bool residual_grad = has_residual && ctx->needs_input_grad(1);
     const bool drop = dropout_p > 0.0 && input_grad;
     const bool grad_h_wanted = drop ? residual_grad : input_grad || residual_grad;
     std::optional<at::Tensor> grad_h_out;

@@ -26,15 +26,15 @@ def replace_modules(model: nn.Module) -> nn.Module:
            for _, m in named):  # (Module.compile guards the class; torch.compile's wrapper does not)
         warnings.warn("addnorm.replace_modules: model holds a torch.compile'd module, whose graphs compiled "
                       "before the conversion keep running torch's modules: convert, then compile", stacklevel=2)
-    for name, module in named:
-        kind, ours = type(module), type(module).__module__.split(".")[0] == __package__
+    for name, module in named:  # (base: the class under a parametrization's, or the class)
+        kind, base = type(module), nn.utils.parametrize.type_before_parametrizations(module)
         why = ("its forward is set on the instance (as accelerate's hooks do): convert first" if "forward" in
                vars(module) else _unsupported_reason(module) if kind is nn.TransformerEncoderLayer else None
-               if kind in _REPLACEMENTS else "parametrized: convert, then parametrize" if
-               nn.utils.parametrize.is_parametrized(module) else "a subclass, whose forward may differ")
+               if kind in _REPLACEMENTS else "parametrized: convert, then parametrize" if base in _REPLACEMENTS
+               else "a subclass, whose forward may differ")
         if why is None:  # Same object, new class: parameters, hooks, device, dtype kept.
             module.__class__ = _REPLACEMENTS[kind]
-        elif isinstance(module, tuple(_REPLACEMENTS)) and not ours:
+        elif isinstance(module, tuple(_REPLACEMENTS)) and base.__module__.split(".")[0] != __package__:
             warnings.warn(f"addnorm.replace_modules: {name or 'model'} ({kind.__module__}.{kind.__qualname__}) "
                           f"stays as it is: {why}", stacklevel=2)
     return model

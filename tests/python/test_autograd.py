@@ -968,17 +968,20 @@ def test_backward_computes_the_parameter_gradients_asked_for(residual, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mixed", [False, True], ids=["f64", "bf16_input"])
 @pytest.mark.parametrize("p", [0.0, 0.25], ids=["plain", "dropout"])
 @pytest.mark.parametrize("memory_efficient", [False, True], ids=["h", "from_out"])
 @pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
-def test_backward_computes_the_input_gradients_asked_for(op, memory_efficient, p, device):
+def test_backward_computes_the_input_gradients_asked_for(op, memory_efficient, p, mixed, device):
     """A backward asked for the parameters' gradients alone (input and residual frozen,
     torch.autograd.grad with the parameters, a pipeline schedule's weight-gradient pass)
     writes no [M, N] gradient: the kernel gets grad_h_wanted=False and no dropout (it wrote
     grad_h, and the dropout's input gradient, for autograd to drop). Asked for the input
     alone with dropout, it writes the input's gradient and no grad_h; asked for the
-    residual alone, grad_h without the dropout's pass. Every subset's gradients are the
-    full backward's, bitwise."""
+    residual alone, grad_h without the dropout's pass, in the kernel or after it (it ran
+    _dropout_apply over grad_h for autograd to drop), and no cast of grad_h to a frozen
+    bfloat16 input's dtype beside a float32 residual. Every subset's gradients are the full
+    backward's, bitwise."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -988,13 +991,21 @@ def test_backward_computes_the_input_gradients_asked_for(op, memory_efficient, p
                 kw = kwargs or {}
                 seen.append((kw.get("grad_h_wanted", True), kw.get("dropout_p", 0.0) > 0,
                              out[0].numel() > 0, out[3].numel() > 0))
+            elif func is torch.ops.addnorm._dropout_apply.default:
+                seen.append("dropout")  # (no separate dropout pass)
+            elif func.overloadpacket in (torch.ops.aten.to, torch.ops.aten._to_copy) and out is not args[0]:
+                seen.append("cast")  # (a copy: to() of the same dtype returns its argument)
             return out
 
     torch.manual_seed(0)
-    x, r = (_leaf((4, 16), device) for _ in range(2))
-    w, b = _leaf((16,), device, 0.5, 1.0), _leaf((16,), device)
+    dtype = torch.float32 if mixed else F64
+    x, r = (_leaf((4, 16), device).to(dtype).detach().requires_grad_() for _ in range(2))
+    w, b = (t.to(dtype).detach().requires_grad_() for t in (_leaf((16,), device, 0.5, 1.0),
+                                                           _leaf((16,), device)))
+    if mixed:  # (bfloat16 input beside a float32 residual and parameters: a float32 h)
+        x = x.detach().bfloat16().requires_grad_()
     params = [w] if op == "add_rms_norm" else [w, b]
-    g = torch.randn(4, 16, dtype=F64, device=device)
+    g = torch.randn(4, 16, dtype=x.dtype, device=device)
 
     def grads(inputs):
         torch.manual_seed(1)  # (the same dropout seed for every subset)
@@ -1013,7 +1024,8 @@ def test_backward_computes_the_input_gradients_asked_for(op, memory_efficient, p
         seen = []
         with Record():
             got = grads([{"x": x, "r": r, "w": w, "b": b}[k] for k in name.split(",")])
-        assert seen == [flags], name
+        cast = mixed and not drop and "x" in name  # (the input's gradient, from a float32 grad_h)
+        assert seen == [flags] + ["cast"] * cast, name
         for k, t in zip(name.split(","), got):
             assert torch.equal(t, everything[k]), (name, k)
 

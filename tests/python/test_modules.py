@@ -514,12 +514,23 @@ def test_replace_modules_says_to_convert_a_parametrized_norm_first(kind):
     assert [str(w.message) for w in caught] == [
         f"addnorm.replace_modules: 0 (torch.nn.utils.parametrize.Parametrized{kind.__name__}) "
         "stays as it is: parametrized: convert, then parametrize"]
-    ours = addnorm.replace_modules(nn.Sequential(kind(8, dtype=torch.float64)))[0]
-    parametrize.register_parametrization(ours, "weight", Double())
-    ours.parametrizations.weight.original.data.copy_(ref.parametrizations.weight.original)
+    ours = addnorm.replace_modules(nn.Sequential(kind(8, dtype=torch.float64)))
+    parametrize.register_parametrization(ours[0], "weight", Double())
+    ours[0].parametrizations.weight.original.data.copy_(ref.parametrizations.weight.original)
     x = torch.randn(4, 8, dtype=torch.float64)
-    assert isinstance(ours, {nn.LayerNorm: addnorm.LayerNorm, nn.RMSNorm: addnorm.RMSNorm}[kind])
-    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert isinstance(ours[0], {nn.LayerNorm: addnorm.LayerNorm, nn.RMSNorm: addnorm.RMSNorm}[kind])
+    torch.testing.assert_close(ours[0](x), ref(x), rtol=1e-12, atol=1e-12)
+    with warnings.catch_warnings():  # (converted, then parametrized: nothing to say)
+        warnings.filterwarnings("error", message="addnorm.replace_modules")
+        addnorm.replace_modules(ours)
+
+    class Mine(kind):  # a subclass, parametrized: converting first would not help it
+        pass
+
+    mine = nn.Sequential(Mine(8))
+    parametrize.register_parametrization(mine[0], "weight", Double())
+    with pytest.warns(UserWarning, match=r"stays as it is: a subclass, whose forward may differ$"):
+        addnorm.replace_modules(mine)
 
 
 @pytest.mark.parametrize("kind", [nn.LayerNorm, nn.RMSNorm, nn.TransformerEncoderLayer])

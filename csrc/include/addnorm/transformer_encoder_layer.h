@@ -68,8 +68,8 @@ struct TransformerEncoderLayerOptions {
 // norm1.{weight,bias}, norm2.{weight,bias}; bias=false drops every bias. The submodules
 // are parameter holders; forward runs the addnorm::transformer_encoder_layer op. In training
 // mode its float32/float64 norms keep their outputs, not their inputs (memory_efficient):
-// an in-place change of the layer's output before backward raises autograd's error, and
-// second derivatives are refused (eval mode computes them).
+// an in-place change of the post-LN layer's output before backward raises autograd's
+// error, and second derivatives are refused (eval mode computes them).
 class ADDNORM_API TransformerEncoderLayerImpl
     : public torch::nn::Cloneable<TransformerEncoderLayerImpl> {
  public:

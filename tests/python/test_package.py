@@ -39,8 +39,22 @@ def test_other_torch_is_refused_with_a_clear_message(monkeypatch, built):
 def test_same_release_other_build_is_accepted(monkeypatch):
     """2.11.0+cpu vs 2.11.0+cu130: the same release's ABI."""
     release = torch.__version__.split("+")[0]
-    monkeypatch.setattr(_build_info, "torch_version", release + "+other")
-    addnorm._check_torch_version()
+    for build in ("+other", "+cpu"):
+        monkeypatch.setattr(_build_info, "torch_version", release + build)
+        addnorm._check_torch_version()
+
+
+def test_cuda_build_on_a_cpu_torch_is_refused(monkeypatch):
+    """A library built against a CUDA torch (+cu130; even without addnorm's CUDA kernels)
+    links torch's CUDA libraries, which a CPU-only torch of the same release lacks: refused
+    with the message, not a loader error about libtorch_cuda.so."""
+    release = torch.__version__.split("+")[0]
+    monkeypatch.setattr(_build_info, "torch_version", release + "+cu130")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch, "__version__", release + "+cpu")
+    with pytest.raises(ImportError, match=rf"built against torch {release}\+cu130, but torch "
+                                          rf"{release}\+cpu is installed.*install torch {release}\+cu130"):
+        addnorm._check_torch_version()
 
 
 def test_import_fails_before_loading_the_library(tmp_path):

@@ -7,17 +7,17 @@ from . import _build_info
 
 
 def _check_torch_version() -> None:
-    """libaddnorm links the torch it was built against (a CUDA build's, +cu..., its CUDA libraries);
-    another one fails to load it with undefined symbols or libraries. Say so, and how to rebuild."""
+    """libaddnorm links the torch it was built against (a CUDA build's, +cu130 but not +custom, its
+    CUDA libraries): another fails to load it with undefined symbols or libraries. Say so, and how."""
     release = lambda v: v.split("+")[0]  # noqa: E731  (2.11.0+cu130 -> 2.11.0)
     built, running = _build_info.torch_version, torch.__version__
-    if release(built) != release(running) or "+cu" in built and torch.version.cuda is None:
+    if release(built) != release(running) or built.partition("+cu")[2][:1].isdigit() and not torch.version.cuda:
         raise ImportError(
             f"addnorm {_build_info.version} was built against torch {built}, but torch "
             f"{running} is installed: rebuild addnorm against it (`make build` in the "
             "source tree, or `pip install --no-build-isolation --no-deps --force-reinstall .`), "
-            f"or install torch {built} (in the source tree, `pip install -c "
-            "requirements.txt ...` keeps the pinned torch when installing other packages)")
+            f"or install torch {built} (torch=={release(built)} from the index that serves that build; in the "
+            "source tree `pip install -c requirements.txt ...` keeps the pinned torch when installing others)")
 
 
 _check_torch_version()

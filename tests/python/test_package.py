@@ -39,7 +39,7 @@ def test_other_torch_is_refused_with_a_clear_message(monkeypatch, built):
 def test_same_release_other_build_is_accepted(monkeypatch):
     """2.11.0+cpu vs 2.11.0+cu130: the same release's ABI."""
     release = torch.__version__.split("+")[0]
-    for build in ("+other", "+cpu"):
+    for build in ("+other", "+cpu", "+custom"):
         monkeypatch.setattr(_build_info, "torch_version", release + build)
         addnorm._check_torch_version()
 
@@ -53,8 +53,11 @@ def test_cuda_build_on_a_cpu_torch_is_refused(monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch, "__version__", release + "+cpu")
     with pytest.raises(ImportError, match=rf"built against torch {release}\+cu130, but torch "
-                                          rf"{release}\+cpu is installed.*install torch {release}\+cu130"):
+                                          rf"{release}\+cpu is installed.*install torch {release}\+cu130 "
+                                          rf"\(torch=={release} from the index that serves that build"):
         addnorm._check_torch_version()
+    monkeypatch.setattr(_build_info, "torch_version", release + "+custom")  # (not a CUDA build's tag)
+    addnorm._check_torch_version()
 
 
 def test_import_fails_before_loading_the_library(tmp_path):

@@ -65,9 +65,21 @@ class CMakeBuild(build_ext):
             shutil.copy2(out_dir / "_build_info.py", ext_path.parent / "_build_info.py")
 
 
+def torch_requirement():
+    """The library links the torch it is built against, and refuses another release at import:
+    a wheel requires that release (2.11.0 matches every 2.11.0+ build; the CUDA or CPU build
+    is the index's choice). Without torch (metadata alone), any."""
+    try:
+        import torch
+    except ImportError:
+        return "torch"
+    return f"torch=={torch.__version__.split('+')[0]}"
+
+
 setup(
     name="addnorm",
     version=(ROOT / "VERSION").read_text().strip(),
+    install_requires=[torch_requirement()],
     packages=find_packages("python"),
     package_dir={"": "python"},
     ext_modules=[CMakeExtension("addnorm._C")],

@@ -26,6 +26,14 @@ def test_built_against_this_torch():
     assert _build_info.torch_version == torch.__version__
 
 
+def test_distribution_requires_the_torch_release_built_against():
+    """The installed metadata pins torch's release (any of its builds): pip then installs
+    the torch the library links, instead of leaving the import to refuse another one."""
+    from importlib import metadata
+
+    assert metadata.requires("addnorm") == [f"torch=={torch.__version__.split('+')[0]}"]
+
+
 @pytest.mark.parametrize("built", ["2.12.1+cu130", "2.10.0"])
 def test_other_torch_is_refused_with_a_clear_message(monkeypatch, built):
     monkeypatch.setattr(_build_info, "torch_version", built)

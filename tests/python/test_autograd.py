@@ -504,35 +504,42 @@ def test_weight_grad_deterministic(rms, dtype, device):
                                              (torch.float64, torch.float64)],
                          ids=["fp32", "bf16_fp32w", "fp64"])
 @pytest.mark.parametrize("m,n", [(4096, 768), (1000, 100), (64, 768), (5, 4099)])
-def test_cpu_weight_grad_independent_of_thread_count(m, n, x_dtype, w_dtype, rms):
+@pytest.mark.parametrize("mode", ["plain", "dropout_memory_efficient"])
+def test_cpu_results_independent_of_thread_count(m, n, x_dtype, w_dtype, rms, mode):
     """The CPU backward sums dweight/dbias per chunk of rows and adds the chunks in order;
     the chunks depend on M and N only, so the gradients are bitwise the same for 1, 2 and 3
     threads (4096 rows: 64 chunks; 1000 rows of 100: 7 chunks, the last shorter; 64 rows of
-    768: 3 chunks; 5 rows of 4099: 2 chunks, 4 rows and 1)."""
+    768: 3 chunks; 5 rows of 4099: 2 chunks, 4 rows and 1); so are the outputs and the input
+    and residual gradients (row by row), with the fused dropout (the same seed, the same
+    mask) and from the output (memory_efficient)."""
     torch.manual_seed(m + n)
     x = make_data((m, n), x_dtype, "cpu")
     r = make_data((m, n), x_dtype, "cpu", scale=1.0, offset=0.0)
     w0, b0 = make_affine((n,), w_dtype, "cpu")
     gout = torch.randn(m, n).to(x_dtype)
+    extra = ({} if mode == "plain" else
+             dict(dropout_p=0.25, dropout_seed=torch.tensor([m, n]), memory_efficient=True))
     threads = torch.get_num_threads()
     results = {}
     try:
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             w, b = w0.clone().requires_grad_(), b0.clone().requires_grad_()
-            xi = x.clone().requires_grad_()
-            out, _ = (torch.ops.addnorm.add_rms_norm(xi, r, [n], w, 1e-6) if rms else
-                      torch.ops.addnorm.add_layer_norm(xi, r, [n], w, b, 1e-5))
+            xi, ri = x.clone().requires_grad_(), r.clone().requires_grad_()
+            out, _ = (torch.ops.addnorm.add_rms_norm(xi, ri, [n], w, 1e-6, **extra) if rms else
+                      torch.ops.addnorm.add_layer_norm(xi, ri, [n], w, b, 1e-5, **extra))
             out.backward(gout)
-            results[t] = (w.grad, None if rms else b.grad, xi.grad)
+            results[t] = dict(weight=w.grad, bias=None if rms else b.grad, out=out.detach(),
+                              input=xi.grad, residual=ri.grad)
     finally:
         torch.set_num_threads(threads)
     for t in (2, 3):
-        assert torch.equal(results[t][0], results[1][0]), f"weight grad differs: 1 vs {t} threads"
-        if not rms:
-            assert torch.equal(results[t][1], results[1][1]), f"bias grad differs: 1 vs {t} threads"
-        assert torch.equal(results[t][2], results[1][2]), f"input grad differs: 1 vs {t} threads"
-    assert torch.count_nonzero(results[1][0]) > 0
+        for name, value in results[1].items():
+            assert value is None or torch.equal(results[t][name], value), \
+                f"{name} differs: 1 vs {t} threads"
+    assert torch.count_nonzero(results[1]["weight"]) > 0
+    if mode != "plain":  # the dropout ran: input's gradient zero where dropped
+        assert not torch.equal(results[1]["input"], results[1]["residual"])
 
 
 # --------------------------------------------------------------------------- higher order

@@ -1291,26 +1291,29 @@ struct FloatBwdArgs {
 };
 
 // Lanes of pass 1's sums over a block: g, g * d, d, d * d (RMSNorm: only g * d and d * d;
-// without kStats, from the output, whose statistics are the saved ones: no d, d * d).
-// add: one float vector's worth of elements: dy and d as two double vectors each, gamma at
-// gm; dy to the chunk's dbeta partial (pb).
-template <bool kRms, bool kPartials, bool kStats>
+// without kStats, from the output, whose statistics are the saved ones: no d, d * d;
+// without kGrad, for the parameters' gradients alone: no g, g * d). add: one float
+// vector's worth of elements: dy and d as two double vectors each, gamma at gm; dy to the
+// chunk's dbeta partial (pb).
+template <bool kRms, bool kPartials, bool kStats, bool kGrad>
 struct BwdSums {
   VD g0{0.0}, g1{0.0}, gd0{0.0}, gd1{0.0}, d0{0.0}, d1{0.0}, dd0{0.0}, dd1{0.0};
   void add(const VD& y0, const VD& y1, const VD& x0, const VD& x1, const double* gm,
            double* pb) {
     constexpr int64_t S = VD::size();
-    const VD e0 = y0 * VD::loadu(gm);
-    const VD e1 = y1 * VD::loadu(gm + S);
-    gd0 = fma_of(e0, x0, gd0);
-    gd1 = fma_of(e1, x1, gd1);
+    if constexpr (kGrad) {
+      const VD e0 = y0 * VD::loadu(gm);
+      const VD e1 = y1 * VD::loadu(gm + S);
+      gd0 = fma_of(e0, x0, gd0);
+      gd1 = fma_of(e1, x1, gd1);
+      if constexpr (!kRms) {
+        g0 = g0 + e0;
+        g1 = g1 + e1;
+      }
+    }
     if constexpr (kStats) {
       dd0 = fma_of(x0, x0, dd0);
       dd1 = fma_of(x1, x1, dd1);
-    }
-    if constexpr (!kRms) {
-      g0 = g0 + e0;
-      g1 = g1 + e1;
     }
     if constexpr (!kRms && kStats) {
       d0 = d0 + x0;
@@ -1443,36 +1446,51 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const RowD<S, kFromOutput> r
   }
 }
 
-// Pass 1 over a row (see BwdSums): sum[0..3] += the sums of g, g * d, d, d * d.
-template <typename G, typename S, bool kRms, bool kPartials, bool kFromOutput>
-void bwd_sums(const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int64_t N,
-              double* pb, DD (&sum)[4]) {
+// f(jk, y0, y1, d0, d1) for each float vector's worth of elements [jk, jk + VF::size()) in
+// the whole Packs from j up to end: dy and d as two double vectors each (next: the next
+// row's prefetch, one step at a time). Returns the first element not visited.
+template <typename G, typename S, bool kFromOutput, typename F>
+inline int64_t for_each_half(const G* dy, const RowD<S, kFromOutput>& rd, int64_t j,
+                             int64_t end, const NextRow& next, const F& f) {
   constexpr int64_t W = Pack<S>::kWidth;
   static_assert(Pack<G>::kWidth == W, "mixed widths");
+  for (; j + W <= end; j += W) {
+    next.fetch(j);
+    const WidePack<G> dyp(dy + j);
+    const WidePack<S> sp(rd.src + j);
+    for (int k = 0; k < 2; ++k) {
+      const int64_t jk = j + k * VF::size();
+      VD y0, y1, d0, d1;
+      dyp.half(k, y0, y1);
+      rd.half(sp, k, jk, d0, d1);
+      f(jk, y0, y1, d0, d1);
+    }
+  }
+  return j;
+}
+
+// Pass 1 over a row (see BwdSums): sum[0..3] += the sums of g, g * d, d, d * d (without
+// kGrad, g and g * d stay 0).
+template <typename G, typename S, bool kRms, bool kPartials, bool kFromOutput, bool kGrad = true>
+void bwd_sums(const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int64_t N,
+              double* pb, DD (&sum)[4]) {
   for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
     const int64_t b1 = std::min(N, b0 + kBlock);
-    BwdSums<kRms, kPartials, !kFromOutput> s;
-    int64_t j = b0;
-    for (; j + W <= b1; j += W) {
-      const WidePack<G> dyp(dy + j);
-      const WidePack<S> sp(rd.src + j);
-      for (int k = 0; k < 2; ++k) {
-        const int64_t jk = j + k * VF::size();
-        VD y0, y1, x0, x1;
-        dyp.half(k, y0, y1);
-        rd.half(sp, k, jk, x0, x1);
-        s.add(y0, y1, x0, x1, gm + jk, kPartials ? pb + jk : nullptr);
-      }
-    }
+    BwdSums<kRms, kPartials, !kFromOutput, kGrad> s;
+    int64_t j = for_each_half(
+        dy, rd, b0, b1, NextRow(),
+        [&](int64_t jk, const VD& y0, const VD& y1, const VD& x0, const VD& x1) {
+          s.add(y0, y1, x0, x1, gm + jk, kPartials ? pb + jk : nullptr);
+        });
     double t[4] = {0.0, 0.0, 0.0, 0.0};
     for (; j < b1; ++j) {
       const double y = static_cast<double>(to_acc<float>(dy[j]));
       const double g = y * gm[j];
       const double d = rd.at(j);
-      t[1] = fma_of(g, d, t[1]);
+      if constexpr (kGrad) t[1] = fma_of(g, d, t[1]);
       t[3] = fma_of(d, d, t[3]);
       if constexpr (!kRms) {  // (as BwdSums: RMSNorm leaves the sums of g and d at 0)
-        t[0] += g;
+        if constexpr (kGrad) t[0] += g;
         t[2] += d;
       }
       if constexpr (kPartials) pb[j] += y;
@@ -1485,11 +1503,58 @@ void bwd_sums(const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int6
   }
 }
 
+// mean = shift + delta and rstd of row i: from pass 1's sums of d and d * d where the
+// forward's eps is given (own), else the saved ones (delta 0).
+inline void row_stats(bool own, bool rms, const DD (&sum)[4], double nd, double eps,
+                      float saved_rstd, double& delta, double& rstd) {
+  delta = 0.0;
+  rstd = static_cast<double>(saved_rstd);
+  if (own) {
+    delta = rms ? 0.0 : sum[2].value() / nd;
+    const double var = std::max(sum[3].value() / nd - delta * delta, 0.0);
+    rstd = 1.0 / std::sqrt(var + eps);
+  }
+}
+
+// Row i's dgamma and dbeta partials alone (neither grad_h nor the input's gradient wanted;
+// pg and pb are set together): pass 1 sums dy and, for the statistics of h that xhat needs,
+// d and d * d, but not g and g * d; pass 2 adds dy * xhat to pg and computes no grad_h. The
+// partials are bitwise those of bwd_row's passes.
+template <typename G, typename X, bool kRms, typename S, bool kFromOutput>
+void bwd_row_params(const FloatBwdArgs<G, X> a, int64_t i, const RowD<S, kFromOutput> rd,
+                    double* pg, double* pb, const NextRow next) {
+  if (pg == nullptr) return;
+  const int64_t N = a.N;
+  const G* dy = a.dy + i * N;
+  const bool own = a.own_stats && !kFromOutput;
+  DD sum[4];
+  bwd_sums<G, S, kRms, true, kFromOutput, false>(dy, rd, a.gamma, N, pb, sum);
+  double delta, rstd;
+  row_stats(own, kRms, sum, static_cast<double>(N), a.eps, a.rstd[i], delta, rstd);
+  const double xs = kFromOutput ? 1.0 : rstd;
+  const double x_off = -delta * xs;
+  const VD vxs(xs), vx_off(x_off);
+  constexpr int64_t D = VD::size();
+  int64_t j = for_each_half(
+      dy, rd, 0, N, next, [&](int64_t jk, const VD& y0, const VD& y1, const VD& d0, const VD& d1) {
+        fma_of(y0, fma_of(d0, vxs, vx_off), VD::loadu(pg + jk)).store(pg + jk);
+        fma_of(y1, fma_of(d1, vxs, vx_off), VD::loadu(pg + jk + D)).store(pg + jk + D);
+      });
+  for (; j < N; ++j) {
+    const double y = static_cast<double>(to_acc<float>(dy[j]));
+    pg[j] = fma_of(y, fma_of(rd.at(j), xs, x_off), pg[j]);
+  }
+}
+
 // Row i's two passes (d from rd; pg, pb: the chunk's dgamma and dbeta partials, or null;
 // fac: a scratch row for the fused dropout's factors).
 template <typename G, typename X, bool kRms, typename S, bool kFromOutput>
 void bwd_row(const FloatBwdArgs<G, X> a, int64_t i, const RowD<S, kFromOutput> rd, double* pg,
              double* pb, float* fac, const NextRow next) {
+  if (!a.dx && !a.dxin) {
+    bwd_row_params<G, X, kRms>(a, i, rd, pg, pb, next);
+    return;
+  }
   const int64_t N = a.N;
   const double nd = static_cast<double>(N);
   const G* dy = a.dy + i * N;
@@ -1501,15 +1566,10 @@ void bwd_row(const FloatBwdArgs<G, X> a, int64_t i, const RowD<S, kFromOutput> r
   } else {
     bwd_sums<G, S, kRms, false>(dy, rd, a.gamma, N, pb, sum);
   }
-  // mean = shift + delta; rstd; xs, the scale from d to xhat; c1 = mean(g), c2 =
-  // mean(g * xhat).
-  double delta = 0.0;
-  double rstd = static_cast<double>(a.rstd[i]);
-  if (a.own_stats && !kFromOutput) {  // (from the output: the saved rstd, xhat's mean 0)
-    delta = kRms ? 0.0 : sum[2].value() / nd;
-    const double var = std::max(sum[3].value() / nd - delta * delta, 0.0);
-    rstd = 1.0 / std::sqrt(var + a.eps);
-  }
+  // mean = shift + delta; rstd (from the output: the saved rstd, xhat's mean 0); xs, the
+  // scale from d to xhat; c1 = mean(g), c2 = mean(g * xhat).
+  double delta, rstd;
+  row_stats(a.own_stats && !kFromOutput, kRms, sum, nd, a.eps, a.rstd[i], delta, rstd);
   const double xs = kFromOutput ? 1.0 : rstd;
   const double c1 = kRms ? 0.0 : sum[0].value() / nd;
   const double c2 = xs * ((sum[1].value() - delta * sum[0].value()) / nd);

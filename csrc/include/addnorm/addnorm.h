@@ -5,4 +5,5 @@
 #include <addnorm/export.h>
 #include <addnorm/norm_modules.h>
 #include <addnorm/ops.h>
+#include <addnorm/transformer_encoder.h>
 #include <addnorm/transformer_encoder_layer.h>

@@ -10,11 +10,12 @@
 // Numerics. float32/float16/bfloat16 data: the row statistics (the sums of h - shift and
 // of its square, shift the row's first h, in one sweep; two-pass where that would lose
 // bits) are summed in double lanes, the float lanes converted in registers; the sum of
-// squares of any finite float row fits a double. The forward output is computed in
-// float lanes with mean and rstd split into their float value plus the rounding error of
-// the double statistics, or in double lanes for rows where that split is not exact or
-// h - mean could overflow float (rstd outside [2^-100, 2^100], N * var above 2^250). The
-// backward runs in double lanes, with the statistics of h itself when the forward's eps is
+// squares of any finite float row fits a double. The forward output: float32 in double
+// lanes, rounded once; float16/bfloat16 in float lanes with mean and rstd split into their
+// float value plus the rounding error of the double statistics (AVX2 and AVX-512, whose
+// multiply-add is fused), or in double lanes for rows where that split is not exact or
+// h - mean could overflow float (rstd outside [2^-100, 2^100], N * var above 2^250), and
+// in the portable build. The backward runs in double lanes, with the statistics of h itself when the forward's eps is
 // given (see Backward), and rounds grad_h once.
 // float64 data: double-double sums (TwoSum / TwoProd lanes), statistics and outputs to
 // about one rounding; rows whose sums overflow, or whose squares underflow with eps ~ 0,
@@ -1264,6 +1265,11 @@ void norm_fwd_f64(const NormFwdArgs& args) {
 // grad_h's dtype) times the row's dropout factors (mask / (1 - p)), rounded to grad_out's
 // dtype: bitwise what _dropout_apply of grad_h gives, without reading grad_h back (grad_h
 // itself is written only when wanted).
+//
+// The parameters' gradients alone (neither grad_h nor grad_input wanted; float data,
+// bwd_row_params): pass 1 sums dy, and d and d * d from h (used where eps is given), not g
+// and g * d; pass 2 only adds dy * xhat to the dgamma partial. float64 runs its full passes
+// and skips the stores.
 
 // The float-data backward's arguments, passed by value into the row loops (locals the
 // compiler keeps in registers: vector stores may alias any memory).
@@ -1517,9 +1523,9 @@ inline void row_stats(bool own, bool rms, const DD (&sum)[4], double nd, double 
 }
 
 // Row i's dgamma and dbeta partials alone (neither grad_h nor the input's gradient wanted;
-// pg and pb are set together): pass 1 sums dy and, for the statistics of h that xhat needs,
-// d and d * d, but not g and g * d; pass 2 adds dy * xhat to pg and computes no grad_h. The
-// partials are bitwise those of bwd_row's passes.
+// pg and pb are set together): pass 1 sums dy and, from h, d and d * d (the statistics of h
+// that xhat needs where eps is given), not g and g * d; pass 2 adds dy * xhat to pg and
+// computes no grad_h. The partials are bitwise those of bwd_row's passes.
 template <typename G, typename X, bool kRms, typename S, bool kFromOutput>
 void bwd_row_params(const FloatBwdArgs<G, X> a, int64_t i, const RowD<S, kFromOutput> rd,
                     double* pg, double* pb, const NextRow next) {

@@ -10,11 +10,11 @@
 // (so the output is as accurate as if the statistics were exact); float64: mean and rstd as
 // double-doubles, h - mean kept exactly, the affine step rounded once (as the CPU kernels).
 // Backward, per row: grad_h = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma
-// (RMS drops mean(g)), plus grad_residual_out. float32 data ("the wide backward"): as the
-// CPU kernels, in double from the statistics of h itself (given the forward's eps), g exact,
-// grad_h rounded once; float64 the same in double-double. bfloat16/float16: the saved
-// statistics, float lanes with g rounded once, the row sums in double (with a 16-bit h, each
-// vector's terms summed in float first).
+// (RMS drops mean(g)), plus grad_residual_out. float32 data, and float16/bfloat16 data with
+// a float32 h ("the wide backward"): as the CPU kernels, in double from the statistics of h
+// itself (given the forward's eps), g exact, grad_h rounded once; float64 the same in
+// double-double. bfloat16/float16 data with a 16-bit h: the saved statistics, float lanes
+// with g rounded once, the row sums in double (each vector's terms summed in float first).
 // grad_gamma / grad_beta from per-chunk partials (fp64 for float32 and float64 data, the
 // float64 looping path's from double-double sums; fp32 for bfloat16/float16; the register
 // path's float32 grad_beta partial is a float32 sum of the chunk's dy, widened) summed in
@@ -162,7 +162,8 @@ struct BwdParams {
   // Register path: rows per weight-gradient chunk (a multiple of the CTA's rows); partial
   // row c sums rows [c * chunk_rows, (c + 1) * chunk_rows).
   int64_t chunk_rows;
-  // float32 and float64 data (the wide and float64 backward, below): own_stats when the
+  // The wide and float64 backward (below: float32 and float64 data, float16/bfloat16 data
+  // with a float32 h): own_stats when the
   // forward's eps is given and the backward reads h: the row statistics of h itself, with
   // that eps.
   bool own_stats;

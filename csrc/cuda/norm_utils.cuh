@@ -96,8 +96,8 @@ __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fm
 __device__ __forceinline__ double fma_rn(double a, double b, double c) { return __fma_rn(a, b, c); }
 
 // ------------------------------------------------------------------------------------------
-// Statistics accumulators. Row sums (sum of h, of squared deviations, and backward's sums of
-// g and g * xhat) are accumulated per thread and across threads in double for float32 /
+// Statistics accumulators. Row sums (of h or d = h - shift and of their squares; backward:
+// of g, g * d, d and d * d) are accumulated per thread and across threads in double for float32 /
 // bfloat16 / float16 data (the product of two floats is exact in double, and a double sum
 // of a row's values loses nothing that float32 results can show), and in double-double for
 // float64 data (a compensated sum: the error does not grow with the row length).

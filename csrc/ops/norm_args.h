@@ -71,8 +71,9 @@ struct NormBwdArgs {
   int64_t M = 0;
   int64_t N = 0;
   bool rms = false;
-  // The forward's eps: the CPU kernels, and the CUDA kernels for float32 and float64 data, then
-  // take the row statistics from h (in double); absent, they use mean and rstd as given.
+  // The forward's eps: the CPU kernels, and the CUDA kernels for float32 and float64 data and
+  // for 16-bit data with a float32 h, then take the row statistics from h (in double);
+  // absent, they use mean and rstd as given.
   std::optional<double> eps;
   // The forward's fused dropout (dropout_p > 0): grad_input = grad_h (rounded to
   // dtypes.h) times the keep-mask and scale of dropout_seed (int64 [2] on the device),

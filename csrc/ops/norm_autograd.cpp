@@ -4,7 +4,8 @@
 // stream (empty and non-differentiable unless return_residual); and h kept for backward
 // when it exists but is not returned (post-LN with a residual; never handed to callers,
 // empty otherwise). The node saves the tensor that was normalized (h, an output of the
-// node, or the input when there is no residual; memory_efficient: out), mean, rstd, the
+// node, or the input when there is neither a residual nor dropout; backward from the
+// output, memory_efficient where it applies (below): out), mean, rstd, the
 // weight, the bias (memory_efficient) and the fused dropout's seed.
 //
 // - First order: backward calls _norm_bwd, which adds the gradient flowing into the
@@ -24,7 +25,8 @@
 // - Fused dropout (h = dropout(input) + residual): the node keeps the seed tensor, never a
 //   mask; input's gradient (and tangent) is h's times the mask regenerated from the seed,
 //   written by _norm_bwd in its pass (_dropout_apply where only h's gradient flows). h is
-//   written whenever dropout runs (unless memory_efficient), the input no longer being h.
+//   written whenever dropout runs (unless backward reads the output instead), the input no
+//   longer being h.
 // - memory_efficient: the node keeps the output (which the next layer usually keeps anyway)
 //   instead of h, and backward recovers the normalized values from it, xhat = (out - bias) /
 //   weight (_norm_bwd's from_output). A weight with a zero makes that impossible (the
@@ -34,7 +36,9 @@
 //   out to hold xhat accurately (min_recoverable_weight); elsewhere it is not read
 //   (no device synchronization, nothing data-dependent in traced graphs) and backward
 //   meets the zero: the CPU kernel raises an error, the CUDA kernels give NaN gradients
-//   for the rows (see the README). Second derivatives need h and are refused;
+//   for the rows (see the README). Rows of up to three elements, and an h wider than the
+//   output (a float32 h beside a 16-bit input with a residual or dropout), keep h too
+//   (from_output below). Second derivatives need h and are refused;
 //   forward-mode tangents are computed from h in the forward, which then runs as without
 //   the flag.
 // - The returned h comes out of a node of its own (ResidualOutFunction, an identity after the

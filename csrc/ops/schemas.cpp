@@ -1,11 +1,12 @@
 // Every addnorm op schema, in one place. Kernels are registered next to their code:
 // cpu/norm_cpu.cpp (CPU) and cuda/norm_kernels.cu (CUDA) for the internal ops,
 // ops/norm_meta.cpp (Meta) for the internal ops, ops/norm_composite.cpp
-// (CompositeExplicitAutograd; NestedTensor*, to refuse nested input), ops/norm_autograd.cpp
-// (Autograd) and ops/norm_autocast.cpp (AutocastCUDA, the LayerNorm ones) for the public
-// ones and _dropout_matmul,
-// modules/transformer_encoder_layer.cpp (CompositeImplicitAutograd). See
-// docs/architecture.md.
+// (CompositeExplicitAutograd; NestedTensor*, to refuse nested input) for the public ones,
+// ops/norm_autograd.cpp (Autograd: the public ops, _dropout_apply and _dropout_matmul;
+// torch's not-implemented kernel for _norm_fwd and _norm_bwd), ops/norm_autocast.cpp
+// (AutocastCUDA, the LayerNorm ones), ops/norm_batching.cpp (FuncTorchBatched: every op),
+// modules/transformer_encoder_layer.cpp (CompositeImplicitAutograd and FuncTorchVmapMode).
+// See docs/architecture.md.
 
 #include <torch/library.h>
 
@@ -62,7 +63,8 @@ TORCH_LIBRARY(addnorm, m) {
   // (backward regenerates it).
   m.def("_dropout_matmul(Tensor probs, Tensor value, Tensor dropout_seed, float p) -> Tensor");
   // Internal backward: (grad_h, grad_weight, grad_bias, grad_input). eps: the forward's; with it the
-  // CPU kernels, and the CUDA kernels for float32 and float64 data, take the row statistics from
+  // CPU kernels, and the CUDA kernels for float32 and float64 data and for 16-bit data with a
+  // float32 h, take the row statistics from
   // h itself, in double (double-double for float64; mean as the saved mean plus a correction,
   // rstd = 1 / sqrt(var + eps)); without it (and on CUDA for float16/bfloat16 data with a 16-bit
   // h, where eps serves only RMSNorm rows of one element: grad_h = g * eps * rstd^3) mean and

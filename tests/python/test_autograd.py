@@ -190,9 +190,22 @@ def test_only_h_used(rms, device):
     out, h = (torch.ops.addnorm.add_rms_norm(x, r, [16], w, 1e-5) if rms else
               torch.ops.addnorm.add_layer_norm(x, r, [16], w, b, 1e-5))
     gh = torch.randn(3, 16, dtype=F64, device=device)
-    gx, gr, gw = torch.autograd.grad([h], [x, r, w], [gh], allow_unused=True)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func.overloadpacket)
+            return func(*args, **(kwargs or {}))
+
+    seen = []
+    with Record():
+        gx, gr, gw = torch.autograd.grad([h], [x, r, w], [gh], allow_unused=True, retain_graph=True)
+    assert torch.ops.addnorm._norm_bwd not in seen, seen
     assert torch.equal(gx, gh) and torch.equal(gr, gh)
     assert gw is None  # not zeros: optimizers treat the two differently
+    with Record():  # (the recorder sees a norm backward where one runs)
+        torch.autograd.grad([out], [x], [gh], retain_graph=True)
+    assert torch.ops.addnorm._norm_bwd in seen, seen
     (h * gh).sum().backward()
     assert w.grad is None and (rms or b.grad is None)
 

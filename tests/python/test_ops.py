@@ -447,8 +447,9 @@ def _make_layout(layout, m, n, dtype, device, scale, offset):
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_non_contiguous(layout, norm, dtype, device):
-    """Non-contiguous input, residual (and weight) give the same results as contiguous copies,
-    and gradients reach the base tensors."""
+    """Non-contiguous input, residual (and weight) give the results of contiguous copies
+    (bitwise on the CPU; on CUDA, whose kernel path follows the rows' alignment, within the
+    accuracy bar; h bitwise on both), and gradients reach the base tensors."""
     rms = _rms(norm)
     m, n = 6, 72
     xb, x = _make_layout(layout, m, n, dtype, device, 3.0, 5.0)
@@ -465,11 +466,14 @@ def test_non_contiguous(layout, norm, dtype, device):
     b = None if rms else b
     eps = RMS_EPS if rms else 1e-5
     out, h = check_add_norm_against_reference(rms, x, r, (n,), w, b, eps, name=layout)
-    # Against the op on contiguous copies: identical math, identical results.
+    # Against the op on contiguous copies.
     out_c, h_c = call_add_norm(rms, x.contiguous(), r.contiguous(), (n,), w.contiguous(),
                                None if b is None else b.contiguous(), eps)
     assert torch.equal(h, h_c)
-    assert_close(out, out_c.double(), name="out vs contiguous")
+    if device == "cpu":
+        assert torch.equal(out, out_c), "out differs from the contiguous copies'"
+    else:
+        assert_close(out, out_c.double(), name="out vs contiguous")
     # Gradients reach the bases.
     gout = torch.randn(out.shape, device=device).to(out.dtype)
     gxb, grb, gwb = torch.autograd.grad([out], [xb, rb, wb], [gout])

@@ -631,7 +631,8 @@ at::Tensor TransformerEncoderLayerImpl::forward(
       opt(self_attn->in_proj_bias), self_attn->out_proj->weight, opt(self_attn->out_proj->bias),
       linear1->weight, opt(linear1->bias), linear2->weight, opt(linear2->bias), norm1->weight,
       opt(norm1->bias), norm2->weight, opt(norm2->bias), sa.num_heads(), options.dropout(),
-      options.activation(), eps, options.batch_first(), options.norm_first(), is_training());
+      options.activation(), eps, options.batch_first(), options.norm_first(), is_training(),
+      options.fast_path());
 }
 
 }  // namespace addnorm

@@ -124,9 +124,9 @@ void check_input_tensor(const at::Tensor& input) {
   TORCH_CHECK(input.defined(), "addnorm: input must be a tensor, got None");
   TORCH_CHECK(!input.is_nested(),
               "addnorm: input must be a strided tensor, got a nested tensor (the layer_norm and "
-              "rms_norm functions and modules, Python and C++, hand nested input to torch's "
-              "kernels; the ops and the add functions take none: apply them to a jagged "
-              "tensor's values() or to a padded tensor)");
+              "rms_norm functions and modules, in eager Python and in C++, hand nested input to "
+              "torch's kernels; the ops, the add functions and scripted code take none: apply "
+              "them to a jagged tensor's values() or to a padded tensor)");
   check_strided(input, "input");
 }
 

@@ -74,8 +74,8 @@ def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
                      for n in ("self_attn", "dropout", "dropout1", "dropout2")):
         return "a dropout submodule's training mode differs from the layer's"
     n1, n2 = layer.norm1, layer.norm2
-    if n1.eps != n2.eps or n1.weight is None or n2.weight is None:  # (the op takes weights)
-        return "norm1 and norm2 must have the same eps and a weight (elementwise_affine=True)"
+    if n1.eps != n2.eps or not n1.eps >= 0 or n1.weight is None or n2.weight is None:  # (weights)
+        return "norm1 and norm2 must have the same non-negative eps and a weight (elementwise_affine=True)"
     return None
 
 

@@ -343,6 +343,9 @@ TEST(TransformerEncoderLayer, BFloat16InferenceIsTorchsFusedKernel) {
   EXPECT_TRUE(torch::equal(ops(true), fused));
   EXPECT_TRUE(torch::equal(ops(false), own));
   EXPECT_FALSE(torch::equal(own, fused));
+  // The option fast_path(false) keeps addnorm's ops (Python: torch.backends.mha's switch).
+  layer->options.fast_path(false);
+  EXPECT_TRUE(torch::equal(layer->forward(x), own));
 }
 
 // An undefined src or weight is refused by name (it read as an empty tensor: "got shape [0]").

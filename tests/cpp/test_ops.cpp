@@ -61,6 +61,13 @@ TEST(AddNormOps, RmsNormMatchesATen) {
   auto ours = addnorm::rms_norm(x, {96}, w);
   auto ref = at::rms_norm(x, {96}, w, std::nullopt);
   EXPECT_TRUE(torch::allclose(ours, ref, 1e-12, 1e-12));
+  // A float64 weight of float32 input, which the op refuses as wider, goes to torch's
+  // kernel, as in Python: its result, the module's too.
+  auto xf = x.to(torch::kFloat);
+  EXPECT_TRUE(torch::equal(addnorm::rms_norm(xf, {96}, w), at::rms_norm(xf, {96}, w, std::nullopt)));
+  addnorm::RMSNorm m(addnorm::RMSNormOptions({96}));
+  m->to(torch::kDouble);
+  EXPECT_TRUE(torch::equal(m->forward(xf), at::rms_norm(xf, {96}, m->weight, std::nullopt)));
 }
 
 TEST(AddNormOps, AddLayerNormReturnsNormAndSum) {

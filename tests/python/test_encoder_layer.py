@@ -1022,6 +1022,10 @@ def _tanh(layer):
     layer.activation = torch.tanh
 
 
+def _negative_eps(layer):
+    layer.norm1.eps = layer.norm2.eps = -1e-6  # (torch's LayerNorm takes it; the op refuses it)
+
+
 def _pruned(layer):
     torch.nn.utils.prune.l1_unstructured(layer.linear1, "weight", amount=0.5)
 
@@ -1092,7 +1096,8 @@ def test_fallback_warning_names_the_submodules_class_in_full():
 
 
 @pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _norm1_weight_none,
-                                    _dropout1, _dropout2, _hooked_dropout2, _tanh, _pruned,
+                                    _dropout1, _dropout2, _hooked_dropout2, _tanh, _negative_eps,
+                                    _pruned,
                                     _hooked_relu, _backward_hooked_relu, _instance_forward,
                                     _instance_method_forward, _instance_sa_block, _dropout_modes,
                                     _mc_dropout],
@@ -1102,7 +1107,8 @@ def test_layers_changed_after_construction_run_torchs_forward(change):
     op cannot run (a submodule whose forward is not its parameters': a subclass, a forward
     or backward hook, a forward set on the instance, a parametrization or pruning; a block
     method set on the instance; a norm that is not a LayerNorm; eps or dropout
-    probabilities that differ between the norms or dropouts; a norm's weight set to None;
+    probabilities that differ between the norms or dropouts; a negative eps; a norm's weight
+    set to None;
     dropouts in another training
     mode than the layer, either way; another activation) runs
     torch's forward, which calls the submodules, with a warning naming why: the same

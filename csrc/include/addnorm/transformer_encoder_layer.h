@@ -61,6 +61,11 @@ struct TransformerEncoderLayerOptions {
   TORCH_ARG(bool, batch_first) = false;
   TORCH_ARG(bool, norm_first) = false;
   TORCH_ARG(bool, bias) = true;
+  // Inference in bfloat16 on the CPU (any dtype under CPU autocast), or float16/bfloat16
+  // on CUDA, may run torch's fused inference kernel, as torch's layer does (the fast_path
+  // of transformer_encoder_layer above; Python's layer follows
+  // torch.backends.mha.set_fastpath_enabled); false: addnorm's ops always.
+  TORCH_ARG(bool, fast_path) = true;
 };
 
 // Parameters (named as in Python): self_attn.in_proj_weight, self_attn.in_proj_bias,

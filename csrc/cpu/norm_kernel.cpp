@@ -1454,10 +1454,12 @@ void bwd_row_out(const G* dy, const X* dres, X* dx, const RowD<S, kFromOutput> r
 
 // f(jk, y0, y1, d0, d1) for each float vector's worth of elements [jk, jk + VF::size()) in
 // the whole Packs from j up to end: dy and d as two double vectors each (next: the next
-// row's prefetch, one step at a time). Returns the first element not visited.
+// row's prefetch, one step at a time). Returns the first element not visited. (Always
+// inlined, as bwd_sums: the callers' accumulators then stay in registers.)
 template <typename G, typename S, bool kFromOutput, typename F>
-inline int64_t for_each_half(const G* dy, const RowD<S, kFromOutput>& rd, int64_t j,
-                             int64_t end, const NextRow& next, const F& f) {
+__attribute__((always_inline)) inline int64_t for_each_half(
+    const G* dy, const RowD<S, kFromOutput>& rd, int64_t j, int64_t end, const NextRow& next,
+    const F& f) {
   constexpr int64_t W = Pack<S>::kWidth;
   static_assert(Pack<G>::kWidth == W, "mixed widths");
   for (; j + W <= end; j += W) {
@@ -1478,8 +1480,9 @@ inline int64_t for_each_half(const G* dy, const RowD<S, kFromOutput>& rd, int64_
 // Pass 1 over a row (see BwdSums): sum[0..3] += the sums of g, g * d, d, d * d (without
 // kGrad, g and g * d stay 0).
 template <typename G, typename S, bool kRms, bool kPartials, bool kFromOutput, bool kGrad = true>
-void bwd_sums(const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int64_t N,
-              double* pb, DD (&sum)[4]) {
+__attribute__((always_inline)) inline void bwd_sums(
+    const G* dy, const RowD<S, kFromOutput> rd, const double* gm, int64_t N, double* pb,
+    DD (&sum)[4]) {
   for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
     const int64_t b1 = std::min(N, b0 + kBlock);
     BwdSums<kRms, kPartials, !kFromOutput, kGrad> s;

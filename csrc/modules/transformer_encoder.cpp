@@ -4,6 +4,7 @@
 #include <addnorm/transformer_encoder.h>
 
 #include <utility>
+#include <vector>
 
 #include <c10/util/Exception.h>
 
@@ -24,11 +25,23 @@ TransformerEncoderImpl::TransformerEncoderImpl(TransformerEncoderOptions options
 
 namespace {
 
-void register_norm(TransformerEncoderImpl& m) {
+// A clone of options.norm() as m.norm (none if it is empty), with the parameters' device
+// and dtype of `like` where it has any (the norm it replaces: to() moved that one).
+void register_norm(TransformerEncoderImpl& m, const std::vector<at::Tensor>& like = {}) {
   if (!m.options.norm().is_empty()) {
     m.norm = m.options.norm().clone();
+    if (!like.empty()) m.norm.ptr()->to(like.front().device(), like.front().scalar_type());
     m.register_module("norm", m.norm.ptr());
   }
+}
+
+// layers[i], refused by name unless an addnorm::TransformerEncoderLayer (layers is public).
+TransformerEncoderLayerImpl& layer_at(const torch::nn::ModuleList& layers, size_t i) {
+  const auto m = layers->ptr(i);
+  auto* layer = m->as<TransformerEncoderLayer>();
+  TORCH_CHECK(layer != nullptr, "addnorm::TransformerEncoder: layers[", i,
+              "] must be an addnorm::TransformerEncoderLayer, got ", m->name());
+  return *layer;
 }
 
 }  // namespace
@@ -49,14 +62,16 @@ void TransformerEncoderImpl::reset() {
 }
 
 void TransformerEncoderImpl::reset_parameters() {
-  for (const auto& layer : *layers) {
-    layer->as<TransformerEncoderLayer>()->reset_parameters();
+  for (size_t i = 0; i < layers->size(); ++i) {
+    layer_at(layers, i).reset_parameters();
   }
+  std::vector<at::Tensor> old;
   if (!norm.is_empty()) {
+    old = norm.ptr()->parameters();
     unregister_module("norm");
     norm = torch::nn::AnyModule();
   }
-  register_norm(*this);
+  register_norm(*this, old);
 }
 
 void TransformerEncoderImpl::pretty_print(std::ostream& stream) const {
@@ -67,9 +82,8 @@ at::Tensor TransformerEncoderImpl::forward(const at::Tensor& src, const at::Tens
                                            const at::Tensor& src_key_padding_mask,
                                            bool is_causal) {
   at::Tensor out = src;
-  for (const auto& layer : *layers) {
-    out = layer->as<TransformerEncoderLayer>()->forward(out, mask, src_key_padding_mask,
-                                                          is_causal);
+  for (size_t i = 0; i < layers->size(); ++i) {
+    out = layer_at(layers, i).forward(out, mask, src_key_padding_mask, is_causal);
   }
   return norm.is_empty() ? out : norm.forward<at::Tensor>(out);
 }

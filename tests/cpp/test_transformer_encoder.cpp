@@ -105,6 +105,12 @@ TEST(TransformerEncoder, CloneAndResetParameters) {
     EXPECT_TRUE(torch::equal(p.value(), b[p.key()])) << p.key();
     EXPECT_NE(p.value().data_ptr(), b[p.key()].data_ptr()) << p.key();
   }
+  // The clone runs as the original does, and stays so when the original changes.
+  const auto x = torch::randn({5, 2, 16});
+  enc->eval();
+  copy->eval();
+  const auto y_copy = copy->forward(x);
+  EXPECT_TRUE(torch::equal(y_copy, enc->forward(x)));
   {
     torch::NoGradGuard no_grad;
     enc->named_parameters()["norm.weight"].fill_(3.0);
@@ -113,6 +119,16 @@ TEST(TransformerEncoder, CloneAndResetParameters) {
   enc->reset_parameters();
   EXPECT_FALSE(torch::equal(enc->named_parameters()["layers.1.linear2.weight"], before));
   EXPECT_TRUE(torch::equal(enc->named_parameters()["norm.weight"], torch::ones({16})));
+  EXPECT_TRUE(torch::equal(copy->forward(x), y_copy));
+  EXPECT_FALSE(torch::equal(enc->forward(x), y_copy));
+  // reset_parameters after to(): the new norm has the stack's dtype.
+  enc->to(torch::kDouble);
+  enc->reset_parameters();
+  for (const auto& p : enc->parameters()) EXPECT_EQ(p.scalar_type(), torch::kDouble);
+  EXPECT_EQ(enc->forward(x.to(torch::kDouble)).scalar_type(), torch::kDouble);
+  // Options of a layer, directly.
+  addnorm::TransformerEncoder from_options(small_layer(), 2);
+  EXPECT_EQ(from_options->layers->size(), 2u);
 }
 
 TEST(TransformerEncoder, BadOptionsAreRefusedByName) {
@@ -122,6 +138,17 @@ TEST(TransformerEncoder, BadOptionsAreRefusedByName) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find(
                   "addnorm::TransformerEncoder: num_layers must be non-negative, got -1"),
+              std::string::npos)
+        << e.what();
+  }
+  addnorm::TransformerEncoder enc(addnorm::TransformerEncoderLayer(small_layer()), 1);
+  enc->layers->push_back(torch::nn::Identity());  // (layers is public)
+  try {
+    enc->forward(torch::randn({5, 2, 16}));
+    FAIL() << "a layer of another type was accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("addnorm::TransformerEncoder: layers[1] must be an "
+                                         "addnorm::TransformerEncoderLayer, got torch::nn::Identity"),
               std::string::npos)
         << e.what();
   }

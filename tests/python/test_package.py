@@ -27,11 +27,15 @@ def test_built_against_this_torch():
 
 
 def test_distribution_requires_the_torch_release_built_against():
-    """The installed metadata pins torch's release (any of its builds): pip then installs
-    the torch the library links, instead of leaving the import to refuse another one."""
+    """The installed metadata pins the release of the torch the library was built against:
+    pip then installs that release, instead of leaving the import to refuse another one."""
     from importlib import metadata
 
-    assert metadata.requires("addnorm") == [f"torch=={torch.__version__.split('+')[0]}"]
+    try:
+        requires = metadata.requires("addnorm")
+    except metadata.PackageNotFoundError:
+        pytest.skip("addnorm is imported from the source tree, not installed")
+    assert requires == [f"torch=={_build_info.torch_version.split('+')[0]}"]
 
 
 @pytest.mark.parametrize("built", ["2.12.1+cu130", "2.10.0"])

@@ -22,8 +22,10 @@
 
 namespace addnorm {
 
-// Options of addnorm::TransformerEncoder: those of Python's nn.TransformerEncoder and of
-// LibTorch's torch::nn::TransformerEncoderOptions.
+// Options of addnorm::TransformerEncoder: those of LibTorch's
+// torch::nn::TransformerEncoderOptions, and Python's nn.TransformerEncoder's but
+// enable_nested_tensor and mask_check (no nested-tensor inference path; is_causal is the
+// caller's hint, not detected from the mask).
 struct ADDNORM_API TransformerEncoderOptions {
   TransformerEncoderOptions(TransformerEncoderLayer encoder_layer, int64_t num_layers);
   // A layer made from these options, then cloned.
@@ -39,18 +41,22 @@ class ADDNORM_API TransformerEncoderImpl : public torch::nn::Cloneable<Transform
  public:
   TransformerEncoderImpl(TransformerEncoderLayer encoder_layer, int64_t num_layers)
       : TransformerEncoderImpl(TransformerEncoderOptions(std::move(encoder_layer), num_layers)) {}
+  TransformerEncoderImpl(const TransformerEncoderLayerOptions& layer_options, int64_t num_layers)
+      : TransformerEncoderImpl(TransformerEncoderOptions(layer_options, num_layers)) {}
   explicit TransformerEncoderImpl(TransformerEncoderOptions options_);
 
   // Clones options.encoder_layer() num_layers times (each with the layer's parameter
   // values, as Python's deepcopy) and options.norm().
   void reset() override;
   // Re-initializes every layer (TransformerEncoderLayerImpl::reset_parameters) and clones
-  // options.norm() afresh (a norm module has no common reset), as LibTorch's stack does.
+  // options.norm() afresh (a norm module has no common reset), as LibTorch's stack does,
+  // onto the device and dtype of the norm it replaces.
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
 
   // Each layer's forward in turn (masks and is_causal as the layer takes them: undefined
-  // tensors mean none), then the norm.
+  // tensors mean none), then the norm. A module in layers that is not an
+  // addnorm::TransformerEncoderLayer is refused by index.
   at::Tensor forward(const at::Tensor& src, const at::Tensor& mask = {},
                      const at::Tensor& src_key_padding_mask = {}, bool is_causal = false);
 

@@ -71,6 +71,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
@@ -476,6 +477,9 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       // gradient (torch's add node keeps nothing).
       if (grad_h_in.defined()) {
         if (node_call.seed.defined()) dropout_seed = node_call.seed;
+        // (released with the saved tensors: torch's dropout node, its mask freed, raises)
+        TORCH_CHECK(dropout_p == 0.0 || dropout_seed.defined(),
+                    torch::autograd::ERR_BACKWARD_TWICE);
         set_input_grads(grad_h_in);
       }
       return grads;
@@ -681,7 +685,9 @@ void CppNode<addnorm::NormFunction>::save_variables_to_ctx() {
 // The saved tensors of a NormFunction node stay until its norm backward has run: a backward
 // that reaches the node through h alone needs none of them but the seed, and a later
 // backward through out must still find them (torch's separate add and layer_norm nodes
-// behave so).
+// behave so). Then they go, and the seed kept as data with them (a graph held after
+// backward kept every fused dropout's seed); a later backward through h alone with the
+// fused dropout raises, as torch's dropout node, whose mask is freed, does.
 template <>
 void CppNode<addnorm::NormFunction>::release_variables() {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -690,6 +696,8 @@ void CppNode<addnorm::NormFunction>::release_variables() {
     return;
   }
   ctx_.saved_variables_.clear();
+  const auto seed = ctx_.saved_data.find("seed");
+  if (seed != ctx_.saved_data.end()) seed->second = at::Tensor();
   ctx_.has_freed_buffers_ = true;
 }
 

@@ -1089,6 +1089,33 @@ def test_out_and_h_backpropagate_separately(order, device):
         y.sum().backward()
 
 
+def test_fused_dropout_seed_is_released_with_the_saved_tensors():
+    """After the norm's backward (without retain_graph) the node lets go of the fused
+    dropout's seed with its saved tensors, though the graph is still held (a loss kept for
+    logging kept every step's seeds), as torch's dropout node frees its mask; a later
+    backward through h alone then raises as torch's does, and without dropout it still runs
+    (torch's add keeps nothing)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    x, r = (torch.randn(4, 16, requires_grad=True) for _ in range(2))
+    w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+    seed = addnorm.dropout_seed(torch.device("cpu"))
+    ref = StorageWeakRef(seed.untyped_storage())
+    out, h = torch.ops.addnorm.add_layer_norm(x, r, [16], w, b, return_residual=True,
+                                              dropout_p=0.1, dropout_seed=seed)
+    del seed
+    h.sum().backward()  # (h alone: the norm's backward has not run, the seed stays)
+    assert not ref.expired()
+    loss = out.sum() + h.sum()
+    loss.backward()
+    assert ref.expired(), "the seed outlived the backward"
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        h.sum().backward()
+    out, h = torch.ops.addnorm.add_layer_norm(x, r, [16], w, b, return_residual=True)
+    (out.sum() + h.sum()).backward()
+    h.sum().backward()
+
+
 @pytest.mark.parametrize("failure", ["create_graph_refused", "unpack_hook_raises"])
 def test_a_failed_norm_backward_keeps_the_saved_tensors(failure):
     """A norm backward that raised (memory_efficient's refusal of second derivatives, an

@@ -4,7 +4,6 @@
 #include <addnorm/transformer_encoder.h>
 
 #include <utility>
-#include <vector>
 
 #include <c10/util/Exception.h>
 
@@ -25,12 +24,12 @@ TransformerEncoderImpl::TransformerEncoderImpl(TransformerEncoderOptions options
 
 namespace {
 
-// A clone of options.norm() as m.norm (none if it is empty), with the parameters' device
-// and dtype of `like` where it has any (the norm it replaces: to() moved that one).
-void register_norm(TransformerEncoderImpl& m, const std::vector<at::Tensor>& like = {}) {
+// A clone of options.norm() as m.norm (none if it is empty), moved to the device and dtype
+// of `like` where that is defined.
+void register_norm(TransformerEncoderImpl& m, const at::Tensor& like = {}) {
   if (!m.options.norm().is_empty()) {
     m.norm = m.options.norm().clone();
-    if (!like.empty()) m.norm.ptr()->to(like.front().device(), like.front().scalar_type());
+    if (like.defined()) m.norm.ptr()->to(like.device(), like.scalar_type());
     m.register_module("norm", m.norm.ptr());
   }
 }
@@ -62,16 +61,23 @@ void TransformerEncoderImpl::reset() {
 }
 
 void TransformerEncoderImpl::reset_parameters() {
+  for (size_t i = 0; i < layers->size(); ++i) layer_at(layers, i);  // (all, before any change)
   for (size_t i = 0; i < layers->size(); ++i) {
     layer_at(layers, i).reset_parameters();
   }
-  std::vector<at::Tensor> old;
+  // The new norm's device and dtype: those of the norm it replaces (to() moved that one; its
+  // parameters, else its floating buffers), else the layers'.
+  at::Tensor like;
   if (!norm.is_empty()) {
-    old = norm.ptr()->parameters();
+    for (const auto& t : norm.ptr()->parameters()) like = like.defined() ? like : t;
+    for (const auto& t : norm.ptr()->buffers()) {
+      if (!like.defined() && t.is_floating_point()) like = t;
+    }
     unregister_module("norm");
     norm = torch::nn::AnyModule();
   }
-  register_norm(*this, old);
+  for (const auto& t : parameters()) like = like.defined() ? like : t;
+  register_norm(*this, like);
 }
 
 void TransformerEncoderImpl::pretty_print(std::ostream& stream) const {

@@ -426,6 +426,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     ctx->saved_data["seed"] = seed_kept;
     ctx->saved_data["seed_version"] = drop ? seed_kept._version() : int64_t{0};
     ctx->saved_data["bwd_done"] = false;  // (see release_variables below)
+    ctx->saved_data["seed_used"] = false;  // (the input's dropout gradient computed)
     return {out, h_returned, h_kept};
   }
 
@@ -477,8 +478,9 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       // gradient (torch's add node keeps nothing).
       if (grad_h_in.defined()) {
         if (node_call.seed.defined()) dropout_seed = node_call.seed;
-        // (released with the saved tensors: torch's dropout node, its mask freed, raises)
-        TORCH_CHECK(dropout_p == 0.0 || dropout_seed.defined(),
+        // (released after a norm backward that used it: torch's dropout node, its mask
+        // freed, raises)
+        TORCH_CHECK(dropout_p == 0.0 || !input_grad || dropout_seed.defined(),
                     torch::autograd::ERR_BACKWARD_TWICE);
         set_input_grads(grad_h_in);
       }
@@ -531,6 +533,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
       if (weight_grad) grads[3] = with_values_of(k_w, dw);
       if (bias_grad) grads[4] = with_values_of(k_b, db).to(bias_dtype);
       ctx->saved_data["bwd_done"] = true;  // (only now: a backward that threw needs them)
+      ctx->saved_data["seed_used"] = drop;
       return grads;
     }
 
@@ -592,6 +595,7 @@ class NormFunction : public torch::autograd::Function<NormFunction> {
     if (weight_grad) grads[3] = grad_weight;
     if (bias_grad) grads[4] = grad_bias.to(bias_dtype);
     ctx->saved_data["bwd_done"] = true;
+    ctx->saved_data["seed_used"] = drop;
     return grads;
   }
 };
@@ -685,9 +689,11 @@ void CppNode<addnorm::NormFunction>::save_variables_to_ctx() {
 // The saved tensors of a NormFunction node stay until its norm backward has run: a backward
 // that reaches the node through h alone needs none of them but the seed, and a later
 // backward through out must still find them (torch's separate add and layer_norm nodes
-// behave so). Then they go, and the seed kept as data with them (a graph held after
-// backward kept every fused dropout's seed); a later backward through h alone with the
-// fused dropout raises, as torch's dropout node, whose mask is freed, does.
+// behave so). Then they go, and the seed kept as data with them where the norm's backward
+// computed the input's dropout gradient or the input takes none (a graph held after
+// backward kept every fused dropout's seed): a later backward through h alone that asks
+// for the input's gradient then raises, as torch's dropout node, whose mask is freed after
+// its backward, does; one that did not ask for it leaves the seed for a later one.
 template <>
 void CppNode<addnorm::NormFunction>::release_variables() {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -697,7 +703,12 @@ void CppNode<addnorm::NormFunction>::release_variables() {
   }
   ctx_.saved_variables_.clear();
   const auto seed = ctx_.saved_data.find("seed");
-  if (seed != ctx_.saved_data.end()) seed->second = at::Tensor();
+  const auto used = ctx_.saved_data.find("seed_used");
+  if (seed != ctx_.saved_data.end() &&
+      ((used != ctx_.saved_data.end() && used->second.toBool()) || num_outputs() == 0 ||
+       !next_edge(0).is_valid())) {
+    seed->second = at::Tensor();
+  }
   ctx_.has_freed_buffers_ = true;
 }
 

@@ -126,6 +126,15 @@ TEST(TransformerEncoder, CloneAndResetParameters) {
   enc->reset_parameters();
   for (const auto& p : enc->parameters()) EXPECT_EQ(p.scalar_type(), torch::kDouble);
   EXPECT_EQ(enc->forward(x.to(torch::kDouble)).scalar_type(), torch::kDouble);
+  // A norm added after to(), or one with buffers alone: the stack's dtype too.
+  addnorm::TransformerEncoder bn(small_layer(), 1);
+  bn->to(torch::kDouble);
+  bn->options.norm(torch::nn::AnyModule(
+      torch::nn::BatchNorm1d(torch::nn::BatchNorm1dOptions(2).affine(false))));
+  bn->reset_parameters();
+  for (const auto& t : bn->buffers()) {
+    if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kDouble);
+  }
   // Options of a layer, directly.
   addnorm::TransformerEncoder from_options(small_layer(), 2);
   EXPECT_EQ(from_options->layers->size(), 2u);
@@ -143,6 +152,9 @@ TEST(TransformerEncoder, BadOptionsAreRefusedByName) {
   }
   addnorm::TransformerEncoder enc(addnorm::TransformerEncoderLayer(small_layer()), 1);
   enc->layers->push_back(torch::nn::Identity());  // (layers is public)
+  const auto before = enc->named_parameters()["layers.0.linear1.weight"].clone();
+  EXPECT_THROW(enc->reset_parameters(), c10::Error);
+  EXPECT_TRUE(torch::equal(enc->named_parameters()["layers.0.linear1.weight"], before));
   try {
     enc->forward(torch::randn({5, 2, 16}));
     FAIL() << "a layer of another type was accepted";

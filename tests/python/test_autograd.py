@@ -1091,27 +1091,45 @@ def test_out_and_h_backpropagate_separately(order, device):
 
 def test_fused_dropout_seed_is_released_with_the_saved_tensors():
     """After the norm's backward (without retain_graph) the node lets go of the fused
-    dropout's seed with its saved tensors, though the graph is still held (a loss kept for
-    logging kept every step's seeds), as torch's dropout node frees its mask; a later
-    backward through h alone then raises as torch's does, and without dropout it still runs
-    (torch's add keeps nothing)."""
+    dropout's seed with its saved tensors where that backward computed the input's dropout
+    gradient or the input takes none, though the graph is still held (a loss kept for
+    logging kept every step's seeds), as torch's dropout node frees its mask after its
+    backward. A later backward through h alone then raises as torch's does where it asks for
+    the input's gradient, and runs where it does not, or where the first backward did not
+    compute it (torch's dropout node has not run then); without dropout it runs (torch's add
+    keeps nothing)."""
     from torch.multiprocessing.reductions import StorageWeakRef
 
-    x, r = (torch.randn(4, 16, requires_grad=True) for _ in range(2))
-    w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
-    seed = addnorm.dropout_seed(torch.device("cpu"))
-    ref = StorageWeakRef(seed.untyped_storage())
-    out, h = torch.ops.addnorm.add_layer_norm(x, r, [16], w, b, return_residual=True,
-                                              dropout_p=0.1, dropout_seed=seed)
-    del seed
+    def make(input_grad=True, p=0.5):
+        x = torch.randn(4, 16, requires_grad=input_grad)
+        r = torch.randn(4, 16, requires_grad=True)
+        w, b = torch.ones(16, requires_grad=True), torch.zeros(16, requires_grad=True)
+        seed = torch.tensor([1, 2])
+        out, h = torch.ops.addnorm.add_layer_norm(x, r, [16], w, b, return_residual=True,
+                                                  dropout_p=p, dropout_seed=seed)
+        return x, r, w, out, h, StorageWeakRef(seed.untyped_storage())
+
+    mask = addnorm.dropout_mask(torch.tensor([1, 2]), (4, 16), 0.5)
+    x, r, w, out, h, seed = make()
     h.sum().backward()  # (h alone: the norm's backward has not run, the seed stays)
-    assert not ref.expired()
+    assert not seed.expired()
     loss = out.sum() + h.sum()
     loss.backward()
-    assert ref.expired(), "the seed outlived the backward"
+    assert seed.expired(), "the seed outlived the backward"
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         h.sum().backward()
-    out, h = torch.ops.addnorm.add_layer_norm(x, r, [16], w, b, return_residual=True)
+    assert torch.autograd.grad(h.sum(), [r])[0].eq(1).all()  # (no dropout on r's path)
+    x, r, w, out, h, seed = make(input_grad=False)  # (x frozen: nothing needs the seed)
+    out.sum().backward()
+    assert seed.expired()
+    (h * 2).sum().backward()
+    for first in ("w", "r"):  # the first backward computes no input gradient: the seed stays
+        x, r, w, out, h, seed = make()
+        torch.autograd.grad(out.sum(), [w if first == "w" else r])
+        assert not seed.expired()
+        gx, = torch.autograd.grad(h.sum(), [x])
+        torch.testing.assert_close(gx, mask.float() / 0.5)
+    x, r, w, out, h, seed = make(p=0.0)
     (out.sum() + h.sum()).backward()
     h.sum().backward()
 

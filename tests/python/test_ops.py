@@ -579,17 +579,20 @@ def test_internal_norm_bwd_contract(with_eps, with_grad_residual, is_rms, has_we
 @pytest.mark.parametrize("source", ["h_eps", "h_saved_stats", "output"])
 @pytest.mark.parametrize("norm,params", [("layer_norm", "wb"), ("layer_norm", "w"),
                                          ("layer_norm", "b"), ("rms_norm", "w")])
-@pytest.mark.parametrize("dtypes", ["f32", "bf16", "bf16_f32h", "f64"])
-def test_parameter_gradients_alone_are_the_full_backwards(dtypes, norm, params, source, m, n,
-                                                          device):
+@pytest.mark.parametrize("dtypes", ["f32", "bf16", "f16", "bf16_f32h", "f64"])
+@pytest.mark.parametrize("with_grad_h", [False, True], ids=["no_grad_h", "grad_h"])
+def test_parameter_gradients_alone_are_the_full_backwards(with_grad_h, dtypes, norm, params,
+                                                          source, m, n, device):
     """_norm_bwd asked for the weight's and bias's gradients alone (grad_h_wanted=False)
     writes no grad_h and gives the full backward's gradients bitwise: rows in several
     chunks (2, 3, 3), row tails and rows of two or more blocks, from h with the forward's
     eps or with the saved statistics, from the output, a weight alone or a bias alone,
-    16-bit data beside a float32 h."""
+    16-bit data beside a float32 h, a gradient into the returned h (which then goes
+    nowhere)."""
     is_rms = norm == "rms_norm"
     torch.manual_seed(m + n)
-    dtype = {"f32": torch.float32, "f64": torch.float64}.get(dtypes, torch.bfloat16)
+    dtype = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16}.get(
+        dtypes, torch.bfloat16)
     x = (torch.randn(m, n) * 2 + 1).to(device=device, dtype=dtype)
     r = torch.randn(m, n, device=device) if dtypes == "bf16_f32h" else None
     w = (1 + 0.5 * torch.rand(n, device=device)).to(dtype) if "w" in params else None
@@ -599,13 +602,14 @@ def test_parameter_gradients_alone_are_the_full_backwards(dtypes, norm, params, 
                                                      False)
     h = x if r is None else h
     dy = torch.randn(m, n, device=device).to(dtype)
+    gres = torch.randn(m, n, device=device).to(h.dtype) if with_grad_h else None
     from_output = source == "output" and w is not None
     kw = dict(from_output=True, bias=b, h_dtype=h.dtype) if from_output else {}
     if source == "h_eps":
         kw["eps"] = eps
 
     def bwd(wanted):
-        return torch.ops.addnorm._norm_bwd(dy, None, out if from_output else h, mean, rstd, w,
+        return torch.ops.addnorm._norm_bwd(dy, gres, out if from_output else h, mean, rstd, w,
                                            b is not None, is_rms, grad_h_wanted=wanted, **kw)
 
     full, alone = bwd(True), bwd(False)

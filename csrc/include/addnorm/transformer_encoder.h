@@ -50,7 +50,8 @@ class ADDNORM_API TransformerEncoderImpl : public torch::nn::Cloneable<Transform
   void reset() override;
   // Re-initializes every layer (TransformerEncoderLayerImpl::reset_parameters) and clones
   // options.norm() afresh (a norm module has no common reset), as LibTorch's stack does,
-  // onto the device and dtype of the norm it replaces.
+  // onto the device and dtype of the norm it replaces (else the layers'). A module in
+  // layers that is not an addnorm layer is refused before anything changes.
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
 

@@ -690,10 +690,11 @@ void CppNode<addnorm::NormFunction>::save_variables_to_ctx() {
 // that reaches the node through h alone needs none of them but the seed, and a later
 // backward through out must still find them (torch's separate add and layer_norm nodes
 // behave so). Then they go, and the seed kept as data with them where the norm's backward
-// computed the input's dropout gradient or the input takes none (a graph held after
-// backward kept every fused dropout's seed): a later backward through h alone that asks
-// for the input's gradient then raises, as torch's dropout node, whose mask is freed after
-// its backward, does; one that did not ask for it leaves the seed for a later one.
+// computed the input's dropout gradient (a graph held after backward kept every fused
+// dropout's seed): a later backward through h alone that asks for the input's gradient
+// then raises, as torch's dropout node, whose mask is freed after its backward, does; one
+// that did not compute it leaves the seed for a later one. (Under compiled autograd, which
+// runs the backward on a copy of the context, the seed stays with the graph.)
 template <>
 void CppNode<addnorm::NormFunction>::release_variables() {
   std::lock_guard<std::mutex> lock(mutex_);
@@ -704,9 +705,7 @@ void CppNode<addnorm::NormFunction>::release_variables() {
   ctx_.saved_variables_.clear();
   const auto seed = ctx_.saved_data.find("seed");
   const auto used = ctx_.saved_data.find("seed_used");
-  if (seed != ctx_.saved_data.end() &&
-      ((used != ctx_.saved_data.end() && used->second.toBool()) || num_outputs() == 0 ||
-       !next_edge(0).is_valid())) {
+  if (seed != ctx_.saved_data.end() && used != ctx_.saved_data.end() && used->second.toBool()) {
     seed->second = at::Tensor();
   }
   ctx_.has_freed_buffers_ = true;

@@ -29,7 +29,8 @@ def replace_modules(model: nn.Module) -> nn.Module:
     for name, module in named:  # (base: the class under a parametrization's, or the class)
         kind, base = type(module), nn.utils.parametrize.type_before_parametrizations(module)
         why = ("its forward is set on the instance (as accelerate's hooks do): convert first" if "forward" in
-               vars(module) else _unsupported_reason(module) if kind is nn.TransformerEncoderLayer else None
+               vars(module) else _unsupported_reason(module) if kind is nn.TransformerEncoderLayer else
+               ("its eps is negative, which the op refuses" if not (module.eps or 0) >= 0 else None)
                if kind in _REPLACEMENTS else "parametrized: convert, then parametrize" if base in _REPLACEMENTS
                else "a subclass, whose forward may differ")
         if why is None:  # Same object, new class: parameters, hooks, device, dtype kept.

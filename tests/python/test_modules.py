@@ -124,12 +124,11 @@ def test_wrappers_skip_torch_ops_only_where_python_cannot_see_the_call(monkeypat
             errors.append(str(e.value).splitlines()[0])
         assert errors[0] == errors[1]
         assert direct_call or C.add_layer_norm(*args, **kw) is NotImplemented
-    # arguments of other than the plain types go to torch.ops, which converts or refuses them
-    # as before: numpy scalars, a float in the shape, symbolic sizes (kept symbolic)
+    # arguments of other than the plain types go to torch.ops, which converts them, or are
+    # refused by name: numpy scalars, a float in the shape, symbolic sizes (kept symbolic)
     assert torch.equal(fn.layer_norm(x, [np.int64(8)], w, b, np.float64(0.1)),
                        torch.ops.addnorm.layer_norm(x, [8], w, b, 0.1))
-    with pytest.raises(RuntimeError, match=r"addnorm::add_layer_norm\(\) Expected a value of "
-                       r"type 'List\[int\]' for argument 'normalized_shape'"):
+    with pytest.raises(TypeError, match=r"normalized_shape must be an int or a sequence of ints, got \[8\.0\]"):
         fn.add_layer_norm(x, r, [8.0])
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
@@ -491,6 +490,35 @@ def test_replace_modules_warns_about_subclasses_it_leaves():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="addnorm.replace_modules")
         addnorm.replace_modules(nn.Sequential(*model[2:]))
+
+
+def test_replace_modules_leaves_norms_with_a_negative_eps():
+    """torch's norms take a negative (or NaN) eps, which the op refuses: replace_modules
+    leaves such a norm torch's, with a warning, also inside an encoder layer it leaves (a
+    torch layer, or addnorm's, which then runs torch's forward): the model runs as before
+    (it raised at the first call). A non-negative eps beside them converts."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8)
+    model = nn.Sequential(nn.LayerNorm(8, eps=-1e-6), nn.RMSNorm(8, eps=None), nn.LayerNorm(8, eps=0.0),
+                          nn.TransformerEncoderLayer(8, 2, 16, 0.0, layer_norm_eps=-1e-6),
+                          addnorm.TransformerEncoderLayer(8, 2, 16, 0.0, layer_norm_eps=-1e-6))
+    nan_eps = nn.Sequential(nn.RMSNorm(8, eps=float("nan")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (addnorm's layer: torch's forward)
+        expected = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        addnorm.replace_modules(model)
+        addnorm.replace_modules(nan_eps)
+    left = [str(w.message).split(" ")[1] for w in caught
+            if str(w.message).endswith("stays as it is: its eps is negative, which the op refuses")]
+    assert left == ["0", "3.norm1", "3.norm2", "4.norm1", "4.norm2", "0"], [str(w.message) for w in caught]
+    assert [type(m) for m in model] == [nn.LayerNorm, addnorm.RMSNorm, addnorm.LayerNorm,
+                                        nn.TransformerEncoderLayer, addnorm.TransformerEncoderLayer]
+    assert type(nan_eps[0]) is nn.RMSNorm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", [nn.LayerNorm, nn.RMSNorm])

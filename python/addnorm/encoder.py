@@ -32,7 +32,7 @@ def _activation_name(act) -> Optional[str]:
     """'relu' / 'gelu' for what the op runs (F.relu, F.gelu, plain nn.ReLU, nn.GELU())."""
     if isinstance(act, nn.Module) and _overridden(act):
         return None
-    if act is F.relu or type(act) is nn.ReLU:
+    if act is F.relu or act is torch.relu or type(act) is nn.ReLU:
         return "relu"
     return "gelu" if act is F.gelu or (type(act) is nn.GELU and act.approximate == "none") else None
 
@@ -81,7 +81,7 @@ def _unsupported_reason(layer: nn.TransformerEncoderLayer) -> Optional[str]:
 
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """Drop-in for ``torch.nn.TransformerEncoderLayer`` (same constructor; activation relu or
-    gelu: ``"relu"``, ``"gelu"``, ``F.relu``, ``F.gelu``, ``nn.ReLU()`` or ``nn.GELU()``)."""
+    gelu: ``"relu"``, ``"gelu"``, ``F.relu``, ``torch.relu``, ``F.gelu``, ``nn.ReLU()``, ``nn.GELU()``)."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation=F.relu, layer_norm_eps: float = 1e-5, batch_first: bool = False,

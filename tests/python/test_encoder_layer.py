@@ -92,8 +92,8 @@ def _close(actual, expected, name, rtol=1e-5):
 
 
 def _check_parity(ref, ours, x, src_mask, kpm, is_causal, rtol=1e-5, seed=None):
-    """Outputs and every gradient of the two layers; with seed, torch.manual_seed(seed)
-    before each forward."""
+    """Outputs and every gradient of the two layers, ours running addnorm's op (not torch's
+    forward); with seed, torch.manual_seed(seed) before each forward."""
     xr = x.clone().requires_grad_()
     xo = x.clone().requires_grad_()
     if seed is not None:
@@ -101,7 +101,9 @@ def _check_parity(ref, ours, x, src_mask, kpm, is_causal, rtol=1e-5, seed=None):
     a = ref(xr, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal)
     if seed is not None:
         torch.manual_seed(seed)
-    b = ours(xo, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="addnorm.TransformerEncoderLayer runs torch's")
+        b = ours(xo, src_mask=src_mask, src_key_padding_mask=kpm, is_causal=is_causal)
     _close(b, a, "output", rtol)
     g = torch.randn_like(a)
     ref_params = dict(ref.named_parameters())
@@ -122,7 +124,7 @@ def test_parity_masks_layouts(mask, norm_first, batch_first):
     _check_parity(ref, ours, _src(batch_first), *_masks(mask))
 
 
-@pytest.mark.parametrize("activation", ["relu", "gelu", F.relu, F.gelu])
+@pytest.mark.parametrize("activation", ["relu", "gelu", F.relu, F.gelu, torch.relu])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("training", [False, True])

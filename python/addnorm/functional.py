@@ -21,12 +21,12 @@ def _check_tensors(*tensors: Optional[Tensor]) -> None:
                 "names with tensor.rename(None), call the op, and set names on the result")
 
 
-def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape; no bools, as torch's)
+def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape; no bools or floats, as torch's)
     # torch.jit.trace gives sizes as 0-dim tensors: the trace keeps their values (torch warns).
     val = lambda s: int(s) if torch.jit.is_tracing() and isinstance(s, Tensor) and s.dim() == 0 else s
     out = [val(shape)] if isinstance(val(shape), (int, torch.SymInt)) else [val(s) for s in shape] \
         if isinstance(shape, Sequence) and not isinstance(shape, (str, bytes)) else None  # (no Tensor)
-    if out is None or any(isinstance(s, bool) for s in out):
+    if out is None or any(isinstance(s, (bool, float)) for s in out):
         raise TypeError(f"addnorm: normalized_shape must be an int or a sequence of ints, got {shape!r}")
     return out
 

@@ -58,7 +58,7 @@ at::Tensor rms_norm(
                             input.scalar_type() != at::kDouble)) {
     return at::rms_norm(input, normalized_shape, w, eps);
   }
-  return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), opt(weight), eps);
+  return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), w, eps);
 }
 
 namespace detail {

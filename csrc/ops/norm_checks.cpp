@@ -132,7 +132,7 @@ void check_input_tensor(const at::Tensor& input) {
 
 void check_dropout_args(
     const at::Tensor& input, double p, const std::optional<at::Tensor>& seed) {
-  TORCH_CHECK(
+  TORCH_CHECK_VALUE(  // (ValueError in Python, as torch's dropout)
       p >= 0.0 && p <= 1.0, "addnorm: dropout_p must be a probability in [0, 1], got ", p);
   // A seed given is checked whatever p is: one on another device would take the call to
   // that device's kernel (or the meta kernel), and a kernel reads it even at p = 0.

@@ -273,12 +273,14 @@ TEST(AddNormOps, FusedDropoutFromCpp) {
   // Refused before a seed is drawn: the generator does not advance (as torch's dropout).
   auto gen4 = at::make_generator<at::CPUGeneratorImpl>(23);
   const auto state = gen4.get_state();
-  const auto msg = error_of([&] {
+  const auto bad_p = [&] {
     addnorm::add_layer_norm(x, r, {40}, std::nullopt, std::nullopt, 1e-5, true, false, 1.5,
                             gen4);
-  });
+  };
+  const auto msg = error_of(bad_p);
   EXPECT_NE(msg.find("dropout_p must be a probability in [0, 1], got 1.5"), std::string::npos)
       << msg;
+  EXPECT_THROW(bad_p(), c10::ValueError);  // (Python's ValueError, as torch's dropout)
   EXPECT_TRUE(torch::equal(gen4.get_state(), state));
 }
 

@@ -367,15 +367,16 @@ def test_dropped_inf_and_nan_give_nan_as_torch_dropout(device):
 
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
 def test_bad_probability_is_refused(p):
-    """... before anything is drawn: the generators do not advance (as torch's dropout)."""
+    """... before anything is drawn: the generators do not advance (as torch's dropout), with
+    a ValueError (as torch's; a RuntimeError under TorchScript's interpreter)."""
     x = torch.randn(2, 8)
-    with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"dropout_p must be a probability in \[0, 1\]"):
         torch.ops.addnorm.add_layer_norm(x, None, [8], dropout_p=p,
                                          dropout_seed=addnorm.dropout_seed("cpu"))
     gen = torch.Generator().manual_seed(1)
     states = torch.get_rng_state(), gen.get_state()
     for g in (None, gen):
-        with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"dropout_p must be a probability in \[0, 1\]"):
             addnorm.add_rms_norm(x, None, 8, dropout_p=p, generator=g)
     assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(gen.get_state(), states[1])
     with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1"):
@@ -383,8 +384,8 @@ def test_bad_probability_is_refused(p):
     for cls in (addnorm.AddLayerNorm, addnorm.AddRMSNorm):  # set after the constructor's check
         m = cls(8)
         m.dropout = p
-        for module in (m, torch.jit.script(m)):
-            with pytest.raises(RuntimeError, match=r"dropout_p must be a probability in \[0, 1\]"):
+        for module, error in ((m, ValueError), (torch.jit.script(m), RuntimeError)):
+            with pytest.raises(error, match=r"dropout_p must be a probability in \[0, 1\]"):
                 module(x, x)
             assert torch.equal(torch.get_rng_state(), states[0])
 

@@ -7,23 +7,22 @@ from . import _build_info
 
 
 def _check_torch_version() -> None:
-    """libaddnorm links the torch it was built against (a CUDA build's, +cu130 but not +custom, its
-    CUDA libraries): another fails to load it with undefined symbols or libraries. Say so, and how."""
+    """libaddnorm links the torch it was built against (a CUDA build's, its CUDA major version's
+    libraries): another fails to load it with undefined symbols or libraries. Say so, and how."""
     release = lambda v: v.split("+")[0]  # noqa: E731  (2.11.0+cu130 -> 2.11.0)
-    built, running = _build_info.torch_version, torch.__version__
-    if release(built) != release(running) or built.partition("+cu")[2][:1].isdigit() and not torch.version.cuda:
+    built, cuda, now = _build_info.torch_version, _build_info.torch_cuda, torch.version.cuda  # ('13.0'/None)
+    if release(built) != release(torch.__version__) or cuda and cuda.split(".")[0] != (now or "").split(".")[0]:
         raise ImportError(
-            f"addnorm {_build_info.version} was built against torch {built}, but torch "
-            f"{running} is installed: rebuild addnorm against it (`make build` in the "
-            "source tree, or `pip install --no-build-isolation --no-deps --force-reinstall .`), "
-            f"or install torch {built} (torch=={release(built)} from the index that serves that build; in the "
-            "source tree `pip install -c requirements.txt ...` keeps the pinned torch when installing others)")
+            f"addnorm {_build_info.version} was built against torch {built} (CUDA {cuda or 'none'}), but "
+            f"torch {torch.__version__} (CUDA {now or 'none'}) is installed: rebuild addnorm against it "
+            "(`make build` in the source tree, or `pip install --no-build-isolation --no-deps --force-reinstall "
+            f".`), or install torch {built} (torch=={release(built)} from the index that serves that build; in "
+            "the source tree `pip install -c requirements.txt ...` keeps the pinned torch when installing others)")
 
 
 _check_torch_version()
 
-# (after the check: these load the library)
-from . import _C  # noqa: E402,F401  (registers torch.ops.addnorm.*)
+from . import _C  # noqa: E402,F401  (after the check: loads the library, registers torch.ops.addnorm.*)
 from .functional import (  # noqa: E402
     add_layer_norm, add_rms_norm, dropout_mask, dropout_seed, layer_norm, rms_norm)
 from .modules import AddLayerNorm, AddRMSNorm, LayerNorm, RMSNorm  # noqa: E402

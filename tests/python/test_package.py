@@ -3,6 +3,7 @@ than the one its library was built against fails with a message that says what t
 (before loading the library, which would fail with undefined symbols)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ def test_version_has_one_source():
 
 
 def test_built_against_this_torch():
-    assert _build_info.torch_version == torch.__version__
+    assert (_build_info.torch_version, _build_info.torch_cuda) == (torch.__version__, torch.version.cuda)
 
 
 def test_distribution_requires_the_torch_release_built_against():
@@ -44,7 +45,8 @@ def test_other_torch_is_refused_with_a_clear_message(monkeypatch, built):
     with pytest.raises(ImportError) as err:
         addnorm._check_torch_version()
     msg = str(err.value)
-    assert f"built against torch {built}" in msg and f"torch {torch.__version__} is installed" in msg
+    assert f"built against torch {built} (CUDA {_build_info.torch_cuda or 'none'}), " in msg
+    assert f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}) is installed" in msg
     assert "make build" in msg and "pip install" in msg
 
 
@@ -56,20 +58,30 @@ def test_same_release_other_build_is_accepted(monkeypatch):
         addnorm._check_torch_version()
 
 
-def test_cuda_build_on_a_cpu_torch_is_refused(monkeypatch):
-    """A library built against a CUDA torch (+cu130; even without addnorm's CUDA kernels)
-    links torch's CUDA libraries, which a CPU-only torch of the same release lacks: refused
-    with the message, not a loader error about libtorch_cuda.so."""
+@pytest.mark.parametrize("built, running", [("13.0", None), ("13.0", "12.8"), ("12.6", "13.0")])
+def test_other_cuda_major_is_refused(monkeypatch, built, running):
+    """A library built against a CUDA torch (even without addnorm's CUDA kernels) links that
+    CUDA major version's libraries (torch's, libcudart.so.13), which a CPU-only torch or
+    another major's build of the same release lacks: refused with the message, not a loader
+    error, whatever the version tags say (2.11.0+cu130, a local build's 2.11.0)."""
     release = torch.__version__.split("+")[0]
-    monkeypatch.setattr(_build_info, "torch_version", release + "+cu130")
-    monkeypatch.setattr(torch.version, "cuda", None)
-    monkeypatch.setattr(torch, "__version__", release + "+cpu")
-    with pytest.raises(ImportError, match=rf"built against torch {release}\+cu130, but torch "
-                                          rf"{release}\+cpu is installed.*install torch {release}\+cu130 "
-                                          rf"\(torch=={release} from the index that serves that build"):
-        addnorm._check_torch_version()
-    monkeypatch.setattr(_build_info, "torch_version", release + "+custom")  # (not a CUDA build's tag)
+    monkeypatch.setattr(torch.version, "cuda", running)
+    running_tag = "+cu" + running.replace(".", "") if running else "+cpu"
+    for tags in (("+cu" + built.replace(".", ""), running_tag), ("", "")):
+        monkeypatch.setattr(_build_info, "torch_version", release + tags[0])
+        monkeypatch.setattr(_build_info, "torch_cuda", built)
+        monkeypatch.setattr(torch, "__version__", release + tags[1])
+        with pytest.raises(ImportError, match=rf"built against torch {release}{re.escape(tags[0])} \(CUDA "
+                                              rf"{built}\), but torch {release}{re.escape(tags[1])} \(CUDA {running or 'none'}\)"
+                                              rf" is installed.*install torch {release}{re.escape(tags[0])} "
+                                              rf"\(torch=={release} from the index that serves that build"):
+            addnorm._check_torch_version()
+    monkeypatch.setattr(torch.version, "cuda", built[:-1] + "9")  # (a newer minor: the same libraries)
     addnorm._check_torch_version()
+    monkeypatch.setattr(_build_info, "torch_cuda", None)  # (a CPU build's library runs on any)
+    for running in (None, "12.8", "13.0"):
+        monkeypatch.setattr(torch.version, "cuda", running)
+        addnorm._check_torch_version()
 
 
 def test_import_fails_before_loading_the_library(tmp_path):
@@ -80,7 +92,7 @@ def test_import_fails_before_loading_the_library(tmp_path):
     pkg = tmp_path / "addnorm"
     shutil.copytree(os.path.dirname(addnorm.__file__), pkg,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (pkg / "_build_info.py").write_text('version = "0"\ntorch_version = "1.0.0"\n')
+    (pkg / "_build_info.py").write_text('version = "0"\ntorch_version, torch_cuda = "1.0.0", None\n')
     code = "import addnorm"
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(tmp_path)})

@@ -38,7 +38,7 @@ def _parity(op: str, device: str):
 
 
 def main(argv=None) -> int:
-    argparse.ArgumentParser(prog="python -m addnorm", description=__doc__).parse_args(argv)
+    argparse.ArgumentParser(prog="python -m addnorm", description=__doc__.replace("``", "`")).parse_args(argv)
     print(f"addnorm {addnorm.__version__}, built against torch {_build_info.torch_version}; "
           f"running torch {torch.__version__}, python {sys.version.split()[0]}")
     print(f"CPU kernels: {addnorm.cpu_capability()}\nCUDA: {cuda_status()}")

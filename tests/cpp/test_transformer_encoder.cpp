@@ -115,8 +115,10 @@ TEST(TransformerEncoder, CloneAndResetParameters) {
     torch::NoGradGuard no_grad;
     enc->named_parameters()["norm.weight"].fill_(3.0);
   }
+  const auto before0 = enc->named_parameters()["layers.0.linear2.weight"].clone();
   const auto before = enc->named_parameters()["layers.1.linear2.weight"].clone();
   enc->reset_parameters();
+  EXPECT_FALSE(torch::equal(enc->named_parameters()["layers.0.linear2.weight"], before0));
   EXPECT_FALSE(torch::equal(enc->named_parameters()["layers.1.linear2.weight"], before));
   EXPECT_TRUE(torch::equal(enc->named_parameters()["norm.weight"], torch::ones({16})));
   EXPECT_TRUE(torch::equal(copy->forward(x), y_copy));
@@ -134,6 +136,30 @@ TEST(TransformerEncoder, CloneAndResetParameters) {
   bn->reset_parameters();
   for (const auto& t : bn->buffers()) {
     if (t.is_floating_point()) EXPECT_EQ(t.scalar_type(), torch::kDouble);
+  }
+  // A norm of its own dtype beside the layers' (its parameters, or its buffers alone): its
+  // dtype is kept, not the layers'.
+  for (const bool buffers_alone : {false, true}) {
+    addnorm::TransformerEncoder mixed(small_layer(), 1);
+    mixed->options.norm(
+        buffers_alone ? torch::nn::AnyModule(torch::nn::BatchNorm1d(
+                            torch::nn::BatchNorm1dOptions(2).affine(false)))
+                      : torch::nn::AnyModule(addnorm::LayerNorm(addnorm::LayerNormOptions({16}))));
+    mixed->reset_parameters();
+    mixed->norm.ptr()->to(torch::kDouble);
+    mixed->reset_parameters();
+    size_t floating = 0;
+    for (const auto& t : mixed->norm.ptr()->named_parameters(/*recurse=*/true)) {
+      EXPECT_EQ(t.value().scalar_type(), torch::kDouble) << t.key();
+      ++floating;
+    }
+    for (const auto& t : mixed->norm.ptr()->named_buffers()) {
+      if (!t.value().is_floating_point()) continue;
+      EXPECT_EQ(t.value().scalar_type(), torch::kDouble) << t.key();
+      ++floating;
+    }
+    EXPECT_GE(floating, 2u) << buffers_alone;  // (weight, bias; running mean, var)
+    for (const auto& t : mixed->layers->parameters()) EXPECT_EQ(t.scalar_type(), torch::kFloat);
   }
   // Options of a layer, directly.
   addnorm::TransformerEncoder from_options(small_layer(), 2);

@@ -1128,6 +1128,12 @@ def test_fused_dropout_seed_is_released_with_the_saved_tensors():
         assert not seed.expired()
         gx, = torch.autograd.grad(h.sum(), [x])
         torch.testing.assert_close(gx, mask.float() / 0.5)
+    x, r, w, out, h, seed = make()  # (create_graph: the same once the gradients' graph is gone)
+    g = torch.autograd.grad((out * out).sum(), [x, r, w], create_graph=True, retain_graph=False)
+    del g
+    assert seed.expired(), "the seed outlived a create_graph backward"
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        h.sum().backward()
     x, r, w, out, h, seed = make(p=0.0)
     (out.sum() + h.sum()).backward()
     h.sum().backward()
@@ -1232,6 +1238,14 @@ def test_frozen_weight_gets_no_gradient_and_others_are_unchanged():
     out, _, mean, rstd = torch.ops.addnorm._norm_fwd(x.detach(), None, [32], w, b, 1e-5, False, False, False)
     _, gw, gb, _ = torch.ops.addnorm._norm_bwd(torch.ones_like(out), None, x.detach(), mean, rstd, w, True, False, False)
     assert gw.numel() == 0 and gb.shape == (32,)
+    # Nor anything at all (no grad_h, no weight or bias gradient): empty results, no kernel
+    # state touched (the kernels take no partials then).
+    for rms, (dtype, h) in itertools.product((False, True), ((torch.float64, x), (torch.float32, x.float()))):
+        out, _, mean, rstd = torch.ops.addnorm._norm_fwd(h.detach(), None, [32], None, None, 1e-5, rms, False,
+                                                         False)
+        g = torch.ops.addnorm._norm_bwd(torch.ones_like(out), None, h.detach(), mean, rstd, None, False, rms,
+                                        eps=1e-5, grad_h_wanted=False)
+        assert [t.numel() for t in g] == [0, 0, 0, 0], [t.shape for t in g]
 
 
 def test_unused_h_gets_no_materialized_gradient():

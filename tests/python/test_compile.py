@@ -414,6 +414,21 @@ def test_compiled_autograd_frees_the_saved_tensors(kw):
         loss.backward()
 
 
+def test_compiled_autograd_keeps_an_unused_dropout_seed():
+    """A compiled-autograd backward that computed no input gradient (backward(inputs=[w, r]))
+    leaves the fused dropout's seed with the graph, as an eager one does: a later backward
+    through h alone for the input's gradient runs, with the forward's mask."""
+    x, r, w = torch.randn(4, 16, requires_grad=True), torch.randn(4, 16, requires_grad=True), \
+        torch.ones(16, requires_grad=True)
+    out, h = torch.ops.addnorm.add_layer_norm(x, r, [16], w, None, return_residual=True,
+                                              dropout_p=0.5, dropout_seed=torch.tensor([1, 2]))
+    with torch._dynamo.config.patch(compiled_autograd=True):
+        torch.compile(lambda: out.pow(2).sum().backward(inputs=[w, r]), backend="eager")()
+    assert x.grad is None and w.grad is not None
+    gx, = torch.autograd.grad(h.sum(), [x])
+    torch.testing.assert_close(gx, addnorm.dropout_mask(torch.tensor([1, 2]), [4, 16], 0.5).float() / 0.5)
+
+
 def test_a_retained_compiled_autograd_backward_leaves_the_node_as_it_was():
     """A compiled-autograd backward with retain_graph=True does not mark the node done: an
     eager backward through h alone afterwards leaves its saved tensors, and one through out

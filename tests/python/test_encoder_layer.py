@@ -129,7 +129,9 @@ def test_parity_masks_layouts(mask, norm_first, batch_first):
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("training", [False, True])
 def test_parity_activation_bias_mode(activation, bias, norm_first, training):
-    ref, ours = _pair(activation=activation, bias=bias, norm_first=norm_first, layer_norm_eps=1e-4)
+    # (eps 0 with bias, which torch's norms and the op take: the op runs; 1e-4 without)
+    ref, ours = _pair(activation=activation, bias=bias, norm_first=norm_first,
+                      layer_norm_eps=0.0 if bias else 1e-4)
     ref.train(training)
     ours.train(training)
     _check_parity(ref, ours, _src(False), *_masks("both"))
@@ -267,14 +269,18 @@ def _odd_heads(ref, ours):
 
 @pytest.mark.parametrize("case", ["float32", "float16", "grad", "training", "src_mask", "padding",
                                   "causal", "not_batch_first", "odd_nhead", "no_bias",
-                                  "fastpath_disabled"])
+                                  "fastpath_disabled", "float32_norms"])
 def test_inference_fast_path_only_where_it_applies(case):
     # Everywhere else the layer runs its own ops (and matches torch's math), and so it does
-    # with torch.backends.mha.set_fastpath_enabled(False), torch's switch for its layer.
+    # with torch.backends.mha.set_fastpath_enabled(False), torch's switch for its layer; also
+    # with float32 norms beside bfloat16 (the norm ops take them: their float32 weights).
     dtype = {"float32": torch.float32, "float16": torch.float16}.get(case, torch.bfloat16)
     ref, ours = _pair(dtype, batch_first=case != "not_batch_first", bias=case != "no_bias")
     if case == "odd_nhead":
         _odd_heads(ref, ours)
+    if case == "float32_norms":
+        for m in (ref.norm1, ref.norm2, ours.norm1, ours.norm2):
+            m.float()
     ref.train(case == "training")
     ours.train(case == "training")
     x = _src(case != "not_batch_first", dtype)
@@ -1008,6 +1014,10 @@ def _norm1_weight_none(layer):  # (elementwise_affine still True)
     layer.norm1.weight = None
 
 
+def _norm2_weight_none(layer):
+    layer.norm2.weight = None
+
+
 def _dropout1(layer):
     layer.dropout1.p = 0.5
 
@@ -1097,7 +1107,7 @@ def test_fallback_warning_names_the_submodules_class_in_full():
         ours(_src(False))
 
 
-@pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _norm1_weight_none,
+@pytest.mark.parametrize("change", [_lora, _hook, _rms_norms, _norm2_eps, _norm1_weight_none, _norm2_weight_none,
                                     _dropout1, _dropout2, _hooked_dropout2, _tanh, _negative_eps,
                                     _pruned,
                                     _hooked_relu, _backward_hooked_relu, _instance_forward,

@@ -203,6 +203,31 @@ def test_stack_saves_one_tensor_fewer_per_norm(op, post_ln):
             torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_the_forward_writes_no_h(op, p):
+    """Post-LN, the forward does not write h at all (backward reads the output): the
+    internal forward returns an empty h, where it writes one without memory_efficient, or
+    with return_residual (h is an output then)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.addnorm._norm_fwd.default:
+                shapes.append(tuple(out[1].shape))
+            return out
+
+    x, r = (torch.randn(16, 64, requires_grad=True) for _ in range(2))
+    w = torch.full((64,), 1.5, requires_grad=True)
+    with Spy():
+        for me, rr in ((True, False), (False, False), (True, True)):
+            run(op, x, r, w, None, memory_efficient=me, return_residual=rr, dropout_p=p)
+    assert shapes == [(0,), (16, 64), (16, 64)]
+
+
 @pytest.mark.parametrize("value", [2e-39, 1e-45])
 @pytest.mark.parametrize("op", OPS)
 def test_weight_below_float_reciprocal_range_keeps_h(op, value):

@@ -29,7 +29,7 @@ def _overridden(m: nn.Module) -> bool:
 
 
 def _activation_name(act) -> Optional[str]:
-    """'relu' / 'gelu' for what the op runs (F.relu, F.gelu, plain nn.ReLU, nn.GELU())."""
+    """'relu' / 'gelu' for what the op runs (F.relu, torch.relu, F.gelu, plain nn.ReLU, nn.GELU())."""
     if isinstance(act, nn.Module) and _overridden(act):
         return None
     if act is F.relu or act is torch.relu or type(act) is nn.ReLU:
@@ -37,7 +37,7 @@ def _activation_name(act) -> Optional[str]:
     return "gelu" if act is F.gelu or (type(act) is nn.GELU and act.approximate == "none") else None
 
 
-_ACTIVATION_CODES = {"relu": 1, "gelu": 2}  # (torch's layer's activation_relu_or_gelu)
+_ACTIVATION_CODES = {"relu": 1, "gelu": 2}  # (torch's layer's activation_relu_or_gelu; 0 for torch.relu)
 
 
 # The submodules the op runs from their parameters alone: exactly these types (a subclass or
@@ -96,7 +96,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
         # which must still describe the activation the layer holds.
         reason, name = _unsupported_reason(self), _activation_name(self.activation)
         code = getattr(self, "activation_relu_or_gelu", None)
-        if reason is None and code != _ACTIVATION_CODES[name]:
+        if reason is None and code != _ACTIVATION_CODES[name] and not (name == "relu" and code == 0):
             reason = (f"activation_relu_or_gelu must be {_ACTIVATION_CODES[name]} for activation "
                       f"{name}, got {code!r} (set it when replacing the activation)")
         if reason is not None:

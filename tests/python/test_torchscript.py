@@ -200,8 +200,8 @@ def _layer_pair(device="cpu", **kw):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("activation", ["relu", "gelu", F.gelu, nn.ReLU()],
-                         ids=["relu", "gelu", "F.gelu", "nn.ReLU"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", F.gelu, nn.ReLU(), torch.relu],
+                         ids=["relu", "gelu", "F.gelu", "nn.ReLU", "torch.relu"])  # (torch.relu: code 0)
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_encoder_layer_script(norm_first, activation, device):
     """Scripted forward: same values and gradients as eager (dropout included, same seed),

@@ -4,6 +4,7 @@ spec); empty tensors give empty results; NaN/Inf propagate as in torch."""
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -266,12 +267,13 @@ def test_functional_normalized_shape_int_mismatch():
 @pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"])
 @pytest.mark.parametrize("shape,kind", [(torch.ones(8), r"tensor\(\[1\., .*\]\)"),
                                         (8.0, "8.0"), ("8", "'8'"), (True, "True"), ([True], r"\[True\]"),
-                                        ((8.0,), r"\(8\.0,\)"), ([2, 8.0], r"\[2, 8\.0\]")])
+                                        ((8.0,), r"\(8\.0,\)"), ([2, 8.0], r"\[2, 8\.0\]"),
+                                        ([np.float32(8.0)], r"\[np\.float32\(8\.0\)\]")])
 def test_functional_normalized_shape_not_ints_is_refused(name, shape, kind):
     # The usual slip: the weight where normalized_shape goes. torch's functions refuse a
     # Tensor there; the list of its elements must not reach the op as a shape. A float
     # is named too (not "object is not iterable"), also in a sequence (not the schema's
-    # "Expected a value of type 'List[int]'"); a str is not read as its characters, and
+    # "Expected a value of type 'List[int]'", or numpy's float32 truncated); a str is not read as its characters, and
     # bools are refused as torch's functions refuse them (not taken as 1).
     x = torch.randn(2, 1) if kind.startswith(("True", r"\[True")) else torch.randn(2, 8) if "2" in kind else _x()
     args = (x, shape) if name in ("layer_norm", "rms_norm") else (x, x, shape)

@@ -10,7 +10,7 @@ def _check_torch_version() -> None:
     """libaddnorm links the torch it was built against (a CUDA build's, its CUDA major version's
     libraries): another fails to load it with undefined symbols or libraries. Say so, and how."""
     release = lambda v: v.split("+")[0]  # noqa: E731  (2.11.0+cu130 -> 2.11.0)
-    built, cuda, now = _build_info.torch_version, _build_info.torch_cuda, torch.version.cuda  # ('13.0'/None)
+    built, cuda, now = _build_info.torch_version, getattr(_build_info, "torch_cuda", None), torch.version.cuda
     if release(built) != release(torch.__version__) or cuda and cuda.split(".")[0] != (now or "").split(".")[0]:
         raise ImportError(
             f"addnorm {_build_info.version} was built against torch {built} (CUDA {cuda or 'none'}), but "

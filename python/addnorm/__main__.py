@@ -1,6 +1,6 @@
-"""``python -m addnorm``: a short install check: versions, CPU kernels' instruction set, CUDA
+"""`python -m addnorm`: a short install check: versions, CPU kernels' instruction set, CUDA
 kernels present and usable, one parity check per op and device against torch (output and
-input gradient; exit status 1 on a failure). The main job is ``make run`` in the source tree."""
+input gradient; exit status 1 on a failure). The main job is `make run` in the source tree."""
 
 import argparse
 import sys
@@ -38,7 +38,7 @@ def _parity(op: str, device: str):
 
 
 def main(argv=None) -> int:
-    argparse.ArgumentParser(prog="python -m addnorm", description=__doc__.replace("``", "`")).parse_args(argv)
+    argparse.ArgumentParser(prog="python -m addnorm", description=__doc__).parse_args(argv)
     print(f"addnorm {addnorm.__version__}, built against torch {_build_info.torch_version}; "
           f"running torch {torch.__version__}, python {sys.version.split()[0]}")
     print(f"CPU kernels: {addnorm.cpu_capability()}\nCUDA: {cuda_status()}")

@@ -82,6 +82,8 @@ def test_other_cuda_major_is_refused(monkeypatch, built, running):
     for running in (None, "12.8", "13.0"):
         monkeypatch.setattr(torch.version, "cuda", running)
         addnorm._check_torch_version()
+    monkeypatch.delattr(_build_info, "torch_cuda")  # (a build before the CUDA version was recorded)
+    addnorm._check_torch_version()
 
 
 def test_import_fails_before_loading_the_library(tmp_path):
@@ -158,3 +160,19 @@ def test_backends_are_chosen_by_registration():
         assert not _has_kernel(op, "CPU") and not _has_kernel(op, "CUDA")
         assert _has_kernel(op, "CompositeExplicitAutograd")
         assert _has_kernel(op, "Autograd")
+
+
+def test_install_check(capsys):
+    """`python -m addnorm` passes here (exit status 0, a parity line per op on the CPU) and
+    describes itself in --help, also under -OO (which drops docstrings)."""
+    from addnorm import __main__ as check
+
+    assert check.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.count("PASS  cpu") == 4 and out.endswith("install check: OK\n"), out
+    for flags in ([], ["-OO"]):
+        res = subprocess.run([sys.executable, *flags, "-m", "addnorm", "--help"], capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+                                 addnorm.__file__))})
+        assert res.returncode == 0 and res.stdout.startswith("usage: python -m addnorm"), res.stderr
+        assert ("short install check" in res.stdout) == (not flags) and "``" not in res.stdout

@@ -16,9 +16,9 @@ _REPLACEMENTS = {nn.LayerNorm: LayerNorm, nn.RMSNorm: RMSNorm, nn.TransformerEnc
 def replace_modules(model: nn.Module) -> nn.Module:
     """Swap every ``nn.LayerNorm``, ``nn.RMSNorm`` and ``nn.TransformerEncoderLayer`` (those the op
     can run; others stay torch's) in ``model`` (including ``model`` itself) for addnorm's drop-in, in
-    place, keeping weights, device and dtype. Returns ``model``. A module left as it is (a layer the
-    op cannot run, a subclass such as FSDP's ``fully_shard`` makes, a forward set on the instance:
-    convert before wrapping) gets a warning naming it and why."""
+    place, keeping weights, device and dtype; returns ``model``. A module left (a layer the op cannot
+    run, a norm with a negative or NaN eps, a subclass such as FSDP's ``fully_shard`` makes, a forward
+    set on the instance: convert before wrapping) gets a warning naming it and why."""
     named = list(model.named_modules())
     if any(isinstance(m, torch.jit.ScriptModule) for _, m in named):
         raise TypeError("addnorm.replace_modules: model holds a ScriptModule (compiled): convert, then script it")
@@ -30,7 +30,7 @@ def replace_modules(model: nn.Module) -> nn.Module:
         kind, base = type(module), nn.utils.parametrize.type_before_parametrizations(module)
         why = ("its forward is set on the instance (as accelerate's hooks do): convert first" if "forward" in
                vars(module) else _unsupported_reason(module) if kind is nn.TransformerEncoderLayer else
-               ("its eps is negative, which the op refuses" if not (module.eps or 0) >= 0 else None)
+               ("its eps is negative or NaN, which the op refuses" if not (module.eps or 0) >= 0 else None)
                if kind in _REPLACEMENTS else "parametrized: convert, then parametrize" if base in _REPLACEMENTS
                else "a subclass, whose forward may differ")
         if why is None:  # Same object, new class: parameters, hooks, device, dtype kept.

@@ -26,7 +26,7 @@ def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape; no bools or
     val = lambda s: int(s) if torch.jit.is_tracing() and isinstance(s, Tensor) and s.dim() == 0 else s
     out = [val(shape)] if isinstance(val(shape), (int, torch.SymInt)) else [val(s) for s in shape] \
         if isinstance(shape, Sequence) and not isinstance(shape, (str, bytes)) else None  # (no Tensor)
-    if out is None or any(isinstance(s, bool) or not hasattr(s, "__index__") for s in out):
+    if out is None or any(isinstance(s, bool) or not hasattr(type(s), "__index__") for s in out):
         raise TypeError(f"addnorm: normalized_shape must be an int or a sequence of ints, got {shape!r}")
     return out
 

@@ -393,11 +393,12 @@ def test_bad_probability_is_refused(p):
 @pytest.mark.parametrize("cls", [addnorm.AddLayerNorm, addnorm.AddRMSNorm])
 def test_modules_take_probability_one(cls):
     """dropout=1.0 is a probability (torch's modules take it): the module drops all of the
-    input in training, as in eval with a zero input."""
+    input in training, as in eval with a zero input; scripted too."""
     m = cls(8, dropout=1.0)
     assert m.dropout == 1.0
     x, r = torch.randn(2, 8), torch.randn(2, 8)
-    assert torch.equal(m.train()(x, r), m.eval()(torch.zeros_like(x), r))
+    for module in (m, torch.jit.script(m)):
+        assert torch.equal(module.train()(x, r), module.eval()(torch.zeros_like(x), r))
 
 
 def test_seed_is_required_and_checked():

@@ -398,6 +398,17 @@ def test_norm_bwd_weight_dtype_is_checked():
                                             False, True, weight_grad, 1e-5)
 
 
+def test_norm_bwd_statistics_and_residual_gradient_dtypes_are_checked():
+    """A mean of another dtype than rstd, or a grad_residual_out of another dtype than h, is
+    refused by name (not the kernel's "expected scalar type")."""
+    x, g, w = torch.randn(4, 8), torch.randn(4, 8), torch.ones(8)
+    out, h, mean, rstd = torch.ops.addnorm._norm_fwd(x, None, [8], w, None, 1e-5, False, True, False)
+    with pytest.raises(RuntimeError, match=r"mean must match rstd \(Float, shape \[4\]\), got Double"):
+        torch.ops.addnorm._norm_bwd(g, None, h, mean.double(), rstd, w, False, False)
+    with pytest.raises(RuntimeError, match=r"grad_residual_out must match h \(Float, shape \[4, 8\]\), got Double"):
+        torch.ops.addnorm._norm_bwd(g, g.double(), h, mean, rstd, w, False, False)
+
+
 # --------------------------------------------------------------------------- empty tensors
 
 

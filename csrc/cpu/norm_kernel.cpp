@@ -1809,6 +1809,9 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
   const bool own_stats = args.eps.has_value();
   const double eps = args.eps.value_or(0.0);
   const double nd = static_cast<double>(N);
+  // The weight and bias gradients alone need xhat only: no dh, and pass 1 only for the
+  // statistics of h itself.
+  const bool want_dh = dx_base || dxin_base;
 
   at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     std::unique_ptr<double[]> gs(new double[2 * N]);  // g of the row, as hi and lo rows
@@ -1853,7 +1856,7 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
 
         // Pass 1: g, and the sums of g, g * d, d, d * d.
         DD sum_g, sum_gd, sum_d, sum_dd;
-        for (int64_t b0 = 0; b0 < N; b0 += kBlock) {
+        for (int64_t b0 = 0; b0 < N && (want_dh || own_stats); b0 += kBlock) {
           const int64_t b1 = std::min(N, b0 + kBlock);
           F64BwdLanes acc;
           int64_t j = b0;
@@ -1947,12 +1950,14 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
           V xp, xe;
           f64_xhat(V::loadu(h + j), scale_v, neg_mean_v, mean_lo_v, rstd_s_v, rstd_s_lo_v, xp,
                    xe);
-          const V v = f64_dx(V::loadu(gs.get() + j), V::loadu(gs_lo + j), xp, xe, neg_c1_v,
-                             c1_lo_v, c2_v, c2_lo_v, rstd_v, rstd_lo_v,
-                             dres ? V::loadu(dres + j) : V(0.0));
           const V d = V::loadu(dy + j);  // (before the stores: dx or dxin may be dy's memory)
-          if (dx) v.store(dx + j);
-          if (dxin) (v * V::loadu(fac.get() + j)).store(dxin + j);
+          if (want_dh) {
+            const V v = f64_dx(V::loadu(gs.get() + j), V::loadu(gs_lo + j), xp, xe, neg_c1_v,
+                               c1_lo_v, c2_v, c2_lo_v, rstd_v, rstd_lo_v,
+                               dres ? V::loadu(dres + j) : V(0.0));
+            if (dx) v.store(dx + j);
+            if (dxin) (v * V::loadu(fac.get() + j)).store(dxin + j);
+          }
           if (pg) {
             V gh = V::loadu(pg + j), gl = V::loadu(pg_lo + j);
             dd_add_prod(gh, gl, d, xp, xe);
@@ -1967,11 +1972,13 @@ void norm_bwd_f64(const NormBwdArgs& args, const at::Tensor& partials) {
         for (; j < N; ++j) {
           double xp, xe;
           f64_xhat(h[j], st.scale, -st.mean_hi, st.mean_lo, st.rstd_hi, st.rstd_lo, xp, xe);
-          const double v = f64_dx(gs[j], gs_lo[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd,
-                                  rstd_lo, dres ? dres[j] : 0.0);
           const double d = dy[j];
-          if (dx) dx[j] = v;
-          if (dxin) dxin[j] = v * fac[j];
+          if (want_dh) {
+            const double v = f64_dx(gs[j], gs_lo[j], xp, xe, -c1, c1_lo, c2, c2_lo, rstd,
+                                    rstd_lo, dres ? dres[j] : 0.0);
+            if (dx) dx[j] = v;
+            if (dxin) dxin[j] = v * fac[j];
+          }
           if (pg) {
             dd_add_prod(pg[j], pg_lo[j], d, xp, xe);
             dd_add(pb[j], pb_lo[j], d);

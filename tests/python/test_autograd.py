@@ -1248,6 +1248,38 @@ def test_frozen_weight_gets_no_gradient_and_others_are_unchanged():
         assert [t.numel() for t in g] == [0, 0, 0, 0], [t.shape for t in g]
 
 
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("stats", ["saved", "own", "from_output"])
+def test_float64_parameter_gradients_alone_equal_those_computed_with_grad_h(rms, stats):
+    """Asked for the weight and bias gradients alone (an input that needs none), the float64
+    backward skips dh but gives the same weight and bias gradients, bit for bit: with the
+    forward's statistics, with those of h itself (eps given; one row beyond the double range
+    of its squares) and from the output."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 37, dtype=torch.float64) * 3 + 1
+    x[5] *= 1e200
+    w = torch.randn(37, dtype=torch.float64)
+    b = None if rms else torch.randn(37, dtype=torch.float64)
+    out, _, mean, rstd = torch.ops.addnorm._norm_fwd(x, None, [37], w, b, 1e-5, rms, False, False)
+    h = out if stats == "from_output" else x
+    dy = torch.randn_like(x)
+    kw = dict(eps=1e-5 if stats == "own" else None, from_output=stats == "from_output",
+              bias=b if stats == "from_output" else None)
+    full = torch.ops.addnorm._norm_bwd(dy, None, h, mean, rstd, w, not rms, rms, True, **kw)
+    alone = torch.ops.addnorm._norm_bwd(dy, None, h, mean, rstd, w, not rms, rms, True, **kw, grad_h_wanted=False)
+    assert alone[0].numel() == 0 and full[0].shape == x.shape
+    for a, f in zip(alone[1:3], full[1:3]):
+        torch.testing.assert_close(a, f, rtol=0, atol=0)
+    # The reference: each row scaled to a largest magnitude of one first (eps with it).
+    scale = x.abs().amax(-1, keepdim=True)
+    xs = x / scale
+    d = xs if rms else xs - xs.mean(-1, keepdim=True)
+    xhat = d / (d.square().mean(-1, keepdim=True) + 1e-5 / scale.square()).sqrt()
+    torch.testing.assert_close(full[1], (dy * xhat).sum(0))
+    if not rms:
+        torch.testing.assert_close(full[2], dy.sum(0))
+
+
 def test_unused_h_gets_no_materialized_gradient():
     """Only out feeds the loss: the gradients equal those of the post-LN form."""
     torch.manual_seed(2)

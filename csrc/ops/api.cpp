@@ -51,12 +51,14 @@ at::Tensor rms_norm(
   static const auto op = public_op<at::Tensor(
       const at::Tensor&, c10::SymIntArrayRef, const std::optional<at::Tensor>&,
       std::optional<double>)>("addnorm::rms_norm");
-  // (Nested input as layer_norm; a float64 weight of other input, which the op refuses as
-  // wider, to torch's kernel, which promotes it, as Python's rms_norm does.)
-  const auto w = opt(weight);
-  if (input.is_nested() || (w && w->scalar_type() == at::kDouble &&
-                            input.scalar_type() != at::kDouble)) {
+  auto w = opt(weight);
+  if (input.is_nested()) {  // (as layer_norm)
     return at::rms_norm(input, normalized_shape, w, eps);
+  }
+  if (w && w->scalar_type() == at::kDouble && input.scalar_type() != at::kDouble) {
+    // torch's rms_norm takes a float64 weight beside other input, the result in the input's
+    // dtype; the op, which refuses parameters wider than it reads them, reads it as float32.
+    w = w->to(at::kFloat);
   }
   return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), w, eps);
 }

@@ -211,11 +211,12 @@ py::object rms_norm(const py::handle& input, const py::handle& normalized_shape,
   Opt x, w;
   std::vector<int64_t> shape;
   std::optional<double> e;
-  // (a float64 weight of other input: torch's function, which computes in float64)
   if (!plain_input(input, x) || !plain_tensor(weight, w) ||
-      !plain_shape(normalized_shape, shape) || !plain_opt_float(eps, e) ||
-      (w.has_value() && w->scalar_type() == at::kDouble && x->scalar_type() != at::kDouble)) {
+      !plain_shape(normalized_shape, shape) || !plain_opt_float(eps, e)) {
     return not_plain();
+  }
+  if (w.has_value() && w->scalar_type() == at::kDouble && x->scalar_type() != at::kDouble) {
+    return call_op([&] { return addnorm::rms_norm(*x, shape, w, e); });  // (reads it as float32)
   }
   return call_op([&] { return op.call(*x, c10::fromIntArrayRefSlow(shape), w, e); });
 }

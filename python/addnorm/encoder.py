@@ -39,7 +39,6 @@ def _activation_name(act) -> Optional[str]:
 
 _ACTIVATION_CODES = {"relu": 1, "gelu": 2}  # (torch's layer's activation_relu_or_gelu; 0 for torch.relu)
 
-
 # The submodules the op runs from their parameters alone: exactly these types (a subclass or
 # a parametrization may change forward), without hooks. (parent, name, types)
 _PLAIN = [("", n, (t,)) for n, t in (("self_attn", nn.MultiheadAttention), ("linear1", nn.Linear),

@@ -16,9 +16,8 @@ def _check_tensors(*tensors: Optional[Tensor]) -> None:
     """Refuses named tensors, as torch's norms do (not under torch.compile: no names)."""
     for t in tensors:
         if isinstance(t, Tensor) and not torch.compiler.is_compiling() and t.has_names():
-            raise RuntimeError(
-                f"addnorm: named tensors are not supported (got names {t.names}); drop the "
-                "names with tensor.rename(None), call the op, and set names on the result")
+            raise RuntimeError(f"addnorm: named tensors are not supported (got names {t.names}); drop the names "
+                               "with tensor.rename(None), call the op, and set names on the result")
 
 
 def _as_shape(shape: _ShapeLike) -> List[int]:  # (normalized_shape; no bools or floats, as torch's)
@@ -51,9 +50,10 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tenso
             out := _C.rms_norm(input, normalized_shape, weight, eps)) is not NotImplemented:
         return out
     _check_tensors(input, weight)
-    if isinstance(input, Tensor) and (input.is_nested or (  # (as layer_norm; a wider weight)
-            isinstance(weight, Tensor) and weight.dtype == torch.float64 != input.dtype)):
+    if isinstance(input, Tensor) and input.is_nested:  # (as layer_norm)
         return torch.nn.functional.rms_norm(input, _as_shape(normalized_shape), weight, eps)
+    if isinstance(weight, Tensor) and weight.dtype == torch.float64 != getattr(input, "dtype", None):
+        weight = weight.float()  # (taken as torch's rms_norm takes it: docs/semantics.md)
     return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
 
 
@@ -66,7 +66,8 @@ def _layer_norm_scripted(input: Tensor, normalized_shape: List[int], weight: Opt
 
 def _rms_norm_scripted(input: Tensor, normalized_shape: List[int],
                        weight: Optional[Tensor] = None, eps: Optional[float] = None) -> Tensor:
-    return torch.ops.addnorm.rms_norm(input, normalized_shape, weight, eps)
+    w = weight.float() if weight is not None and weight.dtype == torch.float64 != input.dtype else weight
+    return torch.ops.addnorm.rms_norm(input, normalized_shape, w, eps)
 
 
 layer_norm.__prepare_scriptable__ = lambda: _layer_norm_scripted

@@ -61,13 +61,23 @@ TEST(AddNormOps, RmsNormMatchesATen) {
   auto ours = addnorm::rms_norm(x, {96}, w);
   auto ref = at::rms_norm(x, {96}, w, std::nullopt);
   EXPECT_TRUE(torch::allclose(ours, ref, 1e-12, 1e-12));
-  // A float64 weight of float32 input, which the op refuses as wider, goes to torch's
-  // kernel, as in Python: its result, the module's too.
+  // A float64 weight of float32 input, which the op refuses as wider, is read as float32
+  // (as in Python): torch's result, float32, to float32's precision; the module's too. The
+  // op's checks run (torch's kernel computes a negative eps, or complex input).
   auto xf = x.to(torch::kFloat);
-  EXPECT_TRUE(torch::equal(addnorm::rms_norm(xf, {96}, w), at::rms_norm(xf, {96}, w, std::nullopt)));
+  const auto theirs = at::rms_norm(xf, {96}, w, std::nullopt);
+  EXPECT_EQ(addnorm::rms_norm(xf, {96}, w).scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::allclose(addnorm::rms_norm(xf, {96}, w), theirs, 1.3e-6, 1e-5));
   addnorm::RMSNorm m(addnorm::RMSNormOptions({96}));
   m->to(torch::kDouble);
-  EXPECT_TRUE(torch::equal(m->forward(xf), at::rms_norm(xf, {96}, m->weight, std::nullopt)));
+  m->weight.data().copy_(w);
+  EXPECT_TRUE(torch::allclose(m->forward(xf), theirs, 1.3e-6, 1e-5));
+  EXPECT_NE(error_of([&] { addnorm::rms_norm(xf, {96}, w, -1.0); })
+                .find("eps must be a non-negative number"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { addnorm::rms_norm(xf.to(torch::kComplexFloat), {96}, w); })
+                .find("input must be a float32, float64, float16 or bfloat16 tensor"),
+            std::string::npos);
 }
 
 TEST(AddNormOps, AddLayerNormReturnsNormAndSum) {

@@ -710,15 +710,42 @@ def test_converted_encoder_with_a_hook_on_nested_input():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_rms_norm_with_a_wider_weight_is_torchs():
+def test_rms_norm_takes_a_wider_weight_as_torch_does():
     """torch's RMSNorm takes a float64 weight with float32 (or float16/bfloat16) input and
-    returns the input's dtype; the ops refuse a wider weight, so the drop-ins hand it to
-    torch's kernel (replace_modules turned such a model, which ran, into one that raised)."""
-    theirs = torch.nn.RMSNorm(8).double()
+    returns the input's dtype (replace_modules once turned such a model, which ran, into one
+    that raised). The ops refuse a weight wider than they read; the drop-ins read it as
+    float32: the input's dtype out, a float64 weight gradient, outputs and gradients torch's
+    to the input's precision and as close to float64's, eager, compiled and scripted."""
+    torch.manual_seed(4)
+    theirs = torch.nn.RMSNorm(96).double()
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
     ours = addnorm.replace_modules(copy.deepcopy(theirs))
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(3, 8, dtype=dtype)
-        assert torch.equal(ours(x), theirs(x))
-        assert torch.equal(addnorm.rms_norm(x, [8], theirs.weight), F.rms_norm(x, [8], theirs.weight))
+    scripted = torch.jit.script(copy.deepcopy(ours))
+    compiled = torch.compile(lambda x, w: addnorm.rms_norm(x, [96], w), fullgraph=True)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = (torch.randn(64, 96) * 3 + 1).to(dtype)
+        g = torch.randn(64, 96).to(dtype)
+
+        def run(f, x):  # f(x) -> (out, the weight it used); out and the gradients
+            x = x.clone().requires_grad_()
+            y, w = f(x)
+            return (y, *torch.autograd.grad(y, [x, w], g.to(y.dtype)))
+
+        w = theirs.weight
+        ref = run(lambda x: (F.rms_norm(x, [96], w, torch.finfo(torch.float32).eps), w), x.double())
+        torch_ = run(lambda x: (F.rms_norm(x, [96], w), w), x)
+        for f in (lambda x: (ours(x), ours.weight), lambda x: (addnorm.rms_norm(x, [96], w), w),
+                  lambda x: (compiled(x, w), w), lambda x: (scripted(x), scripted.weight)):
+            got = run(f, x)
+            assert [t.dtype for t in got] == [t.dtype for t in torch_] == [dtype, dtype, torch.float64]
+            for a, t, r in zip(got, torch_, ref):
+                torch.testing.assert_close(a.to(dtype), t.to(dtype))  # (torch's, to the input's precision)
+                assert (a.double() - r).abs().max() <= (t.double() - r).abs().max() * 1.01 + 1e-12
+    # The op's checks run: a negative eps or complex input is refused, not computed.
+    with pytest.raises(RuntimeError, match="eps must be a non-negative number"):
+        addnorm.rms_norm(torch.randn(2, 96), [96], theirs.weight, -1.0)
+    with pytest.raises(RuntimeError, match="input must be a float32.*got ComplexFloat"):
+        addnorm.rms_norm(torch.randn(2, 96, dtype=torch.complex64), [96], theirs.weight)
+    with pytest.raises(RuntimeError, match=r"weight must have shape normalized_shape = \[96\], got \[2, 48\]"):
+        addnorm.rms_norm(torch.randn(2, 96), [96], theirs.weight.detach().view(2, 48))

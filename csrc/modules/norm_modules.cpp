@@ -21,9 +21,14 @@ namespace addnorm {
 namespace {
 
 // Registers weight (ones) and, if with_bias, bias (zeros) of shape on m when affine; the
-// others are left undefined.
-void make_params(torch::nn::Module& m, const std::vector<int64_t>& shape, bool affine,
-                 bool with_bias, at::Tensor& weight, at::Tensor* bias) {
+// others are left undefined. A negative size is refused by name (at::empty's message names
+// neither the module nor normalized_shape).
+void make_params(torch::nn::Module& m, const char* module, const std::vector<int64_t>& shape,
+                 bool affine, bool with_bias, at::Tensor& weight, at::Tensor* bias) {
+  for (const int64_t size : shape) {
+    TORCH_CHECK(size >= 0, "addnorm::", module, ": normalized_shape must have no negative "
+                "size, got ", at::IntArrayRef(shape));
+  }
   weight = affine ? m.register_parameter("weight", at::empty(shape)) : at::Tensor();
   if (bias != nullptr) {
     *bias = affine && with_bias ? m.register_parameter("bias", at::empty(shape)) : at::Tensor();
@@ -68,8 +73,8 @@ LayerNormImpl::LayerNormImpl(LayerNormOptions options_) : options(std::move(opti
 
 void LayerNormImpl::reset() {
   check_eps(options.eps(), "LayerNorm");
-  make_params(*this, options.normalized_shape(), options.elementwise_affine(), options.bias(),
-              weight, &bias);
+  make_params(*this, "LayerNorm", options.normalized_shape(), options.elementwise_affine(),
+              options.bias(), weight, &bias);
   reset_parameters();
 }
 
@@ -90,8 +95,8 @@ RMSNormImpl::RMSNormImpl(RMSNormOptions options_) : options(std::move(options_))
 
 void RMSNormImpl::reset() {
   check_eps(options.eps(), "RMSNorm");
-  make_params(*this, options.normalized_shape(), options.elementwise_affine(), false, weight,
-              nullptr);
+  make_params(*this, "RMSNorm", options.normalized_shape(), options.elementwise_affine(),
+              false, weight, nullptr);
   reset_parameters();
 }
 
@@ -115,8 +120,8 @@ AddLayerNormImpl::AddLayerNormImpl(AddLayerNormOptions options_)
 void AddLayerNormImpl::reset() {
   check_dropout(options.dropout(), "AddLayerNorm");
   check_eps(options.eps(), "AddLayerNorm");
-  make_params(*this, options.normalized_shape(), options.elementwise_affine(), options.bias(),
-              weight, &bias);
+  make_params(*this, "AddLayerNorm", options.normalized_shape(), options.elementwise_affine(),
+              options.bias(), weight, &bias);
   reset_parameters();
 }
 
@@ -146,8 +151,8 @@ AddRMSNormImpl::AddRMSNormImpl(AddRMSNormOptions options_) : options(std::move(o
 void AddRMSNormImpl::reset() {
   check_dropout(options.dropout(), "AddRMSNorm");
   check_eps(options.eps(), "AddRMSNorm");
-  make_params(*this, options.normalized_shape(), options.elementwise_affine(), false, weight,
-              nullptr);
+  make_params(*this, "AddRMSNorm", options.normalized_shape(), options.elementwise_affine(),
+              false, weight, nullptr);
   reset_parameters();
 }
 

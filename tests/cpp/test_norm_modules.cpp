@@ -202,7 +202,7 @@ TEST(NormModules, BadDropoutIsRefusedByName) {
 
 // A negative or NaN eps is refused at construction, naming the module (the ops refused it at
 // the first call, naming neither the module nor the option); RMSNorm's unset eps is taken.
-TEST(NormModules, BadEpsIsRefusedByNameAtConstruction) {
+TEST(NormModules, BadEpsOrShapeIsRefusedByNameAtConstruction) {
   auto message = [](const std::function<void()>& make) {
     try {
       make();
@@ -227,6 +227,27 @@ TEST(NormModules, BadEpsIsRefusedByNameAtConstruction) {
   EXPECT_EQ(message([] { addnorm::RMSNorm(addnorm::RMSNormOptions({8})); }), "no error");
   EXPECT_EQ(message([] { addnorm::AddLayerNorm(addnorm::AddLayerNormOptions({8}).eps(0.0)); }),
             "no error");
+  // So is a negative size of normalized_shape (at::empty's message named neither), with or
+  // without parameters.
+  for (bool affine : {true, false}) {
+    auto expect = [&](const char* module, const std::function<void()>& make) {
+      EXPECT_NE(message(make).find(std::string("addnorm::") + module +
+                                   ": normalized_shape must have no negative size, got [4, -3]"),
+                std::string::npos)
+          << module << " " << message(make);
+    };
+    expect("LayerNorm", [&] {
+      addnorm::LayerNorm(addnorm::LayerNormOptions({4, -3}).elementwise_affine(affine));
+    });
+    expect("RMSNorm",
+           [&] { addnorm::RMSNorm(addnorm::RMSNormOptions({4, -3}).elementwise_affine(affine)); });
+    expect("AddLayerNorm", [&] {
+      addnorm::AddLayerNorm(addnorm::AddLayerNormOptions({4, -3}).elementwise_affine(affine));
+    });
+    expect("AddRMSNorm", [&] {
+      addnorm::AddRMSNorm(addnorm::AddRMSNormOptions({4, -3}).elementwise_affine(affine));
+    });
+  }
 }
 
 // Nested input: LayerNorm (module and function) gives ATen's layer_norm of it, as the Python

@@ -776,7 +776,7 @@ class ResidualOutFunction : public torch::autograd::Function<ResidualOutFunction
       ": h is the norm's sibling output (as flash-attn's prenorm), and the fused backward "
       "adds the norm's part of h's gradient in its own pass, so the gradient at h holds only "
       "that of h's other uses. Compute h = input + residual yourself (with torch's dropout "
-      "if any) and normalize it with addnorm.layer_norm / addnorm.rms_norm to change or look "
+      "if any) and normalize it with addnorm's layer_norm / rms_norm to change or look "
       "at h's gradient.";
 };
 

@@ -216,7 +216,7 @@ py::object rms_norm(const py::handle& input, const py::handle& normalized_shape,
     return not_plain();
   }
   if (w.has_value() && w->scalar_type() == at::kDouble && x->scalar_type() != at::kDouble) {
-    return call_op([&] { return addnorm::rms_norm(*x, shape, w, e); });  // (reads it as float32)
+    return call_op([&] { return addnorm::rms_norm(*x, shape, w, e); });  // (torch's promotion)
   }
   return call_op([&] { return op.call(*x, c10::fromIntArrayRefSlow(shape), w, e); });
 }

@@ -144,8 +144,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     def _nested_forward(self, src: Tensor, src_mask: Optional[Tensor],
                         src_key_padding_mask: Optional[Tensor]) -> Tensor:
-        """The scripted forward's nested-tensor path: torch's fused inference kernel, called
-        as torch's layer calls it; raises where torch's layer refuses nested input."""
+        """The scripted forward's nested-tensor path: torch's fused inference kernel, as torch's layer."""
         sa = self.self_attn
         tensors: List[Optional[Tensor]] = [sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight,
                                            sa.out_proj.bias, self.norm1.weight, self.norm1.bias,

@@ -50,11 +50,14 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tenso
             out := _C.rms_norm(input, normalized_shape, weight, eps)) is not NotImplemented:
         return out
     _check_tensors(input, weight)
+    shape = _as_shape(normalized_shape)
     if isinstance(input, Tensor) and input.is_nested:  # (as layer_norm)
-        return torch.nn.functional.rms_norm(input, _as_shape(normalized_shape), weight, eps)
-    if isinstance(weight, Tensor) and weight.dtype == torch.float64 != getattr(input, "dtype", None):
-        weight = weight.float()  # (taken as torch's rms_norm takes it: docs/semantics.md)
-    return torch.ops.addnorm.rms_norm(input, _as_shape(normalized_shape), weight, eps)
+        return torch.nn.functional.rms_norm(input, shape, weight, eps)
+    if isinstance(input, Tensor) and isinstance(weight, Tensor) and weight.dtype == torch.float64 != input.dtype:
+        ones = weight.new_ones((), dtype=torch.float32).expand(weight.shape)  # (the op checks its shape, device)
+        x = input.float() if input.is_floating_point() else input  # (as torch's rms_norm: docs/semantics.md)
+        return (torch.ops.addnorm.rms_norm(x, shape, ones, eps) * weight).to(input.dtype)
+    return torch.ops.addnorm.rms_norm(input, shape, weight, eps)
 
 
 # What torch.jit.script compiles in place of layer_norm and rms_norm (the hook it calls on
@@ -66,8 +69,7 @@ def _layer_norm_scripted(input: Tensor, normalized_shape: List[int], weight: Opt
 
 def _rms_norm_scripted(input: Tensor, normalized_shape: List[int],
                        weight: Optional[Tensor] = None, eps: Optional[float] = None) -> Tensor:
-    w = weight.float() if weight is not None and weight.dtype == torch.float64 != input.dtype else weight
-    return torch.ops.addnorm.rms_norm(input, normalized_shape, w, eps)
+    return torch.ops.addnorm.rms_norm(input, normalized_shape, weight, eps)
 
 
 layer_norm.__prepare_scriptable__ = lambda: _layer_norm_scripted
@@ -75,8 +77,7 @@ rms_norm.__prepare_scriptable__ = lambda: _rms_norm_scripted
 
 
 def dropout_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> Tensor:
-    """The seed of one fused-dropout call (int64 ``[2]`` on ``device``; the keep-mask is a function
-    of it), drawn from ``generator`` (default: the device's): docs/training.md, "Fused dropout"."""
+    """The seed of one fused-dropout call (int64 ``[2]`` on ``device``), drawn from ``generator``."""
     if not torch.jit.is_scripting():
         _check_seed_can_be_drawn(explicit_generator=generator is not None)
     return torch.randint(0, 9223372036854775807, [2], generator=generator, device=device)  # 2^63-1

@@ -2,6 +2,7 @@
 AddRMSNorm) with torch's parameters / state_dict / extra_repr, and replace_modules."""
 
 import copy
+import itertools
 import warnings
 
 import numpy as np
@@ -713,39 +714,46 @@ def test_converted_encoder_with_a_hook_on_nested_input():
 def test_rms_norm_takes_a_wider_weight_as_torch_does():
     """torch's RMSNorm takes a float64 weight with float32 (or float16/bfloat16) input and
     returns the input's dtype (replace_modules once turned such a model, which ran, into one
-    that raised). The ops refuse a weight wider than they read; the drop-ins read it as
-    float32: the input's dtype out, a float64 weight gradient, outputs and gradients torch's
-    to the input's precision and as close to float64's, eager, compiled and scripted."""
+    that raised). The ops refuse a weight wider than they read; the drop-ins compute what
+    torch's does (the norm in float32, times the weight in float64, rounded): the input's
+    dtype out, a float64 weight gradient, outputs and gradients torch's to the input's
+    precision and as close to float64's, also for an upstream gradient that follows the
+    output (the weight gradient a float64 sum), eager and compiled; the op's checks run."""
     torch.manual_seed(4)
     theirs = torch.nn.RMSNorm(96).double()
     with torch.no_grad():
         theirs.weight.uniform_(0.5, 1.5)
     ours = addnorm.replace_modules(copy.deepcopy(theirs))
-    scripted = torch.jit.script(copy.deepcopy(ours))
-    compiled = torch.compile(lambda x, w: addnorm.rms_norm(x, [96], w), fullgraph=True)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        x = (torch.randn(64, 96) * 3 + 1).to(dtype)
-        g = torch.randn(64, 96).to(dtype)
+    compiled = torch.compile(lambda x, w, eps=None: addnorm.rms_norm(x, [96], w, eps), fullgraph=True)
+    for dtype, coherent in itertools.product((torch.float32, torch.bfloat16, torch.float16), (False, True)):
+        x = (torch.randn(2048, 96) * 3 + 1).to(dtype)
+        w = theirs.weight
+        g = (F.rms_norm(x.double(), [96], w.detach()) if coherent else torch.randn(2048, 96)).to(dtype)
 
         def run(f, x):  # f(x) -> (out, the weight it used); out and the gradients
             x = x.clone().requires_grad_()
             y, w = f(x)
             return (y, *torch.autograd.grad(y, [x, w], g.to(y.dtype)))
 
-        w = theirs.weight
         ref = run(lambda x: (F.rms_norm(x, [96], w, torch.finfo(torch.float32).eps), w), x.double())
         torch_ = run(lambda x: (F.rms_norm(x, [96], w), w), x)
         for f in (lambda x: (ours(x), ours.weight), lambda x: (addnorm.rms_norm(x, [96], w), w),
-                  lambda x: (compiled(x, w), w), lambda x: (scripted(x), scripted.weight)):
+                  lambda x: (compiled(x, w), w)):
             got = run(f, x)
             assert [t.dtype for t in got] == [t.dtype for t in torch_] == [dtype, dtype, torch.float64]
             for a, t, r in zip(got, torch_, ref):
                 torch.testing.assert_close(a.to(dtype), t.to(dtype))  # (torch's, to the input's precision)
                 assert (a.double() - r).abs().max() <= (t.double() - r).abs().max() * 1.01 + 1e-12
-    # The op's checks run: a negative eps or complex input is refused, not computed.
-    with pytest.raises(RuntimeError, match="eps must be a non-negative number"):
-        addnorm.rms_norm(torch.randn(2, 96), [96], theirs.weight, -1.0)
-    with pytest.raises(RuntimeError, match="input must be a float32.*got ComplexFloat"):
-        addnorm.rms_norm(torch.randn(2, 96, dtype=torch.complex64), [96], theirs.weight)
+    # The op's checks run where torch's kernel computes: a negative eps or complex input is
+    # refused, eager and compiled, and a weight of another shape.
+    x, z = torch.randn(2, 96), torch.randn(2, 96, dtype=torch.complex64)
+    for f in (addnorm.rms_norm, compiled):
+        with pytest.raises(RuntimeError, match="eps must be a non-negative number"):
+            f(x, [96], theirs.weight, -1.0) if f is addnorm.rms_norm else f(x, theirs.weight, -1.0)
+        with pytest.raises(RuntimeError, match="input must be a float32.*got ComplexFloat"):
+            f(z, [96], theirs.weight) if f is addnorm.rms_norm else f(z, theirs.weight)
     with pytest.raises(RuntimeError, match=r"weight must have shape normalized_shape = \[96\], got \[2, 48\]"):
-        addnorm.rms_norm(torch.randn(2, 96), [96], theirs.weight.detach().view(2, 48))
+        addnorm.rms_norm(x, [96], theirs.weight.detach().view(2, 48))
+    # Scripted, the op's call refuses that weight by name (docs/semantics.md, TorchScript).
+    with pytest.raises(RuntimeError, match="weight must have the input's dtype"):
+        torch.jit.script(ours)(x)

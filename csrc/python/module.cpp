@@ -206,8 +206,6 @@ py::object layer_norm(const py::handle& input, const py::handle& normalized_shap
 
 py::object rms_norm(const py::handle& input, const py::handle& normalized_shape,
                     const py::handle& weight, const py::handle& eps) {
-  static const auto op = op_handle<at::Tensor(const at::Tensor&, c10::SymIntArrayRef, const Opt&,
-                                              std::optional<double>)>("addnorm::rms_norm");
   Opt x, w;
   std::vector<int64_t> shape;
   std::optional<double> e;
@@ -215,10 +213,8 @@ py::object rms_norm(const py::handle& input, const py::handle& normalized_shape,
       !plain_shape(normalized_shape, shape) || !plain_opt_float(eps, e)) {
     return not_plain();
   }
-  if (w.has_value() && w->scalar_type() == at::kDouble && x->scalar_type() != at::kDouble) {
-    return call_op([&] { return addnorm::rms_norm(*x, shape, w, e); });  // (torch's promotion)
-  }
-  return call_op([&] { return op.call(*x, c10::fromIntArrayRefSlow(shape), w, e); });
+  // (the C++ function: the op, or for a float64 weight of other input torch's promotion)
+  return call_op([&] { return addnorm::rms_norm(*x, shape, w, e); });
 }
 
 // The arguments add_layer_norm and add_rms_norm share, read if they are plain.

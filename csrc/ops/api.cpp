@@ -55,17 +55,7 @@ at::Tensor rms_norm(
   if (input.is_nested()) {  // (as layer_norm)
     return at::rms_norm(input, normalized_shape, w, eps);
   }
-  const auto shape = c10::fromIntArrayRefSlow(normalized_shape);
-  if (w && w->scalar_type() == at::kDouble && input.scalar_type() != at::kDouble) {
-    // torch's rms_norm takes a float64 weight beside other input (the op refuses a weight
-    // wider than it reads): the norm in float32, times the weight in float64, rounded to the
-    // input's dtype. So here, the op normalizing (its checks run; the weight's shape and
-    // device checked on ones of its shape, by which the op multiplies exactly).
-    const auto x = input.is_floating_point() ? input.to(at::kFloat) : input;
-    const auto ones = at::ones({}, w->options().dtype(at::kFloat)).expand(w->sizes());
-    return op.call(x, shape, ones, eps).mul(*w).to(input.scalar_type());
-  }
-  return op.call(input, shape, w, eps);
+  return op.call(input, c10::fromIntArrayRefSlow(normalized_shape), w, eps);
 }
 
 namespace detail {

@@ -1,8 +1,10 @@
 // The public ops below autograd (CompositeExplicitAutograd: every backend and Meta): one
 // call of _norm_fwd, which the dispatcher sends to the tensors' backend; and
 // _dropout_matmul as _dropout_apply then matmul. Their autograd is in ops/norm_autograd.cpp.
+// And rms_norm_float64_weight (ops/norm_public.h), which both kernels of rms_norm call.
 
 #include <ATen/ops/matmul.h>
+#include <ATen/ops/ones.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -35,6 +37,18 @@ at::Tensor dropout_matmul_forward(const at::Tensor& probs, const at::Tensor& val
 }
 
 }  // namespace
+
+at::Tensor rms_norm_float64_weight(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+                                   const at::Tensor& weight, std::optional<double> eps) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("addnorm::rms_norm", "")
+          .typed<at::Tensor(const at::Tensor&, c10::SymIntArrayRef,
+                            const std::optional<at::Tensor>&, std::optional<double>)>();
+  const at::Tensor x = input.is_floating_point() ? input.to(at::kFloat) : input;
+  const at::Tensor ones = at::ones({}, weight.options().dtype(at::kFloat)).expand(weight.sizes());
+  return op.call(x, normalized_shape, ones, eps).mul(weight).to(input.scalar_type());
+}
 
 TORCH_LIBRARY_IMPL(addnorm, CompositeExplicitAutograd, m) {
   register_public_norm_ops<&norm_forward>(m);

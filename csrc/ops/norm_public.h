@@ -27,6 +27,14 @@ using NormImpl = std::tuple<at::Tensor, at::Tensor> (*)(
     bool residual_in_fp32, double dropout_p, const std::optional<at::Tensor>& dropout_seed,
     bool memory_efficient);
 
+// rms_norm of a float64 weight beside narrower input, which torch's rms_norm takes (the
+// ops refuse any other weight wider than the input): what torch computes, the norm in
+// float32, times the weight in float64, rounded to the input's dtype; the norm is rms_norm's
+// call of float32 input (of other input: the input, which it refuses) with a weight of ones,
+// by which it multiplies exactly, so that its checks run on the weight's shape and device.
+at::Tensor rms_norm_float64_weight(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
+                                   const at::Tensor& weight, std::optional<double> eps);
+
 template <NormImpl impl>
 void register_public_norm_ops(torch::Library& m) {
   m.impl("layer_norm",
@@ -40,6 +48,10 @@ void register_public_norm_ops(torch::Library& m) {
          [](const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
             const std::optional<at::Tensor>& weight, std::optional<double> eps) {
            check_input_tensor(input);
+           if (weight.has_value() && weight->defined() &&
+               weight->scalar_type() == at::kDouble && input.scalar_type() != at::kDouble) {
+             return rms_norm_float64_weight(input, normalized_shape, *weight, eps);
+           }
            return std::get<0>(impl(input, std::nullopt, normalized_shape, weight, std::nullopt,
                                    eps.value_or(default_rms_eps(input.scalar_type())),
                                    /*is_rms=*/true, false, false, 0.0, std::nullopt, false));

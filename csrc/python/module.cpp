@@ -213,7 +213,6 @@ py::object rms_norm(const py::handle& input, const py::handle& normalized_shape,
       !plain_shape(normalized_shape, shape) || !plain_opt_float(eps, e)) {
     return not_plain();
   }
-  // (the C++ function: the op, or for a float64 weight of other input torch's promotion)
   return call_op([&] { return addnorm::rms_norm(*x, shape, w, e); });
 }
 

@@ -53,10 +53,6 @@ def rms_norm(input: Tensor, normalized_shape: _ShapeLike, weight: Optional[Tenso
     shape = _as_shape(normalized_shape)
     if isinstance(input, Tensor) and input.is_nested:  # (as layer_norm)
         return torch.nn.functional.rms_norm(input, shape, weight, eps)
-    if isinstance(input, Tensor) and isinstance(weight, Tensor) and weight.dtype == torch.float64 != input.dtype:
-        ones = weight.new_ones((), dtype=torch.float32).expand(weight.shape)  # (the op checks its shape, device)
-        x = input.float() if input.is_floating_point() else input  # (as torch's rms_norm: docs/semantics.md)
-        return (torch.ops.addnorm.rms_norm(x, shape, ones, eps) * weight).to(input.dtype)
     return torch.ops.addnorm.rms_norm(input, shape, weight, eps)
 
 

@@ -61,10 +61,10 @@ TEST(AddNormOps, RmsNormMatchesATen) {
   auto ours = addnorm::rms_norm(x, {96}, w);
   auto ref = at::rms_norm(x, {96}, w, std::nullopt);
   EXPECT_TRUE(torch::allclose(ours, ref, 1e-12, 1e-12));
-  // A float64 weight of float32 input, which the op refuses as wider: torch's result (the
-  // norm, times the weight in float64, rounded), float32, to float32's precision, as in
-  // Python; the module's too. The op's checks run (torch's kernel computes a negative eps,
-  // or complex input).
+  // A float64 weight of float32 input, wider than the input, which rms_norm alone of the
+  // ops takes, as torch's: torch's result (the norm, times the weight in float64, rounded),
+  // float32, to float32's precision, as in Python; the module's too. The op's checks run
+  // (torch's kernel computes a negative eps, or complex input).
   auto xf = x.to(torch::kFloat);
   const auto theirs = at::rms_norm(xf, {96}, w, std::nullopt);
   EXPECT_EQ(addnorm::rms_norm(xf, {96}, w).scalar_type(), torch::kFloat);

@@ -714,11 +714,12 @@ def test_converted_encoder_with_a_hook_on_nested_input():
 def test_rms_norm_takes_a_wider_weight_as_torch_does():
     """torch's RMSNorm takes a float64 weight with float32 (or float16/bfloat16) input and
     returns the input's dtype (replace_modules once turned such a model, which ran, into one
-    that raised). The ops refuse a weight wider than they read; the drop-ins compute what
+    that raised). The other ops refuse a weight wider than they read; rms_norm's computes what
     torch's does (the norm in float32, times the weight in float64, rounded): the input's
     dtype out, a float64 weight gradient, outputs and gradients torch's to the input's
     precision and as close to float64's, also for an upstream gradient that follows the
-    output (the weight gradient a float64 sum), eager and compiled; the op's checks run."""
+    output (the weight gradient a float64 sum), eager and compiled; the op's checks run;
+    scripted alike."""
     torch.manual_seed(4)
     theirs = torch.nn.RMSNorm(96).double()
     with torch.no_grad():
@@ -754,6 +755,16 @@ def test_rms_norm_takes_a_wider_weight_as_torch_does():
             f(z, [96], theirs.weight) if f is addnorm.rms_norm else f(z, theirs.weight)
     with pytest.raises(RuntimeError, match=r"weight must have shape normalized_shape = \[96\], got \[2, 48\]"):
         addnorm.rms_norm(x, [96], theirs.weight.detach().view(2, 48))
-    # Scripted, the op's call refuses that weight by name (docs/semantics.md, TorchScript).
-    with pytest.raises(RuntimeError, match="weight must have the input's dtype"):
-        torch.jit.script(ours)(x)
+    # The op itself computes it, so every way of calling it does: scripted (gradients too),
+    # in inference mode and on the meta device, as the eager call.
+    scripted = torch.jit.script(ours)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(8, 96, dtype=dtype, requires_grad=True)
+        eager, script = ([y, *torch.autograd.grad(y, [x, ours.weight], torch.ones_like(y))]
+                         for y in (ours(x), scripted(x)))
+        assert [t.dtype for t in eager] == [dtype, dtype, torch.float64]
+        assert all(torch.equal(a, b) for a, b in zip(eager, script))
+        with torch.inference_mode():
+            assert torch.equal(torch.ops.addnorm.rms_norm(x, [96], ours.weight), eager[0])
+        meta = torch.ops.addnorm.rms_norm(x.to("meta"), [96], ours.weight.to("meta"))
+        assert meta.dtype == dtype and meta.shape == x.shape

@@ -692,6 +692,7 @@ def sample_inputs(device, *, requires_grad=False):
     w, _ = wb(16)
     yield "rms_norm", (t(3, 16), [16], w, None), {}
     yield "rms_norm", (t(2, 5, 16, dtype=torch.bfloat16), [16], wb(16)[0], 1e-6), {}
+    yield "rms_norm", (t(2, 5, 16, dtype=torch.bfloat16), [16], wb(16, dtype=torch.float64)[0], None), {}
     w, b = wb(16)
     yield "add_layer_norm", (t(4, 16), t(4, 16, scale=1.0, offset=0.0), [16], w, b, 1e-5), {}
     yield "add_layer_norm", (t(4, 16), None, [16], None, None, 1e-5), {"return_residual": False}
@@ -751,7 +752,7 @@ def sample_inputs(device, *, requires_grad=False):
 
 # Static so that collection does not run any op.
 _SAMPLE_IDS = [
-    "layer_norm-1", "layer_norm-2", "rms_norm-1", "rms_norm-2",
+    "layer_norm-1", "layer_norm-2", "rms_norm-1", "rms_norm-2", "rms_norm-3",
     "add_layer_norm-1", "add_layer_norm-2", "add_layer_norm-3", "add_rms_norm-1", "add_rms_norm-2",
     "add_layer_norm-4", "add_rms_norm-3",
     "_norm_fwd-1", "_norm_fwd-2", "_norm_fwd-3", "_norm_bwd-1", "_norm_bwd-2", "_norm_bwd-3",

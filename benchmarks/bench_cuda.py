@@ -13,8 +13,11 @@ events after a 256 MiB buffer is zeroed (the L2 cache is flushed, and the GPU is
 with the flush while the replay is enqueued, so the figure is GPU time without host
 overhead). Small cases put k back-to-back steps in one graph (the time is divided by k), so
 that the timed region is long enough to measure; their L2 is warm after the first step, for
-every implementation alike. Medians of --reps replays. When a graph cannot be captured, the
-case falls back to events around eager calls and is marked "(eager timing)".
+every implementation alike. The implementations of a case are timed in turns, one replay
+each per repetition in an order rotated from one repetition to the next, so that the GPU's
+clock and temperature drifts reach all alike; medians of --reps replays. When a graph cannot
+be captured, the case falls back to events around eager calls and is marked "(eager
+timing)".
 
 Host time: for the small cases, the wall time per call of many back-to-back calls (fwd and
 fwd_train), which is then host-bound: the per-call overhead a user sees at small sizes.
@@ -119,40 +122,59 @@ def copy_bandwidth(reps=20):
     return {"bytes": 2 * n * 4, "median_s": med, "gbps": 2 * n * 4 / med / 1e9, "reps": reps}
 
 
-def time_graph(step, flush, k, reps):
-    """Median GPU seconds per step: k steps captured in one graph, replayed after a flush."""
+def graph_runner(step, k):
+    """A call that replays k steps captured in one CUDA graph (captured, and replayed once)."""
     graph = sc.capture_cuda_graph(step, k)
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / k)
-    del graph
-    return statistics.median(times)
+    return graph.replay  # (which keeps the graph)
 
 
-def time_eager(step, flush, k, reps):
-    """Fallback: events around k back-to-back eager steps (may include host time)."""
+def eager_runner(step, k):
+    """Fallback: a call of k back-to-back eager steps (its events may include host time)."""
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+    def run():
         for _ in range(k):
             step()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e-3 / k)
-    return statistics.median(times)
+    return run
+
+
+def gpu_seconds(run):
+    """GPU seconds of one call of run, between two CUDA events."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    run()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e-3
+
+
+def time_interleaved(runs, flush, k, reps):
+    """Median seconds per step of each of runs ({name: call of k steps}), timed in turns: a
+    repetition times every call once, each after a flush, in an order rotated by one from one
+    repetition to the next, so that drifts of the GPU's clocks or temperature during a case
+    reach every implementation alike and none always runs first. A call that raises is
+    dropped (its error returned); the others go on. Returns ({name: seconds}, {name: error})."""
+    names = list(runs)
+    times = {n: [] for n in names}
+    errors = {}
+    for i in range(reps):
+        j = i % len(names) if names else 0
+        for n in names[j:] + names[:j]:
+            if n in errors:
+                continue
+            try:
+                flush()
+                times[n].append(gpu_seconds(runs[n]) / k)
+            except Exception as e:
+                errors[n] = f"{type(e).__name__}: {str(e)[:200]}"
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
+    return {n: statistics.median(t) for n, t in times.items() if n not in errors}, errors
 
 
 def host_time(step, calls=200):
@@ -247,40 +269,49 @@ def bench_case(group, op, dt, M, N, modes, args, flush, copy_gbps):
             own = [g.clone() for g in grads] if name == "liger" else grads
             return steps_for(fn, mode, x, r, w, b, own)
 
+        # Every implementation's step captured (runners held together), then timed in turns.
+        # One method per row: where a step cannot be captured, every step of the row is timed
+        # with the fallback (events around eager calls), so that no ratio sets a replay
+        # against eager calls.
+        steps, runs = {}, {}
         for name, fn in fns.items():
             try:
-                step = step_of(name, fn)
-                try:
-                    t = time_graph(step, flush, k, args.reps)
-                    row["method"][name] = "graph"
-                except Exception as e:  # not capturable: events around eager calls
-                    if DEVICE == "cuda":
-                        torch.cuda.synchronize()
-                    row["errors"][name + "_graph"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    t = time_eager(step, flush, k, args.reps)
-                    row["method"][name] = "eager"
-                row["impls"][name] = {"gpu_s": t}
-                if group == "small" and mode in ("fwd", "fwd_train"):
-                    row["impls"][name]["host_s"] = host_time(step)
-                del step
+                steps[name] = step_of(name, fn)
             except Exception as e:
                 row["errors"][name] = f"{type(e).__name__}: {str(e)[:200]}"
+                continue
+            try:
+                runs[name] = graph_runner(steps[name], k)
+                row["method"][name] = "graph"
+            except Exception as e:  # not capturable
                 if DEVICE == "cuda":
                     torch.cuda.synchronize()
-        # One method per row: where a step could not be captured, the others are timed as it
-        # was (events around eager calls), so that no ratio sets a replay against eager calls.
+                row["errors"][name + "_graph"] = f"{type(e).__name__}: {str(e)[:200]}"
+                row["method"][name] = "eager"
         if "eager" in row["method"].values():
-            for name in [n for n, m in row["method"].items() if m == "graph"]:
+            runs.clear()  # (the graphs' memory back before the eager steps run)
+            for name in list(row["method"]):
                 try:
-                    step = step_of(name, fns[name])
-                    row["impls"][name]["gpu_s"] = time_eager(step, flush, k, args.reps)
+                    steps[name] = step_of(name, fns[name])  # (a step no capture has seen)
+                    runs[name] = eager_runner(steps[name], k)
                     row["method"][name] = "eager"
-                    del step
                 except Exception as e:  # (out of memory outside the graph pool, say)
                     row["errors"][name + "_eager"] = f"{type(e).__name__}: {str(e)[:200]}"
-                    del row["impls"][name], row["method"][name]
+                    del row["method"][name]
                     if DEVICE == "cuda":
                         torch.cuda.synchronize()
+        times, errors = time_interleaved(runs, flush, k, args.reps)
+        for name, err in errors.items():
+            row["errors"][name + "_timing"] = err
+            del row["method"][name]
+        for name, t in times.items():
+            row["impls"][name] = {"gpu_s": t}
+            if group == "small" and mode in ("fwd", "fwd_train"):
+                try:
+                    row["impls"][name]["host_s"] = host_time(steps[name])
+                except Exception as e:
+                    row["errors"][name + "_host"] = f"{type(e).__name__}: {str(e)[:200]}"
+        del steps, runs
         a = row["impls"].get("addnorm")
         if a:
             row["addnorm_gbps"] = nbytes[mode] / a["gpu_s"] / 1e9
@@ -375,7 +406,8 @@ def write_results(args, info, rows, copy, elapsed_s, done, total):
             if getattr(args, "baseline", None):
                 f.write(f"Baseline (addnorm's times of an earlier run, x vs baseline = then / now): "
                         f"`{args.baseline}`.  \n")
-            f.write("Times are GPU microseconds per call (median of CUDA-graph replays after an L2 flush; "
+            f.write("Times are GPU microseconds per call (median of CUDA-graph replays after an L2 flush, "
+                    "the implementations of a row replayed in turns, the order rotated each repetition; "
                     "`*`: events around eager calls, for every implementation of a row where one step could "
                     "not be captured). Ratios are other / addnorm "
                     "(> 1: addnorm is faster). % of copy: addnorm's bytes (each input read once, each "

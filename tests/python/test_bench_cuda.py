@@ -16,12 +16,12 @@ def bench(monkeypatch):
     monkeypatch.setattr(mod, "DEVICE", "cpu")
     calls = []
 
-    def fake_time(step, flush, k, reps):
-        out = step()
-        calls.append(out)
+    def fake_seconds(run):  # (timed in turns: addnorm's call 1e-5 s, eager's 2e-5 s)
+        calls.append(run())
         return 1e-5 if len(calls) % 2 else 2e-5
 
-    monkeypatch.setattr(mod, "time_graph", fake_time)
+    monkeypatch.setattr(mod, "graph_runner", lambda step, k: step)
+    monkeypatch.setattr(mod, "gpu_seconds", fake_seconds)
     monkeypatch.setattr(mod, "host_time", lambda step: (step(), 3e-6)[1])
     mod.calls = calls
     return mod
@@ -41,7 +41,8 @@ def test_bench_case_rows(bench, op):
         assert set(r["impls"]) == {"addnorm", "eager"}, r["errors"]
         assert r["method"] == {"addnorm": "graph", "eager": "graph"}
         assert r["speedup"]["eager"] == pytest.approx(2.0)
-        assert r["frac_copy"] == pytest.approx(r["bytes"] / 1e-5 / 1e9 / 1000.0)
+        assert r["impls"]["addnorm"]["gpu_s"] == pytest.approx(1e-5 / r["k"])  # (per step)
+        assert r["frac_copy"] == pytest.approx(r["bytes"] / (1e-5 / r["k"]) / 1e9 / 1000.0)
         if r["mode"] in ("fwd", "fwd_train"):
             assert r["impls"]["addnorm"]["host_s"] == 3e-6
     header, lines = bench.table(rows)
@@ -56,13 +57,6 @@ def test_a_step_not_captured_times_its_whole_row_eagerly(bench, monkeypatch, ref
     implementation whose eager re-timing fails leaves the row with an error, not the case."""
     fns = {"addnorm": addnorm_ref, "eager": lambda *a: addnorm_ref(*a)}
     state = {"refused": False}
-
-    def graph_or_refuse(step, flush, k, reps):
-        if not state["refused"] and step_name[0] == refused:
-            state["refused"] = True
-            raise RuntimeError("capture invalidated")
-        return 1e-5
-
     step_name = [None]
     real_steps_for = bench.steps_for
 
@@ -70,9 +64,16 @@ def test_a_step_not_captured_times_its_whole_row_eagerly(bench, monkeypatch, ref
         step_name[0] = next(n for n, f in fns.items() if f is fn)
         return real_steps_for(fn, *a)
 
+    def graph_or_refuse(step, k):
+        if not state["refused"] and step_name[0] == refused:
+            state["refused"] = True
+            raise RuntimeError("capture invalidated")
+        return lambda: (step(), 1e-5 * k)[1]
+
     monkeypatch.setattr(bench, "steps_for", steps_for)
-    monkeypatch.setattr(bench, "time_graph", graph_or_refuse)
-    monkeypatch.setattr(bench, "time_eager", lambda step, flush, k, reps: (step(), 4e-5)[1])
+    monkeypatch.setattr(bench, "graph_runner", graph_or_refuse)
+    monkeypatch.setattr(bench, "eager_runner", lambda step, k: lambda: (step(), 4e-5 * k)[1])
+    monkeypatch.setattr(bench, "gpu_seconds", lambda run: run())
     monkeypatch.setattr(bench, "impl_fns", lambda *a: fns)
     rows = bench.bench_case("small", "add_layer_norm", "fp32", 8, 64, ("fwd", "bwd"), Args(),
                             lambda: None, 1000.0)
@@ -83,19 +84,44 @@ def test_a_step_not_captured_times_its_whole_row_eagerly(bench, monkeypatch, ref
     header, lines = bench.table(rows)
     assert lines[0][4:6] == ["40.0*", "40.0*"] and lines[1][4:6] == ["10.0", "10.0"]
 
-    # the eager re-timing of the other implementation fails: its time goes, the row stays
+    # the eager step of the other implementation fails: its time goes, the row stays
     state["refused"] = False
 
-    def eager_fails_for_the_other(step, flush, k, reps):
+    def eager_fails_for_the_other(step, k):
         if step_name[0] != refused:
             raise torch.OutOfMemoryError("out of memory")
-        return (step(), 4e-5)[1]
+        return lambda: (step(), 4e-5 * k)[1]
 
-    monkeypatch.setattr(bench, "time_eager", eager_fails_for_the_other)
+    monkeypatch.setattr(bench, "eager_runner", eager_fails_for_the_other)
     rows = bench.bench_case("small", "add_layer_norm", "fp32", 8, 64, ("fwd",), Args(),
                             lambda: None, 1000.0)
     other = "eager" if refused == "addnorm" else "addnorm"
     assert rows[0]["method"] == {refused: "eager"} and f"{other}_eager" in rows[0]["errors"]
+    assert set(rows[0]["impls"]) == {refused}
+
+
+def test_implementations_are_timed_in_turns(bench, monkeypatch):
+    """A repetition times every implementation's call once, each after a flush, in an order
+    rotated by one from one repetition to the next; per-step medians (time / k); a call that
+    raises is dropped with its error and the others go on."""
+    log = []
+
+    def runner(name, seconds):
+        def run():
+            log.append(name)
+            if name == "c" and log.count("c") == 2:
+                raise RuntimeError("boom")
+            return seconds.pop(0)
+        return run
+
+    monkeypatch.setattr(bench, "gpu_seconds", lambda run: run())
+    runs = {"a": runner("a", [4.0, 2.0, 6.0]), "b": runner("b", [8.0, 8.0, 2.0]),
+            "c": runner("c", [1.0, 1.0, 1.0])}
+    times, errors = bench.time_interleaved(runs, lambda: log.append("flush"), 2, 3)
+    assert log == ["flush", "a", "flush", "b", "flush", "c",   # a b c
+                   "flush", "b", "flush", "c", "flush", "a",   # b c (raises) a
+                   "flush", "a", "flush", "b"]                 # (c a b, without c)
+    assert times == {"a": 2.0, "b": 4.0} and errors == {"c": "RuntimeError: boom"}
 
 
 def addnorm_ref(x, r, w, b):

@@ -685,6 +685,34 @@ def test_more_than_2_31_elements(shape, rms):
         assert_close(grad_b, exp_gb, reduced=True, name="grad_bias")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rms_norm_float64_weight_is_torchs(dtype):
+    """rms_norm with a float64 weight beside narrower input computes what torch's does on CUDA
+    too (the norm in float32, times the weight in float64, rounded to the input's dtype): the
+    input's dtype out, a float64 weight gradient, values and gradients torch's to the input's
+    precision; eager, scripted and compiled alike (test_modules.py has the CPU's)."""
+    torch.manual_seed(0)
+    theirs = torch.nn.RMSNorm(768, device="cuda", dtype=torch.float64)
+    with torch.no_grad():
+        theirs.weight.uniform_(0.5, 1.5)
+    ours = addnorm.replace_modules(torch.nn.Sequential(theirs)).cuda()
+    x = (torch.randn(512, 768, device="cuda") * 3 + 1).to(dtype)
+    g = torch.randn(512, 768, device="cuda").to(dtype)
+
+    def run(f):
+        xx = x.clone().requires_grad_()
+        y = f(xx)
+        w = theirs.weight if f is theirs else ours[0].weight
+        return [y, *torch.autograd.grad(y, [xx, w], g)]
+
+    want = run(theirs)
+    for f in (ours, torch.jit.script(ours), torch.compile(ours, fullgraph=True)):
+        got = run(f)
+        assert [t.dtype for t in got] == [dtype, dtype, torch.float64]
+        for a, t in zip(got, want):
+            torch.testing.assert_close(a.to(dtype), t.to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_dtypes_and_values_are_torchs(dtype):
     """Under CUDA autocast torch runs layer_norm in float32 (float32 output) and rms_norm in

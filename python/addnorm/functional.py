@@ -113,7 +113,11 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
     if generator is not None and not isinstance(generator, torch.Generator):  # (any dropout_p)
         raise TypeError(f"addnorm: generator must be a torch.Generator or None, got {generator!r}")
     seed, out_h, tensors = None, NotImplemented, (input, residual, weight, bias)
-    if 0 < dropout_p <= 1 and input is not None:  # (Python's checks first: refused, no draw)
+    try:
+        drop = 0 < dropout_p <= 1
+    except TypeError:  # (a str, say: the comparison's message would not name dropout_p)
+        raise TypeError(f"addnorm: dropout_p must be a float or None, got {dropout_p!r}") from None
+    if drop and isinstance(input, Tensor):  # (Python's checks first: refused, no draw)
         _as_shape(normalized_shape)
         _check_tensors(*tensors)
         seed = dropout_seed(input.device, generator)

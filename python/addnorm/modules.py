@@ -10,8 +10,8 @@ from . import functional as F
 
 
 def _check_p(p: float) -> float:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if isinstance(p, (str, bytes, type(None))) or not 0.0 <= p <= 1.0:  # (no comparison's TypeError)
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p!r}")
     return float(p)
 
 

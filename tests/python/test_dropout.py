@@ -390,6 +390,32 @@ def test_bad_probability_is_refused(p):
             assert torch.equal(torch.get_rng_state(), states[0])
 
 
+def test_probability_of_another_type_or_input_of_none_is_refused_by_name():
+    """A dropout_p that is no number (a str) gets an error naming dropout_p (the comparison's
+    TypeError named nothing), the module's dropout too, set in the constructor or later; and
+    with dropout_p > 0 an input that is no tensor gets the op's error naming input (it had
+    "'list' object has no attribute 'device'"). Nothing is drawn for either."""
+    x = torch.randn(2, 8)
+    state = torch.get_rng_state()
+    for p in ("0.1", b"0.1"):
+        with pytest.raises(TypeError, match=r"addnorm: dropout_p must be a float or None, got .*0\.1"):
+            addnorm.add_layer_norm(x, x, 8, dropout_p=p)
+        for cls in (addnorm.AddLayerNorm, addnorm.AddRMSNorm):
+            with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got .*0.1"):
+                cls(8, dropout=p)
+            m = cls(8)
+            m.dropout = p
+            with pytest.raises(TypeError, match="dropout_p must be a float or None"):
+                m(x, x)
+    with pytest.raises(ValueError, match="dropout probability has to be between 0 and 1, but got None"):
+        addnorm.AddLayerNorm(8, dropout=None)
+    for bad in ([[1.0] * 8], 1.0):
+        for f in (addnorm.add_layer_norm, addnorm.add_rms_norm):
+            with pytest.raises(RuntimeError, match="Expected a value of type 'Tensor' for argument 'input'"):
+                f(bad, None, 8, dropout_p=0.1)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize("cls", [addnorm.AddLayerNorm, addnorm.AddRMSNorm])
 def test_modules_take_probability_one(cls):
     """dropout=1.0 is a probability (torch's modules take it): the module drops all of the

@@ -755,6 +755,8 @@ def test_rms_norm_takes_a_wider_weight_as_torch_does():
             f(z, [96], theirs.weight) if f is addnorm.rms_norm else f(z, theirs.weight)
     with pytest.raises(RuntimeError, match=r"weight must have shape normalized_shape = \[96\], got \[2, 48\]"):
         addnorm.rms_norm(x, [96], theirs.weight.detach().view(2, 48))
+    with pytest.raises(RuntimeError, match="weight must be a strided tensor, got a tensor of layout Sparse"):
+        addnorm.rms_norm(x, [96], theirs.weight.detach().to_sparse())  # (torch's full() error before)
     # The op itself computes it, so every way of calling it does: scripted (gradients too),
     # in inference mode and on the meta device, as the eager call.
     scripted = torch.jit.script(ours)

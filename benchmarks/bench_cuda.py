@@ -289,7 +289,8 @@ def bench_case(group, op, dt, M, N, modes, args, flush, copy_gbps):
                 row["errors"][name + "_graph"] = f"{type(e).__name__}: {str(e)[:200]}"
                 row["method"][name] = "eager"
         if "eager" in row["method"].values():
-            runs.clear()  # (the graphs' memory back before the eager steps run)
+            runs.clear()  # (the graphs' memory, and the steps', back before the eager steps run)
+            steps.clear()
             for name in list(row["method"]):
                 try:
                     steps[name] = step_of(name, fns[name])  # (a step no capture has seen)

@@ -45,8 +45,13 @@ at::Tensor rms_norm_float64_weight(const at::Tensor& input, c10::SymIntArrayRef 
           .findSchemaOrThrow("addnorm::rms_norm", "")
           .typed<at::Tensor(const at::Tensor&, c10::SymIntArrayRef,
                             const std::optional<at::Tensor>&, std::optional<double>)>();
-  const at::Tensor x = input.is_floating_point() ? input.to(at::kFloat) : input;
-  const at::Tensor ones = at::ones({}, weight.options().dtype(at::kFloat)).expand(weight.sizes());
+  // (float16/bfloat16/float32 as float32; other input as it is, for the op to refuse)
+  const auto t = input.scalar_type();
+  const bool narrower = t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;
+  const at::Tensor x = narrower ? input.to(at::kFloat) : input;
+  // (symbolic sizes stay symbolic: a traced hidden size is not made a constant)
+  const at::Tensor ones =
+      at::ones({}, weight.options().dtype(at::kFloat)).expand_symint(weight.sym_sizes());
   return op.call(x, normalized_shape, ones, eps).mul(weight).to(input.scalar_type());
 }
 

@@ -117,7 +117,7 @@ def _add_norm(rms: bool, input: Tensor, residual: Optional[Tensor], normalized_s
         drop = 0 < dropout_p <= 1
     except TypeError:  # (a str, say: the comparison's message would not name dropout_p)
         raise TypeError(f"addnorm: dropout_p must be a float or None, got {dropout_p!r}") from None
-    if drop and isinstance(input, Tensor):  # (Python's checks first: refused, no draw)
+    if drop and torch.overrides.is_tensor_like(input):  # (Python's checks first: refused, no draw)
         _as_shape(normalized_shape)
         _check_tensors(*tensors)
         seed = dropout_seed(input.device, generator)

@@ -16,7 +16,7 @@ def bench(monkeypatch):
     monkeypatch.setattr(mod, "DEVICE", "cpu")
     calls = []
 
-    def fake_seconds(run):  # (timed in turns: addnorm's call 1e-5 s, eager's 2e-5 s)
+    def fake_seconds(run):  # (by call count: with reps=1, addnorm's call first, 1e-5 s, then eager's)
         calls.append(run())
         return 1e-5 if len(calls) % 2 else 2e-5
 

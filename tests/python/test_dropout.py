@@ -416,6 +416,26 @@ def test_probability_of_another_type_or_input_of_none_is_refused_by_name():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+def test_tensor_like_input_gets_its_seed():
+    """An input that is no Tensor but takes torch's calls (__torch_function__) gets the fused
+    dropout's seed drawn for it, as a tensor does: its handler sees the op's call with the seed,
+    and the result is the tensor's under the same generator state."""
+    class Wrapped:
+        def __init__(self, t):
+            self.t, self.device = t, t.device
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            un = lambda a: a.t if isinstance(a, Wrapped) else a  # noqa: E731
+            return func(*map(un, args), **{k: un(v) for k, v in (kwargs or {}).items()})
+
+    x, r = torch.randn(4, 8), torch.randn(4, 8)
+    torch.manual_seed(3)
+    want = addnorm.add_layer_norm(x, r, 8, dropout_p=0.5)
+    torch.manual_seed(3)
+    assert torch.equal(addnorm.add_layer_norm(Wrapped(x), r, 8, dropout_p=0.5), want)
+
+
 @pytest.mark.parametrize("cls", [addnorm.AddLayerNorm, addnorm.AddRMSNorm])
 def test_modules_take_probability_one(cls):
     """dropout=1.0 is a probability (torch's modules take it): the module drops all of the

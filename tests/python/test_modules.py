@@ -757,6 +757,19 @@ def test_rms_norm_takes_a_wider_weight_as_torch_does():
         addnorm.rms_norm(x, [96], theirs.weight.detach().view(2, 48))
     with pytest.raises(RuntimeError, match="weight must be a strided tensor, got a tensor of layout Sparse"):
         addnorm.rms_norm(x, [96], theirs.weight.detach().to_sparse())  # (torch's full() error before)
+    with pytest.raises(RuntimeError, match="input must be a float32, float64, float16 or bfloat16 tensor, got Float8"):
+        torch.ops.addnorm.rms_norm(x.to(torch.float8_e4m3fn), [96], theirs.weight)  # (not read as float32)
+    # A traced hidden size stays symbolic: one export serves every N.
+    class Norm(torch.nn.Module):
+        def forward(self, x, w):
+            return torch.ops.addnorm.rms_norm(x, [x.shape[-1]], w)
+
+    n = torch.export.Dim("n", min=2)
+    args = (torch.randn(3, 8, dtype=torch.float16), torch.rand(8, dtype=torch.float64) + 0.5)
+    exported = torch.export.export(Norm(), args, dynamic_shapes=({1: n}, {0: n})).module()
+    for width in (8, 24):
+        x, w = torch.randn(3, width, dtype=torch.float16), torch.rand(width, dtype=torch.float64) + 0.5
+        assert torch.equal(exported(x, w), Norm()(x, w))
     # The op itself computes it, so every way of calling it does: scripted (gradients too),
     # in inference mode and on the meta device, as the eager call.
     scripted = torch.jit.script(ours)

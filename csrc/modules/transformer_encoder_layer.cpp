@@ -560,7 +560,8 @@ void TransformerEncoderLayerImpl::reset() {
   TORCH_CHECK(o.dim_feedforward() > 0,
               "addnorm::TransformerEncoderLayer: dim_feedforward must be positive, got ",
               o.dim_feedforward());
-  // Registration order gives Python's parameter order.
+  // Registration order gives Python's parameter and submodule order.
+  const auto drop = torch::nn::DropoutOptions(o.dropout());
   self_attn = register_module(
       "self_attn", torch::nn::MultiheadAttention(
                        torch::nn::MultiheadAttentionOptions(o.d_model(), o.nhead())
@@ -569,6 +570,7 @@ void TransformerEncoderLayerImpl::reset() {
   linear1 = register_module(
       "linear1",
       torch::nn::Linear(torch::nn::LinearOptions(o.d_model(), o.dim_feedforward()).bias(o.bias())));
+  dropout = register_module("dropout", torch::nn::Dropout(drop));
   linear2 = register_module(
       "linear2",
       torch::nn::Linear(torch::nn::LinearOptions(o.dim_feedforward(), o.d_model()).bias(o.bias())));
@@ -576,6 +578,8 @@ void TransformerEncoderLayerImpl::reset() {
       "norm1", LayerNorm(LayerNormOptions({o.d_model()}).eps(o.layer_norm_eps()).bias(o.bias())));
   norm2 = register_module(
       "norm2", LayerNorm(LayerNormOptions({o.d_model()}).eps(o.layer_norm_eps()).bias(o.bias())));
+  dropout1 = register_module("dropout1", torch::nn::Dropout(drop));
+  dropout2 = register_module("dropout2", torch::nn::Dropout(drop));
 }
 
 void TransformerEncoderLayerImpl::reset_parameters() {
@@ -626,6 +630,18 @@ at::Tensor TransformerEncoderLayerImpl::forward(
   TORCH_CHECK(options.dropout() == 0.0 || self_attn->is_training() == is_training(), kName,
               "self_attn must be in the layer's training mode (", is_training(), "), got ",
               self_attn->is_training(), " (its attention dropout follows it)");
+  // The dropout submodules (torch's layer calls them): one p and, with p > 0, one mode.
+  using Named = std::pair<const char*, const torch::nn::Dropout*>;
+  for (const auto& [name, d] :
+       {Named{"dropout", &dropout}, Named{"dropout1", &dropout1}, Named{"dropout2", &dropout2}}) {
+    TORCH_CHECK(!d->is_empty(), kName, name, " must be a Dropout, got an empty holder");
+    TORCH_CHECK((*d)->options.p() == options.dropout(), kName, name,
+                "'s p must be the layer's dropout (", options.dropout(), "), got ",
+                (*d)->options.p());
+    TORCH_CHECK(options.dropout() == 0.0 || (*d)->is_training() == is_training(), kName, name,
+                " must be in the layer's training mode (", is_training(), "), got ",
+                (*d)->is_training());
+  }
   return transformer_encoder_layer(
       src, opt(src_mask), opt(src_key_padding_mask), is_causal, self_attn->in_proj_weight,
       opt(self_attn->in_proj_bias), self_attn->out_proj->weight, opt(self_attn->out_proj->bias),

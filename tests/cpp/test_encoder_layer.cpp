@@ -2,6 +2,7 @@
 // backward through the transformer_encoder_layer op.
 
 #include <cmath>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -76,6 +77,45 @@ TEST(TransformerEncoderLayer, ParameterNamesArePythons) {
       "self_attn.in_proj_weight", "self_attn.out_proj.weight", "linear1.weight",
       "linear2.weight", "norm1.weight", "norm2.weight"};
   EXPECT_EQ(names_of(*no_bias), expected_no_bias);
+
+  // Python's submodules, in its order.
+  std::vector<std::string> children;
+  for (const auto& c : layer->named_children()) children.push_back(c.key());
+  const std::vector<std::string> expected_children{
+      "self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2"};
+  EXPECT_EQ(children, expected_children);
+}
+
+// An archive (torch::save) of LibTorch's layer loads into addnorm's, and one of addnorm's into
+// LibTorch's (its three Dropout submodules were missing from addnorm's archive); the loaded
+// layers compute the same in eval mode.
+TEST(TransformerEncoderLayer, ArchivesMoveBothWaysWithLibTorchsLayer) {
+  torch::manual_seed(3);
+  auto x = torch::randn({5, 2, 16});
+  auto load = [](torch::nn::Module& from, torch::nn::Module& into) {
+    std::stringstream archive;
+    torch::serialize::OutputArchive out;
+    from.save(out);
+    out.save_to(archive);
+    torch::serialize::InputArchive in;
+    in.load_from(archive);
+    into.load(in);
+  };
+  for (bool theirs_first : {true, false}) {
+    torch::nn::TransformerEncoderLayer theirs(
+        torch::nn::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(0.1));
+    addnorm::TransformerEncoderLayer ours(
+        addnorm::TransformerEncoderLayerOptions(16, 4).dim_feedforward(32).dropout(0.1));
+    if (theirs_first) {
+      load(*theirs, *ours);
+    } else {
+      load(*ours, *theirs);
+    }
+    theirs->eval();
+    ours->eval();
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(torch::allclose(ours(x), theirs(x), 1e-5, 1e-5)) << theirs_first;
+  }
 }
 
 TEST(TransformerEncoderLayer, OptionsAreRespected) {
@@ -239,6 +279,15 @@ TEST(TransformerEncoderLayer, SubmoduleSettingsCountOrAreRefused) {
   layer->self_attn->options.dropout(0.25);
   expect_refused(layer, x, "self_attn's dropout must be the layer's (0.5), got 0.25");
   layer->self_attn->options.dropout(0.5);
+  // ... and so are the layer's own dropout submodules in another mode or with another p
+  // (the fused op has one p and one mode for all).
+  layer->dropout1->eval();
+  expect_refused(layer, x, "dropout1 must be in the layer's training mode (1), got 0");
+  layer->dropout1->train();
+  layer->dropout2->options.p(0.25);
+  expect_refused(layer, x, "dropout2's p must be the layer's dropout (0.5), got 0.25");
+  layer->dropout2->options.p(0.5);
+  EXPECT_NO_THROW(layer->forward(x));
   // ... as is attention the op does not run (it ignored these):
   layer->self_attn->options.add_zero_attn(true);
   expect_refused(layer, x, "self_attn must be plain self-attention");

@@ -20,6 +20,7 @@
 #include <torch/nn/cloneable.h>
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/common.h>
+#include <torch/nn/modules/dropout.h>
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/pimpl.h>
 
@@ -71,7 +72,12 @@ struct TransformerEncoderLayerOptions {
 // Parameters (named as in Python): self_attn.in_proj_weight, self_attn.in_proj_bias,
 // self_attn.out_proj.{weight,bias}, linear1.{weight,bias}, linear2.{weight,bias},
 // norm1.{weight,bias}, norm2.{weight,bias}; bias=false drops every bias. The submodules
-// are parameter holders; forward runs the addnorm::transformer_encoder_layer op. In training
+// are those of Python's layer, in its order (self_attn, linear1, dropout, linear2, norm1,
+// norm2, dropout1, dropout2), so that an archive of either layer (torch::save) loads into
+// LibTorch's torch::nn::TransformerEncoderLayer and the reverse. They are parameter holders
+// and settings: forward runs the addnorm::transformer_encoder_layer op, which takes one
+// dropout probability and one training mode, and refuses by name a dropout submodule
+// whose p is not options.dropout or, with dropout > 0, whose mode is not the layer's. In training
 // mode its float32/float64 norms keep their outputs, not their inputs (memory_efficient):
 // an in-place change of the post-LN layer's output before backward raises autograd's
 // error, and second derivatives are refused (eval mode computes them).
@@ -97,6 +103,9 @@ class ADDNORM_API TransformerEncoderLayerImpl
   torch::nn::Linear linear2 = nullptr;
   LayerNorm norm1 = nullptr;
   LayerNorm norm2 = nullptr;
+  torch::nn::Dropout dropout = nullptr;   // after the activation
+  torch::nn::Dropout dropout1 = nullptr;  // of the attention block's output
+  torch::nn::Dropout dropout2 = nullptr;  // of the feed-forward block's output
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS(

@@ -45,6 +45,8 @@ at::Tensor rms_norm_float64_weight(const at::Tensor& input, c10::SymIntArrayRef 
           .findSchemaOrThrow("addnorm::rms_norm", "")
           .typed<at::Tensor(const at::Tensor&, c10::SymIntArrayRef,
                             const std::optional<at::Tensor>&, std::optional<double>)>();
+  const std::optional<at::Tensor> w = weight;  // (named: the check's list holds references)
+  check_tensor_args(input, {{w, "weight"}});  // (a strided weight, before the ones)
   // (float16/bfloat16/float32 as float32; other input as it is, for the op to refuse)
   const auto t = input.scalar_type();
   const bool narrower = t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;

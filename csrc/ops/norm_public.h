@@ -48,7 +48,7 @@ void register_public_norm_ops(torch::Library& m) {
   m.impl("rms_norm",
          [](const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
             const std::optional<at::Tensor>& weight, std::optional<double> eps) {
-           check_tensor_args(input, {{weight, "weight"}});  // (strided before the ones below)
+           check_input_tensor(input);
            if (weight.has_value() && weight->defined() &&
                weight->scalar_type() == at::kDouble && input.scalar_type() != at::kDouble) {
              return rms_norm_float64_weight(input, normalized_shape, *weight, eps);

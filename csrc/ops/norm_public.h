@@ -29,10 +29,11 @@ using NormImpl = std::tuple<at::Tensor, at::Tensor> (*)(
 
 // rms_norm of a float64 weight beside narrower input, which torch's rms_norm takes (the
 // ops refuse any other weight wider than the input): what torch computes, the norm in
-// float32, times the weight in float64, rounded to the input's dtype; the norm is rms_norm's
-// call of float32 input (of any dtype but float16, bfloat16 and float32: the input, which it
-// refuses) with a weight of ones,
-// by which it multiplies exactly, so that its checks run on the weight's shape and device.
+// float32, times the weight in float64, rounded to the input's dtype. The weight is checked
+// (strided, on the input's device); the norm is rms_norm's call of float32 input (input of
+// any dtype but float16, bfloat16 and float32 as it is, which that call refuses) with a
+// weight of ones, by which it multiplies exactly, so that its checks run on the weight's
+// shape.
 at::Tensor rms_norm_float64_weight(const at::Tensor& input, c10::SymIntArrayRef normalized_shape,
                                    const at::Tensor& weight, std::optional<double> eps);
 

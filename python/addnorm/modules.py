@@ -54,7 +54,7 @@ class AddLayerNorm(nn.LayerNorm):
     # No return annotation: TorchScript infers Tensor or Tuple[Tensor, Tensor] from the
     # constant return_residual (an annotated Union would reach scripted callers as a Union).
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):
-        p = self.dropout if self.training else 0.0
+        p = self.dropout if self.training or not 0.0 <= self.dropout <= 1.0 else 0.0  # (checked in eval too)
         if not torch.jit.is_scripting():  # (F: the op's call without torch.ops' overhead)
             return F._add_norm(False, input, residual, self.normalized_shape, self.weight,
                                self.bias, self.eps, self.return_residual, self.residual_in_fp32,
@@ -83,7 +83,7 @@ class AddRMSNorm(nn.RMSNorm):
         self.dropout, self.memory_efficient = _check_p(dropout), memory_efficient
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # (see AddLayerNorm)
-        p = self.dropout if self.training else 0.0
+        p = self.dropout if self.training or not 0.0 <= self.dropout <= 1.0 else 0.0
         if not torch.jit.is_scripting():
             return F._add_norm(True, input, residual, self.normalized_shape, self.weight, None, self.eps,
                                self.return_residual, self.residual_in_fp32, p, None, False, self.memory_efficient)

@@ -385,8 +385,9 @@ def test_bad_probability_is_refused(p):
         m = cls(8)
         m.dropout = p
         for module, error in ((m, ValueError), (torch.jit.script(m), RuntimeError)):
-            with pytest.raises(error, match=r"dropout_p must be a probability in \[0, 1\]"):
-                module(x, x)
+            for training in (True, False):  # (in eval too, as torch's dropout)
+                with pytest.raises(error, match=r"dropout_p must be a probability in \[0, 1\]"):
+                    module.train(training)(x, x)
             assert torch.equal(torch.get_rng_state(), states[0])
 
 

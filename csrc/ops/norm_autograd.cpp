@@ -224,27 +224,53 @@ double min_recoverable_weight(c10::ScalarType out_dtype) {
   }
 }
 
+// The unit rounding of the output dtype: out = weight * xhat + bias is rounded to it.
+double unit_roundoff(c10::ScalarType out_dtype) {
+  switch (out_dtype) {
+    case at::kDouble:
+      return 0x1p-53;
+    case at::kHalf:
+      return 0x1p-11;
+    case at::kBFloat16:
+      return 0x1p-8;
+    default:
+      return 0x1p-24;
+  }
+}
+
 // Whether backward is to recover xhat from the output: false for a weight with a zero, an
 // inf or NaN, or a bias with an inf or NaN (out then holds no xhat: the gradients would be
 // NaN where torch's are finite), that can be seen for free (CPU tensors holding data: not
 // fake or functional tensors of a trace). A weight below min_recoverable_weight counts as
-// a zero.
+// a zero. So does a column whose bias would leave the rebuilt xhat = (out - bias) / weight
+// an error above 1/16: out's rounding, unit * |bias|, over |weight| (no weight: 1), where
+// |bias| > |weight| / (16 unit) (float32: 2^20 |weight|; bfloat16: 16 |weight|). Those
+// columns' gradients would be wrong, not only less accurate (a float32 weight of 1e-30 under
+// a bias of 1: a weight gradient of 0; bfloat16, 2^-20 under 0.3: an input gradient of -63
+// for -0.03).
 bool output_invertible(const std::optional<at::Tensor>& weight,
                        const std::optional<at::Tensor>& bias, c10::ScalarType out_dtype) {
   auto readable = [](const std::optional<at::Tensor>& t) {
     // (isTensorSubclassLike: also any active dispatch mode, as a FakeTensorMode or make_fx
     // tracing real tensors, where reading data fails)
-    return t->device().is_cpu() && !at::isTensorSubclassLike(*t);
+    return t.has_value() && t->device().is_cpu() && !at::isTensorSubclassLike(*t);
   };
   constexpr double kInf = std::numeric_limits<double>::infinity();
-  if (bias.has_value() && readable(bias) && !bias->abs().lt(kInf).all().item<bool>()) {
-    return false;  // (NaN fails the comparison)
-  }
-  if (!weight.has_value() || !readable(weight)) return true;
   // (in double: the thresholds round to 0 in float16, and float32's subnormal ones compare
   // as 0 where denormals are flushed, so a zero weight would pass)
-  const at::Tensor a = weight->abs().to(at::kDouble);
-  return a.ge(min_recoverable_weight(out_dtype)).logical_and_(a.lt(kInf)).all().item<bool>();
+  const at::Tensor b = readable(bias) ? bias->abs().to(at::kDouble) : at::Tensor();
+  if (b.defined() && !b.lt(kInf).all().item<bool>()) {
+    return false;  // (NaN fails the comparison)
+  }
+  if (weight.has_value() && !readable(weight)) return true;
+  const at::Tensor a = weight.has_value() ? weight->abs().to(at::kDouble) : at::Tensor();
+  if (a.defined() &&
+      !a.ge(min_recoverable_weight(out_dtype)).logical_and_(a.lt(kInf)).all().item<bool>()) {
+    return false;
+  }
+  if (!b.defined()) return true;
+  const at::Tensor err = b.mul(16 * unit_roundoff(out_dtype));  // (exact: a power of 2)
+  return (a.defined() ? err.le(a) : err.le(1.0)).all().item<bool>();
 }
 
 // values + (graph - graph.detach()): the values of `values` with the derivatives (graph node

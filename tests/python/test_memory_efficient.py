@@ -46,10 +46,22 @@ def grads(op, x, r, w, b, dy, dh=None, **kw):
     return [o.detach() for o in outs], torch.autograd.grad(tensors, inputs, gouts)
 
 
+# The unit rounding of each output dtype, and the bound on |bias| / |weight| past which the
+# op keeps h (the rebuilt xhat would err by more than 1/16): 1 / (16 unit).
+UNIT = {torch.float64: 2.0 ** -53, torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11,
+        torch.bfloat16: 2.0 ** -8}
+
+
 def data(op, shape, dtype, device, *, residual=True, weight=True, bias=True):
+    """Input, residual, weight (1 + 0.5 N(0, 1)), bias (0.5 N(0, 1)), output gradient. The
+    weights of columns whose bias is past the bound (16-bit dtypes) are raised to half of it,
+    so that the output is what is kept (test_bias_far_above_weight_keeps_h has those)."""
     x = make_data(shape, dtype, device, requires_grad=True)
     r = make_data(shape, dtype, device, scale=1.0, offset=0.0, requires_grad=True) if residual else None
     w, b = make_affine(shape[-1], dtype, device, requires_grad=True)
+    with torch.no_grad():
+        lifted = (b.double().abs() * (32 * UNIT[dtype])).copysign(w.double()).to(dtype)
+        w.copy_(torch.where(lifted.abs() > w.abs(), lifted, w))
     w = w if weight else None
     b = b if bias and op == "add_layer_norm" else None
     dy = torch.randn(shape, dtype=torch.float32).to(device=device, dtype=dtype)
@@ -358,10 +370,13 @@ def test_weight_too_small_for_the_output_keeps_h(op, dtype, value, bound, flush_
     loses xhat's bits there (with denormals flushed, a float32 product below 2^-126 became
     0: in an encoder layer a weight gradient 1% off, input gradients off by 1e-3 of their
     scale; a float16 product is subnormal below 2^-14). Below the bound the op keeps h, with
-    that path's gradients bitwise; at the bound it keeps out."""
+    that path's gradients bitwise; at the bound it keeps out. (Column 3's bias is 0: a bias
+    would trip the bias bound, test_bias_far_above_weight_keeps_h.)"""
     x, r, w, b, dy = data(op, (5, 24), dtype, "cpu")
     with torch.no_grad():
         w[3] = value
+        if b is not None:
+            b[3] = 0.0
     fn_me = lambda: run(op, x, r, w, b, memory_efficient=True)  # noqa: E731
     saved_me, out_me = _saved_storages(fn_me, x.numel())
     assert out_me.untyped_storage().data_ptr() not in saved_me
@@ -373,6 +388,47 @@ def test_weight_too_small_for_the_output_keeps_h(op, dtype, value, bound, flush_
         w[3] = bound
     saved_me, out_me = _saved_storages(fn_me, x.numel())
     assert saved_me == {out_me.untyped_storage().data_ptr()}
+
+
+@pytest.mark.parametrize("weight", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_bias_far_above_weight_keeps_h(dtype, weight):
+    """out = weight * xhat + bias rounds to the output dtype, so xhat = (out - bias) / weight
+    errs by up to unit * |bias| / |weight|: past |bias| = |weight| / (16 unit) (float32:
+    2^20 |weight|; bfloat16: 16 |weight|; no weight: |weight| = 1) those columns' gradients
+    were wrong, not merely less accurate (a float32 weight of 1e-30 under a bias of 1: a
+    weight gradient of 0; bfloat16 2^-20 under 0.3: an input gradient of -63 for -0.03). Past
+    the bound the op keeps h, with that path's gradients bitwise; at it, out."""
+    op = "add_layer_norm"
+    x, r, w, b, dy = data(op, (6, 32), dtype, "cpu", weight=weight)
+    bound = 1 / (16 * UNIT[dtype])  # |bias| / |weight| at the bound
+    for ratio, keeps_out in ((bound, True), (2 * bound, False)):
+        with torch.no_grad():
+            b[5] = -ratio  # (over a weight of -1 or 1, or none: the ratio exact in every dtype)
+            if weight:
+                w[5] = w[5].sign()
+        saved, out = _saved_storages(lambda: run(op, x, r, w, b, memory_efficient=True),
+                                     x.numel())
+        assert (out.untyped_storage().data_ptr() in saved) == keeps_out, ratio
+        if not keeps_out:
+            g = torch.autograd.grad(out, [x, r, w, b] if weight else [x, r, b], dy)
+            kept = run(op, x, r, w, b, memory_efficient=False)
+            e = torch.autograd.grad(kept, [x, r, w, b] if weight else [x, r, b], dy)
+            assert all(torch.equal(a, c) for a, c in zip(g, e))
+
+
+def test_tiny_weight_under_a_bias_gets_torchs_gradients():
+    """A float32 weight of 1e-30 (above the 2^-100 floor) under biases of about 1,
+    memory_efficient: every gradient within float32 rounding of the float64 ones (the
+    weight gradient was 0 and the input gradients 51% off)."""
+    x, r, w, b, dy = data("add_layer_norm", (5, 16), torch.float32, "cpu")
+    with torch.no_grad():
+        w.fill_(1e-30)
+    out = run("add_layer_norm", x, r, w, b, memory_efficient=True)
+    got = torch.autograd.grad(out, [x, r, w, b], dy)
+    ref, _ = _reference_grads("add_layer_norm", x, r, w, b, dy)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-5 * e.abs().max().item())
 
 
 def test_encoder_layer_with_a_zero_norm_weight_flushing_denormals(flush_denormal):

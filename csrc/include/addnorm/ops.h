@@ -38,9 +38,10 @@ ADDNORM_API at::Tensor rms_norm(
 // the device's default generator) through dropout_seed(), never stored: backward
 // regenerates it. (Apply it in training only, as torch::nn::functional::dropout's caller
 // does.) memory_efficient: autograd keeps the output instead of h and backward recovers
-// the normalized values from it (on the CPU in eager mode a weight with a zero falls back
-// to keeping h; elsewhere such a weight gives non-finite gradients or an error: see the
-// README; no second derivatives).
+// the normalized values from it (on the CPU in eager mode a weight with a zero, or a bias
+// so far above its weight that out's rounding would leave them wrong, falls back to keeping
+// h; elsewhere such a weight gives non-finite gradients or an error, such a bias inaccurate
+// ones: see the README; no second derivatives).
 ADDNORM_API std::tuple<at::Tensor, at::Tensor> add_layer_norm(
     const at::Tensor& input,                   // [..., *normalized_shape]
     const std::optional<at::Tensor>& residual, // same shape as input

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include <c10/util/Exception.h>
+#include <c10/util/Type.h>
 
 namespace addnorm {
 
@@ -91,7 +92,14 @@ at::Tensor TransformerEncoderImpl::forward(const at::Tensor& src, const at::Tens
   for (size_t i = 0; i < layers->size(); ++i) {
     out = layer_at(layers, i).forward(out, mask, src_key_padding_mask, is_causal);
   }
-  return norm.is_empty() ? out : norm.forward<at::Tensor>(out);
+  if (norm.is_empty()) return out;
+  // (norm is any module: one returning another type is refused by name, where the cast's
+  // error named neither the encoder nor the norm)
+  torch::nn::AnyValue value = norm.any_forward(out);
+  const at::Tensor* result = value.try_get<at::Tensor>();
+  TORCH_CHECK(result != nullptr, "addnorm::TransformerEncoder: norm must return a Tensor, got ",
+              c10::demangle(value.type_info().name()), " from ", norm.ptr()->name());
+  return *result;
 }
 
 }  // namespace addnorm

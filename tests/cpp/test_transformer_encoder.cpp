@@ -190,6 +190,19 @@ TEST(TransformerEncoder, BadOptionsAreRefusedByName) {
               std::string::npos)
         << e.what();
   }
+  addnorm::TransformerEncoder tuple_norm(
+      addnorm::TransformerEncoderOptions(small_layer(), 1)
+          .norm(torch::nn::AnyModule(addnorm::AddLayerNorm(std::vector<int64_t>{16}))));
+  try {
+    tuple_norm->forward(torch::randn({5, 2, 16}));
+    FAIL() << "a norm returning a tuple was accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("addnorm::TransformerEncoder: norm must return a "
+                                         "Tensor, got std::tuple<at::Tensor, at::Tensor> from "
+                                         "addnorm::AddLayerNormImpl"),
+              std::string::npos)
+        << e.what();
+  }
   try {
     addnorm::TransformerEncoder(addnorm::TransformerEncoderLayer(nullptr), 2);
     FAIL() << "an empty layer holder was accepted";

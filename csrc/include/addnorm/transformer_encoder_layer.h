@@ -80,7 +80,9 @@ struct TransformerEncoderLayerOptions {
 // whose p is not options.dropout or, with dropout > 0, whose mode is not the layer's. In training
 // mode its float32/float64 norms keep their outputs, not their inputs (memory_efficient):
 // an in-place change of the post-LN layer's output before backward raises autograd's
-// error, and second derivatives are refused (eval mode computes them).
+// error, and second derivatives are refused. Eval mode computes them as far as the attention's
+// backward does: on the CPU with the math backend only (at::globalContext().setSDPUseFlash(
+// false)), as torch's layer, since the flash kernel's backward is not differentiable.
 class ADDNORM_API TransformerEncoderLayerImpl
     : public torch::nn::Cloneable<TransformerEncoderLayerImpl> {
  public:
